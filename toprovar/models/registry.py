@@ -1,0 +1,253 @@
+"""Backbone registry: a name -> architecture, VAE, text encoder, default schedule and weights.
+
+`get_backbone(name)` returns a `BackboneSpec`; `build_backbone(spec, weights, device, dtype)` loads
+it into a `Backbone` ready for `toprovar.pipeline.generate`. Other packages add backbones with
+`register_backbone(spec)` (e.g. the embedded `tiny` one) and text encoder kinds with
+`register_text_encoder(kind, factory)`.
+
+Weights come from local paths only; the defaults below are where the official files usually
+sit (`weights/...`, as in the official scripts) and every one can be overridden. A missing file,
+an unreadable one or a key/shape mismatch is a one-line `UserError` naming the file and the key.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from toprovar.errors import UserError
+from toprovar.models.checkpoint import load_into
+from toprovar.models.transformer import (CHECKPOINT_IGNORE, TRANSFORMER_PRESETS, InfinityTransformer,
+                                         TransformerConfig, checkpoint_rename, random_state_dict)
+
+
+@dataclass(frozen=True)
+class WeightPaths:
+    """Local paths of a backbone's weights (None: not given)."""
+
+    transformer: str | None = None  # .pth file or folder of shards
+    vae: str | None = None  # .pth file
+    text_encoder: str | None = None  # folder (e.g. a Hugging Face Flan-T5 snapshot)
+
+    def merged(self, overrides: Mapping[str, Any] | WeightPaths | None) -> WeightPaths:
+        """These paths with the non-empty entries of `overrides` in their place."""
+        if overrides is None:
+            return self
+        if isinstance(overrides, WeightPaths):
+            overrides = {f.name: getattr(overrides, f.name) for f in fields(WeightPaths)}
+        known = {f.name for f in fields(WeightPaths)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise UserError(f"unknown weight entry '{unknown[0]}'; known entries: {', '.join(sorted(known))}")
+        return replace(self, **{k: str(v) for k, v in overrides.items() if v not in (None, "")})
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything that names a backbone; plain values, no Hydra."""
+
+    name: str
+    transformer: TransformerConfig
+    vae: Any  # a preset name of toprovar.models.vae.VAE_PRESETS or a VAEConfig
+    text_encoder: str  # text encoder kind: 't5' or one added with register_text_encoder
+    weights: WeightPaths = field(default_factory=WeightPaths)
+    pixels: str = "1M"  # default pixel budget of the scale schedule
+    cfg: float = 3.0  # default guidance scale (official inference: 3)
+    tau: float = 1.0  # default sampling temperature
+    random_init: bool = False  # test backbones: seeded random weights when no path is given
+
+
+@dataclass
+class Backbone:
+    """A built backbone: modules on one device, ready for `generate`."""
+
+    spec: BackboneSpec
+    transformer: InfinityTransformer
+    vae: nn.Module
+    text_encoder: Any
+    device: torch.device
+    dtype: torch.dtype  # compute dtype (bf16 autocast on CUDA, float32 on CPU)
+
+
+_BACKBONES: dict[str, BackboneSpec] = {}
+_TEXT_ENCODERS: dict[str, Callable[..., Any]] = {}
+
+
+def register_backbone(spec: BackboneSpec, *, replace_existing: bool = False) -> BackboneSpec:
+    if spec.name in _BACKBONES and not replace_existing:
+        raise ValueError(f"backbone '{spec.name}' is already registered")
+    _BACKBONES[spec.name] = spec
+    return spec
+
+
+def register_text_encoder(kind: str, factory: Callable[..., Any]) -> None:
+    """`factory(path: str | None, device: torch.device, dtype: torch.dtype)` -> text encoder."""
+    _TEXT_ENCODERS[kind] = factory
+
+
+def backbone_names() -> list[str]:
+    return sorted(_BACKBONES)
+
+
+def get_backbone(name: str | BackboneSpec) -> BackboneSpec:
+    if isinstance(name, BackboneSpec):
+        return name
+    if name not in _BACKBONES:
+        raise UserError(f"unknown backbone '{name}'; known backbones: {', '.join(backbone_names())}")
+    return _BACKBONES[name]
+
+
+# -- building --------------------------------------------------------------------------------------
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _missing(spec: BackboneSpec, part: str) -> UserError:
+    return UserError(f"backbone '{spec.name}' has no {part} weights; set backbone.weights.{part}=/local/path")
+
+
+def build_transformer(spec: BackboneSpec, path: str | None, device: torch.device,
+                      dtype: torch.dtype) -> InfinityTransformer:
+    """Load the transformer strictly (official checkpoint names, rename map for block chunks).
+
+    Blocks take `dtype` (the official inference casts them to bf16); the text, embedding and
+    head layers stay float32.
+    """
+    with torch.device("meta"):
+        model = InfinityTransformer(spec.transformer)
+    if path is not None:
+        load_into(model, path, rename=checkpoint_rename(spec.transformer), ignore=CHECKPOINT_IGNORE)
+    elif spec.random_init:
+        model.load_state_dict(random_state_dict(spec.transformer, seed=0), strict=True, assign=True)
+    else:
+        raise _missing(spec, "transformer")
+    model = model.to(device=device, dtype=torch.float32)
+    model.blocks.to(dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_vae_for(spec: BackboneSpec, path: str | None, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    from toprovar.models import vae as vae_lib  # lazy: keeps the registry importable on its own
+
+    if path is not None:
+        return vae_lib.load_vae(path, spec.vae, device=device, dtype=dtype)
+    if not spec.random_init:
+        raise _missing(spec, "vae")
+    with _seeded(0):
+        model = vae_lib.build_vae(spec.vae, device="cpu")
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def build_text_encoder(spec: BackboneSpec, path: str | None, device: torch.device, dtype: torch.dtype) -> Any:
+    if spec.text_encoder in _TEXT_ENCODERS:
+        return _TEXT_ENCODERS[spec.text_encoder](path, device, dtype)
+    if spec.text_encoder == "t5":
+        if path is None:
+            raise _missing(spec, "text_encoder")
+        from toprovar.models.text_encoder import T5TextEncoder  # lazy: pulls in transformers
+
+        return T5TextEncoder(path, device=device, max_length=spec.transformer.text_maxlen)
+    raise UserError(f"backbone '{spec.name}' names text encoder kind '{spec.text_encoder}', which is not "
+                    f"registered; known kinds: {', '.join(['t5', *sorted(_TEXT_ENCODERS)])}")
+
+
+def build_backbone(spec: str | BackboneSpec, weights: Mapping[str, Any] | WeightPaths | None = None,
+                   device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Backbone:
+    """Load a backbone's transformer, VAE and text encoder from local paths onto `device`."""
+    spec = get_backbone(spec)
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or default_dtype(device)
+    paths = spec.weights.merged(weights)
+    transformer = build_transformer(spec, paths.transformer, device, dtype)
+    vae = build_vae_for(spec, paths.vae, device, dtype)
+    token_dim = getattr(vae, "token_dim", spec.transformer.codebook_dim)
+    if token_dim != spec.transformer.codebook_dim:
+        raise ValueError(f"backbone '{spec.name}': VAE gives {token_dim} bits per token, transformer "
+                         f"expects {spec.transformer.codebook_dim}")
+    text_encoder = build_text_encoder(spec, paths.text_encoder, device, dtype)
+    return Backbone(spec, transformer, vae, text_encoder, device, dtype)
+
+
+# -- the official backbones ------------------------------------------------------------------------
+
+register_backbone(BackboneSpec(
+    name="infinity-2b", transformer=TRANSFORMER_PRESETS["infinity-2b"], vae="d32", text_encoder="t5",
+    weights=WeightPaths(transformer="weights/infinity_2b_reg.pth", vae="weights/infinity_vae_d32_reg.pth",
+                        text_encoder="weights/flan-t5-xl"),
+    pixels="1M", cfg=3.0, tau=0.5))  # official 2B notebook: cfg 3, tau 0.5
+register_backbone(BackboneSpec(
+    name="infinity-8b", transformer=TRANSFORMER_PRESETS["infinity-8b"], vae="d14_patchify", text_encoder="t5",
+    weights=WeightPaths(transformer="weights/infinity_8b_weights",
+                        vae="weights/infinity_vae_d56_f8_14_patchify.pth", text_encoder="weights/flan-t5-xl"),
+    pixels="1M", cfg=3.0, tau=1.0))  # official 8B notebook: cfg 3, tau 1
+
+
+# -- small test backbones (random weights, no files) -------------------------------------------------
+
+
+class HashedTextEncoder:
+    """Test text encoder: each word maps to a fixed random vector (seeded by its CRC32).
+
+    Gives prompt-dependent, reproducible features without any model files; only for the
+    `test-*` backbones and smoke tests.
+    """
+
+    def __init__(self, channels: int, max_length: int, device: torch.device | str = "cpu"):
+        self.channels, self.max_length, self.device = channels, max_length, torch.device(device)
+
+    def _word(self, word: str) -> torch.Tensor:
+        import zlib
+
+        gen = torch.Generator().manual_seed(zlib.crc32(word.encode("utf-8")))
+        return torch.randn(self.channels, generator=gen)
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, list[int]]:
+        import warnings
+
+        words = [p.split() or [""] for p in prompts]
+        if any(len(w) > self.max_length for w in words):
+            warnings.warn(f"prompt longer than {self.max_length} words truncated")
+            words = [w[: self.max_length] for w in words]
+        lengths = [len(w) for w in words]
+        feats = torch.zeros(len(prompts), max(lengths), self.channels)
+        for i, ws in enumerate(words):
+            for j, word in enumerate(ws):
+                feats[i, j] = self._word(word)
+        return feats.to(self.device), lengths
+
+
+def _hashed_text_encoder_factory(channels: int, max_length: int) -> Callable[..., Any]:
+    def build(path: str | None, device: torch.device, dtype: torch.dtype) -> HashedTextEncoder:
+        return HashedTextEncoder(channels, max_length, device)
+    return build
+
+
+def _register_test_backbones() -> None:
+    from dataclasses import replace as _replace
+
+    from toprovar.models.vae import VAE_PRESETS
+
+    small = TRANSFORMER_PRESETS["test-small"]
+    register_text_encoder("hashed-test", _hashed_text_encoder_factory(small.text_channels, small.text_maxlen))
+    register_backbone(BackboneSpec(name="test-small", transformer=small, vae="test", text_encoder="hashed-test",
+                                   pixels="0.06M", cfg=3.0, tau=1.0, random_init=True))
+    register_backbone(BackboneSpec(name="test-small-patchify", transformer=TRANSFORMER_PRESETS["test-small-patchify"],
+                                   vae=_replace(VAE_PRESETS["test"], apply_spatial_patchify=True),
+                                   text_encoder="hashed-test", pixels="0.06M", cfg=3.0, tau=1.0,
+                                   random_init=True))
+
+
+_register_test_backbones()
