@@ -159,7 +159,8 @@ def build_text_encoder(spec: BackboneSpec, path: str | None, device: torch.devic
             raise _missing(spec, "text_encoder")
         from toprovar.models.text_encoder import T5TextEncoder  # lazy: pulls in transformers
 
-        return T5TextEncoder(path, device=device, max_length=spec.transformer.text_maxlen)
+        # dtype left to the encoder: float16 on CUDA as official Infinity, float32 on CPU.
+        return T5TextEncoder.from_folder(path, max_length=spec.transformer.text_maxlen, device=device)
     raise UserError(f"backbone '{spec.name}' names text encoder kind '{spec.text_encoder}', which is not "
                     f"registered; known kinds: {', '.join(['t5', *sorted(_TEXT_ENCODERS)])}")
 
