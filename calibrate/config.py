@@ -1,0 +1,184 @@
+"""Typed view of the Hydra config: one dataclass per config group, checked once at start-up.
+
+The Hydra app hands a DictConfig to `parse_config`; everything below it works with these frozen
+dataclasses, so a typo or an out-of-range value is reported once, in one line, before any work.
+The backbone group belongs to the model registry and is passed through as a plain dict.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from toprovar.errors import UserError
+
+STAGES = ("presample", "search", "select", "export")
+SAMPLERS = ("tpe", "nsga2", "random")
+OBJECTIVES = ("auto", "flops", "latency")
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    source: str = "list"             # tiny_scenes | list
+    seed: int = 0
+    presample: int = 12
+    search: int = 8
+    validate: int = 16
+    file: str | None = None          # one prompt a line; replaces `items`
+    items: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ConstraintsConfig:
+    min_ssim: float = 0.8
+    max_geneval_drop: float = 0.01
+
+
+@dataclass(frozen=True)
+class SpaceConfig:
+    tau: list[float] | None = None
+    beta: list[float] = field(default_factory=lambda: [0.5, 20.0])
+    alpha_min: list[float] = field(default_factory=lambda: [0.0, 0.6])
+    alpha_max: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    min_keep: list[float] = field(default_factory=lambda: [0.05, 0.5])
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    warmup: int = 2
+    repeats: int = 3
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    n_trials: int = 30
+    sampler: str = "tpe"
+    objective: str = "auto"
+    warm_start: bool = True
+    timeout_s: float | None = None
+    constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    validate_candidates: int = 3
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "toprovar-calibration"
+    probe_timeout_s: float = 3.0
+    log_images: bool = True
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    url: str | None = None
+    heartbeat_interval_s: int = 10
+    grace_period_s: int = 60
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    backbone: dict[str, Any]
+    prompts: PromptsConfig
+    search: SearchConfig
+    tracking: TrackingConfig
+    storage: StorageConfig
+    study_name: str
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    export_to: str | None = None
+    stages: tuple[str, ...] = STAGES
+
+    @property
+    def backbone_name(self) -> str:
+        return str(self.backbone.get("name", "unknown"))
+
+
+def _typed(schema: type, node: Any, group: str) -> Any:
+    """Merge a config node onto its dataclass schema: unknown keys and wrong types are errors."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise UserError(f"bad `{group}` config: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _check_range(name: str, bounds: list[float] | None, lo: float, hi: float) -> None:
+    if bounds is None:
+        return
+    if len(bounds) != 2 or not (lo <= bounds[0] <= bounds[1] <= hi):
+        raise UserError(f"search.space.{name}={list(bounds)} must be [low, high] with "
+                        f"{lo} <= low <= high <= {hi}")
+
+
+def _validate(cfg: CalibrationConfig) -> None:
+    s = cfg.search
+    if s.sampler not in SAMPLERS:
+        raise UserError(f"search.sampler={s.sampler!r} is not one of {', '.join(SAMPLERS)}")
+    if s.objective not in OBJECTIVES:
+        raise UserError(f"search.objective={s.objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if s.n_trials < 1:
+        raise UserError(f"search.n_trials={s.n_trials} must be at least 1")
+    if s.validate_candidates < 1:
+        raise UserError(f"search.validate_candidates={s.validate_candidates} must be at least 1")
+    if s.latency.repeats < 1 or s.latency.warmup < 0:
+        raise UserError("search.latency needs repeats >= 1 and warmup >= 0")
+    if not 0.0 <= s.constraints.min_ssim <= 1.0:
+        raise UserError(f"search.constraints.min_ssim={s.constraints.min_ssim} must lie in [0, 1]")
+    _check_range("tau", s.space.tau, 0.0, 1.0)
+    _check_range("beta", s.space.beta, 1e-6, 1e6)
+    _check_range("alpha_min", s.space.alpha_min, 0.0, 1.0)
+    _check_range("alpha_max", s.space.alpha_max, 0.0, 1.0)
+    _check_range("min_keep", s.space.min_keep, 0.0, 1.0)
+    if s.space.alpha_max[1] < s.space.alpha_min[0]:
+        raise UserError("search.space.alpha_max must reach at least the low end of alpha_min")
+    p = cfg.prompts
+    if min(p.presample, p.search, p.validate) < 1:
+        raise UserError("prompts.presample, prompts.search and prompts.validate must each be >= 1")
+    unknown = [stage for stage in cfg.stages if stage not in STAGES]
+    if unknown:
+        raise UserError(f"stages={list(cfg.stages)}: unknown {unknown}; choose from {list(STAGES)}")
+    if not cfg.study_name:
+        raise UserError("study_name must not be empty")
+
+
+def parse_config(cfg: DictConfig) -> CalibrationConfig:
+    """Check and type the composed Hydra config (one-line UserError on any problem)."""
+    allowed = {"backbone", "prompts", "search", "tracking", "storage", "study_name", "seed",
+               "device", "dtype", "export_to", "stages"}
+    extra = sorted(set(cfg.keys()) - allowed)
+    if extra:
+        raise UserError(f"unknown config key(s) {extra}; known: {sorted(allowed)}")
+    try:
+        backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
+        top = {key: OmegaConf.select(cfg, key) for key in ("study_name", "seed", "device", "dtype",
+                                                          "export_to")}
+        stages = tuple(OmegaConf.to_container(cfg.stages, resolve=True))
+    except OmegaConfBaseException as err:
+        raise UserError(f"bad config: {_first_line(err)}") from None
+    if not isinstance(backbone, dict) or "name" not in backbone:
+        raise UserError("the backbone config needs a `name`; pick one with backbone=tiny|infinity-2b|infinity-8b")
+    result = CalibrationConfig(
+        backbone=backbone,
+        prompts=_typed(PromptsConfig, cfg.get("prompts"), "prompts"),
+        search=_typed(SearchConfig, cfg.get("search"), "search"),
+        tracking=_typed(TrackingConfig, cfg.get("tracking"), "tracking"),
+        storage=_typed(StorageConfig, cfg.get("storage"), "storage"),
+        study_name=str(top["study_name"]),
+        seed=int(top["seed"]),
+        device=str(top["device"]),
+        dtype=str(top["dtype"]),
+        export_to=None if top["export_to"] is None else str(top["export_to"]),
+        stages=stages,
+    )
+    _validate(result)
+    return result

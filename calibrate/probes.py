@@ -1,0 +1,66 @@
+"""Measurement pruners for pre-sampling: they change nothing or only stop early.
+
+Both follow the pipeline's `Pruner` hook contract (docs/architecture.md), so pre-sampling runs the
+same generation loop as the runtime.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class _Passive:
+    def begin(self, ctx) -> None:
+        self.batch = ctx.batch
+        self.schedule = ctx.schedule
+
+    def exit_before_scale(self, si: int) -> bool:
+        return False
+
+    def wants_entropy(self, si: int, li: int) -> bool:
+        return False
+
+    def keep_tokens(self, si: int, li: int, x: Tensor) -> Tensor | None:
+        return None
+
+    def observe(self, si: int, li: int, entropy: Tensor) -> None:
+        pass
+
+    def end_scale(self, si: int, x: Tensor) -> None:
+        pass
+
+
+class EntropyRecorder(_Passive):
+    """Records every block's per-token attention entropy: head mean of the conditional rows.
+
+    `maps[(si, li)]` is `(B, h*w)` float32 on the CPU after `collect()`; tensors stay on the
+    device during generation (no host sync inside the loop).
+    """
+
+    def begin(self, ctx) -> None:
+        super().begin(ctx)
+        self.maps: dict[tuple[int, int], Tensor] = {}
+
+    def wants_entropy(self, si: int, li: int) -> bool:
+        return True
+
+    def observe(self, si: int, li: int, entropy: Tensor) -> None:
+        self.maps[(si, li)] = entropy[: self.batch].float().mean(dim=1)
+
+    def collect(self) -> dict[tuple[int, int], Tensor]:
+        return {key: value.cpu() for key, value in self.maps.items()}
+
+
+class ExitBeforeScale(_Passive):
+    """Stops refining before scale `stop`: the image is decoded from the codes of scales < stop."""
+
+    def __init__(self, stop: int):
+        self.stop = int(stop)
+
+    def exit_before_scale(self, si: int) -> bool:
+        return si >= self.stop
+
+
+def entropy_stack(maps: dict[tuple[int, int], Tensor], scale: int, depth: int) -> Tensor:
+    """`(B, depth, tokens)` entropy of every layer at one scale."""
+    return torch.stack([maps[(scale, li)] for li in range(depth)], dim=1)
