@@ -19,7 +19,7 @@ SAMPLERS = ("tpe", "nsga2", "random")
 OBJECTIVES = ("auto", "flops", "latency")
 
 
-@dataclass(frozen=True)
+@dataclass
 class PromptsConfig:
     source: str = "list"             # tiny_scenes | list
     seed: int = 0
@@ -30,13 +30,13 @@ class PromptsConfig:
     items: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@dataclass
 class ConstraintsConfig:
     min_ssim: float = 0.8
     max_geneval_drop: float = 0.01
 
 
-@dataclass(frozen=True)
+@dataclass
 class SpaceConfig:
     tau: list[float] | None = None
     beta: list[float] = field(default_factory=lambda: [0.5, 20.0])
@@ -45,13 +45,13 @@ class SpaceConfig:
     min_keep: list[float] = field(default_factory=lambda: [0.05, 0.5])
 
 
-@dataclass(frozen=True)
+@dataclass
 class LatencyConfig:
     warmup: int = 2
     repeats: int = 3
 
 
-@dataclass(frozen=True)
+@dataclass
 class SearchConfig:
     n_trials: int = 30
     sampler: str = "tpe"
@@ -64,7 +64,7 @@ class SearchConfig:
     validate_candidates: int = 3
 
 
-@dataclass(frozen=True)
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     uri: str | None = None
@@ -73,14 +73,14 @@ class TrackingConfig:
     log_images: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass
 class StorageConfig:
     url: str | None = None
     heartbeat_interval_s: int = 10
     grace_period_s: int = 60
 
 
-@dataclass(frozen=True)
+@dataclass
 class CalibrationConfig:
     backbone: dict[str, Any]
     prompts: PromptsConfig
@@ -93,6 +93,7 @@ class CalibrationConfig:
     dtype: str = "auto"
     export_to: str | None = None
     stages: tuple[str, ...] = STAGES
+    batch_size: int = 8
 
     @property
     def backbone_name(self) -> str:
@@ -147,21 +148,29 @@ def _validate(cfg: CalibrationConfig) -> None:
     unknown = [stage for stage in cfg.stages if stage not in STAGES]
     if unknown:
         raise UserError(f"stages={list(cfg.stages)}: unknown {unknown}; choose from {list(STAGES)}")
+    if cfg.batch_size < 1:
+        raise UserError(f"batch_size={cfg.batch_size} must be at least 1")
     if not cfg.study_name:
         raise UserError("study_name must not be empty")
+
+
+def _integer(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{name}={value!r} must be an integer")
+    return value
 
 
 def parse_config(cfg: DictConfig) -> CalibrationConfig:
     """Check and type the composed Hydra config (one-line UserError on any problem)."""
     allowed = {"backbone", "prompts", "search", "tracking", "storage", "study_name", "seed",
-               "device", "dtype", "export_to", "stages"}
+               "device", "dtype", "export_to", "stages", "batch_size"}
     extra = sorted(set(cfg.keys()) - allowed)
     if extra:
         raise UserError(f"unknown config key(s) {extra}; known: {sorted(allowed)}")
     try:
         backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
         top = {key: OmegaConf.select(cfg, key) for key in ("study_name", "seed", "device", "dtype",
-                                                          "export_to")}
+                                                          "export_to", "batch_size")}
         stages = tuple(OmegaConf.to_container(cfg.stages, resolve=True))
     except OmegaConfBaseException as err:
         raise UserError(f"bad config: {_first_line(err)}") from None
@@ -174,11 +183,12 @@ def parse_config(cfg: DictConfig) -> CalibrationConfig:
         tracking=_typed(TrackingConfig, cfg.get("tracking"), "tracking"),
         storage=_typed(StorageConfig, cfg.get("storage"), "storage"),
         study_name=str(top["study_name"]),
-        seed=int(top["seed"]),
+        seed=_integer(top["seed"], "seed"),
         device=str(top["device"]),
         dtype=str(top["dtype"]),
         export_to=None if top["export_to"] is None else str(top["export_to"]),
         stages=stages,
+        batch_size=_integer(top["batch_size"], "batch_size"),
     )
     _validate(result)
     return result

@@ -1,0 +1,236 @@
+"""The calibration run: pre-sample → search → select and validate → export, tracked in MLflow.
+
+Everything lands in the Hydra run folder (tables, plots, image grids, the Optuna SQLite study,
+policy.yaml) and, as artifacts, in one MLflow parent run with a child run per trial.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from calibrate import plots
+from calibrate.backend import CalibrationBackend, load_backend, resolve_device, resolve_dtype
+from calibrate.config import CalibrationConfig
+from calibrate.export import check_loads, copy_to, git_commit, prompts_record, redact_url, versions, write_policy
+from calibrate.objective import PolicyScorer, resolve_cost
+from calibrate.policy_space import PolicyFactory, paper_defaults
+from calibrate.presample import PresampleSummary, run_presample, write_tables
+from calibrate.prompts import PromptSets, load_prompt_sets
+from calibrate.quality import geneval_scorer
+from calibrate.search import (SearchSpace, completed, open_study, pareto_front, run_search, trial_summary,
+                              trials_frame)
+from calibrate.select import Selection, select_and_validate
+from calibrate.tracking import NullTracker, Tracker, open_tracker
+from toprovar.errors import UserError
+
+log = logging.getLogger("calibrate")
+
+STUDY_PRESAMPLE_KEY = "presample_summary"
+
+
+def _quiet_libraries() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _parent_params(cfg: CalibrationConfig) -> dict[str, Any]:
+    prompts = {k: v for k, v in asdict(cfg.prompts).items() if k != "items"}
+    return {"backbone": cfg.backbone, "prompts": prompts, "search": asdict(cfg.search),
+            "storage.url": redact_url(cfg.storage.url), "study_name": cfg.study_name, "seed": cfg.seed,
+            "device": cfg.device, "dtype": cfg.dtype, "stages": ",".join(cfg.stages)}
+
+
+class Calibration:
+    """One `python -m calibrate` run; each stage is a method so workers can run a subset."""
+
+    def __init__(self, cfg: CalibrationConfig, run_dir: Path, launch_dir: Path, overrides: list[str]):
+        self.cfg, self.run_dir, self.launch_dir, self.overrides = cfg, run_dir, launch_dir, overrides
+        self.device = resolve_device(cfg.device)
+        self.cost = resolve_cost(cfg.search.objective, self.device)
+        if self.cost == "latency" and self.device.type != "cuda":
+            log.warning("search.objective=latency on %s: wall-clock timings are noisy; flops is the CPU default",
+                        self.device)
+        self.timings: dict[str, float] = {}
+        self.artifacts: dict[str, list[Path]] = {}
+
+    # -- stages -----------------------------------------------------------------------------------
+    def presample(self, backend: CalibrationBackend, prompts: PromptSets) -> PresampleSummary:
+        result = run_presample(backend, prompts.presample, self.cfg.search.constraints.min_ssim)
+        folder = self.run_dir / "presample"
+        files = write_tables(result, folder)
+        files.append(plots.plot_entropy_and_rho(result.scales, result.images, result.summary.tau_range,
+                                                self.cfg.search.constraints.min_ssim, folder / "fig8_entropy_rho.png"))
+        if len(result.layers):
+            files.append(plots.plot_layer_heatmap(result.layers, result.summary.representative_scale,
+                                                  folder / "layer_ratio_heatmap.png"))
+        exits = [result.exit_images[s] for s in sorted(result.exit_images)] + [result.full_images]
+        files.append(plots.save_image_grid(exits, folder / "early_exits.png"))
+        self.artifacts["presample"] = files
+        log.info("pre-sampling: ρ_s crossing %s, τ range %s, representative scale %d, %d band points",
+                 result.summary.crossing, result.summary.tau_range, result.summary.representative_scale,
+                 result.summary.band_points)
+        return result.summary
+
+    def shared_summary(self, study: optuna.Study, fresh: PresampleSummary | None) -> PresampleSummary:
+        """The study's pre-sampling facts: the first worker's win, so every trial sees the same space."""
+        stored = study.user_attrs.get(STUDY_PRESAMPLE_KEY)
+        if stored is not None:
+            if fresh is not None and fresh.to_json() != stored:
+                log.info("study %r keeps the pre-sampling summary it started with", study.study_name)
+            return PresampleSummary.from_json(stored)
+        if fresh is None:
+            raise UserError(f"study {study.study_name!r} has no pre-sampling summary yet; "
+                            f"run with the presample stage first (stages=[presample,search])")
+        study.set_user_attr(STUDY_PRESAMPLE_KEY, fresh.to_json())
+        return fresh
+
+    def search(self, study: optuna.Study, scorer: PolicyScorer, space: SearchSpace, tracker) -> int:
+        cfg = self.cfg.search
+        ran = run_search(study, space, scorer, n_trials=cfg.n_trials, limits=cfg.constraints,
+                         warm_start=paper_defaults() if cfg.warm_start else None, tracker=tracker,
+                         timeout_s=cfg.timeout_s)
+        return ran
+
+    def report_search(self, study: optuna.Study, chosen: int | None = None) -> list[Path]:
+        folder = self.run_dir / "search"
+        folder.mkdir(parents=True, exist_ok=True)
+        frame = trials_frame(study)
+        frame.to_csv(folder / "trials.csv", index=False)
+        frame.to_parquet(folder / "trials.parquet", index=False)
+        front = [trial_summary(t) for t in pareto_front(study)]
+        (folder / "pareto_front.json").write_text(json.dumps(front, indent=2))
+        files = [folder / "trials.csv", folder / "trials.parquet", folder / "pareto_front.json"]
+        files.append(plots.plot_pareto(frame, self.cfg.search.constraints.min_ssim, folder / "pareto.png", chosen))
+        return files
+
+    def export(self, selection: Selection, factory: PolicyFactory, backend: CalibrationBackend,
+               prompts: PromptSets, study: optuna.Study, space: SearchSpace, summary: PresampleSummary,
+               search_scorer: PolicyScorer, tracker) -> Path:
+        cfg = self.cfg
+        trial = selection.trial
+        provenance = {
+            "calibrated": True,
+            "validated": selection.passed,
+            "backbone": {"name": backend.name, "weights": {k: v for k, v in backend.weights.items()},
+                         "weight_hashes": backend.fingerprint(), "settings": backend.settings},
+            "prompts": {"source": cfg.prompts.source, **prompts_record(asdict_sets(prompts))},
+            "search": {"space": space.as_dict(), "sampler": cfg.search.sampler, "objective": self.cost,
+                       "constraints": asdict(cfg.search.constraints), "trials_complete": len(completed(study)),
+                       "trials_total": len(study.trials), "study_name": study.study_name,
+                       "storage": redact_url(cfg.storage.url), "selected_trial": trial.number},
+            "measured": {"search": dict(trial.user_attrs.get("metrics", {})),
+                         "validation": selection.validation.metrics(),
+                         "validation_candidates": [{"trial": n, **s.metrics()} for n, s in selection.tried]},
+            "presample": summary.to_json(),
+            "device": str(self.device),
+            "versions": versions(),
+            "git_commit": git_commit(self.launch_dir),
+            "command": "python -m calibrate " + " ".join(self.overrides),
+            "mlflow": {"tracking_uri": redact_url(getattr(tracker, "uri", None)),
+                       "parent_run_id": getattr(tracker, "parent_id", None)},
+        }
+        path = write_policy(factory.document(trial.params), provenance, self.run_dir / "policy.yaml")
+        check_loads(path, backend.name)
+        log.info("policy written to %s (trial %d: validated speedup %.2f×, SSIM %.3f%s)", path, trial.number,
+                 selection.validation.speedup, selection.validation.ssim, "" if selection.passed else ", NOT validated")
+        if cfg.export_to:
+            copied = copy_to(path, Path(cfg.export_to) if Path(cfg.export_to).is_absolute()
+                             else self.launch_dir / cfg.export_to, backend.name)
+            log.info("policy copied to %s", copied)
+        return path
+
+    # -- the whole run -----------------------------------------------------------------------------
+    def run(self) -> Path | None:
+        _quiet_libraries()
+        cfg = self.cfg
+        tracker = open_tracker(cfg.tracking, self.run_dir, self.launch_dir)
+        parent = tracker.start_parent(f"{cfg.backbone_name}/{cfg.study_name}", _parent_params(cfg),
+                                      tags={"backbone": cfg.backbone_name, "run_dir": str(self.run_dir)})
+        ok = False
+        try:
+            policy_path = self._stages(tracker, parent)
+            ok = True
+            return policy_path
+        finally:
+            self._log_files(tracker, parent)
+            tracker.log_metrics(parent, {f"time_s.{k}": v for k, v in self.timings.items()})
+            tracker.end(parent, ok=ok)
+
+    def _timed(self, name: str, start: float) -> None:
+        self.timings[name] = round(time.perf_counter() - start, 2)
+        log.info("%s took %.1f s", name, self.timings[name])
+
+    def _stages(self, tracker: Tracker | NullTracker, parent: str) -> Path | None:
+        cfg, stages = self.cfg, set(self.cfg.stages)
+        t0 = time.perf_counter()
+        backend = load_backend(cfg.backbone, self.device, resolve_dtype(cfg.dtype, self.device),
+                               batch_size=cfg.batch_size)
+        prompts = load_prompt_sets(cfg.prompts)
+        study = open_study(cfg.study_name, cfg.storage, cfg.search.sampler, cfg.seed, cfg.search.n_trials)
+        self._timed("setup", t0)
+
+        fresh = None
+        if "presample" in stages:
+            t0 = time.perf_counter()
+            fresh = self.presample(backend, prompts)
+            self._timed("presample", t0)
+        summary = self.shared_summary(study, fresh)
+        tracker.log_params(parent, {"presample": summary.to_json()})
+        space = SearchSpace.from_config(cfg.search.space, summary.tau_range)
+        factory = PolicyFactory(summary, backend.name)
+        evaluator = geneval_scorer(backend.name)
+
+        t0 = time.perf_counter()
+        scorer = PolicyScorer(backend, prompts.search, factory, cost=self.cost, latency=cfg.search.latency,
+                              evaluator=evaluator, desc="search")
+        if "search" in stages:
+            self.search(study, scorer, space, tracker)
+            self._timed("search", t0)
+        if not ({"select", "export"} & stages):
+            self.artifacts["search"] = self.report_search(study)
+            return None
+
+        t0 = time.perf_counter()
+        validator = PolicyScorer(backend, prompts.validate, factory, cost=self.cost, latency=cfg.search.latency,
+                                 evaluator=evaluator, desc="validate")
+        selection = select_and_validate(study, validator, cfg.search.constraints, cfg.search.validate_candidates)
+        self._timed("validate", t0)
+        self.artifacts["search"] = self.report_search(study, chosen=selection.trial.number)
+        self.artifacts["grids"] = self._grids(selection, factory, scorer, validator)
+        tracker.log_metrics(parent, {f"validation.{k}": v for k, v in selection.validation.metrics().items()})
+        tracker.log_metrics(parent, {f"search.{k}": v for k, v in selection.trial.user_attrs.get("metrics", {}).items()})
+        tracker.set_tags(parent, {"selected_trial": selection.trial.number, "validated": selection.passed})
+        if "export" not in stages:
+            return None
+        path = self.export(selection, factory, backend, prompts, study, space, summary, scorer, tracker)
+        self.artifacts["policy"] = [path]
+        return path
+
+    def _grids(self, selection: Selection, factory: PolicyFactory, *scorers: PolicyScorer) -> list[Path]:
+        """Unpruned (top row) over the selected policy (bottom row) for the search and held-out prompts."""
+        folder = self.run_dir / "grids"
+        folder.mkdir(parents=True, exist_ok=True)
+        files = []
+        policy = factory(selection.trial.params)
+        for scorer in scorers:
+            pruned = scorer.backend.generate(scorer.prompts.texts, scorer.prompts.seeds, policy=policy).images
+            files.append(plots.save_image_grid([scorer.reference.images, pruned],
+                                               folder / f"{scorer.prompts.name}_unpruned_vs_policy.png"))
+        return files
+
+    def _log_files(self, tracker: Tracker | NullTracker, parent: str) -> None:
+        for folder, files in self.artifacts.items():
+            if folder == "grids" and not self.cfg.tracking.log_images:
+                continue
+            tracker.log_artifacts(parent, files, folder)
+
+
+def asdict_sets(prompts: PromptSets) -> dict[str, Any]:
+    return {"presample": prompts.presample, "search": prompts.search, "validate": prompts.validate}
