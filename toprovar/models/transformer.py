@@ -177,9 +177,9 @@ class RopeSlice:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent pairs of the last dim of `(B, H, L, D)` in float32 (autocast off)."""
+    """Rotate adjacent pairs of the last dim of `(B, H, L, D)` in float32 or wider (autocast off)."""
     with torch.autocast(x.device.type, enabled=False):
-        pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+        pairs = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(*x.shape[:-1], -1, 2)
         x0, x1 = pairs[..., 0], pairs[..., 1]
         return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).reshape(x.shape)
 

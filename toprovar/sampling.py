@@ -1,0 +1,50 @@
+"""Bitwise sampling with top-k / top-p and one seeded generator per image.
+
+Infinity predicts 2 logits per bit (bit = 0, bit = 1). Official sampling (`sample_with_top_k_top_p_
+also_inplace_modifying_logits_`) treats every bit as a 2-way categorical: top-k (a no-op for any
+k >= 2), top-p (drop the less likely value when its probability is <= 1 - top_p), then
+`torch.multinomial` with the generator. We draw each image's bits with its own generator, in the
+same order the official loop does for a batch of one, so a seed gives the same bits whether the
+image is generated alone or in a batch (given equal logits) and equals the official sampler with
+`g_seed = seed` for a single image.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def make_generators(seeds: list[int], device: torch.device | str) -> list[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def filter_top_k_top_p_(logits: Tensor, top_k: int = 0, top_p: float = 0.0) -> Tensor:
+    """Mask (-inf, in place) values outside top-k / top-p along the last dim, as officially."""
+    v = logits.shape[-1]
+    if top_k > 0:
+        k = min(top_k, v)
+        kth = logits.topk(k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
+        logits.masked_fill_(logits < kth, -torch.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        drop_sorted = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        drop_sorted[..., -1:] = False
+        logits.masked_fill_(drop_sorted.scatter(sorted_idx.ndim - 1, sorted_idx, drop_sorted), -torch.inf)
+    return logits
+
+
+def sample_bits(logits: Tensor, generators: list[torch.Generator], *, top_k: int = 0,
+                top_p: float = 0.0) -> Tensor:
+    """Bitwise logits `(B, n, 2 * d)` -> sampled bits `(B, n, d)` int64 (values 0 or 1).
+
+    Row b uses `generators[b]`. `logits` is modified in place (filtered). Runs on the logits'
+    device without host synchronization.
+    """
+    b, n, two_d = logits.shape
+    if len(generators) != b:
+        raise ValueError(f"{b} rows of logits but {len(generators)} generators")
+    pairs = filter_top_k_top_p_(logits.reshape(b, n * two_d // 2, 2), top_k=top_k, top_p=top_p)
+    probs = pairs.softmax(dim=-1)
+    bits = [torch.multinomial(probs[i], num_samples=1, replacement=True, generator=generators[i])
+            for i in range(b)]
+    return torch.stack(bits).view(b, n, two_d // 2)
