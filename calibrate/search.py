@@ -9,7 +9,10 @@ join one study and an interrupted study picks up where it stopped:
 * a trial interrupted in this process (Ctrl-C) is marked FAIL by Optuna and tagged `interrupted`;
   the next run re-queues its parameters once, so it is rerun cleanly and never counted twice;
 * a trial whose worker died (no heartbeat for `grace_period_s`, RDB storages) is failed and
-  re-queued by Optuna's `RetryFailedTrialCallback`.
+  re-queued by Optuna's `RetryHeartbeatStaleTrialCallback`.
+
+Constraints are set on each trial (`trial.set_constraint`), which the TPE and NSGA-II samplers and
+`study.best_trials` take into account.
 
 Evaluating a trial is a callable `params -> Scores` (calibrate.objective builds it from real
 generations); this module knows nothing about models.
@@ -18,11 +21,12 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState, create_trial
 from tqdm.auto import tqdm
@@ -53,17 +57,17 @@ class Scores:
         return out
 
 
-def violations(scores: Scores, limits: ConstraintsConfig) -> list[float]:
-    """Optuna constraint values: feasible when every entry is <= 0."""
-    values = [limits.min_ssim - scores.ssim]
+def violations(scores: Scores, limits: ConstraintsConfig) -> dict[str, float]:
+    """Optuna constraint values by name: feasible when every value is <= 0."""
+    values = {"ssim": limits.min_ssim - scores.ssim}
     if scores.geneval_drop is not None:
-        values.append(scores.geneval_drop - limits.max_geneval_drop)
+        values["geneval_drop"] = scores.geneval_drop - limits.max_geneval_drop
     return values
 
 
 def is_feasible(trial: FrozenTrial) -> bool:
-    values = trial.user_attrs.get("constraints")
-    return trial.state == TrialState.COMPLETE and values is not None and all(v <= 0 for v in values)
+    return (trial.state == TrialState.COMPLETE and bool(trial.constraints)
+            and all(v <= 0 for v in trial.constraints.values()))
 
 
 # --- search space ------------------------------------------------------------------------------
@@ -108,26 +112,22 @@ class SearchSpace:
 
 
 # --- study -------------------------------------------------------------------------------------
-def _sampler(name: str, seed: int, constraints: Callable[[FrozenTrial], list[float]], n_trials: int):
+def _sampler(name: str, seed: int, n_trials: int) -> optuna.samplers.BaseSampler:
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints,
-                                          n_startup_trials=max(3, min(10, n_trials // 3)))
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(3, min(10, n_trials // 3)))
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints,
-                                             population_size=max(4, min(20, n_trials // 3)))
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, n_trials // 3)))
     return optuna.samplers.RandomSampler(seed=seed)
-
-
-def _trial_constraints(trial: FrozenTrial) -> list[float]:
-    return list(trial.user_attrs.get("constraints", [1.0]))
 
 
 def _storage(cfg: StorageConfig):
     if cfg.url is None:
         return None
     try:
-        return RDBStorage(cfg.url, heartbeat_interval=cfg.heartbeat_interval_s, grace_period=cfg.grace_period_s,
-                          failed_trial_callback=RetryFailedTrialCallback(max_retry=2))
+        with warnings.catch_warnings():  # heartbeats are marked experimental; they are what resume needs
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(cfg.url, heartbeat_interval=cfg.heartbeat_interval_s, grace_period=cfg.grace_period_s,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
     except Exception as err:  # sqlalchemy raises many kinds for bad URLs / unreachable databases
         raise UserError(f"cannot open Optuna storage storage.url={cfg.url!r}: {str(err).splitlines()[0]}") from None
 
@@ -142,7 +142,7 @@ def open_study(name: str, storage: StorageConfig, sampler: str, seed: int, n_tri
         # Offset the seed by the trials already there, so a resumed or joining worker does not
         # replay the random start-up trials of the first one.
         return optuna.create_study(study_name=name, storage=backend, directions=list(DIRECTIONS),
-                                   sampler=_sampler(sampler, seed + existing, _trial_constraints, n_trials),
+                                   sampler=_sampler(sampler, seed + existing, n_trials),
                                    load_if_exists=True)
     except ValueError as err:  # e.g. an existing study with other directions
         raise UserError(f"study {name!r} in {storage.url!r} cannot be used: {err}; pick another study_name") from None
@@ -203,23 +203,29 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate, *, n
         if not (math.isfinite(scores.speedup) and math.isfinite(scores.ssim)):
             raise RuntimeError(f"trial {trial.number} measured non-finite scores {scores}")
         limits_values = violations(scores, limits)
-        trial.set_user_attr("constraints", limits_values)
+        for name, value in limits_values.items():
+            trial.set_constraint(name, value)
         trial.set_user_attr("metrics", scores.metrics())
         trial.set_user_attr("mlflow_run_id", run_id)
-        feasible = all(v <= 0 for v in limits_values)
+        feasible = all(v <= 0 for v in limits_values.values())
         tracker.log_metrics(run_id, {**scores.metrics(), "feasible": float(feasible)})
         tracker.end(run_id)
         bar.set_postfix(speedup=f"{scores.speedup:.2f}", ssim=f"{scores.ssim:.3f}", ok=feasible)
         return scores.speedup, scores.ssim
 
-    before = len(study.trials)
+    ran = 0
+
+    def count(_study: optuna.Study, _trial: FrozenTrial) -> None:
+        nonlocal ran
+        ran += 1
+        bar.update(1)
+
     try:
         study.optimize(objective, n_trials=remaining, timeout=timeout_s, gc_after_trial=False,
-                       callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,)),
-                                  lambda _study, _trial: bar.update(1)])
+                       callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,)), count])
     finally:
         bar.close()
-    return len(study.trials) - before
+    return ran
 
 
 def pareto_front(study: optuna.Study) -> list[FrozenTrial]:

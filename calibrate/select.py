@@ -41,7 +41,7 @@ def select_and_validate(study: optuna.Study, validator: PolicyScorer, limits: Co
     for trial in tqdm(ranked[:candidates], desc="validate", unit="candidate", dynamic_ncols=True):
         scores = validator(dict(trial.params))
         tried.append((trial, scores))
-        if all(v <= 0 for v in violations(scores, limits)):
+        if all(v <= 0 for v in violations(scores, limits).values()):
             return Selection(trial, scores, True, [(t.number, s) for t, s in tried])
         log.info("trial %d fails on held-out prompts (speedup %.2f, SSIM %.3f); trying the next",
                  trial.number, scores.speedup, scores.ssim)

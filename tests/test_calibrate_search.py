@@ -1,0 +1,171 @@
+"""The Optuna search of `calibrate`: resume without lost or repeated trials, warm start, constraints.
+
+The objective is real: generations of the random-weight `test-small` backbone through the pipeline,
+pruned by a simple token-keeping pruner whose keep share comes from the trial's parameters, scored
+by FLOP ratio and SSIM against the unpruned images.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import optuna
+import pytest
+import torch
+
+from calibrate.backend import load_backend
+from calibrate.config import ConstraintsConfig, LatencyConfig, SpaceConfig, StorageConfig
+from calibrate.objective import PolicyScorer
+from calibrate.prompts import PromptSet
+from calibrate.search import (SearchSpace, completed, open_study, ranked_feasible, run_search, violations)
+from optuna.trial import TrialState
+
+
+class KeepShare:
+    """Test pruner: from scale `start` on, every block runs only the first `share` of the tokens."""
+
+    def __init__(self, start: int, share: float):
+        self.start, self.share = start, share
+
+    def begin(self, ctx):
+        self.rows = ctx.rows
+
+    def exit_before_scale(self, si):
+        return False
+
+    def wants_entropy(self, si, li):
+        return False
+
+    def keep_tokens(self, si, li, x):
+        if si < self.start:
+            return None
+        n = x.shape[1]
+        k = max(1, math.ceil(self.share * n))
+        return torch.arange(k, device=x.device).expand(self.rows, k)
+
+    def observe(self, si, li, entropy):
+        pass
+
+    def end_scale(self, si, x):
+        pass
+
+
+def build_test_policy(params):
+    # τ picks the first pruned scale of the 7-scale schedule, α_min the pruned share.
+    return KeepShare(start=2 + round(params["tau"] * 4), share=1.0 - params["alpha_min"])
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return load_backend({"name": "test-small"}, torch.device("cpu"), None, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def scorer(backend):
+    rng = random.Random()
+    words = ["red", "blue", "cube", "ball", "two", "left", "tree", "cat"]
+    texts = [" ".join(rng.sample(words, 3)) for _ in range(2)]
+    seeds = [rng.randrange(10**6) for _ in texts]
+    return PolicyScorer(backend, PromptSet("search", texts, seeds, texts), build_test_policy, cost="flops",
+                        latency=LatencyConfig(), evaluator=None)
+
+
+SPACE = SearchSpace.from_config(SpaceConfig(alpha_min=[0.0, 0.8]), tau_range=(0.0, 1.0))
+LIMITS = ConstraintsConfig(min_ssim=0.5)
+
+
+class InterruptAfter:
+    """Wraps an objective; raises KeyboardInterrupt (as Ctrl-C would) on call number `k + 1`."""
+
+    def __init__(self, objective, k):
+        self.objective, self.k, self.calls, self.seen = objective, k, 0, []
+
+    def __call__(self, params):
+        self.calls += 1
+        if self.calls > self.k:
+            raise KeyboardInterrupt
+        self.seen.append(dict(params))
+        return self.objective(params)
+
+
+def test_scores_are_measured_from_generations(scorer):
+    unpruned = scorer({"tau": 0.0, "alpha_min": 0.0, "beta": 1.0, "alpha_max": 0.5, "min_keep": 0.1})
+    assert unpruned.speedup == pytest.approx(1.0)
+    assert unpruned.ssim == pytest.approx(1.0, abs=1e-4)
+    pruned = scorer({"tau": 0.0, "alpha_min": 0.7, "beta": 1.0, "alpha_max": 0.9, "min_keep": 0.1})
+    assert pruned.speedup > 1.5
+    assert pruned.ssim < 0.999
+    assert pruned.extra["flops_executed"] < pruned.extra["flops_unpruned"]
+
+
+def test_interrupted_study_resumes_without_lost_or_repeated_trials(tmp_path, scorer):
+    storage = StorageConfig(url=f"sqlite:///{tmp_path / 'study.db'}")
+    n_trials, k = 6, 3
+    seed = random.randrange(1000)
+    study = open_study("resume", storage, "tpe", seed, n_trials)
+    interrupting = InterruptAfter(scorer, k)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(study, SPACE, interrupting, n_trials=n_trials, limits=LIMITS,
+                   warm_start={"tau": 0.4, "beta": 1.0, "alpha_min": 0.1, "alpha_max": 0.6, "min_keep": 0.1})
+    first = {t.number: (t.params, t.values) for t in completed(study)}
+    assert len(first) == k
+    interrupted = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(interrupted) == 1 and interrupted[0].user_attrs["interrupted"]
+
+    # A new process would do exactly this: open the same storage + name and run again.
+    resumed = open_study("resume", storage, "tpe", seed, n_trials)
+    ran = run_search(resumed, SPACE, scorer, n_trials=n_trials, limits=LIMITS,
+                     warm_start={"tau": 0.4, "beta": 1.0, "alpha_min": 0.1, "alpha_max": 0.6, "min_keep": 0.1})
+    done = completed(resumed)
+    assert ran == n_trials - k and len(done) == n_trials
+    for number, (params, values) in first.items():  # finished trials kept as they were
+        trial = resumed.trials[number]
+        assert trial.state == TrialState.COMPLETE and trial.params == params and trial.values == values
+    param_sets = [tuple(sorted(t.params.items())) for t in done]
+    assert len(set(param_sets)) == len(param_sets)  # nothing evaluated twice
+    retried = [t for t in done if t.system_attrs.get("retry_of") == interrupted[0].number]
+    assert len(retried) == 1 and retried[0].params == interrupted[0].params
+    assert sum(bool(t.user_attrs.get("warm_start")) for t in resumed.trials) == 1
+
+    # Running once more with the target met runs nothing.
+    again = open_study("resume", storage, "tpe", seed, n_trials)
+    assert run_search(again, SPACE, scorer, n_trials=n_trials, limits=LIMITS) == 0
+
+
+def test_warm_start_constraints_and_ranking(scorer):
+    study = open_study("mem", StorageConfig(url=None), "tpe", random.randrange(1000), 5)
+    defaults = {"tau": 0.4, "beta": 1.0, "alpha_min": 0.1, "alpha_max": 0.6, "min_keep": 0.1}
+    run_search(study, SPACE, scorer, n_trials=5, limits=LIMITS, warm_start=defaults)
+    first = study.trials[0]
+    assert first.user_attrs.get("warm_start") and first.params == pytest.approx(SPACE.clip(defaults))
+    for trial in completed(study):
+        metrics = trial.user_attrs["metrics"]
+        assert trial.constraints == pytest.approx({"ssim": LIMITS.min_ssim - metrics["ssim"]})
+        assert trial.values == pytest.approx([metrics["speedup"], metrics["ssim"]])
+    ranked = ranked_feasible(study)
+    assert all(t.user_attrs["metrics"]["ssim"] >= LIMITS.min_ssim for t in ranked)
+    assert [t.values[0] for t in ranked] == sorted((t.values[0] for t in ranked), reverse=True)
+
+
+def test_space_keeps_alpha_order_and_clips_defaults():
+    space = SearchSpace.from_config(SpaceConfig(alpha_min=[0.1, 0.5], alpha_max=[0.2, 0.9]), (0.3, 0.5))
+    study = optuna.create_study(directions=["maximize", "maximize"],
+                                sampler=optuna.samplers.RandomSampler(seed=random.randrange(1000)))
+    for _ in range(30):
+        trial = study.ask()
+        params = space.suggest(trial)
+        assert params["alpha_min"] <= params["alpha_max"]
+        assert 0.3 <= params["tau"] <= 0.5
+        study.tell(trial, [0.0, 0.0])
+    clipped = space.clip({"tau": 0.9, "beta": 100.0, "alpha_min": 0.6, "alpha_max": 0.3, "min_keep": 0.0})
+    assert clipped["tau"] == 0.5 and clipped["alpha_min"] == 0.5 and clipped["alpha_max"] >= clipped["alpha_min"]
+
+
+def test_violations_include_geneval_only_when_scored():
+    from calibrate.search import Scores
+
+    ssim, drop = random.uniform(0.5, 1.0), random.uniform(-0.05, 0.05)
+    limits = ConstraintsConfig(min_ssim=0.8, max_geneval_drop=0.01)
+    assert violations(Scores(2.0, ssim), limits) == pytest.approx({"ssim": 0.8 - ssim})
+    assert violations(Scores(2.0, ssim, drop), limits) == pytest.approx({"ssim": 0.8 - ssim,
+                                                                          "geneval_drop": drop - 0.01})
