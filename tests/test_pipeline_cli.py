@@ -1,0 +1,55 @@
+"""`python -m toprovar generate`: PNGs from the command line, one-line errors with exit status 2."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from toprovar.__main__ import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "toprovar", "generate", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_generate_writes_pngs(tmp_path: Path) -> None:
+    out = tmp_path / "pngs"
+    proc = _cli("backbone=test-small", 'prompts=["a red cube", "two blue balls"]', "seeds=[5, 9]",
+                f"out_dir={out}", "batch_size=1")
+    assert proc.returncode == 0, proc.stderr
+    pngs = sorted(out.glob("*.png"))
+    assert [p.name for p in pngs] == ["000_seed5.png", "001_seed9.png"]
+    assert Image.open(pngs[0]).size == (64, 64) and Image.open(pngs[0]).mode == "RGB"
+    assert (out / "trace.csv").read_text().splitlines()[0].startswith("scale,h,w,tokens,time_ms")
+
+
+def test_missing_weights_is_one_line_exit_2(tmp_path: Path) -> None:
+    missing = tmp_path / "infinity_2b_reg.pth"
+    proc = _cli("backbone=infinity-2b", f"backbone.weights.transformer={missing}", f"out_dir={tmp_path}")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("toprovar generate: error:") and str(missing) in lines[-1]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("override, match", [("foo=1", "bad override"), ("backbone=nope", "backbone/nope")])
+def test_bad_override_is_one_line_exit_2(override: str, match: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["generate", override])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and match in err
+
+
+def test_unknown_command(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["paint"])
+    assert info.value.code == 2 and "usage" in capsys.readouterr().err
