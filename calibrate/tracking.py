@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -41,6 +42,9 @@ class Tracker:
     """Parent/child MLflow runs behind plain methods; every call names its run id."""
 
     def __init__(self, uri: str, experiment: str, artifact_location: str | None = None):
+        # MLflow prints a "View run" line per finished run against a server; it would break the
+        # progress bars, and the parent run's address is logged once below instead.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         import mlflow  # imported here: it is slow to import and optional for `tracking=off`
         from mlflow.tracking import MlflowClient
 
@@ -57,6 +61,7 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=dict(tags or {}))
         self.parent_id = run.info.run_id
         self.log_params(self.parent_id, params)
+        log.info("MLflow: run %s in experiment %s at %s", self.parent_id, self.experiment_id, self.uri)
         return self.parent_id
 
     def start_child(self, name: str, params: Mapping[str, Any]) -> str:

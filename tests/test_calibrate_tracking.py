@@ -1,0 +1,146 @@
+"""MLflow tracking of a calibration: a real `mlflow server` on loopback, and the local fallback."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from calibrate.backend import load_backend
+from calibrate.config import ConstraintsConfig, LatencyConfig, SpaceConfig, StorageConfig, TrackingConfig
+from calibrate.objective import PolicyScorer
+from calibrate.prompts import PromptSet
+from calibrate.search import SearchSpace, open_study, run_search
+from calibrate.tracking import Tracker, open_tracker, server_answers
+from tests.test_calibrate_search import build_test_policy
+
+MLFLOW = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(uri: str, endpoint: str, body: dict) -> dict:
+    request = urllib.request.Request(f"{uri}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        return json.loads(reply.read())
+
+
+def _get(uri: str, endpoint: str) -> dict:
+    with urllib.request.urlopen(f"{uri}/api/2.0/mlflow/{endpoint}", timeout=10) as reply:
+        return json.loads(reply.read())
+
+
+class Server:
+    """An `mlflow server` subprocess on a free loopback port (started, not yet waited for)."""
+
+    def __init__(self, folder: Path):
+        self.uri = f"http://127.0.0.1:{_free_port()}"
+        self.log = folder / "server.log"
+        self.process = subprocess.Popen(
+            [MLFLOW, "server", "--host", "127.0.0.1", "--port", self.uri.rsplit(":", 1)[1], "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+             "--artifacts-destination", str(folder / "artifacts")],
+            stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
+
+    def wait(self, timeout_s: float = 90.0) -> str:
+        deadline = time.monotonic() + timeout_s
+        while not server_answers(self.uri, 1.0):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start: {self.log.read_text()[-2000:]}")
+            time.sleep(0.25)
+        return self.uri
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """Started first, waited for inside the test: the server boots while the model fixture builds."""
+    if not Path(MLFLOW).exists():
+        pytest.skip("the `mlflow` executable is not installed")
+    server = Server(tmp_path_factory.mktemp("mlflow-server"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    backend = load_backend({"name": "test-small"}, torch.device("cpu"), None, batch_size=4)
+    texts = [f"{random.choice(['red', 'blue'])} cube {i}" for i in range(2)]
+    seeds = [random.randrange(10**6) for _ in texts]
+    return PolicyScorer(backend, PromptSet("search", texts, seeds, texts), build_test_policy, cost="flops",
+                        latency=LatencyConfig(), evaluator=None)
+
+
+def test_calibration_runs_reach_the_server(mlflow_server, scorer, tmp_path):
+    uri = mlflow_server.wait()
+    experiment = f"calibration-{random.randrange(10**6)}"
+    tracker = open_tracker(TrackingConfig(uri=uri, experiment=experiment), tmp_path)
+    assert isinstance(tracker, Tracker) and tracker.uri == uri
+    parent = tracker.start_parent("tiny/test", {"search": {"n_trials": 3}, "backbone": "test-small"})
+    study = open_study("tracked", StorageConfig(url=None), "random", random.randrange(1000), 3)
+    space = SearchSpace.from_config(SpaceConfig(alpha_min=[0.0, 0.8]), (0.0, 1.0))
+    run_search(study, space, scorer, n_trials=3, limits=ConstraintsConfig(min_ssim=0.5), tracker=tracker)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"tau: {random.random()}\n")
+    tracker.log_artifacts(parent, [policy], "policy")
+    tracker.log_metrics(parent, {"validation.speedup": 2.5})
+    tracker.end(parent)
+
+    runs = _post(uri, "runs/search", {"experiment_ids": [tracker.experiment_id], "max_results": 100})["runs"]
+    by_id = {run["info"]["run_id"]: run for run in runs}
+    assert parent in by_id and len(runs) == 4
+    children = [r for r in runs if {"key": "mlflow.parentRunId", "value": parent} in r["data"].get("tags", [])]
+    assert len(children) == 3
+    trials = {t.user_attrs["mlflow_run_id"]: t for t in study.trials}
+    for child in children:
+        trial = trials[child["info"]["run_id"]]
+        params = {p["key"]: p["value"] for p in child["data"]["params"]}
+        metrics = {m["key"]: m["value"] for m in child["data"]["metrics"]}
+        assert float(params["tau"]) == pytest.approx(trial.params["tau"])
+        assert metrics["speedup"] == pytest.approx(trial.values[0])
+        assert metrics["ssim"] == pytest.approx(trial.values[1])
+        assert child["info"]["status"] == "FINISHED"
+    parent_run = by_id[parent]["data"]
+    assert {"key": "search.n_trials", "value": "3"} in parent_run["params"]
+    assert {m["key"] for m in parent_run["metrics"]} == {"validation.speedup"}
+    listed = _get(uri, f"artifacts/list?run_id={parent}&path=policy")["files"]
+    assert [f["path"] for f in listed] == ["policy/policy.yaml"]
+
+
+def test_unreachable_server_falls_back_to_local_tracking(tmp_path, caplog):
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="calibrate.tracking"):
+        tracker = open_tracker(TrackingConfig(uri=uri, probe_timeout_s=1.0), tmp_path)
+    assert time.monotonic() - started < 30
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and uri in warnings[0] and "\n" not in warnings[0]
+    assert tracker.uri == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+    value = random.random()
+    run = tracker.start_parent("fallback", {"x": value})
+    tracker.log_metrics(run, {"m": value})
+    tracker.end(run)
+    stored = tracker.client.get_run(run)
+    assert stored.data.params["x"] == str(value) and stored.data.metrics["m"] == pytest.approx(value)
