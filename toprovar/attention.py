@@ -30,11 +30,12 @@ def attention_with_entropy_reference(q: Tensor, k: Tensor, v: Tensor,
     Scores in float32; entropy = logsumexp(s) - sum(p * s), exact for any finite scores.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    probs = torch.exp(scores - lse)
-    out = torch.matmul(probs, v.float()).to(v.dtype)
-    ent = lse.squeeze(-1) - (probs * scores).sum(dim=-1)
+    with torch.autocast(q.device.type, enabled=False):  # a reference: float32 even under autocast
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        probs = torch.exp(scores - lse)
+        out = torch.matmul(probs, v.float()).to(v.dtype)
+        ent = lse.squeeze(-1) - (probs * scores).sum(dim=-1)
     return out, ent
 
 

@@ -121,17 +121,17 @@ def _per_scale(value: float | Sequence[float], n: int, name: str) -> list[float]
 
 
 def encode_prompts(text_encoder: Any, prompts: list[str], max_len: int) -> tuple[Tensor, list[int]]:
-    """Text features `(B, L, C)` float32 and the number of real tokens of each prompt."""
+    """Text features `(B, L, C)` float32 and the number of real tokens of each prompt.
+
+    `text_encoder.encode(prompts)` returns `toprovar.models.text_encoder.TextFeatures` (right-padded
+    features, mask, lens). Reads the lengths on the host once, before the timed loop.
+    """
     out = text_encoder.encode(prompts)
-    features, lengths = out if isinstance(out, tuple) else (out.features, out.lengths)
-    if isinstance(lengths, Tensor):
-        lengths = lengths.tolist() if lengths.ndim == 1 else lengths.sum(-1).tolist()
-    lengths = [int(n) for n in lengths]
+    features, lengths = out.features, [int(n) for n in out.lens.tolist()]
     if features.shape[1] > max_len:
         warnings.warn(f"text features of {features.shape[1]} tokens truncated to the model's limit of {max_len}")
         features, lengths = features[:, :max_len], [min(n, max_len) for n in lengths]
-    longest = max(lengths)
-    return features[:, :longest].float(), lengths
+    return features[:, :max(lengths)].float(), lengths
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):

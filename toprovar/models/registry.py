@@ -208,6 +208,7 @@ class HashedTextEncoder:
 
     def __init__(self, channels: int, max_length: int, device: torch.device | str = "cpu"):
         self.channels, self.max_length, self.device = channels, max_length, torch.device(device)
+        self.hidden_size = channels
 
     def _word(self, word: str) -> torch.Tensor:
         import zlib
@@ -215,19 +216,22 @@ class HashedTextEncoder:
         gen = torch.Generator().manual_seed(zlib.crc32(word.encode("utf-8")))
         return torch.randn(self.channels, generator=gen)
 
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, list[int]]:
+    def encode(self, prompts: list[str]):
         import warnings
+
+        from toprovar.models.text_encoder import TextFeatures
 
         words = [p.split() or [""] for p in prompts]
         if any(len(w) > self.max_length for w in words):
-            warnings.warn(f"prompt longer than {self.max_length} words truncated")
+            warnings.warn(f"prompt longer than the text encoder's limit of {self.max_length} words; truncated")
             words = [w[: self.max_length] for w in words]
-        lengths = [len(w) for w in words]
-        feats = torch.zeros(len(prompts), max(lengths), self.channels)
+        lens = torch.tensor([len(w) for w in words], dtype=torch.int32)
+        feats = torch.zeros(len(prompts), int(lens.max()), self.channels)
         for i, ws in enumerate(words):
             for j, word in enumerate(ws):
                 feats[i, j] = self._word(word)
-        return feats.to(self.device), lengths
+        mask = torch.arange(feats.shape[1])[None, :] < lens[:, None]
+        return TextFeatures(feats, mask, lens).to(self.device)
 
 
 def _hashed_text_encoder_factory(channels: int, max_length: int) -> Callable[..., Any]:

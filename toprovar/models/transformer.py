@@ -402,7 +402,9 @@ class CrossAttnBlock(nn.Module):
         out, ent = attention(q.to(v_all.dtype), k_all, v_all, entropy=entropy, scale=1.0)
         # In-place gamma on the projection keeps its dtype, as officially (bf16 under autocast).
         xr = xr + self.sa.proj(_merge_heads(out)).mul_(gamma1)
-        xr = xr + self.ca(self.ca_norm(xr), text).float()
+        norm = self.ca_norm  # in float32 whatever the block's dtype (CUDA autocast does the same)
+        ca_in = F.layer_norm(xr.float(), (self.embed_dim,), norm.weight.float(), norm.bias.float(), norm.eps)
+        xr = xr + self.ca(ca_in, text).float()
         xr = xr + self.ffn(self._modulate(xr, scale2, shift2)).mul(gamma2)
         if keep is not None:
             xr = x.scatter(1, keep[..., None].expand(-1, -1, x.shape[-1]), xr)
