@@ -24,6 +24,8 @@ def check_overrides(overrides: list[str]) -> None:
             compose(config_name="calibrate", overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         message = " ".join(str(err).split()) or type(err).__name__
+        for noise in (" Config search path:", " See https://hydra.cc"):  # Hydra's hints, not the mistake
+            message = message.split(noise)[0]
         print(f"{PROG}: error: bad override: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 

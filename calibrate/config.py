@@ -106,7 +106,9 @@ def _typed(schema: type, node: Any, group: str) -> Any:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise UserError(f"bad `{group}` config: {_first_line(err)}") from None
+        key = getattr(err, "full_key", None)
+        where = f"{group}.{key}" if key else group
+        raise UserError(f"bad config {where}: {_first_line(err)}") from None
 
 
 def _first_line(err: BaseException) -> str:

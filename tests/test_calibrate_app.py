@@ -1,0 +1,78 @@
+"""`python -m calibrate`: one-line errors, config typing, and the pre-sampling statistics."""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from calibrate.stats import (crossing_direction, layer_score, low_entropy_ratio, principal_component_ratio,
+                             quantile_range, representative_scale)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _calibrate(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "calibrate", *overrides], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["backbone=test-small", "search.no_such_key=1"], "no_such_key"),
+    (["backbone=no-such-backbone"], "no-such-backbone"),
+    (["search.n_trials=[1"], "bad override"),
+    (["backbone=test-small", "search.n_trials=many"], "n_trials"),
+    (["backbone=test-small", "search.sampler=grid"], "search.sampler"),
+    (["backbone=infinity-2b", "tracking=off", "storage=memory",
+      "backbone.weights.transformer=/nonexistent/infinity_2b_reg.pth"], "/nonexistent/infinity_2b_reg.pth"),
+])
+def test_user_mistakes_are_one_line_errors(tmp_path, overrides, expected):
+    result = _calibrate(tmp_path, *overrides)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("calibrate: error:") and expected in lines[0]
+
+
+def test_low_entropy_ratio_matches_definition():
+    b, layers, n = random.randint(1, 4), random.randint(1, 5), random.randint(4, 64)
+    entropy = torch.rand(b, layers, n) * 5
+    per_token = entropy.numpy().mean(axis=1)
+    expected = (per_token < per_token.mean(axis=1, keepdims=True)).mean(axis=1)
+    np.testing.assert_allclose(low_entropy_ratio(entropy).numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_principal_component_ratio_matches_numpy_svd():
+    h, w = random.randint(2, 9), random.randint(2, 9)
+    maps = torch.rand(3, 2, h * w) + 0.1
+    sv = np.linalg.svd(maps.numpy().reshape(3, 2, h, w).astype(np.float64), compute_uv=False)
+    np.testing.assert_allclose(principal_component_ratio(maps, h, w).numpy(), sv[..., 0] / sv[..., 1], rtol=1e-4)
+    rank_one = torch.outer(torch.rand(h) + 0.5, torch.rand(w) + 0.5).reshape(1, h * w)
+    assert principal_component_ratio(rank_one, h, w).item() > 1e3  # a pure Global map
+    with pytest.raises(ValueError):
+        principal_component_ratio(torch.rand(1, w), 1, w)
+
+
+def test_layer_score_crossing_and_ranges():
+    ratio = np.random.uniform(1, 10, size=5)
+    beta = random.uniform(0.1, 3)
+    np.testing.assert_allclose(layer_score(ratio, beta), np.exp(-beta * (ratio - 1)))
+    assert layer_score(1.0, beta) == pytest.approx(1.0)
+    scales = np.arange(1, 10)
+    falling = 0.8 - 0.05 * scales + np.random.normal(0, 0.005, scales.size)
+    assert crossing_direction(scales, falling) == "below"
+    assert crossing_direction(scales, falling[::-1]) == "above"
+    values = np.random.uniform(0.3, 0.5, 200)
+    lo, hi = quantile_range(values, 0.1, 0.9, 0.05)
+    assert 0.25 <= lo < hi <= 0.55
+    assert quantile_range(np.array([np.nan]), 0.1, 0.9, 0.05) is None
+    grids = [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16), (20, 20), (24, 24), (32, 32),
+             (40, 40), (48, 48), (64, 64)]
+    assert representative_scale(grids) == 6  # the paper's scale 6 of 13
+    assert min(grids[representative_scale(grids[:3])]) >= 2
