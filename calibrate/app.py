@@ -150,12 +150,19 @@ class Calibration:
     def run(self) -> Path | None:
         _quiet_libraries()
         cfg = self.cfg
+        # Build first: a missing weight file or prompt file fails in a second, before any tracking.
+        t0 = time.perf_counter()
+        backend = load_backend(cfg.backbone, self.device, resolve_dtype(cfg.dtype, self.device),
+                               batch_size=cfg.batch_size)
+        prompts = load_prompt_sets(cfg.prompts)
+        study = open_study(cfg.study_name, cfg.storage, cfg.search.sampler, cfg.seed, cfg.search.n_trials)
+        self._timed("setup", t0)
         tracker = open_tracker(cfg.tracking, self.run_dir, self.launch_dir)
         parent = tracker.start_parent(f"{cfg.backbone_name}/{cfg.study_name}", _parent_params(cfg),
                                       tags={"backbone": cfg.backbone_name, "run_dir": str(self.run_dir)})
         ok = False
         try:
-            policy_path = self._stages(tracker, parent)
+            policy_path = self._stages(backend, prompts, study, tracker, parent)
             ok = True
             return policy_path
         finally:
@@ -167,15 +174,9 @@ class Calibration:
         self.timings[name] = round(time.perf_counter() - start, 2)
         log.info("%s took %.1f s", name, self.timings[name])
 
-    def _stages(self, tracker: Tracker | NullTracker, parent: str) -> Path | None:
+    def _stages(self, backend: CalibrationBackend, prompts: PromptSets, study: optuna.Study,
+                tracker: Tracker | NullTracker, parent: str) -> Path | None:
         cfg, stages = self.cfg, set(self.cfg.stages)
-        t0 = time.perf_counter()
-        backend = load_backend(cfg.backbone, self.device, resolve_dtype(cfg.dtype, self.device),
-                               batch_size=cfg.batch_size)
-        prompts = load_prompt_sets(cfg.prompts)
-        study = open_study(cfg.study_name, cfg.storage, cfg.search.sampler, cfg.seed, cfg.search.n_trials)
-        self._timed("setup", t0)
-
         fresh = None
         if "presample" in stages:
             t0 = time.perf_counter()

@@ -47,12 +47,10 @@ def redact_url(url: str | None) -> str | None:
 
 
 def prompts_record(sets: Mapping[str, Any]) -> dict[str, Any]:
-    """Prompt texts and seeds of each set, with a hash of the whole list."""
-    record = {name: {"count": len(s), "seeds": [s.seeds[0], s.seeds[-1]], "texts": list(s.texts)}
-              for name, s in sets.items()}
-    digest = hashlib.sha256(json.dumps({k: (v["texts"], s.seeds) for (k, v), s in
-                                        zip(record.items(), sets.values())}).encode()).hexdigest()
-    return {"sha256": digest, **record}
+    """Prompt texts of each set (seeds run consecutively from `first_seed`) and a hash of all of it."""
+    digest = hashlib.sha256(json.dumps({name: [s.texts, s.seeds] for name, s in sets.items()}).encode())
+    return {"sha256": digest.hexdigest(),
+            **{name: {"count": len(s), "first_seed": s.seeds[0], "texts": list(s.texts)} for name, s in sets.items()}}
 
 
 def _plain(value: Any) -> Any:

@@ -89,6 +89,8 @@ def _pareto(speed: np.ndarray, quality: np.ndarray) -> list[int]:
 def save_image_grid(rows: Sequence[torch.Tensor], path: Path, max_images: int = 8) -> Path:
     """Rows of uint8 `(N, H, W, 3)` images (e.g. unpruned over pruned) tiled into one PNG."""
     columns = min(max_images, min(r.shape[0] for r in rows))
-    tiles = [torch.cat(list(r[:columns]), dim=1) for r in rows]   # each (H, W*columns, 3)
+    zoom = max(1, -(-128 // rows[0].shape[1]))                    # small images: nearest-neighbour up to >= 128 px
+    rows = [r[:columns].repeat_interleave(zoom, dim=1).repeat_interleave(zoom, dim=2) for r in rows]
+    tiles = [torch.cat(list(r), dim=1) for r in rows]             # each (H, W*columns, 3)
     Image.fromarray(torch.cat(tiles, dim=0).numpy()).save(path)
     return path

@@ -146,4 +146,11 @@ def open_tracker(cfg: TrackingConfig, run_dir: Path, launch_dir: Path | None = N
         log.warning("MLflow server %s did not answer within %.1f s; tracking locally in %s instead",
                     cfg.uri, cfg.probe_timeout_s, uri)
         return Tracker(uri, cfg.experiment, artifacts)
-    return Tracker(cfg.uri, cfg.experiment)
+    return Tracker(cfg.uri, cfg.experiment, _artifacts_beside(cfg.uri))
+
+
+def _artifacts_beside(uri: str) -> str | None:
+    """Artifacts of a local SQLite store go next to its file (MLflow's default is ./mlruns of the cwd)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:///:memory:"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
+    return None
