@@ -406,8 +406,8 @@ class CrossAttnBlock(nn.Module):
         ca_in = F.layer_norm(xr.float(), (self.embed_dim,), norm.weight.float(), norm.bias.float(), norm.eps)
         xr = xr + self.ca(ca_in, text).float()
         xr = xr + self.ffn(self._modulate(xr, scale2, shift2)).mul(gamma2)
-        if keep is not None:
-            xr = x.scatter(1, keep[..., None].expand(-1, -1, x.shape[-1]), xr)
+        if keep is not None:  # x may still be bf16 (next-scale input under autocast) before block 0
+            xr = x.to(xr.dtype).scatter(1, keep[..., None].expand(-1, -1, x.shape[-1]), xr)
         return xr, ent
 
 
