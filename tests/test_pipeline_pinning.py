@@ -1,7 +1,7 @@
 """Regression pin: logits and sampled bits of the small test backbones, fixed weights and seed.
 
 The model and loop were checked against the official Infinity code (same random state dict, CPU
-fp32: logits within 3e-6 relative at every scale, identical sampled bits; see docs/benchmarks.md).
+fp32: logits within 3.0e-6 relative at every scale, identical sampled bits; see docs/benchmarks.md).
 These numbers were recorded right after that check; a change here means the numerics moved.
 Weights: `random_state_dict(config, seed=0)`; text: the hashed test encoder; seed 7.
 """
