@@ -188,6 +188,8 @@ class Calibration:
         factory = PolicyFactory(summary, backend.name)
         evaluator = geneval_scorer(backend.name)
 
+        if not ({"search", "select", "export"} & stages):
+            return None
         t0 = time.perf_counter()
         scorer = PolicyScorer(backend, prompts.search, factory, cost=self.cost, latency=cfg.search.latency,
                               evaluator=evaluator, desc="search")
