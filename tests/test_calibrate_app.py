@@ -76,3 +76,41 @@ def test_layer_score_crossing_and_ranges():
              (40, 40), (48, 48), (64, 64)]
     assert representative_scale(grids) == 6  # the paper's scale 6 of 13
     assert min(grids[representative_scale(grids[:3])]) >= 2
+
+
+def _has_pruning_runtime() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("toprovar.policy", "toprovar.pruning"))
+
+
+@pytest.mark.skipif(not _has_pruning_runtime(), reason="needs the pruning runtime (toprovar.policy, toprovar.pruning)")
+def test_mini_calibration_end_to_end_and_resume(tmp_path):
+    import pandas as pd
+    import yaml
+
+    from toprovar.policy import load_policy
+
+    run_dir, shipped = tmp_path / "run", tmp_path / "policies"
+    common = ["backbone=test-small", "tracking=off", "search.n_trials=4", "search.validate_candidates=2",
+              f"search.constraints.min_ssim={random.uniform(0.0, 0.3):.3f}", f"hydra.run.dir={run_dir}",
+              f"seed={random.randrange(1000)}"]
+    result = _calibrate(tmp_path, *common, f"export_to={shipped}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    policy_path = run_dir / "policy.yaml"
+    assert (shipped / "test-small.yaml").read_text() == policy_path.read_text()
+    document = yaml.safe_load(policy_path.read_text())
+    provenance = document["provenance"]
+    assert provenance["backbone"]["name"] == "test-small" and provenance["search"]["trials_complete"] == 4
+    assert provenance["measured"]["validation"]["speedup"] >= 1.0
+    assert load_policy(str(policy_path)) is not None
+    trials = pd.read_csv(run_dir / "search" / "trials.csv")
+    assert (trials.state == "COMPLETE").sum() == 4 and trials.warm_start.iloc[0]
+    for name in ("presample_scales.parquet", "presample_layers.csv", "fig8_entropy_rho.png"):
+        assert (run_dir / "presample" / name).exists()
+
+    # Same run folder -> same SQLite study: the target is met, no trial runs again.
+    again = _calibrate(tmp_path, *common, "stages=[search]")
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials = pd.read_csv(run_dir / "search" / "trials.csv")
+    assert len(trials) == 4
