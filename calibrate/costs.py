@@ -52,3 +52,21 @@ def flop_totals(traces: Sequence[Any], backend: Any) -> tuple[float, float]:
     """(executed, unpruned) FLOPs summed over the chunks of one batched generation."""
     pairs = [trace_flops(trace, backend) for trace in traces]
     return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+
+
+def trace_summary(traces: Sequence[Any]) -> dict[str, float]:
+    """What the policy did, summed over chunks: kept share of token-layer work overall and per
+    scale, blocks skipped, scales not run (early exit)."""
+    kept: dict[int, int] = defaultdict(int)
+    total: dict[int, int] = defaultdict(int)
+    skipped = exited = 0
+    for trace in traces:
+        for rec in trace.layers:
+            kept[rec.scale] += rec.kept
+            total[rec.scale] += rec.tokens
+            skipped += rec.kept == 0
+        exited += sum(bool(s.exited) for s in trace.scales)
+    summary = {"kept_share": sum(kept.values()) / max(1, sum(total.values())),
+               "blocks_skipped": float(skipped), "scales_exited": float(exited)}
+    summary.update({f"kept_share.s{si}": kept[si] / max(1, total[si]) for si in sorted(total)})
+    return summary

@@ -15,7 +15,7 @@ import torch
 
 from calibrate.backend import CalibrationBackend, Generation
 from calibrate.config import LatencyConfig
-from calibrate.costs import flop_totals
+from calibrate.costs import flop_totals, trace_summary
 from calibrate.prompts import PromptSet
 from calibrate.quality import Scorer, ssim_per_image
 from calibrate.search import Scores
@@ -60,6 +60,7 @@ class Reference:
     flops: float
     latency_ms: float | None
     scores: torch.Tensor | None
+    summary: dict[str, float]
 
 
 class PolicyScorer:
@@ -82,7 +83,7 @@ class PolicyScorer:
             latency = measure_latency_ms(lambda: self._generate(policy), self.backend.device,
                                          self.latency.warmup, self.latency.repeats)
         scores = self.evaluator(gen.images, self.prompts.specs) if self.evaluator is not None else None
-        return Reference(gen.images, executed, latency, scores)
+        return Reference(gen.images, executed, latency, scores, trace_summary(gen.traces))
 
     def __call__(self, params: dict[str, float]) -> Scores:
         return self.score_policy(self.build_policy(params))
@@ -94,7 +95,7 @@ class PolicyScorer:
         speedup = flop_speedup if self.cost == "flops" else ref.latency_ms / max(run.latency_ms, 1e-9)
         ssim = ssim_per_image(run.images, ref.images)
         extra = {"flop_speedup": flop_speedup, "ssim_min": float(ssim.min()),
-                 "flops_executed": run.flops, "flops_unpruned": ref.flops}
+                 "flops_executed": run.flops, "flops_unpruned": ref.flops, **run.summary}
         if run.latency_ms is not None:
             extra.update(latency_ms=run.latency_ms, latency_unpruned_ms=ref.latency_ms)
         drop = None

@@ -96,6 +96,8 @@ def test_scores_are_measured_from_generations(scorer):
     assert pruned.speedup > 1.5
     assert pruned.ssim < 0.999
     assert pruned.extra["flops_executed"] < pruned.extra["flops_unpruned"]
+    assert unpruned.extra["kept_share"] == 1.0 and pruned.extra["kept_share"] < 1.0
+    assert pruned.extra["kept_share.s0"] == 1.0  # the test pruner starts at scale 2
 
 
 def test_interrupted_study_resumes_without_lost_or_repeated_trials(tmp_path, scorer):
