@@ -179,7 +179,8 @@ def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *
     use_cfg = any(c != 1 for c in cfg_list)
     rows = 2 * batch if use_cfg else batch
     pruner = as_pruner(policy)
-    trace = Trace(backbone=spec.name, batch=batch, schedule=schedule,
+    trace = Trace(backbone=spec.name, batch=batch, schedule=schedule, rows=rows, kv_policy=kv_policy,
+                  embed_dim=model.config.embed_dim, ffn_hidden=model.config.ffn_hidden, depth=model.depth,
                   scales=[ScaleRecord(si, h, w, tokens[si]) for si, (_, h, w) in enumerate(schedule)])
 
     with torch.inference_mode():

@@ -23,6 +23,7 @@ class ScaleRecord:
     tokens: int
     time_ms: float = float("nan")
     exited: bool = False  # generation stopped before this scale (it did not run)
+    rho: float | None = None  # low-entropy ratio ρ_s, when a pruner measured it
 
 
 @dataclass
@@ -44,17 +45,42 @@ class Trace:
     text_encode_ms: float = float("nan")
     decode_ms: float = float("nan")
     total_ms: float = float("nan")  # scale loop + decode (text encoding excluded)
+    rows: int = 0  # transformer batch rows (2 * batch under CFG)
+    kv_policy: str = "kept"
+    pruning: dict = field(default_factory=dict)  # the pruner's decisions (method, D, R per layer, ...)
+    embed_dim: int = 0  # model width and FFN width, for FLOP accounting (toprovar.flops)
+    ffn_hidden: int = 0
+    depth: int = 0
 
     def to_frame(self):
-        """One row per scale (pandas DataFrame); `layers_frame()` gives the per-layer rows."""
+        """One row per scale (pandas DataFrame): grid, time, ρ_s, exit flag, tokens kept summed
+        over layers, FLOPs executed vs unpruned. `layers_frame()` gives the per-layer rows."""
         import pandas as pd
 
-        return pd.DataFrame([vars(r) for r in self.scales])
+        frame = pd.DataFrame([vars(r) for r in self.scales])
+        layers = self.layers_frame()
+        if len(layers):
+            per_scale = layers.groupby("scale")[["kept", "flops_executed", "flops_unpruned"]].sum()
+            frame = frame.join(per_scale.rename(columns={"kept": "kept_token_layers"}), on="scale")
+        frame["D"] = self.pruning.get("D")
+        return frame
 
     def layers_frame(self):
+        """One row per (scale, layer) of the schedule: tokens, kept, entropy mean, FLOPs."""
         import pandas as pd
 
-        return pd.DataFrame([vars(r) for r in self.layers])
+        from toprovar.flops import layer_flops
+
+        frame = pd.DataFrame([vars(r) for r in self.layers])
+        if not len(frame) or not self.embed_dim:
+            return frame
+        flops = pd.DataFrame(layer_flops(self))[["scale", "layer", "flops_executed", "flops_unpruned"]]
+        frame = flops.merge(frame, on=["scale", "layer"], how="left")
+        frame["kept"] = frame["kept"].fillna(0).astype(int)
+        R = self.pruning.get("R")
+        if R is not None:
+            frame["R"] = [R[i] for i in frame["layer"]]
+        return frame
 
     @property
     def scale_ms(self) -> list[float]:

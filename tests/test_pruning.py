@@ -1,0 +1,142 @@
+"""Pruning stages (pure math) and pruners running inside the generation loop on test-small."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from toprovar.flops import linear_flops_per_token, trace_flops
+from toprovar.models.registry import build_backbone
+from toprovar.pipeline import generate
+from toprovar.policy import policy_from_dict
+from toprovar.pruning import stages
+from toprovar.pruning.fastvar import frequency_scores, top_tokens
+
+
+@pytest.fixture(scope="module")
+def small():
+    return build_backbone("test-small", device="cpu")
+
+
+def test_low_entropy_ratio_counts_tokens_below_the_mean() -> None:
+    H = torch.rand(3, 50)
+    expected = torch.tensor([(row < row.mean()).sum().item() / 50 for row in H])
+    assert torch.allclose(stages.low_entropy_ratio(H), expected)
+    assert stages.crosses(0.3, 0.4, "below") and not stages.crosses(0.5, 0.4, "below")
+    assert stages.crosses(0.5, 0.4, "above") and not stages.crosses(0.3, 0.4, "above")
+
+
+def test_principal_ratio_separates_rank_one_from_noise() -> None:
+    u, v = torch.rand(8, 1) + 0.5, torch.rand(1, 8) + 0.5
+    global_map = (u @ v)[None] + 1e-3 * torch.rand(1, 8, 8)  # one dominant component
+    detail_map = torch.randn(1, 8, 8)
+    g, d = stages.principal_ratio(global_map), stages.principal_ratio(detail_map)
+    assert g.item() > 50 and d.item() < 5
+    R = stages.layer_score(torch.cat([g, d]), beta=1.0)
+    assert R[0] < 1e-6 and 0 < R[1] <= 1
+    assert math.isinf(stages.principal_ratio(torch.rand(2, 1, 5))[0].item())
+
+
+def test_normalizations() -> None:
+    H = torch.rand(2, 40) + 0.1
+    assert torch.allclose(stages.normalize_entropy(H, "mean").mean(-1), torch.ones(2))
+    assert torch.allclose(stages.normalize_entropy(H, "sum").sum(-1), torch.ones(2))
+    rank = stages.normalize_entropy(H, "rank")
+    assert torch.equal(torch.argsort(rank, -1), torch.argsort(H, -1))
+    assert rank.min() == 0 and rank.max() == 1
+
+
+def test_keep_probability_matches_eq6_and_orders_by_entropy() -> None:
+    H = torch.rand(1, 30) + 0.1
+    H_hat = stages.normalize_entropy(H, "mean")
+    R = torch.tensor([0.0, 0.5, 1.0])
+    p = stages.keep_probability(H_hat, R, phi=0.8, alpha_min=0.1, alpha_max=0.7)
+    q = (0.8 * R[:, None, None] * H_hat).clamp(0, 1)
+    assert torch.allclose(p, 1 - (0.1 + 0.6 * q).clamp(0, 1))
+    assert torch.allclose(p[0], torch.full_like(p[0], 0.9))  # Global layer: only α_min pruned
+    counts = stages.keep_counts(p, min_keep=5)
+    assert counts[0] >= counts[1] >= counts[2] >= 5
+    order = stages.keep_order(H)
+    kept = stages.keep_indices(order, 10)
+    assert torch.all(kept[0, 1:] > kept[0, :-1])  # sorted positions
+    assert H[0, kept[0]].max() <= H[0, order[0, 10:]].min()  # the lowest-entropy tokens
+
+
+def test_fastvar_keeps_tokens_far_from_the_mean() -> None:
+    x = torch.randn(2, 20, 8) * 0.01
+    x[0, 3] += 5.0
+    x[1, 17] -= 5.0
+    kept = top_tokens(frequency_scores(x), 4)
+    assert 3 in kept[0] and 17 in kept[1] and kept.shape == (2, 4)
+
+
+def _toprovar(**over):
+    doc = {"method": "toprovar", "scale": {"tau": 0.55, "crossing": "below", "min_scale": 4},
+           "token": {"alpha_min": 0.2, "alpha_max": 0.8}}
+    doc.update(over)
+    return policy_from_dict(doc)
+
+
+def test_policy_none_is_bit_identical(small) -> None:
+    seeds = torch.randint(0, 2**31 - 1, (2,)).tolist()
+    plain = generate(small, ["a red cube", "a blue ball"], seeds)
+    none = generate(small, ["a red cube", "a blue ball"], seeds, policy=policy_from_dict({"method": "none"}))
+    assert torch.equal(plain.images, none.images)
+    assert all(torch.equal(a, b) for a, b in zip(plain.bits, none.bits))
+
+
+def test_toprovar_prunes_from_D_on_deterministically(small) -> None:
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    runs = [generate(small, ["a red cube"], [seed], pixels="0.25M", policy=_toprovar()) for _ in range(2)]
+    assert torch.equal(runs[0].images, runs[1].images)
+    trace = runs[0].trace
+    D = trace.pruning["D"]
+    assert D is not None and D >= 4
+    rho = trace.to_frame()["rho"]
+    assert rho[D] <= 0.55 and all(r > 0.55 for r in rho[4:D])
+    layers = trace.layers_frame()
+    before = layers[layers.scale < D]
+    after = layers[(layers.scale > D) & (layers.layer >= 1)]
+    assert (before.kept == before.tokens).all()
+    assert (after.kept < after.tokens).all() and (after.kept >= (0.1 * after.tokens).apply(math.ceil)).all()
+    assert (layers[layers.layer == 0].kept == layers[layers.layer == 0].tokens).all()  # entropy probe
+    executed, unpruned = trace_flops(trace)
+    assert executed < unpruned
+    assert layers.flops_executed.sum() == pytest.approx(executed)
+
+
+def test_scale_exit_and_fixed_exit_stop_refining(small) -> None:
+    scale_only = generate(small, ["a cube"], [3], pixels="0.25M",
+                          policy=_toprovar(variant="scale", scale={"tau": 0.55, "action": "exit", "min_scale": 4}))
+    D = scale_only.trace.pruning["D"]
+    frame = scale_only.trace.to_frame()
+    assert D is not None and frame.exited[D + 1:].all() and not frame.exited[:D + 1].any()
+    assert len(scale_only.bits) == D + 1
+    fixed = generate(small, ["a cube"], [3], pixels="0.25M",
+                     policy=policy_from_dict({"method": "fixed_exit", "fixed_exit": {"exit_scale": 5}}))
+    assert len(fixed.bits) == 6 and fixed.images.shape == scale_only.images.shape
+
+
+def test_fastvar_prunes_configured_scales_and_layers(small) -> None:
+    policy = policy_from_dict({"method": "fastvar", "fastvar": {"ratios": {7: 0.4, 8: 1.0}, "layers": [1, 2]}})
+    res = generate(small, ["a red cube"], [5], pixels="0.25M", policy=policy)
+    layers = res.trace.layers_frame().set_index(["scale", "layer"])
+    n7, n8 = layers.loc[(7, 1), "tokens"], layers.loc[(8, 1), "tokens"]
+    assert layers.loc[(7, 1), "kept"] == n7 - int(n7 * 0.4)
+    assert layers.loc[(8, 1), "kept"] == 0 and n8 > 0
+    assert layers.loc[(7, 0), "kept"] == n7 and layers.loc[(9, 1), "kept"] == layers.loc[(9, 1), "tokens"]
+    base = generate(small, ["a red cube"], [5], pixels="0.25M")
+    assert not torch.equal(base.images, res.images)
+
+
+def test_flops_of_an_unpruned_run_follow_the_formula(small) -> None:
+    res = generate(small, ["a cube"], [1])
+    cfg = small.transformer.config
+    executed, unpruned = trace_flops(res.trace)
+    assert executed == unpruned
+    tokens = [s.tokens for s in res.trace.scales]
+    prefix = [sum(tokens[: i + 1]) for i in range(len(tokens))]
+    per_layer = sum(linear_flops_per_token(cfg.embed_dim, cfg.ffn_hidden) * n + 4 * cfg.embed_dim * n * p
+                    for n, p in zip(tokens, prefix))
+    assert unpruned == pytest.approx(2 * small.transformer.depth * per_layer)

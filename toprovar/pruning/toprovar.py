@@ -1,0 +1,169 @@
+"""ToProVAR pruner: scale-depth localization, Global/Detail layer scores and entropy token gating.
+
+Where each decision's entropy comes from (causal, documented choice; toprovar-method.md gap 7):
+  * The first `token.protect_layers` blocks of every scale always run on all tokens and report
+    their self-attention entropy (through the Flash Attention Entropy kernel on CUDA). Their
+    head-mean entropy of the conditional rows, averaged over those probe layers, is H_i^s.
+  * ρ_s and the crossing test use H_i^s of the current scale, so D is known after the probe
+    layers of scale D; the remaining blocks of that scale already prune (action start_pruning).
+    With action `exit`, generation stops refining after scale D (Table 10 "Scale Depth Loc.").
+  * Token priorities at every later block of the scale use the same H_i^s; q_i = φ(s)·R_l·Ĥ_i
+    orders tokens identically in every layer, so one sort per scale serves all layers.
+  * R_l: `static` from the policy's σ1/σ2 ratios; `online` (or static without ratios) from the
+    SVD of each layer's h×w entropy map at the representative scale; until it is measured every
+    layer counts as Global (R = 0: only α_min of tokens is pruned).
+
+Host synchronization: one per scale (ρ_s and all layers' keep counts are read together), none
+per layer. Under CFG the unconditional row of an image runs the same tokens as its conditional
+row. With several images per call each layer keeps the same count K for every image (the
+largest of their counts), each image its own lowest-entropy tokens.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from toprovar.policy import Policy
+from toprovar.pruning import stages
+
+
+class ToProVARPruner:
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        p = policy
+        self.scale_cfg, self.layer_cfg, self.token_cfg = p.scale, p.layer, p.token
+        # Table 10 "Scale + Layer": layers identified as Detail are skipped outright.
+        self.skip_above = p.layer.skip_above
+        if p.variant == "scale_layer" and self.skip_above is None:
+            self.skip_above = 0.5
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def begin(self, ctx) -> None:
+        self.ctx = ctx
+        self.trace = ctx.trace
+        self.n_scales = len(ctx.schedule)
+        self.depth = ctx.depth
+        self.batch = ctx.batch
+        self.D: int | None = None
+        self.exit_at: int | None = None
+        self.plan: dict[int, Tensor] = {}
+        self.plan_scale = -1
+        self._probe_sum: Tensor | None = None
+        self.R: Tensor | None = None
+        self.ratios: Tensor | None = None
+        need_online = self.policy.uses_layer or self.skip_above is not None
+        if self.layer_cfg.mode == "static" and self.layer_cfg.ratios is not None:
+            ratios = torch.tensor(self.layer_cfg.ratios, dtype=torch.float32)
+            if ratios.numel() != self.depth:
+                from toprovar.errors import UserError
+
+                raise UserError(f"policy layer.ratios has {ratios.numel()} values but the backbone has "
+                                f"{self.depth} layers; recalibrate for this backbone")
+            self.ratios = ratios.to(ctx.device)
+            self.R = stages.layer_score(self.ratios, self.layer_cfg.beta)
+            need_online = False
+        rep = self.layer_cfg.representative_scale
+        if rep is None:
+            rep = max(self.scale_cfg.min_scale - 1, 0)
+        self.representative = min(rep, self.n_scales - 1) if need_online else None
+        self.trace.pruning = {"method": "toprovar", "variant": self.policy.variant, "D": None,
+                              "R": None, "ratios": None, "representative_scale": self.representative}
+        if self.ratios is not None:
+            self._record_layer_scores()
+
+    def exit_before_scale(self, si: int) -> bool:
+        return self.exit_at is not None and si >= self.exit_at
+
+    def wants_entropy(self, si: int, li: int) -> bool:
+        if li < self.token_cfg.protect_layers:
+            return True
+        return si == self.representative
+
+    def keep_tokens(self, si: int, li: int, x: Tensor) -> Tensor | None:
+        if si != self.plan_scale:
+            return None
+        return self.plan.get(li)
+
+    def observe(self, si: int, li: int, entropy: Tensor) -> None:
+        H = entropy[: self.batch].float().mean(dim=1)  # (B, N): head mean of conditional rows
+        if si == self.representative and entropy.shape[-1] == self._tokens(si):
+            self._observe_layer_map(si, li, H)
+        if li >= self.token_cfg.protect_layers:
+            return
+        self._probe_sum = H if li == 0 else self._probe_sum + H
+        if li == self.token_cfg.protect_layers - 1 or li == self.depth - 1:
+            self._decide(si, self._probe_sum / (li + 1))
+
+    def end_scale(self, si: int, x: Tensor) -> None:
+        self.plan = {}
+
+    # -- decisions ---------------------------------------------------------------------------------
+    def _tokens(self, si: int) -> int:
+        _, h, w = self.ctx.schedule[si]
+        return h * w
+
+    def _observe_layer_map(self, si: int, li: int, H: Tensor) -> None:
+        _, h, w = self.ctx.schedule[si]
+        ratio = stages.principal_ratio(H.view(-1, h, w)).mean()
+        if self.ratios is None:
+            self.ratios = torch.full((self.depth,), math.inf, device=H.device)
+        self.ratios[li] = ratio
+        if li == self.depth - 1:
+            self.R = stages.layer_score(self.ratios, self.layer_cfg.beta)
+            self._record_layer_scores()
+
+    def _record_layer_scores(self) -> None:
+        self.trace.pruning["ratios"] = [float(v) for v in self.ratios.tolist()]
+        self.trace.pruning["R"] = [float(v) for v in self.R.tolist()]
+
+    def _decide(self, si: int, H: Tensor) -> None:
+        """After the probe layers of scale si: ρ_s, D, and the keep plan of the remaining layers."""
+        rho = stages.low_entropy_ratio(H).mean()
+        plan_counts = None
+        after_d = self.D is not None or si >= self.scale_cfg.min_scale
+        prune_here = self.scale_cfg.action == "start_pruning" and (self.policy.uses_token or self.skip_above is not None)
+        if after_d and prune_here:
+            counts, order = self._plan_counts(si, H)
+            values = torch.cat([rho[None], counts.float()]).tolist()  # the one host sync of this scale
+            rho_value, plan_counts = values[0], [int(v) for v in values[1:]]
+        else:
+            rho_value = float(rho)
+        self.trace.scales[si].rho = rho_value
+        if self.D is None and si >= self.scale_cfg.min_scale and stages.crosses(rho_value, self.scale_cfg.tau, self.scale_cfg.crossing):
+            self.D = si
+            self.trace.pruning["D"] = si
+            if self.scale_cfg.action == "exit":
+                self.exit_at = si + 1
+        if self.D is None or plan_counts is None:
+            return
+        rows = self.ctx.rows // self.batch
+        self.plan_scale = si
+        self.plan = {}
+        n = H.shape[-1]
+        for li in range(self.token_cfg.protect_layers, self.depth):
+            k = plan_counts[li]
+            if k >= n:
+                continue
+            idx = stages.keep_indices(order, k) if k > 0 else order[:, :0]
+            self.plan[li] = idx.repeat(rows, 1)
+
+    def _plan_counts(self, si: int, H: Tensor) -> tuple[Tensor, Tensor]:
+        n = H.shape[-1]
+        device = H.device
+        if self.policy.uses_layer:
+            R = self.R if self.R is not None else torch.zeros(self.depth, device=device)
+        else:  # scale+token: no layer identification, every layer is gated alike
+            R = torch.ones(self.depth, device=device)
+        order = stages.keep_order(H)
+        if self.policy.uses_token:
+            phi = (si + 1) / self.n_scales
+            p_keep = stages.keep_probability(stages.normalize_entropy(H, self.token_cfg.normalize), R, phi,
+                                             self.token_cfg.alpha_min, self.token_cfg.alpha_max)
+            counts = stages.keep_counts(p_keep, math.ceil(self.token_cfg.min_keep * n))
+        else:
+            counts = torch.full((self.depth,), n, dtype=torch.long, device=device)
+        if self.skip_above is not None and self.R is not None:
+            counts = torch.where(self.R >= self.skip_above, torch.zeros_like(counts), counts)
+        return counts, order
