@@ -66,7 +66,7 @@ class Trace:
         return frame
 
     def layers_frame(self):
-        """One row per (scale, layer) of the schedule: tokens, kept, entropy mean, FLOPs."""
+        """One row per (scale, layer) that ran: tokens, kept (0: block skipped), entropy mean, FLOPs."""
         import pandas as pd
 
         from toprovar.flops import layer_flops
@@ -75,8 +75,7 @@ class Trace:
         if not len(frame) or not self.embed_dim:
             return frame
         flops = pd.DataFrame(layer_flops(self))[["scale", "layer", "flops_executed", "flops_unpruned"]]
-        frame = flops.merge(frame, on=["scale", "layer"], how="left")
-        frame["kept"] = frame["kept"].fillna(0).astype(int)
+        frame = frame.merge(flops, on=["scale", "layer"], how="left")
         R = self.pruning.get("R")
         if R is not None:
             frame["R"] = [R[i] for i in frame["layer"]]
