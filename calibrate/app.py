@@ -184,7 +184,7 @@ class Calibration:
             self._timed("presample", t0)
         summary = self.shared_summary(study, fresh)
         tracker.log_params(parent, {"presample": summary.to_json()})
-        space = SearchSpace.from_config(cfg.search.space, summary.tau_range)
+        space = SearchSpace.from_config(cfg.search.space, summary.tau_range, summary.scales)
         factory = PolicyFactory(summary, backend.name)
         evaluator = geneval_scorer(backend.name)
 

@@ -39,10 +39,11 @@ class ConstraintsConfig:
 @dataclass
 class SpaceConfig:
     tau: list[float] | None = None
-    beta: list[float] = field(default_factory=lambda: [0.5, 20.0])
+    beta: list[float] = field(default_factory=lambda: [0.001, 20.0])
     alpha_min: list[float] = field(default_factory=lambda: [0.0, 0.6])
     alpha_max: list[float] = field(default_factory=lambda: [0.2, 1.0])
     min_keep: list[float] = field(default_factory=lambda: [0.05, 0.5])
+    min_scale: list[int] | None = None   # first scale where pruning may start; null: [1, scales - 1]
 
 
 @dataclass
@@ -142,6 +143,7 @@ def _validate(cfg: CalibrationConfig) -> None:
     _check_range("alpha_min", s.space.alpha_min, 0.0, 1.0)
     _check_range("alpha_max", s.space.alpha_max, 0.0, 1.0)
     _check_range("min_keep", s.space.min_keep, 0.0, 1.0)
+    _check_range("min_scale", s.space.min_scale, 0, 1000)
     if s.space.alpha_max[1] < s.space.alpha_min[0]:
         raise UserError("search.space.alpha_max must reach at least the low end of alpha_min")
     p = cfg.prompts

@@ -79,16 +79,7 @@ def check_loads(path: Path, backbone: str) -> Any:
     """Load the written file through the runtime's loader (the contract that matters)."""
     from toprovar.policy import load_policy
 
-    return load_policy(str(path), backbone=backbone) if _accepts_backbone(load_policy) else load_policy(str(path))
-
-
-def _accepts_backbone(fn: Any) -> bool:
-    import inspect
-
-    try:
-        return "backbone" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+    return load_policy(path, backbone=backbone)
 
 
 def copy_to(path: Path, folder: str | Path, name: str) -> Path:

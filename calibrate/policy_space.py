@@ -1,48 +1,42 @@
-"""Search parameters + pre-sampling facts -> a policy document the runtime loads.
+"""Search parameters + pre-sampling facts -> a ToProVAR policy the runtime loads.
 
-The only place that knows how the searched knobs map onto the policy schema of `toprovar.policy`.
+The only place that knows how the searched knobs map onto the policy schema of `toprovar.policy`:
+τ, min_scale (scale stage), β with the pre-sampled static layer ratios (layer stage), α_min,
+α_max, min_keep (token stage). The crossing direction comes from pre-sampling; the rest of the
+schema keeps its defaults.
 """
 from __future__ import annotations
 
 from typing import Any, Mapping
 
 from calibrate.presample import PresampleSummary
-
-# Warm start when the policy module does not state defaults: τ from the paper (A.2); the others
-# are this project's documented defaults for the gate of Eq. 6.
-FALLBACK_DEFAULTS = {"tau": 0.4, "beta": 1.0, "alpha_min": 0.1, "alpha_max": 0.6, "min_keep": 0.1}
+from toprovar.policy import SCHEMA_VERSION, Policy, ScaleStage, policy_from_dict
+from toprovar.policy import paper_defaults as policy_defaults
 
 
 def paper_defaults() -> dict[str, float]:
-    """τ, β, α_min, α_max, min_keep of the default ToProVAR policy (the paper's settings)."""
-    try:
-        from toprovar.policy import paper_defaults as library_defaults
-    except ImportError:
-        return dict(FALLBACK_DEFAULTS)
-    return {**FALLBACK_DEFAULTS, **{k: float(v) for k, v in library_defaults().items() if k in FALLBACK_DEFAULTS}}
+    """The default ToProVAR knobs (the paper's τ = 0.4 and this project's gate defaults)."""
+    return {**policy_defaults(), "min_scale": ScaleStage.min_scale}
 
 
 def policy_document(params: Mapping[str, float], summary: PresampleSummary, backbone: str) -> dict[str, Any]:
-    """The policy as YAML-ready data (schema of toprovar.policy)."""
+    """The policy as YAML-ready data (schema version of toprovar.policy)."""
     return {
+        "version": SCHEMA_VERSION,
         "method": "toprovar",
+        "variant": "full",
         "backbone": backbone,
-        "scale": {"tau": float(params["tau"]), "crossing": summary.crossing, "action": "start_pruning"},
-        "layer": {"beta": float(params["beta"]), "mode": "static", "ratios": list(summary.layer_ratios)},
+        "scale": {"tau": float(params["tau"]), "crossing": summary.crossing, "action": "start_pruning",
+                  "min_scale": int(params["min_scale"])},
+        "layer": {"mode": "static", "beta": float(params["beta"]),
+                  "ratios": [max(1.0, float(r)) for r in summary.layer_ratios]},
         "token": {"alpha_min": float(params["alpha_min"]), "alpha_max": float(params["alpha_max"]),
                   "min_keep": float(params["min_keep"])},
     }
 
 
-def runtime_policy(document: Mapping[str, Any]) -> Any:
-    """The object `toprovar.pipeline.generate(policy=...)` accepts for this document."""
-    from toprovar.policy import policy_from_dict
-
-    return policy_from_dict(dict(document))
-
-
 class PolicyFactory:
-    """`params -> runtime policy` for one backbone and one pre-sampling summary."""
+    """`params -> Policy` for one backbone and one pre-sampling summary."""
 
     def __init__(self, summary: PresampleSummary, backbone: str):
         self.summary, self.backbone = summary, backbone
@@ -50,5 +44,5 @@ class PolicyFactory:
     def document(self, params: Mapping[str, float]) -> dict[str, Any]:
         return policy_document(params, self.summary, self.backbone)
 
-    def __call__(self, params: Mapping[str, float]) -> Any:
-        return runtime_policy(self.document(params))
+    def __call__(self, params: Mapping[str, float]) -> Policy:
+        return policy_from_dict(self.document(params))

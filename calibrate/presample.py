@@ -4,7 +4,9 @@ For every pre-sampling prompt: the full image with every block's attention entro
 of each early exit (refinement stopped after scale s). From these:
 
 * per scale: mean entropy, ρ_s (mean and spread over prompts), SSIM of the early exit vs the full
-  image — the two panels of the paper's Fig. 8;
+  image — the two panels of the paper's Fig. 8. ρ_s is computed as the runtime computes it (from
+  the token entropies of the first `probe_layers` blocks, which the ToProVAR pruner uses to decide
+  D); the paper's all-layer mean is in the tables too (`rho_all_layers`);
 * per (layer, scale): σ1/σ2 of the entropy map — the static Global/Detail layer ratios are the
   per-layer medians at the representative scale;
 * the ρ_s crossing direction (the sign of the ρ_s trend over scales) and a τ range: the ρ_s values
@@ -23,11 +25,13 @@ import torch
 from tqdm.auto import tqdm
 
 from calibrate.backend import CalibrationBackend
-from calibrate.probes import EntropyRecorder, ExitBeforeScale, entropy_stack
+from calibrate.probes import EntropyRecorder, entropy_stack
 from calibrate.prompts import PromptSet
 from calibrate.quality import ssim_per_image
 from calibrate.stats import (crossing_direction, low_entropy_ratio, principal_component_ratio,
                              quantile_range, representative_scale)
+from toprovar.policy import TokenStage
+from toprovar.pruning.fixed_exit import FixedExitPruner
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +80,8 @@ def _record(backend: CalibrationBackend, prompts: PromptSet):
     return gen, maps
 
 
-def run_presample(backend: CalibrationBackend, prompts: PromptSet, min_ssim: float) -> PresampleResult:
+def run_presample(backend: CalibrationBackend, prompts: PromptSet, min_ssim: float,
+                  probe_layers: int = TokenStage.protect_layers) -> PresampleResult:
     full, maps = _record(backend, prompts)
     schedule = full.traces[0].schedule
     grids = [(h, w) for _, h, w in schedule]
@@ -85,17 +90,19 @@ def run_presample(backend: CalibrationBackend, prompts: PromptSet, min_ssim: flo
     exit_images: dict[int, torch.Tensor] = {}
     exit_ssim = np.ones((n, n_scales))
     for stop in tqdm(range(1, n_scales), desc="presample: early exits", unit="scale", dynamic_ncols=True):
-        gen = backend.generate(prompts.texts, prompts.seeds, pruner_factory=lambda: ExitBeforeScale(stop))
+        gen = backend.generate(prompts.texts, prompts.seeds, pruner_factory=lambda: FixedExitPruner(stop - 1))
         exit_images[stop - 1] = gen.images
         exit_ssim[:, stop - 1] = ssim_per_image(gen.images, full.images).numpy()
 
     mean_entropy = np.zeros((n, n_scales))
     rho = np.zeros((n, n_scales))
+    rho_all = np.zeros((n, n_scales))
     layer_rows = []
     for si, (h, w) in enumerate(grids):
         stack = entropy_stack(maps, si, depth)                       # (N, layers, tokens)
         mean_entropy[:, si] = stack.mean(dim=(1, 2)).numpy()
-        rho[:, si] = low_entropy_ratio(stack).numpy()
+        rho[:, si] = low_entropy_ratio(stack[:, :probe_layers]).numpy()
+        rho_all[:, si] = low_entropy_ratio(stack).numpy()
         if min(h, w) >= 2:
             ratios = principal_component_ratio(stack, h, w).numpy()  # (N, layers)
             for li in range(depth):
@@ -106,12 +113,13 @@ def run_presample(backend: CalibrationBackend, prompts: PromptSet, min_ssim: flo
     rep = representative_scale(grids)
     rep_rows = layers[layers.scale == rep].sort_values("layer")
     images = pd.DataFrame([{"prompt": i, "seed": prompts.seeds[i], "scale": si, "mean_entropy": mean_entropy[i, si],
-                            "rho": rho[i, si], "exit_ssim": exit_ssim[i, si]}
+                            "rho": rho[i, si], "rho_all_layers": rho_all[i, si], "exit_ssim": exit_ssim[i, si]}
                            for i in range(n) for si in range(n_scales)])
     scales = pd.DataFrame({"scale": range(n_scales), "h": [g[0] for g in grids], "w": [g[1] for g in grids],
                            "tokens": [g[0] * g[1] for g in grids],
                            "mean_entropy": mean_entropy.mean(0), "mean_entropy_std": mean_entropy.std(0),
                            "rho_mean": rho.mean(0), "rho_std": rho.std(0),
+                           "rho_all_layers_mean": rho_all.mean(0), "rho_all_layers_std": rho_all.std(0),
                            "exit_ssim_mean": exit_ssim.mean(0), "exit_ssim_std": exit_ssim.std(0)})
 
     # High-SSIM band: (prompt, scale) whose early exit already meets the target; scale 0 (one token)

@@ -1,6 +1,6 @@
-"""Measurement pruners for pre-sampling: they change nothing or only stop early.
+"""A measurement pruner for pre-sampling: records entropy, changes nothing.
 
-Both follow the pipeline's `Pruner` hook contract (docs/architecture.md), so pre-sampling runs the
+It follows the pipeline's `Pruner` hook contract (docs/architecture.md), so pre-sampling runs the
 same generation loop as the runtime.
 """
 from __future__ import annotations
@@ -49,16 +49,6 @@ class EntropyRecorder(_Passive):
 
     def collect(self) -> dict[tuple[int, int], Tensor]:
         return {key: value.cpu() for key, value in self.maps.items()}
-
-
-class ExitBeforeScale(_Passive):
-    """Stops refining before scale `stop`: the image is decoded from the codes of scales < stop."""
-
-    def __init__(self, stop: int):
-        self.stop = int(stop)
-
-    def exit_before_scale(self, si: int) -> bool:
-        return si >= self.stop
 
 
 def entropy_stack(maps: dict[tuple[int, int], Tensor], scale: int, depth: int) -> Tensor:

@@ -80,12 +80,17 @@ class SearchSpace:
     alpha_min: tuple[float, float]
     alpha_max: tuple[float, float]
     min_keep: tuple[float, float]
+    min_scale: tuple[int, int]
 
     @classmethod
-    def from_config(cls, space: SpaceConfig, tau_range: tuple[float, float]) -> "SearchSpace":
-        tau = tuple(space.tau) if space.tau is not None else tau_range
+    def from_config(cls, space: SpaceConfig, tau_range: tuple[float, float], n_scales: int) -> "SearchSpace":
+        tau = tuple(space.tau) if space.tau is not None else tuple(tau_range)
+        last = max(1, n_scales - 1)
+        min_scale = tuple(space.min_scale) if space.min_scale is not None else (1, last)
+        if min_scale[1] > last:
+            raise UserError(f"search.space.min_scale={list(min_scale)} goes past the last scale ({last})")
         return cls(tau=tau, beta=tuple(space.beta), alpha_min=tuple(space.alpha_min),
-                   alpha_max=tuple(space.alpha_max), min_keep=tuple(space.min_keep))
+                   alpha_max=tuple(space.alpha_max), min_keep=tuple(space.min_keep), min_scale=min_scale)
 
     def suggest(self, trial: optuna.Trial) -> dict[str, float]:
         alpha_min = trial.suggest_float("alpha_min", *self.alpha_min)
@@ -96,6 +101,7 @@ class SearchSpace:
             # alpha_max >= alpha_min by construction (Eq. 6 maps q in [0, 1] onto [alpha_min, alpha_max]).
             "alpha_max": trial.suggest_float("alpha_max", max(alpha_min, self.alpha_max[0]), self.alpha_max[1]),
             "min_keep": trial.suggest_float("min_keep", *self.min_keep),
+            "min_scale": trial.suggest_int("min_scale", *self.min_scale),
         }
 
     def clip(self, params: Mapping[str, float]) -> dict[str, float]:
@@ -105,10 +111,12 @@ class SearchSpace:
                 ("min_keep", self.min_keep))}
         out["alpha_max"] = min(max(float(params["alpha_max"]), out["alpha_min"], self.alpha_max[0]),
                                self.alpha_max[1])
+        out["min_scale"] = min(max(int(params["min_scale"]), self.min_scale[0]), self.min_scale[1])
         return out
 
     def as_dict(self) -> dict[str, list[float]]:
-        return {name: list(getattr(self, name)) for name in ("tau", "beta", "alpha_min", "alpha_max", "min_keep")}
+        return {name: list(getattr(self, name))
+                for name in ("tau", "beta", "alpha_min", "alpha_max", "min_keep", "min_scale")}
 
 
 # --- study -------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""Pre-sampling statistics of the paper (docs: shared/reference/toprovar-method.md).
+"""Pre-sampling statistics (toprovar-method.md), on top of the runtime's stage math.
 
 ρ_s (Eq. 3): share of tokens whose layer-mean entropy is below the scale's mean.
 ϱ^(l,s) = σ1/σ2 of the h×w entropy map of layer l at scale s (Sec. 4, layer level).
 R^(l,s) = exp(-β(ϱ - 1)) (Eq. 4): → 0 for Global layers, → 1 for Detail layers.
+The formulas are `toprovar.pruning.stages`, so calibration measures what the runtime decides on.
 """
 from __future__ import annotations
 
@@ -12,26 +13,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
-_EPS = 1e-12
+from toprovar.pruning import stages
 
 
 def low_entropy_ratio(layer_entropy: Tensor) -> Tensor:
-    """ρ_s per image from `(B, layers, tokens)` entropies: mean over layers, then share below the mean."""
-    per_token = layer_entropy.float().mean(dim=1)                     # H_i^s, (B, N)
-    return (per_token < per_token.mean(dim=1, keepdim=True)).float().mean(dim=1)
+    """ρ_s per image from `(B, layers, tokens)` entropies: the layer mean of each token, then Eq. 3."""
+    return stages.low_entropy_ratio(layer_entropy.float().mean(dim=1))
 
 
 def principal_component_ratio(maps: Tensor, h: int, w: int) -> Tensor:
     """σ1/σ2 of each `(h, w)` entropy map; `maps` is `(..., h*w)`. Needs min(h, w) >= 2."""
     if min(h, w) < 2:
         raise ValueError(f"σ1/σ2 needs a map of at least 2×2 tokens, got {h}×{w}")
-    sv = torch.linalg.svdvals(maps.float().reshape(*maps.shape[:-1], h, w))
-    return sv[..., 0] / sv[..., 1].clamp_min(_EPS)
+    return stages.principal_ratio(maps.float().reshape(*maps.shape[:-1], h, w))
 
 
-def layer_score(ratio: float | np.ndarray, beta: float) -> float | np.ndarray:
-    """R = exp(-β(ϱ - 1)) (Eq. 4)."""
-    return np.exp(-beta * (np.asarray(ratio, dtype=np.float64) - 1.0))
+def layer_score(ratio: float | np.ndarray, beta: float) -> np.ndarray:
+    """R = exp(-β(ϱ - 1)) (Eq. 4), as the runtime computes it."""
+    return stages.layer_score(torch.as_tensor(np.asarray(ratio, dtype=np.float64)), beta).numpy()
 
 
 def crossing_direction(scales: np.ndarray, rho: np.ndarray) -> str:

@@ -1,8 +1,8 @@
 """The Optuna search of `calibrate`: resume without lost or repeated trials, warm start, constraints.
 
 The objective is real: generations of the random-weight `test-small` backbone through the pipeline,
-pruned by a simple token-keeping pruner whose keep share comes from the trial's parameters, scored
-by FLOP ratio and SSIM against the unpruned images.
+pruned by the ToProVAR policy of each trial's parameters, scored by FLOP ratio and SSIM against
+the unpruned images.
 """
 from __future__ import annotations
 
@@ -16,43 +16,21 @@ import torch
 from calibrate.backend import load_backend
 from calibrate.config import ConstraintsConfig, LatencyConfig, SpaceConfig, StorageConfig
 from calibrate.objective import PolicyScorer
+from calibrate.policy_space import PolicyFactory, paper_defaults
+from calibrate.presample import PresampleSummary
 from calibrate.prompts import PromptSet
 from calibrate.search import (SearchSpace, completed, open_study, ranked_feasible, run_search, violations)
 from optuna.trial import TrialState
 
 
-class KeepShare:
-    """Test pruner: from scale `start` on, every block runs only the first `share` of the tokens."""
-
-    def __init__(self, start: int, share: float):
-        self.start, self.share = start, share
-
-    def begin(self, ctx):
-        self.rows = ctx.rows
-
-    def exit_before_scale(self, si):
-        return False
-
-    def wants_entropy(self, si, li):
-        return False
-
-    def keep_tokens(self, si, li, x):
-        if si < self.start:
-            return None
-        n = x.shape[1]
-        k = max(1, math.ceil(self.share * n))
-        return torch.arange(k, device=x.device).expand(self.rows, k)
-
-    def observe(self, si, li, entropy):
-        pass
-
-    def end_scale(self, si, x):
-        pass
-
-
-def build_test_policy(params):
-    # τ picks the first pruned scale of the 7-scale schedule, α_min the pruned share.
-    return KeepShare(start=2 + round(params["tau"] * 4), share=1.0 - params["alpha_min"])
+# A pre-sampling summary for the 2-layer, 7-scale test-small backbone: any valid ratios (>= 1) work.
+SUMMARY = PresampleSummary(crossing="below", tau_range=(0.0, 1.0), representative_scale=3,
+                           layer_ratios=[random.uniform(1.0, 3.0) for _ in range(2)], band_points=0,
+                           prompts=0, scales=7)
+build_test_policy = PolicyFactory(SUMMARY, "test-small")
+NO_PRUNING = {"tau": 0.5, "beta": 1.0, "alpha_min": 0.0, "alpha_max": 0.0, "min_keep": 0.1, "min_scale": 1}
+STRONG = {"tau": 1.0, "beta": 0.01, "alpha_min": 0.9, "alpha_max": 1.0, "min_keep": 0.05, "min_scale": 1}
+DEFAULTS = paper_defaults()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +48,7 @@ def scorer(backend):
                         latency=LatencyConfig(), evaluator=None)
 
 
-SPACE = SearchSpace.from_config(SpaceConfig(alpha_min=[0.0, 0.8]), tau_range=(0.0, 1.0))
+SPACE = SearchSpace.from_config(SpaceConfig(alpha_min=[0.0, 0.9]), tau_range=(0.0, 1.0), n_scales=7)
 LIMITS = ConstraintsConfig(min_ssim=0.5)
 
 
@@ -89,15 +67,15 @@ class InterruptAfter:
 
 
 def test_scores_are_measured_from_generations(scorer):
-    unpruned = scorer({"tau": 0.0, "alpha_min": 0.0, "beta": 1.0, "alpha_max": 0.5, "min_keep": 0.1})
+    unpruned = scorer(NO_PRUNING)
     assert unpruned.speedup == pytest.approx(1.0)
     assert unpruned.ssim == pytest.approx(1.0, abs=1e-4)
-    pruned = scorer({"tau": 0.0, "alpha_min": 0.7, "beta": 1.0, "alpha_max": 0.9, "min_keep": 0.1})
-    assert pruned.speedup > 1.5
+    pruned = scorer(STRONG)
+    assert pruned.speedup > 1.4  # one of the two layers keeps ~10 % of the tokens from scale 1 on
     assert pruned.ssim < 0.999
     assert pruned.extra["flops_executed"] < pruned.extra["flops_unpruned"]
     assert unpruned.extra["kept_share"] == 1.0 and pruned.extra["kept_share"] < 1.0
-    assert pruned.extra["kept_share.s0"] == 1.0  # the test pruner starts at scale 2
+    assert pruned.extra["kept_share.s0"] == 1.0 and pruned.extra["D_mean"] == 1.0  # min_scale 1
 
 
 def test_interrupted_study_resumes_without_lost_or_repeated_trials(tmp_path, scorer):
@@ -108,7 +86,7 @@ def test_interrupted_study_resumes_without_lost_or_repeated_trials(tmp_path, sco
     interrupting = InterruptAfter(scorer, k)
     with pytest.raises(KeyboardInterrupt):
         run_search(study, SPACE, interrupting, n_trials=n_trials, limits=LIMITS,
-                   warm_start={"tau": 0.4, "beta": 1.0, "alpha_min": 0.1, "alpha_max": 0.6, "min_keep": 0.1})
+                   warm_start=DEFAULTS)
     first = {t.number: (t.params, t.values) for t in completed(study)}
     assert len(first) == k
     interrupted = [t for t in study.trials if t.state == TrialState.FAIL]
@@ -117,7 +95,7 @@ def test_interrupted_study_resumes_without_lost_or_repeated_trials(tmp_path, sco
     # A new process would do exactly this: open the same storage + name and run again.
     resumed = open_study("resume", storage, "tpe", seed, n_trials)
     ran = run_search(resumed, SPACE, scorer, n_trials=n_trials, limits=LIMITS,
-                     warm_start={"tau": 0.4, "beta": 1.0, "alpha_min": 0.1, "alpha_max": 0.6, "min_keep": 0.1})
+                     warm_start=DEFAULTS)
     done = completed(resumed)
     assert ran == n_trials - k and len(done) == n_trials
     for number, (params, values) in first.items():  # finished trials kept as they were
@@ -136,10 +114,9 @@ def test_interrupted_study_resumes_without_lost_or_repeated_trials(tmp_path, sco
 
 def test_warm_start_constraints_and_ranking(scorer):
     study = open_study("mem", StorageConfig(url=None), "tpe", random.randrange(1000), 5)
-    defaults = {"tau": 0.4, "beta": 1.0, "alpha_min": 0.1, "alpha_max": 0.6, "min_keep": 0.1}
-    run_search(study, SPACE, scorer, n_trials=5, limits=LIMITS, warm_start=defaults)
+    run_search(study, SPACE, scorer, n_trials=5, limits=LIMITS, warm_start=DEFAULTS)
     first = study.trials[0]
-    assert first.user_attrs.get("warm_start") and first.params == pytest.approx(SPACE.clip(defaults))
+    assert first.user_attrs.get("warm_start") and first.params == pytest.approx(SPACE.clip(DEFAULTS))
     for trial in completed(study):
         metrics = trial.user_attrs["metrics"]
         assert trial.constraints == pytest.approx({"ssim": LIMITS.min_ssim - metrics["ssim"]})
@@ -150,17 +127,19 @@ def test_warm_start_constraints_and_ranking(scorer):
 
 
 def test_space_keeps_alpha_order_and_clips_defaults():
-    space = SearchSpace.from_config(SpaceConfig(alpha_min=[0.1, 0.5], alpha_max=[0.2, 0.9]), (0.3, 0.5))
+    space = SearchSpace.from_config(SpaceConfig(alpha_min=[0.1, 0.5], alpha_max=[0.2, 0.9]), (0.3, 0.5), n_scales=5)
     study = optuna.create_study(directions=["maximize", "maximize"],
                                 sampler=optuna.samplers.RandomSampler(seed=random.randrange(1000)))
     for _ in range(30):
         trial = study.ask()
         params = space.suggest(trial)
         assert params["alpha_min"] <= params["alpha_max"]
-        assert 0.3 <= params["tau"] <= 0.5
+        assert 0.3 <= params["tau"] <= 0.5 and params["min_scale"] in range(1, 5)
         study.tell(trial, [0.0, 0.0])
-    clipped = space.clip({"tau": 0.9, "beta": 100.0, "alpha_min": 0.6, "alpha_max": 0.3, "min_keep": 0.0})
+    clipped = space.clip({"tau": 0.9, "beta": 100.0, "alpha_min": 0.6, "alpha_max": 0.3, "min_keep": 0.0,
+                          "min_scale": 0})
     assert clipped["tau"] == 0.5 and clipped["alpha_min"] == 0.5 and clipped["alpha_max"] >= clipped["alpha_min"]
+    assert clipped["min_scale"] == 1
 
 
 def test_violations_include_geneval_only_when_scored():

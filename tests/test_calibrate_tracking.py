@@ -100,7 +100,7 @@ def test_calibration_runs_reach_the_server(mlflow_server, scorer, tmp_path):
     assert isinstance(tracker, Tracker) and tracker.uri == uri
     parent = tracker.start_parent("tiny/test", {"search": {"n_trials": 3}, "backbone": "test-small"})
     study = open_study("tracked", StorageConfig(url=None), "random", random.randrange(1000), 3)
-    space = SearchSpace.from_config(SpaceConfig(alpha_min=[0.0, 0.8]), (0.0, 1.0))
+    space = SearchSpace.from_config(SpaceConfig(alpha_min=[0.0, 0.8]), (0.0, 1.0), n_scales=7)
     run_search(study, space, scorer, n_trials=3, limits=ConstraintsConfig(min_ssim=0.5), tracker=tracker)
     policy = tmp_path / "policy.yaml"
     policy.write_text(f"tau: {random.random()}\n")
