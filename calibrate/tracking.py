@@ -48,6 +48,9 @@ class Tracker:
         import mlflow  # imported here: it is slow to import and optional for `tracking=off`
         from mlflow.tracking import MlflowClient
 
+        for name in ("mlflow", "alembic"):  # MLflow sets its loggers to INFO on import
+            logging.getLogger(name).setLevel(logging.WARNING)
+
         self.uri = uri
         self._mlflow = mlflow
         self.client = MlflowClient(tracking_uri=uri)
