@@ -1,0 +1,44 @@
+"""Run by tests/test_kernels_fae.py in a subprocess with TRITON_INTERPRET=1 (set before triton
+is imported): the Triton kernel on CPU against the float64 reference. Exits non-zero on failure."""
+import math
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1"
+import torch  # noqa: E402
+
+from kernels.reference import attention_entropy_reference  # noqa: E402
+from kernels.triton_fae import fae_forward  # noqa: E402
+
+torch.manual_seed(int(sys.argv[1]))
+CONFIG = (16, 16, 4, 1)  # small blocks so every shape below is ragged against them
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+failures = []
+for B, H, Lq, Lk, D in [(1, 2, 19, 45, 16), (2, 1, 16, 16, 32), (1, 1, 7, 33, 64), (1, 1, 20, 37, 128)]:
+    q, k, v = torch.randn(B, H, Lq, D), torch.randn(B, H, Lk, D), torch.randn(B, H, Lk, D)
+    scale = float(torch.rand(()) * 0.5 + 0.05)
+    out, ent = fae_forward(q, k, v, scale, True, config=CONFIG)
+    ref_out, ref_ent = attention_entropy_reference(q.double(), k.double(), v.double(), scale)
+    plain, none = fae_forward(q, k, v, scale, False, config=CONFIG)
+    if not (rel(out, ref_out) <= 1e-5 and rel(ent, ref_ent) <= 1e-5):
+        failures.append(f"{(B, H, Lq, Lk, D)}: out {rel(out, ref_out):.2e} entropy {rel(ent, ref_ent):.2e}")
+    if none is not None or not torch.equal(plain, out):
+        failures.append(f"{(B, H, Lq, Lk, D)}: no-entropy variant differs")
+    # Flat rows (q = 0): uniform attention, entropy log Lk. Sharp rows: q aligned with one key.
+    flat, flat_ent = fae_forward(torch.zeros_like(q), k, v, scale, True, config=CONFIG)
+    if (flat_ent - math.log(Lk)).abs().max() > 1e-5 or rel(flat, v.mean(2, keepdim=True).expand_as(flat)) > 1e-5:
+        failures.append(f"{(Lq, Lk)}: flat rows entropy {flat_ent.mean():.6f} vs log Lk {math.log(Lk):.6f}")
+    kn = torch.nn.functional.normalize(k, dim=-1)
+    target = torch.randint(0, Lk, (Lq,))
+    sharp_q = kn[:, :, target] * 200.0
+    _, sharp_ent = fae_forward(sharp_q, kn, v, 1.0, True, config=CONFIG)
+    _, sharp_ref = attention_entropy_reference(sharp_q.double(), kn.double(), v.double(), 1.0)
+    if sharp_ent.max() > 1e-3 or (sharp_ent.double() - sharp_ref.double()).abs().max() > 1e-5:
+        failures.append(f"{(Lq, Lk)}: sharp rows entropy max {sharp_ent.max():.2e}")
+print("\n".join(failures) or "ok")
+sys.exit(1 if failures else 0)
