@@ -17,8 +17,9 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-NEG_BIG = -1.0e30  # finite "-inf": keeps 0 · (-big) = 0 in the entropy sums
+# Globals read inside @triton.jit functions must be constexpr (the interpreter does not check this).
+LN2 = tl.constexpr(0.6931471805599453)
+NEG_BIG = tl.constexpr(-1.0e30)  # finite "-inf": keeps 0 · (-big) = 0 in the entropy sums
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on CUDA.
 CUDA_CONFIGS = [
