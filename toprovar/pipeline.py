@@ -32,7 +32,7 @@ from toprovar.errors import UserError
 from toprovar.models.registry import Backbone
 from toprovar.models.transformer import KV_POLICIES, RopeSlice
 from toprovar.sampling import make_generators, sample_bits
-from toprovar.schedules import full_schedule, scale_schedule, tokens_per_scale
+from toprovar.schedules import tokens_per_scale
 from toprovar.trace import LayerRecord, ScaleRecord, Timer, Trace, entropy_summary
 
 # Official inference defaults (tools/run_infinity.py).
@@ -160,8 +160,8 @@ def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *
              kv_policy: str = "kept", progress: bool = False) -> GenerationResult:
     """Generate one image per (prompt, seed).
 
-    cfg / tau: one value or one per scale (defaults: the backbone's). pixels: '0.06M', '0.25M',
-    '0.60M' or '1M' (default: the backbone's). policy: None/'none', a Pruner, or a policy that
+    cfg / tau: one value or one per scale (defaults: the backbone's). pixels: a budget of the
+    backbone's schedule family, e.g. '0.06M', '0.25M', '0.60M' or '1M' (default: the backbone's). policy: None/'none', a Pruner, or a policy that
     `toprovar.pruning.build_pruner` understands. record_entropy: request every block's attention
     entropy and record its mean in the trace.
     """
@@ -171,7 +171,7 @@ def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *
     if kv_policy not in KV_POLICIES:
         raise UserError(f"kv_policy={kv_policy!r}; choose one of {', '.join(KV_POLICIES)}")
     spec, model, vae, device = backbone.spec, backbone.transformer, backbone.vae, backbone.device
-    schedule = scale_schedule(h_div_w, pixels or spec.pixels)
+    schedule = spec.schedules.scale_schedule(h_div_w, pixels or spec.pixels)
     n_scales, tokens = len(schedule), tokens_per_scale(schedule)
     cfg_list = _per_scale(spec.cfg if cfg is None else cfg, n_scales, "cfg")
     tau_list = _per_scale(spec.tau if tau is None else tau, n_scales, "tau")
@@ -194,7 +194,7 @@ def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *
         with _autocast(device, backbone.dtype):
             start = timer.mark()
             cond = model.encode_condition(features, lengths, with_uncond=use_cfg)
-            rope = model.rope_table(full_schedule(h_div_w), device)
+            rope = model.rope_table(spec.schedules.full_schedule(h_div_w), device)
             cache = model.new_cache(rows, sum(tokens), backbone.dtype, device)
             generators = make_generators(seeds, device)
             vae_schedule = vae.vae_schedule(schedule)

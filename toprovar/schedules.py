@@ -5,10 +5,16 @@ lists 13 token grids (h, w); a pixel budget uses the first 7, 10, 12 or 13 of th
 '0.25M', '0.60M', '1M'); one token covers 16×16 pixels. Templates below 1 are the transposed
 grids of the templates above 1, keyed by `int(1 / ratio * 1000) / 1000` as officially. Official
 inference sets t = 1 for images, so every entry here is `(1, h, w)`.
+
+A backbone names its `ScheduleFamily` (`BackboneSpec.schedules`): `INFINITY_SCHEDULES` for the
+official models, a family of its own for a backbone trained here (e.g. `tiny`). The module-level
+functions are the official family's.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from toprovar.errors import UserError
 
@@ -47,41 +53,87 @@ H_DIV_W_TEMPLATES: tuple[float, ...] = tuple(sorted(TEMPLATES))
 _RANGE_SLACK = 1.1
 
 
+@dataclass(frozen=True)
+class ScheduleFamily:
+    """The scale schedules of one backbone: token grids per aspect-ratio template, pixel budgets.
+
+    `grids[ratio]` lists every grid of the template's largest budget, coarse to fine; a budget
+    takes the first `budgets[name]` of them, so the largest budget's schedule is the "full"
+    schedule the RoPE table is built from. `pixels_per_token` is the image edge one token covers.
+    """
+
+    name: str
+    grids: Mapping[float, tuple[tuple[int, int], ...]]
+    budgets: Mapping[str, int]
+    pixels_per_token: int
+
+    @property
+    def templates(self) -> tuple[float, ...]:
+        return tuple(sorted(self.grids))
+
+    @property
+    def full_budget(self) -> str:
+        return max(self.budgets, key=self.budgets.__getitem__)
+
+    def nearest_template(self, h_div_w: float) -> float:
+        """The template the official code picks (nearest in absolute difference)."""
+        try:
+            ratio = float(h_div_w)
+        except (TypeError, ValueError):
+            raise UserError(f"h_div_w={h_div_w!r} is not a number; give height/width, e.g. 1.0 or 0.5") from None
+        lo, hi = self.templates[0], self.templates[-1]
+        if not math.isfinite(ratio) or not (lo / _RANGE_SLACK <= ratio <= hi * _RANGE_SLACK):
+            listed = ", ".join(str(t) for t in self.templates)
+            raise UserError(f"h_div_w={h_div_w!r} has no aspect-ratio template in the {self.name} schedules; "
+                            f"use a height/width between {lo} and {hi} (templates: {listed})")
+        return min(self.templates, key=lambda t: abs(t - ratio))
+
+    def check_pixels(self, pixels: str) -> str:
+        if pixels not in self.budgets:
+            raise UserError(f"pixels={pixels!r} is not a pixel budget of the {self.name} schedules; choose one of "
+                            f"{', '.join(self.budgets)}")
+        return pixels
+
+    def scale_schedule(self, h_div_w: float = 1.0, pixels: str | None = None) -> Schedule:
+        """`[(1, h, w), ...]` token grids, coarse to fine, for the template nearest to `h_div_w`."""
+        count = self.budgets[self.check_pixels(pixels or self.full_budget)]
+        return [(1, h, w) for h, w in self.grids[self.nearest_template(h_div_w)][:count]]
+
+    def full_schedule(self, h_div_w: float) -> Schedule:
+        """The template's largest schedule; the RoPE tables of every budget are built from it."""
+        return self.scale_schedule(h_div_w, self.full_budget)
+
+    def image_size(self, schedule: Schedule) -> tuple[int, int]:
+        """(height, width) in pixels of the image a schedule decodes to."""
+        _, h, w = schedule[-1]
+        return h * self.pixels_per_token, w * self.pixels_per_token
+
+
+INFINITY_SCHEDULES = ScheduleFamily("Infinity", {r: tuple(g) for r, g in TEMPLATES.items()}, PIXEL_BUDGETS,
+                                    PIXELS_PER_TOKEN_EDGE)
+
+
 def nearest_template(h_div_w: float) -> float:
-    """The template the official code picks (nearest in absolute difference)."""
-    try:
-        ratio = float(h_div_w)
-    except (TypeError, ValueError):
-        raise UserError(f"h_div_w={h_div_w!r} is not a number; give height/width, e.g. 1.0 or 0.5") from None
-    lo, hi = H_DIV_W_TEMPLATES[0], H_DIV_W_TEMPLATES[-1]
-    if not math.isfinite(ratio) or not (lo / _RANGE_SLACK <= ratio <= hi * _RANGE_SLACK):
-        raise UserError(f"h_div_w={h_div_w!r} has no aspect-ratio template; use a height/width between "
-                        f"{lo} and {hi} (templates: {', '.join(str(t) for t in H_DIV_W_TEMPLATES)})")
-    return min(H_DIV_W_TEMPLATES, key=lambda t: abs(t - ratio))
+    return INFINITY_SCHEDULES.nearest_template(h_div_w)
 
 
 def check_pixels(pixels: str) -> str:
-    if pixels not in PIXEL_BUDGETS:
-        raise UserError(f"pixels={pixels!r} is not a known pixel budget; choose one of "
-                        f"{', '.join(PIXEL_BUDGETS)}")
-    return pixels
+    return INFINITY_SCHEDULES.check_pixels(pixels)
 
 
 def scale_schedule(h_div_w: float = 1.0, pixels: str = "1M") -> Schedule:
-    """`[(1, h, w), ...]` token grids, coarse to fine, for the template nearest to `h_div_w`."""
-    grids = TEMPLATES[nearest_template(h_div_w)][: PIXEL_BUDGETS[check_pixels(pixels)]]
-    return [(1, h, w) for h, w in grids]
+    """Official Infinity schedule: `[(1, h, w), ...]` for the template nearest to `h_div_w`."""
+    return INFINITY_SCHEDULES.scale_schedule(h_div_w, pixels)
 
 
 def full_schedule(h_div_w: float) -> Schedule:
-    """The template's 1M schedule; the official RoPE tables of every budget are built from it."""
-    return scale_schedule(h_div_w, "1M")
+    """The official template's 1M schedule; the official RoPE tables of every budget come from it."""
+    return INFINITY_SCHEDULES.full_schedule(h_div_w)
 
 
 def image_size(schedule: Schedule) -> tuple[int, int]:
-    """(height, width) in pixels of the image a schedule decodes to."""
-    _, h, w = schedule[-1]
-    return h * PIXELS_PER_TOKEN_EDGE, w * PIXELS_PER_TOKEN_EDGE
+    """(height, width) in pixels of the image an official schedule decodes to."""
+    return INFINITY_SCHEDULES.image_size(schedule)
 
 
 def tokens_per_scale(schedule: Schedule) -> list[int]:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from toprovar.errors import UserError
+from toprovar.schedules import INFINITY_SCHEDULES, ScheduleFamily
 from toprovar.models.checkpoint import load_into
 from toprovar.models.transformer import (CHECKPOINT_IGNORE, TRANSFORMER_PRESETS, InfinityTransformer,
                                          TransformerConfig, checkpoint_rename, random_state_dict)
@@ -59,6 +60,7 @@ class BackboneSpec:
     cfg: float = 3.0  # default guidance scale (official inference: 3)
     tau: float = 1.0  # default sampling temperature
     random_init: bool = False  # test backbones: seeded random weights when no path is given
+    schedules: ScheduleFamily = INFINITY_SCHEDULES  # token grids per aspect ratio and pixel budget
 
 
 @dataclass

@@ -400,15 +400,31 @@ class CrossAttnBlock(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_all, v_all = cache.append(k, v)
         out, ent = attention(q.to(v_all.dtype), k_all, v_all, entropy=entropy, scale=1.0)
+        xr = self._after_attention(xr, out, gamma1, gamma2, scale2, shift2, text)
+        if keep is not None:  # x may still be bf16 (next-scale input under autocast) before block 0
+            xr = x.to(xr.dtype).scatter(1, keep[..., None].expand(-1, -1, x.shape[-1]), xr)
+        return xr, ent
+
+    def _after_attention(self, xr: Tensor, out: Tensor, gamma1: Tensor, gamma2: Tensor, scale2: Tensor,
+                         shift2: Tensor, text: TextKV) -> Tensor:
+        """Output projection, cross-attention and FFN: the part of a block after self-attention."""
         # In-place gamma on the projection keeps its dtype, as officially (bf16 under autocast).
         xr = xr + self.sa.proj(_merge_heads(out)).mul_(gamma1)
         norm = self.ca_norm  # in float32 whatever the block's dtype (CUDA autocast does the same)
         ca_in = F.layer_norm(xr.float(), (self.embed_dim,), norm.weight.float(), norm.bias.float(), norm.eps)
         xr = xr + self.ca(ca_in, text).float()
-        xr = xr + self.ffn(self._modulate(xr, scale2, shift2)).mul(gamma2)
-        if keep is not None:  # x may still be bf16 (next-scale input under autocast) before block 0
-            xr = x.to(xr.dtype).scatter(1, keep[..., None].expand(-1, -1, x.shape[-1]), xr)
-        return xr, ent
+        return xr + self.ffn(self._modulate(xr, scale2, shift2)).mul(gamma2)
+
+    def forward_teacher(self, x: Tensor, gss: Tensor, text: TextKV, cos: Tensor, sin: Tensor,
+                        attn_mask: Tensor) -> Tensor:
+        """Training: the tokens of every scale at once under a block-causal `attn_mask` `(L, L)`
+        (True = may attend). Same arithmetic as `forward` scale by scale with a KV cache."""
+        with torch.autocast(x.device.type, enabled=False):
+            gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + gss).unbind(2)
+        q, k, v = self.sa.qkv(self._modulate(x, scale1, shift1))
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
+        return self._after_attention(x, out, gamma1, gamma2, scale2, shift2, text)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -501,6 +517,27 @@ class InfinityTransformer(nn.Module):
         """`(rows, n, 2 * codebook_dim)` float32 bitwise logits (pairs: bit = 0, bit = 1)."""
         with torch.autocast(x.device.type, enabled=False):
             return self.head(self.head_nm(x.float(), cond_BD.float()))
+
+    def forward_teacher(self, cond: Condition, next_inputs: Tensor, schedule: list[tuple[int, int, int]],
+                        rope: Tensor) -> Tensor:
+        """Teacher-forced logits of every scale in one pass (training; the official trainer's form).
+
+        next_inputs: `(rows, L - 1, codebook_dim)` the codes' next-scale inputs of scales 1.. (the
+        VAE's `teacher_forcing`); rope: the `(2, >= L, head_dim // 2)` table of `rope_table`.
+        Returns `(rows, L, 2 * codebook_dim)` float32 logits, L = all tokens of `schedule`.
+        """
+        sizes = [t * h * w for t, h, w in schedule]
+        total = sum(sizes)
+        x = torch.cat((self.first_tokens(cond), self.embed_codes(next_inputs)), dim=1)
+        level = torch.repeat_interleave(torch.arange(len(sizes), device=x.device),
+                                        torch.tensor(sizes, device=x.device))
+        x = x + self.lvl_embed(level)[None]
+        # Token i may attend to token j when j's scale is not later than i's.
+        attn_mask = level[:, None] >= level[None, :]
+        cos, sin = rope[0, :total][None, None], rope[1, :total][None, None]
+        for block, text in zip(self.blocks, cond.text):
+            x = block.forward_teacher(x, cond.gss, text, cos, sin, attn_mask)
+        return self.logits(x, cond.cond_BD)
 
     # -- cache & positions ------------------------------------------------------------------------
     def new_cache(self, rows: int, max_len: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
