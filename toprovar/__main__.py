@@ -3,6 +3,8 @@
 Configs: conf/generate.yaml and the group conf/backbone/. The run folder is
 outputs/generate/<date>/<time>/ (or `out_dir=`): one PNG per prompt (`<index>_seed<seed>.png`),
 `trace.csv` (per-scale times and tokens of every batch) and `prompts.txt`.
+`python -m toprovar compare [overrides]` (conf/compare.yaml, toprovar/compare.py): baseline and
+pruning methods side by side; its run folder is outputs/compare/<date>/<time>/ (or `out_dir=`).
 Mistakes (bad override, unknown backbone, missing weights) are one line on stderr, exit status 2.
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-COMMANDS = ("generate",)
+COMMANDS = ("generate", "compare")
 # conf/prompts/ is the calibration prompt group, so Hydra would read `prompts=[...]` as a group
 # choice; the generate config keeps its list under `text_prompts` and the CLI maps the alias.
 ALIASES = {"prompts": "text_prompts"}
@@ -141,6 +143,29 @@ def _hydra_generate() -> None:
     app()
 
 
+def _hydra_compare() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig, OmegaConf
+
+    from toprovar.errors import exit_on_user_error
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="compare", version_base=None)
+    def app(cfg: DictConfig) -> None:
+        with exit_on_user_error("toprovar compare"):
+            from toprovar.compare import run_compare
+
+            plain = OmegaConf.to_container(cfg, resolve=True)
+            out_dir = Path(plain["out_dir"]) if plain.get("out_dir") else Path(HydraConfig.get().runtime.output_dir)
+            result = run_compare(plain, out_dir)
+            print(result.markdown)
+            for note in result.notes:
+                print(f"note: {note}")
+            print(f"wrote {', '.join(p.name for p in result.files.values())} to {out_dir}")
+
+    app()
+
+
 def _alias(override: str) -> str:
     key, sep, value = override.partition("=")
     return f"{ALIASES[key]}={value}" if sep and key in ALIASES else override
@@ -158,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     if not any(arg.startswith("-") for arg in overrides):
         check_overrides(command, overrides)
     sys.argv = [f"toprovar {command}", *overrides]
-    _hydra_generate()
+    {"generate": _hydra_generate, "compare": _hydra_compare}[command]()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,11 @@ update), whether generation stopped before it. Per (scale, layer): tokens that r
 entropy was recorded, its mean over heads and kept tokens of the conditional rows. Timings on
 CUDA come from CUDA events read once at the end (no host sync inside the loop); on CPU from
 `time.perf_counter`. Text encoding and VAE decode are timed separately, outside the scale loop.
+
+Which tokens ran (not only how many) is recorded only on request: run the call with the policy
+wrapped in `KeptTokenRecorder` (`record_kept_tokens(policy)`) and `trace.kept_index` holds the
+index tensor the pruner returned at every pruned (scale, layer); `kept_maps()` turns it into one
+h×w map per scale of how many layers ran each token (the paper's Fig. 9, `toprovar.plots`).
 """
 from __future__ import annotations
 
@@ -51,6 +56,33 @@ class Trace:
     embed_dim: int = 0  # model width and FFN width, for FLOP accounting (toprovar.flops)
     ffn_hidden: int = 0
     depth: int = 0
+    # (scale, layer) -> LongTensor (rows, K) of the tokens that ran, for the pruned layers only;
+    # None unless the call ran under `KeptTokenRecorder` (references, no copy, no host sync).
+    kept_index: dict | None = None
+
+    def kept_maps(self, image: int = 0) -> dict[int, Tensor]:
+        """Per scale: an (h, w) int64 map of how many layers ran each token of image `image`
+        (its conditional row under CFG). Scales that did not run (exit) are all zeros.
+
+        Needs `kept_index` for layers that ran only part of their tokens (see `KeptTokenRecorder`).
+        """
+        ran: dict[tuple[int, int], LayerRecord] = {(r.scale, r.layer): r for r in self.layers}
+        maps: dict[int, Tensor] = {}
+        for s in self.scales:
+            counts = torch.zeros(s.tokens, dtype=torch.int64)
+            for li in range(self.depth):
+                rec = ran.get((s.scale, li))
+                if rec is None or rec.kept == 0:
+                    continue
+                if rec.kept == rec.tokens:
+                    counts += 1
+                    continue
+                if self.kept_index is None or (s.scale, li) not in self.kept_index:
+                    raise ValueError(f"the trace has no kept-token indices for scale {s.scale}, layer {li}; "
+                                     "generate with policy=record_kept_tokens(policy)")
+                counts[self.kept_index[(s.scale, li)][image].cpu()] += 1
+            maps[s.scale] = counts.view(s.h, s.w)
+        return maps
 
     def to_frame(self):
         """One row per scale (pandas DataFrame): grid, time, ρ_s, exit flag, tokens kept summed
@@ -84,6 +116,43 @@ class Trace:
     @property
     def scale_ms(self) -> list[float]:
         return [r.time_ms for r in self.scales]
+
+
+class KeptTokenRecorder:
+    """A pruner wrapper: delegates every hook and keeps, in `trace.kept_index`, the index tensor
+    its `keep_tokens` returned for each (scale, layer). Decisions and numerics are unchanged."""
+
+    def __init__(self, pruner):
+        self.pruner = pruner
+
+    def begin(self, ctx) -> None:
+        ctx.trace.kept_index = self.index = {}
+        self.pruner.begin(ctx)
+
+    def exit_before_scale(self, si: int) -> bool:
+        return self.pruner.exit_before_scale(si)
+
+    def wants_entropy(self, si: int, li: int) -> bool:
+        return self.pruner.wants_entropy(si, li)
+
+    def keep_tokens(self, si: int, li: int, x: Tensor) -> Tensor | None:
+        keep = self.pruner.keep_tokens(si, li, x)
+        if keep is not None:
+            self.index[(si, li)] = keep
+        return keep
+
+    def observe(self, si: int, li: int, entropy: Tensor) -> None:
+        self.pruner.observe(si, li, entropy)
+
+    def end_scale(self, si: int, x: Tensor) -> None:
+        self.pruner.end_scale(si, x)
+
+
+def record_kept_tokens(policy) -> KeptTokenRecorder:
+    """`policy` (None/'none', a Policy, a name/path, a Pruner) as a pruner that records kept tokens."""
+    from toprovar.pipeline import as_pruner  # lazy: the pipeline imports this module
+
+    return KeptTokenRecorder(as_pruner(policy))
 
 
 class Timer:

@@ -1,0 +1,437 @@
+"""Pruning methods side by side on one backbone: `python -m toprovar compare` (conf/compare.yaml).
+
+One run generates the same prompts and seeds with the unpruned baseline and every listed method
+and writes, into the run folder:
+  * `compare.md` — the table (latency, speedup, FLOP ratio and speedup, SSIM/PSNR against the
+    baseline image of the same prompt and seed, geneval-lite where the backbone has it), the
+    settings and every method's policy;
+  * `compare.csv` (the table) and `compare_per_image.csv` (one row per method and prompt);
+  * `compare_grid.png` — rows = prompts, columns = methods, every cell labelled;
+  * `pruned_tokens_<method>.png` — for every pruning method, the first prompt's image beside its
+    kept/pruned token map per scale (the paper's Fig. 9, `toprovar.plots.plot_pruned_tokens`).
+
+Methods (`methods:` in the config, a list) are policy names or YAML paths as
+`toprovar.policy.load_policy` reads them, `none` (the baseline, always run first), and the
+built-in peers `fastvar`, `fixed_exit`, `toprovar` and the Table 10 ablations `toprovar-scale`,
+`toprovar-scale_token`, `toprovar-scale_layer`, `toprovar-full`. A built-in resolves to the
+backbone's shipped policy (`fastvar-<backbone>`, `fixed_exit-<backbone>`, `<backbone>`) when the
+package has one, otherwise to defaults scaled to the backbone's schedule and depth
+(`default_policies`), which the table marks "defaults, not calibrated". `<policy>@<variant>`
+runs a ToProVAR policy as one of the Table 10 variants. The `scale` variant stops refining after
+D (`scale.action: exit`, "Scale Depth Loc."); the others keep the policy's action.
+
+Latency: the median over prompts of the milliseconds per image of the call that generated it
+(`Trace.total_ms`: scale loop + VAE decode, text encoding excluded; CUDA events on GPU), after one
+warm-up call per method on the first batch (the warm-up also records the kept tokens for the
+figure, so no timed call carries the recorder). FLOPs: `toprovar.flops.trace_flops`, executed /
+unpruned, summed over the prompts. PSNR: from the mean squared error pooled over the prompts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from toprovar.errors import UserError
+from toprovar.policy import VARIANTS, Policy, load_policy, policy_from_dict, shipped_policies
+
+BUILTIN_BASES = ("fastvar", "fixed_exit", "toprovar")
+DEFAULT_METHODS = ("none", "fastvar", "fixed_exit", "toprovar-scale", "toprovar-scale_token",
+                   "toprovar-scale_layer", "toprovar-full")
+DEFAULT_PROMPTS = (
+    "a red fox sitting in fresh snow, morning light",
+    "an old lighthouse on a rocky coast during a storm",
+    "a bowl of ramen with a soft boiled egg, top view",
+    "a bicycle leaning against a yellow wall",
+    "a cat wearing a tiny wizard hat, studio photo",
+    "a mountain lake reflecting pine trees at sunset",
+    "a steam locomotive crossing a stone bridge",
+    "a vintage camera on a stack of books",
+)
+UNCALIBRATED_DEFAULTS = "defaults, not calibrated"
+
+
+# -- methods ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str  # row label (the entry of `methods`, a file's stem for paths)
+    policy: Policy
+    source: str  # where the policy came from, and whether it was calibrated
+
+    @property
+    def prunes(self) -> bool:
+        return self.policy.method != "none"
+
+
+def fastvar_layers(depth: int) -> tuple[int, int]:
+    """FastVAR's blocks 3..27 of 32 (official), scaled to `depth` and kept off the first block."""
+    if depth <= 1:
+        return 0, depth
+    start = max(1, round(3 * depth / 32))
+    end = max(start + 1, min(depth, round(28 * depth / 32)))
+    return start, end
+
+
+def default_policies(n_scales: int, depth: int) -> dict[str, Policy]:
+    """The peers for a backbone without shipped policies, scaled to its schedule and depth.
+
+    * fixed_exit: the second-to-last scale is the last that runs.
+    * fastvar: the last two scales at the paper's ratios (0.4, 0.6; Table 8), the middle blocks
+      (`fastvar_layers`), branch outputs cached at the scale before.
+    * toprovar: the paper's knobs (τ 0.4, β 1, α 0.1–0.6, min_keep 0.1, one probe layer), online
+      layer scores at the scale before min_scale, min_scale = the middle scale n // 2, and
+      `crossing: above` (section 4: D = first scale ≥ min_scale with ρ_s ≥ τ). Without measured
+      ρ_s curves this starts pruning at about min_scale; `below` (appendix A.5) only fires where
+      ρ_s drops under 0.4, which an uncalibrated backbone need not ever do. Calibration picks
+      the direction from data (toprovar-method.md, gap 1).
+    """
+    last = n_scales - 1
+    source = {"calibrated": False, "source": f"toprovar.compare.default_policies({n_scales} scales, depth {depth})"}
+    start, end = fastvar_layers(depth)
+    fastvar_ratios = {last - 1: 0.4, last: 0.6} if n_scales >= 3 else {last: 0.6}
+    return {
+        "fixed_exit": policy_from_dict({"method": "fixed_exit", "fixed_exit": {"exit_scale": max(last - 1, 0)},
+                                        "provenance": source}, name="fixed_exit"),
+        "fastvar": policy_from_dict({"method": "fastvar", "provenance": source,
+                                     "fastvar": {"ratios": fastvar_ratios, "layers": [start, end],
+                                                 "cache_scale": max(min(fastvar_ratios) - 1, 0)}}, name="fastvar"),
+        "toprovar": policy_from_dict({"method": "toprovar", "variant": "full", "provenance": source,
+                                      "scale": {"tau": 0.4, "crossing": "above", "action": "start_pruning",
+                                                "min_scale": n_scales // 2},
+                                      "layer": {"mode": "online", "beta": 1.0},
+                                      "token": {"alpha_min": 0.1, "alpha_max": 0.6, "min_keep": 0.1,
+                                                "normalize": "mean", "protect_layers": 1}}, name="toprovar"),
+    }
+
+
+def with_variant(policy: Policy, variant: str) -> Policy:
+    """A ToProVAR policy run as a Table 10 variant (`scale`: stop refining after D)."""
+    if variant not in VARIANTS:
+        raise UserError(f"variant '{variant}' is not one of {', '.join(VARIANTS)}")
+    if policy.method != "toprovar":
+        raise UserError(f"policy {policy.name or ''} is a {policy.method} policy; only toprovar policies "
+                        f"have the variants {', '.join(VARIANTS)}")
+    scale = dataclasses.replace(policy.scale, action="exit") if variant == "scale" else policy.scale
+    return dataclasses.replace(policy, variant=variant, scale=scale)
+
+
+def _provenance(policy: Policy) -> str:
+    calibrated = policy.provenance.get("calibrated")
+    return {True: "calibrated", False: "not calibrated"}.get(calibrated, "calibration not recorded")
+
+
+def resolve_method(entry: Any, backbone: str, n_scales: int, depth: int) -> Method:
+    """One entry of `methods` -> Method (one-line UserError for unknown names and foreign policies)."""
+    text = str(entry).strip()
+    if text in ("none", "baseline"):
+        return Method("none", Policy(method="none", name="none"), "baseline (no pruning)")
+    base, _, variant = text.partition("@")
+    if base.startswith("toprovar-") and base[len("toprovar-"):] in VARIANTS and not variant:
+        base, variant = "toprovar", base[len("toprovar-"):]
+    if base in BUILTIN_BASES:
+        shipped = {"fastvar": f"fastvar-{backbone}", "fixed_exit": f"fixed_exit-{backbone}", "toprovar": backbone}[base]
+        if shipped in shipped_policies() and load_policy(shipped).method == base:
+            policy = load_policy(shipped, backbone)
+            source = f"shipped {shipped}, {_provenance(policy)}"
+        else:
+            policy = default_policies(n_scales, depth)[base]
+            source = UNCALIBRATED_DEFAULTS
+    else:
+        try:
+            policy = load_policy(base, backbone)
+        except UserError as err:
+            if str(err).startswith("unknown policy"):
+                raise UserError(f"methods: {err}; or a built-in: none, {', '.join(BUILTIN_BASES)}, "
+                                f"{', '.join('toprovar-' + v for v in VARIANTS)}") from None
+            raise UserError(f"methods: {err}") from None
+        where = "file" if Path(base).suffix or Path(base).exists() else "shipped"
+        source = f"{where} {base}, {_provenance(policy)}"
+    if variant:
+        policy = with_variant(policy, variant)
+    label = text if not Path(base).suffix else Path(base).stem + (f"@{variant}" if variant else "")
+    return Method(label, policy, source)
+
+
+def resolve_methods(entries: Sequence[Any] | None, backbone: str, n_scales: int, depth: int) -> list[Method]:
+    """The baseline first, then every other entry once (duplicate labels are an error)."""
+    if entries is None:
+        entries = DEFAULT_METHODS
+    if isinstance(entries, str):
+        entries = [entries]
+    if not isinstance(entries, (list, tuple)) or not entries:
+        raise UserError("methods must be a non-empty list, e.g. methods='[none,fastvar,fixed_exit,toprovar-full]'")
+    methods = [resolve_method(e, backbone, n_scales, depth) for e in entries]
+    seen: set[str] = set()
+    for m in methods:
+        if m.label in seen and m.label != "none":
+            raise UserError(f"methods lists '{m.label}' twice; give each method once")
+        seen.add(m.label)
+    baseline = [m for m in methods if not m.prunes][:1] or [resolve_method("none", backbone, n_scales, depth)]
+    return baseline + [m for m in methods if m.prunes]
+
+
+def schedule_notes(method: Method, n_scales: int, depth: int) -> list[str]:
+    """Settings of a policy that do nothing on this schedule / depth (shown, not fatal)."""
+    p, notes = method.policy, []
+    if p.method == "fastvar":
+        out = sorted(s for s in p.fastvar.ratios if s >= n_scales)
+        if out:
+            notes.append(f"{method.label}: fastvar.ratios name scales {out} but the schedule has {n_scales}")
+        if p.fastvar.layers[0] >= depth:
+            notes.append(f"{method.label}: fastvar.layers start at {p.fastvar.layers[0]} but the backbone has {depth}")
+    if p.method == "fixed_exit" and p.fixed_exit.exit_scale >= n_scales - 1:
+        notes.append(f"{method.label}: fixed_exit.exit_scale={p.fixed_exit.exit_scale} exits nothing "
+                     f"on a schedule of {n_scales} scales")
+    if p.method == "toprovar" and p.scale.min_scale >= n_scales:
+        notes.append(f"{method.label}: scale.min_scale={p.scale.min_scale} is past the last scale ({n_scales - 1})")
+    return notes
+
+
+# -- quality ---------------------------------------------------------------------------------------
+
+
+def geneval_lite_scorer(backbone: str) -> Callable | None:
+    """`(images, specs) -> (N,) scores` on the `tiny` backbone (its geneval-lite), None elsewhere."""
+    if backbone != "tiny":
+        return None
+    import torch
+
+    from toprovar.tiny.evaluate import geneval_lite  # lazy: only the tiny backbone has an evaluator
+
+    def score(images, specs):
+        return torch.as_tensor(geneval_lite(images, specs), dtype=torch.float32).reshape(-1)
+
+    return score
+
+
+def pooled_psnr(psnr_values) -> float:
+    """PSNR of the mean squared error over several images, from their per-image PSNRs (dB)."""
+    mse = [0.0 if math.isinf(v) else 10 ** (-v / 10) for v in psnr_values]
+    mean = sum(mse) / len(mse)
+    return math.inf if mean == 0 else -10 * math.log10(mean)
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompareResult:
+    table: Any  # pandas DataFrame, one row per method
+    per_image: Any  # pandas DataFrame, one row per method and prompt
+    markdown: str  # the table as markdown
+    files: dict[str, Path]
+    notes: list[str]
+
+
+def _prompts(cfg: dict[str, Any], backbone: str) -> tuple[list[str], list[int], list[Any]]:
+    prompts = cfg.get("text_prompts")
+    specs = None
+    n = int(cfg.get("n_prompts") or 4)
+    if n < 1:
+        raise UserError(f"n_prompts={n}; give at least 1")
+    if prompts is None:
+        if backbone == "tiny":
+            from toprovar.tiny.scenes import sample_scenes  # lazy: only the tiny backbone has scenes
+
+            scenes = sample_scenes(n, seed=int(cfg.get("prompt_seed") or 0))
+            prompts, specs = [s.caption for s in scenes], list(scenes)
+        else:
+            prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(n)]
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise UserError("prompts must be a non-empty list of strings, e.g. prompts='[\"a cat\", \"a dog\"]'")
+    seeds = cfg.get("seeds")
+    seeds = list(range(len(prompts))) if seeds is None else ([seeds] if isinstance(seeds, int) else list(seeds))
+    if len(seeds) != len(prompts) or not all(isinstance(s, int) for s in seeds):
+        raise UserError(f"give one integer seed per prompt: {len(prompts)} prompts, seeds={seeds}")
+    return list(prompts), seeds, specs if specs is not None else list(prompts)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def policy_sections(policy: Policy) -> dict[str, Any]:
+    """The policy as a dict with only the sections its method reads."""
+    used = {"toprovar": ("variant", "scale", "layer", "token"), "fastvar": ("fastvar",),
+            "fixed_exit": ("fixed_exit",)}.get(policy.method, ())
+    full = policy.to_dict()
+    return {k: v for k, v in full.items() if k in ("version", "method", "backbone", "provenance") or k in used}
+
+
+def _short(decisions: dict[str, Any]) -> str:
+    out = []
+    for key, value in decisions.items():
+        if isinstance(value, list):
+            value = "[" + ", ".join(f"{v:.2g}" for v in value) + "]"
+        out.append(f"{key}={value}")
+    return ", ".join(out) or "none recorded"
+
+
+def markdown_table(frame, columns: dict[str, tuple[str, int]]) -> str:
+    """`columns`: frame column -> (header, digits)."""
+    head = "| " + " | ".join(h for h, _ in columns.values()) + " |"
+    rule = "|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|"
+    lines = [head, rule]
+    for _, row in frame.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c], d) for c, (_, d) in columns.items()) + " |")
+    return "\n".join(lines)
+
+
+def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) -> CompareResult:
+    """Run every method of `cfg` (a plain dict of conf/compare.yaml) and write the report into `out_dir`."""
+    import pandas as pd
+    import torch
+    import yaml
+    from tqdm.auto import tqdm
+
+    from toprovar.__main__ import SETTINGS, _device, _dtype
+    from toprovar.flops import trace_flops
+    from toprovar.metrics import psnr, ssim
+    from toprovar.models import registry
+    from toprovar.pipeline import generate
+    from toprovar.plots import plot_pruned_tokens, save_labelled_grid, slug
+    from toprovar.schedules import scale_schedule
+    from toprovar.trace import record_kept_tokens
+
+    group = cfg["backbone"]
+    name = group["name"]
+    if name not in registry.backbone_names():
+        try:
+            import toprovar.tiny  # noqa: F401  (registers `tiny` where it exists)
+        except ImportError:
+            pass
+    spec = registry.get_backbone(name)
+    settings = {}
+    for key in SETTINGS:
+        value = cfg.get(key) if cfg.get(key) is not None else group.get(key)
+        if value is not None:
+            settings[key] = value
+    schedule = scale_schedule(settings.get("h_div_w", 1.0), settings.get("pixels") or spec.pixels)
+    n_scales, depth = len(schedule), spec.transformer.depth
+    methods = resolve_methods(cfg.get("methods"), name, n_scales, depth)
+    notes = [n for m in methods for n in schedule_notes(m, n_scales, depth)]
+    for note in notes:
+        warnings.warn(note)
+    prompts, seeds, specs = _prompts(cfg, name)
+    batch = int(cfg.get("batch_size") or 1)
+    warmup = int(cfg.get("warmup") if cfg.get("warmup") is not None else 1)
+    if batch < 1 or warmup < 0:
+        raise UserError(f"batch_size={batch} and warmup={warmup}: need batch_size >= 1 and warmup >= 0")
+    scorer = geneval_lite_scorer(name)
+
+    backbone = registry.build_backbone(spec, group.get("weights"), device=_device(cfg.get("device", "auto")),
+                                       dtype=_dtype(cfg.get("dtype", "auto")))
+    chunks = [(s, prompts[s:s + batch], seeds[s:s + batch]) for s in range(0, len(prompts), batch)]
+    runs: dict[str, dict[str, Any]] = {}
+    bar = tqdm(total=len(methods) * len(chunks), desc="compare", unit="batch", disable=not progress)
+    for method in methods:
+        bar.set_postfix_str(method.label)
+        policy = method.policy if method.prunes else None
+        first = None
+        for w in range(warmup):
+            use = record_kept_tokens(policy) if w == 0 else policy
+            res = generate(backbone, chunks[0][1], chunks[0][2], policy=use, **settings)
+            first = first or res
+        images, latency, executed, unpruned = [], [], 0.0, 0.0
+        for i, (_, chunk, chunk_seeds) in enumerate(chunks):
+            use = record_kept_tokens(policy) if (warmup == 0 and i == 0) else policy
+            res = generate(backbone, chunk, chunk_seeds, policy=use, **settings)
+            first = first or res
+            images.append(res.images)
+            latency += [res.trace.total_ms / len(chunk)] * len(chunk)
+            e, u = trace_flops(res.trace)
+            executed, unpruned = executed + e, unpruned + u
+            bar.update(1)
+        runs[method.label] = {"images": torch.cat(images), "latency": latency, "executed": executed,
+                              "unpruned": unpruned, "first": first}
+    bar.close()
+
+    # -- quality and the table
+    base = runs[methods[0].label]
+    base_ms = float(torch.tensor(base["latency"]).median())
+    rows, per_image = [], []
+    for method in methods:
+        run = runs[method.label]
+        s = ssim(run["images"], base["images"]).tolist()
+        p = psnr(run["images"], base["images"]).tolist()
+        g = scorer(run["images"], specs).tolist() if scorer is not None else [None] * len(prompts)
+        ms = float(torch.tensor(run["latency"]).median())
+        ratio = run["executed"] / run["unpruned"]
+        rows.append({"method": method.label, "policy": method.source, "latency_ms": ms, "speedup": base_ms / ms,
+                     "flop_ratio": ratio, "flop_speedup": 1 / ratio if ratio > 0 else math.inf,
+                     "ssim": sum(s) / len(s), "psnr_db": pooled_psnr(p),
+                     "geneval_lite": (sum(g) / len(g)) if scorer is not None else None})
+        for i, prompt in enumerate(prompts):
+            per_image.append({"method": method.label, "prompt": prompt, "seed": seeds[i],
+                              "latency_ms": run["latency"][i], "ssim": s[i], "psnr_db": p[i], "geneval_lite": g[i]})
+        if method.prunes and run["executed"] >= run["unpruned"]:
+            decisions = {k: v for k, v in run["first"].trace.pruning.items() if k in ("D", "R", "exit_scale")}
+            notes.append(f"{method.label} pruned nothing on these prompts (FLOP ratio 1; first prompt's "
+                         f"decisions: {_short(decisions)})")
+    table, per_image_frame = pd.DataFrame(rows), pd.DataFrame(per_image)
+    columns = {"method": ("method", 0), "policy": ("policy", 0), "latency_ms": ("latency ms/image", 1),
+               "speedup": ("speedup", 2), "flop_ratio": ("FLOP ratio", 3), "flop_speedup": ("FLOP speedup", 2),
+               "ssim": ("SSIM", 3), "psnr_db": ("PSNR dB", 2)}
+    if scorer is not None:
+        columns["geneval_lite"] = ("geneval-lite", 3)
+    else:
+        table = table.drop(columns="geneval_lite")
+        per_image_frame = per_image_frame.drop(columns="geneval_lite")
+    markdown = markdown_table(table, columns)
+
+    # -- files
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"markdown": out_dir / "compare.md", "csv": out_dir / "compare.csv",
+             "per_image": out_dir / "compare_per_image.csv", "grid": out_dir / "compare_grid.png"}
+    table.to_csv(files["csv"], index=False)
+    per_image_frame.to_csv(files["per_image"], index=False)
+    notes_ssim = [[f"SSIM {v:.2f}" for v in per_image_frame[per_image_frame.method == m.label].ssim] for m in methods]
+    save_labelled_grid([runs[m.label]["images"] for m in methods], [m.label for m in methods], prompts,
+                       files["grid"], cell_notes=notes_ssim)
+    for method in methods:
+        if method.prunes:
+            first = runs[method.label]["first"]
+            path = out_dir / f"pruned_tokens_{slug(method.label)}.png"
+            plot_pruned_tokens(first.trace, first.images[0], path,
+                               title=f"{method.label}: kept tokens per scale, prompt 0 ({prompts[0][:60]})")
+            files[f"pruned_tokens:{method.label}"] = path
+    device = backbone.device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    setting_lines = [
+        f"- date: {_dt.datetime.now().isoformat(timespec='seconds')}",
+        f"- backbone: {name} (weights: {group.get('weights') or 'registry defaults'})",
+        f"- device: {device_name} ({device}), dtype {backbone.dtype}, torch {torch.__version__}",
+        f"- schedule: {n_scales} scales, {' '.join(f'{h}x{w}' for _, h, w in schedule)}; depth {depth}",
+        f"- generation settings: {settings or 'backbone defaults'} (cfg {spec.cfg if 'cfg' not in settings else settings['cfg']}, "
+        f"tau {spec.tau if 'tau' not in settings else settings['tau']})",
+        f"- prompts: {len(prompts)}, batch size {batch}, warm-up calls per method {warmup}",
+        "- latency: median over prompts of ms per image (scale loop + VAE decode, text encoding excluded; "
+        "CUDA events on GPU); speedup = baseline latency / latency",
+        "- FLOP ratio: executed / unpruned transformer FLOPs (toprovar.flops), summed over prompts; "
+        "FLOP speedup = 1 / ratio",
+        "- SSIM / PSNR: against the baseline image of the same prompt and seed (mean SSIM; PSNR of the pooled MSE)",
+        f"- geneval-lite: {'yes' if scorer is not None else 'not available for this backbone'}",
+    ]
+    policies = "\n\n".join(f"### {m.label} ({m.source})\n\n```yaml\n{yaml.safe_dump(policy_sections(m.policy), sort_keys=False)}```"
+                           for m in methods if m.prunes)
+    prompt_lines = "\n".join(f"{i}. seed {s}: {p}" for i, (p, s) in enumerate(zip(prompts, seeds)))
+    note_lines = "".join(f"- {n}\n" for n in notes)
+    files["markdown"].write_text(
+        f"# Pruning methods compared on {name}\n\n{markdown}\n\n"
+        + (f"Notes:\n{note_lines}\n" if notes else "")
+        + "## Settings\n\n" + "\n".join(setting_lines) + "\n\n## Prompts\n\n" + prompt_lines
+        + "\n\n## Policies\n\n" + (policies or "(baseline only)") + "\n")
+    return CompareResult(table, per_image_frame, markdown, files, notes)
