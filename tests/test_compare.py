@@ -1,0 +1,141 @@
+"""`python -m toprovar compare` end to end on test-small, its method resolution, one-line errors,
+and the pruned-token map (Fig. 9) against the trace."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from toprovar.__main__ import main
+from toprovar.compare import DEFAULT_METHODS, UNCALIBRATED_DEFAULTS, default_policies, resolve_methods
+from toprovar.models.registry import build_backbone
+from toprovar.pipeline import generate
+from toprovar.plots import plot_pruned_tokens, pruned_token_maps
+from toprovar.policy import policy_from_dict
+from toprovar.trace import record_kept_tokens
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small():
+    return build_backbone("test-small", device="cpu")
+
+
+def _write_policy(path: Path) -> Path:
+    # Layer 1 scores as a Detail layer (ϱ = 1.2 -> R ≈ 0.82 ≥ 0.5): the scale+layer variant skips it.
+    path.write_text("method: toprovar\nscale: {tau: 0.4, crossing: above, min_scale: 3}\n"
+                    "layer: {mode: static, ratios: [5.0, 1.2]}\n")
+    return path
+
+
+def test_compare_command_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    policy = _write_policy(tmp_path / "detail.yaml")
+    methods = ["none", "fastvar", "fixed_exit", "toprovar-scale", "toprovar-scale_token", f"'{policy}@scale_layer'",
+               "toprovar-full"]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run([sys.executable, "-m", "toprovar", "compare", f"methods=[{','.join(methods)}]",
+                           'prompts=["a red cube", "two blue balls"]', "seeds=[3, 8]", "batch_size=2", "warmup=0",
+                           f"out_dir={out}", f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with open(out / "compare.csv") as handle:
+        rows = {r["method"]: r for r in csv.DictReader(handle)}
+    labels = ["none", "fastvar", "fixed_exit", "toprovar-scale", "toprovar-scale_token", "detail@scale_layer",
+              "toprovar-full"]
+    assert list(rows) == labels
+    base = rows["none"]
+    assert float(base["speedup"]) == 1.0 and float(base["flop_ratio"]) == 1.0
+    assert float(base["ssim"]) == pytest.approx(1.0, abs=1e-6) and base["psnr_db"] == "inf"
+    for label in labels[1:]:
+        assert float(rows[label]["flop_ratio"]) < 1.0, label
+        assert float(rows[label]["flop_speedup"]) == pytest.approx(1 / float(rows[label]["flop_ratio"]))
+        assert -1.0 <= float(rows[label]["ssim"]) <= 1.0 and float(rows[label]["latency_ms"]) > 0
+    assert rows["fastvar"]["policy"] == UNCALIBRATED_DEFAULTS
+    assert "file" in rows["detail@scale_layer"]["policy"]
+    md = (out / "compare.md").read_text()
+    assert all(f"| {label} |" in md for label in labels) and "defaults, not calibrated" in md
+    assert all(f"| {label} |" in proc.stdout for label in labels)  # the table is printed too
+    grid = Image.open(out / "compare_grid.png")
+    assert grid.size[0] > grid.size[1]  # 7 columns (methods) x 2 rows (prompts)
+    figures = sorted(p.name for p in out.glob("pruned_tokens_*.png"))
+    assert figures == sorted(f"pruned_tokens_{label.replace('@', '_')}.png" for label in labels[1:])
+    assert len((out / "compare_per_image.csv").read_text().splitlines()) == 1 + 2 * len(labels)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("foo=1", "bad override"),
+    ("methods=[none,no-such-policy]", "unknown policy 'no-such-policy'"),
+    ("methods=[fastvar-infinity-2b]", "made for backbone 'infinity-2b', not 'test-small'"),
+    ("methods=[fastvar@full]", "only toprovar policies"),
+    ("methods=[fastvar,fastvar]", "twice"),
+])
+def test_compare_errors_are_one_line_exit_2(override: str, match: str, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["compare", override, f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("toprovar compare: error:") and match in err
+    assert not (tmp_path / "compare.csv").exists()
+
+
+def test_default_methods_are_scaled_to_the_backbone() -> None:
+    methods = resolve_methods(None, "test-small", 7, 2)
+    assert [m.label for m in methods] == list(DEFAULT_METHODS)
+    assert all(m.source == UNCALIBRATED_DEFAULTS for m in methods[1:])
+    by_label = {m.label: m.policy for m in methods}
+    assert by_label["fixed_exit"].fixed_exit.exit_scale == 5
+    assert dict(by_label["fastvar"].fastvar.ratios) == {5: 0.4, 6: 0.6} and by_label["fastvar"].fastvar.layers == (1, 2)
+    assert [by_label[f"toprovar-{v}"].variant for v in ("scale", "scale_token", "scale_layer", "full")] == \
+        ["scale", "scale_token", "scale_layer", "full"]
+    assert by_label["toprovar-scale"].scale.action == "exit" and by_label["toprovar-full"].scale.min_scale == 3
+    # Infinity-2B ships its ToProVAR and FastVAR policies; fixed exit falls back to the defaults.
+    big = {m.label: m for m in resolve_methods(["fastvar", "fixed_exit", "toprovar-scale_layer"], "infinity-2b", 13, 32)}
+    assert big["fastvar"].source.startswith("shipped fastvar-infinity-2b") and "not calibrated" in big["fastvar"].source
+    assert big["toprovar-scale_layer"].policy.backbone == "infinity-2b"
+    assert big["fixed_exit"].policy.fixed_exit.exit_scale == 11
+    assert default_policies(13, 32)["fastvar"].fastvar.layers == (3, 28)  # FastVAR's official blocks at depth 32
+    assert resolve_methods(["fastvar"], "test-small", 7, 2)[0].label == "none"  # the baseline always runs first
+
+
+@pytest.mark.parametrize("method", ["fastvar", "toprovar", "fixed_exit"])
+def test_pruned_token_map_matches_the_trace(method: str, small, tmp_path: Path) -> None:
+    policy = default_policies(7, 2)[method]
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    plain = generate(small, ["a red cube"], [seed], policy=policy)
+    recorded = generate(small, ["a red cube"], [seed], policy=record_kept_tokens(policy))
+    assert torch.equal(plain.images, recorded.images)  # recording changes nothing
+    assert plain.trace.kept_index is None and recorded.trace.kept_index is not None
+    path = tmp_path / f"{method}.png"
+    maps = plot_pruned_tokens(recorded.trace, recorded.images[0], path)
+    assert path.stat().st_size > 0 and Image.open(path).size[0] > 0
+    layers = recorded.trace.layers_frame()
+    per_scale = layers.groupby("scale").kept.sum().to_dict()
+    depth = small.transformer.depth
+    assert maps and all(m.min() < depth for m in maps.values())
+    for scale in recorded.trace.scales:
+        full = recorded.trace.kept_maps()[scale.scale]
+        assert full.shape == (scale.h, scale.w)
+        assert int(full.sum()) == per_scale.get(scale.scale, 0)  # tokens x layers that ran
+        assert (scale.scale in maps) == bool(full.min() < depth)
+    if method == "fixed_exit":
+        assert list(maps) == [6] and not maps[6].any()  # the last scale did not run
+    else:
+        pruned = [s for s, m in maps.items() if m.min() < depth]
+        assert pruned and all(np.isin(maps[s], range(depth + 1)).all() for s in pruned)
+    assert pruned_token_maps(recorded.trace).keys() == maps.keys()
+    if method == "fixed_exit":  # whole scales only: the counts alone place every token
+        assert all(torch.equal(a, b) for a, b in zip(plain.trace.kept_maps().values(),
+                                                     recorded.trace.kept_maps().values()))
+    else:
+        with pytest.raises(ValueError, match="record_kept_tokens"):
+            plain.trace.kept_maps()
