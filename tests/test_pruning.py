@@ -78,12 +78,40 @@ def _toprovar(**over):
     return policy_from_dict(doc)
 
 
-def test_policy_none_is_bit_identical(small) -> None:
+@pytest.mark.parametrize("policy", ["none", "policy_none", "loaded_none"])
+def test_policy_none_is_bit_identical(small, policy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue item 5: policy none is the plain pipeline, bit for bit, in every form it can be given."""
+    import toprovar.pipeline as pipeline
+    from tests.test_pipeline_pinning import PINNED
+    from toprovar.policy import load_policy
+
+    given = {"none": "none", "policy_none": policy_from_dict({"method": "none"}),
+             "loaded_none": load_policy("none", "test-small")}[policy]
     seeds = torch.randint(0, 2**31 - 1, (2,)).tolist()
-    plain = generate(small, ["a red cube", "a blue ball"], seeds)
-    none = generate(small, ["a red cube", "a blue ball"], seeds, policy=policy_from_dict({"method": "none"}))
+    plain = generate(small, ["a red cube", "a blue ball"], seeds)  # no policy argument at all
+    none = generate(small, ["a red cube", "a blue ball"], seeds, policy=given)
     assert torch.equal(plain.images, none.images)
     assert all(torch.equal(a, b) for a, b in zip(plain.bits, none.bits))
+    # Nothing pruned, skipped or exited, and the trace says so.
+    layers = none.trace.layers_frame()
+    assert len(layers) == len(none.trace.scales) * small.transformer.depth and (layers.kept == layers.tokens).all()
+    assert not none.trace.to_frame().exited.any() and none.trace.pruning == {}
+    executed, unpruned = trace_flops(none.trace)
+    assert executed == unpruned
+    # And "plain" is the pipeline pinned right after its check against the official Infinity code.
+    seen: list[torch.Tensor] = []
+    sample = pipeline.sample_bits
+
+    def recording(logits, generators, top_k=0, top_p=0.0):
+        seen.append(logits.clone())
+        return sample(logits, generators, top_k=top_k, top_p=top_p)
+
+    monkeypatch.setattr(pipeline, "sample_bits", recording)
+    pinned = generate(small, ["a red cube on the grass"], [7], policy=given)
+    pin = PINNED["test-small"]
+    assert [int(b.sum()) for b in pinned.bits] == pin["bits_sum"]
+    torch.testing.assert_close(torch.tensor([float(l.abs().mean()) for l in seen]), torch.tensor(pin["abs_mean"]),
+                               rtol=1e-4, atol=2e-6)
 
 
 def test_toprovar_prunes_from_D_on_deterministically(small) -> None:
