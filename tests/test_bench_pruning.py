@@ -1,0 +1,60 @@
+"""`python -m toprovar.bench_pruning`: the whole path on CPU (--smoke), the policy built to a FLOP
+target, and the one-line refusal without CUDA. Numbers on CPU are not benchmarks."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from toprovar.bench_pruning import fixed_policy, planned_flop_ratio, random_spec, solve_alpha
+from toprovar.models.transformer import TRANSFORMER_PRESETS
+from toprovar.schedules import scale_schedule
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "toprovar.bench_pruning", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_smoke_runs_the_whole_path_on_cpu() -> None:
+    proc = _bench("--smoke")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    for key in ("device", "torch", "triton", "date", "command", "unpruned_ms", "pruned_ms", "replay_ms",
+                "ideal_speedup", "measured_speedup", "measured_over_ideal", "decision_overhead_share"):
+        assert key in result, key
+    assert result["backbone"] == "test-small" and result["command"].endswith("--smoke")
+    assert result["flop_ratio"] < 1 and result["ideal_speedup"] == pytest.approx(1 / result["flop_ratio"])
+    assert result["flop_ratio"] == pytest.approx(result["policy"]["planned_flop_ratio"], abs=1e-6)  # plan = trace
+    assert result["policy"]["D"] == result["policy"]["min_scale"]
+    assert "| measured speedup, end to end |" in proc.stdout and "| decision overhead" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_without_cuda_it_refuses_in_one_line() -> None:
+    proc = _bench()
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "CUDA" in proc.stderr and "--smoke" in proc.stderr
+
+
+def test_fixed_policy_removes_the_target_share_of_infinity_2b_flops() -> None:
+    cfg = TRANSFORMER_PRESETS["infinity-2b"]
+    schedule = scale_schedule(1.0, "1M")
+
+    def ratio_of(alpha: float) -> float:
+        return planned_flop_ratio(schedule, cfg.depth, cfg.embed_dim, cfg.ffn_hidden, 6, alpha)
+
+    alpha, ratio = solve_alpha(0.70, ratio_of)
+    assert 0 < alpha < 0.9 and ratio == pytest.approx(0.30, abs=0.005)
+    policy = fixed_policy(cfg.depth, 6, alpha)
+    assert policy.token.alpha_min == policy.token.alpha_max == alpha and policy.scale.tau == 0.0
+    spec = random_spec("infinity-2b")  # no files needed: random weights, hashed text at T5 width
+    assert spec.random_init and spec.weights.transformer is None and spec.transformer == cfg

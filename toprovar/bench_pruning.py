@@ -1,0 +1,372 @@
+"""GPU mechanics of pruning: does removing FLOPs remove time, and what do the decisions cost?
+
+    python -m toprovar.bench_pruning            # Infinity-2B, random weights, 1024², batch 1, CFG 3, bf16
+    python -m toprovar.bench_pruning --smoke    # the same path on CPU with the test-small backbone
+
+Model: Infinity-2B's architecture with seeded random weights (`toprovar.models.transformer.
+random_state_dict`), a random BSQ VAE (d32) and a hashed-word text encoder at T5-XL width, so no
+checkpoint is needed. A random-weight model's entropy statistics are not a trained one's, so the
+policy is fixed by construction rather than calibrated: ToProVAR `full` with τ = 0 and
+`crossing: above` (ρ_s ≥ 0 always holds, so D = min_scale on any model), static layer ratios
+of 1 (R = 1: every layer is a Detail layer) and α_min = α_max = α, so every gated layer keeps
+round((1 − α)·N) tokens — which tokens still comes from the entropy of the probe layer (Flash
+Attention Entropy on CUDA), as in the real method. α is solved from the FLOP model
+(`toprovar.flops` on the planned keep counts) so that the executed share is 1 − target
+(default: 70 % of the transformer FLOPs removed); the trace then confirms what was executed.
+
+Measured (CUDA events of the trace, `Trace.total_ms` = scale loop + VAE decode; text encoding
+excluded), median over `--repeats` interleaved rounds after `--warmup` rounds:
+  * unpruned latency (policy none) and pruned latency (the policy above);
+  * FLOP-ideal speedup = unpruned FLOPs / executed FLOPs (from the pruned trace), measured speedup
+    = unpruned / pruned latency and their ratio (target ≥ 0.85), end to end and for the scale
+    loop alone (the part FLOPs describe; the decode is the same in both runs);
+  * decision overhead, by replay: the kept-token indices of a pruned run are recorded
+    (`toprovar.trace.KeptTokenRecorder`) and a third run replays them with a pruner that makes no
+    decision — it requests no entropy (SDPA instead of the entropy kernel at the probe layers),
+    computes no ρ_s, sort or plan and never syncs with the host. Both runs execute the same tokens
+    and layers (same FLOPs, same gathers/scatters), so overhead = pruned − replay latency: the
+    entropy kernel's extra cost, the ρ_s/score/sort/plan work, the per-scale host sync and the
+    Python of the hooks. Reported as a share of the pruned latency (target ≤ 5 %).
+  * gather/scatter cost, estimated separately (it is part of running pruned work, present in the
+    replay too, so it lowers measured/ideal rather than counting as decision overhead): the
+    block's token gather, RoPE select and scatter replayed alone with the recorded indices at
+    their real shapes, timed with CUDA events.
+
+Prints a markdown table, a per-scale table and one JSON line (device, torch/triton versions,
+date, command and every number). Without CUDA (and without --smoke) it stops with a one-line
+error and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import math
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from toprovar.errors import UserError, exit_on_user_error
+
+PROG = "python -m toprovar.bench_pruning"
+
+
+# -- backbone and policy ---------------------------------------------------------------------------
+
+
+def random_spec(name: str):
+    """The registry spec of `name` with seeded random weights and a hashed text encoder (no files)."""
+    from toprovar.models import registry
+
+    spec = registry.get_backbone(name)
+    if spec.random_init:
+        return spec
+    cfg = spec.transformer
+    kind = f"bench-hashed-{cfg.text_channels}x{cfg.text_maxlen}"
+
+    def factory(path: str | None, device: torch.device, dtype: torch.dtype):
+        return registry.HashedTextEncoder(cfg.text_channels, cfg.text_maxlen, device)
+
+    registry.register_text_encoder(kind, factory)
+    return dataclasses.replace(spec, name=f"{name}-random", text_encoder=kind, weights=registry.WeightPaths(),
+                               random_init=True)
+
+
+def fixed_policy(depth: int, min_scale: int, alpha: float, protect_layers: int = 1, min_keep: float = 0.1):
+    """ToProVAR `full`, D = min_scale on any model, every gated layer keeps round((1 − α)·N) tokens."""
+    from toprovar.policy import policy_from_dict
+
+    return policy_from_dict({
+        "method": "toprovar", "variant": "full",
+        "scale": {"tau": 0.0, "crossing": "above", "action": "start_pruning", "min_scale": min_scale},
+        "layer": {"mode": "static", "beta": 1.0, "ratios": [1.0] * depth},
+        "token": {"alpha_min": alpha, "alpha_max": alpha, "min_keep": min_keep, "normalize": "mean",
+                  "protect_layers": protect_layers},
+        "provenance": {"calibrated": False, "source": "toprovar.bench_pruning: fixed by construction"},
+    }, name="bench-fixed")
+
+
+def planned_flop_ratio(schedule, depth: int, embed_dim: int, ffn_hidden: int, min_scale: int, alpha: float,
+                       protect_layers: int = 1, min_keep: float = 0.1, kv_policy: str = "kept") -> float:
+    """Executed / unpruned transformer FLOPs of `fixed_policy` by the FLOP model (no model run)."""
+    from toprovar.flops import trace_flops
+    from toprovar.trace import LayerRecord, ScaleRecord, Trace
+
+    scales = [ScaleRecord(si, h, w, t * h * w) for si, (t, h, w) in enumerate(schedule)]
+    layers = []
+    for s in scales:
+        n = s.tokens
+        k = max(round(n * (1 - alpha)), math.ceil(min_keep * n)) if s.scale >= min_scale else n
+        layers += [LayerRecord(s.scale, li, n, n if li < protect_layers else min(k, n)) for li in range(depth)]
+    trace = Trace(backbone="plan", batch=1, schedule=schedule, scales=scales, layers=layers, rows=2,
+                  kv_policy=kv_policy, embed_dim=embed_dim, ffn_hidden=ffn_hidden, depth=depth)
+    executed, unpruned = trace_flops(trace)
+    return executed / unpruned
+
+
+def solve_alpha(target_removed: float, ratio_of, hi: float = 0.9) -> tuple[float, float]:
+    """Bisection for α with ratio_of(α) = 1 − target_removed; (α, ratio); α = hi when out of reach."""
+    goal = 1.0 - target_removed
+    if ratio_of(hi) > goal:
+        return hi, ratio_of(hi)
+    lo_a, hi_a = 0.0, hi
+    for _ in range(40):
+        mid = (lo_a + hi_a) / 2
+        if ratio_of(mid) > goal:
+            lo_a = mid
+        else:
+            hi_a = mid
+    alpha = round(hi_a, 4)
+    return alpha, ratio_of(alpha)
+
+
+class ReplayPruner:
+    """Replays recorded keep indices and exits: no entropy, no decisions, no host syncs."""
+
+    def __init__(self, kept_index: dict, exit_from: int | None):
+        self.kept, self.exit_from = kept_index, exit_from
+
+    def begin(self, ctx) -> None:
+        ctx.trace.pruning = {"method": "replay"}
+
+    def exit_before_scale(self, si: int) -> bool:
+        return self.exit_from is not None and si >= self.exit_from
+
+    def wants_entropy(self, si: int, li: int) -> bool:
+        return False
+
+    def keep_tokens(self, si: int, li: int, x: Tensor) -> Tensor | None:
+        return self.kept.get((si, li))
+
+    def observe(self, si: int, li: int, entropy: Tensor) -> None:
+        pass
+
+    def end_scale(self, si: int, x: Tensor) -> None:
+        pass
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+
+def scale_loop_ms(trace) -> float:
+    return sum(s.time_ms for s in trace.scales if not s.exited and not math.isnan(s.time_ms))
+
+
+def gather_scatter_ms(trace, embed_dim: int, head_dim: int, device: torch.device, repeats: int = 5) -> float:
+    """The pruned blocks' token gather, RoPE select and scatter alone, at their real shapes."""
+    from toprovar.pipeline import _sync
+
+    if not trace.kept_index:
+        return 0.0
+    tokens = {s.scale: s.tokens for s in trace.scales}
+    work = []
+    for (si, _), keep in trace.kept_index.items():
+        n, k = tokens[si], keep.shape[1]
+        x = torch.randn(keep.shape[0], n, embed_dim, device=device)
+        xr = torch.randn(keep.shape[0], k, embed_dim, device=device)
+        rope = torch.randn(n, head_dim // 2, device=device)
+        work.append((x, xr, rope, keep))
+
+    def once() -> None:
+        for x, xr, rope, keep in work:
+            torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
+            rope[keep], rope[keep]  # cos and sin
+            x.scatter(1, keep[..., None].expand(-1, -1, x.shape[-1]), xr)
+
+    once()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            once()
+            b.record()
+            torch.cuda.synchronize(device)
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            once()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _versions() -> dict[str, Any]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from toprovar.flops import trace_flops
+    from toprovar.models.registry import build_backbone
+    from toprovar.pipeline import generate
+    from toprovar.schedules import scale_schedule
+    from toprovar.trace import record_kept_tokens
+
+    if args.smoke:
+        device, dtype, name = torch.device("cpu"), torch.float32, args.backbone or "test-small"
+    else:
+        if not torch.cuda.is_available():
+            raise UserError("needs a CUDA GPU (Infinity-2B at 1024² in bf16); use --smoke for the CPU path on test-small")
+        device, dtype, name = torch.device("cuda"), torch.bfloat16, args.backbone or "infinity-2b"
+    spec = random_spec(name)
+    pixels = args.pixels or spec.pixels
+    schedule = scale_schedule(1.0, pixels)
+    cfg_t = spec.transformer
+    depth, n_scales = cfg_t.depth, len(schedule)
+    min_scale = n_scales // 2 if args.min_scale is None else args.min_scale
+    if not 0 <= min_scale < n_scales:
+        raise UserError(f"--min-scale {min_scale} is outside the schedule's scales 0..{n_scales - 1}")
+
+    def ratio_of(a: float) -> float:
+        return planned_flop_ratio(schedule, depth, cfg_t.embed_dim, cfg_t.ffn_hidden, min_scale, a,
+                                  kv_policy=args.kv_policy)
+
+    if args.alpha is not None:
+        alpha, planned = args.alpha, ratio_of(args.alpha)
+    else:
+        alpha, planned = solve_alpha(args.target, ratio_of)
+    policy = fixed_policy(depth, min_scale, alpha)
+
+    t0 = time.perf_counter()
+    backbone = build_backbone(spec, None, device=device, dtype=dtype)
+    build_s = time.perf_counter() - t0
+    prompt, seed = [args.prompt], [args.seed]
+    kw = {"cfg": args.cfg, "pixels": pixels, "kv_policy": args.kv_policy}
+
+    # Warm-up (kernels, allocator, autotuning), then record the pruned run's decisions for replay.
+    for _ in range(args.warmup):
+        generate(backbone, prompt, seed, **kw)
+        generate(backbone, prompt, seed, policy=policy, **kw)
+    recorded = generate(backbone, prompt, seed, policy=record_kept_tokens(policy), **kw)
+    trace = recorded.trace
+    exited = [s.scale for s in trace.scales if s.exited]
+    replay = ReplayPruner(trace.kept_index, exited[0] if exited else None)
+    for _ in range(args.warmup):
+        generate(backbone, prompt, seed, policy=replay, **kw)
+
+    runs: dict[str, list] = {"unpruned": [], "pruned": [], "replay": []}
+    for _ in range(args.repeats):  # interleaved, so drift hits all three alike
+        runs["unpruned"].append(generate(backbone, prompt, seed, **kw))
+        runs["pruned"].append(generate(backbone, prompt, seed, policy=policy, **kw))
+        runs["replay"].append(generate(backbone, prompt, seed, policy=replay, **kw))
+
+    def med(kind: str, f) -> float:
+        return statistics.median(f(r.trace) for r in runs[kind])
+
+    total = {k: med(k, lambda t: t.total_ms) for k in runs}
+    loop = {k: med(k, scale_loop_ms) for k in runs}
+    executed, unpruned = trace_flops(runs["pruned"][-1].trace)
+    ideal = unpruned / executed
+    measured, measured_loop = total["unpruned"] / total["pruned"], loop["unpruned"] / loop["pruned"]
+    overhead = total["pruned"] - total["replay"]
+    gs = gather_scatter_ms(trace, cfg_t.embed_dim, cfg_t.embed_dim // cfg_t.num_heads, device)
+    same_bits = all(torch.equal(a, b) for a, b in zip(runs["pruned"][-1].bits, runs["replay"][-1].bits))
+
+    per_scale = []
+    layers_p = runs["pruned"][-1].trace.layers_frame()
+    for s_u, s_p in zip(runs["unpruned"][-1].trace.scales, runs["pruned"][-1].trace.scales):
+        lp = layers_p[layers_p.scale == s_p.scale]
+        kept_share = float(lp.kept.sum() / (s_p.tokens * depth)) if len(lp) else 0.0
+        per_scale.append({"scale": s_p.scale, "grid": f"{s_p.h}x{s_p.w}", "tokens": s_p.tokens,
+                          "kept_token_layers": kept_share,
+                          "unpruned_ms": statistics.median(r.trace.scales[s_p.scale].time_ms for r in runs["unpruned"]),
+                          "pruned_ms": statistics.median(r.trace.scales[s_p.scale].time_ms for r in runs["pruned"])})
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return {
+        "bench": "pruning", "device": device_name, **_versions(),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join([PROG, *sys.argv[1:]]),
+        "backbone": spec.name, "pixels": pixels, "scales": n_scales, "depth": depth, "batch": 1,
+        "cfg": args.cfg, "dtype": str(dtype).replace("torch.", ""), "kv_policy": args.kv_policy,
+        "warmup": args.warmup, "repeats": args.repeats, "build_s": build_s,
+        "policy": {"min_scale": min_scale, "alpha": alpha, "D": trace.pruning.get("D"),
+                   "target_removed": args.target if args.alpha is None else None, "planned_flop_ratio": planned},
+        "unpruned_ms": total["unpruned"], "pruned_ms": total["pruned"], "replay_ms": total["replay"],
+        "unpruned_loop_ms": loop["unpruned"], "pruned_loop_ms": loop["pruned"], "replay_loop_ms": loop["replay"],
+        "flop_ratio": executed / unpruned, "ideal_speedup": ideal,
+        "measured_speedup": measured, "measured_over_ideal": measured / ideal,
+        "measured_speedup_loop": measured_loop, "loop_over_ideal": measured_loop / ideal,
+        "decision_overhead_ms": overhead, "decision_overhead_share": overhead / total["pruned"],
+        "gather_scatter_ms": gs, "gather_scatter_share": gs / total["pruned"],
+        "replay_bits_identical": same_bits, "per_scale": per_scale,
+    }
+
+
+def report(r: dict[str, Any]) -> str:
+    def verdict(ok: bool) -> str:
+        return "meets target" if ok else "misses target"
+
+    p = r["policy"]
+    rows = [
+        ("unpruned latency (ms)", f"{r['unpruned_ms']:.1f}", f"scale loop {r['unpruned_loop_ms']:.1f}"),
+        ("pruned latency (ms)", f"{r['pruned_ms']:.1f}", f"scale loop {r['pruned_loop_ms']:.1f}"),
+        ("replayed-decisions latency (ms)", f"{r['replay_ms']:.1f}", f"scale loop {r['replay_loop_ms']:.1f}"),
+        ("FLOP ratio executed / unpruned", f"{r['flop_ratio']:.3f}",
+         f"planned {p['planned_flop_ratio']:.3f} (min_scale {p['min_scale']}, α {p['alpha']}, D {p['D']})"),
+        ("FLOP-ideal speedup", f"{r['ideal_speedup']:.2f}×",
+         "" if p["target_removed"] is None or p["planned_flop_ratio"] <= 1 - p["target_removed"] + 0.01 else
+         f"target {p['target_removed']:.0%} removed is out of reach at α {p['alpha']} on this depth/schedule"),
+        ("measured speedup, end to end", f"{r['measured_speedup']:.2f}×",
+         f"{r['measured_over_ideal']:.2f} of ideal ({verdict(r['measured_over_ideal'] >= 0.85)} ≥ 0.85)"),
+        ("measured speedup, scale loop", f"{r['measured_speedup_loop']:.2f}×",
+         f"{r['loop_over_ideal']:.2f} of ideal ({verdict(r['loop_over_ideal'] >= 0.85)} ≥ 0.85)"),
+        ("decision overhead (ms, pruned − replay)", f"{r['decision_overhead_ms']:.1f}",
+         f"{r['decision_overhead_share']:.1%} of pruned latency ({verdict(r['decision_overhead_share'] <= 0.05)} ≤ 5%)"),
+        ("gather/scatter/RoPE select (ms, estimate)", f"{r['gather_scatter_ms']:.1f}",
+         f"{r['gather_scatter_share']:.1%} of pruned latency (in both pruned and replay runs)"),
+        ("replay gives the same bits", str(r["replay_bits_identical"]), "entropy kernel vs SDPA at the probe layer"),
+    ]
+    lines = [f"## Pruning mechanics: {r['backbone']} {r['pixels']}, batch 1, CFG {r['cfg']}, {r['dtype']}, "
+             f"{r['device']} (median of {r['repeats']} after {r['warmup']} warm-up rounds)", "",
+             "| quantity | value | notes |", "|---|---:|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    lines += ["", "| scale | grid | tokens | token-layers run | unpruned ms | pruned ms |", "|---:|---|---:|---:|---:|---:|"]
+    lines += [f"| {s['scale']} | {s['grid']} | {s['tokens']} | {s['kept_token_layers']:.0%} | "
+              f"{s['unpruned_ms']:.2f} | {s['pruned_ms']:.2f} |" for s in r["per_scale"]]
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="CPU, test-small backbone: the whole path, quickly")
+    ap.add_argument("--backbone", default=None, help="registry name (default infinity-2b; --smoke: test-small)")
+    ap.add_argument("--pixels", default=None, help="pixel budget (default: the backbone's, 1M for Infinity-2B)")
+    ap.add_argument("--target", type=float, default=0.70, help="share of transformer FLOPs to remove (default 0.70)")
+    ap.add_argument("--min-scale", type=int, default=None, help="first pruned scale D (default: the middle scale)")
+    ap.add_argument("--alpha", type=float, default=None, help="pruned share per gated layer (default: solved)")
+    ap.add_argument("--cfg", type=float, default=3.0)
+    ap.add_argument("--kv-policy", default="kept", choices=("kept", "all"))
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2; --smoke 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; --smoke 1)")
+    ap.add_argument("--prompt", default="a photo of a corgi wearing sunglasses on a beach")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 2)
+    args.repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 5)
+    if not 0 < args.target < 1 or args.repeats < 1 or args.warmup < 0:
+        ap.error("need 0 < --target < 1, --repeats >= 1, --warmup >= 0")
+    if args.alpha is not None and not 0 <= args.alpha <= 1:
+        ap.error("--alpha must be in [0, 1]")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    with exit_on_user_error(PROG):
+        result = run(args)
+    print(report(result))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
