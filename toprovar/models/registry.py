@@ -91,13 +91,26 @@ def register_text_encoder(kind: str, factory: Callable[..., Any]) -> None:
     _TEXT_ENCODERS[kind] = factory
 
 
+# Packages that register backbones of their own on import (the embedded `tiny` one).
+_EMBEDDED_PACKAGES = ("toprovar.tiny",)
+
+
+def _import_embedded() -> None:
+    import importlib
+
+    for package in _EMBEDDED_PACKAGES:
+        importlib.import_module(package)
+
+
 def backbone_names() -> list[str]:
+    _import_embedded()
     return sorted(_BACKBONES)
 
 
 def get_backbone(name: str | BackboneSpec) -> BackboneSpec:
     if isinstance(name, BackboneSpec):
         return name
+    _import_embedded()
     if name not in _BACKBONES:
         raise UserError(f"unknown backbone '{name}'; known backbones: {', '.join(backbone_names())}")
     return _BACKBONES[name]
