@@ -26,7 +26,14 @@ excluded), median over `--repeats` interleaved rounds after `--warmup` rounds:
     computes no ρ_s, sort or plan and never syncs with the host. Both runs execute the same tokens
     and layers (same FLOPs, same gathers/scatters), so overhead = pruned − replay latency: the
     entropy kernel's extra cost, the ρ_s/score/sort/plan work, the per-scale host sync and the
-    Python of the hooks. Reported as a share of the pruned latency (target ≤ 5 %).
+    Python of the hooks. Reported as a share of the pruned latency (target ≤ 5 %), and split by a
+    fourth run that replays the same indices but requests (and discards) the probe layers'
+    entropy: entropy cost = that run − replay; the rest (ρ_s, scores, sort, plans, syncs, hooks)
+    = pruned − that run.
+  * the fixed cost of a scale (the unpruned 1-token first scale: kernel launches and Python that
+    do not shrink with tokens) and the scale-loop speedup the FLOP-ideal pruning could reach if
+    every scale kept that cost (Amdahl): where it is far below the FLOP-ideal speedup the loop is
+    launch-bound and pruning tokens cannot show.
   * gather/scatter cost, estimated separately (it is part of running pruned work, present in the
     replay too, so it lowers measured/ideal rather than counting as decision overhead): the
     block's token gather, RoPE select and scatter replayed alone with the recorded indices at
@@ -126,10 +133,12 @@ def solve_alpha(target_removed: float, ratio_of, hi: float = 0.9) -> tuple[float
 
 
 class ReplayPruner:
-    """Replays recorded keep indices and exits: no entropy, no decisions, no host syncs."""
+    """Replays recorded keep indices and exits: no decisions, no host syncs, and no entropy unless
+    `probe_layers` > 0 (then the first layers of every scale request it, as the pruner's probes
+    do, and it is thrown away: that run isolates the entropy kernel's cost)."""
 
-    def __init__(self, kept_index: dict, exit_from: int | None):
-        self.kept, self.exit_from = kept_index, exit_from
+    def __init__(self, kept_index: dict, exit_from: int | None, probe_layers: int = 0):
+        self.kept, self.exit_from, self.probe_layers = kept_index, exit_from, probe_layers
 
     def begin(self, ctx) -> None:
         ctx.trace.pruning = {"method": "replay"}
@@ -138,7 +147,7 @@ class ReplayPruner:
         return self.exit_from is not None and si >= self.exit_from
 
     def wants_entropy(self, si: int, li: int) -> bool:
-        return False
+        return li < self.probe_layers
 
     def keep_tokens(self, si: int, li: int, x: Tensor) -> Tensor | None:
         return self.kept.get((si, li))
@@ -252,14 +261,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trace = recorded.trace
     exited = [s.scale for s in trace.scales if s.exited]
     replay = ReplayPruner(trace.kept_index, exited[0] if exited else None)
+    replay_entropy = ReplayPruner(trace.kept_index, exited[0] if exited else None, policy.token.protect_layers)
     for _ in range(args.warmup):
         generate(backbone, prompt, seed, policy=replay, **kw)
+        generate(backbone, prompt, seed, policy=replay_entropy, **kw)
 
-    runs: dict[str, list] = {"unpruned": [], "pruned": [], "replay": []}
-    for _ in range(args.repeats):  # interleaved, so drift hits all three alike
+    runs: dict[str, list] = {"unpruned": [], "pruned": [], "replay": [], "replay_entropy": []}
+    for _ in range(args.repeats):  # interleaved, so drift hits all of them alike
         runs["unpruned"].append(generate(backbone, prompt, seed, **kw))
         runs["pruned"].append(generate(backbone, prompt, seed, policy=policy, **kw))
         runs["replay"].append(generate(backbone, prompt, seed, policy=replay, **kw))
+        runs["replay_entropy"].append(generate(backbone, prompt, seed, policy=replay_entropy, **kw))
 
     def med(kind: str, f) -> float:
         return statistics.median(f(r.trace) for r in runs[kind])
@@ -270,6 +282,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ideal = unpruned / executed
     measured, measured_loop = total["unpruned"] / total["pruned"], loop["unpruned"] / loop["pruned"]
     overhead = total["pruned"] - total["replay"]
+    entropy_ms = total["replay_entropy"] - total["replay"]
+    # Fixed cost of a scale whatever its tokens (launches, Python): the 1-token first scale, unpruned.
+    floor = statistics.median(r.trace.scales[0].time_ms for r in runs["unpruned"])
+    fixed = min(floor * n_scales, loop["unpruned"])
+    floor_ideal = loop["unpruned"] / (fixed + (loop["unpruned"] - fixed) / ideal)
     gs = gather_scatter_ms(trace, cfg_t.embed_dim, cfg_t.embed_dim // cfg_t.num_heads, device)
     same_bits = all(torch.equal(a, b) for a, b in zip(runs["pruned"][-1].bits, runs["replay"][-1].bits))
 
@@ -281,7 +298,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         per_scale.append({"scale": s_p.scale, "grid": f"{s_p.h}x{s_p.w}", "tokens": s_p.tokens,
                           "kept_token_layers": kept_share,
                           "unpruned_ms": statistics.median(r.trace.scales[s_p.scale].time_ms for r in runs["unpruned"]),
-                          "pruned_ms": statistics.median(r.trace.scales[s_p.scale].time_ms for r in runs["pruned"])})
+                          "pruned_ms": statistics.median(r.trace.scales[s_p.scale].time_ms for r in runs["pruned"]),
+                          "replay_ms": statistics.median(r.trace.scales[s_p.scale].time_ms for r in runs["replay"])})
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return {
         "bench": "pruning", "device": device_name, **_versions(),
@@ -297,6 +315,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "measured_speedup": measured, "measured_over_ideal": measured / ideal,
         "measured_speedup_loop": measured_loop, "loop_over_ideal": measured_loop / ideal,
         "decision_overhead_ms": overhead, "decision_overhead_share": overhead / total["pruned"],
+        "replay_entropy_ms": total["replay_entropy"], "entropy_overhead_ms": entropy_ms,
+        "logic_overhead_ms": overhead - entropy_ms,
+        "scale_floor_ms": floor, "floor_bound_speedup_loop": floor_ideal,
         "gather_scatter_ms": gs, "gather_scatter_share": gs / total["pruned"],
         "replay_bits_identical": same_bits, "per_scale": per_scale,
     }
@@ -322,6 +343,13 @@ def report(r: dict[str, Any]) -> str:
          f"{r['loop_over_ideal']:.2f} of ideal ({verdict(r['loop_over_ideal'] >= 0.85)} ≥ 0.85)"),
         ("decision overhead (ms, pruned − replay)", f"{r['decision_overhead_ms']:.1f}",
          f"{r['decision_overhead_share']:.1%} of pruned latency ({verdict(r['decision_overhead_share'] <= 0.05)} ≤ 5%)"),
+        ("  of which: entropy at the probe layers (ms)", f"{r['entropy_overhead_ms']:.1f}",
+         "replay with entropy requested − replay without"),
+        ("  of which: ρ_s, scores, sort, plans, host syncs, hooks (ms)", f"{r['logic_overhead_ms']:.1f}",
+         "pruned − replay with entropy"),
+        ("fixed cost per scale (ms)", f"{r['scale_floor_ms']:.1f}",
+         f"the unpruned 1-token scale; with it on all {r['scales']} scales the FLOP-ideal scale-loop speedup is "
+         f"{r['floor_bound_speedup_loop']:.2f}×"),
         ("gather/scatter/RoPE select (ms, estimate)", f"{r['gather_scatter_ms']:.1f}",
          f"{r['gather_scatter_share']:.1%} of pruned latency (in both pruned and replay runs)"),
         ("replay gives the same bits", str(r["replay_bits_identical"]), "entropy kernel vs SDPA at the probe layer"),
@@ -330,9 +358,10 @@ def report(r: dict[str, Any]) -> str:
              f"{r['device']} (median of {r['repeats']} after {r['warmup']} warm-up rounds)", "",
              "| quantity | value | notes |", "|---|---:|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    lines += ["", "| scale | grid | tokens | token-layers run | unpruned ms | pruned ms |", "|---:|---|---:|---:|---:|---:|"]
+    lines += ["", "| scale | grid | tokens | token-layers run | unpruned ms | pruned ms | replay ms |",
+              "|---:|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {s['scale']} | {s['grid']} | {s['tokens']} | {s['kept_token_layers']:.0%} | "
-              f"{s['unpruned_ms']:.2f} | {s['pruned_ms']:.2f} |" for s in r["per_scale"]]
+              f"{s['unpruned_ms']:.2f} | {s['pruned_ms']:.2f} | {s['replay_ms']:.2f} |" for s in r["per_scale"]]
     return "\n".join(lines)
 
 
