@@ -157,6 +157,7 @@ class _Checkpoint:
 
     def __init__(self, path: Path, every_s: float, max_minutes: float | None):
         self.path, self.every_s = path, every_s
+        path.parent.mkdir(parents=True, exist_ok=True)
         self.last = time.monotonic()
         self.deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
 
