@@ -100,6 +100,7 @@ GAP, MARGIN, RELATION_MARGIN = 0.03, 0.02, 0.2
 P_SIZE, P_TEXTURE, P_BACKGROUND, P_LOCATION, P_COLOR = 0.4, 0.4, 0.3, 0.4, 0.5
 
 _HELDOUT_SET = frozenset(HELDOUT_PAIRS)
+_RELATION_NAMES, _LOCATION_NAMES = tuple(RELATIONS), tuple(LOCATIONS)
 _SMALLER = {"large": "medium", "medium": "small", "small": "small"}
 _TRAIN_COLORS = {s: tuple(c for c in COLOR_NAMES if (c, s) not in _HELDOUT_SET) for s in SHAPES}
 
@@ -205,28 +206,45 @@ def _place_single(rng: random.Random, ext: float, location: str | None) -> tuple
     return _uniform(rng, *x), _uniform(rng, *y)
 
 
-def _place_many(rng: random.Random, exts: list[float], relation: str | None) -> list[tuple[float, float]] | None:
+def _place_many(rng: random.Random, exts: list[float]) -> list[tuple[float, float]] | None:
     """Rejection-sample non-overlapping centres; None when this set of sizes did not fit."""
+    rnd = rng.random
     for _ in range(50):
-        pts: list[tuple[float, float]] = []
+        pts: list[tuple[float, float, float]] = []
         for e in exts:
             lo, span = e + MARGIN, 1.0 - 2 * (e + MARGIN)
             for _ in range(30):
-                x, y = lo + span * rng.random(), lo + span * rng.random()
-                if all((x - px) ** 2 + (y - py) ** 2 >= (e + pe + GAP) ** 2 for (px, py), pe in zip(pts, exts)):
-                    pts.append((x, y))
+                x, y = lo + span * rnd(), lo + span * rnd()
+                for px, py, pe in pts:
+                    if (x - px) ** 2 + (y - py) ** 2 < (e + pe + GAP) ** 2:
+                        break
+                else:
+                    pts.append((x, y, e))
                     break
             else:
                 break
-        if len(pts) < len(exts):
+        if len(pts) == len(exts):
+            return [(x, y) for x, y, _ in pts]
+    return None
+
+
+def _place_pair(rng: random.Random, ea: float, eb: float, relation: str) -> list[tuple[float, float]] | None:
+    """Centres of a <relation> b: apart by RELATION_MARGIN or more along the relation's axis, and
+    more along it than across it, so the relation is the obvious reading of the picture."""
+    rnd = rng.random
+    lo = max(ea, eb) + MARGIN
+    span = 1.0 - 2 * lo
+    for _ in range(200):
+        u1, u2, v1, v2 = lo + span * rnd(), lo + span * rnd(), lo + span * rnd(), lo + span * rnd()
+        main = abs(u1 - u2)
+        if main < RELATION_MARGIN or abs(v1 - v2) > main or main * main + (v1 - v2) ** 2 < (ea + eb + GAP) ** 2:
             continue
-        if relation is not None:
-            (ax, ay), (bx, by) = pts
-            main, other = {"left_of": (bx - ax, by - ay), "right_of": (ax - bx, ay - by),
-                           "above": (by - ay, bx - ax), "below": (ay - by, ax - bx)}[relation]
-            if main < RELATION_MARGIN or abs(other) > main:
-                continue
-        return pts
+        first, second = min(u1, u2), max(u1, u2)  # a before b along the axis
+        if relation in ("right_of", "below"):
+            first, second = second, first
+        if relation in ("left_of", "right_of"):
+            return [(first, v1), (second, v2)]
+        return [(v1, first), (v2, second)]
     return None
 
 
@@ -234,7 +252,10 @@ def _sample_scene(rng: random.Random, split: str) -> Scene:
     heldout, train = split == "heldout", split == "train"
     kinds = HELDOUT_KINDS if heldout else KINDS
     kind = kinds[int(rng.random() * len(kinds))]
-    rnd, choice = rng.random, rng.choice
+    rnd = rng.random
+
+    def choice(seq):  # rng.choice, at a third of the cost
+        return seq[int(rnd() * len(seq))]
 
     def color_for(shape: str, exclude: str | None = None) -> str:
         while True:
@@ -265,7 +286,7 @@ def _sample_scene(rng: random.Random, split: str) -> Scene:
     else:  # two objects of different shapes
         shapes = rng.sample(SHAPES, 2)
         if kind == "position":
-            relation = choice(tuple(RELATIONS))
+            relation = choice(_RELATION_NAMES)
             mention_color = heldout or rnd() < P_COLOR
         else:
             mention_color = kind == "attribute_binding"
@@ -296,10 +317,11 @@ def _sample_scene(rng: random.Random, split: str) -> Scene:
         textures = [choice(TEXTURES) for _ in range(n)]
 
     if n == 1:
-        location = choice(tuple(LOCATIONS)) if rnd() < P_LOCATION else None
+        location = choice(_LOCATION_NAMES) if rnd() < P_LOCATION else None
         pts = [_place_single(rng, _extent(shapes[0], sizes[0]), location)]
     else:
-        while (pts := _place_many(rng, [_extent(s, z) for s, z in zip(shapes, sizes)], relation)) is None:
+        while (pts := _place_many(rng, [_extent(s, z) for s, z in zip(shapes, sizes)]) if relation is None
+               else _place_pair(rng, _extent(shapes[0], sizes[0]), _extent(shapes[1], sizes[1]), relation)) is None:
             sizes = [_SMALLER[z] for z in sizes]  # rare: shrink and retry
     objects = tuple(SceneObject(s, c, z, t, x, y) for s, c, z, t, (x, y) in zip(shapes, colors, sizes, textures, pts))
     return Scene(
