@@ -2,15 +2,20 @@
 exact Shannon entropy of every softmax row (the paper's Algorithm 2).
 
 Per query block the kernel keeps, beside the running max m and exp-sum l, a third running sum
-e = Σ p̃ (s - m) in the log2 domain (scores pre-multiplied by scale·log2(e), so exponentials are
-`exp2`); at the end  H = ln l - ln2 · e / l  nats. The shifted form keeps sharp rows (H → 0)
-accurate. `WITH_ENTROPY` is a compile-time flag: the same kernel without it is plain attention,
-so the entropy's cost is measured against an otherwise identical kernel.
+e = Σ p̃ (s - m) in the log2 domain (s = scale·log2(e)·q·k, so exponentials are `exp2`); at the
+end  H = ln l - ln2 · e / l  nats. The shifted form keeps sharp rows (H → 0) accurate, and costs
+one FMA per score: d = s - m is computed anyway as the exponent of p̃ = 2^d. `WITH_ENTROPY` is a
+compile-time flag: the same kernel without it is plain attention, so the entropy's cost is
+measured against an otherwise identical kernel.
 
 Key blocks that are full run unmasked; only the last, partial key block is masked. Rows past
-Lq are loaded as zeros and never stored.
+Lq are loaded as zeros and never stored. On Hopper, K and V blocks can come through the tensor
+memory accelerator (`USE_TMA`, host-side descriptors over the (B, H, L, D) tensors: rows past
+Lk come back as zeros, never another head's keys).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -21,43 +26,73 @@ LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
 NEG_BIG = tl.constexpr(-1.0e30)  # finite "-inf": keeps 0 · (-big) = 0 in the entropy sums
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on CUDA.
-CUDA_CONFIGS = [
-    (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4),
-]
-
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, e_i, q, k_ptrs, v_ptrs, start_n, Lk, qk_scale,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
+def _softmax_update(acc, m_i, l_i, e_i, qk, v, offs_n, Lk, qk_scale,
+                    MASKED: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    SUM_MODE: tl.constexpr):
+    """Fold one block of raw scores qk = q·kᵀ (BLOCK_M, BLOCK_N) and its values v into the state."""
     if MASKED:
-        k = tl.load(k_ptrs, mask=offs_n[None, :] < Lk, other=0.0)
-        v = tl.load(v_ptrs, mask=offs_n[:, None] < Lk, other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-    if MASKED:
-        s = tl.where(offs_n[None, :] < Lk, s, NEG_BIG)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+        qk = tl.where(offs_n[None, :] < Lk, qk, NEG_BIG)
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # scale > 0: the max commutes with it
+    d = qk * qk_scale - m_new[:, None]  # one FMA: log2-domain score minus the running max
+    p = tl.math.exp2(d)  # ex2.approx.ftz: one MUFU op
     alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
+    # SUM_MODE (experimental): where the row sums go relative to the P·V dot in source order.
+    # 0: both before; 1: both before, one fused reduction; 2: l before, e after; 3: l after, e before;
+    # 4: both after.
+    L_AFTER: tl.constexpr = SUM_MODE == 3 or SUM_MODE == 4
+    E_AFTER: tl.constexpr = SUM_MODE == 2 or SUM_MODE == 4
+    l_old = l_i
     if WITH_ENTROPY:
-        e_i = alpha * (e_i + l_i * (m_i - m_new)) + tl.sum(p * (s - m_new[:, None]), 1)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        e_i = alpha * (e_i + l_i * (m_i - m_new))
+    if SUM_MODE == 1 and WITH_ENTROPY:
+        l_b, e_b = tl.reduce((p, p * d), 1, _add2)
+        e_i += e_b
+        l_i = l_i * alpha + l_b
+    else:
+        if not L_AFTER:
+            l_i = l_i * alpha + tl.sum(p, 1)
+        if WITH_ENTROPY and not E_AFTER:
+            e_i += tl.sum(p * d, 1)  # one FMA per score
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    if L_AFTER:
+        l_i = l_old * alpha + tl.sum(p, 1)
+    if WITH_ENTROPY and E_AFTER:
+        e_i += tl.sum(p * d, 1)
     return acc, m_new, l_i, e_i
 
 
 @triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _load_kv(K, V, k_ptrs, v_ptrs, b, h, start_n, skn, svn, Lk, offs_n,
+             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    """k as (HEAD_DIM, BLOCK_N), v as (BLOCK_N, HEAD_DIM) for keys start_n + [0, BLOCK_N)."""
+    if USE_TMA:  # the copy engine zero-fills rows past Lk: no mask needed
+        k = K.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM).T
+        v = V.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+    elif MASKED:
+        k = tl.load(k_ptrs + start_n * skn, mask=(start_n + offs_n)[None, :] < Lk, other=0.0)
+        v = tl.load(v_ptrs + start_n * svn, mask=(start_n + offs_n)[:, None] < Lk, other=0.0)
+    else:
+        k = tl.load(k_ptrs + start_n * skn)
+        v = tl.load(v_ptrs + start_n * svn)
+    return k, v
+
+
+@triton.jit(do_not_specialize=["H", "Lq", "Lk"])  # one binary for every shape of a head dim
 def _fae_fwd(Q, K, V, O, E, qk_scale,
              sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
              seb, seh, sem,
              H, Lq, Lk,
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             WITH_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr):
+             WITH_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+             PIPE_QK: tl.constexpr, SUM_MODE: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -67,8 +102,11 @@ def _fae_fwd(Q, K, V, O, E, qk_scale,
     offs_n = tl.arange(0, BLOCK_N)
     q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
     q = tl.load(q_ptrs, mask=offs_m[:, None] < Lq, other=0.0)
-    k_ptrs = K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd  # (D, BLOCK_N)
-    v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd  # (BLOCK_N, D)
+    k_ptrs = K  # unused with TMA
+    v_ptrs = V
+    if not USE_TMA:
+        k_ptrs = K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd  # (D, BLOCK_N)
+        v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd  # (BLOCK_N, D)
 
     m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -76,14 +114,34 @@ def _fae_fwd(Q, K, V, O, E, qk_scale,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     n_full = (Lk // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i, e_i = _attend_block(acc, m_i, l_i, e_i, q, k_ptrs, v_ptrs, start_n, Lk, qk_scale,
-                                           BLOCK_N, False, WITH_ENTROPY, DOT_PRECISION)
-        k_ptrs += BLOCK_N * skn
-        v_ptrs += BLOCK_N * svn
-    if n_full < Lk:
-        acc, m_i, l_i, e_i = _attend_block(acc, m_i, l_i, e_i, q, k_ptrs, v_ptrs, n_full, Lk, qk_scale,
-                                           BLOCK_N, True, WITH_ENTROPY, DOT_PRECISION)
+    if PIPE_QK:
+        # Software pipelining: the next block's q·kᵀ is issued before this block's softmax, so the
+        # tensor cores work while the exponentials run.
+        if n_full > 0:
+            k, v = _load_kv(K, V, k_ptrs, v_ptrs, b, h, 0, skn, svn, Lk, offs_n, BLOCK_N, HEAD_DIM, False, USE_TMA)
+            qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+            for start_n in range(BLOCK_N, n_full, BLOCK_N):
+                k_next, v_next = _load_kv(K, V, k_ptrs, v_ptrs, b, h, start_n, skn, svn, Lk, offs_n, BLOCK_N,
+                                          HEAD_DIM, False, USE_TMA)
+                qk_next = tl.dot(q, k_next, input_precision=DOT_PRECISION)
+                acc, m_i, l_i, e_i = _softmax_update(acc, m_i, l_i, e_i, qk, v, offs_n, Lk, qk_scale,
+                                                     False, WITH_ENTROPY, DOT_PRECISION, SUM_MODE)
+                qk = qk_next
+                v = v_next
+            acc, m_i, l_i, e_i = _softmax_update(acc, m_i, l_i, e_i, qk, v, offs_n, Lk, qk_scale,
+                                                 False, WITH_ENTROPY, DOT_PRECISION, SUM_MODE)
+    else:
+        for start_n in range(0, n_full, BLOCK_N):
+            k, v = _load_kv(K, V, k_ptrs, v_ptrs, b, h, start_n, skn, svn, Lk, offs_n, BLOCK_N, HEAD_DIM, False,
+                            USE_TMA)
+            qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+            acc, m_i, l_i, e_i = _softmax_update(acc, m_i, l_i, e_i, qk, v, start_n + offs_n, Lk, qk_scale,
+                                                 False, WITH_ENTROPY, DOT_PRECISION, SUM_MODE)
+    if n_full < Lk:  # the ragged last key block, masked
+        k, v = _load_kv(K, V, k_ptrs, v_ptrs, b, h, n_full, skn, svn, Lk, offs_n, BLOCK_N, HEAD_DIM, True, USE_TMA)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        acc, m_i, l_i, e_i = _softmax_update(acc, m_i, l_i, e_i, qk, v, n_full + offs_n, Lk, qk_scale,
+                                             True, WITH_ENTROPY, DOT_PRECISION, SUM_MODE)
 
     out = acc / l_i[:, None]
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
@@ -93,34 +151,80 @@ def _fae_fwd(Q, K, V, O, E, qk_scale,
         tl.store(E + b * seb + h * seh + offs_m * sem, ent, mask=offs_m < Lq)
 
 
-_autotuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in CUDA_CONFIGS],
-    key=["Lq", "Lk", "HEAD_DIM", "WITH_ENTROPY"],
-)(_fae_fwd)
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def fae_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, with_entropy: bool,
-                config: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the kernel. `config=(BLOCK_M, BLOCK_N, num_warps, num_stages)` pins a configuration
-    (used by the interpreter tests); None autotunes over CUDA_CONFIGS per shape."""
+def _tma_ok(t: torch.Tensor) -> bool:
+    """Host descriptors need Hopper+, 16-byte aligned base and strides, and a contiguous last dim."""
+    if _interpreting() or not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] < 9:
+        return False
+    es = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * es) % 16 == 0 for s in t.stride()[:-1])
+
+
+def _smem_bytes(bm: int, bn: int, stages: int, D: int, itemsize: int) -> int:
+    return (bm * D + stages * 2 * bn * D) * itemsize  # q + `stages` buffers of k and v
+
+
+SMEM_LIMIT = 227 * 1024 - 2048  # Hopper's per-block limit, less room for barriers
+
+
+def pick_config(Lq: int, Lk: int, D: int, itemsize: int = 2) -> tuple[int, int, int, int, bool]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, PIPE_QK) by shape, from the H100 sweeps in
+    kernels/NOTES.md; smaller tiles where the shared memory would not hold them. fp32 (exact `ieee`
+    dots on the FMA units, for correctness checks) takes small tiles: larger ones spill heavily."""
+    if itemsize == 4:
+        return (32, 32, 4, 2, False)
+    first = (128, 128, 8, 3, False) if Lq >= 1024 else (64, 64, 4, 3, False)
+    for cfg in (first, (64, 64, 4, 3, False), (64, 64, 4, 2, False), (32, 32, 4, 2, False)):
+        if _smem_bytes(cfg[0], cfg[1], cfg[3], D, itemsize) <= SMEM_LIMIT:
+            return cfg
+    return (16, 16, 4, 1, False)
+
+
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, with_entropy: bool,
+           config: tuple[int, int, int, int] | None = None, use_tma: bool | None = None,
+           pipe_qk: bool | None = None, sum_mode: int = 2):
+    """`fae_forward`, also returning the compiled kernel (registers, spills) for the tuner."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
+    if scale < 0:  # the kernel folds the scale into an FMA after the row max, which needs scale >= 0
+        q, scale = -q, -scale
+    bm, bn, warps, stages, pipe = pick_config(Lq, Lk, D, q.element_size())
+    if config is not None:
+        bm, bn, warps, stages = config
+    pipe = pipe if pipe_qk is None else pipe_qk
+    if use_tma is None:  # tuned for 16-bit operands; fp32 keeps plain loads
+        use_tma = q.element_size() == 2 and _tma_ok(k) and _tma_ok(v)
     out = torch.empty_like(q)
     ent = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32) if with_entropy else out
     e_strides = ent.stride()[:3] if with_entropy else (0, 0, 0)
-    args = (q, k, v, out, ent, scale * LOG2E,
+    kk, vv = k, v
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        kk = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, bn, D])
+        vv = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, bn, D])
+    args = (q, kk, vv, out, ent, scale * LOG2E,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *e_strides, H, Lq, Lk)
     # fp32 operands: full-precision dots (Triton's default for fp32 would be tf32, ~3e-4 error).
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    if config is None:
-        grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _autotuned[grid](*args, HEAD_DIM=D, WITH_ENTROPY=with_entropy, DOT_PRECISION=precision)
-    else:
-        bm, bn, warps, stages = config
-        _fae_fwd[(triton.cdiv(Lq, bm), B * H)](*args, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
-                                               WITH_ENTROPY=with_entropy, DOT_PRECISION=precision, num_warps=warps, num_stages=stages)
-    return out, (ent if with_entropy else None)
+    kernel = _fae_fwd[(triton.cdiv(Lq, bm), B * H)](
+        *args, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, WITH_ENTROPY=with_entropy, DOT_PRECISION=precision,
+        USE_TMA=use_tma, PIPE_QK=pipe, SUM_MODE=sum_mode, num_warps=warps, num_stages=stages)
+    return out, (ent if with_entropy else None), kernel
+
+
+def fae_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, with_entropy: bool,
+                config: tuple[int, int, int, int] | None = None, use_tma: bool | None = None,
+                pipe_qk: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the kernel: `(out, entropy or None)`. `config=(BLOCK_M, BLOCK_N, num_warps, num_stages)`
+    pins the tiling (the interpreter tests use small ones); None picks one by shape (`pick_config`).
+    `use_tma`, `pipe_qk`: None = the default (TMA where the hardware and strides allow)."""
+    out, ent, _ = launch(q, k, v, scale, with_entropy, config, use_tma, pipe_qk)
+    return out, ent
 
 
 def supported(q: torch.Tensor) -> bool:
@@ -128,4 +232,4 @@ def supported(q: torch.Tensor) -> bool:
     return d >= 16 and d <= 256 and (d & (d - 1)) == 0 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
-__all__ = ["fae_forward", "supported", "CUDA_CONFIGS"]
+__all__ = ["fae_forward", "launch", "supported", "pick_config"]

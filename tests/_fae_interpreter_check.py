@@ -19,26 +19,31 @@ def rel(a, b):
 
 
 failures = []
-for B, H, Lq, Lk, D in [(1, 2, 19, 45, 16), (2, 1, 16, 16, 32), (1, 1, 7, 33, 64), (1, 1, 20, 37, 128)]:
-    q, k, v = torch.randn(B, H, Lq, D), torch.randn(B, H, Lk, D), torch.randn(B, H, Lk, D)
-    scale = float(torch.rand(()) * 0.5 + 0.05)
-    out, ent = fae_forward(q, k, v, scale, True, config=CONFIG)
-    ref_out, ref_ent = attention_entropy_reference(q.double(), k.double(), v.double(), scale)
-    plain, none = fae_forward(q, k, v, scale, False, config=CONFIG)
-    if not (rel(out, ref_out) <= 1e-5 and rel(ent, ref_ent) <= 1e-5):
-        failures.append(f"{(B, H, Lq, Lk, D)}: out {rel(out, ref_out):.2e} entropy {rel(ent, ref_ent):.2e}")
-    if none is not None or not torch.equal(plain, out):
-        failures.append(f"{(B, H, Lq, Lk, D)}: no-entropy variant differs")
-    # Flat rows (q = 0): uniform attention, entropy log Lk. Sharp rows: q aligned with one key.
-    flat, flat_ent = fae_forward(torch.zeros_like(q), k, v, scale, True, config=CONFIG)
-    if (flat_ent - math.log(Lk)).abs().max() > 1e-5 or rel(flat, v.mean(2, keepdim=True).expand_as(flat)) > 1e-5:
-        failures.append(f"{(Lq, Lk)}: flat rows entropy {flat_ent.mean():.6f} vs log Lk {math.log(Lk):.6f}")
-    kn = torch.nn.functional.normalize(k, dim=-1)
-    target = torch.randint(0, Lk, (Lq,))
-    sharp_q = kn[:, :, target] * 200.0
-    _, sharp_ent = fae_forward(sharp_q, kn, v, 1.0, True, config=CONFIG)
-    _, sharp_ref = attention_entropy_reference(sharp_q.double(), kn.double(), v.double(), 1.0)
-    if sharp_ent.max() > 1e-3 or (sharp_ent.double() - sharp_ref.double()).abs().max() > 1e-5:
-        failures.append(f"{(Lq, Lk)}: sharp rows entropy max {sharp_ent.max():.2e}")
+SHAPES = [(1, 2, 19, 45, 16), (2, 1, 16, 16, 32), (1, 1, 7, 33, 64), (1, 1, 20, 37, 128), (1, 1, 5, 9, 32)]
+# (use_tma, pipe_qk): every load path and loop shape of the kernel; the last shape has no full key block.
+for use_tma, pipe_qk in [(False, False), (True, False), (False, True), (True, True)]:
+    kw = dict(config=CONFIG, use_tma=use_tma, pipe_qk=pipe_qk)
+    tag = f"tma={use_tma} pipe={pipe_qk}"
+    for B, H, Lq, Lk, D in SHAPES:
+        q, k, v = torch.randn(B, H, Lq, D), torch.randn(B, H, Lk, D), torch.randn(B, H, Lk, D)
+        scale = float(torch.rand(()) * 0.5 + 0.05) * (-1 if Lk == 9 else 1)  # one negative scale
+        out, ent = fae_forward(q, k, v, scale, True, **kw)
+        ref_out, ref_ent = attention_entropy_reference(q.double(), k.double(), v.double(), scale)
+        plain, none = fae_forward(q, k, v, scale, False, **kw)
+        if not (rel(out, ref_out) <= 1e-5 and rel(ent, ref_ent) <= 1e-5):
+            failures.append(f"{tag} {(B, H, Lq, Lk, D)}: out {rel(out, ref_out):.2e} entropy {rel(ent, ref_ent):.2e}")
+        if none is not None or not torch.equal(plain, out):
+            failures.append(f"{tag} {(B, H, Lq, Lk, D)}: no-entropy variant differs")
+        # Flat rows (q = 0): uniform attention, entropy log Lk. Sharp rows: q aligned with one key.
+        flat, flat_ent = fae_forward(torch.zeros_like(q), k, v, scale, True, **kw)
+        if (flat_ent - math.log(Lk)).abs().max() > 1e-5 or rel(flat, v.mean(2, keepdim=True).expand_as(flat)) > 1e-5:
+            failures.append(f"{tag} {(Lq, Lk)}: flat rows entropy {flat_ent.mean():.6f} vs log Lk {math.log(Lk):.6f}")
+        kn = torch.nn.functional.normalize(k, dim=-1)
+        target = torch.randint(0, Lk, (Lq,))
+        sharp_q = kn[:, :, target] * 200.0
+        _, sharp_ent = fae_forward(sharp_q, kn, v, 1.0, True, **kw)
+        _, sharp_ref = attention_entropy_reference(sharp_q.double(), kn.double(), v.double(), 1.0)
+        if sharp_ent.max() > 1e-3 or (sharp_ent.double() - sharp_ref.double()).abs().max() > 1e-5:
+            failures.append(f"{tag} {(Lq, Lk)}: sharp rows entropy max {sharp_ent.max():.2e}")
 print("\n".join(failures) or "ok")
 sys.exit(1 if failures else 0)
