@@ -14,6 +14,7 @@ anti-aliased edges) that runs on any device.
 from __future__ import annotations
 
 import colorsys
+import itertools
 import math
 import random
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ GAP, MARGIN, RELATION_MARGIN = 0.03, 0.02, 0.2
 P_SIZE, P_TEXTURE, P_BACKGROUND, P_LOCATION, P_COLOR = 0.4, 0.4, 0.3, 0.4, 0.5
 
 _HELDOUT_SET = frozenset(HELDOUT_PAIRS)
+_SHAPE_PAIRS = tuple((a, b) for a in SHAPES for b in SHAPES if a != b)
 _RELATION_NAMES, _LOCATION_NAMES = tuple(RELATIONS), tuple(LOCATIONS)
 _SMALLER = {"large": "medium", "medium": "small", "small": "small"}
 _TRAIN_COLORS = {s: tuple(c for c in COLOR_NAMES if (c, s) not in _HELDOUT_SET) for s in SHAPES}
@@ -284,7 +286,7 @@ def _sample_scene(rng: random.Random, split: str) -> Scene:
         shapes = [shape] * n
         colors = [color] * n if mention_color else [color_for(shape) for _ in range(n)]
     else:  # two objects of different shapes
-        shapes = rng.sample(SHAPES, 2)
+        shapes = list(choice(_SHAPE_PAIRS))
         if kind == "position":
             relation = choice(_RELATION_NAMES)
             mention_color = heldout or rnd() < P_COLOR
@@ -461,38 +463,53 @@ _TEXTURE_ID = {t: i for i, t in enumerate(TEXTURES)}
 _BG_ID = {b: i for i, b in enumerate(BACKGROUNDS)}
 _NOISE_GRID = 5
 _SQRT3 = math.sqrt(3.0)
+_COLORS_01 = {name: tuple(c / 255 for c in rgb) for name, rgb in COLORS.items()}
 _CPU_CHUNK = 64  # scenes per step on the CPU: keeps the working set in cache
 
 
-def _background_params(seed: int) -> list[float]:
-    """Two desaturated tones, a gradient angle and a noise grid, all from the scene's bg_seed."""
-    r = random.Random(seed)
-    v1 = _uniform(r, 0.35, 0.92)
-    v2 = v1 + (1 if v1 < 0.6 else -1) * _uniform(r, 0.2, 0.4)
-    tones = []
-    for v in (v1, v2):
-        tones += colorsys.hsv_to_rgb(r.random(), _uniform(r, 0.0, 0.12), v)
-    return tones + [r.random() * 2 * math.pi] + [r.random() for _ in range(_NOISE_GRID ** 2)]
+def _hash_uniform(seeds: torch.Tensor, count: int) -> torch.Tensor:
+    """(N, count) uniforms in [0, 1) from int64 seeds by an integer hash: exact integer arithmetic
+    (no product exceeds 2**62), so every device draws the same numbers."""
+    mask = 0x7FFFFFFF
+    k = torch.arange(1, count + 1, device=seeds.device, dtype=torch.int64)
+    x = (seeds.view(-1, 1) & mask) ^ ((k * 0x2545F491) & mask)
+    for _ in range(3):
+        x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & mask
+        x = ((x ^ (x >> 13)) * 0x297A2D39) & mask
+    return (x >> 7).to(torch.float32) / float(1 << 24)
+
+
+def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    k = (torch.tensor([5.0, 3.0, 1.0], device=h.device) + 6 * h.unsqueeze(-1)) % 6
+    return v.unsqueeze(-1) * (1 - s.unsqueeze(-1) * torch.minimum(k, 4 - k).clamp(0, 1))
 
 
 def _backgrounds(scenes: Sequence[Scene], size: int, device: torch.device) -> torch.Tensor:
-    """(N, size, size, 3) in [0, 1]: c1 -> c2 along t, t = 0 (flat), a linear ramp or smooth noise."""
-    params = torch.tensor([_background_params(s.bg_seed) for s in scenes], dtype=torch.float32).to(device)
-    c1, c2, angle = params[:, 0:3], params[:, 3:6], params[:, 6]
+    """(N, size, size, 3) in [0, 1]: tone c1 -> c2 along t, t = 0 (flat), a linear ramp at a random
+    angle (gradient) or a bicubically upsampled 5x5 grid (noise: smooth, so a VAE can rebuild it).
+    Tones are desaturated (HSV saturation <= 0.12) and every number comes from the scene's bg_seed."""
+    seeds = torch.tensor([s.bg_seed for s in scenes], dtype=torch.int64, device=device)
+    u = _hash_uniform(seeds, 7 + _NOISE_GRID ** 2)
+    v1 = 0.35 + 0.57 * u[:, 0]
+    v2 = v1 + torch.where(v1 < 0.6, 1.0, -1.0) * (0.2 + 0.2 * u[:, 1])
+    c1 = _hsv_to_rgb(u[:, 2], 0.12 * u[:, 3], v1)
+    c2 = _hsv_to_rgb(u[:, 4], 0.12 * u[:, 5], v2)
+    angle = 2 * math.pi * u[:, 6]
     kind = [_BG_ID[s.background] for s in scenes]
     t = torch.zeros(len(scenes), size, size, 1, device=device)
-    u = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size - 0.5
+    p = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size - 0.5
     if grad := [i for i, k in enumerate(kind) if k == 1]:
         a = angle[grad].view(-1, 1, 1)
-        t[grad, :, :, 0] = 0.5 + (u.view(1, 1, -1) * a.cos() + u.view(1, -1, 1) * a.sin()) / 1.2
+        t[grad, :, :, 0] = 0.5 + (p.view(1, 1, -1) * a.cos() + p.view(1, -1, 1) * a.sin()) / 1.2
     if noise := [i for i, k in enumerate(kind) if k == 2]:
-        grid = params[noise, 7:].view(-1, 1, _NOISE_GRID, _NOISE_GRID)
+        grid = u[noise, 7:].view(-1, 1, _NOISE_GRID, _NOISE_GRID)
         t[noise, :, :, 0] = F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=True)[:, 0]
     return torch.lerp(c1.view(-1, 1, 1, 3), c2.view(-1, 1, 1, 3), t.clamp_(0, 1))
 
 
-def _sdf(name: str, x: torch.Tensor, y: torch.Tensor, r: float) -> torch.Tensor:
-    """Signed distance in pixels (negative inside) of a shape of radius r centred at x = y = 0."""
+def _sdf(name: str, x: torch.Tensor, y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Signed distance in pixels (negative inside) of a shape of radius r centred at x = y = 0;
+    x (M, 1, P), y (M, P, 1), r (M, 1, 1) -> (M, P, P)."""
     if name == "circle":
         return torch.sqrt(x * x + y * y) - r
     if name == "square":
@@ -510,7 +527,7 @@ def _sdf(name: str, x: torch.Tensor, y: torch.Tensor, r: float) -> torch.Tensor:
         x, y = x - 2 * dot * kx, y - 2 * dot * k1y
     x, y = x.abs(), y - R
     bax, bay = STAR_INNER * -k1y, STAR_INNER * k1x - 1.0
-    h = ((x * bax + y * bay) / (bax * bax + bay * bay)).clamp(0, R)
+    h = torch.minimum(((x * bax + y * bay) / (bax * bax + bay * bay)).clamp(min=0), R)
     dx, dy = x - bax * h, y - bay * h
     return torch.sqrt(dx * dx + dy * dy) * torch.sign(y * bax - x * bay)
 
@@ -530,39 +547,43 @@ def _darkening(texture: torch.Tensor, ax: torch.Tensor, ay: torch.Tensor, unit: 
 def _render_nhwc(scenes: Sequence[Scene], size: int, device: torch.device) -> torch.Tensor:
     """(N, size, size, 3) in [0, 1].
 
-    Objects are drawn per (size, shape) group, each in a square patch around it (analytic SDF,
+    Objects are drawn in groups of one shape, each in a square patch around it (analytic SDF,
     coverage clamp(0.5 - sdf, 0, 1)), and the patches are added onto the canvas. Objects never
     overlap, so each pixel receives at most one non-zero coverage: the sum is exact and does not
-    depend on the order of the additions.
+    depend on the order. On the CPU groups are split by size too (patches fit each size: fewer
+    pixels); on a GPU fewer, larger groups mean fewer kernel launches.
     """
     n = len(scenes)
     bg = _backgrounds(scenes, size, device)
-    groups: dict[tuple[str, str], list] = {}
-    for i, s in enumerate(scenes):
-        for o in s.objects:
-            groups.setdefault((o.size, o.shape), []).append(
-                (i, _TEXTURE_ID[o.texture], o.cx * size, o.cy * size, *(c / 255 for c in COLORS[o.color])))
+    per_size = device.type == "cpu"
+    rows = sorted(
+        (_SHAPE_ID[o.shape], SIZES[o.size] if per_size else 0.0, i, _TEXTURE_ID[o.texture], o.cx * size,
+         o.cy * size, SIZES[o.size] * size, *_COLORS_01[o.color])
+        for i, s in enumerate(scenes) for o in s.objects)
+    if not rows:
+        return bg
+    data = torch.tensor(rows, dtype=torch.float64, device=device)  # one host -> device copy
     rgb_acc = torch.zeros(n * size * size, 3, device=device)   # premultiplied colour
     cov_acc = torch.zeros(n * size * size, device=device)      # coverage
     unit = size / 128
-    for (size_name, shape), rows in groups.items():
-        radius = SIZES[size_name] * size
-        t = torch.tensor(rows, dtype=torch.float64)
-        scene_id, texture = t[:, 0].long().to(device), t[:, 1].long().to(device)
-        cx, cy = t[:, 2:3].float(), t[:, 3:4].float()
-        patch = int(math.ceil(2 * radius * SHAPE_EXTENT[shape])) + 4
-        offs = torch.arange(patch) - patch // 2
+    start = 0
+    for _, group in itertools.groupby(rows, key=lambda r: r[:2]):
+        group = list(group)
+        d, start = data[start:start + len(group)], start + len(group)
+        shape = SHAPES[group[0][0]]
+        patch = int(math.ceil(2 * max(r[6] for r in group) * SHAPE_EXTENT[shape])) + 4
+        offs = torch.arange(patch, device=device) - patch // 2
+        scene_id, texture = d[:, 2].long(), d[:, 3].long()
+        cx, cy, radius = d[:, 4:5].float(), d[:, 5:6].float(), d[:, 6].float().view(-1, 1, 1)
         gx, gy = cx.floor().long() + offs, cy.floor().long() + offs  # (M, P) image pixel indices
-        x = (gx.float() + 0.5 - cx).to(device).view(-1, 1, patch)     # broadcast to (M, P, P)
-        y = (gy.float() + 0.5 - cy).to(device).view(-1, patch, 1)
-        gx, gy = gx.to(device), gy.to(device)
+        x = (gx + 0.5 - cx).view(-1, 1, patch)                         # broadcast to (M, P, P)
+        y = (gy + 0.5 - cy).view(-1, patch, 1)
         inside = ((gx >= 0) & (gx < size)).view(-1, 1, patch) & ((gy >= 0) & (gy < size)).view(-1, patch, 1)
         alpha = (0.5 - _sdf(shape, x, y, radius)).clamp_(0, 1) * inside
-        ax, ay = x + cx.to(device).view(-1, 1, 1), y + cy.to(device).view(-1, 1, 1)
-        shade = 1 - (1 - SHADE) * _darkening(texture, ax, ay, unit)
+        shade = 1 - (1 - SHADE) * _darkening(texture, x + cx.view(-1, 1, 1), y + cy.view(-1, 1, 1), unit)
         flat = ((scene_id.view(-1, 1, 1) * size + gy.clamp(0, size - 1).view(-1, patch, 1)) * size
                 + gx.clamp(0, size - 1).view(-1, 1, patch)).reshape(-1)
-        rgb = t[:, 4:7].float().to(device).view(-1, 1, 1, 3)
+        rgb = d[:, 7:10].float().view(-1, 1, 1, 3)
         rgb_acc.index_add_(0, flat, ((alpha * shade).unsqueeze(-1) * rgb).reshape(-1, 3))
         cov_acc.index_add_(0, flat, alpha.reshape(-1))
     cov = cov_acc.view(n, size, size, 1)
