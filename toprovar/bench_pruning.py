@@ -219,7 +219,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from toprovar.flops import trace_flops
     from toprovar.models.registry import build_backbone
     from toprovar.pipeline import generate
-    from toprovar.schedules import scale_schedule
     from toprovar.trace import record_kept_tokens
 
     if args.smoke:
@@ -230,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         device, dtype, name = torch.device("cuda"), torch.bfloat16, args.backbone or "infinity-2b"
     spec = random_spec(name)
     pixels = args.pixels or spec.pixels
-    schedule = scale_schedule(1.0, pixels)
+    schedule = spec.schedules.scale_schedule(1.0, pixels)
     cfg_t = spec.transformer
     depth, n_scales = cfg_t.depth, len(schedule)
     min_scale = n_scales // 2 if args.min_scale is None else args.min_scale

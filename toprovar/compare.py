@@ -303,7 +303,6 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
     from toprovar.models import registry
     from toprovar.pipeline import generate
     from toprovar.plots import plot_pruned_tokens, save_labelled_grid, slug
-    from toprovar.schedules import scale_schedule
     from toprovar.trace import record_kept_tokens
 
     group = cfg["backbone"]
@@ -319,7 +318,7 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
         value = cfg.get(key) if cfg.get(key) is not None else group.get(key)
         if value is not None:
             settings[key] = value
-    schedule = scale_schedule(settings.get("h_div_w", 1.0), settings.get("pixels") or spec.pixels)
+    schedule = spec.schedules.scale_schedule(settings.get("h_div_w", 1.0), settings.get("pixels") or spec.pixels)
     n_scales, depth = len(schedule), spec.transformer.depth
     methods = resolve_methods(cfg.get("methods"), name, n_scales, depth)
     notes = [n for m in methods for n in schedule_notes(m, n_scales, depth)]
