@@ -139,3 +139,17 @@ def test_pruned_token_map_matches_the_trace(method: str, small, tmp_path: Path) 
     else:
         with pytest.raises(ValueError, match="record_kept_tokens"):
             plain.trace.kept_maps()
+
+
+def test_geneval_lite_only_on_tiny() -> None:
+    from toprovar.compare import geneval_lite_scorer
+
+    assert geneval_lite_scorer("test-small") is None and geneval_lite_scorer("infinity-2b") is None
+    scenes_mod = pytest.importorskip("toprovar.tiny.scenes")
+    pytest.importorskip("toprovar.tiny.evaluate")
+    scenes = scenes_mod.sample_scenes(3, seed=1)
+    scores = geneval_lite_scorer("tiny")(scenes_mod.render_uint8(scenes), scenes)
+    assert scores.shape == (3,) and ((scores >= 0) & (scores <= 1)).all()
+    # The compare command scores captions when the prompts are text.
+    captions = geneval_lite_scorer("tiny")(scenes_mod.render_uint8(scenes), [s.caption for s in scenes])
+    assert captions.shape == (3,)
