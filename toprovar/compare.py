@@ -341,12 +341,12 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
         policy = method.policy if method.prunes else None
         first = None
         for w in range(warmup):
-            use = record_kept_tokens(policy) if w == 0 else policy
+            use = record_kept_tokens(policy) if (w == 0 and method.prunes) else policy
             res = generate(backbone, chunks[0][1], chunks[0][2], policy=use, **settings)
             first = first or res
         images, latency, executed, unpruned = [], [], 0.0, 0.0
         for i, (_, chunk, chunk_seeds) in enumerate(chunks):
-            use = record_kept_tokens(policy) if (warmup == 0 and i == 0) else policy
+            use = record_kept_tokens(policy) if (warmup == 0 and i == 0 and method.prunes) else policy
             res = generate(backbone, chunk, chunk_seeds, policy=use, **settings)
             first = first or res
             images.append(res.images)
