@@ -57,11 +57,10 @@ def _signature(use_tma: bool, with_entropy: bool, bn: int, D: int = 128, H: int 
     return sig, const, attrs
 
 
-def compile_variant(bm, bn, warps, stages, with_entropy=True, use_tma=False, pipe_qk=False, D=128, dtype="bf16",
-                    sum_mode=0):
+def compile_variant(bm, bn, warps, stages, with_entropy=True, use_tma=False, after_pv=False, D=128, dtype="bf16"):
     sig, const, attrs = _signature(use_tma, with_entropy, bn, D=D, dtype=dtype)
     const.update(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, WITH_ENTROPY=with_entropy, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-                 USE_TMA=use_tma, PIPE_QK=pipe_qk, SUM_MODE=sum_mode)
+                 USE_TMA=use_tma, ENTROPY_AFTER_PV=after_pv)
     src = ASTSource(fn=_fae_fwd, signature=sig, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
@@ -96,22 +95,12 @@ def report(kernel) -> dict:
 
 
 VARIANTS = {  # name: (bm, bn, warps, stages, dict of switches)
-    "ptr_128x128_w8_s2": (128, 128, 8, 2, {}),
-    "ptr_128x64_w8_s3": (128, 64, 8, 3, {}),
-    "tma_128x128_w8_s2": (128, 128, 8, 2, {"use_tma": True}),
     "tma_128x128_w8_s3": (128, 128, 8, 3, {"use_tma": True}),
-    "tma_128x64_w4_s3": (128, 64, 4, 3, {"use_tma": True}),
-    "tma_64x64_w4_s3": (64, 64, 4, 3, {"use_tma": True}),
-    "tma_128x128_w8_s2_pipe": (128, 128, 8, 2, {"use_tma": True, "pipe_qk": True}),
-    "tma_128x64_w4_s2_pipe": (128, 64, 4, 2, {"use_tma": True, "pipe_qk": True}),
-    "ptr_128x128_w8_s2_pipe": (128, 128, 8, 2, {"pipe_qk": True}),
-    "tma_128x64_w4_s2": (128, 64, 4, 2, {"use_tma": True}),
-    "tma_64x128_w4_s2": (64, 128, 4, 2, {"use_tma": True}),
-    "tma_128x64_w8_s2_pipe": (128, 64, 8, 2, {"use_tma": True, "pipe_qk": True}),
-    "tma_128x64_w8_s2": (128, 64, 8, 2, {"use_tma": True}),
-    "tma_64x64_w4_s2_pipe": (64, 64, 4, 2, {"use_tma": True, "pipe_qk": True}),
-    "fp32_ptr_64x64_w4_s2": (64, 64, 4, 2, {"dtype": "fp32"}),
-    "d256_tma_64x64_w4_s2": (64, 64, 4, 2, {"use_tma": True, "D": 256}),
+    "tma_64x64_w4_s3_after_pv": (64, 64, 4, 3, {"use_tma": True, "after_pv": True}),
+    "ptr_128x128_w8_s3": (128, 128, 8, 3, {}),
+    "tma_128x128_w8_s2": (128, 128, 8, 2, {"use_tma": True}),
+    "fp32_ptr_32x32_w4_s2": (32, 32, 4, 2, {"dtype": "fp32", "after_pv": True}),
+    "d256_tma_64x64_w4_s3": (64, 64, 4, 3, {"use_tma": True, "D": 256, "after_pv": True}),
 }
 
 

@@ -15,11 +15,13 @@ Lk come back as zeros, never another head's keys).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2E = 1.4426950408889634
 # Globals read inside @triton.jit functions must be constexpr (the interpreter does not check this).
@@ -30,7 +32,7 @@ NEG_BIG = tl.constexpr(-1.0e30)  # finite "-inf": keeps 0 · (-big) = 0 in the e
 @triton.jit
 def _softmax_update(acc, m_i, l_i, e_i, qk, v, offs_n, Lk, qk_scale,
                     MASKED: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    SUM_MODE: tl.constexpr):
+                    ENTROPY_AFTER_PV: tl.constexpr):
     """Fold one block of raw scores qk = q·kᵀ (BLOCK_M, BLOCK_N) and its values v into the state."""
     if MASKED:
         qk = tl.where(offs_n[None, :] < Lk, qk, NEG_BIG)
@@ -38,35 +40,18 @@ def _softmax_update(acc, m_i, l_i, e_i, qk, v, offs_n, Lk, qk_scale,
     d = qk * qk_scale - m_new[:, None]  # one FMA: log2-domain score minus the running max
     p = tl.math.exp2(d)  # ex2.approx.ftz: one MUFU op
     alpha = tl.math.exp2(m_i - m_new)
-    # SUM_MODE (experimental): where the row sums go relative to the P·V dot in source order.
-    # 0: both before; 1: both before, one fused reduction; 2: l before, e after; 3: l after, e before;
-    # 4: both after.
-    L_AFTER: tl.constexpr = SUM_MODE == 3 or SUM_MODE == 4
-    E_AFTER: tl.constexpr = SUM_MODE == 2 or SUM_MODE == 4
-    l_old = l_i
     if WITH_ENTROPY:
-        e_i = alpha * (e_i + l_i * (m_i - m_new))
-    if SUM_MODE == 1 and WITH_ENTROPY:
-        l_b, e_b = tl.reduce((p, p * d), 1, _add2)
-        e_i += e_b
-        l_i = l_i * alpha + l_b
-    else:
-        if not L_AFTER:
-            l_i = l_i * alpha + tl.sum(p, 1)
-        if WITH_ENTROPY and not E_AFTER:
-            e_i += tl.sum(p * d, 1)  # one FMA per score
+        e_i = alpha * (e_i + l_i * (m_i - m_new))  # the shifted sum, moved to the new max
+    l_i = l_i * alpha + tl.sum(p, 1)
+    # Where the entropy row sum sits in source order changes how ptxas schedules the block (the
+    # sweeps in kernels/NOTES.md: 128-row tiles run best with it before the P·V dot, 64-row tiles after).
+    if WITH_ENTROPY and not ENTROPY_AFTER_PV:
+        e_i += tl.sum(p * d, 1)  # one FMA per score
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    if L_AFTER:
-        l_i = l_old * alpha + tl.sum(p, 1)
-    if WITH_ENTROPY and E_AFTER:
+    if WITH_ENTROPY and ENTROPY_AFTER_PV:
         e_i += tl.sum(p * d, 1)
     return acc, m_new, l_i, e_i
-
-
-@triton.jit
-def _add2(a0, a1, b0, b1):
-    return a0 + b0, a1 + b1
 
 
 @triton.jit
@@ -92,7 +77,7 @@ def _fae_fwd(Q, K, V, O, E, qk_scale,
              H, Lq, Lk,
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              WITH_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-             PIPE_QK: tl.constexpr, SUM_MODE: tl.constexpr):
+             ENTROPY_AFTER_PV: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -114,34 +99,16 @@ def _fae_fwd(Q, K, V, O, E, qk_scale,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     n_full = (Lk // BLOCK_N) * BLOCK_N
-    if PIPE_QK:
-        # Software pipelining: the next block's q·kᵀ is issued before this block's softmax, so the
-        # tensor cores work while the exponentials run.
-        if n_full > 0:
-            k, v = _load_kv(K, V, k_ptrs, v_ptrs, b, h, 0, skn, svn, Lk, offs_n, BLOCK_N, HEAD_DIM, False, USE_TMA)
-            qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-            for start_n in range(BLOCK_N, n_full, BLOCK_N):
-                k_next, v_next = _load_kv(K, V, k_ptrs, v_ptrs, b, h, start_n, skn, svn, Lk, offs_n, BLOCK_N,
-                                          HEAD_DIM, False, USE_TMA)
-                qk_next = tl.dot(q, k_next, input_precision=DOT_PRECISION)
-                acc, m_i, l_i, e_i = _softmax_update(acc, m_i, l_i, e_i, qk, v, offs_n, Lk, qk_scale,
-                                                     False, WITH_ENTROPY, DOT_PRECISION, SUM_MODE)
-                qk = qk_next
-                v = v_next
-            acc, m_i, l_i, e_i = _softmax_update(acc, m_i, l_i, e_i, qk, v, offs_n, Lk, qk_scale,
-                                                 False, WITH_ENTROPY, DOT_PRECISION, SUM_MODE)
-    else:
-        for start_n in range(0, n_full, BLOCK_N):
-            k, v = _load_kv(K, V, k_ptrs, v_ptrs, b, h, start_n, skn, svn, Lk, offs_n, BLOCK_N, HEAD_DIM, False,
-                            USE_TMA)
-            qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-            acc, m_i, l_i, e_i = _softmax_update(acc, m_i, l_i, e_i, qk, v, start_n + offs_n, Lk, qk_scale,
-                                                 False, WITH_ENTROPY, DOT_PRECISION, SUM_MODE)
+    for start_n in range(0, n_full, BLOCK_N):  # full key blocks: no masks
+        k, v = _load_kv(K, V, k_ptrs, v_ptrs, b, h, start_n, skn, svn, Lk, offs_n, BLOCK_N, HEAD_DIM, False, USE_TMA)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        acc, m_i, l_i, e_i = _softmax_update(acc, m_i, l_i, e_i, qk, v, start_n + offs_n, Lk, qk_scale,
+                                             False, WITH_ENTROPY, DOT_PRECISION, ENTROPY_AFTER_PV)
     if n_full < Lk:  # the ragged last key block, masked
         k, v = _load_kv(K, V, k_ptrs, v_ptrs, b, h, n_full, skn, svn, Lk, offs_n, BLOCK_N, HEAD_DIM, True, USE_TMA)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
         acc, m_i, l_i, e_i = _softmax_update(acc, m_i, l_i, e_i, qk, v, n_full + offs_n, Lk, qk_scale,
-                                             True, WITH_ENTROPY, DOT_PRECISION, SUM_MODE)
+                                             True, WITH_ENTROPY, DOT_PRECISION, ENTROPY_AFTER_PV)
 
     out = acc / l_i[:, None]
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
@@ -157,7 +124,7 @@ def _interpreting() -> bool:
 
 def _tma_ok(t: torch.Tensor) -> bool:
     """Host descriptors need Hopper+, 16-byte aligned base and strides, and a contiguous last dim."""
-    if _interpreting() or not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] < 9:
+    if _interpreting() or not t.is_cuda or not _is_hopper_plus(t.device.index or 0):
         return False
     es = t.element_size()
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * es) % 16 == 0 for s in t.stride()[:-1])
@@ -168,34 +135,50 @@ def _smem_bytes(bm: int, bn: int, stages: int, D: int, itemsize: int) -> int:
 
 
 SMEM_LIMIT = 227 * 1024 - 2048  # Hopper's per-block limit, less room for barriers
+BIG = (128, 128, 8, 3, False)  # (BLOCK_M, BLOCK_N, num_warps, num_stages, ENTROPY_AFTER_PV)
+SMALL = (64, 64, 4, 3, True)
 
 
-def pick_config(Lq: int, Lk: int, D: int, itemsize: int = 2) -> tuple[int, int, int, int, bool]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, PIPE_QK) by shape, from the H100 sweeps in
-    kernels/NOTES.md; smaller tiles where the shared memory would not hold them. fp32 (exact `ieee`
-    dots on the FMA units, for correctness checks) takes small tiles: larger ones spill heavily."""
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _is_hopper_plus(device: int) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pick_config(B: int, H: int, Lq: int, D: int, itemsize: int = 2, n_sm: int = 132) -> tuple:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, ENTROPY_AFTER_PV), from the H100 sweeps in
+    kernels/NOTES.md. 128×128 tiles (8 warps, 3 stages, one block per SM) are fastest per row;
+    64×64 tiles (4 warps, two blocks per SM) win where the last wave of 128-row blocks would leave
+    most SMs idle (a short grid whose fractional wave is under 0.3). Smaller tiles where the shared
+    memory would not hold these; fp32 (exact `ieee` dots on the FMA units, for correctness checks)
+    takes small tiles: larger ones spill heavily."""
     if itemsize == 4:
-        return (32, 32, 4, 2, False)
-    first = (128, 128, 8, 3, False) if Lq >= 1024 else (64, 64, 4, 3, False)
-    for cfg in (first, (64, 64, 4, 3, False), (64, 64, 4, 2, False), (32, 32, 4, 2, False)):
+        return (32, 32, 4, 2, True)
+    waves = -(-Lq // 128) * B * H / n_sm
+    first = SMALL if waves < 8 and waves - int(waves) < 0.3 else BIG
+    for cfg in (first, SMALL, (64, 64, 4, 2, True), (32, 32, 4, 2, True)):
         if _smem_bytes(cfg[0], cfg[1], cfg[3], D, itemsize) <= SMEM_LIMIT:
             return cfg
-    return (16, 16, 4, 1, False)
+    return (16, 16, 4, 1, True)
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, with_entropy: bool,
-           config: tuple[int, int, int, int] | None = None, use_tma: bool | None = None,
-           pipe_qk: bool | None = None, sum_mode: int = 2):
-    """`fae_forward`, also returning the compiled kernel (registers, spills) for the tuner."""
+           config: tuple | None = None, use_tma: bool | None = None):
+    """`fae_forward`, also returning the compiled kernel (registers, spills) for the tuner.
+    `config`: (BLOCK_M, BLOCK_N, num_warps, num_stages[, ENTROPY_AFTER_PV])."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
     if scale < 0:  # the kernel folds the scale into an FMA after the row max, which needs scale >= 0
         q, scale = -q, -scale
-    bm, bn, warps, stages, pipe = pick_config(Lq, Lk, D, q.element_size())
-    if config is not None:
-        bm, bn, warps, stages = config
-    pipe = pipe if pipe_qk is None else pipe_qk
+    if config is None:
+        config = pick_config(B, H, Lq, D, q.element_size(), _sm_count(q.device.index or 0) if q.is_cuda else 132)
+    bm, bn, warps, stages = config[:4]
+    after_pv = bool(config[4]) if len(config) > 4 else bm < 128
     if use_tma is None:  # tuned for 16-bit operands; fp32 keeps plain loads
         use_tma = q.element_size() == 2 and _tma_ok(k) and _tma_ok(v)
     out = torch.empty_like(q)
@@ -203,8 +186,6 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | Non
     e_strides = ent.stride()[:3] if with_entropy else (0, 0, 0)
     kk, vv = k, v
     if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
         kk = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, bn, D])
         vv = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, bn, D])
     args = (q, kk, vv, out, ent, scale * LOG2E,
@@ -213,17 +194,16 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | Non
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     kernel = _fae_fwd[(triton.cdiv(Lq, bm), B * H)](
         *args, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, WITH_ENTROPY=with_entropy, DOT_PRECISION=precision,
-        USE_TMA=use_tma, PIPE_QK=pipe, SUM_MODE=sum_mode, num_warps=warps, num_stages=stages)
+        USE_TMA=use_tma, ENTROPY_AFTER_PV=after_pv, num_warps=warps, num_stages=stages)
     return out, (ent if with_entropy else None), kernel
 
 
 def fae_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, with_entropy: bool,
-                config: tuple[int, int, int, int] | None = None, use_tma: bool | None = None,
-                pipe_qk: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                config: tuple | None = None, use_tma: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the kernel: `(out, entropy or None)`. `config=(BLOCK_M, BLOCK_N, num_warps, num_stages)`
     pins the tiling (the interpreter tests use small ones); None picks one by shape (`pick_config`).
-    `use_tma`, `pipe_qk`: None = the default (TMA where the hardware and strides allow)."""
-    out, ent, _ = launch(q, k, v, scale, with_entropy, config, use_tma, pipe_qk)
+    `use_tma` None: TMA where the hardware and the strides allow."""
+    out, ent, _ = launch(q, k, v, scale, with_entropy, config, use_tma)
     return out, ent
 
 

@@ -20,10 +20,11 @@ def rel(a, b):
 
 failures = []
 SHAPES = [(1, 2, 19, 45, 16), (2, 1, 16, 16, 32), (1, 1, 7, 33, 64), (1, 1, 20, 37, 128), (1, 1, 5, 9, 32)]
-# (use_tma, pipe_qk): every load path and loop shape of the kernel; the last shape has no full key block.
-for use_tma, pipe_qk in [(False, False), (True, False), (False, True), (True, True)]:
-    kw = dict(config=CONFIG, use_tma=use_tma, pipe_qk=pipe_qk)
-    tag = f"tma={use_tma} pipe={pipe_qk}"
+# Both load paths (pointers, TMA descriptors) and both placements of the entropy row sum; the last
+# shape has no full key block.
+for use_tma, after_pv in [(False, False), (True, False), (False, True), (True, True)]:
+    kw = dict(config=CONFIG + (after_pv,), use_tma=use_tma)
+    tag = f"tma={use_tma} entropy_after_pv={after_pv}"
     for B, H, Lq, Lk, D in SHAPES:
         q, k, v = torch.randn(B, H, Lq, D), torch.randn(B, H, Lk, D), torch.randn(B, H, Lk, D)
         scale = float(torch.rand(()) * 0.5 + 0.05) * (-1 if Lk == 9 else 1)  # one negative scale
