@@ -64,8 +64,9 @@ class WordTextEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.word.weight.device
 
-    def tokenize(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Word ids `(B, L)` (0 = padding) and lengths `(B,)`; warns about unknown / extra words."""
+    def tokenize(self, prompts: Sequence[str], pad_to: int | None = None) -> tuple[Tensor, Tensor]:
+        """Word ids `(B, L)` (0 = padding; L = the longest prompt, or `pad_to`) and lengths `(B,)`;
+        warns about unknown / extra words."""
         ids, unknown, truncated = [], set(), False
         for prompt in prompts:
             words = split_words(prompt)
@@ -81,7 +82,7 @@ class WordTextEncoder(nn.Module):
             warnings.warn(f"prompt longer than the tiny text encoder's limit of {self.config.max_words} words; "
                           "truncated")
         lens = torch.tensor([len(r) for r in ids], dtype=torch.int32)
-        out = torch.zeros(len(ids), int(lens.max()), dtype=torch.long)
+        out = torch.zeros(len(ids), max(int(lens.max()), pad_to or 0), dtype=torch.long)
         for i, row in enumerate(ids):
             out[i, : len(row)] = torch.tensor(row)
         return out, lens

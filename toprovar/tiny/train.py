@@ -64,6 +64,7 @@ class TransformerTrainConfig:
     bitflip_strength: float = 0.2  # max flip rate of bitwise self-correction
     scale_weight_power: float = 0.5  # token weight ∝ tokens_of_its_scale^-power (coarse scales count more)
     ema: float = 0.999
+    compile: bool = False  # torch.compile the teacher-forced forward + loss (CUDA; falls back to eager)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class TrainConfig:
     device: str = "auto"
     out_dir: str | None = None
     vae_weights: str | None = None  # stage=transformer: a trained VAE (default: this run's)
+    init_from: str | None = None  # stage=transformer: start from exported weights (a folder) to train on
     export_to: str | None = None
     max_minutes: float | None = None  # checkpoint and stop after this long (re-run to resume)
     checkpoint_every_s: float = 120.0
@@ -264,23 +266,29 @@ def token_weights(power: float, device: torch.device) -> Tensor:
     return (w * (len(w) / w.sum())).to(device)
 
 
+def teacher_loss(model: InfinityTransformer, cond: Any, inputs: Tensor, bits: Tensor, weights: Tensor,
+                 rope: Tensor) -> Tensor:
+    """Weighted bitwise cross-entropy of the teacher-forced logits (static shapes: compilable)."""
+    logits = model.forward_teacher(cond, inputs, SCHEDULE, rope)
+    ce = F.cross_entropy(logits.reshape(-1, 2), bits.reshape(-1), reduction="none").view(bits.shape)
+    return (ce.mean(-1) * weights[None]).mean()
+
+
 def transformer_loss(model: InfinityTransformer, text_encoder: WordTextEncoder, vae: BSQVAE, images: Tensor,
                      captions: list[str], c: TransformerTrainConfig, weights: Tensor, rope: Tensor,
-                     generator: torch.Generator) -> Tensor:
+                     generator: torch.Generator, loss_fn: Any = teacher_loss) -> Tensor:
     device = images.device
     with torch.no_grad():
         noise = BitFlipNoise(layers=len(SCHEDULE) - 1, strength=c.bitflip_strength) if c.bitflip_strength else None
         inputs, targets = vae.teacher_forcing(images, SCHEDULE, noise=noise, generator=generator)
-    ids, lens = text_encoder.tokenize(captions)
+    # Text padded to the longest caption the grammar makes: the same shapes every step.
+    ids, lens = text_encoder.tokenize(captions, pad_to=text_encoder.config.max_words)
     text = text_encoder(ids.to(device), lens).features
     drop = torch.rand(len(captions), generator=generator, device=device) < c.cfg_drop
     uncond = model.cfg_uncond[: text.shape[1]][None].to(text.dtype)
     text = torch.where(drop[:, None, None], uncond, text)
     cond = model.encode_condition(text, lens.tolist(), with_uncond=False)
-    logits = model.forward_teacher(cond, inputs, SCHEDULE, rope)
-    bits = torch.cat(targets, dim=1)  # (B, L, d)
-    ce = F.cross_entropy(logits.reshape(-1, 2), bits.reshape(-1), reduction="none").view(bits.shape)
-    return (ce.mean(-1) * weights[None]).mean()
+    return loss_fn(model, cond, inputs, torch.cat(targets, dim=1), weights, rope)
 
 
 def _decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -297,6 +305,18 @@ class _Pair(nn.Module):
         self.model, self.text_encoder = model, text_encoder
 
 
+def _load_exported(pair: _Pair, folder: Path) -> None:
+    """Start from exported (float16) transformer + text encoder weights, e.g. to train longer."""
+    from toprovar.models.checkpoint import load_into
+    from toprovar.tiny.model import load_text_encoder
+
+    load_into(pair.model, folder / "transformer.safetensors")
+    text = load_text_encoder(folder / "text_encoder.safetensors")
+    if text.config.vocabulary != pair.text_encoder.config.vocabulary:
+        raise UserError(f"{folder}: its text encoder has another vocabulary than the scene captions")
+    pair.text_encoder.load_state_dict(text.state_dict())
+
+
 def vocabulary() -> tuple[str, ...]:
     from toprovar.tiny.scenes import VOCABULARY
 
@@ -310,7 +330,10 @@ def train_transformer(cfg: TrainConfig, out: Path, device: torch.device, vae: BS
     torch.manual_seed(cfg.seed + 1)
     model = InfinityTransformer(TINY_TRANSFORMER)
     model.load_state_dict(random_state_dict(TINY_TRANSFORMER, seed=cfg.seed))
-    pair = _Pair(model, WordTextEncoder(text_encoder_config(vocabulary()))).to(device).train()
+    pair = _Pair(model, WordTextEncoder(text_encoder_config(vocabulary())))
+    if cfg.init_from:
+        _load_exported(pair, Path(cfg.init_from))
+    pair = pair.to(device).train()
     vae = vae.to(device).eval().requires_grad_(False)
     opt = torch.optim.AdamW(_decay_groups(pair, c.weight_decay), lr=c.lr, betas=(0.9, 0.95))
     ema = EMA(pair, c.ema)
@@ -323,6 +346,7 @@ def train_transformer(cfg: TrainConfig, out: Path, device: torch.device, vae: BS
         start, log = state["step"], state["log"]
     weights = token_weights(c.scale_weight_power, device)
     rope = model.rope_table(SCHEDULE, device)
+    loss_fn = torch.compile(teacher_loss) if c.compile and device.type == "cuda" else teacher_loss
     bar = _progress(c.steps, start, "transformer")
     for step in range(start, c.steps):
         for group in opt.param_groups:
@@ -332,7 +356,7 @@ def train_transformer(cfg: TrainConfig, out: Path, device: torch.device, vae: BS
         images = render(scenes, device=device)
         with _autocast(device):
             loss = transformer_loss(model, pair.text_encoder, vae, images, [s.caption for s in scenes], c,
-                                    weights, rope, generator)
+                                    weights, rope, generator, loss_fn)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(pair.parameters(), 1.0)
