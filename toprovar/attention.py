@@ -7,8 +7,14 @@ entropy of each query's softmax row, `(B, H, Lq)` float32. Without entropy, PyTo
 Flash Attention Entropy kernel on CUDA, its chunked PyTorch reference (float32) elsewhere.
 
 `cross_attention` serves the text cross-attention (short, padded text keys with a padding mask).
+`prefer_cudnn_attention()` makes SDPA try cuDNN first inside its block (the fastest SDPA kernel on
+an H100 at Infinity's shapes, see ../shared/reference/anchors.md); SDPA still falls back to flash /
+efficient / math for inputs cuDNN does not take.
 """
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,3 +36,21 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | 
     """Queries `(B, H, Lq, D)` over text keys `(B, H, Lt, D)`; mask `(B, Lt)` True = real token."""
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@contextlib.contextmanager
+def prefer_cudnn_attention(enabled: bool = True) -> Iterator[None]:
+    """Within the block, SDPA on CUDA tries cuDNN, then flash, efficient and math attention."""
+    if not enabled or not torch.cuda.is_available():
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.MATH]
+    try:
+        ctx = sdpa_kernel(order, set_priority=True)
+    except TypeError:  # older torch: no priority order, cuDNN only where it is chosen anyway
+        ctx = sdpa_kernel(order)
+    with ctx:
+        yield

@@ -14,7 +14,20 @@ projected once per call, not once per scale; each image has its own seeded gener
 
 Pruning plugs in through the hooks of a `Pruner` (docs/architecture.md); `NoPruner` runs the
 unpruned model. Everything inside the scale loop stays on the device: no host synchronization
-except what a pruner itself does.
+except what a pruner itself does (and `torch.multinomial`'s validity checks on the plain path).
+
+Fast path (`fast=`, default on for CUDA, see `FastOptions`): the same function with
+  * fused elementwise stages per block (`CrossAttnBlock.forward_fast`, Triton on CUDA);
+  * one CUDA graph per scale (blocks, head, guidance, top-k/top-p, softmax), captured on the first
+    call for a key (schedule, rows, text length and mask, cfg/tau/top-k/top-p per scale) and
+    replayed after; the KV cache and the text/AdaLN inputs live in static buffers kept on the
+    transformer (`release_fast_state` frees them);
+  * SDPA preferring cuDNN attention; sampling without host syncs; the VAE decode on NHWC.
+CUDA graphs run only with no pruner (`NoPruner` itself) and `record_entropy=False`. With a pruner,
+the loop stays eager: blocks that run every token of their scale use the fused stages, blocks
+given a `keep` list run the reference block (gather / scatter). On CPU every switch keeps the
+eager float32 arithmetic: the fused stages fall back to the block's own ops and the per-scale
+graph is a direct call on the static buffers, so `fast=True` is bit-identical to `fast=False`.
 """
 from __future__ import annotations
 
@@ -22,16 +35,18 @@ import contextlib
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from toprovar.attention import prefer_cudnn_attention
 from toprovar.errors import UserError
 from toprovar.models.registry import Backbone
-from toprovar.models.transformer import KV_POLICIES, RopeSlice
-from toprovar.sampling import make_generators, sample_bits
+from toprovar.models.vae import BSQVAE
+from toprovar.models.transformer import KV_POLICIES, InfinityTransformer, RopeSlice, TextKV
+from toprovar.sampling import bit_probs, draw_bits, make_generators, sample_bits
 from toprovar.schedules import tokens_per_scale
 from toprovar.trace import LayerRecord, ScaleRecord, Timer, Trace, entropy_summary
 
@@ -105,6 +120,140 @@ class GenerationResult:
     images: Tensor  # (B, H, W, 3) uint8 RGB on CPU
     trace: Trace
     bits: list[Tensor]  # per scale that ran: (B, tokens, bits per token) int64 on CPU
+    runtime: dict = field(default_factory=dict)  # which path ran: fast options, graphs, capture
+
+
+# -- fast path -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    """Switches of the fast unpruned path; `fast=True` takes all of them, ablations turn some off."""
+
+    fused: bool = True  # fused AdaLN / LayerNorm / residual and q,k norm + RoPE + cache write
+    graphs: bool = True  # one CUDA graph per scale (only with no pruner and no entropy recording)
+    cudnn_attention: bool = True  # SDPA tries cuDNN attention first (CUDA)
+    sync_free_sampling: bool = True  # draw bits without torch.multinomial's host-side checks
+    vae_channels_last: bool = True  # VAE decode on NHWC activations (CUDA)
+    gelu_epilogue: bool = False  # FFN GELU inside the first FFN matmul (cuBLASLt epilogue, CUDA)
+
+
+def resolve_fast(fast: bool | FastOptions | None, device: torch.device) -> FastOptions | None:
+    """None -> on for CUDA, off elsewhere; True -> every switch; False -> the plain loop."""
+    if fast is None:
+        fast = device.type == "cuda"
+    if isinstance(fast, FastOptions):
+        return fast
+    if fast is True:
+        return FastOptions()
+    if fast is False:
+        return None
+    raise UserError(f"fast={fast!r}; give True, False, None (auto: on for CUDA) or a FastOptions")
+
+
+class _ScaleGraphs:
+    """Static buffers (KV cache, AdaLN vectors, text K/V, pooled text, per-scale inputs) and one
+    CUDA graph per scale for one key. On CPU the per-scale step is a direct call on the buffers."""
+
+    def __init__(self, model: InfinityTransformer, key: tuple, *, schedule, rows: int, batch: int,
+                 cond, rope: Tensor, dtype: torch.dtype, device: torch.device, cfg_list: list[float],
+                 tau_list: list[float], top_k: int, top_p: float, fused: bool, gelu_epilogue: bool = False):
+        self.model, self.key, self.rows, self.batch = model, key, rows, batch
+        self.cfg_list, self.tau_list, self.top_k, self.top_p, self.fused = cfg_list, tau_list, top_k, top_p, fused
+        self.gelu_epilogue = gelu_epilogue
+        self.tokens = tokens_per_scale(schedule)
+        self.offsets = [sum(self.tokens[:i]) for i in range(len(self.tokens))]
+        self.cuda = device.type == "cuda"
+        self.cache = model.new_cache(rows, sum(self.tokens), dtype, device)
+        self.rope = rope
+        self.gss = torch.empty_like(cond.gss)
+        self.ada = torch.empty((model.depth, *cond.gss.shape), dtype=torch.float32, device=device)
+        self.cond_BD = torch.empty_like(cond.cond_BD)
+        self.text = [TextKV(torch.empty_like(t.k), torch.empty_like(t.v),
+                            None if t.mask is None else torch.empty_like(t.mask)) for t in cond.text]
+        self.x_in: dict[int, Tensor] = {}
+        self.graphs: dict[int, tuple[Any, Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
+        self.capture_ms = 0.0
+        for block in model.blocks:  # constants made on the main stream, before any capture
+            block._fast_constants()
+
+    def load(self, cond) -> None:
+        """Copy this call's text-dependent inputs into the static buffers."""
+        self.gss.copy_(cond.gss)
+        with torch.autocast(self.gss.device.type, enabled=False):
+            for li, block in enumerate(self.model.blocks):
+                self.ada[li].copy_(block.ada(cond.gss))
+        self.cond_BD.copy_(cond.cond_BD)
+        for dst, src in zip(self.text, cond.text):
+            dst.k.copy_(src.k)
+            dst.v.copy_(src.v)
+            if dst.mask is not None:
+                dst.mask.copy_(src.mask)
+
+    def _body(self, si: int) -> Tensor:
+        model, x, n, off = self.model, self.x_in[si], self.tokens[si], self.offsets[si]
+        self.cache.set_fill(off)
+        rope_si = RopeSlice(self.rope[0, off:off + n], self.rope[1, off:off + n])
+        for li, block in enumerate(model.blocks):
+            if self.fused:
+                x, _ = block.forward_fast(x, self.ada[li], self.text[li], rope_si, self.cache[li],
+                                          gelu_epilogue=self.gelu_epilogue)
+            else:
+                x, _ = block(x, self.gss, self.text[li], rope_si, self.cache[li])
+        return _guided_probs(model.logits(x, self.cond_BD), si, self.batch, self.cfg_list, self.tau_list,
+                             self.top_k, self.top_p)
+
+    def run(self, si: int, x: Tensor) -> Tensor:
+        """Bit probabilities `(B, n * d, 2)` of scale `si` from its input tokens `x`."""
+        if si not in self.x_in:
+            self.x_in[si] = torch.empty_like(x)
+        self.x_in[si].copy_(x)
+        if not self.cuda:
+            return self._body(si)
+        if si not in self.graphs:
+            t0 = time.perf_counter()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: compiles kernels, builds cuBLAS/cuDNN plans
+                self._body(si)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self._body(si)
+            self.graphs[si] = (graph, out)
+            self.capture_ms += (time.perf_counter() - t0) * 1e3
+        graph, out = self.graphs[si]
+        graph.replay()
+        self.cache.set_fill(self.offsets[si] + self.tokens[si])
+        return out
+
+
+def release_fast_state(model: InfinityTransformer) -> None:
+    """Free the static buffers and CUDA graphs the fast path keeps on `model`."""
+    model.__dict__.pop("_toprovar_scale_graphs", None)
+
+
+def _scale_graphs(model: InfinityTransformer, key: tuple, **kw) -> tuple[_ScaleGraphs, bool]:
+    """The static state of `key` (one kept per model: a new key frees the previous one)."""
+    current = model.__dict__.get("_toprovar_scale_graphs")
+    if current is not None and current.key == key:
+        return current, False
+    release_fast_state(model)
+    state = _ScaleGraphs(model, key, **kw)
+    model.__dict__["_toprovar_scale_graphs"] = state
+    return state, True
+
+
+def _guided_probs(logits: Tensor, si: int, batch: int, cfg_list: list[float], tau_list: list[float],
+                  top_k: int, top_p: float) -> Tensor:
+    """Temperature, classifier-free guidance on the logits, top-k/top-p, softmax (official order)."""
+    logits = logits.mul(1 / tau_list[si])
+    if logits.shape[0] != batch and cfg_list[si] != 1:
+        logits = cfg_list[si] * logits[:batch] + (1 - cfg_list[si]) * logits[batch:]
+    else:
+        logits = logits[:batch]
+    return bit_probs(logits, top_k=top_k, top_p=top_p)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -134,9 +283,10 @@ def encode_prompts(text_encoder: Any, prompts: list[str], max_len: int) -> tuple
     return features[:, :max(lengths)].float(), lengths
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
+def _autocast(device: torch.device, dtype: torch.dtype, cache_enabled: bool = True):
     if device.type == "cuda" and dtype != torch.float32:
-        return torch.autocast("cuda", dtype=dtype)
+        # CUDA graph capture needs the autocast weight cache off (cached casts die with the context).
+        return torch.autocast("cuda", dtype=dtype, cache_enabled=cache_enabled)
     return contextlib.nullcontext()
 
 
@@ -157,13 +307,15 @@ def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *
              cfg: float | Sequence[float] | None = None, tau: float | Sequence[float] | None = None,
              top_k: int = DEFAULT_TOP_K, top_p: float = DEFAULT_TOP_P, h_div_w: float = 1.0,
              pixels: str | None = None, policy: Any = None, record_entropy: bool = False,
-             kv_policy: str = "kept", progress: bool = False) -> GenerationResult:
+             kv_policy: str = "kept", progress: bool = False,
+             fast: bool | FastOptions | None = None) -> GenerationResult:
     """Generate one image per (prompt, seed).
 
     cfg / tau: one value or one per scale (defaults: the backbone's). pixels: a budget of the
-    backbone's schedule family, e.g. '0.06M', '0.25M', '0.60M' or '1M' (default: the backbone's). policy: None/'none', a Pruner, or a policy that
-    `toprovar.pruning.build_pruner` understands. record_entropy: request every block's attention
-    entropy and record its mean in the trace.
+    backbone's schedule family, e.g. '0.06M', '0.25M', '0.60M' or '1M' (default: the backbone's).
+    policy: None/'none', a Pruner, or a policy that `toprovar.pruning.build_pruner` understands.
+    record_entropy: request every block's attention entropy and record its mean in the trace.
+    fast: None (on for CUDA, off elsewhere), True / False, or a `FastOptions` (see module docs).
     """
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if not prompts or len(prompts) != len(seeds):
@@ -179,6 +331,12 @@ def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *
     use_cfg = any(c != 1 for c in cfg_list)
     rows = 2 * batch if use_cfg else batch
     pruner = as_pruner(policy)
+    opts = resolve_fast(fast, device)
+    fused = opts is not None and opts.fused
+    sync_free = opts is not None and opts.sync_free_sampling
+    graph_loop = opts is not None and opts.graphs and type(pruner) is NoPruner and not record_entropy
+    runtime: dict[str, Any] = {"fast": None if opts is None else vars(opts).copy(), "graph_loop": graph_loop,
+                               "device": str(device)}
     trace = Trace(backbone=spec.name, batch=batch, schedule=schedule, rows=rows, kv_policy=kv_policy,
                   embed_dim=model.config.embed_dim, ffn_hidden=model.config.ffn_hidden, depth=model.depth,
                   scales=[ScaleRecord(si, h, w, tokens[si]) for si, (_, h, w) in enumerate(schedule)])
@@ -191,11 +349,28 @@ def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *
         trace.text_encode_ms = (time.perf_counter() - t0) * 1e3
 
         timer = Timer(device)
-        with _autocast(device, backbone.dtype):
+        attention_ctx = prefer_cudnn_attention(opts is not None and opts.cudnn_attention and device.type == "cuda")
+        autocast = _autocast(device, backbone.dtype, cache_enabled=False) if graph_loop else \
+            _autocast(device, backbone.dtype)
+        with autocast, attention_ctx:
             start = timer.mark()
             cond = model.encode_condition(features, lengths, with_uncond=use_cfg)
             rope = model.rope_table(spec.schedules.full_schedule(h_div_w), device)
-            cache = model.new_cache(rows, sum(tokens), backbone.dtype, device)
+            graphs: _ScaleGraphs | None = None
+            if graph_loop:
+                key = (tuple(schedule), rows, batch, tuple(cond.text[0].k.shape), cond.text[0].mask is not None,
+                       tuple(cfg_list), tuple(tau_list), top_k, top_p, fused, opts.cudnn_attention,
+                       opts.gelu_epilogue, backbone.dtype, str(device))
+                graphs, fresh = _scale_graphs(model, key, schedule=schedule, rows=rows, batch=batch, cond=cond,
+                                              rope=rope, dtype=backbone.dtype, device=device, cfg_list=cfg_list,
+                                              tau_list=tau_list, top_k=top_k, top_p=top_p, fused=fused,
+                                              gelu_epilogue=opts.gelu_epilogue)
+                graphs.load(cond)
+                cache = graphs.cache
+                runtime["graphs_captured"] = fresh and device.type == "cuda"
+            else:
+                cache = model.new_cache(rows, sum(tokens), backbone.dtype, device)
+            ada = [block.ada(cond.gss) for block in model.blocks] if fused and not graph_loop else None
             generators = make_generators(seeds, device)
             vae_schedule = vae.vae_schedule(schedule)
             pruner.begin(PrunerContext(schedule, model.depth, model.config.num_heads, batch, rows, device, trace))
@@ -219,30 +394,42 @@ def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *
                 _, h, w = schedule[si]
                 n = tokens[si]
                 mark = timer.mark()
-                rope_si = RopeSlice(rope[0, offset:offset + n], rope[1, offset:offset + n])
                 x = model.add_level(x, si)
-                for li, block in enumerate(model.blocks):
-                    keep = pruner.keep_tokens(si, li, x)
-                    kept = n if keep is None else keep.shape[1]
-                    record = LayerRecord(si, li, n, kept)
-                    trace.layers.append(record)
-                    if kept == 0:
-                        continue
-                    want = record_entropy or pruner.wants_entropy(si, li)
-                    x, ent = block(x, cond.gss, cond.text[li], rope_si, cache[li], keep=keep,
-                                   entropy=want, kv_policy=kv_policy)
-                    if ent is not None:
-                        pruner.observe(si, li, ent)
-                        if record_entropy:
-                            entropy_means.append((record, entropy_summary(ent, batch)))
-                pruner.end_scale(si, x)
-
-                logits = model.logits(x, cond.cond_BD).mul(1 / tau_list[si])
-                if use_cfg and cfg_list[si] != 1:
-                    logits = cfg_list[si] * logits[:batch] + (1 - cfg_list[si]) * logits[batch:]
+                if graphs is not None:
+                    trace.layers.extend(LayerRecord(si, li, n, n) for li in range(model.depth))
+                    probs = graphs.run(si, x)
+                    bits = draw_bits(probs, generators, n, sync_free=sync_free)
                 else:
-                    logits = logits[:batch]
-                bits = sample_bits(logits, generators, top_k=top_k, top_p=top_p)
+                    rope_si = RopeSlice(rope[0, offset:offset + n], rope[1, offset:offset + n])
+                    for li, block in enumerate(model.blocks):
+                        keep = pruner.keep_tokens(si, li, x)
+                        kept = n if keep is None else keep.shape[1]
+                        record = LayerRecord(si, li, n, kept)
+                        trace.layers.append(record)
+                        if kept == 0:
+                            continue
+                        want = record_entropy or pruner.wants_entropy(si, li)
+                        if fused and keep is None:
+                            x, ent = block.forward_fast(x, ada[li], cond.text[li], rope_si, cache[li], entropy=want,
+                                                        gelu_epilogue=opts.gelu_epilogue)
+                        else:
+                            x, ent = block(x, cond.gss, cond.text[li], rope_si, cache[li], keep=keep,
+                                           entropy=want, kv_policy=kv_policy)
+                        if ent is not None:
+                            pruner.observe(si, li, ent)
+                            if record_entropy:
+                                entropy_means.append((record, entropy_summary(ent, batch)))
+                    pruner.end_scale(si, x)
+
+                    logits = model.logits(x, cond.cond_BD).mul(1 / tau_list[si])
+                    if use_cfg and cfg_list[si] != 1:
+                        logits = cfg_list[si] * logits[:batch] + (1 - cfg_list[si]) * logits[batch:]
+                    else:
+                        logits = logits[:batch]
+                    if sync_free:
+                        bits = draw_bits(bit_probs(logits, top_k=top_k, top_p=top_p), generators, n, sync_free=True)
+                    else:
+                        bits = sample_bits(logits, generators, top_k=top_k, top_p=top_p)
                 bits_per_scale.append(bits)
 
                 codes = vae.bits_to_codes(vae.tokens_to_bits(bits, (h, w)))
@@ -260,7 +447,10 @@ def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *
             if summed is None:  # stopped before the first scale: nothing was generated
                 _, fh, fw = vae_schedule[-1]
                 summed = torch.zeros(batch, vae.codebook_dim, 1, fh, fw, device=device)
-            images = vae.decode(summed)
+            if opts is not None and opts.vae_channels_last and device.type == "cuda" and isinstance(vae, BSQVAE):
+                images = vae.decode(summed, channels_last=True)
+            else:
+                images = vae.decode(summed)
             end = timer.mark()
         timer.finish()
 
@@ -270,4 +460,7 @@ def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *
     trace.total_ms = timer.elapsed_ms(start, end)
     for record, value in entropy_means:
         record.entropy_mean = float(value)
-    return GenerationResult(images=_to_uint8(images), trace=trace, bits=[b.cpu() for b in bits_per_scale])
+    if graphs is not None:
+        runtime["capture_ms"] = graphs.capture_ms
+    return GenerationResult(images=_to_uint8(images), trace=trace, bits=[b.cpu() for b in bits_per_scale],
+                            runtime=runtime)

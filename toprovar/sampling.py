@@ -3,10 +3,11 @@
 Infinity predicts 2 logits per bit (bit = 0, bit = 1). Official sampling (`sample_with_top_k_top_p_
 also_inplace_modifying_logits_`) treats every bit as a 2-way categorical: top-k (a no-op for any
 k >= 2), top-p (drop the less likely value when its probability is <= 1 - top_p), then
-`torch.multinomial` with the generator. We draw each image's bits with its own generator, in the
-same order the official loop does for a batch of one, so a seed gives the same bits whether the
-image is generated alone or in a batch (given equal logits) and equals the official sampler with
-`g_seed = seed` for a single image.
+`torch.multinomial` with the generator (or, `sync_free`, the same draw without its host-side
+validity checks: same ops, same generator, same bits). We draw each image's bits with its own
+generator, in the same order the official loop does for a batch of one, so a seed gives the same
+bits whether the image is generated alone or in a batch (given equal logits) and equals the
+official sampler with `g_seed = seed` for a single image.
 """
 from __future__ import annotations
 
@@ -33,18 +34,43 @@ def filter_top_k_top_p_(logits: Tensor, top_k: int = 0, top_p: float = 0.0) -> T
     return logits
 
 
+def bit_probs(logits: Tensor, *, top_k: int = 0, top_p: float = 0.0) -> Tensor:
+    """Bitwise logits `(B, n, 2 * d)` -> filtered probabilities `(B, n * d, 2)` (bit = 0, bit = 1).
+
+    `logits` is modified in place (filtered).
+    """
+    b, n, two_d = logits.shape
+    pairs = filter_top_k_top_p_(logits.reshape(b, n * two_d // 2, 2), top_k=top_k, top_p=top_p)
+    return pairs.softmax(dim=-1)
+
+
+def draw_bits(probs: Tensor, generators: list[torch.Generator], n: int, *, sync_free: bool = False) -> Tensor:
+    """Probabilities `(B, n * d, 2)` -> bits `(B, n, d)` int64, row b drawn with `generators[b]`.
+
+    `torch.multinomial(p, 1, replacement=True)` reads two validity checks back to the host before
+    drawing (`argmax(p / q)`, q ~ Exp(1) from the generator). `sync_free` runs that draw without
+    the checks: the same ops on the same generator, so the same bits, and no host synchronization.
+    """
+    b = probs.shape[0]
+    if len(generators) != b:
+        raise ValueError(f"{b} rows of probabilities but {len(generators)} generators")
+    if sync_free:
+        bits = [torch.argmax(probs[i] / torch.empty_like(probs[i]).exponential_(1, generator=generators[i]),
+                             dim=-1, keepdim=True) for i in range(b)]
+    else:
+        bits = [torch.multinomial(probs[i], num_samples=1, replacement=True, generator=generators[i])
+                for i in range(b)]
+    return torch.stack(bits).view(b, n, -1)
+
+
 def sample_bits(logits: Tensor, generators: list[torch.Generator], *, top_k: int = 0,
-                top_p: float = 0.0) -> Tensor:
+                top_p: float = 0.0, sync_free: bool = False) -> Tensor:
     """Bitwise logits `(B, n, 2 * d)` -> sampled bits `(B, n, d)` int64 (values 0 or 1).
 
     Row b uses `generators[b]`. `logits` is modified in place (filtered). Runs on the logits'
-    device without host synchronization.
+    device; with `sync_free` also without host synchronization (`draw_bits`).
     """
-    b, n, two_d = logits.shape
+    b, n, _ = logits.shape
     if len(generators) != b:
         raise ValueError(f"{b} rows of logits but {len(generators)} generators")
-    pairs = filter_top_k_top_p_(logits.reshape(b, n * two_d // 2, 2), top_k=top_k, top_p=top_p)
-    probs = pairs.softmax(dim=-1)
-    bits = [torch.multinomial(probs[i], num_samples=1, replacement=True, generator=generators[i])
-            for i in range(b)]
-    return torch.stack(bits).view(b, n, two_d // 2)
+    return draw_bits(bit_probs(logits, top_k=top_k, top_p=top_p), generators, n, sync_free=sync_free)

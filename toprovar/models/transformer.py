@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.fused_block import LN_AFFINE, LN_MODULATE, add_ln, qk_norm_rope
 from toprovar.attention import attention, cross_attention
 
 # Buffers the official model drops from checkpoints when loading (not weights).
@@ -205,6 +206,15 @@ class LayerKVCache:
         self.fill = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def reserve(self, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Claim the next n slots: `(k_slot, v_slot, k_valid, v_valid)` views, the slots to be
+        written by the caller (the fused q/k/v kernel writes there directly)."""
+        start, end = self.fill, self.fill + n
+        if end > self.k.shape[2]:
+            raise RuntimeError(f"KV cache overflow: {end} tokens > capacity {self.k.shape[2]}")
+        self.fill = end
+        return self.k[:, :, start:end], self.v[:, :, start:end], self.k[:, :, :end], self.v[:, :, :end]
+
 
 class KVCache:
     """Preallocated self-attention cache of every layer (no concatenation per scale)."""
@@ -222,6 +232,11 @@ class KVCache:
     @property
     def fills(self) -> list[int]:
         return [layer.fill for layer in self.layers]
+
+    def set_fill(self, fill: int) -> None:
+        """Every layer holds `fill` valid tokens (replayed CUDA graphs write slots the host never saw)."""
+        for layer in self.layers:
+            layer.fill = fill
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,6 +420,62 @@ class CrossAttnBlock(nn.Module):
             xr = x.to(xr.dtype).scatter(1, keep[..., None].expand(-1, -1, x.shape[-1]), xr)
         return xr, ent
 
+    def ada(self, gss: Tensor) -> Tensor:
+        """`(B, 1, 6, C)` float32 AdaLN vectors of this block (its `ada_gss` plus the shared ones)."""
+        with torch.autocast(gss.device.type, enabled=False):
+            return self.ada_gss + gss
+
+    def _fast_constants(self) -> tuple[Tensor, Tensor]:
+        """QKV bias and per-head q temperature, recomputed only when the parameters change."""
+        sa = self.sa
+        key = (tuple((p.data_ptr(), p._version) for p in (sa.q_bias, sa.v_bias, sa.scale_mul_1H11)),
+               torch.is_autocast_enabled(sa.q_bias.device.type))
+        cached = getattr(self, "_fast_cache", None)
+        if cached is None or cached[0] != key:
+            bias = torch.cat((sa.q_bias, sa.zero_k_bias, sa.v_bias))
+            head_scale = sa.scale_mul_1H11.clamp_max(sa.max_scale_mul).exp()
+            cached = (key, bias, head_scale)
+            self._fast_cache = cached
+        return cached[1], cached[2]
+
+    def forward_fast(self, x: Tensor, ada: Tensor, text: TextKV, rope: RopeSlice, cache: LayerKVCache, *,
+                     entropy: bool = False, gelu_epilogue: bool = False) -> tuple[Tensor, Tensor | None]:
+        """`forward(keep=None)` through the fused stages of `kernels.fused_block` (same function).
+
+        ada: `self.ada(gss)`, computed once per call. Four passes over the hidden states besides
+        the matrix products and attention: AdaLN-LayerNorm; q/k normalize + RoPE + KV-cache write;
+        residual + `ca_norm`; residual + AdaLN-LayerNorm; residual. On CPU (and without triton)
+        every stage runs the eager ops of `forward`, so the result is bit-identical to it.
+        gelu_epilogue (CUDA): the FFN's tanh-GELU runs in the first matrix product's epilogue
+        (cuBLASLt) on its float32 accumulator instead of on the bf16-rounded product.
+        """
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
+        sa, n = self.sa, x.shape[1]
+        cdt = sa.mat_qkv.weight.dtype if x.is_cuda else torch.float32  # what the linear layers consume
+        bias, head_scale = self._fast_constants()
+        _, h = add_ln(x, ln=LN_MODULATE, scale=scale1, shift=shift1, eps=self.eps, out_dtype=cdt)
+        qkv = F.linear(h, sa.mat_qkv.weight, bias)
+        k_slot, v_slot, k_all, v_all = cache.reserve(n)
+        q = qk_norm_rope(qkv, sa.num_heads, head_scale, rope.cos, rope.sin, k_slot, v_slot)
+        if entropy:  # the entropy kernel takes plain (B, H, n, D) queries
+            q = q.contiguous()
+        out, ent = attention(q, k_all, v_all, entropy=entropy, scale=1.0)
+        norm = self.ca_norm
+        x, ca_in = add_ln(x, sa.proj(_merge_heads(out)), gamma1, round_yg=True, ln=LN_AFFINE,
+                          weight=norm.weight, bias=norm.bias, eps=norm.eps, out_dtype=cdt)
+        x, h = add_ln(x, self.ca(ca_in, text), None, ln=LN_MODULATE, scale=scale2, shift=shift2,
+                      eps=self.eps, out_dtype=cdt)
+        ffn = self.ffn
+        if gelu_epilogue and h.is_cuda:
+            b, n_, c = h.shape
+            hidden = torch._addmm_activation(ffn.fc1.bias.to(h.dtype), h.reshape(b * n_, c),
+                                             ffn.fc1.weight.t(), use_gelu=True)
+            f = ffn.fc2(hidden.view(b, n_, -1))
+        else:
+            f = ffn(h)
+        x, _ = add_ln(x, f, gamma2)
+        return x, ent
+
     def _after_attention(self, xr: Tensor, out: Tensor, gamma1: Tensor, gamma2: Tensor, scale2: Tensor,
                          shift2: Tensor, text: TextKV) -> Tensor:
         """Output projection, cross-attention and FFN: the part of a block after self-attention."""
@@ -555,20 +626,24 @@ class InfinityTransformer(nn.Module):
         return self._rope_tables[key]
 
 
-def random_state_dict(config: TransformerConfig, seed: int = 0) -> dict[str, Tensor]:
+def random_state_dict(config: TransformerConfig, seed: int = 0,
+                      device: torch.device | str | None = None) -> dict[str, Tensor]:
     """A reproducible random state dict with the module's keys (tests, fidelity checks).
 
     Weights ~ N(0, 0.02) (AdaLN vectors and norms around their identity), `zero_k_bias` stays 0.
+    `device` draws the numbers there (fast for the real 2B/8B shapes on a GPU; other values than
+    the CPU draw of the same seed).
     """
-    gen = torch.Generator().manual_seed(seed)
+    device = torch.device(device or "cpu")
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in InfinityTransformer(config).state_dict().items()}
     out: dict[str, Tensor] = {}
     for key, shape in shapes.items():
         if key.endswith("zero_k_bias"):
-            out[key] = torch.zeros(shape)
+            out[key] = torch.zeros(shape, device=device)
             continue
-        noise = torch.randn(shape, generator=gen)
+        noise = torch.randn(shape, generator=gen, device=device)
         if key.endswith("scale_mul_1H11"):
             out[key] = math.log(4.0) + 0.1 * noise
         elif key.endswith(("norm.weight", "ca_norm.weight")) or key == "text_norm.weight":

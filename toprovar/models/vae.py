@@ -273,14 +273,18 @@ class BSQVAE(nn.Module):
                              f"got {tuple(img.shape)}")
         return self.encoder(img.to(self._dtype)).float()
 
-    def decode(self, codes: Tensor) -> Tensor:
+    def decode(self, codes: Tensor, *, channels_last: bool = False) -> Tensor:
         """Summed codes `(B, d, H, W)` (or `(B, d, 1, H, W)`) -> image `(B, 3, pH, pW)` in [-1, 1].
 
-        Runs in the decoder's dtype and memory format (e.g. bf16 + channels_last on CUDA).
+        Runs in the decoder's dtype; `channels_last` runs the convolutions on NHWC activations
+        (faster cuDNN kernels for bf16 on CUDA; same function, other rounding order).
         """
         if codes.ndim == 5:
             codes = codes.squeeze(2)
-        return self.decoder(codes.to(self._dtype)).clamp(-1.0, 1.0)
+        z = codes.to(self._dtype)
+        if channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        return self.decoder(z).clamp(-1.0, 1.0)
 
     # -- multi-scale codes (VAE grid)
 

@@ -1,0 +1,38 @@
+"""`python -m toprovar.bench_latency --smoke`: the latency benchmark's code path on CPU."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from toprovar import bench_latency
+from toprovar.errors import UserError
+
+
+def test_smoke_runs_every_variant_and_checks(tmp_path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    assert bench_latency.main(["--smoke", "--json-out", str(out), "--md-out", str(tmp_path / "bench.md")]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert json.loads(printed.strip().splitlines()[-1]) == result
+    for key in ("device", "torch", "triton", "date", "command", "matmul_tflops"):
+        assert key in result
+    r = result["backbones"]["test-small"]
+    names = [name for name, _ in bench_latency.variants()]
+    assert list(r["variants"]) == names
+    assert all("median_s" in v and len(v["per_scale_ms"]) == 7 for v in r["variants"].values())
+    assert r["variants"]["+ VAE channels-last (= fast)"]["runtime"]["graph_loop"]
+    assert r["floor"]["floor_s"] > 0
+    check = r["check"]  # CPU: every variant is the float32 eager arithmetic
+    assert check["graph_bits_equal_eager_fused"]
+    for name in ("plain bf16", "fused eager bf16", "fast (graphs) bf16"):
+        assert min(check[name]["bits_agree"]) == 1.0
+    assert max(check["fused eager bf16"]["logits_rel_err"]) == 0.0
+    assert "| plain |" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_without_cuda_says_so() -> None:
+    with pytest.raises(UserError, match="needs a CUDA GPU.*--smoke"):
+        bench_latency.main([])

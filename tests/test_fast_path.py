@@ -1,0 +1,119 @@
+"""The fast generation path (fused block stages, per-scale static step / CUDA graphs, sync-free
+sampling) on CPU: the same function as the plain loop, bit for bit, with and without pruners."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from toprovar.models.registry import build_backbone
+from toprovar.models.transformer import TRANSFORMER_PRESETS, InfinityTransformer, RopeSlice, random_state_dict
+from toprovar.pipeline import FastOptions, NoPruner, generate, release_fast_state, resolve_fast
+from toprovar.sampling import draw_bits, make_generators
+from toprovar.schedules import scale_schedule
+
+
+@pytest.fixture(scope="module")
+def small():
+    return build_backbone("test-small", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def patchify():
+    return build_backbone("test-small-patchify", device="cpu")
+
+
+def _seeds(n: int) -> list[int]:
+    return torch.randint(0, 2**31 - 1, (n,)).tolist()
+
+
+def _same(a, b) -> None:
+    assert len(a.bits) == len(b.bits) and all(torch.equal(x, y) for x, y in zip(a.bits, b.bits))
+    assert torch.equal(a.images, b.images)
+
+
+@pytest.mark.parametrize("name", ["small", "patchify"])
+def test_fast_path_is_bit_identical_on_cpu(name, request) -> None:
+    backbone = request.getfixturevalue(name)
+    prompts = ["a red cube on the grass", "two dogs", "a green ball left of a blue cube"]  # padded text rows
+    s = _seeds(3)
+    plain = generate(backbone, prompts, s, fast=False)
+    fast = generate(backbone, prompts, s, fast=True)
+    assert fast.runtime["graph_loop"] and not plain.runtime["graph_loop"]
+    _same(plain, fast)
+    again = generate(backbone, prompts, s, fast=True)  # static buffers reused for the same key
+    assert again.runtime["graphs_captured"] is False
+    _same(plain, again)
+    for opts in (FastOptions(graphs=False), FastOptions(fused=False), FastOptions(sync_free_sampling=False)):
+        _same(plain, generate(backbone, prompts, s, fast=opts))
+    release_fast_state(backbone.transformer)
+
+
+def test_fast_path_with_cfg_one_and_per_scale_values(small) -> None:
+    s = _seeds(1)
+    kw = dict(cfg=[1.0] * 3 + [2.0, 3.0, 3.0, 4.0], tau=[1.0, 0.5, 0.5, 0.7, 1.0, 1.0, 0.9], top_p=0.9)
+    _same(generate(small, ["a cube"], s, fast=False, **kw), generate(small, ["a cube"], s, fast=True, **kw))
+    _same(generate(small, ["a cube"], s, fast=False, cfg=1.0), generate(small, ["a cube"], s, fast=True, cfg=1.0))
+
+
+class HalfTokens(NoPruner):
+    def wants_entropy(self, si: int, li: int) -> bool:
+        return li == 1
+
+    def keep_tokens(self, si: int, li: int, x: torch.Tensor) -> torch.Tensor | None:
+        if si < 3 or li == 1:
+            return None
+        return torch.arange(0, x.shape[1], 2).expand(x.shape[0], -1)
+
+
+@pytest.mark.parametrize("kv_policy", ["kept", "all"])
+def test_pruner_runs_eager_with_fused_full_layers(small, kv_policy: str) -> None:
+    s = _seeds(2)
+    plain = generate(small, ["a red cube", "a cat"], s, policy=HalfTokens(), kv_policy=kv_policy, fast=False,
+                     record_entropy=True)
+    fast = generate(small, ["a red cube", "a cat"], s, policy=HalfTokens(), kv_policy=kv_policy, fast=True,
+                    record_entropy=True)
+    assert not fast.runtime["graph_loop"]
+    _same(plain, fast)
+    a, b = plain.trace.layers_frame(), fast.trace.layers_frame()
+    assert a["kept"].tolist() == b["kept"].tolist()
+    assert a["entropy_mean"].fillna(-1).tolist() == b["entropy_mean"].fillna(-1).tolist()
+
+
+def test_resolve_fast_defaults() -> None:
+    assert resolve_fast(None, torch.device("cpu")) is None
+    assert resolve_fast(None, torch.device("cuda")) == FastOptions()
+    assert resolve_fast(True, torch.device("cpu")) == FastOptions()
+    assert resolve_fast(FastOptions(graphs=False), torch.device("cpu")).graphs is False
+
+
+def test_sync_free_draw_equals_multinomial() -> None:
+    probs = torch.rand(3, 500, 2)
+    probs[:, ::5] = torch.tensor([0.0, 1.0])
+    probs = probs / probs.sum(-1, keepdim=True)
+    seeds = _seeds(3)
+    a = draw_bits(probs, make_generators(seeds, "cpu"), 50, sync_free=False)
+    b = draw_bits(probs, make_generators(seeds, "cpu"), 50, sync_free=True)
+    assert a.shape == (3, 50, 10) and torch.equal(a, b)
+
+
+def test_forward_fast_equals_forward_block() -> None:
+    cfg = TRANSFORMER_PRESETS["test-small"]
+    model = InfinityTransformer(cfg).eval()
+    model.load_state_dict(random_state_dict(cfg, seed=int(torch.randint(0, 1000, ()).item())))
+    schedule = scale_schedule(1.0, "0.06M")
+    rope = model.rope_table(schedule, "cpu")
+    with torch.inference_mode():
+        cond = model.encode_condition(torch.randn(2, 5, cfg.text_channels), [5, 3], with_uncond=True)
+        caches = [model.new_cache(4, 200, torch.float32, "cpu") for _ in range(2)]
+        off = 0
+        for n in (1, 4, 16):
+            x = torch.randn(4, n, cfg.embed_dim)
+            rs = RopeSlice(rope[0, off:off + n], rope[1, off:off + n])
+            for li, block in enumerate(model.blocks):
+                ref, _ = block(x, cond.gss, cond.text[li], rs, caches[0][li])
+                out, _ = block.forward_fast(x, block.ada(cond.gss), cond.text[li], rs, caches[1][li])
+                assert torch.equal(ref, out)
+            off += n
+        assert caches[0].fills == caches[1].fills == [off] * cfg.depth
+        for a, b in ((caches[0]._k, caches[1]._k), (caches[0]._v, caches[1]._v)):
+            assert torch.equal(a[:, :, :, :off], b[:, :, :, :off])
