@@ -23,7 +23,8 @@ D (`scale.action: exit`, "Scale Depth Loc."); the others keep the policy's actio
 Latency: the median over prompts of the milliseconds per image of the call that generated it
 (`Trace.total_ms`: scale loop + VAE decode, text encoding excluded; CUDA events on GPU), after one
 warm-up call per method on the first batch (the warm-up also records the kept tokens for the
-figure, so no timed call carries the recorder). FLOPs: `toprovar.flops.trace_flops`, executed /
+figure, so no timed call carries the recorder); timed calls go batch by batch with the methods
+interleaved, so slow drift of the machine hits every method alike. FLOPs: `toprovar.flops.trace_flops`, executed /
 unpruned, summed over the prompts. PSNR: from the mean squared error pooled over the prompts.
 """
 from __future__ import annotations
@@ -334,29 +335,38 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
     backbone = registry.build_backbone(spec, group.get("weights"), device=_device(cfg.get("device", "auto")),
                                        dtype=_dtype(cfg.get("dtype", "auto")))
     chunks = [(s, prompts[s:s + batch], seeds[s:s + batch]) for s in range(0, len(prompts), batch)]
-    runs: dict[str, dict[str, Any]] = {}
-    bar = tqdm(total=len(methods) * len(chunks), desc="compare", unit="batch", disable=not progress)
-    for method in methods:
-        bar.set_postfix_str(method.label)
+    runs: dict[str, dict[str, Any]] = {m.label: {"images": [], "latency": [], "executed": 0.0, "unpruned": 0.0,
+                                                 "first": None} for m in methods}
+    bar = tqdm(total=len(methods) * (len(chunks) + (1 if warmup else 0)), desc="compare", unit="batch",
+               disable=not progress)
+
+    def call(method: Method, chunk: list[str], chunk_seeds: list[int], record: bool):
         policy = method.policy if method.prunes else None
-        first = None
+        res = generate(backbone, chunk, chunk_seeds, policy=record_kept_tokens(policy) if record else policy,
+                       **settings)
+        run = runs[method.label]
+        run["first"] = run["first"] or res
+        return res
+
+    for method in methods:  # warm-up calls, the first one records the kept tokens for the figure
+        bar.set_postfix_str(f"warm-up {method.label}")
         for w in range(warmup):
-            use = record_kept_tokens(policy) if (w == 0 and method.prunes) else policy
-            res = generate(backbone, chunks[0][1], chunks[0][2], policy=use, **settings)
-            first = first or res
-        images, latency, executed, unpruned = [], [], 0.0, 0.0
-        for i, (_, chunk, chunk_seeds) in enumerate(chunks):
-            use = record_kept_tokens(policy) if (warmup == 0 and i == 0 and method.prunes) else policy
-            res = generate(backbone, chunk, chunk_seeds, policy=use, **settings)
-            first = first or res
-            images.append(res.images)
-            latency += [res.trace.total_ms / len(chunk)] * len(chunk)
-            e, u = trace_flops(res.trace)
-            executed, unpruned = executed + e, unpruned + u
+            call(method, chunks[0][1], chunks[0][2], record=w == 0 and method.prunes)
+        if warmup:
             bar.update(1)
-        runs[method.label] = {"images": torch.cat(images), "latency": latency, "executed": executed,
-                              "unpruned": unpruned, "first": first}
+    for i, (_, chunk, chunk_seeds) in enumerate(chunks):  # methods interleaved: drift hits all alike
+        for method in methods:
+            bar.set_postfix_str(method.label)
+            res = call(method, chunk, chunk_seeds, record=warmup == 0 and i == 0 and method.prunes)
+            run = runs[method.label]
+            run["images"].append(res.images)
+            run["latency"] += [res.trace.total_ms / len(chunk)] * len(chunk)
+            e, u = trace_flops(res.trace)
+            run["executed"], run["unpruned"] = run["executed"] + e, run["unpruned"] + u
+            bar.update(1)
     bar.close()
+    for run in runs.values():
+        run["images"] = torch.cat(run["images"])
 
     # -- quality and the table
     base = runs[methods[0].label]
