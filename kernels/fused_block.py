@@ -120,36 +120,36 @@ if triton is not None:
     def _qk_norm_rope_kernel(QKV, HS, COS, SIN, QO, KD, VD, n, NH, C, eps,
                              k_sb, k_sh, k_sl, v_sb, v_sh, v_sl,
                              HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+        # One token row (all heads) per program. Every load and store is contiguous along the head
+        # dim: RoPE's pair partner comes from a second load at the pair-swapped offsets (d ^ 1),
+        # y[d] = cos[d // 2] * x[d] + sign(d) * sin[d // 2] * x[d ^ 1], sign = -1 for even d.
         r = tl.program_id(0).to(tl.int64)
         b = r // n
         i = r % n
         HALF: tl.constexpr = HEAD_DIM // 2
         hh = tl.arange(0, BLOCK_H)[:, None]
-        jj = tl.arange(0, HALF)[None, :]
         dd = tl.arange(0, HEAD_DIM)[None, :]
         mh = hh < NH
+        partner = dd ^ 1
+        cos = tl.load(COS + i * HALF + dd // 2)
+        sin = tl.load(SIN + i * HALF + dd // 2)
+        sin = tl.where((dd % 2) == 1, sin, -sin)
         base = QKV + r * 3 * C + hh * HEAD_DIM
-        cos = tl.load(COS + i * HALF + jj)
-        sin = tl.load(SIN + i * HALF + jj)
         # q: normalize, per-head temperature, rotate
-        qe = tl.load(base + 2 * jj, mask=mh, other=0.0).to(tl.float32)
-        qo = tl.load(base + 2 * jj + 1, mask=mh, other=0.0).to(tl.float32)
-        qn = tl.maximum(tl.sqrt(tl.sum(qe * qe + qo * qo, axis=1)), eps)[:, None]
+        q = tl.load(base + dd, mask=mh, other=0.0).to(tl.float32)
+        qp = tl.load(base + partner, mask=mh, other=0.0).to(tl.float32)
+        qn = tl.maximum(tl.sqrt(tl.sum(q * q, axis=1)), eps)[:, None]
         hs = tl.load(HS + hh, mask=mh, other=0.0)
-        qe = qe / qn * hs
-        qo = qo / qn * hs
-        qdst = QO + (r * NH + hh) * HEAD_DIM + 2 * jj  # q memory is (B, n, H, D)
-        tl.store(qdst, (cos * qe - sin * qo).to(QO.dtype.element_ty), mask=mh)
-        tl.store(qdst + 1, (sin * qe + cos * qo).to(QO.dtype.element_ty), mask=mh)
+        q = q / qn * hs
+        qp = qp / qn * hs
+        tl.store(QO + (r * NH + hh) * HEAD_DIM + dd, (cos * q + sin * qp).to(QO.dtype.element_ty), mask=mh)
         # k: normalize, rotate, into the cache slot
-        ke = tl.load(base + C + 2 * jj, mask=mh, other=0.0).to(tl.float32)
-        ko = tl.load(base + C + 2 * jj + 1, mask=mh, other=0.0).to(tl.float32)
-        kn = tl.maximum(tl.sqrt(tl.sum(ke * ke + ko * ko, axis=1)), eps)[:, None]
-        ke = ke / kn
-        ko = ko / kn
-        kdst = KD + b * k_sb + hh * k_sh + i * k_sl + 2 * jj
-        tl.store(kdst, (cos * ke - sin * ko).to(KD.dtype.element_ty), mask=mh)
-        tl.store(kdst + 1, (sin * ke + cos * ko).to(KD.dtype.element_ty), mask=mh)
+        k = tl.load(base + C + dd, mask=mh, other=0.0).to(tl.float32)
+        kp = tl.load(base + C + partner, mask=mh, other=0.0).to(tl.float32)
+        kn = tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), eps)[:, None]
+        k = k / kn
+        kp = kp / kn
+        tl.store(KD + b * k_sb + hh * k_sh + i * k_sl + dd, (cos * k + sin * kp).to(KD.dtype.element_ty), mask=mh)
         # v: copy into the cache slot
         v = tl.load(base + 2 * C + dd, mask=mh, other=0.0)
         tl.store(VD + b * v_sb + hh * v_sh + i * v_sl + dd, v.to(VD.dtype.element_ty), mask=mh)
@@ -229,7 +229,7 @@ def qk_norm_rope(qkv: Tensor, num_heads: int, head_scale: Tensor, cos: Tensor, s
         qkv, head_scale.reshape(num_heads).float().contiguous(), cos.float().contiguous(),
         sin.float().contiguous(), q, k_dst, v_dst, n, num_heads, c, eps,
         k_dst.stride(0), k_dst.stride(1), k_dst.stride(2), v_dst.stride(0), v_dst.stride(1), v_dst.stride(2),
-        HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(num_heads), num_warps=4)
+        HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(num_heads), num_warps=8 if num_heads * d >= 4096 else 4)
     return q.transpose(1, 2)
 
 

@@ -7,6 +7,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1"
 import torch  # noqa: E402
 
 from kernels.fused_block import LN_AFFINE, LN_MODULATE, LN_NONE, add_ln, qk_norm_rope  # noqa: E402
+from kernels.group_norm import group_norm_silu  # noqa: E402
 
 torch.manual_seed(int(sys.argv[1]))
 failures = []
@@ -70,6 +71,20 @@ for B, n, H, D in [(2, 6, 3, 16), (1, 9, 2, 32), (2, 1, 4, 8)]:
         check(tag + " v", cache_v[:, :, 3:3 + n], ref_v[:, :, 3:3 + n], 0.0)
         if not (cache_k[:, :, :3].isnan().all() and cache_k[:, :, 3 + n:].isnan().all()):
             failures.append(tag + ": wrote outside the cache slot")
+
+for N, C, H, W, G in [(1, 32, 7, 9, 8), (2, 48, 5, 4, 4), (1, 64, 11, 13, 32)]:
+    for dt in (torch.float32, torch.bfloat16):
+        x = (torch.randn(N, C, H, W) * 3 + 1).to(dt).contiguous(memory_format=torch.channels_last)
+        w, bv = 1 + 0.1 * torch.randn(C), 0.1 * torch.randn(C)
+        for silu in (True, False):
+            a = group_norm_silu(x, G, w, bv, 1e-6, silu=silu, use_triton=True)
+            ref = group_norm_silu(x.float(), G, w, bv, 1e-6, silu=silu, use_triton=False)
+            tag = f"group_norm_silu {(N, C, H, W, G)} {dt} silu={silu}"
+            if not a.is_contiguous(memory_format=torch.channels_last) or a.dtype != dt:
+                failures.append(tag + ": output layout / dtype")
+            e = rel(a, ref)
+            if not e <= (1e-5 if dt == torch.float32 else 1e-2):
+                failures.append(f"{tag}: rel {e:.2e}")
 
 print("\n".join(failures) or "ok")
 sys.exit(1 if failures else 0)

@@ -44,3 +44,15 @@ def test_fused_kernels_on_cuda() -> None:
           for c, u in zip(caches, (True, False))]
     torch.testing.assert_close(qs[0].float(), qs[1].float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(caches[0].float(), caches[1].float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_group_norm_silu_on_cuda() -> None:
+    from kernels.group_norm import group_norm_silu
+
+    x = (torch.randn(1, 128, 96, 80, device="cuda") * 2 + 0.5).bfloat16().contiguous(memory_format=torch.channels_last)
+    w, b = 1 + 0.1 * torch.randn(128, device="cuda"), 0.1 * torch.randn(128, device="cuda")
+    y = group_norm_silu(x, 32, w.bfloat16(), b.bfloat16(), 1e-6)
+    ref = torch.nn.functional.silu(torch.nn.functional.group_norm(x.float(), 32, w, b, 1e-6))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2

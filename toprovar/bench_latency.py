@@ -46,21 +46,26 @@ PROG = "python -m toprovar.bench_latency"
 def variants() -> list[tuple[str, Any]]:
     from toprovar.pipeline import FastOptions
 
-    none = FastOptions(fused=False, graphs=False, cudnn_attention=False, sync_free_sampling=False,
-                       vae_channels_last=False)
-    ladder = [("plain", False)]
-    steps = [("+ sync-free sampling", "sync_free_sampling"), ("+ cuDNN attention", "cudnn_attention"),
-             ("+ fused block kernels", "fused"), ("+ CUDA graph per scale", "graphs"),
-             ("+ VAE channels-last (= fast)", "vae_channels_last")]
-    opts = none
-    for name, flag in steps:
-        opts = replace(opts, **{flag: True})
-        ladder.append((name, opts))
+    opts = FastOptions(**{f: False for f in FastOptions.__dataclass_fields__})
     full = FastOptions()
+    ladder: list[tuple[str, Any]] = [("plain", False)]
+    steps = [("+ sync-free sampling", ("sync_free_sampling",)), ("+ cuDNN attention", ("cudnn_attention",)),
+             ("+ fused block kernels", ("fused",)), ("+ CUDA graph per scale", ("graphs",)),
+             ("+ GELU in matmul epilogue", ("gelu_epilogue",)),
+             ("+ VAE NHWC + fused GroupNorm (= fast)", ("vae_channels_last", "vae_fused_norm"))]
+    for name, flags in steps:
+        opts = replace(opts, **{f: True for f in flags})
+        ladder.append((name, opts))
+    assert opts == full, "the ladder must end at the default fast path"
     loo = [("fast without cuDNN attention", replace(full, cudnn_attention=False)),
-           ("fast without fused kernels", replace(full, fused=False)),
-           ("fast with GELU epilogue", replace(full, gelu_epilogue=True))]
+           ("fast without fused block kernels", replace(full, fused=False)),
+           ("fast, VAE NHWC with PyTorch GroupNorm", replace(full, vae_fused_norm=False)),
+           ("fast, VAE NCHW with PyTorch GroupNorm", replace(full, vae_channels_last=False, vae_fused_norm=False)),
+           ("fast + cuDNN benchmark in the VAE", replace(full, vae_cudnn_benchmark=True))]
     return ladder + loo
+
+
+FAST_NAME = "+ VAE NHWC + fused GroupNorm (= fast)"
 
 
 # ---------------------------------------------------------------------------------------- backbones
@@ -262,8 +267,22 @@ def check_numerics(backbone, fast_dtype: torch.dtype, *, prompt: str = "a photo"
 
     to_dtype(backbone, torch.float32)
     ref, ref_res = _with_recorder(None, lambda: generate(backbone, [prompt], [seed], fast=False))
+    vae, device = backbone.vae, backbone.device
+    fh, fw = vae.vae_schedule(backbone.spec.schedules.scale_schedule(1.0, backbone.spec.pixels))[-1][1:]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    codes = torch.randn(1, vae.codebook_dim, fh, fw, generator=gen, device=device) * 0.6  # ~ summed codes
+    with torch.inference_mode():
+        vae_ref = vae.decoder(codes).float()
     to_dtype(backbone, fast_dtype)
-    out: dict[str, Any] = {"scales": len(ref.bits)}
+    with torch.inference_mode():
+        fast_vae = device.type == "cuda"
+        vae_fast = vae.decode(codes, channels_last=fast_vae, fused_norm=fast_vae).float()
+        vae_plain = vae.decode(codes).float()
+    out: dict[str, Any] = {"scales": len(ref.bits),
+                           "vae_rel_err": {"plain bf16": _rel(vae_plain, vae_ref.clamp(-1, 1)),
+                                           "fast bf16": _rel(vae_fast, vae_ref.clamp(-1, 1)),
+                                           "fp32 output std": float(vae_ref.std()),
+                                           "fp32 share clamped": float((vae_ref.abs() > 1).float().mean())}}
     runs = {"plain bf16": False, "fused eager bf16": FastOptions(graphs=False), "fast (graphs) bf16": True}
     recs = {}
     for name, fast in runs.items():
@@ -356,7 +375,7 @@ def markdown(results: dict, anchors: dict) -> str:
             speed = f"{plain / v['median_s']:.2f}x" if plain else ""
             lines.append(f"| {name} | {v['median_s'] * 1e3:.1f} ms | {runs} | {loop:.1f} ms | {v['decode_ms']:.1f} ms "
                          f"| {fl['floor_s'] / v['median_s']:.2f} | {speed} |")
-        names = [n for n in ("plain", "+ VAE channels-last (= fast)") if n in r["variants"]
+        names = [n for n in ("plain", FAST_NAME) if n in r["variants"]
                  and "per_scale_ms" in r["variants"][n]]
         if names:
             lines.append("\nPer scale (ms, CUDA events; tokens per image):\n")
@@ -378,6 +397,11 @@ def markdown(results: dict, anchors: dict) -> str:
                              f"| {row['image_psnr_db_vs_fp32']:.1f} dB |")
             lines.append(f"\nCUDA-graph path draws exactly the bits of the eager fused path: "
                          f"{c['graph_bits_equal_eager_fused']}")
+            v = c.get("vae_rel_err")
+            if v:
+                lines.append(f"\nVAE decode of the same random codes vs float32 (rel. L2 after clamp): plain bf16 "
+                             f"{v['plain bf16']:.2e}, fast bf16 {v['fast bf16']:.2e} (fp32 output std "
+                             f"{v['fp32 output std']:.3f}, {100 * v['fp32 share clamped']:.1f} % clamped)")
         if "profile" in r:
             p = r["profile"]
             lines.append(f"\nProfile of the fused path without graphs (same kernels): GPU busy {p['gpu_busy_ms']:.1f} ms "

@@ -22,7 +22,8 @@ Fast path (`fast=`, default on for CUDA, see `FastOptions`): the same function w
     call for a key (schedule, rows, text length and mask, cfg/tau/top-k/top-p per scale) and
     replayed after; the KV cache and the text/AdaLN inputs live in static buffers kept on the
     transformer (`release_fast_state` frees them);
-  * SDPA preferring cuDNN attention; sampling without host syncs; the VAE decode on NHWC.
+  * SDPA preferring cuDNN attention; sampling without host syncs; the FFN's GELU in the matmul
+    epilogue; the VAE decode on NHWC activations with split-statistics GroupNorm + SiLU kernels.
 CUDA graphs run only with no pruner (`NoPruner` itself) and `record_entropy=False`. With a pruner,
 the loop stays eager: blocks that run every token of their scale use the fused stages, blocks
 given a `keep` list run the reference block (gather / scatter). On CPU every switch keeps the
@@ -134,8 +135,10 @@ class FastOptions:
     graphs: bool = True  # one CUDA graph per scale (only with no pruner and no entropy recording)
     cudnn_attention: bool = True  # SDPA tries cuDNN attention first (CUDA)
     sync_free_sampling: bool = True  # draw bits without torch.multinomial's host-side checks
+    gelu_epilogue: bool = True  # FFN GELU inside the first FFN matmul (cuBLASLt epilogue, CUDA)
     vae_channels_last: bool = True  # VAE decode on NHWC activations (CUDA)
-    gelu_epilogue: bool = False  # FFN GELU inside the first FFN matmul (cuBLASLt epilogue, CUDA)
+    vae_fused_norm: bool = True  # VAE GroupNorm + SiLU as split-statistics Triton kernels (NHWC, CUDA)
+    vae_cudnn_benchmark: bool = False  # let cuDNN time the VAE's convolution algorithms (CUDA)
 
 
 def resolve_fast(fast: bool | FastOptions | None, device: torch.device) -> FastOptions | None:
@@ -447,8 +450,9 @@ def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *
             if summed is None:  # stopped before the first scale: nothing was generated
                 _, fh, fw = vae_schedule[-1]
                 summed = torch.zeros(batch, vae.codebook_dim, 1, fh, fw, device=device)
-            if opts is not None and opts.vae_channels_last and device.type == "cuda" and isinstance(vae, BSQVAE):
-                images = vae.decode(summed, channels_last=True)
+            if opts is not None and device.type == "cuda" and isinstance(vae, BSQVAE):
+                images = vae.decode(summed, channels_last=opts.vae_channels_last, fused_norm=opts.vae_fused_norm,
+                                    cudnn_benchmark=opts.vae_cudnn_benchmark)
             else:
                 images = vae.decode(summed)
             end = timer.mark()

@@ -12,6 +12,8 @@ VAE grid of a scale is twice the transformer's; `bits_to_tokens`, `tokens_to_bit
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.group_norm import group_norm_silu
 from toprovar.errors import UserError
 from toprovar.models.bsq import BitFlipNoise, MultiScaleBSQ, MultiScaleCodes
 from toprovar.models.checkpoint import load_into
@@ -116,6 +119,19 @@ class Normalize(nn.Module):
         return self.norm(x)
 
 
+# Set by `BSQVAE.decode(fused_norm=True)`: GroupNorm + SiLU through kernels.group_norm (Triton for
+# channels-last CUDA activations; the same eager ops otherwise).
+_FUSED_NORM: contextvars.ContextVar[bool] = contextvars.ContextVar("toprovar_vae_fused_norm", default=False)
+
+
+def _norm_silu(norm: Normalize, x: Tensor, silu: bool = True) -> Tensor:
+    if _FUSED_NORM.get() and x.is_cuda:
+        gn = norm.norm
+        return group_norm_silu(x, gn.num_groups, gn.weight, gn.bias, gn.eps, silu=silu)
+    h = norm(x)
+    return F.silu(h) if silu else h
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, groups: int):
         super().__init__()
@@ -126,8 +142,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = Conv(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(_norm_silu(self.norm1, x))
+        h = self.conv2(_norm_silu(self.norm2, h))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
@@ -237,7 +253,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(_norm_silu(self.norm_out, h))
 
 
 # ----------------------------------------------------------------------------- the VAE
@@ -273,18 +289,29 @@ class BSQVAE(nn.Module):
                              f"got {tuple(img.shape)}")
         return self.encoder(img.to(self._dtype)).float()
 
-    def decode(self, codes: Tensor, *, channels_last: bool = False) -> Tensor:
+    def decode(self, codes: Tensor, *, channels_last: bool = False, fused_norm: bool = False,
+               cudnn_benchmark: bool = False) -> Tensor:
         """Summed codes `(B, d, H, W)` (or `(B, d, 1, H, W)`) -> image `(B, 3, pH, pW)` in [-1, 1].
 
-        Runs in the decoder's dtype; `channels_last` runs the convolutions on NHWC activations
-        (faster cuDNN kernels for bf16 on CUDA; same function, other rounding order).
+        Runs in the decoder's dtype. CUDA speed switches (same function, other rounding order):
+        `channels_last` runs the convolutions on NHWC activations; `fused_norm` runs each
+        GroupNorm + SiLU as the split-statistics Triton kernels of `kernels.group_norm` (NHWC);
+        `cudnn_benchmark` lets cuDNN time its convolution algorithms (first call per shape slow).
         """
         if codes.ndim == 5:
             codes = codes.squeeze(2)
         z = codes.to(self._dtype)
         if channels_last:
             z = z.contiguous(memory_format=torch.channels_last)
-        return self.decoder(z).clamp(-1.0, 1.0)
+        token = _FUSED_NORM.set(fused_norm)
+        cudnn = torch.backends.cudnn
+        flags = cudnn.flags(enabled=cudnn.enabled, benchmark=True, deterministic=cudnn.deterministic,
+                            allow_tf32=cudnn.allow_tf32) if cudnn_benchmark else contextlib.nullcontext()
+        try:
+            with flags:
+                return self.decoder(z).clamp(-1.0, 1.0)
+        finally:
+            _FUSED_NORM.reset(token)
 
     # -- multi-scale codes (VAE grid)
 
