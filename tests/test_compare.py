@@ -42,7 +42,8 @@ def test_compare_command_end_to_end(tmp_path: Path) -> None:
     methods = ["none", "fastvar", "fixed_exit", "toprovar-scale", "toprovar-scale_token", f"'{policy}@scale_layer'",
                "toprovar-full"]
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run([sys.executable, "-m", "toprovar", "compare", f"methods=[{','.join(methods)}]",
+    proc = subprocess.run([sys.executable, "-m", "toprovar", "compare", "backbone=test-small",
+                           f"methods=[{','.join(methods)}]",
                            'prompts=["a red cube", "two blue balls"]', "seeds=[3, 8]", "batch_size=2", "warmup=0",
                            f"out_dir={out}", f"hydra.run.dir={tmp_path / 'run'}"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -74,7 +75,7 @@ def test_compare_command_end_to_end(tmp_path: Path) -> None:
 @pytest.mark.parametrize("override, match", [
     ("foo=1", "bad override"),
     ("methods=[none,no-such-policy]", "unknown policy 'no-such-policy'"),
-    ("methods=[fastvar-infinity-2b]", "made for backbone 'infinity-2b', not 'test-small'"),
+    ("methods=[fastvar-infinity-2b]", "made for backbone 'infinity-2b', not 'tiny'"),
     ("methods=[fastvar@full]", "only toprovar policies"),
     ("methods=[fastvar,fastvar]", "twice"),
 ])

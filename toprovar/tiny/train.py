@@ -46,7 +46,7 @@ STAGES = ("vae", "transformer", "all")
 
 @dataclass
 class VAETrainConfig:
-    steps: int = 6000
+    steps: int = 1600
     batch: int = 64
     lr: float = 4e-4
     warmup: int = 200
@@ -55,7 +55,7 @@ class VAETrainConfig:
 
 @dataclass
 class TransformerTrainConfig:
-    steps: int = 8000
+    steps: int = 11100
     batch: int = 96
     lr: float = 1e-3
     warmup: int = 400
