@@ -34,9 +34,9 @@ if triton is not None:
 
     @triton.jit
     def _gn_stats_kernel(X, PART, HW, C, CHUNK, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        n = tl.program_id(0).to(tl.int64)
-        k = tl.program_id(1)
-        nk = tl.num_programs(1)
+        k = tl.program_id(0)  # the many-block axis is axis 0 (axis 1 stops at 65535 blocks)
+        n = tl.program_id(1).to(tl.int64)
+        nk = tl.num_programs(0)
         cols = tl.arange(0, BLOCK_C)
         mc = cols < C
         acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
@@ -55,8 +55,8 @@ if triton is not None:
     @triton.jit
     def _gn_apply_kernel(X, Y, MEAN, RSTD, W, B, HW, C, CG, G,
                          SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        n = tl.program_id(0).to(tl.int64)
-        pb = tl.program_id(1)
+        pb = tl.program_id(0)  # pixel blocks on axis 0: 2^31 - 1 blocks (axis 1 stops at 65535)
+        n = tl.program_id(1).to(tl.int64)
         rows = pb * BLOCK_P + tl.arange(0, BLOCK_P)
         cols = tl.arange(0, BLOCK_C)
         mc = cols < C
@@ -72,6 +72,24 @@ if triton is not None:
         if SILU:
             y = y / (1.0 + tl.exp(-y))
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def launch_config(n: int, c: int, hw: int, sms: int = 132) -> dict:
+    """Block shapes and grids of both kernels: a (BLOCK_P pixels x BLOCK_C channels) tile of about
+    4096 elements; the statistics split over about 4 blocks per multiprocessor. The many-block
+    axis is grid axis 0 (a grid's axis 1 stops at 65535 blocks: 256 channels at 1024x1024 make
+    65536 pixel blocks)."""
+    block_c = 1 << max(0, (c - 1).bit_length())
+    block_p = max(1, 4096 // block_c)
+    nk = max(1, min(_cdiv(hw, block_p), 4 * sms // max(n, 1)))
+    chunk = _cdiv(_cdiv(hw, nk), block_p) * block_p
+    nk = _cdiv(hw, chunk)
+    return {"block_c": block_c, "block_p": block_p, "chunk": chunk, "stats_grid": (nk, n),
+            "apply_grid": (_cdiv(hw, block_p), n)}
 
 
 def _supported(x: Tensor) -> bool:
@@ -90,13 +108,10 @@ def group_norm_silu(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: f
         x = x.contiguous(memory_format=torch.channels_last)
     n, c, h, w = x.shape
     hw, cg = h * w, c // groups
-    block_c = triton.next_power_of_2(c)
-    block_p = max(1, 4096 // block_c)
-    nk = max(1, min(triton.cdiv(hw, block_p), 4 * 132 // max(n, 1)))
-    chunk = triton.cdiv(triton.cdiv(hw, nk), block_p) * block_p
-    nk = triton.cdiv(hw, chunk)
+    cfg = launch_config(n, c, hw)
+    block_p, block_c, nk, chunk = cfg["block_p"], cfg["block_c"], cfg["stats_grid"][0], cfg["chunk"]
     part = torch.empty((n, nk, 2, c), dtype=torch.float32, device=x.device)
-    _gn_stats_kernel[(n, nk)](x, part, hw, c, chunk, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=8)
+    _gn_stats_kernel[cfg["stats_grid"]](x, part, hw, c, chunk, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=8)
     sums = part.view(n, nk, 2, groups, cg).sum(dim=(1, 4), dtype=torch.float64)  # (N, 2, G)
     count = hw * cg
     mean = sums[:, 0] / count
@@ -104,10 +119,10 @@ def group_norm_silu(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: f
     rstd = torch.rsqrt(var + eps).float().contiguous()
     mean = mean.float().contiguous()
     y = torch.empty_like(x)  # keeps the channels-last strides
-    _gn_apply_kernel[(n, triton.cdiv(hw, block_p))](
+    _gn_apply_kernel[cfg["apply_grid"]](
         x, y, mean, rstd, weight, bias, hw, c, cg, groups,
         SILU=silu, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=8)
     return y
 
 
-__all__ = ["group_norm_silu", "group_norm_silu_reference"]
+__all__ = ["group_norm_silu", "group_norm_silu_reference", "launch_config"]

@@ -46,6 +46,20 @@ def test_fused_kernels_on_cuda() -> None:
     torch.testing.assert_close(caches[0].float(), caches[1].float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("c, side", [(512, 64), (512, 256), (256, 512), (256, 1024), (128, 1024), (512, 512)])
+def test_group_norm_launch_fits_the_grid(c: int, side: int) -> None:
+    """The VAE decoder's GroupNorm shapes at 1024x1024 (2B: patch 16, 8B: patch 8) fit CUDA's grid
+    limits (axis 0 < 2^31, axes 1-2 <= 65535); 256 channels at 1024x1024 once made 65536 blocks
+    on axis 1 ("invalid argument")."""
+    from kernels.group_norm import launch_config
+
+    cfg = launch_config(1, c, side * side)
+    for grid in (cfg["stats_grid"], cfg["apply_grid"]):
+        assert grid[0] < 2**31 and all(g <= 65535 for g in grid[1:])
+    assert cfg["stats_grid"][0] * cfg["chunk"] >= side * side and cfg["chunk"] % cfg["block_p"] == 0
+    assert cfg["apply_grid"][0] * cfg["block_p"] >= side * side and cfg["block_p"] * cfg["block_c"] <= 4096
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_group_norm_silu_on_cuda() -> None:
     from kernels.group_norm import group_norm_silu
@@ -56,3 +70,31 @@ def test_group_norm_silu_on_cuda() -> None:
     ref = torch.nn.functional.silu(torch.nn.functional.group_norm(x.float(), 32, w, b, 1e-6))
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("gelu_epilogue", [False, True])
+def test_forward_fast_matches_forward_on_cuda(gelu_epilogue: bool) -> None:
+    """One bf16 block under autocast: fused stages (+ GELU epilogue) vs the reference block."""
+    from toprovar.models.transformer import InfinityTransformer, RopeSlice, TransformerConfig, random_state_dict
+
+    cfg = TransformerConfig(depth=1, embed_dim=256, num_heads=2, codebook_dim=8, text_channels=64,
+                            text_maxlen=8, pool_head_dim=32, block_chunks=1)
+    model = InfinityTransformer(cfg)
+    model.load_state_dict(random_state_dict(cfg, seed=3))
+    model = model.cuda().eval()
+    model.blocks.bfloat16()
+    rope = model.rope_table([(1, 1, 1), (1, 4, 4), (1, 8, 8)], "cuda")
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        cond = model.encode_condition(torch.randn(1, 6, 64, device="cuda"), [6], with_uncond=True)
+        caches = [model.new_cache(2, 81, torch.bfloat16, "cuda") for _ in range(2)]
+        block = model.blocks[0]
+        x = torch.randn(2, 64, 256, device="cuda")
+        rs = RopeSlice(rope[0, 17:81], rope[1, 17:81])
+        for c in caches:
+            c[0].fill = 17
+        ref, _ = block(x, cond.gss, cond.text[0], rs, caches[0][0])
+        out, _ = block.forward_fast(x, block.ada(cond.gss), cond.text[0], rs, caches[1][0], gelu_epilogue=gelu_epilogue)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+    k0, k1 = caches[0]._k[0, :, :, 17:81].float(), caches[1]._k[0, :, :, 17:81].float()
+    assert ((k0 - k1).norm() / k0.norm()).item() < 1e-2
