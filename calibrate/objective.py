@@ -7,7 +7,6 @@ prompt and seed; geneval-lite drop where the backbone has an evaluator.
 """
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -19,6 +18,7 @@ from calibrate.costs import flop_totals, trace_summary
 from calibrate.prompts import PromptSet
 from calibrate.quality import Scorer, ssim_per_image
 from calibrate.search import Scores
+from toprovar.trace import median_latency_ms
 
 PolicyBuilder = Callable[[dict[str, float]], Any]
 
@@ -27,29 +27,6 @@ def resolve_cost(objective: str, device: torch.device) -> str:
     if objective == "auto":
         return "latency" if device.type == "cuda" else "flops"
     return objective
-
-
-def measure_latency_ms(run: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of `run()` in ms: CUDA events on GPU, perf_counter elsewhere."""
-    import time
-
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            run()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 @dataclass
@@ -80,7 +57,7 @@ class PolicyScorer:
         executed, _ = flop_totals(gen.traces, self.backend)
         latency = None
         if self.cost == "latency":
-            latency = measure_latency_ms(lambda: self._generate(policy), self.backend.device,
+            latency = median_latency_ms(lambda: self._generate(policy), self.backend.device,
                                          self.latency.warmup, self.latency.repeats)
         scores = self.evaluator(gen.images, self.prompts.specs) if self.evaluator is not None else None
         return Reference(gen.images, executed, latency, scores, trace_summary(gen.traces))

@@ -125,43 +125,38 @@ def run_generate(cfg: dict[str, Any], out_dir: Path) -> list[Path]:
     return written
 
 
-def _hydra_generate() -> None:
+def _generate(plain: dict[str, Any], out_dir: Path) -> None:
+    written = run_generate(plain, out_dir)
+    print(f"wrote {len(written)} image(s) to {out_dir}")
+
+
+def _compare(plain: dict[str, Any], out_dir: Path) -> None:
+    from toprovar.compare import run_compare
+
+    result = run_compare(plain, out_dir)
+    print(result.markdown)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"wrote {', '.join(p.name for p in result.files.values())} to {out_dir}")
+
+
+RUNNERS = {"generate": _generate, "compare": _compare}
+
+
+def _hydra_run(command: str) -> None:
+    """Compose conf/<command>.yaml with Hydra and run the command on the plain config."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig, OmegaConf
 
     from toprovar.errors import exit_on_user_error
 
-    @hydra.main(config_path=str(CONF_DIR), config_name="generate", version_base=None)
+    @hydra.main(config_path=str(CONF_DIR), config_name=command, version_base=None)
     def app(cfg: DictConfig) -> None:
-        with exit_on_user_error("toprovar generate"):
+        with exit_on_user_error(f"toprovar {command}"):
             plain = OmegaConf.to_container(cfg, resolve=True)
             out_dir = Path(plain["out_dir"]) if plain.get("out_dir") else Path(HydraConfig.get().runtime.output_dir)
-            written = run_generate(plain, out_dir)
-            print(f"wrote {len(written)} image(s) to {out_dir}")
-
-    app()
-
-
-def _hydra_compare() -> None:
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import DictConfig, OmegaConf
-
-    from toprovar.errors import exit_on_user_error
-
-    @hydra.main(config_path=str(CONF_DIR), config_name="compare", version_base=None)
-    def app(cfg: DictConfig) -> None:
-        with exit_on_user_error("toprovar compare"):
-            from toprovar.compare import run_compare
-
-            plain = OmegaConf.to_container(cfg, resolve=True)
-            out_dir = Path(plain["out_dir"]) if plain.get("out_dir") else Path(HydraConfig.get().runtime.output_dir)
-            result = run_compare(plain, out_dir)
-            print(result.markdown)
-            for note in result.notes:
-                print(f"note: {note}")
-            print(f"wrote {', '.join(p.name for p in result.files.values())} to {out_dir}")
+            RUNNERS[command](plain, out_dir)
 
     app()
 
@@ -183,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     if not any(arg.startswith("-") for arg in overrides):
         check_overrides(command, overrides)
     sys.argv = [f"toprovar {command}", *overrides]
-    {"generate": _hydra_generate, "compare": _hydra_compare}[command]()
+    _hydra_run(command)
 
 
 if __name__ == "__main__":

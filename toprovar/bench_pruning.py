@@ -168,7 +168,7 @@ def scale_loop_ms(trace) -> float:
 
 def gather_scatter_ms(trace, embed_dim: int, head_dim: int, device: torch.device, repeats: int = 5) -> float:
     """The pruned blocks' token gather, RoPE select and scatter alone, at their real shapes."""
-    from toprovar.pipeline import _sync
+    from toprovar.trace import median_latency_ms
 
     if not trace.kept_index:
         return 0.0
@@ -187,22 +187,7 @@ def gather_scatter_ms(trace, embed_dim: int, head_dim: int, device: torch.device
             rope[keep], rope[keep]  # cos and sin
             x.scatter(1, keep[..., None].expand(-1, -1, x.shape[-1]), xr)
 
-    once()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            once()
-            b.record()
-            torch.cuda.synchronize(device)
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            once()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return median_latency_ms(once, device, warmup=1, repeats=repeats)
 
 
 def _versions() -> dict[str, Any]:

@@ -13,8 +13,11 @@ h×w map per scale of how many layers ran each token (the paper's Fig. 9, `topro
 """
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -180,6 +183,27 @@ class Timer:
         if self.cuda:
             return float(a.elapsed_time(b))  # type: ignore[union-attr]
         return (b - a) * 1e3  # type: ignore[operator]
+
+
+def median_latency_ms(run: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall time of `run()` in ms after `warmup` calls: CUDA events on GPU, perf_counter elsewhere."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            run()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def entropy_summary(entropy: Tensor, cond_rows: int) -> Tensor:
