@@ -135,7 +135,6 @@ def load_backend(backbone_cfg: Mapping[str, Any], device: torch.device, dtype: t
     """Build the backbone named by the config group; one-line errors for unknown names / missing files."""
     import toprovar.models.registry as registry
 
-    _register_optional_backbones()
     name = str(backbone_cfg["name"])
     spec = registry.get_backbone(name)
     weights = dict(backbone_cfg.get("weights") or {})
@@ -150,11 +149,3 @@ def load_backend(backbone_cfg: Mapping[str, Any], device: torch.device, dtype: t
     if spec.random_init:
         resolved = {k: (v if v is not None and os.path.exists(v) else None) for k, v in resolved.items()}
     return CalibrationBackend(built, settings, resolved, batch_size)
-
-
-def _register_optional_backbones() -> None:
-    """Backbones that live outside the registry module register themselves on import."""
-    try:
-        import toprovar.tiny  # noqa: F401  (registers `tiny`)
-    except ImportError:
-        pass
