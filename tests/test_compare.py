@@ -15,18 +15,11 @@ from PIL import Image
 
 from toprovar.__main__ import main
 from toprovar.compare import DEFAULT_METHODS, UNCALIBRATED_DEFAULTS, default_policies, resolve_methods
-from toprovar.models.registry import build_backbone
 from toprovar.pipeline import generate
 from toprovar.plots import plot_pruned_tokens, pruned_token_maps
-from toprovar.policy import policy_from_dict
 from toprovar.trace import record_kept_tokens
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def small():
-    return build_backbone("test-small", device="cpu")
 
 
 def _write_policy(path: Path) -> Path:

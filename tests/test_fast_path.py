@@ -5,21 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from toprovar.models.registry import build_backbone
 from toprovar.models.transformer import TRANSFORMER_PRESETS, InfinityTransformer, RopeSlice, random_state_dict
 from toprovar.pipeline import FastOptions, NoPruner, generate, release_fast_state, resolve_fast
 from toprovar.sampling import draw_bits, make_generators
 from toprovar.schedules import scale_schedule
-
-
-@pytest.fixture(scope="module")
-def small():
-    return build_backbone("test-small", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def patchify():
-    return build_backbone("test-small-patchify", device="cpu")
 
 
 def _seeds(n: int) -> list[int]:

@@ -10,16 +10,6 @@ from toprovar.pipeline import NoPruner, PrunerContext, generate
 from toprovar.schedules import scale_schedule
 
 
-@pytest.fixture(scope="module")
-def small():
-    return build_backbone("test-small", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def patchify():
-    return build_backbone("test-small-patchify", device="cpu")
-
-
 def _seeds(n: int) -> list[int]:
     return torch.randint(0, 2**31 - 1, (n,)).tolist()
 

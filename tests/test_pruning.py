@@ -7,16 +7,10 @@ import pytest
 import torch
 
 from toprovar.flops import linear_flops_per_token, trace_flops
-from toprovar.models.registry import build_backbone
 from toprovar.pipeline import generate
 from toprovar.policy import policy_from_dict
 from toprovar.pruning import stages
 from toprovar.pruning.fastvar import frequency_scores, top_tokens
-
-
-@pytest.fixture(scope="module")
-def small():
-    return build_backbone("test-small", device="cpu")
 
 
 def test_low_entropy_ratio_counts_tokens_below_the_mean() -> None:
