@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 
 from calibrate import plots
-from calibrate.backend import CalibrationBackend, load_backend, resolve_device, resolve_dtype
+from calibrate.backend import CalibrationBackend, load_backend, resolve_dtype
 from calibrate.config import CalibrationConfig
 from calibrate.export import check_loads, copy_to, git_commit, prompts_record, redact_url, versions, write_policy
 from calibrate.objective import PolicyScorer, resolve_cost
@@ -28,6 +28,7 @@ from calibrate.search import (SearchSpace, completed, open_study, pareto_front, 
 from calibrate.select import Selection, select_and_validate
 from calibrate.tracking import NullTracker, Tracker, open_tracker
 from toprovar.errors import UserError
+from toprovar.models.registry import resolve_device
 
 log = logging.getLogger("calibrate")
 

@@ -21,18 +21,6 @@ from toprovar.errors import UserError
 GENERATION_KEYS = ("pixels", "cfg", "tau", "h_div_w", "top_k", "top_p", "kv_policy")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={name!r} but this machine has no CUDA GPU; use device=cpu")
-    return device
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
     if name == "auto":
         return None  # the registry's default for the device

@@ -33,8 +33,8 @@ PINNED = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(PINNED))
-def test_pinned_logits_and_bits(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def record_logits(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """Make the pipeline keep a copy of the logits of every scale it samples (the returned list)."""
     seen: list[torch.Tensor] = []
     sample = pipeline.sample_bits
 
@@ -43,6 +43,12 @@ def test_pinned_logits_and_bits(name: str, monkeypatch: pytest.MonkeyPatch) -> N
         return sample(logits, generators, top_k=top_k, top_p=top_p)
 
     monkeypatch.setattr(pipeline, "sample_bits", recording)
+    return seen
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_pinned_logits_and_bits(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = record_logits(monkeypatch)
     result = pipeline.generate(build_backbone(name, device="cpu"), ["a red cube on the grass"], [7])
     pin = PINNED[name]
     abs_mean = torch.tensor([float(l.abs().mean()) for l in seen])

@@ -75,8 +75,7 @@ def _toprovar(**over):
 @pytest.mark.parametrize("policy", ["none", "policy_none", "loaded_none"])
 def test_policy_none_is_bit_identical(small, policy: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue item 5: policy none is the plain pipeline, bit for bit, in every form it can be given."""
-    import toprovar.pipeline as pipeline
-    from tests.test_pipeline_pinning import PINNED
+    from tests.test_pipeline_pinning import PINNED, record_logits
     from toprovar.policy import load_policy
 
     given = {"none": "none", "policy_none": policy_from_dict({"method": "none"}),
@@ -93,14 +92,7 @@ def test_policy_none_is_bit_identical(small, policy: str, monkeypatch: pytest.Mo
     executed, unpruned = trace_flops(none.trace)
     assert executed == unpruned
     # And "plain" is the pipeline pinned right after its check against the official Infinity code.
-    seen: list[torch.Tensor] = []
-    sample = pipeline.sample_bits
-
-    def recording(logits, generators, top_k=0, top_p=0.0):
-        seen.append(logits.clone())
-        return sample(logits, generators, top_k=top_k, top_p=top_p)
-
-    monkeypatch.setattr(pipeline, "sample_bits", recording)
+    seen = record_logits(monkeypatch)
     pinned = generate(small, ["a red cube on the grass"], [7], policy=given)
     pin = PINNED["test-small"]
     assert [int(b.sum()) for b in pinned.bits] == pin["bits_sum"]

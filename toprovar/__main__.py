@@ -40,19 +40,9 @@ def check_overrides(command: str, overrides: list[str]) -> None:
 
 
 def _device(name: str):
-    import torch
+    from toprovar.models.registry import resolve_device  # lazy: keeps override checking torch-free
 
-    from toprovar.errors import UserError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={name!r} but this machine has no CUDA GPU; use device=cpu")
-    return device
+    return resolve_device(name)
 
 
 def _dtype(name: str):

@@ -119,6 +119,19 @@ def get_backbone(name: str | BackboneSpec) -> BackboneSpec:
 # -- building --------------------------------------------------------------------------------------
 
 
+def resolve_device(name: str) -> torch.device:
+    """A user's device setting (auto | cpu | cuda | cuda:N) -> torch.device; one-line errors."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name!r} but this machine has no CUDA GPU; use device=cpu")
+    return device
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from kernels.fused_block import LN_AFFINE, LN_MODULATE, add_ln, qk_norm_rope
 from toprovar.attention import attention, cross_attention
+from toprovar.schedules import tokens_per_scale
 
 # Buffers the official model drops from checkpoints when loading (not weights).
 CHECKPOINT_IGNORE = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
@@ -490,8 +491,7 @@ class CrossAttnBlock(nn.Module):
                         attn_mask: Tensor) -> Tensor:
         """Training: the tokens of every scale at once under a block-causal `attn_mask` `(L, L)`
         (True = may attend). Same arithmetic as `forward` scale by scale with a KV cache."""
-        with torch.autocast(x.device.type, enabled=False):
-            gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.ada_gss + gss).unbind(2)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada(gss).unbind(2)
         q, k, v = self.sa.qkv(self._modulate(x, scale1, shift1))
         q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
@@ -597,7 +597,7 @@ class InfinityTransformer(nn.Module):
         VAE's `teacher_forcing`); rope: the `(2, >= L, head_dim // 2)` table of `rope_table`.
         Returns `(rows, L, 2 * codebook_dim)` float32 logits, L = all tokens of `schedule`.
         """
-        sizes = [t * h * w for t, h, w in schedule]
+        sizes = tokens_per_scale(schedule)
         total = sum(sizes)
         x = torch.cat((self.first_tokens(cond), self.embed_codes(next_inputs)), dim=1)
         level = torch.repeat_interleave(torch.arange(len(sizes), device=x.device),

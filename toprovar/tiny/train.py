@@ -35,8 +35,10 @@ from torch import Tensor, nn
 
 from toprovar.errors import UserError
 from toprovar.models.bsq import BitFlipNoise
+from toprovar.models.registry import resolve_device
 from toprovar.models.transformer import InfinityTransformer, random_state_dict
 from toprovar.models.vae import BSQVAE
+from toprovar.schedules import tokens_per_scale
 from toprovar.tiny.model import (TINY_SCHEDULES, TINY_TRANSFORMER, TINY_VAE, save_text_encoder,
                                  text_encoder_config)
 from toprovar.tiny.text import PAD, WordTextEncoder
@@ -92,19 +94,10 @@ class TrainConfig:
 
 
 SCHEDULE = TINY_SCHEDULES.full_schedule(1.0)
-TOKENS = [h * w for _, h, w in SCHEDULE]
+TOKENS = tokens_per_scale(SCHEDULE)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={name!r} but this machine has no CUDA GPU; use device=cpu")
-    return device
 
 
 def _autocast(device: torch.device):
@@ -430,7 +423,7 @@ def save_grid(images: Tensor, captions: list[str], path: Path, columns: int = 8)
 def run(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.stage not in STAGES:
         raise UserError(f"stage={cfg.stage!r}; choose one of {', '.join(STAGES)}")
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     out = Path(cfg.out_dir or "outputs/train_tiny")
     weights_dir = out / "weights"
     weights_dir.mkdir(parents=True, exist_ok=True)
