@@ -81,6 +81,18 @@ class ToProVARPruner:
             return True
         return si == self.representative
 
+    def static_plan(self, si: int) -> int | None:
+        """Probe layers of scale si if the rest of the scale follows a plan fixed after them.
+
+        After the first `protect_layers` blocks (all tokens, entropy observed) the keep indices
+        of every later block of the scale are decided at once and no later hook reads the hidden
+        states; the pipeline may then run those blocks as one captured unit (CUDA graph). None at
+        the representative scale of online layer scores (every layer's entropy is observed).
+        """
+        if si == self.representative:
+            return None
+        return min(self.token_cfg.protect_layers, self.depth)
+
     def keep_tokens(self, si: int, li: int, x: Tensor) -> Tensor | None:
         if si != self.plan_scale:
             return None
