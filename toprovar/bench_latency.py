@@ -52,20 +52,20 @@ def variants() -> list[tuple[str, Any]]:
     ladder: list[tuple[str, Any]] = [("plain", False)]
     steps = [("+ sync-free sampling", ("sync_free_sampling",)), ("+ cuDNN attention", ("cudnn_attention",)),
              ("+ fused block kernels", ("fused",)), ("+ CUDA graph per scale", ("graphs",)),
-             (FAST_NAME, ("gelu_epilogue",))]
+             ("+ GELU in matmul epilogue", ("gelu_epilogue",)),
+             (FAST_NAME, ("vae_channels_last", "vae_fused_norm"))]
     for name, flags in steps:
         opts = replace(opts, **{f: True for f in flags})
         ladder.append((name, opts))
     assert opts == full, "the ladder must end at the default fast path"
     others = [("fast without cuDNN attention", replace(full, cudnn_attention=False)),
               ("fast without fused block kernels", replace(full, fused=False)),
-              ("fast + VAE NHWC (PyTorch GroupNorm)", replace(full, vae_channels_last=True)),
-              ("fast + VAE NHWC + fused GroupNorm (opt-in)", replace(full, vae_channels_last=True, vae_fused_norm=True)),
+              ("fast, VAE NHWC with PyTorch GroupNorm", replace(full, vae_fused_norm=False)),
               ("fast + cuDNN benchmark in the VAE", replace(full, vae_cudnn_benchmark=True))]
     return ladder + others
 
 
-FAST_NAME = "+ GELU in matmul epilogue (= fast)"
+FAST_NAME = "+ VAE NHWC + split-statistics GroupNorm (= fast)"
 
 
 # ---------------------------------------------------------------------------------------- backbones

@@ -23,8 +23,8 @@ Fast path (`fast=`, default on for CUDA, see `FastOptions`): the same function w
     replayed after; the KV cache and the text/AdaLN inputs live in static buffers kept on the
     transformer (`release_fast_state` frees them);
   * SDPA preferring cuDNN attention; sampling without host syncs; the FFN's GELU in the matmul
-    epilogue; opt-in: the VAE decode on NHWC activations with split-statistics GroupNorm + SiLU
-    kernels (`FastOptions.vae_channels_last`, `vae_fused_norm`).
+    epilogue; the VAE decode on NHWC activations with split-statistics GroupNorm + SiLU kernels
+    (`FastOptions.vae_channels_last`, `vae_fused_norm`).
 CUDA graphs run only with no pruner (`NoPruner` itself) and `record_entropy=False`. With a pruner,
 the loop stays eager: blocks that run every token of their scale use the fused stages, blocks
 given a `keep` list run the reference block (gather / scatter). On CPU every switch keeps the
@@ -137,12 +137,12 @@ class FastOptions:
     cudnn_attention: bool = True  # SDPA tries cuDNN attention first (CUDA)
     sync_free_sampling: bool = True  # draw bits without torch.multinomial's host-side checks
     gelu_epilogue: bool = True  # FFN GELU inside the first FFN matmul (cuBLASLt epilogue, CUDA)
-    # Opt-in VAE switches (CUDA). NHWC with PyTorch's GroupNorm measured slower than NCHW (131 vs
-    # 100 ms at 1024x1024, docs/benchmarks.md). The split-statistics GroupNorm + SiLU kernels for
-    # NHWC target the batch-1 GroupNorm (~70 ms of the decode): correct at small sizes on the GPU,
-    # not yet timed at full size (a grid-limit launch error there was fixed after the last run).
-    vae_channels_last: bool = False  # VAE decode on NHWC activations
-    vae_fused_norm: bool = False  # VAE GroupNorm + SiLU as split-statistics Triton kernels (NHWC only)
+    # VAE decode (CUDA): NHWC activations with split-statistics GroupNorm + SiLU kernels
+    # (kernels.group_norm). At batch 1 PyTorch's GroupNorm runs one thread block per group: the
+    # 1024x1024 decode took 100 ms, 32 ms with these two switches (H100, docs/benchmarks.md). NHWC
+    # alone, with PyTorch's GroupNorm, is slower than NCHW (131 ms): the switches go together.
+    vae_channels_last: bool = True  # VAE decode on NHWC activations
+    vae_fused_norm: bool = True  # VAE GroupNorm + SiLU as split-statistics Triton kernels (NHWC only)
     vae_cudnn_benchmark: bool = False  # let cuDNN time the VAE's convolution algorithms
 
 
