@@ -64,13 +64,14 @@ def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def qk_norm_rope_reference(qkv: Tensor, num_heads: int, head_scale: Tensor, cos: Tensor, sin: Tensor,
                            k_dst: Tensor, v_dst: Tensor, eps: float = 1e-12) -> Tensor:
-    """qkv `(B, n, 3C)`; head_scale `(1, H, 1, 1)`; cos/sin `(n, D/2)`; k_dst/v_dst `(B, H, n, D)`."""
+    """qkv `(B, n, 3C)`; head_scale `(1, H, 1, 1)`; cos/sin `(n, D/2)` or per row `(B, n, D/2)`;
+    k_dst/v_dst `(B, H, n, D)`."""
     b, n, c3 = qkv.shape
     d = c3 // 3 // num_heads
     q, k, v = qkv.view(b, n, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
     q = F.normalize(q, dim=-1, eps=eps).mul(head_scale)
     k = F.normalize(k, dim=-1, eps=eps)
-    cos, sin = cos[None, None], sin[None, None]
+    cos, sin = (cos[:, None], sin[:, None]) if cos.dim() == 3 else (cos[None, None], sin[None, None])
     q, k = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
     k_dst.copy_(k)
     v_dst.copy_(v)
@@ -117,7 +118,7 @@ if triton is not None:
             tl.store(H + r * C + cols, h.to(H.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _qk_norm_rope_kernel(QKV, HS, COS, SIN, QO, KD, VD, n, NH, C, eps,
+    def _qk_norm_rope_kernel(QKV, HS, COS, SIN, QO, KD, VD, n, NH, C, eps, cs_sb,
                              k_sb, k_sh, k_sl, v_sb, v_sh, v_sl,
                              HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
         # One token row (all heads) per program. Every load and store is contiguous along the head
@@ -131,8 +132,8 @@ if triton is not None:
         dd = tl.arange(0, HEAD_DIM)[None, :]
         mh = hh < NH
         partner = dd ^ 1
-        cos = tl.load(COS + i * HALF + dd // 2)
-        sin = tl.load(SIN + i * HALF + dd // 2)
+        cos = tl.load(COS + b * cs_sb + i * HALF + dd // 2)
+        sin = tl.load(SIN + b * cs_sb + i * HALF + dd // 2)
         sin = tl.where((dd % 2) == 1, sin, -sin)
         base = QKV + r * 3 * C + hh * HEAD_DIM
         # q: normalize, per-head temperature, rotate
@@ -209,8 +210,8 @@ def qk_norm_rope(qkv: Tensor, num_heads: int, head_scale: Tensor, cos: Tensor, s
                  k_dst: Tensor, v_dst: Tensor, eps: float = 1e-12, use_triton: bool | None = None) -> Tensor:
     """qkv `(B, n, 3C)` -> q `(B, H, n, D)` in k_dst's dtype; k, v written into `k_dst`/`v_dst`.
 
-    head_scale: `(1, H, 1, 1)` per-head temperature (already exp'ed); cos/sin `(n, D/2)` float32;
-    k_dst/v_dst: `(B, H, n, D)` views with unit stride along D (a KV-cache slot).
+    head_scale: `(1, H, 1, 1)` per-head temperature (already exp'ed); cos/sin `(n, D/2)` float32,
+    or `(B, n, D/2)` when the rows hold different tokens (pruned blocks run gathered tokens); k_dst/v_dst: `(B, H, n, D)` views with unit stride along D (a KV-cache slot).
     """
     if use_triton is None:
         use_triton = triton_available(qkv)
@@ -222,12 +223,14 @@ def qk_norm_rope(qkv: Tensor, num_heads: int, head_scale: Tensor, cos: Tensor, s
     if k_dst.stride(-1) != 1 or v_dst.stride(-1) != 1:
         raise ValueError("k_dst / v_dst need unit stride along the head dim")
     qkv = qkv.contiguous()
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    cs_sb = cos.stride(0) if cos.dim() == 3 else 0
     # q is stored (B, n, H, D) and returned as a (B, H, n, D) view: attention kernels take it as
     # is and give their output in the same layout, so merging the heads afterwards is free.
     q = torch.empty((b, n, num_heads, d), dtype=k_dst.dtype, device=qkv.device)
     _qk_norm_rope_kernel[(b * n,)](
-        qkv, head_scale.reshape(num_heads).float().contiguous(), cos.float().contiguous(),
-        sin.float().contiguous(), q, k_dst, v_dst, n, num_heads, c, eps,
+        qkv, head_scale.reshape(num_heads).float().contiguous(), cos, sin, q, k_dst, v_dst, n, num_heads, c, eps,
+        cs_sb,
         k_dst.stride(0), k_dst.stride(1), k_dst.stride(2), v_dst.stride(0), v_dst.stride(1), v_dst.stride(2),
         HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(num_heads), num_warps=8 if num_heads * d >= 4096 else 4)
     return q.transpose(1, 2)

@@ -59,13 +59,16 @@ for B, n, H, D in [(2, 6, 3, 16), (1, 9, 2, 32), (2, 1, 4, 8)]:
         hs = torch.rand(1, H, 1, 1) * 3 + 1
         ang = torch.rand(n, D // 2) * 6
         cos, sin = ang.cos(), ang.sin()
+        if dt == torch.bfloat16:  # per-row RoPE (a pruned block's gathered tokens differ per row)
+            ang = torch.rand(B, n, D // 2) * 6
+            cos, sin = ang.cos(), ang.sin()
         cache_k = torch.full((B, H, n + 5, D), float("nan"), dtype=dt)
         cache_v = torch.full((B, H, n + 5, D), float("nan"), dtype=dt)
         ref_k, ref_v = cache_k.clone(), cache_v.clone()
         qa = qk_norm_rope(qkv, H, hs, cos, sin, cache_k[:, :, 3:3 + n], cache_v[:, :, 3:3 + n], use_triton=True)
         qb = qk_norm_rope(qkv, H, hs, cos, sin, ref_k[:, :, 3:3 + n], ref_v[:, :, 3:3 + n], use_triton=False)
         tol = 1e-5 if dt == torch.float32 else 1e-2
-        tag = f"qk_norm_rope {(B, n, H, D)} {dt}"
+        tag = f"qk_norm_rope {(B, n, H, D)} {dt} cos {tuple(cos.shape)}"
         check(tag + " q", qa, qb, tol)
         check(tag + " k", cache_k[:, :, 3:3 + n], ref_k[:, :, 3:3 + n], tol)
         check(tag + " v", cache_v[:, :, 3:3 + n], ref_v[:, :, 3:3 + n], 0.0)

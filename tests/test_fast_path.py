@@ -68,6 +68,67 @@ def test_pruner_runs_eager_with_fused_full_layers(small, kv_policy: str) -> None
     assert a["entropy_mean"].fillna(-1).tolist() == b["entropy_mean"].fillna(-1).tolist()
 
 
+class PlannedRows(NoPruner):
+    """Probe layer 0 (entropy), then a fixed plan: from scale 3 each row keeps its own half of the
+    tokens (rows differ, so gathered RoPE differs per row); at scale 5 block 1 is skipped outright."""
+
+    def static_plan(self, si: int) -> int | None:
+        return 1
+
+    def wants_entropy(self, si: int, li: int) -> bool:
+        return li == 0
+
+    def keep_tokens(self, si: int, li: int, x: torch.Tensor) -> torch.Tensor | None:
+        if si < 3 or li == 0:
+            return None
+        if si == 5:
+            return x.new_zeros((x.shape[0], 0), dtype=torch.long)
+        n = x.shape[1]
+        rows = [torch.arange(r % 2, n, 2) for r in range(x.shape[0])]
+        k = min(len(r) for r in rows)
+        return torch.stack([r[:k] for r in rows])
+
+
+def _fixed_toprovar(depth: int):
+    from toprovar.bench_pruning import fixed_policy
+
+    return fixed_policy(depth, min_scale=3, alpha=0.5, protect_layers=1)
+
+
+@pytest.mark.parametrize("kv_policy", ["kept", "all"])
+def test_planned_pruners_run_as_units_bit_identical(small, kv_policy: str) -> None:
+    """Pruners with a static plan take the unit path (probe layers / planned layers / head on the
+    static buffers; CUDA graphs once a plan recurs): same bits and images as the plain loop."""
+    from toprovar.policy import policy_from_dict
+
+    s = _seeds(2)
+    prompts = ["a red cube", "a cat on a mat"]
+    for policy in (PlannedRows(), _fixed_toprovar(small.transformer.depth),
+                   policy_from_dict({"method": "fixed_exit", "fixed_exit": {"exit_scale": 4}})):
+        plain = generate(small, prompts, s, policy=policy, kv_policy=kv_policy, fast=False)
+        fast = generate(small, prompts, s, policy=policy, kv_policy=kv_policy, fast=True)
+        assert fast.runtime["planned_units"] and not fast.runtime["graph_loop"]
+        assert fast.runtime["units"]["eager"] > 0  # CPU: units are direct calls
+        _same(plain, fast)
+        a, b = plain.trace.layers_frame(), fast.trace.layers_frame()
+        assert a[["scale", "layer", "kept"]].values.tolist() == b[["scale", "layer", "kept"]].values.tolist()
+        assert plain.trace.pruning == fast.trace.pruning
+        assert (b["kept"] < b["tokens"]).any() or getattr(policy, "method", "") == "fixed_exit"
+    release_fast_state(small.transformer)
+
+
+def test_planned_unit_path_prunes_what_the_plan_says(small) -> None:
+    fast = generate(small, ["a red cube"], _seeds(1), policy=PlannedRows(), fast=True)
+    layers = fast.trace.layers_frame()
+    late = layers[layers["scale"] >= 3]
+    probe, planned = late[late["layer"] == 0], late[late["layer"] == 1]
+    assert (probe["kept"] == probe["tokens"]).all()
+    assert (planned[planned["scale"] == 5]["kept"] == 0).all()
+    other = planned[planned["scale"] != 5]
+    assert len(other) and (other["kept"] * 2 <= other["tokens"]).all() and (other["kept"] > 0).all()
+    release_fast_state(small.transformer)
+
+
 def test_resolve_fast_defaults() -> None:
     assert resolve_fast(None, torch.device("cpu")) is None
     assert resolve_fast(None, torch.device("cuda")) == FastOptions()

@@ -98,3 +98,23 @@ def test_forward_fast_matches_forward_on_cuda(gelu_epilogue: bool) -> None:
     assert ((out - ref).norm() / ref.norm()).item() < 1e-2
     k0, k1 = caches[0]._k[0, :, :, 17:81].float(), caches[1]._k[0, :, :, 17:81].float()
     assert ((k0 - k1).norm() / k0.norm()).item() < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_planned_units_replay_the_eager_bits_on_cuda() -> None:
+    """A fixed ToProVAR plan on the GPU: the first call runs its units eagerly, the second captures
+    them, the third replays: all three draw the bits of the eager fused path (same kernels)."""
+    from toprovar.bench_pruning import fixed_policy
+    from toprovar.models.registry import build_backbone
+    from toprovar.pipeline import FastOptions, generate, release_fast_state
+
+    backbone = build_backbone("test-small", device="cuda")
+    policy = fixed_policy(backbone.transformer.depth, min_scale=3, alpha=0.5, protect_layers=1)
+    eager = generate(backbone, ["a red cube"], [7], policy=policy, fast=FastOptions(graphs=False))
+    runs = [generate(backbone, ["a red cube"], [7], policy=policy, fast=True) for _ in range(3)]
+    assert [r.runtime["units"]["captured"] > 0 for r in runs] == [False, True, False]
+    assert runs[2].runtime["units"]["replayed"] > 0 and runs[2].runtime["units"]["eager"] == 0
+    for r in runs:
+        assert all(torch.equal(a, b) for a, b in zip(eager.bits, r.bits))
+        assert r.trace.layers_frame()["kept"].tolist() == eager.trace.layers_frame()["kept"].tolist()
+    release_fast_state(backbone.transformer)

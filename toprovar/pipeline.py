@@ -25,9 +25,16 @@ Fast path (`fast=`, default on for CUDA, see `FastOptions`): the same function w
   * SDPA preferring cuDNN attention; sampling without host syncs; the FFN's GELU in the matmul
     epilogue; the VAE decode on NHWC activations with split-statistics GroupNorm + SiLU kernels
     (`FastOptions.vae_channels_last`, `vae_fused_norm`).
-CUDA graphs run only with no pruner (`NoPruner` itself) and `record_entropy=False`. With a pruner,
-the loop stays eager: blocks that run every token of their scale use the fused stages, blocks
-given a `keep` list run the reference block (gather / scatter). On CPU every switch keeps the
+Pruned runs (`record_entropy=False`): a pruner with `static_plan(si)` (ToProVAR, fixed exit)
+says that after the first P blocks of scale si (its probe layers: every token, entropy
+observed) the keep indices of all later blocks are fixed. Such a scale runs as three units on the
+static buffers — probe blocks, planned blocks (gathered kept tokens through the fused stages,
+scattered back in place), head + sampling probabilities — with the pruner's decision between the
+first two. A unit is keyed by its shapes (kept counts per block, KV-cache fills); on CUDA a key
+met a second time is captured as a CUDA graph and replayed from then on, so a plan that recurs
+costs no launches and a one-off plan costs no capture. Scales without a static plan (FastVAR,
+the representative scale of online layer scores) and `record_entropy` run block by block
+eagerly, fused where `kv_policy='kept'`. On CPU every switch keeps the
 eager float32 arithmetic: the fused stages fall back to the block's own ops and the per-scale
 graph is a direct call on the static buffers, so `fast=True` is bit-identical to `fast=False`.
 """
@@ -183,6 +190,10 @@ class _ScaleGraphs:
         self.graphs: dict[int, tuple[Any, Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
         self.capture_ms = 0.0
+        # Units of pruned scales (`run_layers`, `run_head`): key -> (graph, static inputs, outputs).
+        self.units: dict[tuple, tuple[Any, list[Tensor], Any]] = {}
+        self.sightings: set[tuple] = set()
+        self.unit_counts = {"eager": 0, "captured": 0, "replayed": 0}
         for block in model.blocks:  # constants made on the main stream, before any capture
             block._fast_constants()
 
@@ -237,6 +248,91 @@ class _ScaleGraphs:
         return out
 
 
+    # -- pruned scales: blocks with fixed keep indices, then the head, each as one unit ----------
+
+    def _unit(self, key: tuple, fn, inputs: list[Tensor], prepare) -> Any:
+        """`fn(*inputs)`. On CUDA a key seen for the second time is captured as a CUDA graph and
+        replayed from then on: pruned shapes depend on the data, so a plan met once runs eagerly
+        and only a plan that recurs pays for a capture. `prepare()` restores the host-side state
+        that fn reads (KV-cache fills) before each execution."""
+        unit = self.units.get(key)
+        if unit is None and (not self.cuda or key not in self.sightings):
+            self.sightings.add(key)
+            self.unit_counts["eager"] += 1
+            prepare()
+            return fn(*inputs)
+        if unit is None:
+            t0 = time.perf_counter()
+            static = [t.clone() for t in inputs]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                prepare()
+                fn(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            prepare()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = fn(*static)
+            unit = self.units[key] = (graph, static, out)
+            self.capture_ms += (time.perf_counter() - t0) * 1e3
+            self.unit_counts["captured"] += 1
+        else:
+            self.unit_counts["replayed"] += 1
+        graph, static, out = unit
+        for dst, src in zip(static, inputs):  # fn may update its inputs in place: copy every time
+            dst.copy_(src)
+        graph.replay()
+        return out
+
+    def run_layers(self, si: int, x: Tensor, layers: range, keeps: list[Tensor | None], wants: list[bool],
+                   kv_policy: str) -> tuple[Tensor, list[Tensor | None]]:
+        """Blocks `layers` of scale si, block j on the tokens `keeps[j]` (None: all; zero kept:
+        skipped), entropy where `wants[j]`. Returns the hidden states and the entropies."""
+        n, off = self.tokens[si], self.offsets[si]
+        counts = [n if k is None else int(k.shape[1]) for k in keeps]
+        fills = [self.cache[li].fill for li in layers]
+        grow = [n if kv_policy == "all" and k is not None and c else c for k, c in zip(keeps, counts)]
+        key = ("layers", si, layers.start, layers.stop, tuple(None if k is None else c for k, c in zip(keeps, counts)),
+               tuple(wants), tuple(fills), kv_policy, x.dtype)
+        gathered = [j for j, k in enumerate(keeps) if k is not None and counts[j]]
+        rope_si = RopeSlice(self.rope[0, off:off + n], self.rope[1, off:off + n])
+        model = self.model
+
+        def prepare() -> None:
+            for li, fill in zip(layers, fills):
+                self.cache[li].fill = fill
+
+        def fn(x: Tensor, *index: Tensor) -> tuple[Tensor, list[Tensor | None]]:
+            given = dict(zip(gathered, index))
+            ents: list[Tensor | None] = []
+            for j, li in enumerate(layers):
+                keep, ent = given.get(j), None
+                if counts[j]:
+                    block = model.blocks[li]
+                    if self.fused and (keep is None or kv_policy == "kept"):
+                        x, ent = block.forward_fast(x, self.ada[li], self.text[li], rope_si, self.cache[li], keep=keep,
+                                                    entropy=wants[j], gelu_epilogue=self.gelu_epilogue)
+                    else:
+                        x, ent = block(x, self.gss, self.text[li], rope_si, self.cache[li], keep=keep,
+                                       entropy=wants[j], kv_policy=kv_policy)
+                ents.append(ent)
+            return x, ents
+
+        x, ents = self._unit(key, fn, [x, *(keeps[j] for j in gathered)], prepare)
+        for li, fill, g in zip(layers, fills, grow):
+            self.cache[li].fill = fill + g
+        return x, ents
+
+    def run_head(self, si: int, x: Tensor) -> Tensor:
+        """Bit probabilities of scale si from the final hidden states (head, guidance, top-k/p)."""
+        def fn(x: Tensor) -> Tensor:
+            return _guided_probs(self.model.logits(x, self.cond_BD), si, self.batch, self.cfg_list, self.tau_list,
+                                 self.top_k, self.top_p)
+
+        return self._unit(("head", si, x.dtype), fn, [x], lambda: None)
+
+
 def release_fast_state(model: InfinityTransformer) -> None:
     """Free the static buffers and CUDA graphs the fast path keeps on `model`."""
     model.__dict__.pop("_toprovar_scale_graphs", None)
@@ -262,6 +358,31 @@ def _guided_probs(logits: Tensor, si: int, batch: int, cfg_list: list[float], ta
     else:
         logits = logits[:batch]
     return bit_probs(logits, top_k=top_k, top_p=top_p)
+
+
+def _planned_scale(graphs: _ScaleGraphs, pruner: Pruner, si: int, x: Tensor, probe: int, kv_policy: str,
+                   trace: Trace) -> tuple[Tensor, Tensor]:
+    """One scale of a pruner with a static plan: the probe layers on every token (their entropy
+    observed), the pruner's plan for the other layers read once, those layers, `end_scale`, the
+    head. Returns the final hidden states and the bit probabilities."""
+    depth, n = graphs.model.depth, graphs.tokens[si]
+    probes = range(min(probe, depth))
+    wants = [pruner.wants_entropy(si, li) for li in probes]
+    ents: list[Tensor | None] = []
+    if len(probes):
+        x, ents = graphs.run_layers(si, x, probes, [None] * len(probes), wants, kv_policy)
+    for li, ent in zip(probes, ents):
+        trace.layers.append(LayerRecord(si, li, n, n))
+        if ent is not None:
+            pruner.observe(si, li, ent)
+    planned = range(len(probes), depth)
+    keeps = [pruner.keep_tokens(si, li, x) for li in planned]
+    trace.layers.extend(LayerRecord(si, li, n, n if keep is None else int(keep.shape[1]))
+                        for li, keep in zip(planned, keeps))
+    if len(planned):
+        x, _ = graphs.run_layers(si, x, planned, keeps, [False] * len(planned), kv_policy)
+    pruner.end_scale(si, x)
+    return x, graphs.run_head(si, x)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -342,9 +463,14 @@ def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *
     opts = resolve_fast(fast, device)
     fused = opts is not None and opts.fused
     sync_free = opts is not None and opts.sync_free_sampling
-    graph_loop = opts is not None and opts.graphs and type(pruner) is NoPruner and not record_entropy
+    # Static buffers + CUDA graphs: the whole scale as one graph without a pruner; with a pruner
+    # whose scales follow a plan fixed after their probe layers (`static_plan`), the probe layers,
+    # the planned layers and the head as three units (graphs once a plan recurs).
+    plans = type(pruner) is not NoPruner and callable(getattr(pruner, "static_plan", None))
+    graph_state = opts is not None and opts.graphs and not record_entropy and (type(pruner) is NoPruner or plans)
+    graph_loop = graph_state and type(pruner) is NoPruner
     runtime: dict[str, Any] = {"fast": None if opts is None else vars(opts).copy(), "graph_loop": graph_loop,
-                               "device": str(device)}
+                               "planned_units": graph_state and plans, "device": str(device)}
     trace = Trace(backbone=spec.name, batch=batch, schedule=schedule, rows=rows, kv_policy=kv_policy,
                   embed_dim=model.config.embed_dim, ffn_hidden=model.config.ffn_hidden, depth=model.depth,
                   scales=[ScaleRecord(si, h, w, tokens[si]) for si, (_, h, w) in enumerate(schedule)])
@@ -358,14 +484,14 @@ def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *
 
         timer = Timer(device)
         attention_ctx = prefer_cudnn_attention(opts is not None and opts.cudnn_attention and device.type == "cuda")
-        autocast = _autocast(device, backbone.dtype, cache_enabled=False) if graph_loop else \
+        autocast = _autocast(device, backbone.dtype, cache_enabled=False) if graph_state else \
             _autocast(device, backbone.dtype)
         with autocast, attention_ctx:
             start = timer.mark()
             cond = model.encode_condition(features, lengths, with_uncond=use_cfg)
             rope = model.rope_table(spec.schedules.full_schedule(h_div_w), device)
             graphs: _ScaleGraphs | None = None
-            if graph_loop:
+            if graph_state:
                 key = (tuple(schedule), rows, batch, tuple(cond.text[0].k.shape), cond.text[0].mask is not None,
                        tuple(cfg_list), tuple(tau_list), top_k, top_p, fused, opts.cudnn_attention,
                        opts.gelu_epilogue, backbone.dtype, str(device))
@@ -375,6 +501,8 @@ def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *
                                               gelu_epilogue=opts.gelu_epilogue)
                 graphs.load(cond)
                 cache = graphs.cache
+                cache.set_fill(0)
+                units_before = dict(graphs.unit_counts)
                 runtime["graphs_captured"] = fresh and device.type == "cuda"
             else:
                 cache = model.new_cache(rows, sum(tokens), backbone.dtype, device)
@@ -403,9 +531,13 @@ def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *
                 n = tokens[si]
                 mark = timer.mark()
                 x = model.add_level(x, si)
-                if graphs is not None:
+                probe = pruner.static_plan(si) if graphs is not None and plans else None
+                if graph_loop:
                     trace.layers.extend(LayerRecord(si, li, n, n) for li in range(model.depth))
                     probs = graphs.run(si, x)
+                    bits = draw_bits(probs, generators, n, sync_free=sync_free)
+                elif probe is not None:
+                    x, probs = _planned_scale(graphs, pruner, si, x, probe, kv_policy, trace)
                     bits = draw_bits(probs, generators, n, sync_free=sync_free)
                 else:
                     rope_si = RopeSlice(rope[0, offset:offset + n], rope[1, offset:offset + n])
@@ -417,9 +549,9 @@ def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *
                         if kept == 0:
                             continue
                         want = record_entropy or pruner.wants_entropy(si, li)
-                        if fused and keep is None:
-                            x, ent = block.forward_fast(x, ada[li], cond.text[li], rope_si, cache[li], entropy=want,
-                                                        gelu_epilogue=opts.gelu_epilogue)
+                        if fused and (keep is None or kv_policy == "kept"):
+                            x, ent = block.forward_fast(x, ada[li], cond.text[li], rope_si, cache[li], keep=keep,
+                                                        entropy=want, gelu_epilogue=opts.gelu_epilogue)
                         else:
                             x, ent = block(x, cond.gss, cond.text[li], rope_si, cache[li], keep=keep,
                                            entropy=want, kv_policy=kv_policy)
@@ -471,5 +603,7 @@ def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *
         record.entropy_mean = float(value)
     if graphs is not None:
         runtime["capture_ms"] = graphs.capture_ms
+        if plans:
+            runtime["units"] = {k: v - units_before[k] for k, v in graphs.unit_counts.items()}
     return GenerationResult(images=_to_uint8(images), trace=trace, bits=[b.cpu() for b in bits_per_scale],
                             runtime=runtime)

@@ -440,8 +440,9 @@ class CrossAttnBlock(nn.Module):
         return cached[1], cached[2]
 
     def forward_fast(self, x: Tensor, ada: Tensor, text: TextKV, rope: RopeSlice, cache: LayerKVCache, *,
-                     entropy: bool = False, gelu_epilogue: bool = False) -> tuple[Tensor, Tensor | None]:
-        """`forward(keep=None)` through the fused stages of `kernels.fused_block` (same function).
+                     keep: Tensor | None = None, entropy: bool = False,
+                     gelu_epilogue: bool = False) -> tuple[Tensor, Tensor | None]:
+        """`forward(keep=keep, kv_policy='kept')` through the fused stages of `kernels.fused_block`.
 
         ada: `self.ada(gss)`, computed once per call. Four passes over the hidden states besides
         the matrix products and attention: AdaLN-LayerNorm; q/k normalize + RoPE + KV-cache write;
@@ -449,7 +450,22 @@ class CrossAttnBlock(nn.Module):
         every stage runs the eager ops of `forward`, so the result is bit-identical to it.
         gelu_epilogue (CUDA): the FFN's tanh-GELU runs in the first matrix product's epilogue
         (cuBLASLt) on its float32 accumulator instead of on the bf16-rounded product.
+        keep: `(B, K)` token indices that run (None: all); their K/V alone enter the cache and the
+        others pass through. The result is scattered into `x` in place when x is float32 (the
+        pruned path of the generation loop owns x; a copy per layer would cost a full pass).
         """
+        if keep is None:
+            xr, cos, sin = x, rope.cos, rope.sin
+        else:
+            xr, cos, sin = _gather_tokens(x, keep), rope.cos[keep], rope.sin[keep]
+        xr, ent = self._fast_stages(xr, ada, text, cos, sin, cache, entropy, gelu_epilogue)
+        if keep is None:
+            return xr, ent
+        x = x if x.dtype == xr.dtype else x.to(xr.dtype)  # bf16 next-scale input before block 0
+        return x.scatter_(1, keep[..., None].expand(-1, -1, x.shape[-1]), xr), ent
+
+    def _fast_stages(self, x: Tensor, ada: Tensor, text: TextKV, cos: Tensor, sin: Tensor, cache: LayerKVCache,
+                     entropy: bool, gelu_epilogue: bool) -> tuple[Tensor, Tensor | None]:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
         sa, n = self.sa, x.shape[1]
         cdt = sa.mat_qkv.weight.dtype if x.is_cuda else torch.float32  # what the linear layers consume
@@ -457,7 +473,7 @@ class CrossAttnBlock(nn.Module):
         _, h = add_ln(x, ln=LN_MODULATE, scale=scale1, shift=shift1, eps=self.eps, out_dtype=cdt)
         qkv = F.linear(h, sa.mat_qkv.weight, bias)
         k_slot, v_slot, k_all, v_all = cache.reserve(n)
-        q = qk_norm_rope(qkv, sa.num_heads, head_scale, rope.cos, rope.sin, k_slot, v_slot)
+        q = qk_norm_rope(qkv, sa.num_heads, head_scale, cos, sin, k_slot, v_slot)
         if entropy:  # the entropy kernel takes plain (B, H, n, D) queries
             q = q.contiguous()
         out, ent = attention(q, k_all, v_all, entropy=entropy, scale=1.0)

@@ -14,6 +14,10 @@ class FixedExitPruner:
     def exit_before_scale(self, si: int) -> bool:
         return si > self.exit_scale
 
+    def static_plan(self, si: int) -> int | None:
+        """No probe layers and no keep decisions: every scale that runs is one planned unit."""
+        return 0
+
     def wants_entropy(self, si: int, li: int) -> bool:
         return False
 
