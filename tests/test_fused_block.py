@@ -12,6 +12,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+INTERPRETER_ON_GPU = ("the Triton interpreter is the CPU stand-in for the GPU; with a GPU the compiled kernels are "
+                      "tested instead (and triton 3.6's interpreter cannot take runtime loop bounds with new NumPy)")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason=INTERPRETER_ON_GPU)
 def test_fused_kernels_in_the_interpreter() -> None:
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
@@ -91,7 +96,9 @@ def test_forward_fast_matches_forward_on_cuda(gelu_epilogue: bool) -> None:
         block = model.blocks[0]
         x = torch.randn(2, 64, 256, device="cuda")
         rs = RopeSlice(rope[0, 17:81], rope[1, 17:81])
-        for c in caches:
+        prefix_k, prefix_v = torch.randn(2, 2, 17, 128, device="cuda"), torch.randn(2, 2, 17, 128, device="cuda")
+        for c in caches:  # earlier scales' keys/values (torch.empty would leave garbage, even NaN)
+            c[0].k[:, :, :17], c[0].v[:, :, :17] = prefix_k, prefix_v
             c[0].fill = 17
         ref, _ = block(x, cond.gss, cond.text[0], rs, caches[0][0])
         out, _ = block.forward_fast(x, block.ada(cond.gss), cond.text[0], rs, caches[1][0], gelu_epilogue=gelu_epilogue)

@@ -154,3 +154,19 @@ def test_flops_of_an_unpruned_run_follow_the_formula(small) -> None:
     per_layer = sum(linear_flops_per_token(cfg.embed_dim, cfg.ffn_hidden) * n + 4 * cfg.embed_dim * n * p
                     for n, p in zip(tokens, prefix))
     assert unpruned == pytest.approx(2 * small.transformer.depth * per_layer)
+
+
+def test_keep_indices_for_counts_equals_one_sort_per_count() -> None:
+    """The batched plan (one rank + cumulative sum for every layer) is `keep_indices` per count,
+    repeated for the CFG rows, including counts 0 and N and repeated counts; views of one tensor."""
+    gen = torch.Generator().manual_seed(11)
+    for n in (1, 7, 50):
+        H = torch.rand(3, n, generator=gen)
+        H[:, ::3] = 0.5  # ties: broken by position
+        order = stages.keep_order(H)
+        counts = [0, n, *torch.randint(0, n + 1, (6,), generator=gen).tolist(), n // 2, n // 2]
+        got = stages.keep_indices_for_counts(order, counts, repeat=2)
+        for k, g in zip(counts, got):
+            want = (stages.keep_indices(order, k) if k else order[:, :0]).repeat(2, 1)
+            assert torch.equal(g, want), (n, k)
+        assert len({g._base.data_ptr() for g in got if g._base is not None}) == 1

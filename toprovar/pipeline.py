@@ -293,9 +293,24 @@ class _ScaleGraphs:
         counts = [n if k is None else int(k.shape[1]) for k in keeps]
         fills = [self.cache[li].fill for li in layers]
         grow = [n if kv_policy == "all" and k is not None and c else c for k, c in zip(keeps, counts)]
-        key = ("layers", si, layers.start, layers.stop, tuple(None if k is None else c for k, c in zip(keeps, counts)),
-               tuple(wants), tuple(fills), kv_policy, x.dtype)
         gathered = [j for j, k in enumerate(keeps) if k is not None and counts[j]]
+        # Keep lists that are views of one tensor (a pruner's batched plan) enter the unit as that
+        # tensor, copied once per replay, and are re-viewed inside: one copy, not one per block.
+        bases: list[Tensor] = []
+        geometry: list[tuple[int, tuple, tuple, int]] = []
+        for j in gathered:
+            keep = keeps[j]
+            if keep._base is not None and keep._base.is_contiguous():
+                base = keep._base
+            else:
+                keep = base = keep.contiguous()
+            slot = next((b for b, t in enumerate(bases) if t is base), None)
+            if slot is None:
+                slot = len(bases)
+                bases.append(base)
+            geometry.append((slot, tuple(keep.shape), keep.stride(), keep.storage_offset() - base.storage_offset()))
+        key = ("layers", si, layers.start, layers.stop, tuple(None if k is None else c for k, c in zip(keeps, counts)),
+               tuple(wants), tuple(fills), kv_policy, x.dtype, tuple(tuple(b.shape) for b in bases), tuple(geometry))
         rope_si = RopeSlice(self.rope[0, off:off + n], self.rope[1, off:off + n])
         model = self.model
 
@@ -303,8 +318,9 @@ class _ScaleGraphs:
             for li, fill in zip(layers, fills):
                 self.cache[li].fill = fill
 
-        def fn(x: Tensor, *index: Tensor) -> tuple[Tensor, list[Tensor | None]]:
-            given = dict(zip(gathered, index))
+        def fn(x: Tensor, *base: Tensor) -> tuple[Tensor, list[Tensor | None]]:
+            given = {j: base[b].as_strided(size, stride, base[b].storage_offset() + offset)
+                     for j, (b, size, stride, offset) in zip(gathered, geometry)}
             ents: list[Tensor | None] = []
             for j, li in enumerate(layers):
                 keep, ent = given.get(j), None
@@ -319,7 +335,7 @@ class _ScaleGraphs:
                 ents.append(ent)
             return x, ents
 
-        x, ents = self._unit(key, fn, [x, *(keeps[j] for j in gathered)], prepare)
+        x, ents = self._unit(key, fn, [x, *bases], prepare)
         for li, fill, g in zip(layers, fills, grow):
             self.cache[li].fill = fill + g
         return x, ents
@@ -367,6 +383,9 @@ def _planned_scale(graphs: _ScaleGraphs, pruner: Pruner, si: int, x: Tensor, pro
     head. Returns the final hidden states and the bit probabilities."""
     depth, n = graphs.model.depth, graphs.tokens[si]
     probes = range(min(probe, depth))
+    if len(probes) and pruner.keep_tokens(si, 0, x) is not None:  # block 0 sees the scale's input
+        raise RuntimeError(f"{type(pruner).__name__}.static_plan({si}) = {probe} probe layers, "
+                           "but keep_tokens returned indices for block 0: probe layers run every token")
     wants = [pruner.wants_entropy(si, li) for li in probes]
     ents: list[Tensor | None] = []
     if len(probes):
@@ -376,7 +395,7 @@ def _planned_scale(graphs: _ScaleGraphs, pruner: Pruner, si: int, x: Tensor, pro
         if ent is not None:
             pruner.observe(si, li, ent)
     planned = range(len(probes), depth)
-    keeps = [pruner.keep_tokens(si, li, x) for li in planned]
+    keeps = [pruner.keep_tokens(si, li, x) for li in planned]  # (block 0 included when there is no probe)
     trace.layers.extend(LayerRecord(si, li, n, n if keep is None else int(keep.shape[1]))
                         for li, keep in zip(planned, keeps))
     if len(planned):

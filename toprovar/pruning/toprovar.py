@@ -154,12 +154,10 @@ class ToProVARPruner:
         self.plan_scale = si
         self.plan = {}
         n = H.shape[-1]
-        for li in range(self.token_cfg.protect_layers, self.depth):
-            k = plan_counts[li]
-            if k >= n:
-                continue
-            idx = stages.keep_indices(order, k) if k > 0 else order[:, :0]
-            self.plan[li] = idx.repeat(rows, 1)
+        layers = [li for li in range(self.token_cfg.protect_layers, self.depth) if plan_counts[li] < n]
+        if layers:  # every layer's indices in one batched step (views of one plan tensor)
+            keeps = stages.keep_indices_for_counts(order, [plan_counts[li] for li in layers], repeat=rows)
+            self.plan = dict(zip(layers, keeps))
 
     def _plan_counts(self, si: int, H: Tensor) -> tuple[Tensor, Tensor]:
         n = H.shape[-1]
