@@ -17,7 +17,8 @@ import optuna
 from calibrate import plots
 from calibrate.backend import CalibrationBackend, load_backend, resolve_dtype
 from calibrate.config import CalibrationConfig
-from calibrate.export import check_loads, copy_to, git_commit, prompts_record, redact_url, versions, write_policy
+from calibrate.export import (check_loads, copy_to, git_commit, portable_path, prompts_record, redact_url, versions,
+                              write_policy)
 from calibrate.objective import PolicyScorer, resolve_cost
 from calibrate.policy_space import PolicyFactory, paper_defaults
 from calibrate.presample import PresampleSummary, run_presample, write_tables
@@ -119,7 +120,7 @@ class Calibration:
         provenance = {
             "calibrated": True,
             "validated": selection.passed,
-            "backbone": {"name": backend.name, "weights": {k: v for k, v in backend.weights.items()},
+            "backbone": {"name": backend.name, "weights": {k: portable_path(v) for k, v in backend.weights.items()},
                          "weight_hashes": backend.fingerprint(), "settings": backend.settings},
             "prompts": {"source": cfg.prompts.source, **prompts_record(asdict_sets(prompts))},
             "search": {"space": space.as_dict(), "sampler": cfg.search.sampler, "objective": self.cost,

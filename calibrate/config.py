@@ -44,6 +44,11 @@ class SpaceConfig:
     alpha_max: list[float] = field(default_factory=lambda: [0.2, 1.0])
     min_keep: list[float] = field(default_factory=lambda: [0.05, 0.5])
     min_scale: list[int] | None = None   # first scale where pruning may start; null: [1, scales - 1]
+    protect_layers: list[int] = field(default_factory=lambda: [1, 1])  # probe layers (int range)
+    # Choices (one value: fixed, not searched); see toprovar.policy for what each means.
+    restore: list[str] = field(default_factory=lambda: ["none"])            # token.restore
+    order: list[str] = field(default_factory=lambda: ["entropy"])           # token.order
+    action: list[str] = field(default_factory=lambda: ["start_pruning"])    # scale.action
 
 
 @dataclass
@@ -144,6 +149,14 @@ def _validate(cfg: CalibrationConfig) -> None:
     _check_range("alpha_max", s.space.alpha_max, 0.0, 1.0)
     _check_range("min_keep", s.space.min_keep, 0.0, 1.0)
     _check_range("min_scale", s.space.min_scale, 0, 1000)
+    _check_range("protect_layers", s.space.protect_layers, 1, 1000)
+    from toprovar.policy import ORDERS, RESTORE_MODES
+
+    for name, options in (("restore", RESTORE_MODES), ("order", ORDERS), ("action", ("start_pruning", "exit"))):
+        chosen = list(getattr(s.space, name))
+        if not chosen or any(c not in options for c in chosen) or len(set(chosen)) != len(chosen):
+            raise UserError(f"search.space.{name}={chosen} must be a non-empty list of distinct values "
+                            f"from {list(options)}")
     if s.space.alpha_max[1] < s.space.alpha_min[0]:
         raise UserError("search.space.alpha_max must reach at least the low end of alpha_min")
     p = cfg.prompts

@@ -41,6 +41,21 @@ def git_commit(folder: Path) -> str | None:
     return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def portable_path(path: str | None) -> str | None:
+    """A weight path as provenance stores it: files inside the installed `toprovar` package as
+    package-relative `toprovar/...` (the same for every checkout or install), others as given.
+    The hash beside it is the file's identity; the path only says where it was read from."""
+    if path is None:
+        return None
+    import toprovar
+
+    package = Path(toprovar.__file__).resolve().parent
+    try:
+        return (Path("toprovar") / Path(path).resolve().relative_to(package)).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def redact_url(url: str | None) -> str | None:
     """A storage/tracking URL without its password."""
     return None if url is None else re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)

@@ -1,22 +1,24 @@
 """Search parameters + pre-sampling facts -> a ToProVAR policy the runtime loads.
 
 The only place that knows how the searched knobs map onto the policy schema of `toprovar.policy`:
-τ, min_scale (scale stage), β with the pre-sampled static layer ratios (layer stage), α_min,
-α_max, min_keep (token stage). The crossing direction comes from pre-sampling; the rest of the
-schema keeps its defaults.
+τ, min_scale, action (scale stage), β with the pre-sampled static layer ratios (layer stage),
+α_min, α_max, min_keep, protect_layers, restore, order (token stage). The crossing direction
+comes from pre-sampling; the rest of the schema keeps its defaults, and so does any knob missing
+from `params` (studies made before a knob was searched).
 """
 from __future__ import annotations
 
 from typing import Any, Mapping
 
 from calibrate.presample import PresampleSummary
-from toprovar.policy import SCHEMA_VERSION, Policy, ScaleStage, policy_from_dict
+from toprovar.policy import SCHEMA_VERSION, Policy, ScaleStage, TokenStage, policy_from_dict
 from toprovar.policy import paper_defaults as policy_defaults
 
 
 def paper_defaults() -> dict[str, float]:
     """The default ToProVAR knobs (the paper's τ = 0.4 and this project's gate defaults)."""
-    return {**policy_defaults(), "min_scale": ScaleStage.min_scale}
+    return {**policy_defaults(), "min_scale": ScaleStage.min_scale, "protect_layers": TokenStage.protect_layers,
+            "restore": TokenStage.restore, "order": TokenStage.order, "action": ScaleStage.action}
 
 
 def policy_document(params: Mapping[str, float], summary: PresampleSummary, backbone: str) -> dict[str, Any]:
@@ -26,12 +28,15 @@ def policy_document(params: Mapping[str, float], summary: PresampleSummary, back
         "method": "toprovar",
         "variant": "full",
         "backbone": backbone,
-        "scale": {"tau": float(params["tau"]), "crossing": summary.crossing, "action": "start_pruning",
-                  "min_scale": int(params["min_scale"])},
+        "scale": {"tau": float(params["tau"]), "crossing": summary.crossing,
+                  "action": str(params.get("action", ScaleStage.action)), "min_scale": int(params["min_scale"])},
         "layer": {"mode": "static", "beta": float(params["beta"]),
                   "ratios": [max(1.0, float(r)) for r in summary.layer_ratios]},
         "token": {"alpha_min": float(params["alpha_min"]), "alpha_max": float(params["alpha_max"]),
-                  "min_keep": float(params["min_keep"])},
+                  "min_keep": float(params["min_keep"]),
+                  "protect_layers": int(params.get("protect_layers", TokenStage.protect_layers)),
+                  "restore": str(params.get("restore", TokenStage.restore)),
+                  "order": str(params.get("order", TokenStage.order))},
     }
 
 

@@ -81,6 +81,12 @@ class SearchSpace:
     alpha_max: tuple[float, float]
     min_keep: tuple[float, float]
     min_scale: tuple[int, int]
+    protect_layers: tuple[int, int] = (1, 1)
+    restore: tuple[str, ...] = ("none",)
+    order: tuple[str, ...] = ("entropy",)
+    action: tuple[str, ...] = ("start_pruning",)
+
+    CHOICES = ("restore", "order", "action")
 
     @classmethod
     def from_config(cls, space: SpaceConfig, tau_range: tuple[float, float], n_scales: int) -> "SearchSpace":
@@ -90,7 +96,9 @@ class SearchSpace:
         if min_scale[1] > last:
             raise UserError(f"search.space.min_scale={list(min_scale)} goes past the last scale ({last})")
         return cls(tau=tau, beta=tuple(space.beta), alpha_min=tuple(space.alpha_min),
-                   alpha_max=tuple(space.alpha_max), min_keep=tuple(space.min_keep), min_scale=min_scale)
+                   alpha_max=tuple(space.alpha_max), min_keep=tuple(space.min_keep), min_scale=min_scale,
+                   protect_layers=tuple(space.protect_layers), restore=tuple(space.restore),
+                   order=tuple(space.order), action=tuple(space.action))
 
     def suggest(self, trial: optuna.Trial) -> dict[str, float]:
         alpha_min = trial.suggest_float("alpha_min", *self.alpha_min)
@@ -102,6 +110,9 @@ class SearchSpace:
             "alpha_max": trial.suggest_float("alpha_max", max(alpha_min, self.alpha_max[0]), self.alpha_max[1]),
             "min_keep": trial.suggest_float("min_keep", *self.min_keep),
             "min_scale": trial.suggest_int("min_scale", *self.min_scale),
+            "protect_layers": trial.suggest_int("protect_layers", *self.protect_layers),
+            # One-value choices are suggested too, so every trial's params name the whole policy.
+            **{name: trial.suggest_categorical(name, list(getattr(self, name))) for name in self.CHOICES},
         }
 
     def clip(self, params: Mapping[str, float]) -> dict[str, float]:
@@ -112,11 +123,17 @@ class SearchSpace:
         out["alpha_max"] = min(max(float(params["alpha_max"]), out["alpha_min"], self.alpha_max[0]),
                                self.alpha_max[1])
         out["min_scale"] = min(max(int(params["min_scale"]), self.min_scale[0]), self.min_scale[1])
+        protect = int(params.get("protect_layers", self.protect_layers[0]))
+        out["protect_layers"] = min(max(protect, self.protect_layers[0]), self.protect_layers[1])
+        for name in self.CHOICES:  # a value the space does not offer becomes its first choice
+            options = getattr(self, name)
+            out[name] = params[name] if params.get(name) in options else options[0]
         return out
 
-    def as_dict(self) -> dict[str, list[float]]:
+    def as_dict(self) -> dict[str, list]:
         return {name: list(getattr(self, name))
-                for name in ("tau", "beta", "alpha_min", "alpha_max", "min_keep", "min_scale")}
+                for name in ("tau", "beta", "alpha_min", "alpha_max", "min_keep", "min_scale", "protect_layers",
+                             *self.CHOICES)}
 
 
 # --- study -------------------------------------------------------------------------------------

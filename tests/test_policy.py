@@ -26,13 +26,16 @@ def test_round_trip_through_yaml(tmp_path) -> None:
     doc = {"method": "toprovar", "variant": "scale_layer", "backbone": "tiny",
            "scale": {"tau": 0.35, "crossing": "above", "action": "exit", "min_scale": 3},
            "layer": {"mode": "static", "beta": 2.5, "ratios": [1.5, 3.0, 1.1], "skip_above": 0.7},
-           "token": {"alpha_min": 0.05, "alpha_max": 0.9, "min_keep": 0.2, "normalize": "rank"},
+           "token": {"alpha_min": 0.05, "alpha_max": 0.9, "min_keep": 0.2, "normalize": "rank",
+                     "restore": "cached", "cache_scale": 5},
            "fastvar": {"ratios": {8: 0.5}}, "provenance": {"trials": 12}}
     policy = policy_from_dict(doc)
     again = load_policy(save_policy(policy, tmp_path / "p.yaml"))
     assert again.to_dict() == policy.to_dict()
     assert again.layer.ratios == (1.5, 3.0, 1.1) and again.scale.crossing == "above"
     assert again.uses_layer and not again.uses_token
+    assert again.token.restore == "cached" and again.token.cache_scale == 5
+    assert policy_from_dict({"method": "toprovar"}).token.restore == "none"  # default: pass-through
 
 
 @pytest.mark.parametrize("doc, where", [
@@ -45,6 +48,8 @@ def test_round_trip_through_yaml(tmp_path) -> None:
     ({"method": "toprovar", "scale": {"crossing": "sideways"}}, "scale.crossing"),
     ({"method": "toprovar", "token": {"alpha_min": 0.7, "alpha_max": 0.2}}, "token.alpha_max"),
     ({"method": "toprovar", "token": {"protect_layers": 0}}, "token.protect_layers"),
+    ({"method": "toprovar", "token": {"restore": "interpolate"}}, "token.restore"),
+    ({"method": "toprovar", "token": {"cache_scale": -1}}, "token.cache_scale"),
     ({"method": "toprovar", "layer": {"ratios": [0.5]}}, "layer.ratios"),
     ({"method": "toprovar", "layer": {"beta": True}}, "layer.beta"),
     ({"method": "fastvar", "fastvar": {"ratios": {"x": 0.4}}}, "fastvar.ratios"),

@@ -156,6 +156,137 @@ def test_flops_of_an_unpruned_run_follow_the_formula(small) -> None:
     assert unpruned == pytest.approx(2 * small.transformer.depth * per_layer)
 
 
+class _EndCapture:
+    """Wraps a ToProVAR pruner: keeps x before/after its end_scale at every scale (copies)."""
+
+    def __init__(self, policy):
+        from toprovar.pruning.toprovar import ToProVARPruner
+
+        self.inner = ToProVARPruner(policy)
+        self.before: dict[int, torch.Tensor] = {}
+        self.after: dict[int, torch.Tensor] = {}
+        self.plans: dict[int, dict[int, torch.Tensor]] = {}
+        self.static: dict[int, int | None] = {}
+        self.deltas_at: dict[int, dict[int, torch.Tensor]] = {}
+
+    def begin(self, ctx):
+        self.inner.begin(ctx)
+
+    def exit_before_scale(self, si):
+        self.static[si] = self.inner.static_plan(si)
+        self.deltas_at[si] = dict(self.inner.deltas)
+        return self.inner.exit_before_scale(si)
+
+    def wants_entropy(self, si, li):
+        return self.inner.wants_entropy(si, li)
+
+    def keep_tokens(self, si, li, x):
+        return self.inner.keep_tokens(si, li, x)
+
+    def observe(self, si, li, entropy):
+        self.inner.observe(si, li, entropy)
+
+    def end_scale(self, si, x):
+        self.before[si] = x.clone()
+        self.plans[si] = dict(self.inner.plan) if si == self.inner.plan_scale else {}
+        self.inner.end_scale(si, x)
+        self.after[si] = x.clone()
+
+
+class _UpdateRecorder:
+    """Unpruned run that records every block's update (output - input) per scale."""
+
+    def begin(self, ctx):
+        self.inputs: dict[tuple[int, int], torch.Tensor] = {}
+        self.depth = ctx.depth
+
+    def exit_before_scale(self, si):
+        return False
+
+    def wants_entropy(self, si, li):
+        return False
+
+    def keep_tokens(self, si, li, x):
+        self.inputs[si, li] = x.clone()
+        return None
+
+    def observe(self, si, li, entropy):
+        pass
+
+    def end_scale(self, si, x):
+        self.inputs[si, self.depth] = x.clone()
+
+    def update(self, si, li):
+        return self.inputs[si, li + 1] - self.inputs[si, li]
+
+
+def test_cached_restore_adds_the_skipped_layers_updates_of_the_cache_scale(small) -> None:
+    """token.restore=cached: pruned tokens get, after the scale's last block, the sum of the updates
+    their skipped layers made at the last unpruned scale (D - 1), area-resized; kept tokens and the
+    plan itself are untouched; the plan stays static (captured) after D."""
+    import torch.nn.functional as F
+
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    policy = _toprovar(token={"alpha_min": 0.2, "alpha_max": 0.8, "restore": "cached"})
+    plain_policy = _toprovar()
+    cap, plain = _EndCapture(policy), _EndCapture(plain_policy)
+    res = generate(small, ["a red cube"], [seed], pixels="0.25M", policy=cap)
+    ref = generate(small, ["a red cube"], [seed], pixels="0.25M", policy=plain)
+    D = res.trace.pruning["D"]
+    assert D is not None and D == ref.trace.pruning["D"] and D >= 4
+    # Same decisions (restoring does not feed back into this scale's plan or its blocks).
+    assert res.trace.layers_frame().kept.tolist()[: (D + 1) * small.transformer.depth] == \
+        ref.trace.layers_frame().kept.tolist()[: (D + 1) * small.transformer.depth]
+    torch.testing.assert_close(cap.before[D], plain.before[D], rtol=0, atol=0)
+    assert torch.equal(plain.after[D], plain.before[D])  # restore none: end_scale changes nothing
+
+    recorder = _UpdateRecorder()
+    generate(small, ["a red cube"], [seed], pixels="0.25M", policy=recorder)
+    schedule = res.trace.schedule
+    _, h, w = schedule[D]
+    _, hc, wc = schedule[D - 1]
+    expected = torch.zeros_like(cap.before[D])
+    for li, keep in cap.plans[D].items():
+        update = recorder.update(D - 1, li)  # (rows, hc*wc, C) of the unpruned run
+        grid = update.transpose(1, 2).reshape(update.shape[0], -1, hc, wc)
+        fill = F.adaptive_avg_pool2d(grid, (h, w)).flatten(2).transpose(1, 2)
+        pruned = torch.ones(expected.shape[:2], dtype=torch.bool)
+        pruned[torch.arange(keep.shape[0])[:, None], keep] = False
+        expected += fill * pruned[..., None]
+    assert cap.plans[D] and expected.abs().sum() > 0
+    torch.testing.assert_close(cap.after[D] - cap.before[D], expected, rtol=1e-4, atol=1e-5)
+    # Static plans: the scales that may still be the cache scale record (None); later pruned scales
+    # follow a fixed plan after the probe layer.
+    assert cap.static[D] is None and all(cap.static[s] == 1 for s in range(D + 1, len(schedule)))
+    rep = res.trace.pruning["representative_scale"]  # online layer scores: every layer observed there
+    assert all(cap.static[s] == (None if s == rep else 1) for s in range(0, policy.scale.min_scale - 1))
+    assert plain.static == {s: (None if s == rep else 1) for s in range(len(schedule))}
+    # Deterministic, and it changes the image.
+    again = generate(small, ["a red cube"], [seed], pixels="0.25M", policy=policy)
+    assert torch.equal(again.images, res.images) and not torch.equal(res.images, ref.images)
+
+
+def test_cached_layer_restore_runs_eagerly_and_fixed_cache_scale(small) -> None:
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    layer = _EndCapture(_toprovar(token={"alpha_min": 0.2, "alpha_max": 0.8, "restore": "cached_layer"}))
+    res = generate(small, ["a blue ball"], [seed], pixels="0.25M", policy=layer)
+    assert all(v is None for v in layer.static.values())
+    ends = _EndCapture(_toprovar(token={"alpha_min": 0.2, "alpha_max": 0.8, "restore": "cached"}))
+    other = generate(small, ["a blue ball"], [seed], pixels="0.25M", policy=ends)
+    D = res.trace.pruning["D"]
+    # test-small has 2 blocks: the only planned block (1) is the last, so restoring right after it
+    # or after the scale is the same update at the same point, and the same images follow.
+    assert D is not None and layer.plans[D] and torch.equal(layer.after[D], ends.after[D])
+    assert torch.equal(res.images, other.images)
+    # A fixed cache scale records there only; scale 2 is earlier than min_scale - 1.
+    fixed = _EndCapture(_toprovar(token={"alpha_min": 0.2, "alpha_max": 0.8, "restore": "cached", "cache_scale": 2}))
+    generate(small, ["a blue ball"], [seed], pixels="0.25M", policy=fixed)
+    assert fixed.static[2] is None and fixed.static[1] == 1 and fixed.static[D] == 1  # (3: representative)
+    _, hc, wc = res.trace.schedule[2]
+    assert set(fixed.deltas_at[D]) == set(range(small.transformer.depth))
+    assert all(d.shape[-2:] == (hc, wc) for d in fixed.deltas_at[D].values())
+
+
 def test_keep_indices_for_counts_equals_one_sort_per_count() -> None:
     """The batched plan (one rank + cumulative sum for every layer) is `keep_indices` per count,
     repeated for the CFG rows, including counts 0 and N and repeated counts; views of one tensor."""

@@ -8,7 +8,8 @@ A policy file looks like this (every section optional except `method`)::
     backbone: infinity-2b       # refuses to load onto another backbone; omit for any
     scale:  {tau: 0.4, crossing: below, action: start_pruning, min_scale: 6}
     layer:  {mode: static, beta: 1.0, ratios: [...], skip_above: null, representative_scale: 6}
-    token:  {alpha_min: 0.1, alpha_max: 0.6, min_keep: 0.1, normalize: mean, protect_layers: 1}
+    token:  {alpha_min: 0.1, alpha_max: 0.6, min_keep: 0.1, normalize: mean, protect_layers: 1,
+             restore: none, cache_scale: null, order: entropy}
     fastvar: {ratios: {9: 0.4, 10: 0.6}, layers: [3, 28], cache_scale: 8}
     fixed_exit: {exit_scale: 9}
     provenance: {calibrated: false, source: "paper Table 8", ...}   # free-form, kept verbatim
@@ -31,6 +32,8 @@ from toprovar.errors import UserError
 SCHEMA_VERSION = 1
 METHODS = ("none", "toprovar", "fastvar", "fixed_exit")
 VARIANTS = ("scale", "scale_token", "scale_layer", "full")
+RESTORE_MODES = ("none", "cached", "cached_layer")
+ORDERS = ("entropy", "frequency")
 POLICY_DIR = Path(__file__).parent / "policies"
 
 
@@ -64,6 +67,17 @@ class TokenStage:
     min_keep: float = 0.1  # never keep fewer than this fraction of a scale's tokens in a run layer
     normalize: str = "mean"  # mean: Ĥ = N·H/ΣH; sum: Ĥ = H/ΣH (paper, degenerate); rank: rank/(N-1)
     protect_layers: int = 1  # the first layers of every scale always run on all tokens (entropy probe)
+    # What a pruned token gets for a layer it skipped: none = nothing (its hidden state passes
+    # through); cached = that layer's update of an earlier, unpruned scale, area-resized to the
+    # current grid (FastVAR-style), added once per scale after the last block; cached_layer = the
+    # same update added right after each block (FastVAR's granularity; no static plan).
+    restore: str = "none"
+    # Which tokens a pruned layer keeps: entropy = lowest probe-layer entropy first (the paper);
+    # frequency = farthest from the scale's mean input token first (FastVAR's high-pass score on
+    # the scale's input, i.e. object edges and texture before flat background). The number kept
+    # per layer is Eq. 6's either way.
+    order: str = "entropy"
+    cache_scale: int | None = None  # scale whose layer updates restore; None: the last unpruned one
 
 
 @dataclass(frozen=True)
@@ -199,6 +213,10 @@ def _token(data: Any) -> TokenStage:
         min_keep=_number(d.get("min_keep", out.min_keep), "token.min_keep", 0.0, 1.0),
         normalize=_choice(d.get("normalize", out.normalize), "token.normalize", ("mean", "sum", "rank")),
         protect_layers=_number(d.get("protect_layers", out.protect_layers), "token.protect_layers", 1, None, integer=True),
+        restore=_choice(d.get("restore", out.restore), "token.restore", RESTORE_MODES),
+        order=_choice(d.get("order", out.order), "token.order", ORDERS),
+        cache_scale=None if d.get("cache_scale") is None else
+        _number(d["cache_scale"], "token.cache_scale", 0, None, integer=True),
     )
     if stage.alpha_max < stage.alpha_min:
         raise _fail("token.alpha_max", f"{stage.alpha_max} is below token.alpha_min={stage.alpha_min}")

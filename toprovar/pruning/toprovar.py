@@ -9,9 +9,23 @@ Where each decision's entropy comes from (causal, documented choice; toprovar-me
     With action `exit`, generation stops refining after scale D (Table 10 "Scale Depth Loc.").
   * Token priorities at every later block of the scale use the same H_i^s; q_i = φ(s)·R_l·Ĥ_i
     orders tokens identically in every layer, so one sort per scale serves all layers.
+    `token.order: frequency` keeps Eq. 6's count per layer but ranks tokens by FastVAR's
+    high-pass score ||x_i − mean(x)||² of the scale's input (read before block 0, conditional
+    rows), i.e. object tokens before flat background; on `tiny` the entropy ranking follows
+    token rows rather than content (docs/benchmarks.md).
   * R_l: `static` from the policy's σ1/σ2 ratios; `online` (or static without ratios) from the
     SVD of each layer's h×w entropy map at the representative scale; until it is measured every
     layer counts as Global (R = 0: only α_min of tokens is pruned).
+
+What a pruned token gets (`token.restore`, toprovar-method.md gap 4): `none` — nothing, its hidden
+state passes through the layer; `cached` — that layer's update (block output − block input) of
+an earlier scale that ran every token, area-resized to the current grid, as FastVAR restores
+pruned tokens. The cache scale is `token.cache_scale`, or by default the last scale before pruning
+started (recorded from scale min_scale − 1 on, so it is the scale right before D). `cached` adds
+the updates of every layer a token skipped once, after the scale's last block (`end_scale`), so
+the plan stays static (`static_plan`); `cached_layer` adds each right after its block (FastVAR's
+granularity), which reads the hidden states between blocks (no static plan). Both are causal
+(earlier scales only) and deterministic.
 
 Host synchronization: one per scale (ρ_s and all layers' keep counts are read together), none
 per layer. Under CFG the unconditional row of an image runs the same tokens as its conditional
@@ -23,10 +37,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from toprovar.policy import Policy
 from toprovar.pruning import stages
+from toprovar.pruning.fastvar import frequency_scores
 
 
 class ToProVARPruner:
@@ -72,6 +88,16 @@ class ToProVARPruner:
                               "R": None, "ratios": None, "representative_scale": self.representative}
         if self.ratios is not None:
             self._record_layer_scores()
+        # Restoration state: committed updates of the cache scale, layer -> (rows, C, h, w), and
+        # this scale's recording (previous block input, updates so far) while it runs unpruned.
+        self.restore = self.token_cfg.restore if self.policy.uses_token or self.skip_above is not None else "none"
+        self.deltas: dict[int, Tensor] = {}
+        self.delta_scale: int | None = None
+        self._rec_prev: Tensor | None = None
+        self._rec: dict[int, Tensor] = {}
+        self._pending: tuple[int, Tensor] | None = None  # cached_layer: (layer, kept idx) to restore
+        self._fills: dict[int, Tensor] = {}  # this scale's resized updates, per layer
+        self._frequency: Tensor | None = None  # order=frequency: (B, N) score of this scale's input
 
     def exit_before_scale(self, si: int) -> bool:
         return self.exit_at is not None and si >= self.exit_at
@@ -89,14 +115,23 @@ class ToProVARPruner:
         states; the pipeline may then run those blocks as one captured unit (CUDA graph). None at
         the representative scale of online layer scores (every layer's entropy is observed).
         """
-        if si == self.representative:
+        if si == self.representative or self.restore == "cached_layer" or self._records(si):
             return None
         return min(self.token_cfg.protect_layers, self.depth)
 
     def keep_tokens(self, si: int, li: int, x: Tensor) -> Tensor | None:
+        if li == 0 and self.token_cfg.order == "frequency" and (self.D is not None or si >= self.scale_cfg.min_scale):
+            self._frequency = frequency_scores(x[: self.batch])
         if si != self.plan_scale:
+            if self._records(si):
+                self._record(si, li, x)
             return None
-        return self.plan.get(li)
+        if self.restore == "cached_layer":
+            self._restore_pending(si, x)
+        keep = self.plan.get(li)
+        if keep is not None and self.restore == "cached_layer":
+            self._pending = (li, keep)
+        return keep
 
     def observe(self, si: int, li: int, entropy: Tensor) -> None:
         H = entropy[: self.batch].float().mean(dim=1)  # (B, N): head mean of conditional rows
@@ -109,7 +144,68 @@ class ToProVARPruner:
             self._decide(si, self._probe_sum / (li + 1))
 
     def end_scale(self, si: int, x: Tensor) -> None:
+        if si == self.plan_scale:
+            if self.restore == "cached_layer":
+                self._restore_pending(si, x)
+            elif self.restore == "cached":
+                self._restore_all(si, x)
+        elif self._records(si):
+            self._record(si, self.depth, x)
+            self.deltas, self.delta_scale = self._rec, si
+        self._rec, self._rec_prev, self._pending, self._fills, self._frequency = {}, None, None, {}, None
         self.plan = {}
+
+    # -- restoration of pruned tokens -------------------------------------------------------------
+    def _records(self, si: int) -> bool:
+        """Whether scale si records its layer updates (it may be the cache scale of a later one)."""
+        if self.restore == "none":
+            return False
+        if self.token_cfg.cache_scale is not None:
+            return si == self.token_cfg.cache_scale
+        return self.D is None and si >= self.scale_cfg.min_scale - 1
+
+    def _record(self, si: int, li: int, x: Tensor) -> None:
+        """x is the input of block li (li = depth: the scale's output): keeps the update of block li - 1."""
+        if self._rec_prev is not None and li > 0:
+            _, h, w = self.ctx.schedule[si]
+            self._rec[li - 1] = (x.float() - self._rec_prev).transpose(1, 2).reshape(x.shape[0], -1, h, w)
+        self._rec_prev = x.float().clone() if li < self.depth else None
+
+    def _fill(self, si: int, li: int) -> Tensor | None:
+        """The cached update of layer li resized to scale si's grid: (rows, N, C) float32, or None."""
+        if li not in self._fills:
+            delta = self.deltas.get(li)
+            if delta is None:
+                return None
+            _, h, w = self.ctx.schedule[si]
+            self._fills[li] = F.interpolate(delta, size=(h, w), mode="area").flatten(2).transpose(1, 2)
+        return self._fills[li]
+
+    def _pruned_mask(self, x: Tensor, keep: Tensor) -> Tensor:
+        pruned = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return pruned.scatter_(1, keep, False)
+
+    def _restore_pending(self, si: int, x: Tensor) -> None:
+        """cached_layer: the previous planned block's pruned tokens take its cached update (in place)."""
+        if self._pending is None:
+            return
+        li, keep = self._pending
+        self._pending = None
+        fill = self._fill(si, li)
+        if fill is not None:
+            x.add_((fill * self._pruned_mask(x, keep)[..., None]).to(x.dtype))
+
+    def _restore_all(self, si: int, x: Tensor) -> None:
+        """cached: every pruned token takes the cached updates of the layers it skipped (in place)."""
+        total = None
+        for li, keep in self.plan.items():
+            fill = self._fill(si, li)
+            if fill is None:
+                continue
+            part = fill * self._pruned_mask(x, keep)[..., None]
+            total = part if total is None else total + part
+        if total is not None:
+            x.add_(total.to(x.dtype))
 
     # -- decisions ---------------------------------------------------------------------------------
     def _tokens(self, si: int) -> int:
@@ -166,7 +262,10 @@ class ToProVARPruner:
             R = self.R if self.R is not None else torch.zeros(self.depth, device=device)
         else:  # scale+token: no layer identification, every layer is gated alike
             R = torch.ones(self.depth, device=device)
-        order = stages.keep_order(H)
+        if self._frequency is not None:  # highest high-pass score first, ties by index
+            order = torch.argsort(-self._frequency, dim=-1, stable=True)
+        else:
+            order = stages.keep_order(H)
         if self.policy.uses_token:
             phi = (si + 1) / self.n_scales
             p_keep = stages.keep_probability(stages.normalize_entropy(H, self.token_cfg.normalize), R, phi,
