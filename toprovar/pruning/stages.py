@@ -70,24 +70,28 @@ def keep_indices(order: Tensor, k: int) -> Tensor:
     return torch.sort(order[:, :k], dim=-1).values
 
 
-def keep_indices_for_counts(order: Tensor, counts: list[int], repeat: int = 1) -> list[Tensor]:
-    """`keep_indices(order, k).repeat(repeat, 1)` for every k of `counts`, computed together.
+def keep_index_table(order: Tensor, counts: Tensor, repeat: int = 1) -> Tensor:
+    """Row l, first counts[l] columns: `keep_indices(order, counts[l]).repeat(repeat, 1)`.
 
-    A token is kept at count k when its place in `order` (its rank) is below k; the kept positions
-    of every distinct count are compacted in position order by one cumulative sum. A handful of
-    launches whatever the number of layers (a sort per layer was ~30 % of a pruned scale's
-    decision time on the GPU), and the results are views of one tensor, so a captured unit copies
+    A token is kept at count k when its place in `order` (its rank) is below k; each row's kept
+    positions are compacted in position order by one cumulative sum (column N collects the rest).
+    Counts may live on the device: no host sync, a handful of launches whatever the number of
+    layers (a sort per layer was ~30 % of a pruned scale's decision time on the GPU), and each
+    layer's list is a view of the one `(L, repeat * B, N + 1)` result, so a captured unit copies
     one plan tensor per replay.
     """
     b, n = order.shape
-    distinct = sorted(set(counts))
+    counts = torch.as_tensor(counts, device=order.device)
     positions = torch.arange(n, device=order.device).expand(b, n)
     rank = torch.empty_like(order).scatter_(1, order, positions)
-    ks = torch.tensor(distinct, device=order.device)
-    kept = rank[None] < ks[:, None, None]  # (counts, B, N)
-    slot = torch.where(kept, kept.cumsum(-1) - 1, n)  # column n collects the pruned tokens
-    out = torch.empty((len(distinct), b, n + 1), dtype=order.dtype, device=order.device)
-    out.scatter_(2, slot, positions.expand(len(distinct), b, n))
-    out = out.repeat(1, repeat, 1)
-    view = {k: out[i, :, :k] for i, k in enumerate(distinct)}
-    return [view[k] for k in counts]
+    kept = rank[None] < counts[:, None, None]  # (L, B, N)
+    slot = torch.where(kept, kept.cumsum(-1) - 1, n)
+    out = torch.empty((counts.numel(), b, n + 1), dtype=order.dtype, device=order.device)
+    out.scatter_(2, slot, positions.expand(counts.numel(), b, n))
+    return out.repeat(1, repeat, 1)
+
+
+def keep_indices_for_counts(order: Tensor, counts: list[int], repeat: int = 1) -> list[Tensor]:
+    """`keep_indices(order, k).repeat(repeat, 1)` for every k of `counts` (views of one table)."""
+    table = keep_index_table(order, torch.tensor(counts, dtype=torch.long), repeat)
+    return [table[i, :, :k] for i, k in enumerate(counts)]

@@ -234,6 +234,9 @@ class ToProVARPruner:
         prune_here = self.scale_cfg.action == "start_pruning" and (self.policy.uses_token or self.skip_above is not None)
         if after_d and prune_here:
             counts, order = self._plan_counts(si, H)
+            # Every layer's keep indices, computed on the device before the sync, so that after it
+            # the plan is only views (the GPU idles from the sync until the planned blocks start).
+            table = stages.keep_index_table(order, counts, repeat=self.ctx.rows // self.batch)
             values = torch.cat([rho[None], counts.float()]).tolist()  # the one host sync of this scale
             rho_value, plan_counts = values[0], [int(v) for v in values[1:]]
         else:
@@ -246,14 +249,10 @@ class ToProVARPruner:
                 self.exit_at = si + 1
         if self.D is None or plan_counts is None:
             return
-        rows = self.ctx.rows // self.batch
         self.plan_scale = si
-        self.plan = {}
         n = H.shape[-1]
-        layers = [li for li in range(self.token_cfg.protect_layers, self.depth) if plan_counts[li] < n]
-        if layers:  # every layer's indices in one batched step (views of one plan tensor)
-            keeps = stages.keep_indices_for_counts(order, [plan_counts[li] for li in layers], repeat=rows)
-            self.plan = dict(zip(layers, keeps))
+        self.plan = {li: table[li, :, :plan_counts[li]]
+                     for li in range(self.token_cfg.protect_layers, self.depth) if plan_counts[li] < n}
 
     def _plan_counts(self, si: int, H: Tensor) -> tuple[Tensor, Tensor]:
         n = H.shape[-1]
