@@ -89,10 +89,13 @@ class PlannedRows(NoPruner):
         return torch.stack([r[:k] for r in rows])
 
 
-def _fixed_toprovar(depth: int):
+def _fixed_toprovar(depth: int, **token):
+    from dataclasses import replace
+
     from toprovar.bench_pruning import fixed_policy
 
-    return fixed_policy(depth, min_scale=3, alpha=0.5, protect_layers=1)
+    policy = fixed_policy(depth, min_scale=3, alpha=0.5, protect_layers=1)
+    return replace(policy, token=replace(policy.token, **token)) if token else policy
 
 
 @pytest.mark.parametrize("kv_policy", ["kept", "all"])
@@ -103,7 +106,8 @@ def test_planned_pruners_run_as_units_bit_identical(small, kv_policy: str) -> No
 
     s = _seeds(2)
     prompts = ["a red cube", "a cat on a mat"]
-    for policy in (PlannedRows(), _fixed_toprovar(small.transformer.depth),
+    depth = small.transformer.depth
+    for policy in (PlannedRows(), _fixed_toprovar(depth), _fixed_toprovar(depth, restore="cached", order="frequency"),
                    policy_from_dict({"method": "fixed_exit", "fixed_exit": {"exit_scale": 4}})):
         plain = generate(small, prompts, s, policy=policy, kv_policy=kv_policy, fast=False)
         fast = generate(small, prompts, s, policy=policy, kv_policy=kv_policy, fast=True)
