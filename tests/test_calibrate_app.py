@@ -114,3 +114,25 @@ def test_mini_calibration_end_to_end_and_resume(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     trials = pd.read_csv(run_dir / "search" / "trials.csv")
     assert len(trials) == 4
+
+
+def test_weight_paths_in_provenance_are_package_relative(tmp_path):
+    """The shipped policy must not name this checkout's absolute paths (the hash is the identity)."""
+    from pathlib import Path
+
+    import yaml
+
+    import toprovar
+    from calibrate.export import portable_path
+    from toprovar.policy import POLICY_DIR
+
+    package = Path(toprovar.__file__).resolve().parent
+    inside = package / "assets" / "tiny" / "transformer.safetensors"
+    assert portable_path(str(inside)) == "toprovar/assets/tiny/transformer.safetensors"
+    outside = tmp_path / "ckpt" / "infinity_2b_reg.pth"
+    assert portable_path(str(outside)) == str(outside) and portable_path(None) is None
+    shipped = yaml.safe_load((POLICY_DIR / "tiny.yaml").read_text())["provenance"]["backbone"]
+    assert set(shipped["weights"]) == set(shipped["weight_hashes"])
+    for part, path in shipped["weights"].items():
+        assert path.startswith("toprovar/assets/tiny/") and not Path(path).is_absolute(), path
+        assert (package.parent / path).is_file() and shipped["weight_hashes"][part].startswith("sha256:")
