@@ -287,7 +287,7 @@ def test_cached_layer_restore_runs_eagerly_and_fixed_cache_scale(small) -> None:
     assert all(d.shape[-2:] == (hc, wc) for d in fixed.deltas_at[D].values())
 
 
-def test_keep_indices_for_counts_equals_one_sort_per_count() -> None:
+def test_keep_index_table_equals_one_sort_per_count() -> None:
     """The batched plan (one rank + cumulative sum for every layer) is `keep_indices` per count,
     repeated for the CFG rows, including counts 0 and N and repeated counts; views of one tensor."""
     gen = torch.Generator().manual_seed(11)
@@ -296,36 +296,9 @@ def test_keep_indices_for_counts_equals_one_sort_per_count() -> None:
         H[:, ::3] = 0.5  # ties: broken by position
         order = stages.keep_order(H)
         counts = [0, n, *torch.randint(0, n + 1, (6,), generator=gen).tolist(), n // 2, n // 2]
-        got = stages.keep_indices_for_counts(order, counts, repeat=2)
+        table = stages.keep_index_table(order, torch.tensor(counts), repeat=2)
+        got = [table[i, :, :k] for i, k in enumerate(counts)]
         for k, g in zip(counts, got):
             want = (stages.keep_indices(order, k) if k else order[:, :0]).repeat(2, 1)
             assert torch.equal(g, want), (n, k)
         assert len({g._base.data_ptr() for g in got if g._base is not None}) == 1
-
-
-def test_frequency_order_keeps_the_tokens_farthest_from_the_mean_input(small) -> None:
-    """token.order=frequency: Eq. 6's count per layer, but the kept tokens are those of highest
-    ||x_i - mean(x)||² of the scale's input (conditional rows; the CFG row runs the same tokens)."""
-    seed = int(torch.randint(0, 2**31 - 1, ()).item())
-
-    class Inputs(_EndCapture):
-        def keep_tokens(self, si, li, x):
-            if li == 0:
-                self.inputs = getattr(self, "inputs", {})
-                self.inputs[si] = x.clone()
-            return super().keep_tokens(si, li, x)
-
-    freq = Inputs(_toprovar(token={"alpha_min": 0.2, "alpha_max": 0.8, "order": "frequency"}))
-    ent = _EndCapture(_toprovar(token={"alpha_min": 0.2, "alpha_max": 0.8}))
-    res = generate(small, ["a red cube"], [seed], pixels="0.25M", policy=freq)
-    generate(small, ["a red cube"], [seed], pixels="0.25M", policy=ent)
-    D = res.trace.pruning["D"]
-    assert D is not None and freq.plans[D]
-    for li, keep in freq.plans[D].items():
-        k = keep.shape[1]
-        assert k == ent.plans[D][li].shape[1]  # the count is Eq. 6's, as with the entropy order
-        x = freq.inputs[D][:1]
-        score = (x - x.mean(dim=1, keepdim=True)).pow(2).sum(-1)
-        want = torch.sort(torch.topk(score, k, dim=-1).indices, dim=-1).values
-        assert torch.equal(keep, want.repeat(2, 1))
-    assert any(not torch.equal(freq.plans[D][li], ent.plans[D][li]) for li in freq.plans[D])

@@ -231,22 +231,26 @@ class _ScaleGraphs:
         if not self.cuda:
             return self._body(si)
         if si not in self.graphs:
-            t0 = time.perf_counter()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: compiles kernels, builds cuBLAS/cuDNN plans
-                self._body(si)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self._body(si)
-            self.graphs[si] = (graph, out)
-            self.capture_ms += (time.perf_counter() - t0) * 1e3
+            self.graphs[si] = self._capture(lambda: self._body(si))
         graph, out = self.graphs[si]
         graph.replay()
         self.cache.set_fill(self.offsets[si] + self.tokens[si])
         return out
 
+    def _capture(self, body) -> tuple[Any, Any]:
+        """`(graph, outputs)` of `body()` captured in this state's memory pool, after one warm-up
+        run on a side stream (compiles kernels, builds cuBLAS/cuDNN plans)."""
+        t0 = time.perf_counter()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = body()
+        self.capture_ms += (time.perf_counter() - t0) * 1e3
+        return graph, out
 
     # -- pruned scales: blocks with fixed keep indices, then the head, each as one unit ----------
 
@@ -262,20 +266,14 @@ class _ScaleGraphs:
             prepare()
             return fn(*inputs)
         if unit is None:
-            t0 = time.perf_counter()
             static = [t.clone() for t in inputs]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+
+            def body() -> Any:
                 prepare()
-                fn(*static)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            prepare()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = fn(*static)
+                return fn(*static)
+
+            graph, out = self._capture(body)
             unit = self.units[key] = (graph, static, out)
-            self.capture_ms += (time.perf_counter() - t0) * 1e3
             self.unit_counts["captured"] += 1
         else:
             self.unit_counts["replayed"] += 1
@@ -325,13 +323,9 @@ class _ScaleGraphs:
             for j, li in enumerate(layers):
                 keep, ent = given.get(j), None
                 if counts[j]:
-                    block = model.blocks[li]
-                    if self.fused and (keep is None or kv_policy == "kept"):
-                        x, ent = block.forward_fast(x, self.ada[li], self.text[li], rope_si, self.cache[li], keep=keep,
-                                                    entropy=wants[j], gelu_epilogue=self.gelu_epilogue)
-                    else:
-                        x, ent = block(x, self.gss, self.text[li], rope_si, self.cache[li], keep=keep,
-                                       entropy=wants[j], kv_policy=kv_policy)
+                    x, ent = _run_block(model.blocks[li], x, self.ada[li], self.gss, self.text[li], rope_si,
+                                        self.cache[li], keep=keep, entropy=wants[j], kv_policy=kv_policy,
+                                        fused=self.fused, gelu_epilogue=self.gelu_epilogue)
                 ents.append(ent)
             return x, ents
 
@@ -374,6 +368,16 @@ def _guided_probs(logits: Tensor, si: int, batch: int, cfg_list: list[float], ta
     else:
         logits = logits[:batch]
     return bit_probs(logits, top_k=top_k, top_p=top_p)
+
+
+def _run_block(block, x: Tensor, ada: Tensor | None, gss: Tensor, text: TextKV, rope: RopeSlice, cache, *,
+               keep: Tensor | None, entropy: bool, kv_policy: str, fused: bool,
+               gelu_epilogue: bool) -> tuple[Tensor, Tensor | None]:
+    """One block on the tokens `keep` (None: all): the fused stages where they apply (every token,
+    or kept tokens whose K/V alone enter the cache), the reference block otherwise."""
+    if fused and (keep is None or kv_policy == "kept"):
+        return block.forward_fast(x, ada, text, rope, cache, keep=keep, entropy=entropy, gelu_epilogue=gelu_epilogue)
+    return block(x, gss, text, rope, cache, keep=keep, entropy=entropy, kv_policy=kv_policy)
 
 
 def _planned_scale(graphs: _ScaleGraphs, pruner: Pruner, si: int, x: Tensor, probe: int, kv_policy: str,
@@ -568,12 +572,9 @@ def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *
                         if kept == 0:
                             continue
                         want = record_entropy or pruner.wants_entropy(si, li)
-                        if fused and (keep is None or kv_policy == "kept"):
-                            x, ent = block.forward_fast(x, ada[li], cond.text[li], rope_si, cache[li], keep=keep,
-                                                        entropy=want, gelu_epilogue=opts.gelu_epilogue)
-                        else:
-                            x, ent = block(x, cond.gss, cond.text[li], rope_si, cache[li], keep=keep,
-                                           entropy=want, kv_policy=kv_policy)
+                        x, ent = _run_block(block, x, ada[li] if fused else None, cond.gss, cond.text[li], rope_si,
+                                            cache[li], keep=keep, entropy=want, kv_policy=kv_policy, fused=fused,
+                                            gelu_epilogue=fused and opts.gelu_epilogue)
                         if ent is not None:
                             pruner.observe(si, li, ent)
                             if record_entropy:

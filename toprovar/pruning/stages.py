@@ -90,8 +90,3 @@ def keep_index_table(order: Tensor, counts: Tensor, repeat: int = 1) -> Tensor:
     out.scatter_(2, slot, positions.expand(counts.numel(), b, n))
     return out.repeat(1, repeat, 1)
 
-
-def keep_indices_for_counts(order: Tensor, counts: list[int], repeat: int = 1) -> list[Tensor]:
-    """`keep_indices(order, k).repeat(repeat, 1)` for every k of `counts` (views of one table)."""
-    table = keep_index_table(order, torch.tensor(counts, dtype=torch.long), repeat)
-    return [table[i, :, :k] for i, k in enumerate(counts)]
