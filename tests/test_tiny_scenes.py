@@ -207,3 +207,35 @@ def test_render_on_gpu_matches_cpu(pools):
     gpu = render(scenes, device="cuda")
     assert gpu.is_cuda
     assert (gpu.cpu() - render(scenes)).abs().max() < 1e-4
+
+
+def test_kind_weights_shift_the_mix_and_uniform_is_unchanged():
+    assert sample_scenes(60, SEED, "train", kind_weights={}) == sample_scenes(60, SEED, "train")
+    weighted = sample_scenes(1200, SEED, "train", kind_weights={"position": 4.0, "colors": 0.0})
+    counts = collections.Counter(s.kind for s in weighted)
+    assert counts["colors"] == 0
+    share = counts["position"] / len(weighted)  # 4 / (4 + 4 others) = 0.5
+    assert 0.45 < share < 0.55, counts
+    with pytest.raises(ValueError, match="unknown kinds"):
+        sample_scenes(3, 0, "train", kind_weights={"colour": 1.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        sample_scenes(3, 0, "train", kind_weights={"position": -1.0})
+
+
+def test_relation_contrast_is_a_true_caption_of_its_mirror_image():
+    from toprovar.tiny.evaluate import geneval_lite
+
+    scenes = [s for s in sample_scenes(400, SEED, "train") if s.kind == "position"][:24]
+    variants = [S.relation_contrast(s, swap_order=i % 2 == 0) for i, s in enumerate(scenes)]
+    for i, (s, v) in enumerate(zip(scenes, variants)):
+        assert v.caption != s.caption
+        if i % 2 == 0:  # swapped noun phrases: the same words in another order
+            assert v.relation == s.relation and sorted(v.caption.split()) == sorted(s.caption.split())
+        else:  # swapped relation word: the same subject
+            assert v.relation != s.relation and v.objects[0].shape == s.objects[0].shape
+    # Each variant's caption holds for its own picture, and the original caption fails on it.
+    images = render_uint8(variants)
+    assert geneval_lite(images, [v.caption for v in variants]) == [1.0] * len(variants)
+    assert sum(geneval_lite(images, [s.caption for s in scenes])) == 0
+    with pytest.raises(ValueError, match="position"):
+        S.relation_contrast(next(s for s in sample_scenes(20, SEED) if s.kind != "position"), True)

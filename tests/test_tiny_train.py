@@ -94,3 +94,26 @@ def test_an_interrupted_stage_resumes(tmp_path) -> None:
         metrics = T.run(cfg)
     assert torch.load(tmp_path / "vae.ckpt", weights_only=False)["step"] == 2
     assert (tmp_path / "weights" / "vae.safetensors").is_file() and metrics["vae_psnr_heldout_db"] > 0
+
+
+def test_contrast_batches_pair_each_position_scene_with_its_mirror() -> None:
+    from toprovar.tiny.train import batch_scenes
+
+    seed = _seed()
+    batch = batch_scenes(seed, 3, 64, kind_weights={"position": 3.0}, contrast=True)
+    assert len(batch) == 64 and batch == batch_scenes(seed, 3, 64, kind_weights={"position": 3.0}, contrast=True)
+    plain = batch_scenes(seed, 3, 64, kind_weights={"position": 3.0})
+    assert batch[0] == plain[0]
+    pairs = sum(1 for a, b in zip(batch, batch[1:]) if a.kind == b.kind == "position"
+                and {o.shape for o in a.objects} == {o.shape for o in b.objects} and a.caption != b.caption)
+    assert pairs >= 10, [s.caption for s in batch]
+
+
+def test_unknown_kind_weight_is_a_user_error(tmp_path) -> None:
+    from toprovar.errors import UserError
+    from toprovar.tiny.train import TrainConfig, run
+
+    cfg = TrainConfig(stage="transformer", out_dir=str(tmp_path))
+    cfg.transformer.kind_weights = {"colour": 2.0}
+    with pytest.raises(UserError, match="unknown kinds"):
+        run(cfg)

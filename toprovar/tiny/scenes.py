@@ -17,9 +17,9 @@ import colorsys
 import itertools
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ __all__ = [
     "SHAPES", "PLURALS", "COLORS", "COLOR_NAMES", "SIZES", "TEXTURES", "BACKGROUNDS", "KINDS",
     "HELDOUT_KINDS", "RELATIONS", "LOCATIONS", "COUNTS", "HELDOUT_PAIRS", "SPLITS", "VOCABULARY",
     "MAX_CAPTION_WORDS", "SceneObject", "Scene", "ObjectSpec", "PromptSpec", "sample_scenes",
-    "scene_caption", "parse_caption", "render", "render_uint8",
+    "relation_contrast", "scene_caption", "parse_caption", "render", "render_uint8",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -250,10 +250,18 @@ def _place_pair(rng: random.Random, ea: float, eb: float, relation: str) -> list
     return None
 
 
-def _sample_scene(rng: random.Random, split: str) -> Scene:
+def _draw_kind(rng: random.Random, kinds: tuple[str, ...], cumulative: tuple[float, ...] | None) -> str:
+    u = rng.random()
+    if cumulative is None:  # uniform: the original draw, so unweighted sequences never change
+        return kinds[int(u * len(kinds))]
+    u *= cumulative[-1]
+    return next((k for k, c in zip(kinds, cumulative) if u < c), kinds[-1])
+
+
+def _sample_scene(rng: random.Random, split: str, cumulative: tuple[float, ...] | None = None) -> Scene:
     heldout, train = split == "heldout", split == "train"
     kinds = HELDOUT_KINDS if heldout else KINDS
-    kind = kinds[int(rng.random() * len(kinds))]
+    kind = _draw_kind(rng, kinds, cumulative)
     rnd = rng.random
 
     def choice(seq):  # rng.choice, at a third of the cost
@@ -333,16 +341,45 @@ def _sample_scene(rng: random.Random, split: str) -> Scene:
     )
 
 
-def sample_scenes(count: int, seed: int, split: str = "all") -> list[Scene]:
-    """`count` scenes, kinds uniform; the same (seed, split) always gives the same sequence.
+def sample_scenes(count: int, seed: int, split: str = "all",
+                  kind_weights: Mapping[str, float] | None = None) -> list[Scene]:
+    """`count` scenes; the same (seed, split, kind_weights) always gives the same sequence.
 
     split "train": no object anywhere is a held-out (colour, shape) pair; "heldout": every scene
     has a held-out pair and its caption names that colour; "all": unrestricted.
+    kind_weights: relative frequency per kind (missing kinds weigh 1); None or {}: kinds uniform.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    kinds = HELDOUT_KINDS if split == "heldout" else KINDS
+    cumulative = None
+    if kind_weights:
+        unknown = sorted(set(kind_weights) - set(KINDS))
+        if unknown:
+            raise ValueError(f"kind_weights names unknown kinds {unknown}; kinds are {KINDS}")
+        weights = [float(kind_weights.get(k, 1.0)) for k in kinds]
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"kind_weights must be >= 0 with a positive sum, got {dict(kind_weights)}")
+        cumulative = tuple(itertools.accumulate(weights))
     rng = random.Random(f"toprovar-tiny-scenes:{split}:{int(seed)}")
-    return [_sample_scene(rng, split) for _ in range(count)]
+    return [_sample_scene(rng, split, cumulative) for _ in range(count)]
+
+
+_INVERSE_RELATION = {"left_of": "right_of", "right_of": "left_of", "above": "below", "below": "above"}
+
+
+def relation_contrast(scene: Scene, swap_order: bool) -> Scene:
+    """The mirror image of a `position` scene along its relation's axis, captioned so that it
+    differs from the original's caption in one thing only: the order of the two noun phrases
+    (`swap_order`: "B left of A") or the relation word ("A right of B"). Trained side by side
+    with the original, the pair says that word order and the relation word decide the layout."""
+    if scene.kind != "position" or scene.relation is None:
+        raise ValueError(f"relation_contrast needs a position scene, got kind {scene.kind!r}")
+    horizontal = scene.relation in ("left_of", "right_of")
+    objects = tuple(replace(o, cx=1.0 - o.cx) if horizontal else replace(o, cy=1.0 - o.cy) for o in scene.objects)
+    if swap_order:
+        return replace(scene, objects=objects[::-1])
+    return replace(scene, objects=objects, relation=_INVERSE_RELATION[scene.relation])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,6 +67,12 @@ class TransformerTrainConfig:
     scale_weight_power: float = 0.5  # token weight ∝ tokens_of_its_scale^-power (coarse scales count more)
     ema: float = 0.999
     compile: bool = False  # torch.compile the teacher-forced forward + loss (CUDA; falls back to eager)
+    # Data recipe. kind_weights: relative frequency of each caption kind (missing: 1; empty: uniform).
+    # relation_contrast: every `position` scene is followed in its batch by its mirror image with the
+    # noun phrases or the relation word swapped (scenes.relation_contrast), so the pair differs only in
+    # what decides the layout.
+    kind_weights: dict[str, float] = field(default_factory=dict)
+    relation_contrast: bool = False
 
 
 @dataclass
@@ -112,10 +118,22 @@ def _lr_at(step: int, steps: int, warmup: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def batch_scenes(seed: int, step: int, count: int, split: str = "train"):
-    from toprovar.tiny.scenes import sample_scenes
+def batch_scenes(seed: int, step: int, count: int, split: str = "train",
+                 kind_weights: dict[str, float] | None = None, contrast: bool = False):
+    """The `count` scenes of one training step (deterministic in seed and step)."""
+    from toprovar.tiny.scenes import relation_contrast, sample_scenes
 
-    return sample_scenes(count, seed=seed * 1_000_003 + step, split=split)
+    scenes = sample_scenes(count, seed=seed * 1_000_003 + step, split=split, kind_weights=kind_weights)
+    if not contrast:
+        return scenes
+    batch = []
+    for i, scene in enumerate(scenes):
+        batch.append(scene)
+        if scene.kind == "position":
+            batch.append(relation_contrast(scene, swap_order=i % 2 == 0))
+        if len(batch) >= count:
+            break
+    return batch[:count]
 
 
 def save_half(module: nn.Module, path: Path) -> None:
@@ -344,7 +362,7 @@ def train_transformer(cfg: TrainConfig, out: Path, device: torch.device, vae: BS
     for step in range(start, c.steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, c.steps, c.warmup, c.lr)
-        scenes = batch_scenes(cfg.seed, step, c.batch)
+        scenes = batch_scenes(cfg.seed, step, c.batch, kind_weights=c.kind_weights, contrast=c.relation_contrast)
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
         images = render(scenes, device=device)
         with _autocast(device):
@@ -423,6 +441,12 @@ def save_grid(images: Tensor, captions: list[str], path: Path, columns: int = 8)
 def run(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.stage not in STAGES:
         raise UserError(f"stage={cfg.stage!r}; choose one of {', '.join(STAGES)}")
+    from toprovar.tiny.scenes import KINDS
+
+    if unknown := sorted(set(cfg.transformer.kind_weights) - set(KINDS)):
+        raise UserError(f"transformer.kind_weights: unknown kinds {unknown}; kinds are {', '.join(KINDS)}")
+    if any(w < 0 for w in cfg.transformer.kind_weights.values()):
+        raise UserError("transformer.kind_weights must be >= 0")
     device = resolve_device(cfg.device)
     out = Path(cfg.out_dir or "outputs/train_tiny")
     weights_dir = out / "weights"
