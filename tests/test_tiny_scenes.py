@@ -210,7 +210,9 @@ def test_render_on_gpu_matches_cpu(pools):
 
 
 def test_kind_weights_shift_the_mix_and_uniform_is_unchanged():
-    assert sample_scenes(60, SEED, "train", kind_weights={}) == sample_scenes(60, SEED, "train")
+    uniform = sample_scenes(60, SEED, "train")
+    assert sample_scenes(60, SEED, "train", kind_weights={}) == uniform
+    assert sample_scenes(60, SEED, "train", kind_weights={k: 2.0 for k in KINDS}) == uniform
     weighted = sample_scenes(1200, SEED, "train", kind_weights={"position": 4.0, "colors": 0.0})
     counts = collections.Counter(s.kind for s in weighted)
     assert counts["colors"] == 0

@@ -360,7 +360,8 @@ def sample_scenes(count: int, seed: int, split: str = "all",
         weights = [float(kind_weights.get(k, 1.0)) for k in kinds]
         if min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"kind_weights must be >= 0 with a positive sum, got {dict(kind_weights)}")
-        cumulative = tuple(itertools.accumulate(weights))
+        if len(set(weights)) > 1:  # equal weights keep the uniform draw exactly
+            cumulative = tuple(itertools.accumulate(weights))
     rng = random.Random(f"toprovar-tiny-scenes:{split}:{int(seed)}")
     return [_sample_scene(rng, split, cumulative) for _ in range(count)]
 
