@@ -34,6 +34,7 @@ TINY_SCHEDULES = ScheduleFamily(NAME, {1.0: tuple((g, g) for g in TINY_GRIDS)}, 
 
 TEXT_WIDTH = 128
 TEXT_MAX_WORDS = 32
+TEXT_ORDER_LAYERS = 1  # new encoders; a file records its own count (older files: 0)
 
 TINY_TRANSFORMER = TransformerConfig(depth=12, embed_dim=192, num_heads=3, codebook_dim=16,
                                      text_channels=TEXT_WIDTH, text_maxlen=TEXT_MAX_WORDS, pool_head_dim=64,
@@ -54,8 +55,9 @@ TINY_SPEC = BackboneSpec(name=NAME, transformer=TINY_TRANSFORMER, vae=TINY_VAE, 
                          schedules=TINY_SCHEDULES)
 
 
-def text_encoder_config(vocabulary: tuple[str, ...]) -> TextEncoderConfig:
-    return TextEncoderConfig(vocabulary=vocabulary, width=TEXT_WIDTH, max_words=TEXT_MAX_WORDS)
+def text_encoder_config(vocabulary: tuple[str, ...], order_layers: int = TEXT_ORDER_LAYERS) -> TextEncoderConfig:
+    return TextEncoderConfig(vocabulary=vocabulary, width=TEXT_WIDTH, max_words=TEXT_MAX_WORDS,
+                             order_layers=order_layers)
 
 
 # -- the text encoder's file: weights + vocabulary in the safetensors metadata -------------------------
@@ -65,7 +67,8 @@ def save_text_encoder(encoder: WordTextEncoder, path: str | Path) -> None:
     from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in encoder.state_dict().items()}
-    save_file(state, str(path), metadata={"vocabulary": json.dumps(list(encoder.config.vocabulary))})
+    save_file(state, str(path), metadata={"vocabulary": json.dumps(list(encoder.config.vocabulary)),
+                                          "order_layers": str(encoder.config.order_layers)})
 
 
 def load_text_encoder(path: str | Path | None, device: torch.device | str = "cpu",
@@ -87,7 +90,8 @@ def load_text_encoder(path: str | Path | None, device: torch.device | str = "cpu
     if "vocabulary" not in meta:
         raise UserError(f"{path}: no vocabulary in the file's metadata; is this a tiny text encoder?")
     with torch.device("meta"):
-        encoder = WordTextEncoder(text_encoder_config(tuple(json.loads(meta["vocabulary"]))))
+        encoder = WordTextEncoder(text_encoder_config(tuple(json.loads(meta["vocabulary"])),
+                                                      int(meta.get("order_layers", 0))))
     check_state_dict(expected_shapes(encoder), state, path)
     encoder.load_state_dict(state, strict=True, assign=True)
     return encoder.to(device=device, dtype=torch.float32).eval().requires_grad_(False)

@@ -325,7 +325,12 @@ def _load_exported(pair: _Pair, folder: Path) -> None:
     text = load_text_encoder(folder / "text_encoder.safetensors")
     if text.config.vocabulary != pair.text_encoder.config.vocabulary:
         raise UserError(f"{folder}: its text encoder has another vocabulary than the scene captions")
-    pair.text_encoder.load_state_dict(text.state_dict())
+    # An encoder saved before `order_layers` existed lacks those layers: they start at their
+    # zero-branch initialisation (the encoder computes what the file's did).
+    missing, unexpected = pair.text_encoder.load_state_dict(text.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("order.") for key in missing):
+        raise UserError(f"{folder}: its text encoder does not fit this one (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
 
 
 def vocabulary() -> tuple[str, ...]:
