@@ -117,3 +117,14 @@ def test_unknown_kind_weight_is_a_user_error(tmp_path) -> None:
     cfg.transformer.kind_weights = {"colour": 2.0}
     with pytest.raises(UserError, match="unknown kinds"):
         run(cfg)
+
+
+def test_all_zero_kind_weights_are_a_user_error(tmp_path) -> None:
+    from toprovar.errors import UserError
+    from toprovar.tiny.train import TrainConfig, run
+
+    cfg = TrainConfig(stage="transformer", out_dir=str(tmp_path))
+    cfg.transformer.kind_weights = {"single_object": 0.0, "two_objects": 0.0, "counting": 0.0, "colors": 0.0,
+                                    "position": 0.0, "attribute_binding": 0.0}
+    with pytest.raises(UserError, match="positive sum"):
+        run(cfg)

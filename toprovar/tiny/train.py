@@ -446,12 +446,12 @@ def save_grid(images: Tensor, captions: list[str], path: Path, columns: int = 8)
 def run(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.stage not in STAGES:
         raise UserError(f"stage={cfg.stage!r}; choose one of {', '.join(STAGES)}")
-    from toprovar.tiny.scenes import KINDS
+    from toprovar.tiny.scenes import sample_scenes
 
-    if unknown := sorted(set(cfg.transformer.kind_weights) - set(KINDS)):
-        raise UserError(f"transformer.kind_weights: unknown kinds {unknown}; kinds are {', '.join(KINDS)}")
-    if any(w < 0 for w in cfg.transformer.kind_weights.values()):
-        raise UserError("transformer.kind_weights must be >= 0")
+    try:  # the sampler is the one place that knows valid weights; check them before any training
+        sample_scenes(0, 0, "train", kind_weights=cfg.transformer.kind_weights)
+    except ValueError as err:
+        raise UserError(f"transformer.kind_weights: {err}") from None
     device = resolve_device(cfg.device)
     out = Path(cfg.out_dir or "outputs/train_tiny")
     weights_dir = out / "weights"
