@@ -108,7 +108,7 @@ def test_planned_pruners_run_as_units_bit_identical(small, kv_policy: str) -> No
     prompts = ["a red cube", "a cat on a mat"]
     depth = small.transformer.depth
     for policy in (PlannedRows(), _fixed_toprovar(depth), _fixed_toprovar(depth, restore="cached", order="frequency"),
-                   policy_from_dict({"method": "fixed_exit", "fixed_exit": {"exit_scale": 4}})):
+                   _fixed_toprovar(depth, restore="cached", order="edge"), policy_from_dict({"method": "fixed_exit", "fixed_exit": {"exit_scale": 4}})):
         plain = generate(small, prompts, s, policy=policy, kv_policy=kv_policy, fast=False)
         fast = generate(small, prompts, s, policy=policy, kv_policy=kv_policy, fast=True)
         assert fast.runtime["planned_units"] and not fast.runtime["graph_loop"]

@@ -302,3 +302,42 @@ def test_keep_index_table_equals_one_sort_per_count() -> None:
             want = (stages.keep_indices(order, k) if k else order[:, :0]).repeat(2, 1)
             assert torch.equal(g, want), (n, k)
         assert len({g._base.data_ptr() for g in got if g._base is not None}) == 1
+
+
+def _edge_scores_loop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Plain-loop reference of stages.edge_scores."""
+    b, n, c = x.shape
+    grid = x.float().reshape(b, h, w, c)
+    own = torch.zeros(b, h, w)
+    for i in range(h):
+        for j in range(w):
+            window = [grid[:, min(max(i + di, 0), h - 1), min(max(j + dj, 0), w - 1)]
+                      for di in (-1, 0, 1) for dj in (-1, 0, 1)]
+            own[:, i, j] = (grid[:, i, j] - torch.stack(window).mean(0)).pow(2).sum(-1)
+    spread = torch.zeros(b, h, w)
+    for i in range(h):
+        for j in range(w):
+            spread[:, i, j] = own[:, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].amax(dim=(1, 2))
+    return (spread + 1e-3 * own).reshape(b, n)
+
+
+def test_edge_scores_match_the_loop_reference() -> None:
+    x = torch.randn(2, 5 * 7, 6)
+    torch.testing.assert_close(stages.edge_scores(x, 5, 7), _edge_scores_loop(x, 5, 7), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="5x6 grid"):
+        stages.edge_scores(x, 5, 6)
+
+
+def test_edge_order_prefers_a_boundary_over_a_smooth_gradient() -> None:
+    """A square on a strong linear gradient: `frequency` ranks the gradient's far corners first,
+    `edge` ranks the square's boundary (and the tokens beside it) first."""
+    h = w = 12
+    ramp = torch.linspace(-6, 6, w).expand(h, w)
+    grid = torch.stack([ramp, torch.zeros(h, w)], -1).clone()  # (h, w, 2): gradient in channel 0
+    grid[5:7, 5:7, 1] = 2.0  # a 2x2 object in channel 1
+    x = grid.reshape(1, h * w, 2)
+    object_ring = {i * w + j for i in range(4, 8) for j in range(4, 8)}  # the object and its neighbours
+    top_edge = set(top_tokens(stages.edge_scores(x, h, w), 16)[0].tolist())
+    top_freq = set(top_tokens(frequency_scores(x), 16)[0].tolist())
+    assert top_edge == object_ring
+    assert not top_freq & {i * w + j for i in range(5, 7) for j in range(5, 7)}

@@ -71,12 +71,18 @@ def test_corrupted_scenes_score_zero(scenes):
 
 
 def test_agrees_with_ground_truth_on_mismatched_pairs(scenes, images):
-    """Each image against another scene's caption: a shape, colour, count or relation may differ."""
-    order = np.random.default_rng(SEED).permutation(len(scenes))
+    """Each image against another scene's caption: a shape, colour, count or relation may differ.
+
+    A quarter of the images keep their own caption, so that both outcomes are always exercised
+    (random pairs alone match only 3-8 % of the time)."""
+    rng = np.random.default_rng(SEED)
+    order = rng.permutation(len(scenes))
+    own = rng.random(len(scenes)) < 0.25
+    order[own] = np.flatnonzero(own)
     prompts = [scenes[j].caption for j in order]
     truth = np.array([_truth(s, p) for s, p in zip(scenes, prompts)])
     got = np.array(E.geneval_lite(images, prompts))
-    assert 0.05 < truth.mean() < 0.95  # both outcomes are exercised
+    assert 0.1 < truth.mean() < 0.9, (SEED, truth.mean())  # both outcomes are exercised
     assert (got == truth).mean() >= 0.98, (SEED, (got == truth).mean())
     assert got[truth == 0].mean() < 0.02, SEED
 

@@ -33,7 +33,7 @@ SCHEMA_VERSION = 1
 METHODS = ("none", "toprovar", "fastvar", "fixed_exit")
 VARIANTS = ("scale", "scale_token", "scale_layer", "full")
 RESTORE_MODES = ("none", "cached", "cached_layer")
-ORDERS = ("entropy", "frequency")
+ORDERS = ("entropy", "frequency", "edge")
 POLICY_DIR = Path(__file__).parent / "policies"
 
 
@@ -74,8 +74,10 @@ class TokenStage:
     restore: str = "none"
     # Which tokens a pruned layer keeps: entropy = lowest probe-layer entropy first (the paper);
     # frequency = farthest from the scale's mean input token first (FastVAR's high-pass score on
-    # the scale's input, i.e. object edges and texture before flat background). The number kept
-    # per layer is Eq. 6's either way.
+    # the scale's input, i.e. object edges and texture before flat background); edge = highest
+    # local high-pass score first (distance to the 3x3 neighbourhood mean, spread to the
+    # neighbours: boundaries before smooth gradient backgrounds). The number kept per layer is
+    # Eq. 6's in every case.
     order: str = "entropy"
     cache_scale: int | None = None  # scale whose layer updates restore; None: the last unpruned one
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -63,6 +64,26 @@ def keep_counts(p_keep: Tensor, min_keep: int) -> Tensor:
 def keep_order(H: Tensor) -> Tensor:
     """Token indices by keep priority: lowest entropy first, ties by index (deterministic) -> (B, N)."""
     return torch.argsort(H, dim=-1, stable=True)
+
+
+def edge_scores(x: Tensor, h: int, w: int) -> Tensor:
+    """Local high-pass score of each token of a scale's input, its 3x3 neighbourhood's max: (B, N, C) -> (B, N).
+
+    e_i = ||x_i - mean of x over the 3x3 window around i||² (edges replicated) marks object
+    boundaries and texture, unlike the distance to the scale's global mean (`frequency`), which a
+    smooth gradient background also scores high. Taking the max over the 3x3 window keeps the
+    tokens on both sides of a boundary (a kept edge token attends to its neighbours at this scale,
+    and pruned neighbours would only get cached updates). Ties inside a window go to the token
+    with the higher own score (1e-3 of it is added).
+    """
+    b, n, c = x.shape
+    if n != h * w:
+        raise ValueError(f"edge_scores: {n} tokens for a {h}x{w} grid")
+    grid = x.float().transpose(1, 2).reshape(b, c, h, w)
+    local_mean = F.avg_pool2d(F.pad(grid, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    own = (grid - local_mean).pow(2).sum(1, keepdim=True)
+    spread = F.max_pool2d(own, 3, stride=1, padding=1)
+    return (spread + 1e-3 * own).flatten(1)
 
 
 def keep_indices(order: Tensor, k: int) -> Tensor:

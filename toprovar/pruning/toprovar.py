@@ -11,8 +11,10 @@ Where each decision's entropy comes from (causal, documented choice; toprovar-me
     orders tokens identically in every layer, so one sort per scale serves all layers.
     `token.order: frequency` keeps Eq. 6's count per layer but ranks tokens by FastVAR's
     high-pass score ||x_i − mean(x)||² of the scale's input (read before block 0, conditional
-    rows), i.e. object tokens before flat background; on `tiny` the entropy ranking follows
-    token rows rather than content (docs/benchmarks.md).
+    rows), i.e. object tokens before flat background; `token.order: edge` by a local one
+    (distance to the 3×3 neighbourhood mean, spread over the neighbourhood: `stages.edge_scores`),
+    i.e. object boundaries before smooth gradients. On `tiny` the entropy ranking follows token
+    rows rather than content (docs/benchmarks.md).
   * R_l: `static` from the policy's σ1/σ2 ratios; `online` (or static without ratios) from the
     SVD of each layer's h×w entropy map at the representative scale; until it is measured every
     layer counts as Global (R = 0: only α_min of tokens is pruned).
@@ -97,7 +99,7 @@ class ToProVARPruner:
         self._rec: dict[int, Tensor] = {}
         self._pending: tuple[int, Tensor] | None = None  # cached_layer: (layer, kept idx) to restore
         self._fills: dict[int, Tensor] = {}  # this scale's resized updates, per layer
-        self._frequency: Tensor | None = None  # order=frequency: (B, N) score of this scale's input
+        self._frequency: Tensor | None = None  # order=frequency|edge: (B, N) score of this scale's input
 
     def exit_before_scale(self, si: int) -> bool:
         return self.exit_at is not None and si >= self.exit_at
@@ -120,8 +122,8 @@ class ToProVARPruner:
         return min(self.token_cfg.protect_layers, self.depth)
 
     def keep_tokens(self, si: int, li: int, x: Tensor) -> Tensor | None:
-        if li == 0 and self.token_cfg.order == "frequency" and (self.D is not None or si >= self.scale_cfg.min_scale):
-            self._frequency = frequency_scores(x[: self.batch])
+        if li == 0 and self.token_cfg.order != "entropy" and (self.D is not None or si >= self.scale_cfg.min_scale):
+            self._frequency = self._content_scores(si, x[: self.batch])
         if si != self.plan_scale:
             if self._records(si):
                 self._record(si, li, x)
@@ -132,6 +134,13 @@ class ToProVARPruner:
         if keep is not None and self.restore == "cached_layer":
             self._pending = (li, keep)
         return keep
+
+    def _content_scores(self, si: int, x: Tensor) -> Tensor:
+        """order=frequency|edge: (B, N) content score of scale si's input, highest kept first."""
+        if self.token_cfg.order == "edge":
+            _, h, w = self.ctx.schedule[si]
+            return stages.edge_scores(x, h, w)
+        return frequency_scores(x)
 
     def observe(self, si: int, li: int, entropy: Tensor) -> None:
         H = entropy[: self.batch].float().mean(dim=1)  # (B, N): head mean of conditional rows
@@ -261,7 +270,7 @@ class ToProVARPruner:
             R = self.R if self.R is not None else torch.zeros(self.depth, device=device)
         else:  # scale+token: no layer identification, every layer is gated alike
             R = torch.ones(self.depth, device=device)
-        if self._frequency is not None:  # highest high-pass score first, ties by index
+        if self._frequency is not None:  # highest content score first, ties by index
             order = torch.argsort(-self._frequency, dim=-1, stable=True)
         else:
             order = stages.keep_order(H)
