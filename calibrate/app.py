@@ -225,7 +225,9 @@ class Calibration:
         files = []
         policy = factory(selection.trial.params)
         for scorer in scorers:
-            pruned = scorer.backend.generate(scorer.prompts.texts, scorer.prompts.seeds, policy=policy).images
+            pruned = selection.validation.images if scorer.prompts.name == "validate" else None
+            if pruned is None:  # the held-out images are the validation's own; the search set is regenerated
+                pruned = scorer.backend.generate(scorer.prompts.texts, scorer.prompts.seeds, policy=policy).images
             files.append(plots.save_image_grid([scorer.reference.images, pruned],
                                                folder / f"{scorer.prompts.name}_unpruned_vs_policy.png"))
         return files

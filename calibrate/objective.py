@@ -79,4 +79,5 @@ class PolicyScorer:
         if run.scores is not None and ref.scores is not None:
             drop = float(ref.scores.mean() - run.scores.mean())
             extra.update(geneval=float(run.scores.mean()), geneval_unpruned=float(ref.scores.mean()))
-        return Scores(speedup=float(speedup), ssim=float(ssim.mean()), geneval_drop=drop, extra=extra)
+        return Scores(speedup=float(speedup), ssim=float(ssim.mean()), geneval_drop=drop, extra=extra,
+                      images=run.images)

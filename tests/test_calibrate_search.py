@@ -123,7 +123,21 @@ def test_warm_start_constraints_and_ranking(scorer):
         assert trial.values == pytest.approx([metrics["speedup"], metrics["ssim"]])
     ranked = ranked_feasible(study)
     assert all(t.user_attrs["metrics"]["ssim"] >= LIMITS.min_ssim for t in ranked)
-    assert [t.values[0] for t in ranked] == sorted((t.values[0] for t in ranked), reverse=True)
+    assert {t.number for t in ranked} == {t.number for t in completed(study) if all(
+        v <= 0 for v in t.constraints.values())}
+
+
+def test_validation_order_is_the_feasible_front_then_the_dominated():
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    rows = [  # (speedup, ssim, feasible)
+        (2.5, 0.95, False), (2.1, 0.90, True), (2.0, 0.93, True), (1.9, 0.92, True),
+        (1.8, 0.96, True), (1.8, 0.91, True), (1.2, 0.99, True)]
+    for speedup, ssim, ok in rows:
+        study.add_trial(optuna.trial.create_trial(values=[speedup, ssim],
+                                                  constraints={"geneval_drop": -0.01 if ok else 0.05}))
+    order = [(t.values[0], t.values[1]) for t in ranked_feasible(study)]
+    assert order == [(2.1, 0.90), (2.0, 0.93), (1.8, 0.96), (1.2, 0.99),  # front: slower only for better SSIM
+                     (1.9, 0.92), (1.8, 0.91)]                              # dominated, fastest first
 
 
 def test_space_keeps_alpha_order_and_clips_defaults():
