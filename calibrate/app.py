@@ -179,6 +179,12 @@ class Calibration:
     def _stages(self, backend: CalibrationBackend, prompts: PromptSets, study: optuna.Study,
                 tracker: Tracker | NullTracker, parent: str) -> Path | None:
         cfg, stages = self.cfg, set(self.cfg.stages)
+        if "evaluate" in stages:
+            t0 = time.perf_counter()
+            self.artifacts["evaluate"] = self.evaluate(backend, prompts, tracker, parent)
+            self._timed("evaluate", t0)
+            if stages == {"evaluate"}:
+                return None
         fresh = None
         if "presample" in stages:
             t0 = time.perf_counter()
@@ -217,6 +223,35 @@ class Calibration:
         path = self.export(selection, factory, backend, prompts, study, space, summary, scorer, tracker)
         self.artifacts["policy"] = [path]
         return path
+
+    def evaluate(self, backend: CalibrationBackend, prompts: PromptSets, tracker, parent: str) -> list[Path]:
+        """Measure existing policies on the held-out prompts exactly as validation does; a table."""
+        import pandas as pd
+        from tqdm.auto import tqdm
+
+        from toprovar.policy import load_policy
+
+        policies = [(name, load_policy(name, backend.name)) for name in self.cfg.evaluate]  # fail before work
+        scorer = PolicyScorer(backend, prompts.validate, lambda params: params, cost=self.cost,
+                              latency=self.cfg.search.latency, evaluator=geneval_scorer(backend.name),
+                              desc="evaluate")
+        rows, images = [], [scorer.reference.images]
+        for name, policy in tqdm(policies, desc="evaluate", unit="policy", dynamic_ncols=True):
+            scores = scorer.score_policy(policy)
+            rows.append({"policy": name, **scores.metrics()})
+            images.append(scores.images)
+            tracker.log_metrics(parent, {f"evaluate.{len(rows) - 1}.{k}": v for k, v in scores.metrics().items()})
+        frame = pd.DataFrame(rows)
+        folder = self.run_dir / "evaluate"
+        folder.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(folder / "policies.csv", index=False)
+        shown = [c for c in ("policy", "speedup", "ssim", "ssim_min", "geneval_drop", "prompts_lost", "prompts_won",
+                             "kept_share", "D_mean") if c in frame]
+        log.info("%d policies on %d held-out prompts (unpruned geneval-lite %s):\n%s", len(rows), len(prompts.validate),
+                 f"{float(scorer.reference.scores.mean()):.4f}" if scorer.reference.scores is not None else "n/a",
+                 frame[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        grid = plots.save_image_grid(images, folder / "unpruned_vs_policies.png")
+        return [folder / "policies.csv", grid]
 
     def _grids(self, selection: Selection, factory: PolicyFactory, *scorers: PolicyScorer) -> list[Path]:
         """Unpruned (top row) over the selected policy (bottom row) for the search and held-out prompts."""

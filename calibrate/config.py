@@ -14,7 +14,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from toprovar.errors import UserError
 
-STAGES = ("presample", "search", "select", "export")
+STAGES = ("presample", "search", "select", "export", "evaluate")
+DEFAULT_STAGES = ("presample", "search", "select", "export")
 SAMPLERS = ("tpe", "nsga2", "random")
 OBJECTIVES = ("auto", "flops", "latency")
 
@@ -98,8 +99,9 @@ class CalibrationConfig:
     device: str = "auto"
     dtype: str = "auto"
     export_to: str | None = None
-    stages: tuple[str, ...] = STAGES
+    stages: tuple[str, ...] = DEFAULT_STAGES
     batch_size: int = 8
+    evaluate: tuple[str, ...] = ()         # policies (names or YAML paths) the evaluate stage measures
 
     @property
     def backbone_name(self) -> str:
@@ -167,6 +169,8 @@ def _validate(cfg: CalibrationConfig) -> None:
         raise UserError(f"stages={list(cfg.stages)}: unknown {unknown}; choose from {list(STAGES)}")
     if cfg.batch_size < 1:
         raise UserError(f"batch_size={cfg.batch_size} must be at least 1")
+    if "evaluate" in cfg.stages and not cfg.evaluate:
+        raise UserError("stages=[evaluate] needs policies to measure: evaluate=[tiny,path/to/policy.yaml]")
     if not cfg.study_name:
         raise UserError("study_name must not be empty")
 
@@ -177,10 +181,18 @@ def _integer(value: Any, name: str) -> int:
     return value
 
 
+def _policy_list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise UserError(f"evaluate={value!r} must be a list of policy names or YAML paths")
+    return tuple(v.strip() for v in value)
+
+
 def parse_config(cfg: DictConfig) -> CalibrationConfig:
     """Check and type the composed Hydra config (one-line UserError on any problem)."""
     allowed = {"backbone", "prompts", "search", "tracking", "storage", "study_name", "seed",
-               "device", "dtype", "export_to", "stages", "batch_size"}
+               "device", "dtype", "export_to", "stages", "batch_size", "evaluate"}
     extra = sorted(set(cfg.keys()) - allowed)
     if extra:
         raise UserError(f"unknown config key(s) {extra}; known: {sorted(allowed)}")
@@ -189,6 +201,7 @@ def parse_config(cfg: DictConfig) -> CalibrationConfig:
         top = {key: OmegaConf.select(cfg, key) for key in ("study_name", "seed", "device", "dtype",
                                                           "export_to", "batch_size")}
         stages = tuple(OmegaConf.to_container(cfg.stages, resolve=True))
+        evaluate = OmegaConf.to_container(cfg.evaluate, resolve=True) if cfg.get("evaluate") is not None else []
     except OmegaConfBaseException as err:
         raise UserError(f"bad config: {_first_line(err)}") from None
     if not isinstance(backbone, dict) or "name" not in backbone:
@@ -206,6 +219,7 @@ def parse_config(cfg: DictConfig) -> CalibrationConfig:
         export_to=None if top["export_to"] is None else str(top["export_to"]),
         stages=stages,
         batch_size=_integer(top["batch_size"], "batch_size"),
+        evaluate=_policy_list(evaluate),
     )
     _validate(result)
     return result

@@ -78,6 +78,9 @@ class PolicyScorer:
         drop = None
         if run.scores is not None and ref.scores is not None:
             drop = float(ref.scores.mean() - run.scores.mean())
-            extra.update(geneval=float(run.scores.mean()), geneval_unpruned=float(ref.scores.mean()))
+            # How many prompts went each way: a drop near 0 can hide losses offset by gains.
+            extra.update(geneval=float(run.scores.mean()), geneval_unpruned=float(ref.scores.mean()),
+                         prompts_lost=float((run.scores < ref.scores).sum()),
+                         prompts_won=float((run.scores > ref.scores).sum()))
         return Scores(speedup=float(speedup), ssim=float(ssim.mean()), geneval_drop=drop, extra=extra,
                       images=run.images)

@@ -29,6 +29,9 @@ def _calibrate(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     (["search.n_trials=[1"], "bad override"),
     (["backbone=test-small", "search.n_trials=many"], "n_trials"),
     (["backbone=test-small", "search.sampler=grid"], "search.sampler"),
+    (["backbone=test-small", "stages=[evaluate]"], "evaluate=["),
+    (["backbone=test-small", "tracking=off", "storage=memory", "stages=[evaluate]", "evaluate=[no_such_policy]"],
+     "no_such_policy"),
     (["backbone=infinity-2b", "tracking=off", "storage=memory",
       "backbone.weights.transformer=/nonexistent/infinity_2b_reg.pth"], "/nonexistent/infinity_2b_reg.pth"),
 ])
@@ -114,6 +117,20 @@ def test_mini_calibration_end_to_end_and_resume(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     trials = pd.read_csv(run_dir / "search" / "trials.csv")
     assert len(trials) == 4
+
+    # The evaluate stage measures policies on the held-out prompts the way validation did: the
+    # exported policy's FLOP speedup and SSIM come out the same (same prompts, seeds, CPU FLOPs).
+    eval_dir = tmp_path / "evaluate_run"
+    measured = _calibrate(tmp_path, "backbone=test-small", "tracking=off", "storage=memory", "stages=[evaluate]",
+                          f"evaluate=[none,{policy_path}]", f"hydra.run.dir={eval_dir}")
+    assert measured.returncode == 0, measured.stderr[-3000:]
+    table = pd.read_csv(eval_dir / "evaluate" / "policies.csv").set_index("policy")
+    assert list(table.index) == ["none", str(policy_path)]
+    assert table.loc["none", "speedup"] == pytest.approx(1.0) and table.loc["none", "ssim"] == pytest.approx(1.0)
+    validation = provenance["measured"]["validation"]
+    assert table.loc[str(policy_path), "speedup"] == pytest.approx(validation["speedup"], rel=1e-6)
+    assert table.loc[str(policy_path), "ssim"] == pytest.approx(validation["ssim"], abs=1e-4)
+    assert (eval_dir / "evaluate" / "unpruned_vs_policies.png").exists()
 
 
 def test_weight_paths_in_provenance_are_package_relative(tmp_path):
