@@ -258,14 +258,13 @@ def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.best_trials if t.state == TrialState.COMPLETE]
 
 
-def ranked_feasible(study: optuna.Study) -> list[FrozenTrial]:
-    """Feasible complete trials in the order to validate them: their Pareto front (speedup, SSIM)
-    fastest first, then the dominated ones fastest first.
+def feasible_front(study: optuna.Study) -> list[FrozenTrial]:
+    """The Pareto front (speedup, SSIM) of the feasible complete trials, fastest first; along it
+    SSIM rises strictly as speedup falls."""
+    return _front(study)[0]
 
-    A dominated trial is slower *and* no better on SSIM than a faster feasible one, so it is a
-    worse bet on held-out prompts; putting the front first spends the validation budget on
-    trials that trade speed for quality (fastest-first alone validated three near-identical,
-    equally damaging trials)."""
+
+def _front(study: optuna.Study) -> tuple[list[FrozenTrial], list[FrozenTrial]]:
     feasible = sorted((t for t in completed(study) if is_feasible(t)),
                       key=lambda t: (t.values[0], t.values[1]), reverse=True)
     front, rest, best_ssim = [], [], -math.inf
@@ -275,6 +274,13 @@ def ranked_feasible(study: optuna.Study) -> list[FrozenTrial]:
             best_ssim = trial.values[1]
         else:
             rest.append(trial)
+    return front, rest
+
+
+def ranked_feasible(study: optuna.Study) -> list[FrozenTrial]:
+    """Feasible complete trials: their Pareto front (speedup, SSIM) fastest first, then the
+    dominated ones (slower and no better on SSIM than a faster feasible trial) fastest first."""
+    front, rest = _front(study)
     return front + rest
 
 
