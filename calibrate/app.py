@@ -253,19 +253,17 @@ class Calibration:
         grid = plots.save_image_grid(images, folder / "unpruned_vs_policies.png")
         return [folder / "policies.csv", grid]
 
-    def _grids(self, selection: Selection, factory: PolicyFactory, *scorers: PolicyScorer) -> list[Path]:
-        """Unpruned (top row) over the selected policy (bottom row) for the search and held-out prompts."""
+    def _grids(self, selection: Selection, factory: PolicyFactory, search: PolicyScorer,
+               validator: PolicyScorer) -> list[Path]:
+        """Unpruned (top row) over the selected policy (bottom row) for the search and held-out prompts;
+        the held-out row is the validation's own images, the search row is generated again."""
         folder = self.run_dir / "grids"
         folder.mkdir(parents=True, exist_ok=True)
-        files = []
-        policy = factory(selection.trial.params)
-        for scorer in scorers:
-            pruned = selection.validation.images if scorer.prompts.name == "validate" else None
-            if pruned is None:  # the held-out images are the validation's own; the search set is regenerated
-                pruned = scorer.backend.generate(scorer.prompts.texts, scorer.prompts.seeds, policy=policy).images
-            files.append(plots.save_image_grid([scorer.reference.images, pruned],
-                                               folder / f"{scorer.prompts.name}_unpruned_vs_policy.png"))
-        return files
+        searched = search.backend.generate(search.prompts.texts, search.prompts.seeds,
+                                           policy=factory(selection.trial.params)).images
+        return [plots.save_image_grid([scorer.reference.images, pruned],
+                                      folder / f"{scorer.prompts.name}_unpruned_vs_policy.png")
+                for scorer, pruned in ((search, searched), (validator, selection.validation.images))]
 
     def _log_files(self, tracker: Tracker | NullTracker, parent: str) -> None:
         for folder, files in self.artifacts.items():

@@ -260,28 +260,15 @@ def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
 
 def feasible_front(study: optuna.Study) -> list[FrozenTrial]:
     """The Pareto front (speedup, SSIM) of the feasible complete trials, fastest first; along it
-    SSIM rises strictly as speedup falls."""
-    return _front(study)[0]
-
-
-def _front(study: optuna.Study) -> tuple[list[FrozenTrial], list[FrozenTrial]]:
+    SSIM rises strictly as speedup falls (a slower trial is on it only if its SSIM is higher)."""
     feasible = sorted((t for t in completed(study) if is_feasible(t)),
                       key=lambda t: (t.values[0], t.values[1]), reverse=True)
-    front, rest, best_ssim = [], [], -math.inf
+    front, best_ssim = [], -math.inf
     for trial in feasible:
         if trial.values[1] > best_ssim:
             front.append(trial)
             best_ssim = trial.values[1]
-        else:
-            rest.append(trial)
-    return front, rest
-
-
-def ranked_feasible(study: optuna.Study) -> list[FrozenTrial]:
-    """Feasible complete trials: their Pareto front (speedup, SSIM) fastest first, then the
-    dominated ones (slower and no better on SSIM than a faster feasible trial) fastest first."""
-    front, rest = _front(study)
-    return front + rest
+    return front
 
 
 def trials_frame(study: optuna.Study):

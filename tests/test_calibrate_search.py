@@ -19,7 +19,7 @@ from calibrate.objective import PolicyScorer
 from calibrate.policy_space import PolicyFactory, paper_defaults
 from calibrate.presample import PresampleSummary
 from calibrate.prompts import PromptSet
-from calibrate.search import (SearchSpace, completed, open_study, ranked_feasible, run_search, violations)
+from calibrate.search import (SearchSpace, completed, feasible_front, open_study, run_search, violations)
 from optuna.trial import TrialState
 
 
@@ -121,13 +121,19 @@ def test_warm_start_constraints_and_ranking(scorer):
         metrics = trial.user_attrs["metrics"]
         assert trial.constraints == pytest.approx({"ssim": LIMITS.min_ssim - metrics["ssim"]})
         assert trial.values == pytest.approx([metrics["speedup"], metrics["ssim"]])
-    ranked = ranked_feasible(study)
-    assert all(t.user_attrs["metrics"]["ssim"] >= LIMITS.min_ssim for t in ranked)
-    assert {t.number for t in ranked} == {t.number for t in completed(study) if all(
-        v <= 0 for v in t.constraints.values())}
+    front = feasible_front(study)
+    feasible = [t for t in completed(study) if all(v <= 0 for v in t.constraints.values())]
+    assert all(t.user_attrs["metrics"]["ssim"] >= LIMITS.min_ssim for t in front)
+    assert [t.values[0] for t in front] == sorted((t.values[0] for t in front), reverse=True)
+    assert all(a.values[1] < b.values[1] for a, b in zip(front, front[1:]))
+    on_front = {t.number for t in front}
+    assert on_front <= {t.number for t in feasible}
+    for t in feasible:  # every feasible trial left out is matched or beaten on both objectives
+        assert t.number in on_front or any(f.values[0] >= t.values[0] and f.values[1] >= t.values[1]
+                                           for f in front)
 
 
-def test_validation_order_is_the_feasible_front_then_the_dominated():
+def test_feasible_front_is_fastest_first_without_dominated_or_infeasible_trials():
     study = optuna.create_study(directions=["maximize", "maximize"])
     rows = [  # (speedup, ssim, feasible)
         (2.5, 0.95, False), (2.1, 0.90, True), (2.0, 0.93, True), (1.9, 0.92, True),
@@ -135,9 +141,8 @@ def test_validation_order_is_the_feasible_front_then_the_dominated():
     for speedup, ssim, ok in rows:
         study.add_trial(optuna.trial.create_trial(values=[speedup, ssim],
                                                   constraints={"geneval_drop": -0.01 if ok else 0.05}))
-    order = [(t.values[0], t.values[1]) for t in ranked_feasible(study)]
-    assert order == [(2.1, 0.90), (2.0, 0.93), (1.8, 0.96), (1.2, 0.99),  # front: slower only for better SSIM
-                     (1.9, 0.92), (1.8, 0.91)]                              # dominated, fastest first
+    order = [(t.values[0], t.values[1]) for t in feasible_front(study)]
+    assert order == [(2.1, 0.90), (2.0, 0.93), (1.8, 0.96), (1.2, 0.99)]  # slower only for better SSIM
 
 
 def test_space_keeps_alpha_order_and_clips_defaults():

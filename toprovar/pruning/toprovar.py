@@ -99,7 +99,7 @@ class ToProVARPruner:
         self._rec: dict[int, Tensor] = {}
         self._pending: tuple[int, Tensor] | None = None  # cached_layer: (layer, kept idx) to restore
         self._fills: dict[int, Tensor] = {}  # this scale's resized updates, per layer
-        self._frequency: Tensor | None = None  # order=frequency|edge: (B, N) score of this scale's input
+        self._content_score: Tensor | None = None  # order=frequency|edge: (B, N) score of this scale's input
 
     def exit_before_scale(self, si: int) -> bool:
         return self.exit_at is not None and si >= self.exit_at
@@ -123,7 +123,7 @@ class ToProVARPruner:
 
     def keep_tokens(self, si: int, li: int, x: Tensor) -> Tensor | None:
         if li == 0 and self.token_cfg.order != "entropy" and (self.D is not None or si >= self.scale_cfg.min_scale):
-            self._frequency = self._content_scores(si, x[: self.batch])
+            self._content_score = self._content_scores(si, x[: self.batch])
         if si != self.plan_scale:
             if self._records(si):
                 self._record(si, li, x)
@@ -161,7 +161,7 @@ class ToProVARPruner:
         elif self._records(si):
             self._record(si, self.depth, x)
             self.deltas, self.delta_scale = self._rec, si
-        self._rec, self._rec_prev, self._pending, self._fills, self._frequency = {}, None, None, {}, None
+        self._rec, self._rec_prev, self._pending, self._fills, self._content_score = {}, None, None, {}, None
         self.plan = {}
 
     # -- restoration of pruned tokens -------------------------------------------------------------
@@ -270,8 +270,8 @@ class ToProVARPruner:
             R = self.R if self.R is not None else torch.zeros(self.depth, device=device)
         else:  # scale+token: no layer identification, every layer is gated alike
             R = torch.ones(self.depth, device=device)
-        if self._frequency is not None:  # highest content score first, ties by index
-            order = torch.argsort(-self._frequency, dim=-1, stable=True)
+        if self._content_score is not None:  # highest content score first, ties by index
+            order = torch.argsort(-self._content_score, dim=-1, stable=True)
         else:
             order = stages.keep_order(H)
         if self.policy.uses_token:
