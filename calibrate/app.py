@@ -20,12 +20,11 @@ from calibrate.config import CalibrationConfig
 from calibrate.export import (check_loads, copy_to, git_commit, portable_path, prompts_record, redact_url, versions,
                               write_policy)
 from calibrate.objective import PolicyScorer, resolve_cost
-from calibrate.policy_space import PolicyFactory, paper_defaults
+from calibrate.knobs import PolicyFactory, SearchSpace, paper_defaults
 from calibrate.presample import PresampleSummary, run_presample, write_tables
 from calibrate.prompts import PromptSets, load_prompt_sets
 from calibrate.quality import geneval_scorer
-from calibrate.search import (SearchSpace, completed, open_study, pareto_front, run_search, trial_summary,
-                              trials_frame)
+from calibrate.search import completed, open_study, pareto_front, run_search, trial_summary, trials_frame
 from calibrate.select import Selection, select_and_validate
 from calibrate.tracking import NullTracker, Tracker, open_tracker
 from toprovar.errors import UserError
@@ -192,7 +191,7 @@ class Calibration:
             self._timed("presample", t0)
         summary = self.shared_summary(study, fresh)
         tracker.log_params(parent, {"presample": summary.to_json()})
-        space = SearchSpace.from_config(cfg.search.space, summary.tau_range, summary.scales)
+        space = SearchSpace.from_config(cfg.search.space, summary)
         factory = PolicyFactory(summary, backend.name)
         evaluator = geneval_scorer(backend.name)
 

@@ -6,85 +6,73 @@ The backbone group belongs to the model registry and is passed through as a plai
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from calibrate.knobs import check_space
 from toprovar.errors import UserError
 
 STAGES = ("presample", "search", "select", "export", "evaluate")
-DEFAULT_STAGES = ("presample", "search", "select", "export")
-SAMPLERS = ("tpe", "nsga2", "random")
+SAMPLERS = ("tpe", "nsga2", "gp", "random")   # calibrate.search builds each
 OBJECTIVES = ("auto", "flops", "latency")
+
+# No field has a default: conf/ (the YAML) is the one source of default values, and a key it
+# lacks is an error naming the key.
 
 
 @dataclass
 class PromptsConfig:
-    source: str = "list"             # tiny_scenes | list
-    seed: int = 0
-    presample: int = 12
-    search: int = 8
-    validate: int = 16
-    file: str | None = None          # one prompt a line; replaces `items`
-    items: list[str] = field(default_factory=list)
+    source: str                      # tiny_scenes | list
+    seed: int
+    presample: int
+    search: int
+    validate: int
+    file: str | None                 # one prompt a line; replaces `items`
+    items: list[str]
 
 
 @dataclass
 class ConstraintsConfig:
-    min_ssim: float = 0.8
-    max_geneval_drop: float = 0.01
-
-
-@dataclass
-class SpaceConfig:
-    tau: list[float] | None = None
-    beta: list[float] = field(default_factory=lambda: [0.001, 20.0])
-    alpha_min: list[float] = field(default_factory=lambda: [0.0, 0.6])
-    alpha_max: list[float] = field(default_factory=lambda: [0.2, 1.0])
-    min_keep: list[float] = field(default_factory=lambda: [0.05, 0.5])
-    min_scale: list[int] | None = None   # first scale where pruning may start; null: [1, scales - 1]
-    protect_layers: list[int] = field(default_factory=lambda: [1, 1])  # probe layers (int range)
-    # Choices (one value: fixed, not searched); see toprovar.policy for what each means.
-    restore: list[str] = field(default_factory=lambda: ["none"])            # token.restore
-    order: list[str] = field(default_factory=lambda: ["entropy"])           # token.order
-    action: list[str] = field(default_factory=lambda: ["start_pruning"])    # scale.action
+    min_ssim: float
+    max_geneval_drop: float
 
 
 @dataclass
 class LatencyConfig:
-    warmup: int = 2
-    repeats: int = 3
+    warmup: int
+    repeats: int
 
 
 @dataclass
 class SearchConfig:
-    n_trials: int = 30
-    sampler: str = "tpe"
-    objective: str = "auto"
-    warm_start: bool = True
-    timeout_s: float | None = None
-    constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
-    space: SpaceConfig = field(default_factory=SpaceConfig)
-    latency: LatencyConfig = field(default_factory=LatencyConfig)
-    validate_candidates: int = 3
+    n_trials: int
+    sampler: str
+    objective: str
+    warm_start: bool
+    timeout_s: float | None
+    constraints: ConstraintsConfig
+    space: dict[str, Any]            # knob name -> range or choices; calibrate.knobs checks it
+    latency: LatencyConfig
+    validate_candidates: int
 
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
-    uri: str | None = None
-    experiment: str = "toprovar-calibration"
-    probe_timeout_s: float = 3.0
-    log_images: bool = True
+    enabled: bool
+    uri: str | None
+    experiment: str
+    probe_timeout_s: float
+    log_images: bool
 
 
 @dataclass
 class StorageConfig:
-    url: str | None = None
-    heartbeat_interval_s: int = 10
-    grace_period_s: int = 60
+    url: str | None
+    heartbeat_interval_s: int
+    grace_period_s: int
 
 
 @dataclass
@@ -95,13 +83,13 @@ class CalibrationConfig:
     tracking: TrackingConfig
     storage: StorageConfig
     study_name: str
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    export_to: str | None = None
-    stages: tuple[str, ...] = DEFAULT_STAGES
-    batch_size: int = 8
-    evaluate: tuple[str, ...] = ()         # policies (names or YAML paths) the evaluate stage measures
+    seed: int
+    device: str
+    dtype: str
+    export_to: str | None
+    stages: tuple[str, ...]
+    batch_size: int
+    evaluate: tuple[str, ...]        # policies (names or YAML paths) the evaluate stage measures
 
     @property
     def backbone_name(self) -> str:
@@ -113,6 +101,9 @@ def _typed(schema: type, node: Any, group: str) -> Any:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
         return OmegaConf.to_object(merged)
+    except MissingMandatoryValue as err:
+        where = f"{group}.{err.full_key}" if getattr(err, "full_key", None) else group
+        raise UserError(f"config {where} has no value; set it in conf/ or override {where}=...") from None
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         where = f"{group}.{key}" if key else group
@@ -121,14 +112,6 @@ def _typed(schema: type, node: Any, group: str) -> Any:
 
 def _first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-
-
-def _check_range(name: str, bounds: list[float] | None, lo: float, hi: float) -> None:
-    if bounds is None:
-        return
-    if len(bounds) != 2 or not (lo <= bounds[0] <= bounds[1] <= hi):
-        raise UserError(f"search.space.{name}={list(bounds)} must be [low, high] with "
-                        f"{lo} <= low <= high <= {hi}")
 
 
 def _validate(cfg: CalibrationConfig) -> None:
@@ -145,22 +128,7 @@ def _validate(cfg: CalibrationConfig) -> None:
         raise UserError("search.latency needs repeats >= 1 and warmup >= 0")
     if not 0.0 <= s.constraints.min_ssim <= 1.0:
         raise UserError(f"search.constraints.min_ssim={s.constraints.min_ssim} must lie in [0, 1]")
-    _check_range("tau", s.space.tau, 0.0, 1.0)
-    _check_range("beta", s.space.beta, 1e-6, 1e6)
-    _check_range("alpha_min", s.space.alpha_min, 0.0, 1.0)
-    _check_range("alpha_max", s.space.alpha_max, 0.0, 1.0)
-    _check_range("min_keep", s.space.min_keep, 0.0, 1.0)
-    _check_range("min_scale", s.space.min_scale, 0, 1000)
-    _check_range("protect_layers", s.space.protect_layers, 1, 1000)
-    from toprovar.policy import ORDERS, RESTORE_MODES
-
-    for name, options in (("restore", RESTORE_MODES), ("order", ORDERS), ("action", ("start_pruning", "exit"))):
-        chosen = list(getattr(s.space, name))
-        if not chosen or any(c not in options for c in chosen) or len(set(chosen)) != len(chosen):
-            raise UserError(f"search.space.{name}={chosen} must be a non-empty list of distinct values "
-                            f"from {list(options)}")
-    if s.space.alpha_max[1] < s.space.alpha_min[0]:
-        raise UserError("search.space.alpha_max must reach at least the low end of alpha_min")
+    check_space(s.space)
     p = cfg.prompts
     if min(p.presample, p.search, p.validate) < 1:
         raise UserError("prompts.presample, prompts.search and prompts.validate must each be >= 1")
@@ -191,8 +159,7 @@ def _policy_list(value: Any) -> tuple[str, ...]:
 
 def parse_config(cfg: DictConfig) -> CalibrationConfig:
     """Check and type the composed Hydra config (one-line UserError on any problem)."""
-    allowed = {"backbone", "prompts", "search", "tracking", "storage", "study_name", "seed",
-               "device", "dtype", "export_to", "stages", "batch_size", "evaluate"}
+    allowed = {f.name for f in fields(CalibrationConfig)}
     extra = sorted(set(cfg.keys()) - allowed)
     if extra:
         raise UserError(f"unknown config key(s) {extra}; known: {sorted(allowed)}")

@@ -11,8 +11,9 @@ join one study and an interrupted study picks up where it stopped:
 * a trial whose worker died (no heartbeat for `grace_period_s`, RDB storages) is failed and
   re-queued by Optuna's `RetryHeartbeatStaleTrialCallback`.
 
-Constraints are set on each trial (`trial.set_constraint`), which the TPE and NSGA-II samplers and
-`study.best_trials` take into account.
+Constraints are set on each trial (`trial.set_constraint`), which the TPE, NSGA-II and GP samplers
+and `study.best_trials` (the Pareto fronts below) take into account. After each trial the MLflow
+parent run gets `best_feasible_speedup` at step = trial number.
 
 Evaluating a trial is a callable `params -> Scores` (calibrate.objective builds it from real
 generations); this module knows nothing about models.
@@ -31,7 +32,8 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState, create_trial
 from tqdm.auto import tqdm
 
-from calibrate.config import ConstraintsConfig, SpaceConfig, StorageConfig
+from calibrate.config import ConstraintsConfig, StorageConfig
+from calibrate.knobs import SearchSpace
 from calibrate.tracking import NullTracker, Tracker
 from toprovar.errors import UserError
 
@@ -71,79 +73,23 @@ def is_feasible(trial: FrozenTrial) -> bool:
             and all(v <= 0 for v in trial.constraints.values()))
 
 
-# --- search space ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SearchSpace:
-    """Ranges of the policy knobs; `tau` comes from pre-sampling unless the config fixes it."""
-
-    tau: tuple[float, float]
-    beta: tuple[float, float]
-    alpha_min: tuple[float, float]
-    alpha_max: tuple[float, float]
-    min_keep: tuple[float, float]
-    min_scale: tuple[int, int]
-    protect_layers: tuple[int, int] = (1, 1)
-    restore: tuple[str, ...] = ("none",)
-    order: tuple[str, ...] = ("entropy",)
-    action: tuple[str, ...] = ("start_pruning",)
-
-    CHOICES = ("restore", "order", "action")
-
-    @classmethod
-    def from_config(cls, space: SpaceConfig, tau_range: tuple[float, float], n_scales: int) -> "SearchSpace":
-        tau = tuple(space.tau) if space.tau is not None else tuple(tau_range)
-        last = max(1, n_scales - 1)
-        min_scale = tuple(space.min_scale) if space.min_scale is not None else (1, last)
-        if min_scale[1] > last:
-            raise UserError(f"search.space.min_scale={list(min_scale)} goes past the last scale ({last})")
-        return cls(tau=tau, beta=tuple(space.beta), alpha_min=tuple(space.alpha_min),
-                   alpha_max=tuple(space.alpha_max), min_keep=tuple(space.min_keep), min_scale=min_scale,
-                   protect_layers=tuple(space.protect_layers), restore=tuple(space.restore),
-                   order=tuple(space.order), action=tuple(space.action))
-
-    def suggest(self, trial: optuna.Trial) -> dict[str, float]:
-        alpha_min = trial.suggest_float("alpha_min", *self.alpha_min)
-        return {
-            "tau": trial.suggest_float("tau", *self.tau),
-            "beta": trial.suggest_float("beta", *self.beta, log=True),
-            "alpha_min": alpha_min,
-            # alpha_max >= alpha_min by construction (Eq. 6 maps q in [0, 1] onto [alpha_min, alpha_max]).
-            "alpha_max": trial.suggest_float("alpha_max", max(alpha_min, self.alpha_max[0]), self.alpha_max[1]),
-            "min_keep": trial.suggest_float("min_keep", *self.min_keep),
-            "min_scale": trial.suggest_int("min_scale", *self.min_scale),
-            "protect_layers": trial.suggest_int("protect_layers", *self.protect_layers),
-            # One-value choices are suggested too, so every trial's params name the whole policy.
-            **{name: trial.suggest_categorical(name, list(getattr(self, name))) for name in self.CHOICES},
-        }
-
-    def clip(self, params: Mapping[str, float]) -> dict[str, float]:
-        """`params` moved into the space (for warm-starting with defaults outside a range)."""
-        out = {name: min(max(float(params[name]), lo), hi) for name, (lo, hi) in
-               (("tau", self.tau), ("beta", self.beta), ("alpha_min", self.alpha_min),
-                ("min_keep", self.min_keep))}
-        out["alpha_max"] = min(max(float(params["alpha_max"]), out["alpha_min"], self.alpha_max[0]),
-                               self.alpha_max[1])
-        out["min_scale"] = min(max(int(params["min_scale"]), self.min_scale[0]), self.min_scale[1])
-        protect = int(params.get("protect_layers", self.protect_layers[0]))
-        out["protect_layers"] = min(max(protect, self.protect_layers[0]), self.protect_layers[1])
-        for name in self.CHOICES:  # a value the space does not offer becomes its first choice
-            options = getattr(self, name)
-            out[name] = params[name] if params.get(name) in options else options[0]
-        return out
-
-    def as_dict(self) -> dict[str, list]:
-        return {name: list(getattr(self, name))
-                for name in ("tau", "beta", "alpha_min", "alpha_max", "min_keep", "min_scale", "protect_layers",
-                             *self.CHOICES)}
-
-
 # --- study -------------------------------------------------------------------------------------
 def _sampler(name: str, seed: int, n_trials: int) -> optuna.samplers.BaseSampler:
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(3, min(10, n_trials // 3)))
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, n_trials // 3)))
-    return optuna.samplers.RandomSampler(seed=seed)
+    """The sampler `search.sampler` names (calibrate.config.SAMPLERS). All of them read the
+    constraints set with `trial.set_constraint` (random ignores them). TPE models the knobs jointly
+    (multivariate, grouped), as NSGA-II and the Gaussian-process sampler do."""
+    startup = max(3, min(10, n_trials // 3))
+    with warnings.catch_warnings():  # multivariate/group TPE are marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True)
+        if name == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, n_trials // 3)))
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"unknown sampler {name!r}")
 
 
 def _storage(cfg: StorageConfig):
@@ -241,10 +187,13 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate, *, n
 
     ran = 0
 
-    def count(_study: optuna.Study, _trial: FrozenTrial) -> None:
+    def count(_study: optuna.Study, trial: FrozenTrial) -> None:
         nonlocal ran
         ran += 1
         bar.update(1)
+        front = feasible_front(_study)
+        if front and tracker.parent_id:  # the search's progress, one point per trial
+            tracker.log_metrics(tracker.parent_id, {"best_feasible_speedup": front[0].values[0]}, step=trial.number)
 
     try:
         study.optimize(objective, n_trials=remaining, timeout=timeout_s, gc_after_trial=False,
@@ -255,19 +204,20 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate, *, n
 
 
 def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
-    return [t for t in study.best_trials if t.state == TrialState.COMPLETE]
+    """Optuna's Pareto front (`study.best_trials`): complete trials, and in a study with constraints
+    only those meeting every one (all values <= 0)."""
+    return study.best_trials
 
 
 def feasible_front(study: optuna.Study) -> list[FrozenTrial]:
     """The Pareto front (speedup, SSIM) of the feasible complete trials, fastest first; along it
-    SSIM rises strictly as speedup falls (a slower trial is on it only if its SSIM is higher)."""
-    feasible = sorted((t for t in completed(study) if is_feasible(t)),
-                      key=lambda t: (t.values[0], t.values[1]), reverse=True)
-    front, best_ssim = [], -math.inf
-    for trial in feasible:
-        if trial.values[1] > best_ssim:
+    SSIM rises strictly as speedup falls (a slower trial is on it only if its SSIM is higher).
+    Trials with the same scores (e.g. several that prune nothing) appear once, the earliest."""
+    front, seen = [], set()
+    for trial in sorted(pareto_front(study), key=lambda t: (-t.values[0], -t.values[1], t.number)):
+        if tuple(trial.values) not in seen:
+            seen.add(tuple(trial.values))
             front.append(trial)
-            best_ssim = trial.values[1]
     return front
 
 

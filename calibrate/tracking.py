@@ -1,7 +1,8 @@
 """MLflow tracking for a calibration: one parent run, one child run per Optuna trial.
 
 Uses `MlflowClient` with explicit run ids (no fluent global state), so trials of several studies
-or threads never log into the wrong run. Local tracking by default (SQLite `mlflow.db` and
+or threads never log into the wrong run; every run still carries the source and git tags that
+`mlflow.start_run` adds (MLflow's context providers resolve them). Local tracking by default (SQLite `mlflow.db` and
 `mlruns/` in the launch directory); any tracking URI by override. A remote server is probed with a
 short timeout first: if it does not answer, one warning line says so and the run tracks locally in
 its run folder instead, with everything it would have sent.
@@ -60,18 +61,25 @@ class Tracker:
         self.parent_id: str | None = None
 
     # -- runs -------------------------------------------------------------------------------
+    def _create_run(self, name: str, tags: Mapping[str, Any]) -> str:
+        """A run with the tags `mlflow.start_run` would give it (user, source name and type, git
+        commit/branch/repo URL of the entry script) from MLflow's own context providers."""
+        from mlflow.tracking.context.registry import resolve_tags
+
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags=resolve_tags({k: str(v) for k, v in tags.items()}))
+        return run.info.run_id
+
     def start_parent(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=dict(tags or {}))
-        self.parent_id = run.info.run_id
+        self.parent_id = self._create_run(name, tags or {})
         self.log_params(self.parent_id, params)
         log.info("MLflow: run %s in experiment %s at %s", self.parent_id, self.experiment_id, self.uri)
         return self.parent_id
 
     def start_child(self, name: str, params: Mapping[str, Any]) -> str:
-        tags = {"mlflow.parentRunId": self.parent_id} if self.parent_id else {}
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-        self.log_params(run.info.run_id, params)
-        return run.info.run_id
+        run_id = self._create_run(name, {"mlflow.parentRunId": self.parent_id} if self.parent_id else {})
+        self.log_params(run_id, params)
+        return run_id
 
     def end(self, run_id: str, ok: bool = True) -> None:
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")

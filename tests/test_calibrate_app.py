@@ -95,11 +95,12 @@ def test_mini_calibration_end_to_end_and_resume(tmp_path):
     from toprovar.policy import load_policy
 
     run_dir, shipped = tmp_path / "run", tmp_path / "policies"
-    common = ["backbone=test-small", "tracking=off", "search.n_trials=4", "search.validate_candidates=2",
+    common = ["backbone=test-small", "search.n_trials=4", "search.validate_candidates=2",
               f"search.constraints.min_ssim={random.uniform(0.0, 0.3):.3f}", f"hydra.run.dir={run_dir}",
               f"seed={random.randrange(1000)}"]
-    result = _calibrate(tmp_path, *common, f"export_to={shipped}")
+    result = _calibrate(tmp_path, *common, "tracking=local", f"export_to={shipped}")
     assert result.returncode == 0, result.stderr[-3000:]
+    _check_tracked_run(tmp_path / "mlflow.db", trials=4)
     policy_path = run_dir / "policy.yaml"
     assert (shipped / "test-small.yaml").read_text() == policy_path.read_text()
     document = yaml.safe_load(policy_path.read_text())
@@ -113,7 +114,7 @@ def test_mini_calibration_end_to_end_and_resume(tmp_path):
         assert (run_dir / "presample" / name).exists()
 
     # Same run folder -> same SQLite study: the target is met, no trial runs again.
-    again = _calibrate(tmp_path, *common, "stages=[search]")
+    again = _calibrate(tmp_path, *common, "tracking=off", "stages=[search]")
     assert again.returncode == 0, again.stderr[-3000:]
     trials = pd.read_csv(run_dir / "search" / "trials.csv")
     assert len(trials) == 4
@@ -131,6 +132,26 @@ def test_mini_calibration_end_to_end_and_resume(tmp_path):
     assert table.loc[str(policy_path), "speedup"] == pytest.approx(validation["speedup"], rel=1e-6)
     assert table.loc[str(policy_path), "ssim"] == pytest.approx(validation["ssim"], abs=1e-4)
     assert (eval_dir / "evaluate" / "unpruned_vs_policies.png").exists()
+
+
+def _check_tracked_run(store: Path, trials: int) -> None:
+    """The MLflow runs of a calibration carry what `mlflow.start_run` would add (this checkout's
+    entry script and git commit) and the parent the search's progress, one point per trial."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert len(runs) == trials + 1
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    for run in runs:
+        assert run.data.tags["mlflow.source.name"] == str(REPO / "calibrate" / "__main__.py")
+        assert run.data.tags["mlflow.source.type"] == "LOCAL" and run.data.tags["mlflow.user"]
+        if head.returncode == 0:  # a git checkout (not an sdist)
+            assert run.data.tags["mlflow.source.git.commit"] == head.stdout.strip()
+    steps = [m.step for m in client.get_metric_history(parent.info.run_id, "best_feasible_speedup")]
+    assert steps == sorted(set(steps)) and set(steps) <= set(range(trials)) and steps
+    assert max(m.value for m in client.get_metric_history(parent.info.run_id, "best_feasible_speedup")) >= 1.0
 
 
 def test_weight_paths_in_provenance_are_package_relative(tmp_path):

@@ -1,12 +1,14 @@
-"""The Optuna search of `calibrate`: resume without lost or repeated trials, warm start, constraints.
+"""The Optuna search of `calibrate`: resume without lost or repeated trials, warm start, constraints,
+the knob table (config validation, space, defaults, policy) and the samplers.
 
 The objective is real: generations of the random-weight `test-small` backbone through the pipeline,
 pruned by the ToProVAR policy of each trial's parameters, scored by FLOP ratio and SSIM against
-the unpruned images.
+the unpruned images. Configs are conf/ composed by Hydra (`calibrate_config`), never hand-built.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
+import logging
 import random
 
 import optuna
@@ -14,13 +16,16 @@ import pytest
 import torch
 
 from calibrate.backend import load_backend
-from calibrate.config import ConstraintsConfig, LatencyConfig, SpaceConfig, StorageConfig
+from calibrate.config import SAMPLERS, ConstraintsConfig
+from calibrate.knobs import CATEGORICAL, INT, KNOBS, PolicyFactory, SearchSpace, paper_defaults, policy_values
 from calibrate.objective import PolicyScorer
-from calibrate.policy_space import PolicyFactory, paper_defaults
 from calibrate.presample import PresampleSummary
 from calibrate.prompts import PromptSet
-from calibrate.search import (SearchSpace, completed, feasible_front, open_study, run_search, violations)
+from calibrate.search import (Scores, completed, feasible_front, open_study, pareto_front, run_search,
+                              violations)
 from optuna.trial import TrialState
+from toprovar.errors import UserError
+from toprovar.policy import Policy
 
 
 # A pre-sampling summary for the 2-layer, 7-scale test-small backbone: any valid ratios (>= 1) work.
@@ -28,9 +33,15 @@ SUMMARY = PresampleSummary(crossing="below", tau_range=(0.0, 1.0), representativ
                            layer_ratios=[random.uniform(1.0, 3.0) for _ in range(2)], band_points=0,
                            prompts=0, scales=7)
 build_test_policy = PolicyFactory(SUMMARY, "test-small")
-NO_PRUNING = {"tau": 0.5, "beta": 1.0, "alpha_min": 0.0, "alpha_max": 0.0, "min_keep": 0.1, "min_scale": 1}
-STRONG = {"tau": 1.0, "beta": 0.01, "alpha_min": 0.9, "alpha_max": 1.0, "min_keep": 0.05, "min_scale": 1}
+NO_PRUNING = {"tau": 0.5, "beta": 1.0, "alpha_min": 0.0, "alpha_span": 0.0, "min_keep": 0.1, "min_scale": 1}
+STRONG = {"tau": 1.0, "beta": 0.01, "alpha_min": 0.9, "alpha_span": 1.0, "min_keep": 0.05, "min_scale": 1}
 DEFAULTS = paper_defaults()
+
+
+@pytest.fixture(scope="module")
+def config(calibrate_config):
+    return calibrate_config("backbone=test-small", "storage=memory", "tracking=off",
+                            "search.space.alpha_min=[0.0,0.9]", "search.constraints.min_ssim=0.5")
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +50,23 @@ def backend():
 
 
 @pytest.fixture(scope="module")
-def scorer(backend):
+def scorer(backend, config):
     rng = random.Random()
     words = ["red", "blue", "cube", "ball", "two", "left", "tree", "cat"]
     texts = [" ".join(rng.sample(words, 3)) for _ in range(2)]
     seeds = [rng.randrange(10**6) for _ in texts]
     return PolicyScorer(backend, PromptSet("search", texts, seeds, texts), build_test_policy, cost="flops",
-                        latency=LatencyConfig(), evaluator=None)
+                        latency=config.search.latency, evaluator=None)
 
 
-SPACE = SearchSpace.from_config(SpaceConfig(alpha_min=[0.0, 0.9]), tau_range=(0.0, 1.0), n_scales=7)
-LIMITS = ConstraintsConfig(min_ssim=0.5)
+@pytest.fixture(scope="module")
+def space(config):
+    return SearchSpace.from_config(config.search.space, SUMMARY)
+
+
+@pytest.fixture(scope="module")
+def limits(config):
+    return config.search.constraints
 
 
 class InterruptAfter:
@@ -78,14 +95,14 @@ def test_scores_are_measured_from_generations(scorer):
     assert pruned.extra["kept_share.s0"] == 1.0 and pruned.extra["D_mean"] == 1.0  # min_scale 1
 
 
-def test_interrupted_study_resumes_without_lost_or_repeated_trials(tmp_path, scorer):
-    storage = StorageConfig(url=f"sqlite:///{tmp_path / 'study.db'}")
+def test_interrupted_study_resumes_without_lost_or_repeated_trials(tmp_path, scorer, config, space, limits):
+    storage = dataclasses.replace(config.storage, url=f"sqlite:///{tmp_path / 'study.db'}")
     n_trials, k = 6, 3
     seed = random.randrange(1000)
     study = open_study("resume", storage, "tpe", seed, n_trials)
     interrupting = InterruptAfter(scorer, k)
     with pytest.raises(KeyboardInterrupt):
-        run_search(study, SPACE, interrupting, n_trials=n_trials, limits=LIMITS,
+        run_search(study, space, interrupting, n_trials=n_trials, limits=limits,
                    warm_start=DEFAULTS)
     first = {t.number: (t.params, t.values) for t in completed(study)}
     assert len(first) == k
@@ -94,7 +111,7 @@ def test_interrupted_study_resumes_without_lost_or_repeated_trials(tmp_path, sco
 
     # A new process would do exactly this: open the same storage + name and run again.
     resumed = open_study("resume", storage, "tpe", seed, n_trials)
-    ran = run_search(resumed, SPACE, scorer, n_trials=n_trials, limits=LIMITS,
+    ran = run_search(resumed, space, scorer, n_trials=n_trials, limits=limits,
                      warm_start=DEFAULTS)
     done = completed(resumed)
     assert ran == n_trials - k and len(done) == n_trials
@@ -109,21 +126,21 @@ def test_interrupted_study_resumes_without_lost_or_repeated_trials(tmp_path, sco
 
     # Running once more with the target met runs nothing.
     again = open_study("resume", storage, "tpe", seed, n_trials)
-    assert run_search(again, SPACE, scorer, n_trials=n_trials, limits=LIMITS) == 0
+    assert run_search(again, space, scorer, n_trials=n_trials, limits=limits) == 0
 
 
-def test_warm_start_constraints_and_ranking(scorer):
-    study = open_study("mem", StorageConfig(url=None), "tpe", random.randrange(1000), 5)
-    run_search(study, SPACE, scorer, n_trials=5, limits=LIMITS, warm_start=DEFAULTS)
+def test_warm_start_constraints_and_ranking(scorer, config, space, limits):
+    study = open_study("mem", config.storage, "tpe", random.randrange(1000), 5)
+    run_search(study, space, scorer, n_trials=5, limits=limits, warm_start=DEFAULTS)
     first = study.trials[0]
-    assert first.user_attrs.get("warm_start") and first.params == pytest.approx(SPACE.clip(DEFAULTS))
+    assert first.user_attrs.get("warm_start") and first.params == pytest.approx(space.clip(DEFAULTS))
     for trial in completed(study):
         metrics = trial.user_attrs["metrics"]
-        assert trial.constraints == pytest.approx({"ssim": LIMITS.min_ssim - metrics["ssim"]})
+        assert trial.constraints == pytest.approx({"ssim": limits.min_ssim - metrics["ssim"]})
         assert trial.values == pytest.approx([metrics["speedup"], metrics["ssim"]])
     front = feasible_front(study)
     feasible = [t for t in completed(study) if all(v <= 0 for v in t.constraints.values())]
-    assert all(t.user_attrs["metrics"]["ssim"] >= LIMITS.min_ssim for t in front)
+    assert all(t.user_attrs["metrics"]["ssim"] >= limits.min_ssim for t in front)
     assert [t.values[0] for t in front] == sorted((t.values[0] for t in front), reverse=True)
     assert all(a.values[1] < b.values[1] for a, b in zip(front, front[1:]))
     on_front = {t.number for t in front}
@@ -145,25 +162,109 @@ def test_feasible_front_is_fastest_first_without_dominated_or_infeasible_trials(
     assert order == [(2.1, 0.90), (2.0, 0.93), (1.8, 0.96), (1.2, 0.99)]  # slower only for better SSIM
 
 
-def test_space_keeps_alpha_order_and_clips_defaults():
-    space = SearchSpace.from_config(SpaceConfig(alpha_min=[0.1, 0.5], alpha_max=[0.2, 0.9]), (0.3, 0.5), n_scales=5)
+def test_space_keeps_alpha_order_fixed_distributions_and_clips(calibrate_config):
+    cfg = calibrate_config("backbone=test-small", "search.space.alpha_min=[0.1,0.5]", "search.space.alpha_span=[0.2,0.9]",
+                           "search.space.order=[entropy,edge]")
+    space = SearchSpace.from_config(cfg.search.space, dataclasses.replace(SUMMARY, tau_range=(0.3, 0.5), scales=5))
     study = optuna.create_study(directions=["maximize", "maximize"],
                                 sampler=optuna.samplers.RandomSampler(seed=random.randrange(1000)))
+    distributions = None
     for _ in range(30):
         trial = study.ask()
         params = space.suggest(trial)
-        assert params["alpha_min"] <= params["alpha_max"]
-        assert 0.3 <= params["tau"] <= 0.5 and params["min_scale"] in range(1, 5)
+        assert set(params) == {knob.name for knob in KNOBS}
+        alpha_max = policy_values(params)["token.alpha_max"]
+        assert alpha_max == pytest.approx(params["alpha_min"] + params["alpha_span"] * (1 - params["alpha_min"]))
+        assert params["alpha_min"] <= alpha_max <= 1.0 and build_test_policy(params).token.alpha_max == alpha_max
+        assert 0.3 <= params["tau"] <= 0.5 and params["min_scale"] in range(1, 5) and params["order"] in ("entropy", "edge")
+        # One fixed distribution per knob: a sampler that models the knobs jointly sees one space.
+        assert distributions is None or trial.distributions == distributions
+        distributions = trial.distributions
         study.tell(trial, [0.0, 0.0])
-    clipped = space.clip({"tau": 0.9, "beta": 100.0, "alpha_min": 0.6, "alpha_max": 0.3, "min_keep": 0.0,
-                          "min_scale": 0})
-    assert clipped["tau"] == 0.5 and clipped["alpha_min"] == 0.5 and clipped["alpha_max"] >= clipped["alpha_min"]
-    assert clipped["min_scale"] == 1
+    clipped = space.clip({**DEFAULTS, "tau": 0.9, "beta": 1e3, "alpha_min": 0.6, "alpha_span": 0.0, "min_keep": 0.0,
+                          "min_scale": 0, "order": "frequency"})
+    assert clipped == {**clipped, "tau": 0.5, "beta": cfg.search.space["beta"][1], "alpha_min": 0.5, "alpha_span": 0.2,
+                       "min_keep": cfg.search.space["min_keep"][0], "min_scale": 1, "order": "entropy"}
+    with pytest.raises(UserError, match="search.space.min_scale"):  # past the last of 5 scales
+        SearchSpace.from_config({**cfg.search.space, "min_scale": [1, 5]}, dataclasses.replace(SUMMARY, scales=5))
+
+
+def _field(policy, knob):
+    return getattr(getattr(policy, knob.section), knob.field)
+
+
+def test_knob_defaults_are_the_policy_defaults_and_any_value_within_limits_is_a_policy():
+    default, built = Policy(), build_test_policy(DEFAULTS)
+    for knob in KNOBS:
+        assert _field(built, knob) == pytest.approx(_field(default, knob)), knob.name
+        assert _field(build_test_policy({}), knob) == pytest.approx(_field(default, knob))  # missing: default
+    for _ in range(40):  # the table's hard limits agree with the policy schema's
+        params = {}
+        for knob in KNOBS:
+            if knob.kind == CATEGORICAL:
+                params[knob.name] = random.choice(knob.limits)
+                continue
+            lo, hi = knob.limits
+            hi = lo + 20 if hi is None else hi
+            value = random.choice([lo, hi, random.uniform(lo, hi)])
+            params[knob.name] = round(value) if knob.kind == INT else value
+        policy = build_test_policy(params)
+        assert policy.token.alpha_min <= policy.token.alpha_max
+
+
+def test_params_of_studies_before_the_span_still_make_their_policy():
+    """Trials of studies made before `alpha_span` name `alpha_max` itself: the shipped tiny policy
+    comes out again from its own knob values and pre-sampling summary."""
+    import yaml
+
+    from toprovar.policy import POLICY_DIR, policy_from_dict
+
+    shipped = yaml.safe_load((POLICY_DIR / "tiny.yaml").read_text())
+    summary = PresampleSummary.from_json(shipped["provenance"]["presample"])
+    old_params = {**{k.name: shipped[k.section][k.field] for k in KNOBS if k.name != "alpha_span"},
+                  "alpha_max": shipped["token"]["alpha_max"]}
+    document = PolicyFactory(summary, "tiny").document(old_params)
+    assert {section: document[section] for section in ("scale", "layer", "token")} == \
+        {section: shipped[section] for section in ("scale", "layer", "token")}
+    alpha_min, alpha_max = shipped["token"]["alpha_min"], shipped["token"]["alpha_max"]
+    new_params = {**old_params, "alpha_span": (alpha_max - alpha_min) / (1 - alpha_min)}
+    assert policy_values(new_params)["token.alpha_max"] == pytest.approx(alpha_max)  # the span wins over alpha_max
+    assert policy_from_dict(document).token == policy_from_dict({**shipped, "provenance": {}}).token
+
+
+def _tradeoff(params):
+    """A smooth synthetic objective (no model): a stronger token gate is faster and loses quality."""
+    values = policy_values(params)
+    strength = (values["token.alpha_min"] + values["token.alpha_max"]) / 2
+    return Scores(speedup=1.0 + strength + 0.1 * values["scale.tau"], ssim=1.0 - 0.6 * strength ** 2)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_models_every_knob_under_the_constraints(sampler, config, space, limits):
+    n_trials = 10  # 3 start-up trials, then the sampler's own model
+    study = open_study(f"{sampler}-joint", config.storage, sampler, random.randrange(1000), n_trials)
+    independent, sample_independent = [], study.sampler.sample_independent
+
+    def spy(study_, trial, name, distribution):
+        if not distribution.single():  # one-value choices are fixed knobs, not modelled
+            independent.append((trial.number, name))
+        return sample_independent(study_, trial, name, distribution)
+
+    study.sampler.sample_independent = spy
+    run_search(study, space, _tradeoff, n_trials=n_trials, limits=limits, warm_start=DEFAULTS)
+    done = completed(study)
+    assert len(done) == n_trials and all(t.distributions == done[0].distributions for t in done)
+    if sampler != "random":  # every knob is in the space the sampler's model sees ...
+        modelled = study.sampler.infer_relative_search_space(study, done[-1])
+        assert set(modelled) == {k.name for k in KNOBS if len(space.ranges[k.name]) > 1 or k.kind != CATEGORICAL}
+    if sampler in ("tpe", "gp"):  # ... and after the start-up trials none falls back to independent sampling
+        assert [(n, name) for n, name in independent if n >= 5] == []  # (NSGA-II mutates that way on purpose)
+    front = feasible_front(study)
+    assert front and {t.number for t in front} <= {t.number for t in pareto_front(study)}
+    assert all(t.values[1] >= limits.min_ssim for t in pareto_front(study))
 
 
 def test_violations_include_geneval_only_when_scored():
-    from calibrate.search import Scores
-
     ssim, drop = random.uniform(0.5, 1.0), random.uniform(-0.05, 0.05)
     limits = ConstraintsConfig(min_ssim=0.8, max_geneval_drop=0.01)
     assert violations(Scores(2.0, ssim), limits) == pytest.approx({"ssim": 0.8 - ssim})

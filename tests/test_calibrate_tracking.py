@@ -1,6 +1,7 @@
 """MLflow tracking of a calibration: a real `mlflow server` on loopback, and the local fallback."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -16,12 +17,12 @@ import pytest
 import torch
 
 from calibrate.backend import load_backend
-from calibrate.config import ConstraintsConfig, LatencyConfig, SpaceConfig, StorageConfig, TrackingConfig
+from calibrate.knobs import SearchSpace
 from calibrate.objective import PolicyScorer
 from calibrate.prompts import PromptSet
-from calibrate.search import SearchSpace, open_study, run_search
+from calibrate.search import open_study, run_search
 from calibrate.tracking import Tracker, open_tracker, server_answers
-from tests.test_calibrate_search import build_test_policy
+from tests.test_calibrate_search import SUMMARY, build_test_policy
 
 MLFLOW = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
 
@@ -85,23 +86,37 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def scorer():
+def config(calibrate_config):
+    return calibrate_config("backbone=test-small", "storage=memory", "tracking=server",
+                            "search.space.alpha_min=[0.0,0.8]", "search.constraints.min_ssim=0.5")
+
+
+@pytest.fixture(scope="module")
+def scorer(config):
     backend = load_backend({"name": "test-small"}, torch.device("cpu"), None, batch_size=4)
     texts = [f"{random.choice(['red', 'blue'])} cube {i}" for i in range(2)]
     seeds = [random.randrange(10**6) for _ in texts]
     return PolicyScorer(backend, PromptSet("search", texts, seeds, texts), build_test_policy, cost="flops",
-                        latency=LatencyConfig(), evaluator=None)
+                        latency=config.search.latency, evaluator=None)
 
 
-def test_calibration_runs_reach_the_server(mlflow_server, scorer, tmp_path):
+def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    points = _get(uri, f"metrics/get-history?run_id={run_id}&metric_key={key}").get("metrics", [])
+    return sorted((int(p["step"]), p["value"]) for p in points)
+
+
+def test_calibration_runs_reach_the_server(mlflow_server, scorer, config, tmp_path):
+    from mlflow.tracking.context.registry import resolve_tags
+
     uri = mlflow_server.wait()
     experiment = f"calibration-{random.randrange(10**6)}"
-    tracker = open_tracker(TrackingConfig(uri=uri, experiment=experiment), tmp_path)
+    tracker = open_tracker(dataclasses.replace(config.tracking, uri=uri, experiment=experiment), tmp_path)
     assert isinstance(tracker, Tracker) and tracker.uri == uri
     parent = tracker.start_parent("tiny/test", {"search": {"n_trials": 3}, "backbone": "test-small"})
-    study = open_study("tracked", StorageConfig(url=None), "random", random.randrange(1000), 3)
-    space = SearchSpace.from_config(SpaceConfig(alpha_min=[0.0, 0.8]), (0.0, 1.0), n_scales=7)
-    run_search(study, space, scorer, n_trials=3, limits=ConstraintsConfig(min_ssim=0.5), tracker=tracker)
+    n_trials = 4
+    study = open_study("tracked", config.storage, "random", random.randrange(1000), n_trials)
+    space = SearchSpace.from_config(config.search.space, SUMMARY)
+    run_search(study, space, scorer, n_trials=n_trials, limits=config.search.constraints, tracker=tracker)
     policy = tmp_path / "policy.yaml"
     policy.write_text(f"tau: {random.random()}\n")
     tracker.log_artifacts(parent, [policy], "policy")
@@ -110,10 +125,16 @@ def test_calibration_runs_reach_the_server(mlflow_server, scorer, tmp_path):
 
     runs = _post(uri, "runs/search", {"experiment_ids": [tracker.experiment_id], "max_results": 100})["runs"]
     by_id = {run["info"]["run_id"]: run for run in runs}
-    assert parent in by_id and len(runs) == 4
+    assert parent in by_id and len(runs) == n_trials + 1
     children = [r for r in runs if {"key": "mlflow.parentRunId", "value": parent} in r["data"].get("tags", [])]
-    assert len(children) == 3
+    assert len(children) == n_trials
     trials = {t.user_attrs["mlflow_run_id"]: t for t in study.trials}
+    # The tags `mlflow.start_run` would add here (source, user, git where the entry script is in a repository).
+    context = resolve_tags()
+    assert {"mlflow.source.name", "mlflow.source.type", "mlflow.user"} <= set(context)
+    for run in runs:
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert {key: tags.get(key) for key in context} == context
     for child in children:
         trial = trials[child["info"]["run_id"]]
         params = {p["key"]: p["value"] for p in child["data"]["params"]}
@@ -124,16 +145,25 @@ def test_calibration_runs_reach_the_server(mlflow_server, scorer, tmp_path):
         assert child["info"]["status"] == "FINISHED"
     parent_run = by_id[parent]["data"]
     assert {"key": "search.n_trials", "value": "3"} in parent_run["params"]
-    assert {m["key"] for m in parent_run["metrics"]} == {"validation.speedup"}
+    # The search's progress: after each trial, the best speedup among the feasible trials so far.
+    expected = []
+    for trial in study.trials:
+        feasible = [t.values[0] for t in study.trials[:trial.number + 1]
+                    if all(v <= 0 for v in t.constraints.values())]
+        if feasible:
+            expected.append((trial.number, pytest.approx(max(feasible))))
+    assert _history(uri, parent, "best_feasible_speedup") == expected
+    assert {m["key"] for m in parent_run["metrics"]} == {"validation.speedup"} | (
+        {"best_feasible_speedup"} if expected else set())
     listed = _get(uri, f"artifacts/list?run_id={parent}&path=policy")["files"]
     assert [f["path"] for f in listed] == ["policy/policy.yaml"]
 
 
-def test_unreachable_server_falls_back_to_local_tracking(tmp_path, caplog):
+def test_unreachable_server_falls_back_to_local_tracking(tmp_path, caplog, config):
     uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="calibrate.tracking"):
-        tracker = open_tracker(TrackingConfig(uri=uri, probe_timeout_s=1.0), tmp_path)
+        tracker = open_tracker(dataclasses.replace(config.tracking, uri=uri, probe_timeout_s=1.0), tmp_path)
     assert time.monotonic() - started < 30
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and uri in warnings[0] and "\n" not in warnings[0]
