@@ -105,10 +105,11 @@ class Calibration:
         frame = trials_frame(study)
         frame.to_csv(folder / "trials.csv", index=False)
         frame.to_parquet(folder / "trials.parquet", index=False)
-        front = [trial_summary(t) for t in pareto_front(study)]
-        (folder / "pareto_front.json").write_text(json.dumps(front, indent=2))
+        front = pareto_front(study)
+        (folder / "pareto_front.json").write_text(json.dumps([trial_summary(t) for t in front], indent=2))
         files = [folder / "trials.csv", folder / "trials.parquet", folder / "pareto_front.json"]
-        files.append(plots.plot_pareto(frame, self.cfg.search.constraints.min_ssim, folder / "pareto.png", chosen))
+        files.append(plots.plot_pareto(frame, [t.number for t in front], self.cfg.search.constraints.min_ssim,
+                                       folder / "pareto.png", chosen))
         return files
 
     def export(self, selection: Selection, factory: PolicyFactory, backend: CalibrationBackend,

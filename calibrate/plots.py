@@ -52,8 +52,10 @@ def plot_layer_heatmap(layers: pd.DataFrame, representative_scale: int, path: Pa
     return path
 
 
-def plot_pareto(trials: pd.DataFrame, min_ssim: float, path: Path, chosen: int | None = None) -> Path:
-    """Speedup vs SSIM of every complete trial; feasible ones filled, the Pareto front joined."""
+def plot_pareto(trials: pd.DataFrame, front: Sequence[int], min_ssim: float, path: Path,
+                chosen: int | None = None) -> Path:
+    """Speedup vs SSIM of every complete trial; feasible ones filled, the trials numbered in `front`
+    (the feasible Pareto front, calibrate.search.pareto_front) joined."""
     done = trials[trials.state == "COMPLETE"]
     fig, ax = plt.subplots(figsize=(6, 4.5))
     if len(done):
@@ -61,9 +63,8 @@ def plot_pareto(trials: pd.DataFrame, min_ssim: float, path: Path, chosen: int |
         other = done[~done.feasible]
         ax.scatter(other["metric.speedup"], other["metric.ssim"], facecolors="none", edgecolors="grey", label="infeasible")
         ax.scatter(feasible["metric.speedup"], feasible["metric.ssim"], color="tab:blue", label="feasible")
-        front = _pareto(done["metric.speedup"].to_numpy(), done["metric.ssim"].to_numpy())
-        pts = done.iloc[front].sort_values("metric.speedup")
-        ax.plot(pts["metric.speedup"], pts["metric.ssim"], color="tab:red", linewidth=1, label="Pareto front")
+        pts = done[done.number.isin(front)].sort_values("metric.speedup")
+        ax.plot(pts["metric.speedup"], pts["metric.ssim"], color="tab:red", linewidth=1, label="feasible Pareto front")
         if chosen is not None and chosen in set(done.number):
             row = done[done.number == chosen].iloc[0]
             ax.scatter([row["metric.speedup"]], [row["metric.ssim"]], marker="*", s=200, color="gold",
@@ -75,15 +76,6 @@ def plot_pareto(trials: pd.DataFrame, min_ssim: float, path: Path, chosen: int |
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def _pareto(speed: np.ndarray, quality: np.ndarray) -> list[int]:
-    keep = []
-    for i in range(len(speed)):
-        dominated = np.any((speed >= speed[i]) & (quality >= quality[i]) & ((speed > speed[i]) | (quality > quality[i])))
-        if not dominated:
-            keep.append(i)
-    return keep
 
 
 def save_image_grid(rows: Sequence[torch.Tensor], path: Path, max_images: int = 8) -> Path:

@@ -8,7 +8,6 @@ the unpruned images. Configs are conf/ composed by Hydra (`calibrate_config`), n
 from __future__ import annotations
 
 import dataclasses
-import logging
 import random
 
 import optuna
