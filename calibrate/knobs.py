@@ -17,7 +17,7 @@ still turn into the same policy; a knob missing from the parameters keeps its de
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 
 import optuna
@@ -95,7 +95,7 @@ def paper_defaults() -> dict[str, Any]:
 def policy_values(params: Mapping[str, Any]) -> dict[str, Any]:
     """Policy field path -> value for a trial's parameters (missing knobs: their defaults)."""
     defaults = paper_defaults()
-    by_name: dict[str, Any] = {}
+    by_name: dict[str, Any] = {}  # knob name -> its policy value (the base of a span)
     out: dict[str, Any] = {}
     for knob in KNOBS:
         if knob.name not in params and knob.field != knob.name and knob.field in params:
@@ -123,6 +123,9 @@ def policy_document(params: Mapping[str, Any], summary: Any, backbone: str) -> d
     for path, value in policy_values(params).items():
         section, field = path.split(".")
         document[section][field] = value
+    for section in ("scale", "layer", "token"):  # the schema's field order, as in every policy file
+        order = [f.name for f in fields(getattr(Policy(), section))]
+        document[section] = dict(sorted(document[section].items(), key=lambda item: order.index(item[0])))
     return document
 
 
