@@ -700,4 +700,4 @@ def _renamed_keywords(renamed: dict[str, Any], **settings: Any) -> dict[str, Any
     unknown = sorted(set(renamed) - set(RENAMED))
     if unknown:
         raise TypeError(f"generate() got an unexpected keyword argument '{unknown[0]}'")
-    return renamed_settings({**settings, **renamed}, "generate()", stacklevel=4)
+    return renamed_settings({**settings, **renamed}, "generate()", stacklevel=3)

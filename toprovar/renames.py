@@ -1,4 +1,4 @@
-"""Generation settings renamed in toprovar 0.2: the old names work for one release, with a warning.
+"""Renamed generation settings: the old names work for one more release (after 0.1.0), with a warning.
 
 The guidance scale was `cfg` and the sampling temperature `tau`; `tau` also named the paper's ρ
 threshold (a policy's `scale.tau`), which keeps its name. Whatever reads generation settings —
@@ -26,8 +26,9 @@ def renamed_settings(values: Mapping[str, Any], where: str, warn: Callable[[str]
                      stacklevel: int = 2) -> dict[str, Any]:
     """`values` with every old name under its new one; an old name set to None is dropped.
 
-    Each old name in use is reported once through `warn` (default: a FutureWarning pointing
-    `stacklevel` frames above the caller); an old and a new name both set is a UserError naming `where`.
+    Each old name in use is reported once through `warn` (default: a FutureWarning, `stacklevel`
+    counted as `warnings.warn` does from the caller); an old and a new name both set is a UserError
+    naming `where`.
     """
     out = dict(values)
     for old, new in RENAMED.items():
