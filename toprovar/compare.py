@@ -421,7 +421,8 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
         f"- device: {device_name} ({device}), dtype {backbone.dtype}, torch {torch.__version__}",
         f"- schedule: {n_scales} scales, {' '.join(f'{h}x{w}' for _, h, w in schedule)}; depth {depth}",
         f"- generation settings: {settings or 'backbone defaults'} (guidance_scale "
-        f"{settings.get('guidance_scale', spec.guidance_scale)}, temperature {settings.get('temperature', spec.temperature)})",
+        f"{settings.get('guidance_scale', spec.guidance_scale)}, "
+        f"temperature {settings.get('temperature', spec.temperature)})",
         f"- prompts: {len(prompts)}, batch size {batch}, warm-up calls per method {warmup}",
         "- latency: median over prompts of ms per image (scale loop + VAE decode, text encoding excluded; "
         "CUDA events on GPU); speedup = baseline latency / latency",

@@ -414,7 +414,8 @@ def evaluate_generation(weights_dir: Path, cfg: EvalConfig, device: torch.device
         captions = [s.caption for s in scenes]
         for guidance in cfg.guidance_scales:
             images = torch.cat([generate(backbone, captions[i:i + cfg.batch], list(range(i, min(i + cfg.batch, len(captions)))),
-                                         guidance_scale=guidance).images for i in range(0, len(captions), cfg.batch)])
+                                         guidance_scale=guidance).images
+                                for i in range(0, len(captions), cfg.batch)])
             report = geneval_report(images, captions)
             results[f"{split}/guidance_scale{guidance:g}"] = {row["category"]: float(row["score"])
                                                               for _, row in report.iterrows()}
