@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from toprovar.renames import override_renames, renamed_overrides
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PROG = "calibrate"
 
@@ -31,7 +33,7 @@ def check_overrides(overrides: list[str]) -> None:
 
 
 def main() -> None:
-    args = sys.argv[1:]
+    args = sys.argv[1:] = renamed_overrides(sys.argv[1:], override_renames("backbone."), PROG)
     if not CONF_DIR.is_dir():
         print(f"{PROG}: error: config folder {CONF_DIR} not found; run from a checkout installed with "
               f"`pip install -e .`", file=sys.stderr)

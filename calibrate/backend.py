@@ -3,7 +3,8 @@
 Calibration only ever calls `toprovar.pipeline.generate` (the one generation loop) through
 `CalibrationBackend.generate`; everything model-specific stays in `toprovar`. The backbone's
 config group (conf/backbone/) is a plain dict: `name`, `weights` (local paths) and optionally the
-generation settings `pixels`, `cfg`, `tau`, `h_div_w`.
+generation settings `pixels`, `guidance_scale`, `temperature`, `h_div_w` (the old names `cfg` and
+`tau` still work for one release, with a warning).
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from toprovar.errors import UserError
+from toprovar.renames import renamed_settings
 
-GENERATION_KEYS = ("pixels", "cfg", "tau", "h_div_w", "top_k", "top_p", "kv_policy")
+GENERATION_KEYS = ("pixels", "guidance_scale", "temperature", "h_div_w", "top_k", "top_p", "kv_policy")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -132,7 +134,8 @@ def load_backend(backbone_cfg: Mapping[str, Any], device: torch.device, dtype: t
                             f"set backbone.weights.{part}=/local/path")
     paths = spec.weights.merged(weights)
     built = registry.build_backbone(spec, weights, device=device, dtype=dtype)
-    settings = {key: backbone_cfg[key] for key in GENERATION_KEYS if backbone_cfg.get(key) is not None}
+    group = renamed_settings(backbone_cfg, "backbone config")
+    settings = {key: group[key] for key in GENERATION_KEYS if group.get(key) is not None}
     resolved = {"transformer": paths.transformer, "vae": paths.vae, "text_encoder": paths.text_encoder}
     if spec.random_init:
         resolved = {k: (v if v is not None and os.path.exists(v) else None) for k, v in resolved.items()}

@@ -30,7 +30,8 @@ def test_smoke_runs_every_variant_and_checks(tmp_path, capsys) -> None:
     for name in ("plain bf16", "fused eager bf16", "fast (graphs) bf16"):
         assert min(check[name]["bits_agree"]) == 1.0
     assert max(check["fused eager bf16"]["logits_rel_err"]) == 0.0
-    assert "| plain |" in (tmp_path / "bench.md").read_text()
+    md = (tmp_path / "bench.md").read_text()
+    assert "| plain |" in md and f"guidance scale 3, temperature {r['temperature']}" in md
 
 
 def check_vae_ok(v: dict) -> bool:  # CPU: the decode ignores the CUDA switches

@@ -32,6 +32,7 @@ def test_smoke_runs_the_whole_path_on_cpu() -> None:
                 "ideal_speedup", "measured_speedup", "measured_over_ideal", "decision_overhead_share"):
         assert key in result, key
     assert result["backbone"] == "test-small" and result["command"].endswith("--smoke")
+    assert result["guidance_scale"] == 3.0 and "guidance scale 3.0" in proc.stdout
     assert result["flop_ratio"] < 1 and result["ideal_speedup"] == pytest.approx(1 / result["flop_ratio"])
     assert result["flop_ratio"] == pytest.approx(result["policy"]["planned_flop_ratio"], abs=1e-6)  # plan = trace
     assert result["policy"]["D"] == result["policy"]["min_scale"]

@@ -37,11 +37,13 @@ def test_fast_path_is_bit_identical_on_cpu(name, request) -> None:
     release_fast_state(backbone.transformer)
 
 
-def test_fast_path_with_cfg_one_and_per_scale_values(small) -> None:
+def test_fast_path_with_guidance_scale_one_and_per_scale_values(small) -> None:
     s = _seeds(1)
-    kw = dict(cfg=[1.0] * 3 + [2.0, 3.0, 3.0, 4.0], tau=[1.0, 0.5, 0.5, 0.7, 1.0, 1.0, 0.9], top_p=0.9)
+    kw = dict(guidance_scale=[1.0] * 3 + [2.0, 3.0, 3.0, 4.0], temperature=[1.0, 0.5, 0.5, 0.7, 1.0, 1.0, 0.9],
+              top_p=0.9)
     _same(generate(small, ["a cube"], s, fast=False, **kw), generate(small, ["a cube"], s, fast=True, **kw))
-    _same(generate(small, ["a cube"], s, fast=False, cfg=1.0), generate(small, ["a cube"], s, fast=True, cfg=1.0))
+    _same(generate(small, ["a cube"], s, fast=False, guidance_scale=1.0),
+          generate(small, ["a cube"], s, fast=True, guidance_scale=1.0))
 
 
 class HalfTokens(NoPruner):

@@ -49,15 +49,15 @@ def test_patchify_backbone_generates(patchify) -> None:
     assert res.bits[-1].shape == (1, h * w, 24)
 
 
-def test_cfg_one_drops_unconditional_rows(small) -> None:
+def test_guidance_scale_one_drops_unconditional_rows(small) -> None:
     seen: list[int] = []
 
     class Rows(NoPruner):
         def begin(self, ctx: PrunerContext) -> None:
             seen.append(ctx.rows)
 
-    generate(small, ["a cube"], [1], cfg=1.0, policy=Rows())
-    generate(small, ["a cube"], [1], cfg=[1.0] * 6 + [2.0], policy=Rows())
+    generate(small, ["a cube"], [1], guidance_scale=1.0, policy=Rows())
+    generate(small, ["a cube"], [1], guidance_scale=[1.0] * 6 + [2.0], policy=Rows())
     assert seen == [1, 2]
 
 
@@ -123,8 +123,10 @@ def test_pruning_hooks_shape_the_run(small, kv_policy: str) -> None:
 def test_user_errors(small) -> None:
     with pytest.raises(UserError, match="one seed per prompt"):
         generate(small, ["a", "b"], [1])
-    with pytest.raises(UserError, match="cfg lists 2 values"):
-        generate(small, ["a"], [1], cfg=[3.0, 3.0])
+    with pytest.raises(UserError, match="guidance_scale lists 2 values"):
+        generate(small, ["a"], [1], guidance_scale=[3.0, 3.0])
+    with pytest.raises(UserError, match="temperature lists 1 values"):
+        generate(small, ["a"], [1], temperature=[1.0])
     with pytest.raises(UserError, match="kv_policy"):
         generate(small, ["a"], [1], kv_policy="some")
     with pytest.raises(UserError, match="no aspect-ratio template"):
@@ -150,7 +152,7 @@ def test_bf16_blocks_under_autocast(monkeypatch: pytest.MonkeyPatch, kv_policy: 
     """The CUDA recipe (bf16 blocks, bf16 autocast, bf16 KV cache) exercised with CPU autocast."""
     import toprovar.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "_autocast", lambda device, dtype: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(pipeline, "_autocast", lambda device, dtype, **kw: torch.autocast("cpu", dtype=torch.bfloat16))
     bf16 = build_backbone("test-small", device="cpu", dtype=torch.bfloat16)
     assert bf16.transformer.blocks[0].sa.mat_qkv.weight.dtype == torch.bfloat16
     assert bf16.transformer.head.weight.dtype == torch.float32

@@ -13,12 +13,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from toprovar.renames import override_renames, renamed_overrides, renamed_settings
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 COMMANDS = ("generate", "compare")
 # conf/prompts/ is the calibration prompt group, so Hydra would read `prompts=[...]` as a group
 # choice; the generate config keeps its list under `text_prompts` and the CLI maps the alias.
 ALIASES = {"prompts": "text_prompts"}
-SETTINGS = ("cfg", "tau", "pixels", "h_div_w", "top_k", "top_p", "kv_policy")
+# Keywords of `toprovar.pipeline.generate` that the configs set (the command's value, else the backbone group's).
+SETTINGS = ("guidance_scale", "temperature", "pixels", "h_div_w", "top_k", "top_p", "kv_policy")
 
 
 def _fail(prog: str, message: str) -> None:
@@ -56,6 +59,23 @@ def _dtype(name: str):
     return table[name]
 
 
+def generation_settings(cfg: dict[str, Any], prog: str) -> dict[str, Any]:
+    """The `generate` keywords of a composed generate / compare config: each of `SETTINGS` from the
+    command's config, else from its backbone group, unset ones left out. The old names `cfg` / `tau`
+    (e.g. in a backbone group file of one's own) still work, with a one-line warning."""
+    def warn(message: str) -> None:
+        print(f"{prog}: warning: {message}", file=sys.stderr)
+
+    top = renamed_settings(cfg, f"{prog} config", warn)
+    group = renamed_settings(cfg["backbone"], "backbone config", warn)
+    settings = {}
+    for key in SETTINGS:
+        value = top.get(key) if top.get(key) is not None else group.get(key)
+        if value is not None:
+            settings[key] = value
+    return settings
+
+
 def _policy(value: Any) -> Any:
     if value in (None, "none"):
         return None
@@ -89,11 +109,7 @@ def run_generate(cfg: dict[str, Any], out_dir: Path) -> list[Path]:
     if len(seeds) != len(prompts):
         raise UserError(f"give one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
     group = cfg["backbone"]
-    settings = {}
-    for key in SETTINGS:
-        value = cfg.get(key) if cfg.get(key) is not None else group.get(key)
-        if value is not None:
-            settings[key] = value
+    settings = generation_settings(cfg, "toprovar generate")
     backbone = build_backbone(group["name"], group.get("weights"), device=_device(cfg["device"]),
                               dtype=_dtype(cfg["dtype"]))
     policy = _policy(cfg["policy"])
@@ -160,7 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         _fail("toprovar", f"usage: python -m toprovar {{{'|'.join(COMMANDS)}}} [key=value ...]")
-    command, overrides = argv[0], [_alias(arg) for arg in argv[1:]]
+    command = argv[0]
+    overrides = renamed_overrides([_alias(arg) for arg in argv[1:]], override_renames("", "backbone."),
+                                  f"toprovar {command}")
     if not CONF_DIR.is_dir():
         _fail(f"toprovar {command}", f"config folder {CONF_DIR} not found; run from a checkout installed with "
                                      "`pip install -e .`")

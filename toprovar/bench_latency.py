@@ -2,7 +2,7 @@
 
 Random weights of the real shapes (transformer drawn on the GPU, VAE of the real config with its
 default init), random text features of T5 width (no T5 needed), 1024x1024 (13 scales), batch 1,
-CFG 3, the backbone's tau. For every backbone:
+guidance scale 3, the backbone's temperature. For every backbone:
 
 * `--check` (default on): teacher-forced numerics against the float32 eager path on the same GPU:
   every bf16 variant is fed the float32 run's bits, so each scale compares like with like; per
@@ -353,7 +353,7 @@ def profile_call(backbone, fast, prompt: str = "a photo", seed: int = 0) -> dict
 def markdown(results: dict, anchors: dict) -> str:
     lines = []
     for bb, r in results["backbones"].items():
-        lines.append(f"### {bb} ({r['schedule_desc']}, batch 1, CFG 3, tau {r['tau']})\n")
+        lines.append(f"### {bb} ({r['schedule_desc']}, batch 1, guidance scale 3, temperature {r['temperature']})\n")
         fl = r.get("floor")
         if fl is None:
             lines.append("no variant ran\n")
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         from toprovar.schedules import tokens_per_scale
 
         schedule = spec.schedules.scale_schedule(1.0, spec.pixels)
-        r: dict[str, Any] = {"tau": spec.tau, "tokens": tokens_per_scale(schedule),
+        r: dict[str, Any] = {"temperature": spec.temperature, "tokens": tokens_per_scale(schedule),
                              "schedule_desc": f"{schedule[-1][1] * 16}x{schedule[-1][2] * 16}, {len(schedule)} scales"
                              if not args.smoke else f"{spec.pixels}, {len(schedule)} scales",
                              "build_s": time.perf_counter() - t0, "variants": {}}

@@ -59,6 +59,7 @@ import torch
 from torch import Tensor
 
 from toprovar.errors import UserError, exit_on_user_error
+from toprovar.renames import deprecation
 
 PROG = "python -m toprovar.bench_pruning"
 
@@ -240,7 +241,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     backbone = build_backbone(spec, None, device=device, dtype=dtype)
     build_s = time.perf_counter() - t0
     prompt, seed = [args.prompt], [args.seed]
-    kw = {"cfg": args.cfg, "pixels": pixels, "kv_policy": args.kv_policy}
+    kw = {"guidance_scale": args.guidance_scale, "pixels": pixels, "kv_policy": args.kv_policy}
 
     # Warm-up (kernels, allocator, autotuning), then record the pruned run's decisions for replay.
     for _ in range(args.warmup):
@@ -294,7 +295,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bench": "pruning", "device": device_name, **_versions(),
         "date": _dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join([PROG, *sys.argv[1:]]),
         "backbone": spec.name, "pixels": pixels, "scales": n_scales, "depth": depth, "batch": 1,
-        "cfg": args.cfg, "dtype": str(dtype).replace("torch.", ""), "kv_policy": args.kv_policy,
+        "guidance_scale": args.guidance_scale, "dtype": str(dtype).replace("torch.", ""), "kv_policy": args.kv_policy,
         "warmup": args.warmup, "repeats": args.repeats, "build_s": build_s,
         "policy": {"min_scale": min_scale, "alpha": alpha, "D": trace.pruning.get("D"),
                    "target_removed": args.target if args.alpha is None else None, "planned_flop_ratio": planned},
@@ -345,8 +346,8 @@ def report(r: dict[str, Any]) -> str:
          f"{r['gather_scatter_share']:.1%} of pruned latency (in both pruned and replay runs)"),
         ("replay gives the same bits", str(r["replay_bits_identical"]), "entropy kernel vs SDPA at the probe layer"),
     ]
-    lines = [f"## Pruning mechanics: {r['backbone']} {r['pixels']}, batch 1, CFG {r['cfg']}, {r['dtype']}, "
-             f"{r['device']} (median of {r['repeats']} after {r['warmup']} warm-up rounds)", "",
+    lines = [f"## Pruning mechanics: {r['backbone']} {r['pixels']}, batch 1, guidance scale {r['guidance_scale']}, "
+             f"{r['dtype']}, {r['device']} (median of {r['repeats']} after {r['warmup']} warm-up rounds)", "",
              "| quantity | value | notes |", "|---|---:|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines += ["", "| scale | grid | tokens | token-layers run | unpruned ms | pruned ms | replay ms |",
@@ -364,13 +365,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--target", type=float, default=0.70, help="share of transformer FLOPs to remove (default 0.70)")
     ap.add_argument("--min-scale", type=int, default=None, help="first pruned scale D (default: the middle scale)")
     ap.add_argument("--alpha", type=float, default=None, help="pruned share per gated layer (default: solved)")
-    ap.add_argument("--cfg", type=float, default=3.0)
+    ap.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    ap.add_argument("--cfg", type=float, default=None, help=argparse.SUPPRESS)  # old name of --guidance-scale
     ap.add_argument("--kv-policy", default="kept", choices=("kept", "all"))
     ap.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2; --smoke 1)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; --smoke 1)")
     ap.add_argument("--prompt", default="a photo of a corgi wearing sunglasses on a beach")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.cfg is not None:
+        print(f"{PROG}: warning: {deprecation('--cfg', '--guidance-scale')}", file=sys.stderr)
+        args.guidance_scale = args.cfg
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 2)
     args.repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 5)
     if not 0 < args.target < 1 or args.repeats < 1 or args.warmup < 0:

@@ -298,7 +298,7 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
     import yaml
     from tqdm.auto import tqdm
 
-    from toprovar.__main__ import SETTINGS, _device, _dtype
+    from toprovar.__main__ import _device, _dtype, generation_settings
     from toprovar.flops import trace_flops
     from toprovar.metrics import psnr, ssim
     from toprovar.models import registry
@@ -314,11 +314,7 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
         except ImportError:
             pass
     spec = registry.get_backbone(name)
-    settings = {}
-    for key in SETTINGS:
-        value = cfg.get(key) if cfg.get(key) is not None else group.get(key)
-        if value is not None:
-            settings[key] = value
+    settings = generation_settings(cfg, "toprovar compare")
     schedule = spec.schedules.scale_schedule(settings.get("h_div_w", 1.0), settings.get("pixels") or spec.pixels)
     n_scales, depth = len(schedule), spec.transformer.depth
     methods = resolve_methods(cfg.get("methods"), name, n_scales, depth)
@@ -424,8 +420,9 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
         f"- backbone: {name} (weights: {group.get('weights') or 'registry defaults'})",
         f"- device: {device_name} ({device}), dtype {backbone.dtype}, torch {torch.__version__}",
         f"- schedule: {n_scales} scales, {' '.join(f'{h}x{w}' for _, h, w in schedule)}; depth {depth}",
-        f"- generation settings: {settings or 'backbone defaults'} (cfg {spec.cfg if 'cfg' not in settings else settings['cfg']}, "
-        f"tau {spec.tau if 'tau' not in settings else settings['tau']})",
+        f"- generation settings: {settings or 'backbone defaults'} (guidance_scale "
+        f"{settings.get('guidance_scale', spec.guidance_scale)}, "
+        f"temperature {settings.get('temperature', spec.temperature)})",
         f"- prompts: {len(prompts)}, batch size {batch}, warm-up calls per method {warmup}",
         "- latency: median over prompts of ms per image (scale loop + VAE decode, text encoding excluded; "
         "CUDA events on GPU); speedup = baseline latency / latency",

@@ -3,9 +3,10 @@
 Next-scale generation as the official `Infinity.autoregressive_infer_cfg` does it (facts from the
 official code): classifier-free guidance with a doubled batch (rows `[:B]` conditional, `[B:]`
 with `cfg_uncond` text), guidance applied to the logits (official `cfg_insertion_layer=[0]`),
-logits divided by the scale's tau before guidance, bitwise top-k/top-p sampling, then the BSQ
-codes of the sampled bits are summed at full resolution and the sum, resized to the next grid,
-is the next scale's input. After the last scale the VAE decodes the summed codes.
+logits divided by the scale's temperature before guidance (`toprovar.sampling.GuidedSampling`),
+bitwise top-k/top-p sampling, then the BSQ codes of the sampled bits are summed at full
+resolution and the sum, resized to the next grid, is the next scale's input. After the last
+scale the VAE decodes the summed codes.
 
 Differences from the official loop, all numerically neutral: the KV cache is preallocated for the
 whole schedule (no concatenation per scale); the text keys/values of every cross-attention are
@@ -19,7 +20,7 @@ except what a pruner itself does (and `torch.multinomial`'s validity checks on t
 Fast path (`fast=`, default on for CUDA, see `FastOptions`): the same function with
   * fused elementwise stages per block (`CrossAttnBlock.forward_fast`, Triton on CUDA);
   * one CUDA graph per scale (blocks, head, guidance, top-k/top-p, softmax), captured on the first
-    call for a key (schedule, rows, text length and mask, cfg/tau/top-k/top-p per scale) and
+    call for a key (schedule, rows, text length and mask, the `GuidedSampling` settings) and
     replayed after; the KV cache and the text/AdaLN inputs live in static buffers kept on the
     transformer (`release_fast_state` frees them);
   * SDPA preferring cuDNN attention; sampling without host syncs; the FFN's GELU in the matmul
@@ -55,7 +56,8 @@ from toprovar.errors import UserError
 from toprovar.models.registry import Backbone
 from toprovar.models.vae import BSQVAE
 from toprovar.models.transformer import KV_POLICIES, InfinityTransformer, RopeSlice, TextKV
-from toprovar.sampling import bit_probs, draw_bits, make_generators, sample_bits
+from toprovar.renames import RENAMED, renamed_settings
+from toprovar.sampling import GuidedSampling, bit_probs, draw_bits, make_generators, sample_bits
 from toprovar.schedules import tokens_per_scale
 from toprovar.trace import LayerRecord, ScaleRecord, Timer, Trace, entropy_summary
 
@@ -171,10 +173,10 @@ class _ScaleGraphs:
     CUDA graph per scale for one key. On CPU the per-scale step is a direct call on the buffers."""
 
     def __init__(self, model: InfinityTransformer, key: tuple, *, schedule, rows: int, batch: int,
-                 cond, rope: Tensor, dtype: torch.dtype, device: torch.device, cfg_list: list[float],
-                 tau_list: list[float], top_k: int, top_p: float, fused: bool, gelu_epilogue: bool = False):
+                 cond, rope: Tensor, dtype: torch.dtype, device: torch.device, sampling: GuidedSampling,
+                 fused: bool, gelu_epilogue: bool = False):
         self.model, self.key, self.rows, self.batch = model, key, rows, batch
-        self.cfg_list, self.tau_list, self.top_k, self.top_p, self.fused = cfg_list, tau_list, top_k, top_p, fused
+        self.sampling, self.fused = sampling, fused
         self.gelu_epilogue = gelu_epilogue
         self.tokens = tokens_per_scale(schedule)
         self.offsets = [sum(self.tokens[:i]) for i in range(len(self.tokens))]
@@ -220,8 +222,7 @@ class _ScaleGraphs:
                                           gelu_epilogue=self.gelu_epilogue)
             else:
                 x, _ = block(x, self.gss, self.text[li], rope_si, self.cache[li])
-        return _guided_probs(model.logits(x, self.cond_BD), si, self.batch, self.cfg_list, self.tau_list,
-                             self.top_k, self.top_p)
+        return self.sampling.probs(model.logits(x, self.cond_BD), si, self.batch)
 
     def run(self, si: int, x: Tensor) -> Tensor:
         """Bit probabilities `(B, n * d, 2)` of scale `si` from its input tokens `x`."""
@@ -337,8 +338,7 @@ class _ScaleGraphs:
     def run_head(self, si: int, x: Tensor) -> Tensor:
         """Bit probabilities of scale si from the final hidden states (head, guidance, top-k/p)."""
         def fn(x: Tensor) -> Tensor:
-            return _guided_probs(self.model.logits(x, self.cond_BD), si, self.batch, self.cfg_list, self.tau_list,
-                                 self.top_k, self.top_p)
+            return self.sampling.probs(self.model.logits(x, self.cond_BD), si, self.batch)
 
         return self._unit(("head", si, x.dtype), fn, [x], lambda: None)
 
@@ -359,17 +359,6 @@ def _scale_graphs(model: InfinityTransformer, key: tuple, **kw) -> tuple[_ScaleG
     return state, True
 
 
-def _guided_probs(logits: Tensor, si: int, batch: int, cfg_list: list[float], tau_list: list[float],
-                  top_k: int, top_p: float) -> Tensor:
-    """Temperature, classifier-free guidance on the logits, top-k/top-p, softmax (official order)."""
-    logits = logits.mul(1 / tau_list[si])
-    if logits.shape[0] != batch and cfg_list[si] != 1:
-        logits = cfg_list[si] * logits[:batch] + (1 - cfg_list[si]) * logits[batch:]
-    else:
-        logits = logits[:batch]
-    return bit_probs(logits, top_k=top_k, top_p=top_p)
-
-
 def _run_block(block, x: Tensor, ada: Tensor | None, gss: Tensor, text: TextKV, rope: RopeSlice, cache, *,
                keep: Tensor | None, entropy: bool, kv_policy: str, fused: bool,
                gelu_epilogue: bool) -> tuple[Tensor, Tensor | None]:
@@ -380,45 +369,7 @@ def _run_block(block, x: Tensor, ada: Tensor | None, gss: Tensor, text: TextKV, 
     return block(x, gss, text, rope, cache, keep=keep, entropy=entropy, kv_policy=kv_policy)
 
 
-def _planned_scale(graphs: _ScaleGraphs, pruner: Pruner, si: int, x: Tensor, probe: int, kv_policy: str,
-                   trace: Trace) -> tuple[Tensor, Tensor]:
-    """One scale of a pruner with a static plan: the probe layers on every token (their entropy
-    observed), the pruner's plan for the other layers read once, those layers, `end_scale`, the
-    head. Returns the final hidden states and the bit probabilities."""
-    depth, n = graphs.model.depth, graphs.tokens[si]
-    probes = range(min(probe, depth))
-    if len(probes) and pruner.keep_tokens(si, 0, x) is not None:  # block 0 sees the scale's input
-        raise RuntimeError(f"{type(pruner).__name__}.static_plan({si}) = {probe} probe layers, "
-                           "but keep_tokens returned indices for block 0: probe layers run every token")
-    wants = [pruner.wants_entropy(si, li) for li in probes]
-    ents: list[Tensor | None] = []
-    if len(probes):
-        x, ents = graphs.run_layers(si, x, probes, [None] * len(probes), wants, kv_policy)
-    for li, ent in zip(probes, ents):
-        trace.layers.append(LayerRecord(si, li, n, n))
-        if ent is not None:
-            pruner.observe(si, li, ent)
-    planned = range(len(probes), depth)
-    keeps = [pruner.keep_tokens(si, li, x) for li in planned]  # (block 0 included when there is no probe)
-    trace.layers.extend(LayerRecord(si, li, n, n if keep is None else int(keep.shape[1]))
-                        for li, keep in zip(planned, keeps))
-    if len(planned):
-        x, _ = graphs.run_layers(si, x, planned, keeps, [False] * len(planned), kv_policy)
-    pruner.end_scale(si, x)
-    return x, graphs.run_head(si, x)
-
-
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def _per_scale(value: float | Sequence[float], n: int, name: str) -> list[float]:
-    if isinstance(value, (int, float)):
-        return [float(value)] * n
-    values = [float(v) for v in value]
-    if len(values) < n:
-        raise UserError(f"{name} lists {len(values)} values but the schedule has {n} scales; "
-                        f"give one number or at least {n}")
-    return values[:n]
 
 
 def encode_prompts(text_encoder: Any, prompts: list[str], max_len: int) -> tuple[Tensor, list[int]]:
@@ -455,175 +406,298 @@ def _to_uint8(img: Tensor) -> Tensor:
 # -- the loop --------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Call:
+    """What the steps of one `generate` call share: its settings, the path its scales take, the
+    trace, and from `_condition` on the text condition, the KV cache and the generators."""
+
+    backbone: Backbone
+    h_div_w: float
+    schedule: list[tuple[int, int, int]]
+    batch: int  # images
+    rows: int  # transformer rows: 2 * batch with guidance (conditional rows first)
+    sampling: GuidedSampling
+    pruner: Pruner
+    opts: FastOptions | None
+    whole_scale: bool  # static buffers, no pruner: every scale is one CUDA graph
+    planned: bool  # static buffers, a pruner with static plans: scales run as units
+    record_entropy: bool
+    kv_policy: str
+    trace: Trace
+    runtime: dict[str, Any]
+    cond: Any = None  # `InfinityTransformer.encode_condition`'s text condition
+    rope: Tensor | None = None
+    graphs: _ScaleGraphs | None = None  # the static buffers (whole_scale or planned)
+    cache: Any = None  # the KV cache (the static one when there are static buffers)
+    ada: list[Tensor] | None = None  # AdaLN vectors per block, for fused eager blocks
+    generators: list[torch.Generator] = field(default_factory=list)
+    vae_schedule: list = field(default_factory=list)
+    units_before: dict[str, int] = field(default_factory=dict)
+    entropy_means: list[tuple[LayerRecord, Tensor]] = field(default_factory=list)
+
+    @property
+    def model(self) -> InfinityTransformer:
+        return self.backbone.transformer
+
+    @property
+    def static(self) -> bool:
+        return self.whole_scale or self.planned
+
+    @property
+    def fused(self) -> bool:
+        return self.opts is not None and self.opts.fused
+
+    @property
+    def sync_free(self) -> bool:
+        return self.opts is not None and self.opts.sync_free_sampling
+
+
+def _prepare(backbone: Backbone, prompts: list[str], seeds: list[int], *, guidance_scale, temperature,
+             top_k: int, top_p: float, h_div_w: float, pixels: str | None, policy: Any, record_entropy: bool,
+             kv_policy: str, fast: bool | FastOptions | None) -> _Call:
+    """Check the arguments, resolve the settings and the path the scales take, start the trace."""
+    if not prompts or len(prompts) != len(seeds):
+        raise UserError(f"give one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
+    if kv_policy not in KV_POLICIES:
+        raise UserError(f"kv_policy={kv_policy!r}; choose one of {', '.join(KV_POLICIES)}")
+    spec, model = backbone.spec, backbone.transformer
+    schedule = spec.schedules.scale_schedule(h_div_w, pixels or spec.pixels)
+    sampling = GuidedSampling.per_scale(spec.guidance_scale if guidance_scale is None else guidance_scale,
+                                        spec.temperature if temperature is None else temperature,
+                                        len(schedule), top_k, top_p)
+    batch = len(prompts)
+    rows = 2 * batch if sampling.guided else batch
+    pruner = as_pruner(policy)
+    opts = resolve_fast(fast, backbone.device)
+    # Static buffers + CUDA graphs: the whole scale as one graph without a pruner; with a pruner
+    # whose scales follow a plan fixed after their probe layers (`static_plan`), the probe layers,
+    # the planned layers and the head as three units (graphs once a plan recurs).
+    plans = type(pruner) is not NoPruner and callable(getattr(pruner, "static_plan", None))
+    static = opts is not None and opts.graphs and not record_entropy and (type(pruner) is NoPruner or plans)
+    whole_scale, planned = static and type(pruner) is NoPruner, static and plans
+    runtime = {"fast": None if opts is None else vars(opts).copy(), "graph_loop": whole_scale,
+               "planned_units": planned, "device": str(backbone.device)}
+    tokens = tokens_per_scale(schedule)
+    trace = Trace(backbone=spec.name, batch=batch, schedule=schedule, rows=rows, kv_policy=kv_policy,
+                  embed_dim=model.config.embed_dim, ffn_hidden=model.config.ffn_hidden, depth=model.depth,
+                  scales=[ScaleRecord(si, h, w, tokens[si]) for si, (_, h, w) in enumerate(schedule)])
+    return _Call(backbone, h_div_w, schedule, batch, rows, sampling, pruner, opts, whole_scale, planned,
+                 record_entropy, kv_policy, trace, runtime)
+
+
+def _encode_text(call: _Call, prompts: list[str]) -> tuple[Tensor, list[int]]:
+    """Text features on the device and prompt lengths; the time goes to `trace.text_encode_ms`."""
+    t0 = time.perf_counter()
+    features, lengths = encode_prompts(call.backbone.text_encoder, prompts, call.model.config.text_maxlen)
+    features = features.to(call.backbone.device)
+    _sync(call.backbone.device)
+    call.trace.text_encode_ms = (time.perf_counter() - t0) * 1e3
+    return features, lengths
+
+
+def _condition(call: _Call, features: Tensor, lengths: list[int], seeds: list[int]) -> Tensor:
+    """Text condition, RoPE table, KV cache (in the static buffers when the call has them), AdaLN
+    vectors, generators; starts the pruner. Returns the first scale's input tokens."""
+    bb, model = call.backbone, call.model
+    call.cond = model.encode_condition(features, lengths, with_uncond=call.sampling.guided)
+    call.rope = model.rope_table(bb.spec.schedules.full_schedule(call.h_div_w), bb.device)
+    if call.static:
+        text = call.cond.text[0]
+        key = (tuple(call.schedule), call.rows, call.batch, tuple(text.k.shape), text.mask is not None, call.sampling,
+               call.fused, call.opts.cudnn_attention, call.opts.gelu_epilogue, bb.dtype, str(bb.device))
+        call.graphs, fresh = _scale_graphs(model, key, schedule=call.schedule, rows=call.rows, batch=call.batch,
+                                           cond=call.cond, rope=call.rope, dtype=bb.dtype, device=bb.device,
+                                           sampling=call.sampling, fused=call.fused,
+                                           gelu_epilogue=call.opts.gelu_epilogue)
+        call.graphs.load(call.cond)
+        call.cache = call.graphs.cache
+        call.cache.set_fill(0)
+        call.units_before = dict(call.graphs.unit_counts)
+        call.runtime["graphs_captured"] = fresh and bb.device.type == "cuda"
+    else:
+        call.cache = model.new_cache(call.rows, sum(tokens_per_scale(call.schedule)), bb.dtype, bb.device)
+    if call.fused and not call.whole_scale:
+        call.ada = [block.ada(call.cond.gss) for block in model.blocks]
+    call.generators = make_generators(seeds, bb.device)
+    call.vae_schedule = bb.vae.vae_schedule(call.schedule)
+    call.pruner.begin(PrunerContext(call.schedule, model.depth, model.config.num_heads, call.batch, call.rows,
+                                    bb.device, call.trace))
+    return model.first_tokens(call.cond)
+
+
+def _scale_graph(call: _Call, si: int, x: Tensor) -> Tensor:
+    """Scale si as one CUDA graph (a direct call on CPU): every block on every token, the head,
+    guidance, top-k/top-p. Returns the sampled bits `(B, n, d)`."""
+    n = call.trace.scales[si].tokens
+    call.trace.layers.extend(LayerRecord(si, li, n, n) for li in range(call.model.depth))
+    return draw_bits(call.graphs.run(si, x), call.generators, n, sync_free=call.sync_free)
+
+
+def _scale_planned(call: _Call, si: int, x: Tensor, probe: int) -> Tensor:
+    """Scale si of a pruner with a static plan: the probe layers on every token (their entropy
+    observed), the pruner's plan for the other layers read once, those layers, `end_scale`, the
+    head, each as a unit of the static buffers. Returns the sampled bits."""
+    graphs, pruner, trace = call.graphs, call.pruner, call.trace
+    depth, n = call.model.depth, trace.scales[si].tokens
+    probes = range(min(probe, depth))
+    if len(probes) and pruner.keep_tokens(si, 0, x) is not None:  # block 0 sees the scale's input
+        raise RuntimeError(f"{type(pruner).__name__}.static_plan({si}) = {probe} probe layers, "
+                           "but keep_tokens returned indices for block 0: probe layers run every token")
+    wants = [pruner.wants_entropy(si, li) for li in probes]
+    ents: list[Tensor | None] = []
+    if len(probes):
+        x, ents = graphs.run_layers(si, x, probes, [None] * len(probes), wants, call.kv_policy)
+    for li, ent in zip(probes, ents):
+        trace.layers.append(LayerRecord(si, li, n, n))
+        if ent is not None:
+            pruner.observe(si, li, ent)
+    planned = range(len(probes), depth)
+    keeps = [pruner.keep_tokens(si, li, x) for li in planned]  # (block 0 included when there is no probe)
+    trace.layers.extend(LayerRecord(si, li, n, n if keep is None else int(keep.shape[1]))
+                        for li, keep in zip(planned, keeps))
+    if len(planned):
+        x, _ = graphs.run_layers(si, x, planned, keeps, [False] * len(planned), call.kv_policy)
+    pruner.end_scale(si, x)
+    return draw_bits(graphs.run_head(si, x), call.generators, n, sync_free=call.sync_free)
+
+
+def _scale_eager(call: _Call, si: int, x: Tensor) -> Tensor:
+    """Scale si block by block: the pruner picks each block's tokens from the hidden states it
+    sees, entropy where it (or `record_entropy`) asks. Returns the sampled bits."""
+    model, cond, pruner, n = call.model, call.cond, call.pruner, call.trace.scales[si].tokens
+    offset = sum(rec.tokens for rec in call.trace.scales[:si])
+    rope_si = RopeSlice(call.rope[0, offset:offset + n], call.rope[1, offset:offset + n])
+    gelu_epilogue = call.fused and call.opts.gelu_epilogue
+    for li, block in enumerate(model.blocks):
+        keep = pruner.keep_tokens(si, li, x)
+        record = LayerRecord(si, li, n, n if keep is None else keep.shape[1])
+        call.trace.layers.append(record)
+        if record.kept == 0:
+            continue
+        want = call.record_entropy or pruner.wants_entropy(si, li)
+        x, ent = _run_block(block, x, call.ada[li] if call.fused else None, cond.gss, cond.text[li], rope_si,
+                            call.cache[li], keep=keep, entropy=want, kv_policy=call.kv_policy, fused=call.fused,
+                            gelu_epilogue=gelu_epilogue)
+        if ent is not None:
+            pruner.observe(si, li, ent)
+            if call.record_entropy:
+                call.entropy_means.append((record, entropy_summary(ent, call.batch)))
+    pruner.end_scale(si, x)
+    # perform guidance (temperature first), as the graphs do; then top-k/top-p and the draw
+    logits = call.sampling.logits(model.logits(x, cond.cond_BD), si, call.batch)
+    top_k, top_p = call.sampling.top_k, call.sampling.top_p
+    if call.sync_free:
+        return draw_bits(bit_probs(logits, top_k=top_k, top_p=top_p), call.generators, n, sync_free=True)
+    return sample_bits(logits, call.generators, top_k=top_k, top_p=top_p)
+
+
+def _next_input(call: _Call, si: int, bits: Tensor, summed: Tensor | None) -> tuple[Tensor | None, Tensor]:
+    """The codes of scale si's bits added to the running sum at full resolution; before the last
+    scale also the next scale's input: the sum resized to its grid, embedded, one copy per row
+    group. Returns (next input or None after the last scale, the new sum)."""
+    vae, (_, h, w) = call.backbone.vae, call.schedule[si]
+    codes = vae.bits_to_codes(vae.tokens_to_bits(bits, (h, w)))
+    if si == len(call.schedule) - 1:
+        return None, codes if summed is None else summed + codes
+    up = vae.upsample_codes(codes, call.vae_schedule[-1])
+    summed = up if summed is None else summed + up
+    nxt = vae.codes_to_tokens(vae.upsample_codes(summed, call.vae_schedule[si + 1]))
+    return call.model.embed_codes(nxt).repeat(call.rows // call.batch, 1, 1), summed
+
+
+def _decode(call: _Call, summed: Tensor | None) -> Tensor:
+    """The VAE's image of the summed codes (zeros when no scale ran), NHWC fused on the fast CUDA path."""
+    vae, device, opts = call.backbone.vae, call.backbone.device, call.opts
+    if summed is None:  # stopped before the first scale: nothing was generated
+        _, fh, fw = call.vae_schedule[-1]
+        summed = torch.zeros(call.batch, vae.codebook_dim, 1, fh, fw, device=device)
+    if opts is not None and device.type == "cuda" and isinstance(vae, BSQVAE):
+        return vae.decode(summed, channels_last=opts.vae_channels_last, fused_norm=opts.vae_fused_norm,
+                          cudnn_benchmark=opts.vae_cudnn_benchmark)
+    return vae.decode(summed)
+
+
+def _result(call: _Call, timer: Timer, scale_marks: list[tuple[int, int]], start: int, decode_start: int,
+            end: int, images: Tensor, bits: list[Tensor]) -> GenerationResult:
+    """Times and entropy means into the trace (read once, after the loop), runtime counters, the result."""
+    trace = call.trace
+    for si, (a, b) in enumerate(scale_marks):
+        trace.scales[si].time_ms = timer.elapsed_ms(a, b)
+    trace.decode_ms = timer.elapsed_ms(decode_start, end)
+    trace.total_ms = timer.elapsed_ms(start, end)
+    for record, value in call.entropy_means:
+        record.entropy_mean = float(value)
+    if call.graphs is not None:
+        call.runtime["capture_ms"] = call.graphs.capture_ms
+        if call.planned:
+            call.runtime["units"] = {k: v - call.units_before[k] for k, v in call.graphs.unit_counts.items()}
+    return GenerationResult(images=_to_uint8(images), trace=trace, bits=[b.cpu() for b in bits],
+                            runtime=call.runtime)
+
+
+def _progress(scales: range, progress: bool):
+    if not progress:
+        return scales
+    from tqdm.auto import tqdm
+
+    return tqdm(scales, desc="scales", leave=False)
+
+
 def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *,
-             cfg: float | Sequence[float] | None = None, tau: float | Sequence[float] | None = None,
-             top_k: int = DEFAULT_TOP_K, top_p: float = DEFAULT_TOP_P, h_div_w: float = 1.0,
-             pixels: str | None = None, policy: Any = None, record_entropy: bool = False,
-             kv_policy: str = "kept", progress: bool = False,
-             fast: bool | FastOptions | None = None) -> GenerationResult:
+             guidance_scale: float | Sequence[float] | None = None,
+             temperature: float | Sequence[float] | None = None, top_k: int = DEFAULT_TOP_K,
+             top_p: float = DEFAULT_TOP_P, h_div_w: float = 1.0, pixels: str | None = None, policy: Any = None,
+             record_entropy: bool = False, kv_policy: str = "kept", progress: bool = False,
+             fast: bool | FastOptions | None = None, **renamed: Any) -> GenerationResult:
     """Generate one image per (prompt, seed).
 
-    cfg / tau: one value or one per scale (defaults: the backbone's). pixels: a budget of the
+    guidance_scale / temperature: one value or one per scale (defaults: the backbone's); their old
+    names `cfg` / `tau` work for one release with a FutureWarning. pixels: a budget of the
     backbone's schedule family, e.g. '0.06M', '0.25M', '0.60M' or '1M' (default: the backbone's).
     policy: None/'none', a Pruner, or a policy that `toprovar.pruning.build_pruner` understands.
     record_entropy: request every block's attention entropy and record its mean in the trace.
     fast: None (on for CUDA, off elsewhere), True / False, or a `FastOptions` (see module docs).
     """
+    settings = _renamed_keywords(renamed, guidance_scale=guidance_scale, temperature=temperature)
     prompts, seeds = list(prompts), [int(s) for s in seeds]
-    if not prompts or len(prompts) != len(seeds):
-        raise UserError(f"give one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
-    if kv_policy not in KV_POLICIES:
-        raise UserError(f"kv_policy={kv_policy!r}; choose one of {', '.join(KV_POLICIES)}")
-    spec, model, vae, device = backbone.spec, backbone.transformer, backbone.vae, backbone.device
-    schedule = spec.schedules.scale_schedule(h_div_w, pixels or spec.pixels)
-    n_scales, tokens = len(schedule), tokens_per_scale(schedule)
-    cfg_list = _per_scale(spec.cfg if cfg is None else cfg, n_scales, "cfg")
-    tau_list = _per_scale(spec.tau if tau is None else tau, n_scales, "tau")
-    batch = len(prompts)
-    use_cfg = any(c != 1 for c in cfg_list)
-    rows = 2 * batch if use_cfg else batch
-    pruner = as_pruner(policy)
-    opts = resolve_fast(fast, device)
-    fused = opts is not None and opts.fused
-    sync_free = opts is not None and opts.sync_free_sampling
-    # Static buffers + CUDA graphs: the whole scale as one graph without a pruner; with a pruner
-    # whose scales follow a plan fixed after their probe layers (`static_plan`), the probe layers,
-    # the planned layers and the head as three units (graphs once a plan recurs).
-    plans = type(pruner) is not NoPruner and callable(getattr(pruner, "static_plan", None))
-    graph_state = opts is not None and opts.graphs and not record_entropy and (type(pruner) is NoPruner or plans)
-    graph_loop = graph_state and type(pruner) is NoPruner
-    runtime: dict[str, Any] = {"fast": None if opts is None else vars(opts).copy(), "graph_loop": graph_loop,
-                               "planned_units": graph_state and plans, "device": str(device)}
-    trace = Trace(backbone=spec.name, batch=batch, schedule=schedule, rows=rows, kv_policy=kv_policy,
-                  embed_dim=model.config.embed_dim, ffn_hidden=model.config.ffn_hidden, depth=model.depth,
-                  scales=[ScaleRecord(si, h, w, tokens[si]) for si, (_, h, w) in enumerate(schedule)])
-
+    call = _prepare(backbone, prompts, seeds, **settings, top_k=top_k, top_p=top_p, h_div_w=h_div_w, pixels=pixels,
+                    policy=policy, record_entropy=record_entropy, kv_policy=kv_policy, fast=fast)
+    device, pruner = backbone.device, call.pruner
     with torch.inference_mode():
-        t0 = time.perf_counter()
-        features, lengths = encode_prompts(backbone.text_encoder, prompts, model.config.text_maxlen)
-        features = features.to(device)
-        _sync(device)
-        trace.text_encode_ms = (time.perf_counter() - t0) * 1e3
-
+        features, lengths = _encode_text(call, prompts)
         timer = Timer(device)
-        attention_ctx = prefer_cudnn_attention(opts is not None and opts.cudnn_attention and device.type == "cuda")
-        autocast = _autocast(device, backbone.dtype, cache_enabled=False) if graph_state else \
-            _autocast(device, backbone.dtype)
-        with autocast, attention_ctx:
+        cudnn = call.opts is not None and call.opts.cudnn_attention and device.type == "cuda"
+        with _autocast(device, backbone.dtype, cache_enabled=not call.static), prefer_cudnn_attention(cudnn):
             start = timer.mark()
-            cond = model.encode_condition(features, lengths, with_uncond=use_cfg)
-            rope = model.rope_table(spec.schedules.full_schedule(h_div_w), device)
-            graphs: _ScaleGraphs | None = None
-            if graph_state:
-                key = (tuple(schedule), rows, batch, tuple(cond.text[0].k.shape), cond.text[0].mask is not None,
-                       tuple(cfg_list), tuple(tau_list), top_k, top_p, fused, opts.cudnn_attention,
-                       opts.gelu_epilogue, backbone.dtype, str(device))
-                graphs, fresh = _scale_graphs(model, key, schedule=schedule, rows=rows, batch=batch, cond=cond,
-                                              rope=rope, dtype=backbone.dtype, device=device, cfg_list=cfg_list,
-                                              tau_list=tau_list, top_k=top_k, top_p=top_p, fused=fused,
-                                              gelu_epilogue=opts.gelu_epilogue)
-                graphs.load(cond)
-                cache = graphs.cache
-                cache.set_fill(0)
-                units_before = dict(graphs.unit_counts)
-                runtime["graphs_captured"] = fresh and device.type == "cuda"
-            else:
-                cache = model.new_cache(rows, sum(tokens), backbone.dtype, device)
-            ada = [block.ada(cond.gss) for block in model.blocks] if fused and not graph_loop else None
-            generators = make_generators(seeds, device)
-            vae_schedule = vae.vae_schedule(schedule)
-            pruner.begin(PrunerContext(schedule, model.depth, model.config.num_heads, batch, rows, device, trace))
-
-            x = model.first_tokens(cond)
-            summed: Tensor | None = None
-            bits_per_scale: list[Tensor] = []
-            entropy_means: list[tuple[LayerRecord, Tensor]] = []
-            scale_marks: list[tuple[int, int]] = []
-            offset = 0
-            scales = range(n_scales)
-            if progress:
-                from tqdm.auto import tqdm
-
-                scales = tqdm(scales, desc="scales", leave=False)
-            for si in scales:
-                if pruner.exit_before_scale(si):
-                    for rec in trace.scales[si:]:
+            x = _condition(call, features, lengths, seeds)
+            summed, bits, scale_marks = None, [], []
+            for si in _progress(range(len(call.schedule)), progress):
+                if pruner.exit_before_scale(si):  # stop refining: the image is decoded from the scales so far
+                    for rec in call.trace.scales[si:]:
                         rec.exited = True
                     break
-                _, h, w = schedule[si]
-                n = tokens[si]
                 mark = timer.mark()
-                x = model.add_level(x, si)
-                probe = pruner.static_plan(si) if graphs is not None and plans else None
-                if graph_loop:
-                    trace.layers.extend(LayerRecord(si, li, n, n) for li in range(model.depth))
-                    probs = graphs.run(si, x)
-                    bits = draw_bits(probs, generators, n, sync_free=sync_free)
-                elif probe is not None:
-                    x, probs = _planned_scale(graphs, pruner, si, x, probe, kv_policy, trace)
-                    bits = draw_bits(probs, generators, n, sync_free=sync_free)
-                else:
-                    rope_si = RopeSlice(rope[0, offset:offset + n], rope[1, offset:offset + n])
-                    for li, block in enumerate(model.blocks):
-                        keep = pruner.keep_tokens(si, li, x)
-                        kept = n if keep is None else keep.shape[1]
-                        record = LayerRecord(si, li, n, kept)
-                        trace.layers.append(record)
-                        if kept == 0:
-                            continue
-                        want = record_entropy or pruner.wants_entropy(si, li)
-                        x, ent = _run_block(block, x, ada[li] if fused else None, cond.gss, cond.text[li], rope_si,
-                                            cache[li], keep=keep, entropy=want, kv_policy=kv_policy, fused=fused,
-                                            gelu_epilogue=fused and opts.gelu_epilogue)
-                        if ent is not None:
-                            pruner.observe(si, li, ent)
-                            if record_entropy:
-                                entropy_means.append((record, entropy_summary(ent, batch)))
-                    pruner.end_scale(si, x)
-
-                    logits = model.logits(x, cond.cond_BD).mul(1 / tau_list[si])
-                    if use_cfg and cfg_list[si] != 1:
-                        logits = cfg_list[si] * logits[:batch] + (1 - cfg_list[si]) * logits[batch:]
-                    else:
-                        logits = logits[:batch]
-                    if sync_free:
-                        bits = draw_bits(bit_probs(logits, top_k=top_k, top_p=top_p), generators, n, sync_free=True)
-                    else:
-                        bits = sample_bits(logits, generators, top_k=top_k, top_p=top_p)
-                bits_per_scale.append(bits)
-
-                codes = vae.bits_to_codes(vae.tokens_to_bits(bits, (h, w)))
-                if si != n_scales - 1:
-                    up = vae.upsample_codes(codes, vae_schedule[-1])
-                    summed = up if summed is None else summed + up
-                    nxt = vae.codes_to_tokens(vae.upsample_codes(summed, vae_schedule[si + 1]))
-                    x = model.embed_codes(nxt).repeat(rows // batch, 1, 1)
-                else:
-                    summed = codes if summed is None else summed + codes
-                offset += n
+                x = call.model.add_level(x, si)
+                probe = pruner.static_plan(si) if call.planned else None
+                if call.whole_scale:  # one graph: blocks, head, guidance, top-k/top-p
+                    bits.append(_scale_graph(call, si, x))
+                elif probe is not None:  # probe blocks, the pruner's plan, planned blocks, head
+                    bits.append(_scale_planned(call, si, x, probe))
+                else:  # block by block, the pruner deciding at each
+                    bits.append(_scale_eager(call, si, x))
+                # sum the sampled codes; the sum, resized to the next grid, is the next input
+                x, summed = _next_input(call, si, bits[-1], summed)
                 scale_marks.append((mark, timer.mark()))
-
             decode_start = timer.mark()
-            if summed is None:  # stopped before the first scale: nothing was generated
-                _, fh, fw = vae_schedule[-1]
-                summed = torch.zeros(batch, vae.codebook_dim, 1, fh, fw, device=device)
-            if opts is not None and device.type == "cuda" and isinstance(vae, BSQVAE):
-                images = vae.decode(summed, channels_last=opts.vae_channels_last, fused_norm=opts.vae_fused_norm,
-                                    cudnn_benchmark=opts.vae_cudnn_benchmark)
-            else:
-                images = vae.decode(summed)
+            images = _decode(call, summed)
             end = timer.mark()
         timer.finish()
+    return _result(call, timer, scale_marks, start, decode_start, end, images, bits)
 
-    for si, (a, b) in enumerate(scale_marks):
-        trace.scales[si].time_ms = timer.elapsed_ms(a, b)
-    trace.decode_ms = timer.elapsed_ms(decode_start, end)
-    trace.total_ms = timer.elapsed_ms(start, end)
-    for record, value in entropy_means:
-        record.entropy_mean = float(value)
-    if graphs is not None:
-        runtime["capture_ms"] = graphs.capture_ms
-        if plans:
-            runtime["units"] = {k: v - units_before[k] for k, v in graphs.unit_counts.items()}
-    return GenerationResult(images=_to_uint8(images), trace=trace, bits=[b.cpu() for b in bits_per_scale],
-                            runtime=runtime)
+
+def _renamed_keywords(renamed: dict[str, Any], **settings: Any) -> dict[str, Any]:
+    """`generate`'s keywords under their current names; old names warn, unknown ones are a TypeError."""
+    unknown = sorted(set(renamed) - set(RENAMED))
+    if unknown:
+        raise TypeError(f"generate() got an unexpected keyword argument '{unknown[0]}'")
+    return renamed_settings({**settings, **renamed}, "generate()", stacklevel=3)

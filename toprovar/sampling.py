@@ -8,11 +8,20 @@ validity checks: same ops, same generator, same bits). We draw each image's bits
 generator, in the same order the official loop does for a batch of one, so a seed gives the same
 bits whether the image is generated alone or in a batch (given equal logits) and equals the
 official sampler with `g_seed = seed` for a single image.
+
+Before that, `GuidedSampling` turns a scale's logits into the conditional rows' logits as the
+official loop does: divide by the scale's temperature, then classifier-free guidance on the logits
+(`guidance_scale * conditional + (1 - guidance_scale) * unconditional`).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+from toprovar.errors import UserError
 
 
 def make_generators(seeds: list[int], device: torch.device | str) -> list[torch.Generator]:
@@ -74,3 +83,49 @@ def sample_bits(logits: Tensor, generators: list[torch.Generator], *, top_k: int
     if len(generators) != b:
         raise ValueError(f"{b} rows of logits but {len(generators)} generators")
     return draw_bits(bit_probs(logits, top_k=top_k, top_p=top_p), generators, n, sync_free=sync_free)
+
+
+def _per_scale(value: float | Sequence[float], n: int, name: str) -> tuple[float, ...]:
+    if isinstance(value, (int, float)):
+        return (float(value),) * n
+    values = [float(v) for v in value]
+    if len(values) < n:
+        raise UserError(f"{name} lists {len(values)} values but the schedule has {n} scales; "
+                        f"give one number or at least {n}")
+    return tuple(values[:n])
+
+
+@dataclass(frozen=True)
+class GuidedSampling:
+    """Logits of a scale -> bit probabilities, in the official order: temperature, classifier-free
+    guidance on the logits, top-k / top-p, softmax. Hashable: the fast path keys its graphs on it."""
+
+    guidance_scale: tuple[float, ...]  # per scale; 1: the scale runs without guidance
+    temperature: tuple[float, ...]  # per scale
+    top_k: int
+    top_p: float
+
+    @classmethod
+    def per_scale(cls, guidance_scale: float | Sequence[float], temperature: float | Sequence[float], n_scales: int,
+                  top_k: int, top_p: float) -> GuidedSampling:
+        """One number for every scale or one per scale (extra values ignored); too few: UserError."""
+        return cls(_per_scale(guidance_scale, n_scales, "guidance_scale"),
+                   _per_scale(temperature, n_scales, "temperature"), top_k, top_p)
+
+    @property
+    def guided(self) -> bool:
+        """Some scale needs the unconditional rows (the transformer batch is doubled)."""
+        return any(g != 1 for g in self.guidance_scale)
+
+    def logits(self, logits: Tensor, si: int, batch: int) -> Tensor:
+        """Logits `(rows, n, 2 * d)` of scale si, rows `[:batch]` conditional and `[batch:]`
+        unconditional when present -> the guided logits `(batch, n, 2 * d)`."""
+        logits = logits.mul(1 / self.temperature[si])
+        scale = self.guidance_scale[si]
+        if logits.shape[0] != batch and scale != 1:
+            return scale * logits[:batch] + (1 - scale) * logits[batch:]
+        return logits[:batch]
+
+    def probs(self, logits: Tensor, si: int, batch: int) -> Tensor:
+        """Logits of scale si -> filtered probabilities `(batch, n * d, 2)` (`logits`, then `bit_probs`)."""
+        return bit_probs(self.logits(logits, si, batch), top_k=self.top_k, top_p=self.top_p)

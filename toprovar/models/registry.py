@@ -57,8 +57,8 @@ class BackboneSpec:
     text_encoder: str  # text encoder kind: 't5' or one added with register_text_encoder
     weights: WeightPaths = field(default_factory=WeightPaths)
     pixels: str = "1M"  # default pixel budget of the scale schedule
-    cfg: float = 3.0  # default guidance scale (official inference: 3)
-    tau: float = 1.0  # default sampling temperature
+    guidance_scale: float = 3.0  # default classifier-free guidance scale (official inference: 3)
+    temperature: float = 1.0  # default sampling temperature
     random_init: bool = False  # test backbones: seeded random weights when no path is given
     schedules: ScheduleFamily = INFINITY_SCHEDULES  # token grids per aspect ratio and pixel budget
 
@@ -216,12 +216,12 @@ register_backbone(BackboneSpec(
     name="infinity-2b", transformer=TRANSFORMER_PRESETS["infinity-2b"], vae="d32", text_encoder="t5",
     weights=WeightPaths(transformer="weights/infinity_2b_reg.pth", vae="weights/infinity_vae_d32_reg.pth",
                         text_encoder="weights/flan-t5-xl"),
-    pixels="1M", cfg=3.0, tau=0.5))  # official 2B notebook: cfg 3, tau 0.5
+    pixels="1M", guidance_scale=3.0, temperature=0.5))  # official 2B notebook: cfg 3, tau 0.5
 register_backbone(BackboneSpec(
     name="infinity-8b", transformer=TRANSFORMER_PRESETS["infinity-8b"], vae="d14_patchify", text_encoder="t5",
     weights=WeightPaths(transformer="weights/infinity_8b_weights",
                         vae="weights/infinity_vae_d56_f8_14_patchify.pth", text_encoder="weights/flan-t5-xl"),
-    pixels="1M", cfg=3.0, tau=1.0))  # official 8B notebook: cfg 3, tau 1
+    pixels="1M", guidance_scale=3.0, temperature=1.0))  # official 8B notebook: cfg 3, tau 1
 
 
 # -- small test backbones (random weights, no files) -------------------------------------------------
@@ -276,11 +276,11 @@ def _register_test_backbones() -> None:
     small = TRANSFORMER_PRESETS["test-small"]
     register_text_encoder("hashed-test", _hashed_text_encoder_factory(small.text_channels, small.text_maxlen))
     register_backbone(BackboneSpec(name="test-small", transformer=small, vae="test", text_encoder="hashed-test",
-                                   pixels="0.06M", cfg=3.0, tau=1.0, random_init=True))
+                                   pixels="0.06M", guidance_scale=3.0, temperature=1.0, random_init=True))
     register_backbone(BackboneSpec(name="test-small-patchify", transformer=TRANSFORMER_PRESETS["test-small-patchify"],
                                    vae=_replace(VAE_PRESETS["test"], apply_spatial_patchify=True),
-                                   text_encoder="hashed-test", pixels="0.06M", cfg=3.0, tau=1.0,
-                                   random_init=True))
+                                   text_encoder="hashed-test", pixels="0.06M", guidance_scale=3.0,
+                                   temperature=1.0, random_init=True))
 
 
 _register_test_backbones()

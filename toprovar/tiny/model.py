@@ -47,12 +47,12 @@ WEIGHTS = WeightPaths(transformer=str(ASSETS / "transformer.safetensors"), vae=s
                       text_encoder=str(ASSETS / "text_encoder.safetensors"))
 
 # Generation defaults, chosen on held-out prompts after training (MODEL_CARD.md).
-DEFAULT_CFG = 3.0  # best of 2, 3, 4 on held-out and fresh prompts
-DEFAULT_TAU = 1.0
+DEFAULT_GUIDANCE_SCALE = 3.0  # best of 2, 3, 4 on held-out and fresh prompts
+DEFAULT_TEMPERATURE = 1.0
 
 TINY_SPEC = BackboneSpec(name=NAME, transformer=TINY_TRANSFORMER, vae=TINY_VAE, text_encoder="tiny-words",
-                         weights=WEIGHTS, pixels="0.016M", cfg=DEFAULT_CFG, tau=DEFAULT_TAU,
-                         schedules=TINY_SCHEDULES)
+                         weights=WEIGHTS, pixels="0.016M", guidance_scale=DEFAULT_GUIDANCE_SCALE,
+                         temperature=DEFAULT_TEMPERATURE, schedules=TINY_SCHEDULES)
 
 
 def text_encoder_config(vocabulary: tuple[str, ...], order_layers: int = TEXT_ORDER_LAYERS) -> TextEncoderConfig:

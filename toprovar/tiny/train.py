@@ -79,7 +79,7 @@ class TransformerTrainConfig:
 class EvalConfig:
     prompts: int = 192  # held-out prompts for geneval-lite
     psnr_images: int = 256
-    cfgs: list[float] = field(default_factory=lambda: [2.0, 3.0, 4.0])
+    guidance_scales: list[float] = field(default_factory=lambda: [2.0, 3.0, 4.0])
     batch: int = 64
 
 
@@ -412,12 +412,14 @@ def evaluate_generation(weights_dir: Path, cfg: EvalConfig, device: torch.device
     for split, seed in (("heldout", 4242), ("all", 4343)):
         scenes = sample_scenes(cfg.prompts, seed=seed, split=split)
         captions = [s.caption for s in scenes]
-        for guidance in cfg.cfgs:
+        for guidance in cfg.guidance_scales:
             images = torch.cat([generate(backbone, captions[i:i + cfg.batch], list(range(i, min(i + cfg.batch, len(captions)))),
-                                         cfg=guidance).images for i in range(0, len(captions), cfg.batch)])
+                                         guidance_scale=guidance).images
+                                for i in range(0, len(captions), cfg.batch)])
             report = geneval_report(images, captions)
-            results[f"{split}/cfg{guidance:g}"] = {row["category"]: float(row["score"]) for _, row in report.iterrows()}
-            if split == "heldout" and guidance == cfg.cfgs[len(cfg.cfgs) // 2]:
+            results[f"{split}/guidance_scale{guidance:g}"] = {row["category"]: float(row["score"])
+                                                              for _, row in report.iterrows()}
+            if split == "heldout" and guidance == cfg.guidance_scales[len(cfg.guidance_scales) // 2]:
                 save_grid(images[:32], captions[:32], out / "samples_heldout.png")
     return results
 
@@ -516,6 +518,7 @@ def main() -> None:
     from omegaconf import DictConfig
 
     from toprovar.errors import exit_on_user_error
+    from toprovar.renames import renamed_overrides
 
     conf_dir = Path(__file__).resolve().parents[2] / "conf"
 
@@ -528,6 +531,7 @@ def main() -> None:
             metrics = run(config)
             print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=1))
 
+    sys.argv[1:] = renamed_overrides(sys.argv[1:], {"eval.cfgs": "eval.guidance_scales"}, "toprovar.tiny.train")
     if not any(a.startswith("-") for a in sys.argv[1:]):
         from toprovar.__main__ import check_overrides
 
