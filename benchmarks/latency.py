@@ -1,4 +1,4 @@
-"""Generation latency of Infinity-2B / 8B: `python -m toprovar.bench_latency`.
+"""Generation latency of Infinity-2B / 8B: `python -m benchmarks.latency`.
 
 Random weights of the real shapes (transformer drawn on the GPU, VAE of the real config with its
 default init), random text features of T5 width (no T5 needed), 1024x1024 (13 scales), batch 1,
@@ -40,7 +40,7 @@ import torch
 
 from toprovar.errors import UserError, exit_on_user_error
 
-PROG = "python -m toprovar.bench_latency"
+PROG = "python -m benchmarks.latency"
 
 # (name, fast argument) — cumulative ladder ending at the default fast path, then leave-one-out
 # and opt-in variants of it.

@@ -1,7 +1,7 @@
 """GPU mechanics of pruning: does removing FLOPs remove time, and what do the decisions cost?
 
-    python -m toprovar.bench_pruning            # Infinity-2B, random weights, 1024², batch 1, CFG 3, bf16
-    python -m toprovar.bench_pruning --smoke    # the same path on CPU with the test-small backbone
+    python -m benchmarks.pruning            # Infinity-2B, random weights, 1024², batch 1, CFG 3, bf16
+    python -m benchmarks.pruning --smoke    # the same path on CPU with the test-small backbone
 
 Model: Infinity-2B's architecture with seeded random weights (`toprovar.models.transformer.
 random_state_dict`), a random BSQ VAE (d32) and a hashed-word text encoder at T5-XL width, so no
@@ -61,7 +61,7 @@ from torch import Tensor
 from toprovar.errors import UserError, exit_on_user_error
 from toprovar.renames import deprecation
 
-PROG = "python -m toprovar.bench_pruning"
+PROG = "python -m benchmarks.pruning"
 
 
 # -- backbone and policy ---------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def fixed_policy(depth: int, min_scale: int, alpha: float, protect_layers: int =
         "layer": {"mode": "static", "beta": 1.0, "ratios": [1.0] * depth},
         "token": {"alpha_min": alpha, "alpha_max": alpha, "min_keep": min_keep, "normalize": "mean",
                   "protect_layers": protect_layers},
-        "provenance": {"calibrated": False, "source": "toprovar.bench_pruning: fixed by construction"},
+        "provenance": {"calibrated": False, "source": "benchmarks.pruning: fixed by construction"},
     }, name="bench-fixed")
 
 

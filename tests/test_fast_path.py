@@ -94,7 +94,7 @@ class PlannedRows(NoPruner):
 def _fixed_toprovar(depth: int, **token):
     from dataclasses import replace
 
-    from toprovar.bench_pruning import fixed_policy
+    from benchmarks.pruning import fixed_policy
 
     policy = fixed_policy(depth, min_scale=3, alpha=0.5, protect_layers=1)
     return replace(policy, token=replace(policy.token, **token)) if token else policy

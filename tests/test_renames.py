@@ -137,7 +137,7 @@ def test_calibrate_command_line_maps_backbone_keys(capsys: pytest.CaptureFixture
 
 
 def test_bench_pruning_guidance_scale_flag(capsys: pytest.CaptureFixture) -> None:
-    from toprovar.bench_pruning import parse
+    from benchmarks.pruning import parse
 
     assert parse(["--smoke"]).guidance_scale == 3.0
     assert parse(["--smoke", "--guidance-scale", "2.5"]).guidance_scale == 2.5

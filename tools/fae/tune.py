@@ -1,10 +1,10 @@
 """Time the FAE kernel's variants on one GPU in one go: compile all (in parallel), check each
 against float64, time each with and without entropy (alternating the twins over several rounds,
-medians reported) beside PyTorch SDPA and the previous kernel (kernels/_fae_v0.py).
+medians reported) beside PyTorch SDPA and the previous kernel (tools/fae/v0.py).
 
-    python -m kernels.tune [--out DIR] [--shapes main|all] [--rounds 3] [--ncu [VARIANT ...]]
+    python -m tools.fae.tune [--out DIR] [--shapes main|all] [--rounds 3] [--ncu [VARIANT ...]]
 
-Shapes are kernels.bench's: B=2, D=128, bf16, the last five scales of the 1M schedule, 16 and 28
+Shapes are benchmarks.attention's: B=2, D=128, bf16, the last five scales of the 1M schedule, 16 and 28
 heads. Writes DIR/tune.json after every shape (a run cut short still leaves numbers) and prints a
 short table last. `--ncu` profiles variants and cuDNN at the main shape with Nsight Compute.
 The first two sweeps (tile shapes, pipelining, row-sum placement) ran from this file as of commit
@@ -37,7 +37,7 @@ V0_CONFIGS = [(128, 128, 8, 3), (64, 64, 4, 3)]
 
 
 def shapes(which: str) -> list[tuple[int, int, int, int]]:
-    from kernels.bench import last_scale_shapes
+    from benchmarks.attention import last_scale_shapes
 
     main = [(16, 12, 4096, 10521)]
     if which == "main":
@@ -46,7 +46,7 @@ def shapes(which: str) -> list[tuple[int, int, int, int]]:
 
 
 def _inputs(heads: int, lq: int, lk: int, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)  # fresh random data, drawn as kernels.bench draws it
+    g = torch.Generator(device="cuda").manual_seed(seed)  # fresh random data, drawn as benchmarks.attention draws it
     q = torch.randn(2, heads, lq, 128, device="cuda", generator=g)
     k = F.normalize(torch.randn(2, heads, lk, 128, device="cuda", generator=g), dim=-1).to(torch.bfloat16)
     v = torch.randn(2, heads, lk, 128, device="cuda", generator=g).to(torch.bfloat16)
@@ -55,11 +55,11 @@ def _inputs(heads: int, lq: int, lk: int, seed: int = 0):
 
 
 def _run(name: str, q, k, v, ent: bool):
-    from kernels import _fae_v0
+    from tools.fae import v0
     from kernels.triton_fae import launch
 
     if name.startswith("v0_"):
-        return _fae_v0.fae_forward(q, k, v, None, ent, config=tuple(int(x) for x in name.split("_")[1:]))
+        return v0.fae_forward(q, k, v, None, ent, config=tuple(int(x) for x in name.split("_")[1:]))
     cfg, tma = VARIANTS[name]
     return launch(q, k, v, None, ent, cfg, tma)[:2]
 
@@ -117,7 +117,7 @@ def sweep(out_dir: str, which: str, rep: int, rounds: int) -> dict:
 
     res = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                     "python": platform.python_version(), "date": date.today().isoformat(),
-                    "command": "python -m kernels.tune " + " ".join(sys.argv[1:]),
+                    "command": "python -m tools.fae.tune " + " ".join(sys.argv[1:]),
                     "times": f"median over {rounds} rounds of do_bench medians (ms, L2 flushed between runs)"},
            "rows": []}
     t_start = time.time()
@@ -225,7 +225,7 @@ def ncu_profile(out_dir: str, names: list[str]) -> None:
         print("ncu metrics unknown here:", [m for m in NCU_METRICS if m not in metrics])
         cmd = ["ncu", "--clock-control", "none", "--profile-from-start", "off", "--metrics", ",".join(metrics),
                "--section", "SpeedOfLight", "--section", "Occupancy", "--csv",
-               sys.executable, "-m", "kernels.tune", "--ncu-target", *names]
+               sys.executable, "-m", "tools.fae.tune", "--ncu-target", *names]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
         with open(os.path.join(out_dir, "ncu.csv"), "w") as f:
             f.write(p.stdout + "\n# stderr\n" + p.stderr[-4000:])
