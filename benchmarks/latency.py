@@ -255,14 +255,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.double() - b.double()) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
-
-
 def check_numerics(backbone, fast_dtype: torch.dtype, *, prompt: str = "a photo", seed: int = 0) -> dict:
     """Teacher-forced comparison of the bf16 variants with the float32 eager path (in place: the
     backbone ends in `fast_dtype`)."""
+    from toprovar.metrics import psnr
     from toprovar.pipeline import FastOptions, generate
 
     to_dtype(backbone, torch.float32)
@@ -293,7 +289,7 @@ def check_numerics(backbone, fast_dtype: torch.dtype, *, prompt: str = "a photo"
         recs[name] = rec
         row: dict[str, Any] = {
             "bits_agree": [float((a == b).float().mean()) for a, b in zip(rec.bits, ref.bits)],
-            "image_psnr_db_vs_fp32": _psnr(res.images, ref_res.images)}
+            "image_psnr_db_vs_fp32": float(psnr(res.images, ref_res.images, "pooled"))}
         if rec.logits:
             row["logits_rel_err"] = [_rel(a, b) for a, b in zip(rec.logits, ref.logits)]
         out[name] = row

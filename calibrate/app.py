@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 
 from calibrate import plots
-from calibrate.backend import CalibrationBackend, load_backend, resolve_dtype
+from calibrate.backend import CalibrationBackend, load_backend
 from calibrate.config import CalibrationConfig
 from calibrate.export import (check_loads, copy_to, git_commit, portable_path, prompts_record, redact_url, versions,
                               write_policy)
@@ -28,7 +28,7 @@ from calibrate.search import completed, open_study, pareto_front, run_search, tr
 from calibrate.select import Selection, select_and_validate
 from calibrate.tracking import NullTracker, Tracker, open_tracker
 from toprovar.errors import UserError
-from toprovar.models.registry import resolve_device
+from toprovar.models.registry import resolve_device, resolve_dtype
 
 log = logging.getLogger("calibrate")
 
@@ -154,7 +154,7 @@ class Calibration:
         cfg = self.cfg
         # Build first: a missing weight file or prompt file fails in a second, before any tracking.
         t0 = time.perf_counter()
-        backend = load_backend(cfg.backbone, self.device, resolve_dtype(cfg.dtype, self.device),
+        backend = load_backend(cfg.backbone, self.device, resolve_dtype(cfg.dtype),
                                batch_size=cfg.batch_size)
         prompts = load_prompt_sets(cfg.prompts)
         study = open_study(cfg.study_name, cfg.storage, cfg.search.sampler, cfg.seed, cfg.search.n_trials)

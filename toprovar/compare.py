@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from toprovar.cli import generation_settings, prompts_and_seeds
 from toprovar.errors import UserError
 from toprovar.policy import VARIANTS, Policy, load_policy, policy_from_dict, shipped_policies
 
@@ -212,13 +213,6 @@ def geneval_lite_scorer(backbone: str) -> Callable | None:
     return score
 
 
-def pooled_psnr(psnr_values) -> float:
-    """PSNR of the mean squared error over several images, from their per-image PSNRs (dB)."""
-    mse = [0.0 if math.isinf(v) else 10 ** (-v / 10) for v in psnr_values]
-    mean = sum(mse) / len(mse)
-    return math.inf if mean == 0 else -10 * math.log10(mean)
-
-
 # -- the run ---------------------------------------------------------------------------------------
 
 
@@ -232,6 +226,7 @@ class CompareResult:
 
 
 def _prompts(cfg: dict[str, Any], backbone: str) -> tuple[list[str], list[int], list[Any]]:
+    """The prompts, their seeds and what the evaluator reads for each (a tiny scene, else the prompt)."""
     prompts = cfg.get("text_prompts")
     specs = None
     n = int(cfg.get("n_prompts") or 4)
@@ -245,15 +240,8 @@ def _prompts(cfg: dict[str, Any], backbone: str) -> tuple[list[str], list[int], 
             prompts, specs = [s.caption for s in scenes], list(scenes)
         else:
             prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(n)]
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise UserError("prompts must be a non-empty list of strings, e.g. prompts='[\"a cat\", \"a dog\"]'")
-    seeds = cfg.get("seeds")
-    seeds = list(range(len(prompts))) if seeds is None else ([seeds] if isinstance(seeds, int) else list(seeds))
-    if len(seeds) != len(prompts) or not all(isinstance(s, int) for s in seeds):
-        raise UserError(f"give one integer seed per prompt: {len(prompts)} prompts, seeds={seeds}")
-    return list(prompts), seeds, specs if specs is not None else list(prompts)
+    prompts, seeds = prompts_and_seeds(prompts, cfg.get("seeds"))
+    return prompts, seeds, specs if specs is not None else list(prompts)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -298,7 +286,6 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
     import yaml
     from tqdm.auto import tqdm
 
-    from toprovar.__main__ import _device, _dtype, generation_settings
     from toprovar.flops import trace_flops
     from toprovar.metrics import psnr, ssim
     from toprovar.models import registry
@@ -314,7 +301,7 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
         except ImportError:
             pass
     spec = registry.get_backbone(name)
-    settings = generation_settings(cfg, "toprovar compare")
+    settings = generation_settings(group, cfg, prog="toprovar compare")
     schedule = spec.schedules.scale_schedule(settings.get("h_div_w", 1.0), settings.get("pixels") or spec.pixels)
     n_scales, depth = len(schedule), spec.transformer.depth
     methods = resolve_methods(cfg.get("methods"), name, n_scales, depth)
@@ -327,9 +314,9 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
     if batch < 1 or warmup < 0:
         raise UserError(f"batch_size={batch} and warmup={warmup}: need batch_size >= 1 and warmup >= 0")
     scorer = geneval_lite_scorer(name)
+    device, dtype = registry.resolve_device(cfg.get("device", "auto")), registry.resolve_dtype(cfg.get("dtype", "auto"))
 
-    backbone = registry.build_backbone(spec, group.get("weights"), device=_device(cfg.get("device", "auto")),
-                                       dtype=_dtype(cfg.get("dtype", "auto")))
+    backbone = registry.build_backbone(spec, group.get("weights"), device=device, dtype=dtype)
     chunks = [(s, prompts[s:s + batch], seeds[s:s + batch]) for s in range(0, len(prompts), batch)]
     runs: dict[str, dict[str, Any]] = {m.label: {"images": [], "latency": [], "executed": 0.0, "unpruned": 0.0,
                                                  "first": None} for m in methods}
@@ -371,13 +358,13 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
     for method in methods:
         run = runs[method.label]
         s = ssim(run["images"], base["images"]).tolist()
-        p = psnr(run["images"], base["images"]).tolist()
+        p = psnr(run["images"], base["images"]).tolist()  # per image; the table's is of the pooled MSE
         g = scorer(run["images"], specs).tolist() if scorer is not None else [None] * len(prompts)
         ms = float(torch.tensor(run["latency"]).median())
         ratio = run["executed"] / run["unpruned"]
         rows.append({"method": method.label, "policy": method.source, "latency_ms": ms, "speedup": base_ms / ms,
                      "flop_ratio": ratio, "flop_speedup": 1 / ratio if ratio > 0 else math.inf,
-                     "ssim": sum(s) / len(s), "psnr_db": pooled_psnr(p),
+                     "ssim": sum(s) / len(s), "psnr_db": float(psnr(run["images"], base["images"], "pooled")),
                      "geneval_lite": (sum(g) / len(g)) if scorer is not None else None})
         for i, prompt in enumerate(prompts):
             per_image.append({"method": method.label, "prompt": prompt, "seed": seeds[i],

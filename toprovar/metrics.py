@@ -1,12 +1,14 @@
 """Image similarity against a reference image: SSIM (Wang et al. 2004) and PSNR, on uint8 RGB.
 
-SSIM uses torchmetrics' implementation (11×11 Gaussian window, σ = 1.5, K1 = 0.01, K2 = 0.03,
-data range 1 on images scaled to [0, 1]), computed per image over the three channels.
+Both are torchmetrics' implementations on images scaled to [0, 1] (data range 1). SSIM: 11×11
+Gaussian window, σ = 1.5, K1 = 0.01, K2 = 0.03, per image over the three channels.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+REDUCTIONS = ("none", "mean", "pooled")
 
 
 def _as_float(images: Tensor) -> Tensor:
@@ -25,7 +27,18 @@ def ssim(images: Tensor, references: Tensor, reduction: str = "none") -> Tensor:
 
 
 def psnr(images: Tensor, references: Tensor, reduction: str = "none") -> Tensor:
-    """PSNR in dB of each image against its reference: (N,); identical images give +inf."""
-    mse = (_as_float(images) - _as_float(references)).pow(2).flatten(1).mean(1)
-    values = 10.0 * torch.log10(1.0 / mse)
+    """PSNR in dB against the references; identical images give +inf.
+
+    reduction: 'none' — (N,), one per image; 'mean' — the mean of those; 'pooled' — one value from
+    the mean squared error over all images (what a set of images scores as a whole: one bad image
+    cannot be averaged away in dB, and identical images do not make the mean infinite).
+    """
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+    preds, target = _as_float(images), _as_float(references)
+    if reduction == "pooled":
+        return peak_signal_noise_ratio(preds, target, data_range=1.0)
+    values = peak_signal_noise_ratio(preds, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
     return values.mean() if reduction == "mean" else values

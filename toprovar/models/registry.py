@@ -136,6 +136,19 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype | None:
+    """A user's dtype setting (auto | float32 | bfloat16 | float16) -> the dtype of the transformer
+    blocks and the VAE; None for auto (`default_dtype` of the device). One-line errors."""
+    if name == "auto":
+        return None
+    if name not in DTYPES:
+        raise UserError(f"dtype={name!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def _missing(spec: BackboneSpec, part: str) -> UserError:
     return UserError(f"backbone '{spec.name}' has no {part} weights; set backbone.weights.{part}=/local/path")
 
