@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from toprovar.models.transformer import TRANSFORMER_PRESETS, InfinityTransformer, RopeSlice, random_state_dict
-from toprovar.pipeline import FastOptions, NoPruner, generate, release_fast_state, resolve_fast
+from toprovar.pipeline import FastOptions, generate, release_fast_state, resolve_fast
+from toprovar.pruning import NoPruner
 from toprovar.sampling import draw_bits, make_generators
 from toprovar.schedules import scale_schedule
 

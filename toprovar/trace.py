@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from toprovar.pruning import as_pruner
+
 
 @dataclass
 class ScaleRecord:
@@ -153,8 +155,6 @@ class KeptTokenRecorder:
 
 def record_kept_tokens(policy) -> KeptTokenRecorder:
     """`policy` (None/'none', a Policy, a name/path, a Pruner) as a pruner that records kept tokens."""
-    from toprovar.pipeline import as_pruner  # lazy: the pipeline imports this module
-
     return KeptTokenRecorder(as_pruner(policy))
 
 

@@ -1,19 +1,24 @@
 """Pruners: the policy's decisions, plugged into the generation loop's hooks (toprovar.pipeline).
 
-`build_pruner(policy)` turns a `toprovar.policy.Policy` (or a path/name of one) into a fresh
-pruner for one generation call. Stage math lives in `stages` (pure tensor functions, testable
-alone); each pruner module wires the stages to the hooks.
+The hook contract (`Pruner`, `PrunerContext`, `NoPruner`) is in `hooks`. `as_pruner(policy)` turns
+a `toprovar.policy.Policy` (or a path/name of one, None, or a Pruner) into a fresh pruner for one
+generation call. Stage math lives in `stages` (pure tensor functions, testable alone); each pruner
+module wires the stages to the hooks.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from toprovar.policy import Policy, load_policy
+from toprovar.pruning.hooks import NoPruner, Pruner, PrunerContext
 
 
-def build_pruner(policy: Any):
-    from toprovar.pipeline import NoPruner
-
+def as_pruner(policy: Any) -> Pruner:
+    """None / 'none' -> NoPruner; a Pruner as is; a Policy, or a name/path of one -> its pruner."""
+    if policy is None or policy == "none":
+        return NoPruner()
+    if isinstance(policy, Pruner):
+        return policy
     if not isinstance(policy, Policy):
         policy = load_policy(policy)
     if policy.method == "none":
@@ -31,4 +36,4 @@ def build_pruner(policy: Any):
     return FixedExitPruner(policy.fixed_exit.exit_scale)
 
 
-__all__ = ["build_pruner"]
+__all__ = ["NoPruner", "Pruner", "PrunerContext", "as_pruner"]
