@@ -17,6 +17,7 @@ import json
 import platform
 import statistics
 from datetime import date
+from functools import partial
 from itertools import accumulate
 
 import torch
@@ -87,7 +88,7 @@ def main() -> None:
                     if name in row or (r > 0 and name == "naive_entropy"):
                         continue  # failed before, or the slow baseline already timed
                     try:
-                        times[name].append(triton.testing.do_bench(lambda: fn(q, k, v), warmup=25, rep=args.repeats,
+                        times[name].append(triton.testing.do_bench(partial(fn, q, k, v), warmup=25, rep=args.repeats,
                                                                    return_mode="median"))
                     except Exception as err:  # a backend not available for this shape
                         row[name] = float("nan")

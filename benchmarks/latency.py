@@ -28,13 +28,14 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, replace
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
+from typing import Any
 
 import torch
 
@@ -284,7 +285,7 @@ def check_numerics(backbone, fast_dtype: torch.dtype, *, prompt: str = "a photo"
     runs = {"plain bf16": False, "fused eager bf16": FastOptions(graphs=False), "fast (graphs) bf16": True}
     recs = {}
     for name, fast in runs.items():
-        rec, res = _with_recorder(ref.bits, lambda: generate(backbone, [prompt], [seed], fast=fast),
+        rec, res = _with_recorder(ref.bits, partial(generate, backbone, [prompt], [seed], fast=fast),
                                   record_logits=fast is not True)
         recs[name] = rec
         row: dict[str, Any] = {
@@ -404,8 +405,9 @@ def markdown(results: dict, anchors: dict) -> str:
                              f"{100 * v['fp32 share clamped']:.1f} % clamped)")
         if "profile" in r:
             p = r["profile"]
-            lines.append(f"\nProfile of the fused path without graphs (same kernels): GPU busy {p['gpu_busy_ms']:.1f} ms "
-                         f"over {p['kernels']} kernels; wall {p['wall_ms']:.1f} ms (profiler on)\n")
+            lines.append(f"\nProfile of the fused path without graphs (same kernels): "
+                         f"GPU busy {p['gpu_busy_ms']:.1f} ms over {p['kernels']} kernels; "
+                         f"wall {p['wall_ms']:.1f} ms (profiler on)\n")
             lines.append("| kernel family | GPU ms |\n|---|---|")
             for f, ms in sorted(p["families_ms"].items(), key=lambda kv: -kv[1]):
                 lines.append(f"| {f} | {ms:.1f} |")
@@ -526,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         triton_version = None
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "triton": triton_version,
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])])}
     results.update(meta)
     md = markdown(results, {} if args.smoke else ANCHORS_S)

@@ -17,8 +17,9 @@ still turn into the same policy; a knob missing from the parameters keeps its de
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import optuna
 
@@ -181,7 +182,7 @@ class SearchSpace:
     ranges: Mapping[str, tuple]
 
     @classmethod
-    def from_config(cls, space: Mapping[str, Any], summary: Any) -> "SearchSpace":
+    def from_config(cls, space: Mapping[str, Any], summary: Any) -> SearchSpace:
         check_space(space)
         ranges = {}
         for knob in KNOBS:

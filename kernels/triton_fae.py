@@ -139,12 +139,12 @@ BIG = (128, 128, 8, 3, False)  # (BLOCK_M, BLOCK_N, num_warps, num_stages, ENTRO
 SMALL = (64, 64, 4, 3, True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _is_hopper_plus(device: int) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 

@@ -2,15 +2,14 @@
 of toprovar/conf/ composed as the apps compose them (the YAML is the one source of default values)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pytest
 from omegaconf import DictConfig, open_dict
 
 from toprovar.cli import CONF_DIR
 from toprovar.models.registry import build_backbone
-
 
 
 @pytest.fixture(scope="module")

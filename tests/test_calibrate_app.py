@@ -11,8 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from calibrate.stats import (crossing_direction, layer_score, low_entropy_ratio, principal_component_ratio,
-                             quantile_range, representative_scale)
+from calibrate.stats import (
+    crossing_direction,
+    layer_score,
+    low_entropy_ratio,
+    principal_component_ratio,
+    quantile_range,
+    representative_scale,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 

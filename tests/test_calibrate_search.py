@@ -13,6 +13,7 @@ import random
 import optuna
 import pytest
 import torch
+from optuna.trial import TrialState
 
 from calibrate.backend import load_backend
 from calibrate.config import SAMPLERS, ConstraintsConfig
@@ -20,12 +21,9 @@ from calibrate.knobs import CATEGORICAL, INT, KNOBS, PolicyFactory, SearchSpace,
 from calibrate.objective import PolicyScorer
 from calibrate.presample import PresampleSummary
 from calibrate.prompts import PromptSet
-from calibrate.search import (Scores, completed, feasible_front, open_study, pareto_front, run_search,
-                              violations)
-from optuna.trial import TrialState
+from calibrate.search import Scores, completed, feasible_front, open_study, pareto_front, run_search, violations
 from toprovar.errors import UserError
 from toprovar.policy import Policy
-
 
 # A pre-sampling summary for the 2-layer, 7-scale test-small backbone: any valid ratios (>= 1) work.
 SUMMARY = PresampleSummary(crossing="below", tau_range=(0.0, 1.0), representative_scale=3,

@@ -33,10 +33,10 @@ import dataclasses
 import datetime as _dt
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from toprovar.cli import generation_settings, prompts_and_seeds
 from toprovar.errors import UserError
@@ -307,7 +307,7 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
     methods = resolve_methods(cfg.get("methods"), name, n_scales, depth)
     notes = [n for m in methods for n in schedule_notes(m, n_scales, depth)]
     for note in notes:
-        warnings.warn(note)
+        warnings.warn(note, stacklevel=2)
     prompts, seeds, specs = _prompts(cfg, name)
     batch = int(cfg.get("batch_size") or 1)
     warmup = int(cfg.get("warmup") if cfg.get("warmup") is not None else 1)
@@ -418,8 +418,9 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
         "- SSIM / PSNR: against the baseline image of the same prompt and seed (mean SSIM; PSNR of the pooled MSE)",
         f"- geneval-lite: {'yes' if scorer is not None else 'not available for this backbone'}",
     ]
-    policies = "\n\n".join(f"### {m.label} ({m.source})\n\n```yaml\n{yaml.safe_dump(policy_sections(m.policy), sort_keys=False)}```"
-                           for m in methods if m.prunes)
+    policies = "\n\n".join(
+        f"### {m.label} ({m.source})\n\n```yaml\n{yaml.safe_dump(policy_sections(m.policy), sort_keys=False)}```"
+        for m in methods if m.prunes)
     prompt_lines = "\n".join(f"{i}. seed {s}: {p}" for i, (p, s) in enumerate(zip(prompts, seeds)))
     note_lines = "".join(f"- {n}\n" for n in notes)
     files["markdown"].write_text(

@@ -54,8 +54,8 @@ from torch import Tensor
 from toprovar.attention import prefer_cudnn_attention
 from toprovar.errors import UserError
 from toprovar.models.registry import Backbone
-from toprovar.models.vae import BSQVAE
 from toprovar.models.transformer import KV_POLICIES, InfinityTransformer, RopeSlice, TextKV
+from toprovar.models.vae import BSQVAE
 from toprovar.pruning import NoPruner, Pruner, PrunerContext, as_pruner
 from toprovar.renames import RENAMED, renamed_settings
 from toprovar.sampling import GuidedSampling, bit_probs, draw_bits, make_generators, sample_bits
@@ -325,7 +325,8 @@ def encode_prompts(text_encoder: Any, prompts: list[str], max_len: int) -> tuple
     out = text_encoder.encode(prompts)
     features, lengths = out.features, [int(n) for n in out.lens.tolist()]
     if features.shape[1] > max_len:
-        warnings.warn(f"text features of {features.shape[1]} tokens truncated to the model's limit of {max_len}")
+        warnings.warn(f"text features of {features.shape[1]} tokens truncated to the model's limit of {max_len}",
+                      stacklevel=2)
         features, lengths = features[:, :max_len], [min(n, max_len) for n in lengths]
     return features[:, :max(lengths)].float(), lengths
 

@@ -34,8 +34,9 @@ def _signature(use_tma: bool, with_entropy: bool, bn: int, D: int = 128, H: int 
     vals = {"Q": f"*{dtype}", "K": desc if use_tma else f"*{dtype}", "V": desc if use_tma else f"*{dtype}",
             "O": f"*{dtype}", "E": "*fp32" if with_entropy else f"*{dtype}", "qk_scale": "fp32"}
     ints = {}
-    for t, l in (("q", Lq), ("k", Lk), ("v", Lk), ("o", Lq)):
-        ints.update({f"s{t}b": H * l * D, f"s{t}h": l * D, f"s{t}m" if t in "qo" else f"s{t}n": D, f"s{t}d": 1})
+    for t, length in (("q", Lq), ("k", Lk), ("v", Lk), ("o", Lq)):
+        ints.update({f"s{t}b": H * length * D, f"s{t}h": length * D, f"s{t}m" if t in "qo" else f"s{t}n": D,
+                     f"s{t}d": 1})
     ints.update({"seb": H * Lq, "seh": Lq, "sem": 1} if with_entropy else {"seb": 0, "seh": 0, "sem": 0})
     ints.update({"H": H, "Lq": Lq, "Lk": Lk})
     for i, n in enumerate(names):
@@ -59,8 +60,8 @@ def _signature(use_tma: bool, with_entropy: bool, bn: int, D: int = 128, H: int 
 
 def compile_variant(bm, bn, warps, stages, with_entropy=True, use_tma=False, after_pv=False, D=128, dtype="bf16"):
     sig, const, attrs = _signature(use_tma, with_entropy, bn, D=D, dtype=dtype)
-    const.update(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, WITH_ENTROPY=with_entropy, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-                 USE_TMA=use_tma, ENTROPY_AFTER_PV=after_pv)
+    const.update(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, WITH_ENTROPY=with_entropy,
+                 DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", USE_TMA=use_tma, ENTROPY_AFTER_PV=after_pv)
     src = ASTSource(fn=fae_kernel, signature=sig, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 

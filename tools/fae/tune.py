@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from datetime import date
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +56,8 @@ def _inputs(heads: int, lq: int, lk: int, seed: int = 0):
 
 
 def _run(name: str, q, k, v, ent: bool):
-    from tools.fae import v0
     from kernels.triton_fae import launch
+    from tools.fae import v0
 
     if name.startswith("v0_"):
         return v0.fae_forward(q, k, v, None, ent, config=tuple(int(x) for x in name.split("_")[1:]))
@@ -138,14 +139,14 @@ def sweep(out_dir: str, which: str, rep: int, rounds: int) -> dict:
                 rec["error"] = f"{type(err).__name__}: {str(err)[:200]}"
         for _ in range(rounds):  # rounds: a transient (clocks, a previous heavy shape) hits one round only
             for name, be in sdpa.items():
-                def run(be=be):
+                def run(be=be, q=q, k=k, v=v):
                     with sdpa_kernel([be]):
                         return F.scaled_dot_product_attention(q, k, v)
                 times[name].append(bench(run))
             for name, rec in row["variants"].items():
                 if "error" not in rec:
-                    rec["ent_all"].append(bench(lambda: _run(name, q, k, v, True)))
-                    rec["noent_all"].append(bench(lambda: _run(name, q, k, v, False)))
+                    rec["ent_all"].append(bench(partial(_run, name, q, k, v, True)))
+                    rec["noent_all"].append(bench(partial(_run, name, q, k, v, False)))
         for name in sdpa:
             row[name], row[name + "_all"] = statistics.median(times[name]), times[name]
         for rec in row["variants"].values():
@@ -281,7 +282,7 @@ def main() -> None:
     print(f"precompiled {len(comp)} kernels in {time.time() - t0:.0f} s")
     with open(os.path.join(args.out, "compile.json"), "w") as f:
         json.dump(comp, f, indent=1)
-    for name, heads, lq, ent, status, info, secs in comp:
+    for name, heads, lq, ent, status, info, _secs in comp:
         if status != "ok" or (info and info.get("spills")):
             print("compile:", name, heads, lq, ent, status, info)
     res = sweep(args.out, args.shapes, args.rep, args.rounds)

@@ -20,10 +20,16 @@ import torch
 from torch import nn
 
 from toprovar.errors import UserError
-from toprovar.schedules import INFINITY_SCHEDULES, ScheduleFamily
 from toprovar.models.checkpoint import load_into
-from toprovar.models.transformer import (CHECKPOINT_IGNORE, TRANSFORMER_PRESETS, InfinityTransformer,
-                                         TransformerConfig, checkpoint_rename, random_state_dict)
+from toprovar.models.transformer import (
+    CHECKPOINT_IGNORE,
+    TRANSFORMER_PRESETS,
+    InfinityTransformer,
+    TransformerConfig,
+    checkpoint_rename,
+    random_state_dict,
+)
+from toprovar.schedules import INFINITY_SCHEDULES, ScheduleFamily
 
 
 @dataclass(frozen=True)
@@ -264,7 +270,8 @@ class HashedTextEncoder:
 
         words = [p.split() or [""] for p in prompts]
         if any(len(w) > self.max_length for w in words):
-            warnings.warn(f"prompt longer than the text encoder's limit of {self.max_length} words; truncated")
+            warnings.warn(f"prompt longer than the text encoder's limit of {self.max_length} words; truncated",
+                          stacklevel=2)
             words = [w[: self.max_length] for w in words]
         lens = torch.tensor([len(w) for w in words], dtype=torch.int32)
         feats = torch.zeros(len(prompts), int(lens.max()), self.channels)

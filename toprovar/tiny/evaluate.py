@@ -10,8 +10,8 @@ then gets 1.0 or 0.0 per its caption's GenEval category, and the report averages
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd

@@ -39,8 +39,7 @@ from toprovar.models.registry import resolve_device
 from toprovar.models.transformer import InfinityTransformer, random_state_dict
 from toprovar.models.vae import BSQVAE
 from toprovar.schedules import tokens_per_scale
-from toprovar.tiny.model import (TINY_SCHEDULES, TINY_TRANSFORMER, TINY_VAE, save_text_encoder,
-                                 text_encoder_config)
+from toprovar.tiny.model import TINY_SCHEDULES, TINY_TRANSFORMER, TINY_VAE, save_text_encoder, text_encoder_config
 from toprovar.tiny.text import PAD, WordTextEncoder
 
 STAGES = ("vae", "transformer", "all")
