@@ -19,7 +19,7 @@ STAGES = ("presample", "search", "select", "export", "evaluate")
 SAMPLERS = ("tpe", "nsga2", "gp", "random")   # calibrate.search builds each
 OBJECTIVES = ("auto", "flops", "latency")
 
-# No field has a default: conf/ (the YAML) is the one source of default values, and a key it
+# No field has a default: toprovar/conf/ (the YAML) is the one source of default values, and a key it
 # lacks is an error naming the key.
 
 
@@ -103,7 +103,7 @@ def _typed(schema: type, node: Any, group: str) -> Any:
         return OmegaConf.to_object(merged)
     except MissingMandatoryValue as err:
         where = f"{group}.{err.full_key}" if getattr(err, "full_key", None) else group
-        raise UserError(f"config {where} has no value; set it in conf/ or override {where}=...") from None
+        raise UserError(f"config {where} has no value; set it in toprovar/conf/ or override {where}=...") from None
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         where = f"{group}.{key}" if key else group

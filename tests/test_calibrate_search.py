@@ -3,7 +3,7 @@ the knob table (config validation, space, defaults, policy) and the samplers.
 
 The objective is real: generations of the random-weight `test-small` backbone through the pipeline,
 pruned by the ToProVAR policy of each trial's parameters, scored by FLOP ratio and SSIM against
-the unpruned images. Configs are conf/ composed by Hydra (`calibrate_config`), never hand-built.
+the unpruned images. Configs are toprovar/conf/ composed by Hydra (`calibrate_config`), never hand-built.
 """
 from __future__ import annotations
 

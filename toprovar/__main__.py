@@ -24,7 +24,7 @@ PROMPTS_ALIAS = {"prompts": "text_prompts"}
 
 
 def run_generate(cfg: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Generate every prompt of `cfg` (a plain dict of conf/generate.yaml) into `out_dir`."""
+    """Generate every prompt of `cfg` (a plain dict of toprovar/conf/generate.yaml) into `out_dir`."""
     import pandas as pd
     from PIL import Image
     from tqdm.auto import tqdm

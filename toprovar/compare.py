@@ -1,4 +1,4 @@
-"""Pruning methods side by side on one backbone: `python -m toprovar compare` (conf/compare.yaml).
+"""Pruning methods side by side on one backbone: `python -m toprovar compare` (toprovar/conf/compare.yaml).
 
 One run generates the same prompts and seeds with the unpruned baseline and every listed method
 and writes, into the run folder:
@@ -280,7 +280,7 @@ def markdown_table(frame, columns: dict[str, tuple[str, int]]) -> str:
 
 
 def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) -> CompareResult:
-    """Run every method of `cfg` (a plain dict of conf/compare.yaml) and write the report into `out_dir`."""
+    """Run every method of `cfg` (a plain dict of toprovar/conf/compare.yaml) and write the report into `out_dir`."""
     import pandas as pd
     import torch
     import yaml
