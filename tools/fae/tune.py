@@ -273,6 +273,8 @@ def main() -> None:
     parser.add_argument("--ncu", nargs="*", default=None, help="variants to profile (none named: final)")
     parser.add_argument("--ncu-target", nargs="*", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("tools.fae.tune needs a CUDA GPU")
     if args.ncu_target is not None:
         return ncu_target(args.ncu_target)
     os.makedirs(args.out, exist_ok=True)
