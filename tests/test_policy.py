@@ -108,7 +108,7 @@ def test_non_finite_numbers_name_key_value_and_range(tmp_path, section, key, lo,
     ("method: toprovar\nlayer: {ratios: [1.5, .nan]}\n", "layer.ratios[1]"),
     ("method: toprovar\nlayer: {ratios: [1" + "0" * 400 + "]}\n", "layer.ratios[0]"),  # beyond float range
     ("method: fastvar\nfastvar: {ratios: {9: .nan}}\n", "fastvar.ratios[9]"),
-    ("method: fastvar\nfastvar: {ratios: {9.5: 0.4}}\n", "fastvar.ratios key"),
+    ("method: fastvar\nfastvar: {ratios: {9.5: 0.4}}\n", "fastvar.ratios: got key 9.5"),
     ("method: fastvar\nfastvar: {ratios: {9: 0.4, '9': 0.5}}\n", "fastvar.ratios"),
     ("method: fastvar\nfastvar: {ratios: {}}\n", "fastvar.ratios"),
     ("method: fastvar\nfastvar: {ratios: {9: 0.4}, layers: [5, 5]}\n", "fastvar.layers[1]"),
@@ -177,11 +177,11 @@ def test_every_shipped_and_documented_policy_fits_its_backbone() -> None:
     ({"method": "toprovar", "layer": {"ratios": [1.5] * 13}}, "tiny", {}, "layer.ratios", "12, one per layer"),
     ({"method": "toprovar", "token": {"protect_layers": 2}}, "test-small", {}, "token.protect_layers", "[1, 1]"),
     ({"method": "fixed_exit", "fixed_exit": {"exit_scale": 11}}, "tiny", {}, "fixed_exit.exit_scale", "[0, 10]"),
-    ({"method": "fastvar", "fastvar": {"ratios": {11: 0.5}, "layers": [1, 10]}}, "tiny", {}, "fastvar.ratios key 11",
+    ({"method": "fastvar", "fastvar": {"ratios": {11: 0.5}, "layers": [1, 10]}}, "tiny", {}, "fastvar.ratios: got key 11",
      "[0, 10]"),
     ({"method": "fastvar", "fastvar": {"ratios": {9: 0.5}}}, "tiny", {}, "fastvar.layers", "end <= 12"),
     ({"method": "fastvar", "fastvar": {"ratios": {9: 0.4, 10: 0.6}}}, "infinity-2b", {"pixels": "0.06M"},
-     "fastvar.ratios key 9", "[0, 6]"),
+     "fastvar.ratios: got key 9", "[0, 6]"),
     ({"method": "toprovar", "backbone": "infinity-2b"}, "tiny", {}, "made for backbone 'infinity-2b'", "'tiny'"),
 ])
 def test_policies_that_do_not_fit_the_run_are_refused_before_weights_load(tmp_path, doc, backbone, options, where,
@@ -207,8 +207,8 @@ def test_backbone_check_edges_and_explicit_override(tmp_path) -> None:
     assert load_policy("fastvar-infinity-2b", get_backbone("infinity-8b"), allow_other_backbone=True) == shipped_2b
     with pytest.raises(UserError, match="fastvar.layers"):
         load_policy("fastvar-infinity-2b", tiny, allow_other_backbone=True)
-    with pytest.raises(UserError, match="layer.ratios: got '12 values', expected 2"):
-        load_policy("tiny", get_backbone("test-small"), allow_other_backbone=True)
+    with pytest.raises(UserError, match="layer.ratios: got 12 values, expected 2, one per layer"):
+        load_policy("tiny", get_backbone("test-small"), pixels="1M", allow_other_backbone=True)
     assert load_policy("infinity-2b", "infinity-8b", allow_other_backbone=True).backbone == "infinity-2b"
     # Plain numbers for callers that know the schedule (e.g. a custom h_div_w template).
     with pytest.raises(UserError, match=r"scale.min_scale: got 8, expected a scale index in \[0, 7\]"):

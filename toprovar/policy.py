@@ -286,8 +286,11 @@ def _token(data: Any, min_scale: int) -> TokenStage:
 def _scale_key(key: Any) -> int:
     """A fastvar.ratios key: an integer scale index (YAML int, or a string of digits)."""
     if isinstance(key, str) and re.fullmatch(r"[0-9]+", key.strip()):
-        key = int(key)
-    return _number(key, f"fastvar.ratios key {_show(key)}", 0, None, integer=True)
+        return int(key)
+    if isinstance(key, bool) or not isinstance(key, int) or key < 0:
+        raise _fail("fastvar.ratios", f"got key {_show(key)}, expected scale indices (integers >= 0) as keys, "
+                                      "e.g. {9: 0.4, 10: 0.6}")
+    return key
 
 
 def _fastvar(data: Any, method: str) -> FastVARStage:
@@ -383,12 +386,12 @@ def check_policy_for_backbone(policy: Policy, *, backbone: str, n_scales: int, d
     run = f"backbone '{backbone}'{f' at pixels={pixels}' if pixels else ''}: {n_scales} scales, {depth} layers"
     label = f"policy {policy.name}: " if policy.name else "policy "
 
-    def fail(where: str, value: Any, expected: str) -> UserError:
-        return UserError(f"{label}{where}: got {_show(value)}, expected {expected} ({run})")
+    def fail(where: str, got: str, expected: str) -> UserError:
+        return UserError(f"{label}{where}: got {got}, expected {expected} ({run})")
 
     def scale_index(where: str, value: int | None) -> None:
         if value is not None and not 0 <= value < n_scales:
-            raise fail(where, value, f"a scale index in [0, {n_scales - 1}]")
+            raise fail(where, _show(value), f"a scale index in [0, {n_scales - 1}]")
 
     if policy.method == "toprovar":
         scale_index("scale.min_scale", policy.scale.min_scale)
@@ -398,14 +401,15 @@ def check_policy_for_backbone(policy: Policy, *, backbone: str, n_scales: int, d
         if ratios is not None and len(ratios) != depth:
             raise fail("layer.ratios", f"{len(ratios)} values", f"{depth}, one per layer; recalibrate for this backbone")
         if policy.token.protect_layers >= depth:
-            raise fail("token.protect_layers", policy.token.protect_layers, f"an integer in [1, {depth - 1}]")
+            raise fail("token.protect_layers", _show(policy.token.protect_layers), f"an integer in [1, {depth - 1}]")
     elif policy.method == "fastvar":
         for key in policy.fastvar.ratios:
-            scale_index(f"fastvar.ratios key {key}", key)
+            if not 0 <= key < n_scales:
+                raise fail("fastvar.ratios", f"key {key}", f"scale indices in [0, {n_scales - 1}] as keys")
         scale_index("fastvar.cache_scale", policy.fastvar.cache_scale)
         start, end = policy.fastvar.layers
         if end > depth:
-            raise fail("fastvar.layers", [start, end], f"[start, end) with end <= {depth}")
+            raise fail("fastvar.layers", _show([start, end]), f"[start, end) with end <= {depth}")
     elif policy.method == "fixed_exit":
         scale_index("fixed_exit.exit_scale", policy.fixed_exit.exit_scale)
     return policy
