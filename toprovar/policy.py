@@ -220,7 +220,8 @@ def _section(data: Any, where: str, known: tuple[str, ...]) -> dict[str, Any]:
         raise _bad(where, data, f"a mapping with the keys {', '.join(known)}")
     unknown = [k for k in data if k not in known]
     if unknown:
-        key = unknown[0] if isinstance(unknown[0], str) else repr(unknown[0])
+        key = unknown[0] if isinstance(unknown[0], str) and unknown[0].isprintable() and unknown[0].strip() \
+            else repr(unknown[0])
         raise _fail(f"{where}.{key}" if where else key, f"unknown key (known: {', '.join(known)})")
     return dict(data)
 
@@ -246,7 +247,7 @@ def _layer(data: Any) -> LayerStage:
     ratios = d.get("ratios")
     if ratios is not None:
         if not isinstance(ratios, (list, tuple)) or not ratios:
-            raise _bad("layer.ratios", ratios, "a non-empty list of σ1/σ2 ratios (finite numbers >= 1), one per layer")
+            raise _bad("layer.ratios", ratios, "a non-empty list of σ1/σ2 ratios (finite, >= 1), one per layer")
         ratios = tuple(_number(r, f"layer.ratios[{i}]", 1.0, None) for i, r in enumerate(ratios))
     skip = d.get("skip_above")
     return LayerStage(
@@ -399,7 +400,7 @@ def check_policy_for_backbone(policy: Policy, *, backbone: str, n_scales: int, d
         scale_index("token.cache_scale", policy.token.cache_scale)
         ratios = policy.layer.ratios
         if ratios is not None and len(ratios) != depth:
-            raise fail("layer.ratios", f"{len(ratios)} values", f"{depth}, one per layer; recalibrate for this backbone")
+            raise fail("layer.ratios", f"{len(ratios)} values", f"{depth}, one per layer; recalibrate for it")
         if policy.token.protect_layers >= depth:
             raise fail("token.protect_layers", _show(policy.token.protect_layers), f"an integer in [1, {depth - 1}]")
     elif policy.method == "fastvar":
@@ -526,5 +527,6 @@ def save_policy(policy: Policy, path: str | Path) -> Path:
     policy_from_dict(document, name=policy.name)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
+    # ASCII with escapes: PyYAML writes a raw NEL/U+2028 with allow_unicode=True and reads it back as a line break.
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
