@@ -151,8 +151,7 @@ def paper_defaults() -> dict[str, float]:
 # -- validation ------------------------------------------------------------------------------------
 
 # The keys a policy document may have (`name` is the file's stem, not a key of the file).
-DOCUMENT_KEYS = ("version", "method", "variant", "backbone", "scale", "layer", "token", "fastvar", "fixed_exit",
-                 "provenance")
+DOCUMENT_KEYS = tuple(f.name for f in dataclasses.fields(Policy) if f.name != "name")
 # A policy is a few KiB (Infinity-8B's 40 layer ratios plus provenance); a file far larger is not one.
 MAX_FILE_BYTES = 1 << 20
 _SHOWN_CHARS = 40  # values are quoted in errors up to this length (a message stays one short line)
@@ -220,8 +219,9 @@ def _section(data: Any, where: str, known: tuple[str, ...]) -> dict[str, Any]:
         raise _bad(where, data, f"a mapping with the keys {', '.join(known)}")
     unknown = [k for k in data if k not in known]
     if unknown:
-        key = unknown[0] if isinstance(unknown[0], str) and unknown[0].isprintable() and unknown[0].strip() \
-            else repr(unknown[0])
+        key = unknown[0]
+        key = key if isinstance(key, str) and key.isprintable() and key.strip() and len(key) <= _SHOWN_CHARS \
+            else _show(key)
         raise _fail(f"{where}.{key}" if where else key, f"unknown key (known: {', '.join(known)})")
     return dict(data)
 
@@ -316,8 +316,10 @@ def _fastvar(data: Any, method: str) -> FastVARStage:
     cache = _optional_index(d.get("cache_scale"), "fastvar.cache_scale")
     # The branch outputs are cached at a scale that runs every token (FastVAR: the one before the first pruned).
     if cache is not None and parsed and cache >= min(parsed):
-        raise _bad("fastvar.cache_scale", cache, f"an integer in [0, {min(parsed) - 1}] (before the first pruned "
-                                                 f"scale, {min(parsed)}, so that it runs every token)")
+        first = min(parsed)
+        raise _bad("fastvar.cache_scale", cache, f"an integer in [0, {first - 1}] (before the first pruned scale, "
+                                                 f"{first}, so that it runs every token)" if first > 0 else
+                   "null: scale 0 is pruned, so no earlier scale runs every token")
     return FastVARStage(ratios=parsed, layers=(start, end), cache_scale=cache)
 
 
