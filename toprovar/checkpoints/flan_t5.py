@@ -8,9 +8,10 @@ float32 as the official files, drawn with T5's own init (`T5PreTrainedModel._ini
 The tokenizer is built here with the `tokenizers` library in T5's shape: a Unigram model of 32100
 pieces, `<pad>`=0, `</s>`=1, `<unk>`=2, `<extra_id_99>` ... `<extra_id_0>` = 32000 ... 32099,
 Metaspace pre-tokenizer, `</s>` appended to every text, padding with `<pad>`. Its 31997 ordinary
-pieces are every printable ASCII character and every lowercase 2- and 3-letter string (with and
-without the word-start mark), so English prompts take about as many tokens as with the real
-vocabulary (1-2 per word) and never hit `<unk>`.
+pieces are the word-start mark, then every printable ASCII character, every lowercase 2-letter
+string and lowercase 3-letter strings from `aaa` to `wnr`, each with and without the word-start
+mark: English prompts take about as many tokens as with the real vocabulary (1-3 per word) and
+ASCII never hits `<unk>`.
 """
 from __future__ import annotations
 
