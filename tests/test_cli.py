@@ -67,22 +67,26 @@ def test_prompts_and_seeds() -> None:
 
 # Mistakes found before any weights load: infinity-2b's default weight paths do not exist here, so a
 # run that got as far as loading would say "weights not found" instead of the expected message.
-@pytest.mark.parametrize("command, override, message", [
+@pytest.mark.parametrize("command, override, message", [  # override: space-separated overrides
     ("generate", 'prompts=[""]', "prompt 0 is empty"),
     ("generate", "seeds=[1,2]", "one integer seed per prompt"),
     ("generate", "policy=tiny", "made for backbone 'tiny'"),
     ("generate", "policy=/no/such/policy.yaml", "policy"),
     ("generate", "dtype=float64", "dtype='float64'"),
     ("generate", "device=tpu", "device='tpu'"),
-    ("compare", 'prompts=["a", ""]', "prompt 1 is empty"),
+    ("generate", "policy=fastvar-infinity-2b pixels=0.06M", "fastvar.ratios: got key 9, expected scale indices in [0, 6]"),
+    ("generate", "policy=tiny allow_other_backbone=true pixels=0.06M", "scale.min_scale: got 8"),
+    ("compare", 'prompts=["a",""]', "prompt 1 is empty"),
     ("compare", "methods=[tiny]", "made for backbone 'tiny'"),
     ("compare", "dtype=int8", "dtype='int8'"),
+    ("compare", "methods=[fastvar] pixels=0.06M", "methods: fastvar: policy fastvar-infinity-2b: fastvar.ratios"),
 ])
 def test_mistakes_are_one_line_before_weights_load(command: str, override: str, message: str, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     assert not Path("weights/infinity_2b_reg.pth").exists()
     with pytest.raises(SystemExit) as stop:
-        main([command, "backbone=infinity-2b", override, f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"])
+        main([command, "backbone=infinity-2b", *override.split(" "), f"out_dir={tmp_path}",
+              f"hydra.run.dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and err[-1].startswith(f"toprovar {command}: error: ") and message in err[-1], err
     assert "checkpoint not found" not in "\n".join(err)

@@ -2,8 +2,8 @@
 __version__ = "0.1.0"
 
 
-def load_policy(path_or_name, backbone=None):
+def load_policy(path_or_name, backbone=None, **options):
     """A pruning policy from a YAML path or a shipped name (see toprovar.policy.load_policy)."""
     from toprovar.policy import load_policy as _load
 
-    return _load(path_or_name, backbone)
+    return _load(path_or_name, backbone, **options)

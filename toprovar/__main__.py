@@ -38,7 +38,10 @@ def run_generate(cfg: dict[str, Any], out_dir: Path) -> list[Path]:
     group = cfg["backbone"]
     spec = get_backbone(group["name"])
     settings = generation_settings(group, cfg, prog="toprovar generate")
-    policy = None if cfg["policy"] in (None, "none") else load_policy(cfg["policy"], spec.name)
+    # A policy must fit this run: its backbone (unless allow_other_backbone), the schedule's scales, the depth.
+    policy = None if cfg["policy"] in (None, "none") else load_policy(
+        cfg["policy"], spec, pixels=settings.get("pixels"), h_div_w=settings.get("h_div_w"),
+        allow_other_backbone=bool(cfg["allow_other_backbone"]))
     device, dtype = resolve_device(cfg["device"]), resolve_dtype(cfg["dtype"])
     batch = max(1, int(cfg["batch_size"]))
 

@@ -40,7 +40,14 @@ from typing import Any
 
 from toprovar.cli import generation_settings, prompts_and_seeds
 from toprovar.errors import UserError
-from toprovar.policy import VARIANTS, Policy, load_policy, policy_from_dict, shipped_policies
+from toprovar.policy import (
+    VARIANTS,
+    Policy,
+    check_policy_for_backbone,
+    load_policy,
+    policy_from_dict,
+    shipped_policies,
+)
 
 BUILTIN_BASES = ("fastvar", "fixed_exit", "toprovar")
 DEFAULT_METHODS = ("none", "fastvar", "fixed_exit", "toprovar-scale", "toprovar-scale_token",
@@ -129,8 +136,12 @@ def _provenance(policy: Policy) -> str:
     return {True: "calibrated", False: "not calibrated"}.get(calibrated, "calibration not recorded")
 
 
-def resolve_method(entry: Any, backbone: str, n_scales: int, depth: int) -> Method:
-    """One entry of `methods` -> Method (one-line UserError for unknown names and foreign policies)."""
+def resolve_method(entry: Any, backbone: str, n_scales: int, depth: int, *, pixels: str | None = None,
+                   allow_other_backbone: bool = False) -> Method:
+    """One entry of `methods` -> Method. One-line UserErrors, before any weights load, for unknown
+    names and for policies that do not fit the run: made for another backbone (unless
+    `allow_other_backbone`), scales past the schedule of `n_scales`, layers past `depth`
+    (`toprovar.policy.check_policy_for_backbone`)."""
     text = str(entry).strip()
     if text in ("none", "baseline"):
         return Method("none", Policy(method="none", name="none"), "baseline (no pruning)")
@@ -140,14 +151,14 @@ def resolve_method(entry: Any, backbone: str, n_scales: int, depth: int) -> Meth
     if base in BUILTIN_BASES:
         shipped = {"fastvar": f"fastvar-{backbone}", "fixed_exit": f"fixed_exit-{backbone}", "toprovar": backbone}[base]
         if shipped in shipped_policies() and load_policy(shipped).method == base:
-            policy = load_policy(shipped, backbone)
+            policy = load_policy(shipped)
             source = f"shipped {shipped}, {_provenance(policy)}"
         else:
             policy = default_policies(n_scales, depth)[base]
             source = UNCALIBRATED_DEFAULTS
     else:
         try:
-            policy = load_policy(base, backbone)
+            policy = load_policy(base)
         except UserError as err:
             if str(err).startswith("unknown policy"):
                 raise UserError(f"methods: {err}; or a built-in: none, {', '.join(BUILTIN_BASES)}, "
@@ -157,19 +168,27 @@ def resolve_method(entry: Any, backbone: str, n_scales: int, depth: int) -> Meth
         source = f"{where} {base}, {_provenance(policy)}"
     if variant:
         policy = with_variant(policy, variant)
+    try:
+        check_policy_for_backbone(policy, backbone=backbone, n_scales=n_scales, depth=depth, pixels=pixels,
+                                  allow_other_backbone=allow_other_backbone)
+    except UserError as err:
+        raise UserError(f"methods: {text}: {err}") from None
     label = text if not Path(base).suffix else Path(base).stem + (f"@{variant}" if variant else "")
     return Method(label, policy, source)
 
 
-def resolve_methods(entries: Sequence[Any] | None, backbone: str, n_scales: int, depth: int) -> list[Method]:
-    """The baseline first, then every other entry once (duplicate labels are an error)."""
+def resolve_methods(entries: Sequence[Any] | None, backbone: str, n_scales: int, depth: int, *,
+                    pixels: str | None = None, allow_other_backbone: bool = False) -> list[Method]:
+    """The baseline first, then every other entry once (duplicate labels are an error); each entry
+    as `resolve_method` checks it."""
     if entries is None:
         entries = DEFAULT_METHODS
     if isinstance(entries, str):
         entries = [entries]
     if not isinstance(entries, (list, tuple)) or not entries:
         raise UserError("methods must be a non-empty list, e.g. methods='[none,fastvar,fixed_exit,toprovar-full]'")
-    methods = [resolve_method(e, backbone, n_scales, depth) for e in entries]
+    methods = [resolve_method(e, backbone, n_scales, depth, pixels=pixels, allow_other_backbone=allow_other_backbone)
+               for e in entries]
     seen: set[str] = set()
     for m in methods:
         if m.label in seen and m.label != "none":
@@ -179,21 +198,14 @@ def resolve_methods(entries: Sequence[Any] | None, backbone: str, n_scales: int,
     return baseline + [m for m in methods if m.prunes]
 
 
-def schedule_notes(method: Method, n_scales: int, depth: int) -> list[str]:
-    """Settings of a policy that do nothing on this schedule / depth (shown, not fatal)."""
-    p, notes = method.policy, []
-    if p.method == "fastvar":
-        out = sorted(s for s in p.fastvar.ratios if s >= n_scales)
-        if out:
-            notes.append(f"{method.label}: fastvar.ratios name scales {out} but the schedule has {n_scales}")
-        if p.fastvar.layers[0] >= depth:
-            notes.append(f"{method.label}: fastvar.layers start at {p.fastvar.layers[0]} but the backbone has {depth}")
-    if p.method == "fixed_exit" and p.fixed_exit.exit_scale >= n_scales - 1:
-        notes.append(f"{method.label}: fixed_exit.exit_scale={p.fixed_exit.exit_scale} exits nothing "
-                     f"on a schedule of {n_scales} scales")
-    if p.method == "toprovar" and p.scale.min_scale >= n_scales:
-        notes.append(f"{method.label}: scale.min_scale={p.scale.min_scale} is past the last scale ({n_scales - 1})")
-    return notes
+def schedule_notes(method: Method, n_scales: int) -> list[str]:
+    """Settings of a policy that fit the run but do nothing on it (shown, not fatal; what does not
+    fit was refused by `resolve_method`)."""
+    p = method.policy
+    if p.method == "fixed_exit" and p.fixed_exit.exit_scale == n_scales - 1:
+        return [f"{method.label}: fixed_exit.exit_scale={p.fixed_exit.exit_scale} is the last scale of "
+                f"{n_scales}: it exits nothing"]
+    return []
 
 
 # -- quality ---------------------------------------------------------------------------------------
@@ -304,8 +316,9 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
     settings = generation_settings(group, cfg, prog="toprovar compare")
     schedule = spec.schedules.scale_schedule(settings.get("h_div_w", 1.0), settings.get("pixels") or spec.pixels)
     n_scales, depth = len(schedule), spec.transformer.depth
-    methods = resolve_methods(cfg.get("methods"), name, n_scales, depth)
-    notes = [n for m in methods for n in schedule_notes(m, n_scales, depth)]
+    methods = resolve_methods(cfg.get("methods"), name, n_scales, depth, pixels=settings.get("pixels"),
+                              allow_other_backbone=bool(cfg.get("allow_other_backbone")))
+    notes = [n for m in methods for n in schedule_notes(m, n_scales)]
     for note in notes:
         warnings.warn(note, stacklevel=2)
     prompts, seeds, specs = _prompts(cfg, name)

@@ -16,14 +16,23 @@ A policy file looks like this (every section optional except `method`)::
 
 Scale indices are 0-based positions in the generation schedule. Meaning of each field is in
 `../shared/reference/toprovar-method.md` and docs/architecture.md ("Policy and pruning API").
-Unknown keys, wrong types and out-of-range values raise `UserError` naming the field.
+
+Checked in two steps, both before any weights load, each problem one `UserError` line naming
+the key, the value and what is allowed: the schema (`policy_from_dict`: unknown keys, types,
+finite numbers only, ranges, orders between fields; `load_policy` adds unreadable, binary,
+oversized and malformed files), then the run (`check_policy_for_backbone`/`check_policy_for_spec`:
+the policy's backbone, scale indices within the schedule in use, one layer ratio per block).
+`save_policy` writes a document that loads back equal.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -142,41 +151,88 @@ def paper_defaults() -> dict[str, float]:
 
 # -- validation ------------------------------------------------------------------------------------
 
+# The keys a policy document may have (`name` is the file's stem, not a key of the file).
+DOCUMENT_KEYS = tuple(f.name for f in dataclasses.fields(Policy) if f.name != "name")
+# A policy is a few KiB (Infinity-8B's 40 layer ratios plus provenance); a file far larger is not one.
+MAX_FILE_BYTES = 1 << 20
+_SHOWN_CHARS = 40  # values are quoted in errors up to this length (a message stays one short line)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
 def _fail(where: str, message: str) -> UserError:
     return UserError(f"policy {where}: {message}")
 
 
-def _number(value: Any, where: str, lo: float | None = None, hi: float | None = None,
+def _bad(where: str, value: Any, expected: str) -> UserError:
+    """The one-line error for a bad value: the key, the value given and what is allowed."""
+    return _fail(where, f"got {_show(value)}, expected {expected}")
+
+
+def _bound(x: float | int) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _expected(lo: float | int | None, hi: float | int | None, integer: bool) -> str:
+    kind = "an integer" if integer else "a finite number"
+    if lo is not None and hi is not None:
+        return f"{kind} in [{_bound(lo)}, {_bound(hi)}]"
+    if lo is not None:
+        return f"{kind} >= {_bound(lo)}"
+    return kind if hi is None else f"{kind} <= {_bound(hi)}"
+
+
+def _number(value: Any, where: str, lo: float | int | None = None, hi: float | int | None = None,
             integer: bool = False) -> float | int:
+    """A finite number (or an integer) within [lo, hi]; NaN, ±inf, bools and strings are errors."""
+    expected = _expected(lo, hi, integer)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        kind = "an integer" if integer else "a number"
-        raise _fail(where, f"must be {kind}, got {value!r}")
+        raise _bad(where, value, expected)
+    if not integer:
+        try:
+            value = float(value)  # an integer beyond float range overflows: not finite either
+        except OverflowError:
+            raise _bad(where, value, expected) from None
+        if not math.isfinite(value):
+            raise _bad(where, value, expected)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise _fail(where, f"{value} is out of range [{lo if lo is not None else '-inf'}, "
-                           f"{hi if hi is not None else 'inf'}]")
-    return int(value) if integer else float(value)
+        raise _bad(where, value, expected)
+    return int(value) if integer else value
+
+
+def _optional_index(value: Any, where: str) -> int | None:
+    return None if value is None else _number(value, where, 0, None, integer=True)
 
 
 def _choice(value: Any, where: str, options: tuple[str, ...]) -> str:
-    if value not in options:
-        raise _fail(where, f"{value!r} is not one of {', '.join(options)}")
+    if not isinstance(value, str) or value not in options:
+        raise _bad(where, value, f"one of {', '.join(options)}")
     return value
 
 
-def _section(data: Any, where: str, cls: type) -> dict[str, Any]:
+def _section(data: Any, where: str, known: tuple[str, ...]) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, Mapping):
-        raise _fail(where, f"must be a mapping, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+        raise _bad(where, data, f"a mapping with the keys {', '.join(known)}")
+    unknown = [k for k in data if k not in known]
     if unknown:
-        raise _fail(f"{where}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(known))})")
+        key = unknown[0]
+        key = key if isinstance(key, str) and key.isprintable() and key.strip() and len(key) <= _SHOWN_CHARS \
+            else _show(key)
+        raise _fail(f"{where}.{key}" if where else key, f"unknown key (known: {', '.join(known)})")
     return dict(data)
 
 
+def _keys(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
 def _scale(data: Any) -> ScaleStage:
-    d = _section(data, "scale", ScaleStage)
+    d = _section(data, "scale", _keys(ScaleStage))
     out = ScaleStage()
     return ScaleStage(
         tau=_number(d.get("tau", out.tau), "scale.tau", 0.0, 1.0),
@@ -187,96 +243,125 @@ def _scale(data: Any) -> ScaleStage:
 
 
 def _layer(data: Any) -> LayerStage:
-    d = _section(data, "layer", LayerStage)
+    d = _section(data, "layer", _keys(LayerStage))
     out = LayerStage()
     ratios = d.get("ratios")
     if ratios is not None:
         if not isinstance(ratios, (list, tuple)) or not ratios:
-            raise _fail("layer.ratios", "must be a non-empty list of σ1/σ2 ratios, one per layer")
+            raise _bad("layer.ratios", ratios, "a non-empty list of σ1/σ2 ratios (finite, >= 1), one per layer")
         ratios = tuple(_number(r, f"layer.ratios[{i}]", 1.0, None) for i, r in enumerate(ratios))
     skip = d.get("skip_above")
-    rep = d.get("representative_scale")
-    mode = _choice(d.get("mode", out.mode), "layer.mode", ("static", "online"))
     return LayerStage(
-        mode=mode,
+        mode=_choice(d.get("mode", out.mode), "layer.mode", ("static", "online")),
         beta=_number(d.get("beta", out.beta), "layer.beta", 0.0, 100.0),
         ratios=ratios,
         skip_above=None if skip is None else _number(skip, "layer.skip_above", 0.0, 1.0),
-        representative_scale=None if rep is None else _number(rep, "layer.representative_scale", 0, None, integer=True),
+        representative_scale=_optional_index(d.get("representative_scale"), "layer.representative_scale"),
     )
 
 
-def _token(data: Any) -> TokenStage:
-    d = _section(data, "token", TokenStage)
+def _token(data: Any, min_scale: int) -> TokenStage:
+    d = _section(data, "token", _keys(TokenStage))
     out = TokenStage()
     stage = TokenStage(
         alpha_min=_number(d.get("alpha_min", out.alpha_min), "token.alpha_min", 0.0, 1.0),
         alpha_max=_number(d.get("alpha_max", out.alpha_max), "token.alpha_max", 0.0, 1.0),
         min_keep=_number(d.get("min_keep", out.min_keep), "token.min_keep", 0.0, 1.0),
         normalize=_choice(d.get("normalize", out.normalize), "token.normalize", ("mean", "sum", "rank")),
-        protect_layers=_number(d.get("protect_layers", out.protect_layers), "token.protect_layers", 1, None, integer=True),
+        protect_layers=_number(d.get("protect_layers", out.protect_layers), "token.protect_layers", 1, None,
+                               integer=True),
         restore=_choice(d.get("restore", out.restore), "token.restore", RESTORE_MODES),
         order=_choice(d.get("order", out.order), "token.order", ORDERS),
-        cache_scale=None if d.get("cache_scale") is None else
-        _number(d["cache_scale"], "token.cache_scale", 0, None, integer=True),
+        cache_scale=_optional_index(d.get("cache_scale"), "token.cache_scale"),
     )
     if stage.alpha_max < stage.alpha_min:
-        raise _fail("token.alpha_max", f"{stage.alpha_max} is below token.alpha_min={stage.alpha_min}")
+        raise _bad("token.alpha_max", stage.alpha_max, f"a number in [token.alpha_min={stage.alpha_min:g}, 1]")
+    # Restoration reads the cache scale's updates of every layer, so it must run every token:
+    # pruning can start at min_scale, and a later cache scale would restore from nothing.
+    if stage.cache_scale is not None and stage.cache_scale >= min_scale:
+        raise _bad("token.cache_scale", stage.cache_scale,
+                   f"an integer in [0, scale.min_scale - 1 = {min_scale - 1}] (a scale that runs every token)"
+                   if min_scale > 0 else "null: with scale.min_scale 0 no scale is sure to run every token")
     return stage
 
 
-def _fastvar(data: Any) -> FastVARStage:
-    d = _section(data, "fastvar", FastVARStage)
-    ratios = d.get("ratios", {}) or {}
+def _scale_key(key: Any) -> int:
+    """A fastvar.ratios key: an integer scale index (YAML int, or a string of digits)."""
+    if isinstance(key, str) and re.fullmatch(r"[0-9]+", key.strip()):
+        return int(key)
+    if isinstance(key, bool) or not isinstance(key, int) or key < 0:
+        raise _fail("fastvar.ratios", f"got key {_show(key)}, expected scale indices (integers >= 0) as keys, "
+                                      "e.g. {9: 0.4, 10: 0.6}")
+    return key
+
+
+def _fastvar(data: Any, method: str) -> FastVARStage:
+    d = _section(data, "fastvar", _keys(FastVARStage))
+    ratios = d.get("ratios")
+    ratios = {} if ratios is None else ratios
     if not isinstance(ratios, Mapping):
-        raise _fail("fastvar.ratios", "must map scale index -> pruned fraction, e.g. {9: 0.4, 10: 0.6}")
+        raise _bad("fastvar.ratios", ratios, "a mapping scale index -> pruned fraction, e.g. {9: 0.4, 10: 0.6}")
     parsed: dict[int, float] = {}
     for k, v in ratios.items():
-        try:
-            key = int(k)
-        except (TypeError, ValueError):
-            raise _fail("fastvar.ratios", f"key {k!r} is not a scale index") from None
-        parsed[_number(key, "fastvar.ratios key", 0, None, integer=True)] = _number(v, f"fastvar.ratios[{key}]", 0.0, 1.0)
+        key = _scale_key(k)
+        if key in parsed:
+            raise _fail("fastvar.ratios", f"scale {key} is given twice")
+        parsed[key] = _number(v, f"fastvar.ratios[{key}]", 0.0, 1.0)
+    if method == "fastvar" and not parsed:
+        raise _bad("fastvar.ratios", ratios, "the scales a fastvar policy prunes, e.g. {9: 0.4, 10: 0.6}")
     layers = d.get("layers", FastVARStage().layers)
     if not isinstance(layers, (list, tuple)) or len(layers) != 2:
-        raise _fail("fastvar.layers", "must be [start, end) block indices")
+        raise _bad("fastvar.layers", layers, "[start, end): the block indices that prune, start < end")
     start = _number(layers[0], "fastvar.layers[0]", 0, None, integer=True)
-    end = _number(layers[1], "fastvar.layers[1]", start, None, integer=True)
-    cache = d.get("cache_scale")
-    return FastVARStage(ratios=parsed, layers=(start, end),
-                        cache_scale=None if cache is None else _number(cache, "fastvar.cache_scale", 0, None, integer=True))
+    end = _number(layers[1], "fastvar.layers[1]", start + 1, None, integer=True)
+    cache = _optional_index(d.get("cache_scale"), "fastvar.cache_scale")
+    # The branch outputs are cached at a scale that runs every token (FastVAR: the one before the first pruned).
+    if cache is not None and parsed and cache >= min(parsed):
+        first = min(parsed)
+        raise _bad("fastvar.cache_scale", cache, f"an integer in [0, {first - 1}] (before the first pruned scale, "
+                                                 f"{first}, so that it runs every token)" if first > 0 else
+                   "null: scale 0 is pruned, so no earlier scale runs every token")
+    return FastVARStage(ratios=parsed, layers=(start, end), cache_scale=cache)
 
 
 def _fixed_exit(data: Any) -> FixedExitStage:
-    d = _section(data, "fixed_exit", FixedExitStage)
+    d = _section(data, "fixed_exit", _keys(FixedExitStage))
     return FixedExitStage(exit_scale=_number(d.get("exit_scale", FixedExitStage.exit_scale),
                                              "fixed_exit.exit_scale", 0, None, integer=True))
 
 
 def policy_from_dict(data: Mapping[str, Any], name: str | None = None) -> Policy:
-    """Validate a parsed YAML document into a Policy (one-line UserError on any problem)."""
+    """Validate a parsed YAML document into a Policy (one-line UserError on any problem).
+
+    Checks the schema alone (types, finite numbers, ranges, keys, orders between fields); what
+    depends on the backbone (scale indices, layer counts, its name) is `check_policy_for_backbone`.
+    """
     if not isinstance(data, Mapping):
-        raise _fail("document", f"must be a mapping, got {type(data).__name__}")
-    d = _section(data, "", Policy)
+        expected = "a mapping of policy keys (method: ..., scale: ..., ...)"
+        raise _fail("document", f"is empty, expected {expected}") if data is None else _bad("document", data, expected)
+    d = _section(data, "", DOCUMENT_KEYS)
     version = d.get("version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise _fail("version", f"{version!r} is not supported (this toprovar reads version {SCHEMA_VERSION})")
+    if isinstance(version, bool) or version != SCHEMA_VERSION:
+        raise _bad("version", version, f"{SCHEMA_VERSION} (the schema version this toprovar reads)")
     if "method" not in d:
         raise _fail("method", f"missing (one of {', '.join(METHODS)})")
+    method = _choice(d["method"], "method", METHODS)
     backbone = d.get("backbone")
-    if backbone is not None and not isinstance(backbone, str):
-        raise _fail("backbone", f"must be a backbone name, got {backbone!r}")
-    provenance = d.get("provenance") or {}
+    if backbone is not None and (not isinstance(backbone, str) or not backbone.strip()):
+        raise _bad("backbone", backbone, "a backbone name, e.g. tiny or infinity-2b (or no backbone key)")
+    provenance = d.get("provenance")
+    provenance = {} if provenance is None else provenance
     if not isinstance(provenance, Mapping):
-        raise _fail("provenance", "must be a mapping")
+        raise _bad("provenance", provenance, "a mapping (free-form record of how the policy was made)")
+    scale = _scale(d.get("scale"))
     return Policy(
-        method=_choice(d["method"], "method", METHODS),
+        method=method,
         variant=_choice(d.get("variant", "full"), "variant", VARIANTS),
         backbone=backbone,
-        scale=_scale(d.get("scale")),
+        scale=scale,
         layer=_layer(d.get("layer")),
-        token=_token(d.get("token")),
-        fastvar=_fastvar(d.get("fastvar")),
+        token=_token(d.get("token"), scale.min_scale),
+        fastvar=_fastvar(d.get("fastvar"), method),
         fixed_exit=_fixed_exit(d.get("fixed_exit")),
         provenance=dict(provenance),
         version=SCHEMA_VERSION,
@@ -284,43 +369,167 @@ def policy_from_dict(data: Mapping[str, Any], name: str | None = None) -> Policy
     )
 
 
+# -- the backbone in use ---------------------------------------------------------------------------
+
+def check_policy_for_backbone(policy: Policy, *, backbone: str, n_scales: int, depth: int,
+                              allow_other_backbone: bool = False, pixels: str | None = None) -> Policy:
+    """Refuse a policy that does not fit the run: its backbone, the schedule's scales, the depth.
+
+    Needs no weights: `n_scales` is the length of the schedule the run will use (it depends on the
+    pixel budget; `check_policy_for_spec` derives it), `depth` the transformer's block count.
+    Checked for the sections the method runs: toprovar — scale.min_scale, layer.representative_scale,
+    token.cache_scale below n_scales, layer.ratios one per layer, token.protect_layers below depth
+    (otherwise no layer is left to prune); fastvar — ratio scales and cache_scale below n_scales,
+    layers' end <= depth; fixed_exit — exit_scale below n_scales. Without these a scale past the
+    schedule or a surplus layer is silently never reached and the run is unpruned (issue 15).
+    A policy made for another backbone is refused unless `allow_other_backbone` (an explicit
+    user override). Returns `policy`; raises a one-line UserError naming key, value and range.
+    """
+    if not allow_other_backbone:
+        policy.check_backbone(backbone)
+    run = f"backbone '{backbone}'{f' at pixels={pixels}' if pixels else ''}: {n_scales} scales, {depth} layers"
+    label = f"policy {policy.name}: " if policy.name else "policy "
+
+    def fail(where: str, got: str, expected: str) -> UserError:
+        return UserError(f"{label}{where}: got {got}, expected {expected} ({run})")
+
+    def scale_index(where: str, value: int | None) -> None:
+        if value is not None and not 0 <= value < n_scales:
+            raise fail(where, _show(value), f"a scale index in [0, {n_scales - 1}]")
+
+    if policy.method == "toprovar":
+        scale_index("scale.min_scale", policy.scale.min_scale)
+        scale_index("layer.representative_scale", policy.layer.representative_scale)
+        scale_index("token.cache_scale", policy.token.cache_scale)
+        ratios = policy.layer.ratios
+        if ratios is not None and len(ratios) != depth:
+            raise fail("layer.ratios", f"{len(ratios)} values", f"{depth}, one per layer; recalibrate for it")
+        if policy.token.protect_layers >= depth:
+            raise fail("token.protect_layers", _show(policy.token.protect_layers), f"an integer in [1, {depth - 1}]")
+    elif policy.method == "fastvar":
+        for key in policy.fastvar.ratios:
+            if not 0 <= key < n_scales:
+                raise fail("fastvar.ratios", f"key {key}", f"scale indices in [0, {n_scales - 1}] as keys")
+        scale_index("fastvar.cache_scale", policy.fastvar.cache_scale)
+        start, end = policy.fastvar.layers
+        if end > depth:
+            raise fail("fastvar.layers", _show([start, end]), f"[start, end) with end <= {depth}")
+    elif policy.method == "fixed_exit":
+        scale_index("fixed_exit.exit_scale", policy.fixed_exit.exit_scale)
+    return policy
+
+
+def check_policy_for_spec(policy: Policy, spec: Any, *, pixels: str | None = None, h_div_w: float | None = None,
+                          allow_other_backbone: bool = False) -> Policy:
+    """`check_policy_for_backbone` for a registered backbone (a name or a BackboneSpec), no weights loaded.
+
+    The schedule is the one `toprovar.pipeline.generate` will use: `pixels` (default: the
+    backbone's) and the template nearest to `h_div_w` (default 1.0).
+    """
+    from toprovar.models.registry import get_backbone  # lazy: the schema itself needs no torch
+
+    spec = get_backbone(spec)
+    pixels = pixels or spec.pixels
+    n_scales = len(spec.schedules.scale_schedule(1.0 if h_div_w is None else h_div_w, pixels))
+    return check_policy_for_backbone(policy, backbone=spec.name, n_scales=n_scales, depth=spec.transformer.depth,
+                                     allow_other_backbone=allow_other_backbone, pixels=pixels)
+
+
+# -- files -----------------------------------------------------------------------------------------
+
 def shipped_policies() -> list[str]:
     return sorted(p.stem for p in POLICY_DIR.glob("*.yaml"))
 
 
-def load_policy(path_or_name: str | Path | Policy, backbone: str | None = None) -> Policy:
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"{err.problem or err.context or type(err).__name__} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(err)
+
+
+def read_policy_document(path: Path) -> Any:
+    """The parsed YAML of a policy file; unreadable, oversized, binary or malformed files are UserErrors."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise UserError(f"{path}: {size} bytes is not a policy file (policies are YAML files of a few KiB)")
+        raw = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the policy file ({err.strerror or err})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a text file (byte {err.start} is not UTF-8); a policy is a YAML file") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not a policy (YAML nested too deeply)") from None
+
+
+def _resolve(path_or_name: str | Path) -> Path:
+    """A policy file path from a path or a shipped name."""
+    if not str(path_or_name).strip():
+        raise UserError("policy name is empty; give a shipped policy name, a YAML path or none")
+    try:
+        path = Path(path_or_name).expanduser()
+        if not path.suffix and not path.exists():
+            shipped = POLICY_DIR / f"{path_or_name}.yaml"
+            if not shipped.exists():
+                raise UserError(f"unknown policy {_show(str(path_or_name))}: not a file and not a shipped policy "
+                                f"(shipped: {', '.join(shipped_policies()) or 'none'})")
+            path = shipped
+        if not path.is_file():
+            raise UserError(f"{path}: policy file not found")
+    except (OSError, ValueError) as err:  # e.g. a name too long for the file system, a NUL byte
+        raise UserError(f"policy {_show(str(path_or_name))}: not a usable file name ({err})") from None
+    return path
+
+
+def load_policy(path_or_name: str | Path | Policy, backbone: Any = None, *, pixels: str | None = None,
+                h_div_w: float | None = None, allow_other_backbone: bool = False) -> Policy:
     """A Policy from a YAML path, a shipped name (`toprovar/policies/<name>.yaml`) or 'none'.
 
-    With `backbone`, a policy made for another backbone is refused.
+    The document is checked against the schema (`policy_from_dict`). `backbone` adds the checks
+    against the run: a name refuses a policy made for another backbone; a `BackboneSpec` (from
+    `toprovar.models.registry.get_backbone`, no weights) also checks scale indices against the
+    schedule of `pixels`/`h_div_w` and layer counts against its depth (`check_policy_for_spec`).
+    `allow_other_backbone` waives the name check only. Every problem is a one-line UserError.
     """
     if isinstance(path_or_name, Policy):
         policy = path_or_name
+    elif not isinstance(path_or_name, (str, Path)):
+        raise UserError(f"policy={_show(path_or_name)} is not a policy: give a shipped name "
+                        f"({', '.join(shipped_policies())}), a YAML path or none")
     elif str(path_or_name) == "none":
         policy = Policy(method="none", name="none")
     else:
-        path = Path(path_or_name).expanduser()
-        if not path.suffix and not path.exists():
-            path = POLICY_DIR / f"{path_or_name}.yaml"
-            if not path.exists():
-                raise UserError(f"unknown policy '{path_or_name}': not a file and not a shipped policy "
-                                f"(shipped: {', '.join(shipped_policies()) or 'none'})")
-        if not path.is_file():
-            raise UserError(f"{path}: policy file not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        path = _resolve(path_or_name)
+        data = read_policy_document(path)
         try:
             policy = policy_from_dict(data, name=path.stem)
         except UserError as err:
             raise UserError(f"{path}: {err}") from None
-    if backbone is not None:
-        policy.check_backbone(backbone)
+    if isinstance(backbone, str):
+        if not allow_other_backbone:
+            policy.check_backbone(backbone)
+    elif backbone is not None:
+        check_policy_for_spec(policy, backbone, pixels=pixels, h_div_w=h_div_w,
+                              allow_other_backbone=allow_other_backbone)
     return policy
 
 
 def save_policy(policy: Policy, path: str | Path) -> Path:
+    """Write `policy` as YAML; `load_policy(save_policy(p, path))` equals `p` (its name: the file's stem).
+
+    The policy is checked against the schema first, so a file written here always loads.
+    """
+    document = policy.to_dict()
+    policy_from_dict(document, name=policy.name)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(policy.to_dict(), sort_keys=False))
+    # ASCII with escapes: PyYAML writes a raw NEL/U+2028 with allow_unicode=True and reads it back as a line break.
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path

@@ -301,6 +301,12 @@ def _register_test_backbones() -> None:
                                    vae=_replace(VAE_PRESETS["test"], apply_spatial_patchify=True),
                                    text_encoder="hashed-test", pixels="0.06M", guidance_scale=3.0,
                                    temperature=1.0, random_init=True))
+    # The same two read from files (block names in the official `block_chunks.c.module.j.` scheme) with a
+    # T5 folder as text encoder: what `python -m toprovar.checkpoints synth preset=small` writes.
+    for name in ("test-small", "test-small-patchify"):
+        base = _BACKBONES[name]
+        register_backbone(_replace(base, name=f"{name}-t5", transformer=_replace(base.transformer, block_chunks=2),
+                                   text_encoder="t5", random_init=False))
 
 
 _register_test_backbones()
