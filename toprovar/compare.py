@@ -33,7 +33,7 @@ import dataclasses
 import datetime as _dt
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,23 +208,6 @@ def schedule_notes(method: Method, n_scales: int) -> list[str]:
     return []
 
 
-# -- quality ---------------------------------------------------------------------------------------
-
-
-def geneval_lite_scorer(backbone: str) -> Callable | None:
-    """`(images, specs) -> (N,) scores` on the `tiny` backbone (its geneval-lite), None elsewhere."""
-    if backbone != "tiny":
-        return None
-    import torch
-
-    from toprovar.tiny.evaluate import geneval_lite  # lazy: only the tiny backbone has an evaluator
-
-    def score(images, specs):
-        return torch.as_tensor(geneval_lite(images, specs), dtype=torch.float32).reshape(-1)
-
-    return score
-
-
 # -- the run ---------------------------------------------------------------------------------------
 
 
@@ -299,7 +282,7 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
     from tqdm.auto import tqdm
 
     from toprovar.flops import trace_flops
-    from toprovar.metrics import psnr, ssim
+    from toprovar.metrics import geneval_scorer, psnr, ssim
     from toprovar.models import registry
     from toprovar.pipeline import generate
     from toprovar.plots import plot_pruned_tokens, save_labelled_grid, slug
@@ -326,7 +309,7 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
     warmup = int(cfg.get("warmup") if cfg.get("warmup") is not None else 1)
     if batch < 1 or warmup < 0:
         raise UserError(f"batch_size={batch} and warmup={warmup}: need batch_size >= 1 and warmup >= 0")
-    scorer = geneval_lite_scorer(name)
+    scorer = geneval_scorer(name)
     device, dtype = registry.resolve_device(cfg.get("device", "auto")), registry.resolve_dtype(cfg.get("dtype", "auto"))
 
     backbone = registry.build_backbone(spec, group.get("weights"), device=device, dtype=dtype)

@@ -1,14 +1,19 @@
-"""Image similarity against a reference image: SSIM (Wang et al. 2004) and PSNR, on uint8 RGB.
+"""Quality of generated images: SSIM (Wang et al. 2004) and PSNR against a reference image, on uint8
+RGB, and the backbone's automatic prompt evaluator where it has one (`geneval_scorer`).
 
-Both are torchmetrics' implementations on images scaled to [0, 1] (data range 1). SSIM: 11×11
-Gaussian window, σ = 1.5, K1 = 0.01, K2 = 0.03, per image over the three channels.
+SSIM and PSNR are torchmetrics' implementations on images scaled to [0, 1] (data range 1). SSIM:
+11×11 Gaussian window, σ = 1.5, K1 = 0.01, K2 = 0.03, per image over the three channels.
 """
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 REDUCTIONS = ("none", "mean", "pooled")
+Scorer = Callable[[Tensor, Sequence[Any]], Tensor]
 
 
 def _as_float(images: Tensor) -> Tensor:
@@ -42,3 +47,19 @@ def psnr(images: Tensor, references: Tensor, reduction: str = "none") -> Tensor:
         return peak_signal_noise_ratio(preds, target, data_range=1.0)
     values = peak_signal_noise_ratio(preds, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
     return values.mean() if reduction == "mean" else values
+
+
+def geneval_scorer(backbone_name: str) -> Scorer | None:
+    """The backbone's automatic evaluator `(images, prompts) -> (N,) float32 scores in [0, 1]`, or None.
+
+    Only `tiny` has one: geneval-lite (`toprovar.tiny.evaluate`), 1 where every check of the
+    prompt's caption holds; `prompts` are captions or the scenes they were drawn from.
+    """
+    if backbone_name != "tiny":
+        return None
+    from toprovar.tiny.evaluate import geneval_lite  # lazy: only the tiny backbone has an evaluator
+
+    def score(images: Tensor, prompts: Sequence[Any]) -> Tensor:
+        return torch.as_tensor(geneval_lite(images, prompts), dtype=torch.float32).reshape(-1)
+
+    return score
