@@ -118,10 +118,6 @@ class Trace:
             frame["R"] = [R[i] for i in frame["layer"]]
         return frame
 
-    @property
-    def scale_ms(self) -> list[float]:
-        return [r.time_ms for r in self.scales]
-
 
 class KeptTokenRecorder:
     """A pruner wrapper: delegates every hook and keeps, in `trace.kept_index`, the index tensor
