@@ -82,7 +82,7 @@ def run_hydra_app(prog: str, config_name: str, app: Callable[[Any], None], argv:
         with exit_on_user_error(prog):
             app(cfg)
 
-    sys.argv = [prog, *overrides]
+    sys.argv = [sys.argv[0], *overrides]  # argv[0] stays the entry script (MLflow's source tag reads it)
     main()
 
 

@@ -18,7 +18,10 @@ backbone's shipped policy (`fastvar-<backbone>`, `fixed_exit-<backbone>`, `<back
 package has one, otherwise to defaults scaled to the backbone's schedule and depth
 (`default_policies`), which the table marks "defaults, not calibrated". `<policy>@<variant>`
 runs a ToProVAR policy as one of the Table 10 variants. The `scale` variant stops refining after
-D (`scale.action: exit`, "Scale Depth Loc."); the others keep the policy's action.
+D (`scale.action: exit`, "Scale Depth Loc."); the others keep the policy's action. Every method's
+policy must fit the run (its backbone unless `allow_other_backbone`, the schedule's scales, the
+depth: `toprovar.policy.check_policy_for_backbone`); one that does not is a one-line error before
+any weights load.
 
 Latency: the median over prompts of the milliseconds per image of the call that generated it
 (`Trace.total_ms`: scale loop + VAE decode, text encoding excluded; CUDA events on GPU), after one
