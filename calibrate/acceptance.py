@@ -53,6 +53,8 @@ from typing import Mapping
 import numpy as np
 from scipy import stats
 
+from calibrate.config import AcceptanceConfig
+
 ACCEPT, REJECT, CONTINUE, UNDECIDED = "accept", "reject", "continue", "undecided"
 
 
@@ -108,8 +110,16 @@ class Verdict:
     def final(self) -> bool:
         return self.decision != CONTINUE
 
+    def metrics(self) -> dict[str, float]:
+        """The numbers, flat (MLflow metrics); the decision itself is `decision` (a tag)."""
+        out = {"confidence": self.confidence, "prompts_used": float(self.prompts), "look": float(self.look),
+               "accepted": float(self.accepted)}
+        for name, b in self.bounds.items():
+            out.update({f"{name}.lower": b.lower, f"{name}.upper": b.upper, f"{name}.margin": b.margin})
+        return out
+
     def record(self) -> dict:
-        """Plain data for provenance and MLflow."""
+        """Plain data for provenance."""
         return {"decision": self.decision, "confidence": self.confidence, "prompts_used": self.prompts,
                 "prompt_budget": self.budget, "look": self.look, "looks_planned": self.looks,
                 "alpha_spent": self.alpha_spent, "spending": "Lan-DeMets Pocock-type, union bound over looks",
@@ -242,3 +252,12 @@ def _bound(criterion: Criterion, values: np.ndarray, alpha: float) -> MetricBoun
         lost, won = int((values > 0).sum()), int((values < 0).sum())
     return MetricBound(criterion.metric, values.size, float(values.mean()), float(low), float(high),
                        criterion.margin, criterion.floor, str(decision), lost, won)
+
+
+def sequential_test(cfg: AcceptanceConfig, budget: int, geneval: bool) -> SequentialTest:
+    """The rule `search.acceptance` configures, over a budget of `budget` held-out prompts; the
+    geneval-lite criterion only where the backbone has an evaluator (`geneval`)."""
+    criteria = [Criterion("ssim", cfg.min_ssim, floor=True)]
+    if geneval:
+        criteria.insert(0, Criterion("geneval_drop", cfg.max_geneval_drop, whole_prompts=True))
+    return SequentialTest(tuple(criteria), cfg.confidence, cfg.batch, budget)
