@@ -23,26 +23,24 @@ pass, so a policy bad in any one metric is falsely accepted with probability ≤
 multiplicity correction (intersection–union); rejection triggers on any metric, so it is not
 corrected (a false rejection costs prompts, not a promise). Why Pocock-type spending: the issue
 asks clear cases to stop after one batch; O'Brien–Fleming-type spending keeps nearly all α for the
-last look (α_1 ≈ 2·10⁻⁴ at K = 3), so the first look can decide almost nothing, while Pocock-type
+last look (α_1 ≈ 7·10⁻⁴ at K = 3, α = 0.05), so the first look can decide almost nothing, while Pocock-type
 spends α_1 ≈ 0.45·α at K = 3 and still keeps a usable α_k for the last look (≈ 0.24·α). Why not a
 confidence sequence: no well-kept library provides one for bounded means (confseq: a 2023 source
 release with a C++ build), and with a handful of planned looks alpha spending is tighter.
 
-The bound at one look (`mean_bounds`) is the one-sided Student-t bound of the mean
-(`scipy.stats.ttest_1samp(...).confidence_interval`), widened where needed by a Wilson score
-margin (`scipy.stats.binomtest(...).proportion_ci(method="wilson")`) for metrics whose per-prompt
-drop can be a whole prompt (geneval-lite; `Criterion.whole_prompts`). Those drops are mostly 0
-with rare ±1 jumps, and the t bound alone undercovers badly there: with 2 % of the prompts lost
-and none won, the sample often shows no loss at all and a zero variance, and the sequential rule
-with t bounds accepted 37 % of such policies at the margin (simulation in
-tests/test_calibrate_acceptance.py, docs/calibration.md "Acceptance"). The Wilson margin — the
-distance between the Wilson bound of the mean's loss count rounded up to whole prompts and that
-count's share — is how far a mean made of whole-prompt losses can hide above what n prompts
-showed; the bound is the t bound or the observed mean plus that margin, whichever is larger. It
-costs prompts: with nothing lost, n prompts certify at best a drop of about z²/n (z the normal
-quantile at α_k), so a 0.02 margin needs ≥ ~250 prompts at the last of three looks at
-confidence 0.95. SSIM is continuous (per-image SD 0.02–0.05, far from its floor) and uses the t
-bound alone.
+The bound at one look (`mean_bounds`) is the one-sided Student-t bound of the mean (the interval
+of `scipy.stats.ttest_1samp`, quantile from `scipy.stats.t`), widened where needed for metrics
+whose per-prompt drop can be a whole prompt (geneval-lite; `Criterion.whole_prompts`). Those
+drops are mostly 0 with rare ±1 jumps, and the t bound alone undercovers badly there: with 2 % of
+the prompts lost and none won, the sample often shows no loss at all and a zero variance, and the
+sequential rule with t bounds accepted 37 % of such policies sitting at the margin (144 prompts in
+three looks; tests/test_calibrate_acceptance.py, docs/calibration.md "Acceptance"). Their bound is
+never tighter than the Wilson score bound at the observed mean clipped to [0, 1] (z from
+`scipy.stats.norm`): the t bound with its variance floored at the Bernoulli variance δ(1 − δ) of a
+mean made of whole-prompt losses, the score-interval remedy for rare events. It costs prompts:
+with nothing lost, n prompts certify at best a drop of about z²/n, so a 0.02 margin needs ≥ ~250
+prompts at the last of three looks at confidence 0.95 (z = 2.26). SSIM is continuous (per-image
+SD 0.02–0.05, far from its floor) and uses the t bound alone.
 """
 from __future__ import annotations
 

@@ -224,6 +224,7 @@ class Calibration:
         self._timed("validate", t0)
         self.artifacts["search"] = self.report_search(study, chosen=selection.trial.number)
         self.artifacts["grids"] = self._grids(selection, factory, scorer, validator)
+        self.artifacts["validation"] = [self._write_paired(selection, validator)]
         verdict = selection.validation.verdict
         tracker.log_metrics(parent, {f"validation.{k}": v for k, v in selection.validation.scores.metrics().items()})
         tracker.log_metrics(parent, {f"acceptance.{k}": v for k, v in verdict.metrics().items()})
@@ -288,6 +289,19 @@ class Calibration:
         return [plots.save_image_grid([scorer.reference(len(pruned)).images, pruned],
                                       folder / f"{scorer.prompts.name}_unpruned_vs_policy.png")
                 for scorer, pruned in ((search, searched), (validator, held_out))]
+
+    def _write_paired(self, selection: Selection, validator: PolicyScorer) -> Path:
+        """validation/per_prompt.csv: every probe's per-prompt paired values (what its bounds rest on)."""
+        import pandas as pd
+
+        frames = [pd.DataFrame({"trial": number, "decision": result.verdict.decision,
+                                "prompt": range(len(result.paired["ssim"])),
+                                "seed": validator.prompts.seeds[:len(result.paired["ssim"])], **result.paired})
+                  for number, result in selection.tried]
+        path = self.run_dir / "validation" / "per_prompt.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.concat(frames, ignore_index=True).to_csv(path, index=False)
+        return path
 
     def _log_files(self, tracker: Tracker | NullTracker, parent: str) -> None:
         for folder, files in self.artifacts.items():

@@ -8,8 +8,8 @@ backbone's guidance scale (the reference), then under null perturbations — gui
 of 3.0, and other seed sets (+1000, +2000) — and optionally with pruning policies, and prints per
 condition and per geneval-lite score (binary success; share of the prompt's checks) the paired
 per-prompt differences against the reference: mean drop, their SD, the standard error at n, the
-prompts lost / won, and the number of prompts a one-sided 95 % t bound needs to be 0.01 above the
-mean. SSIM against the reference image is reported beside them. The per-prompt values land in
+prompts lost / won, the number of prompts a one-sided 95 % t bound needs to be 0.01 above the
+mean, and the upper bound acceptance would put on the drop from this sample (one look, 95 %). SSIM against the reference image is reported beside them. The per-prompt values land in
 `<out>/per_prompt.csv` (one file per condition while running, so an interrupted run keeps what it
 measured and a rerun with the same arguments skips finished conditions), the table in `<out>/null_noise.md`.
 A measurement command, not a test (docs/benchmarks.md, "Null noise of the geneval-lite scores").
@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from calibrate.acceptance import mean_bounds
 from calibrate.backend import CalibrationBackend, load_backend
 from calibrate.quality import ssim_per_image
 from toprovar.policy import load_policy
@@ -66,6 +67,8 @@ def _summary(frame: pd.DataFrame) -> pd.DataFrame:
                          "drop": float(diff.mean()), "sd": sd, "se": sd / math.sqrt(n),
                          "lost": int((diff > 0).sum()), "won": int((diff < 0).sum()),
                          "n_for_0.01": math.ceil((1.645 * sd / 0.01) ** 2),
+                         # The acceptance bound this one sample would give (one look, 95 %).
+                         "upper_95": float(mean_bounds(diff, 0.05, whole_prompts=True)[1]),
                          "ssim": float(part.ssim.mean())})
     return pd.DataFrame(rows)
 
