@@ -9,7 +9,9 @@ of 3.0, and other seed sets (+1000, +2000) — and optionally with pruning polic
 condition and per geneval-lite score (binary success; share of the prompt's checks) the paired
 per-prompt differences against the reference: mean drop, their SD, the standard error at n, the
 prompts lost / won, the number of prompts a one-sided 95 % t bound needs to be 0.01 above the
-mean, and the upper bound acceptance would put on the drop from this sample (one look, 95 %). SSIM against the reference image is reported beside them. The per-prompt values land in
+mean, and the upper bound acceptance would put on the drop from this sample (one look, 95 %);
+then, per condition and score, how often the sequential acceptance rule would accept it under a
+few budget/batch plans (bootstrap of the measured per-prompt drops). SSIM against the reference image is reported beside them. The per-prompt values land in
 `<out>/per_prompt.csv` (one file per condition while running, so an interrupted run keeps what it
 measured and a rerun with the same arguments skips finished conditions), the table in `<out>/null_noise.md`.
 A measurement command, not a test (docs/benchmarks.md, "Null noise of the geneval-lite scores").
@@ -27,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from calibrate.acceptance import mean_bounds
+from calibrate.acceptance import Criterion, SequentialTest, mean_bounds
 from calibrate.backend import CalibrationBackend, load_backend
 from calibrate.quality import ssim_per_image
 from toprovar.policy import load_policy
@@ -73,6 +75,24 @@ def _summary(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _power(frame: pd.DataFrame, plans: list[tuple[int, int]], margin: float, rows: int = 4000) -> pd.DataFrame:
+    """How often the sequential rule (confidence 0.95, `margin`) accepts each condition, and after
+    how many prompts on average, resampling its measured per-prompt drops (bootstrap, seed 0)."""
+    rng = np.random.default_rng(0)
+    ref = frame[frame.condition == "reference"].set_index("prompt")
+    out = []
+    for condition, part in frame[frame.condition != "reference"].groupby("condition", sort=False):
+        for name in SCORES:
+            diff = ref.loc[part.prompt, name].to_numpy() - part[name].to_numpy()
+            row = {"condition": condition, "score": name}
+            for budget, batch in plans:
+                test = SequentialTest((Criterion("geneval_drop", margin, whole_prompts=True),), 0.95, batch, budget)
+                decision, used = test.simulate({"geneval_drop": rng.choice(diff, (rows, budget))})
+                row[f"{budget}/{batch}"] = f"{(decision == 'accept').mean():.2f} ({used.mean():.0f})"
+            out.append(row)
+    return pd.DataFrame(out)
+
+
 def _markdown(table: pd.DataFrame) -> str:
     cells = [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row] for row in table.itertuples(index=False)]
     lines = [list(table.columns), ["---"] * len(table.columns), *cells]
@@ -88,6 +108,9 @@ def main() -> None:
     parser.add_argument("--seed-offsets", type=int, nargs="*", default=[1000, 2000])
     parser.add_argument("--policies", nargs="*", default=[], help="policy names or YAML paths to compare")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--margin", type=float, default=0.02, help="acceptance margin for the power table")
+    parser.add_argument("--plans", nargs="*", default=["288:96", "384:128", "384:192", "576:192"],
+                        help="budget:batch of the sequential plans in the power table")
     parser.add_argument("--out", type=Path, default=Path("outputs/null_noise"))
     args = parser.parse_args()
 
@@ -123,8 +146,11 @@ def main() -> None:
     table = _summary(frame)
     header = (f"{dt.date.today()}, {args.prompts} prompts (scene seed {args.seed}), torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n\n")
-    (args.out / "null_noise.md").write_text(header + _markdown(table))
+    power = _power(frame, [tuple(int(x) for x in plan.split(":")) for plan in args.plans], args.margin)
+    (args.out / "null_noise.md").write_text(header + _markdown(table) + "\n" + _markdown(power))
     print(header + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"\nacceptance at margin {args.margin}, 95 %: share of bootstrap validations accepted (mean prompts used)")
+    print(power.to_string(index=False))
 
 
 if __name__ == "__main__":
