@@ -38,9 +38,9 @@ three looks; tests/test_calibrate_acceptance.py, docs/calibration.md "Acceptance
 never tighter than the Wilson score bound at the observed mean clipped to [0, 1] (z from
 `scipy.stats.norm`): the t bound with its variance floored at the Bernoulli variance δ(1 − δ) of a
 mean made of whole-prompt losses, the score-interval remedy for rare events. It costs prompts:
-with nothing lost, n prompts certify at best a drop of about z²/n, so a 0.02 margin needs ≥ ~250
-prompts at the last of three looks at confidence 0.95 (z = 2.26). SSIM is continuous (per-image
-SD 0.02–0.05, far from its floor) and uses the t bound alone.
+with nothing lost, n prompts certify at best a drop of about z²/n, so a 0.02 margin needs ≥ ~215
+prompts at the last of two looks at confidence 0.95 (z = 2.07). SSIM is continuous (per-image SD
+0.013–0.020 for policies on tiny, far above its floor) and uses the t bound alone.
 """
 from __future__ import annotations
 
