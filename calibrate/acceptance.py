@@ -45,8 +45,8 @@ prompts at the last of two looks at confidence 0.95 (z = 2.07). SSIM is continuo
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 from scipy import stats

@@ -105,8 +105,8 @@ class PolicyScorer:
             return ref
         # Unpruned, every prompt costs the same FLOPs; its latency share is taken as proportional.
         part = n / len(ref)
-        return Run(ref.images[:n], ref.traces, ref.flops * part, None if ref.latency_ms is None else ref.latency_ms * part,
-                   {k: v[:n] for k, v in ref.scores.items()})
+        latency = None if ref.latency_ms is None else ref.latency_ms * part
+        return Run(ref.images[:n], [], ref.flops * part, latency, {k: v[:n] for k, v in ref.scores.items()})
 
     # -- scoring ------------------------------------------------------------------------------
     def __call__(self, params: dict[str, float]) -> Scores:

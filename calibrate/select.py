@@ -69,7 +69,8 @@ def select_and_validate(study: optuna.Study, validate: Validate, candidates: int
         tried.append((trial, result))
         bar.update(1)
         verdict, scores = result.verdict, result.scores
-        bounds = ", ".join(f"{name} [{b.lower:.3f}, {b.upper:.3f}] vs {b.margin:g}" for name, b in verdict.bounds.items())
+        bounds = ", ".join(f"{name} [{b.lower:.3f}, {b.upper:.3f}] vs {b.margin:g}"
+                           for name, b in verdict.bounds.items())
         log.info("trial %d: %s after %d held-out prompts (speedup %.2f; %d%% bounds: %s)", trial.number,
                  verdict.decision, verdict.prompts, scores.speedup, round(100 * verdict.confidence), bounds)
         if verdict.accepted:

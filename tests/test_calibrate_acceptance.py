@@ -171,8 +171,9 @@ def tiny_validator():
     backend = load_backend({"name": "tiny", "weights": {}}, torch.device("cpu"), None, batch_size=8)
     scenes = sample_scenes(48, seed=SEED)
     prompts = PromptSet("validate", [s.caption for s in scenes], [SEED + i for i in range(48)], scenes)
-    return PolicyScorer(backend, prompts, lambda params: params, cost="flops", latency=LatencyConfig(warmup=0, repeats=1),
-                        evaluator=geneval_scorer("tiny"), geneval_score="binary", desc="test")
+    return PolicyScorer(backend, prompts, lambda params: params, cost="flops",
+                        latency=LatencyConfig(warmup=0, repeats=1), evaluator=geneval_scorer("tiny"),
+                        geneval_score="binary", desc="test")
 
 
 def test_tiny_null_policy_accepted_and_an_early_exit_rejected_after_one_batch(tiny_validator):

@@ -11,7 +11,8 @@ per-prompt differences against the reference: mean drop, their SD, the standard 
 prompts lost / won, the number of prompts a one-sided 95 % t bound needs to be 0.01 above the
 mean, and the upper bound acceptance would put on the drop from this sample (one look, 95 %);
 then, per condition and score, how often the sequential acceptance rule would accept it under a
-few budget/batch plans (bootstrap of the measured per-prompt drops). SSIM against the reference image is reported beside them. The per-prompt values land in
+few budget/batch plans (bootstrap of the measured per-prompt drops). SSIM against the reference
+image is reported beside them. The per-prompt values land in
 `<out>/per_prompt.csv` (one file per condition while running, so an interrupted run keeps what it
 measured and a rerun with the same arguments skips finished conditions), the table in `<out>/null_noise.md`.
 A measurement command, not a test (docs/benchmarks.md, "Null noise of the geneval-lite scores").
@@ -48,7 +49,8 @@ def _conditions(args: argparse.Namespace) -> list[tuple[str, dict, int, str | No
     return rows
 
 
-def _measure(backend: CalibrationBackend, scenes, seeds: list[int], settings: dict, policy) -> tuple[torch.Tensor, dict]:
+def _measure(backend: CalibrationBackend, scenes, seeds: list[int], settings: dict,
+             policy) -> tuple[torch.Tensor, dict]:
     run = dataclasses.replace(backend, settings={**backend.settings, **settings})
     gen = run.generate([s.caption for s in scenes], seeds, policy=policy, desc="generate")
     binary, share = geneval_lite_scores(gen.images, scenes)
