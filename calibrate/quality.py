@@ -3,10 +3,14 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import torch
+import numpy as np
 from torch import Tensor
 
 from toprovar.metrics import ssim
+
+# geneval-lite scores per prompt (toprovar.tiny.evaluate): success of all the caption's checks,
+# and the share of its checks that hold (graded; half the paired noise, docs/benchmarks.md).
+GENEVAL_SCORES = ("binary", "share")
 
 
 def ssim_per_image(images: Tensor, references: Tensor) -> Tensor:
@@ -14,16 +18,17 @@ def ssim_per_image(images: Tensor, references: Tensor) -> Tensor:
     return ssim(images, references, reduction="none").float().reshape(-1)
 
 
-Scorer = Callable[[Tensor, Sequence[Any]], Tensor]
+Evaluator = Callable[[Tensor, Sequence[Any]], dict[str, np.ndarray]]
 
 
-def geneval_scorer(backbone_name: str) -> Scorer | None:
-    """The backbone's automatic evaluator `(images, prompts) -> (N,) scores in [0, 1]`, if it has one."""
+def geneval_scorer(backbone_name: str) -> Evaluator | None:
+    """The backbone's automatic evaluator `(images, prompts) -> {score name: (N,) in [0, 1]}`
+    for every name in GENEVAL_SCORES, if it has one."""
     if backbone_name != "tiny":
         return None
-    from toprovar.tiny.evaluate import geneval_lite  # lazy: only the tiny backbone has an evaluator
+    from toprovar.tiny.evaluate import geneval_lite_scores  # lazy: only the tiny backbone has an evaluator
 
-    def score(images: Tensor, prompts: Sequence[Any]) -> Tensor:
-        return torch.as_tensor(geneval_lite(images, prompts), dtype=torch.float32).reshape(-1)
+    def score(images: Tensor, prompts: Sequence[Any]) -> dict[str, np.ndarray]:
+        return dict(zip(GENEVAL_SCORES, geneval_lite_scores(images, prompts)))
 
     return score
