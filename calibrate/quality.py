@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from toprovar.metrics import Scorer, geneval_scorer, ssim
+from toprovar.metrics import GENEVAL_SCORES, Evaluator, geneval_scorer, ssim
 
-__all__ = ["Scorer", "geneval_scorer", "ssim_per_image"]
+__all__ = ["GENEVAL_SCORES", "Evaluator", "geneval_scorer", "ssim_per_image"]
 
 
 def ssim_per_image(images: Tensor, references: Tensor) -> Tensor:

@@ -144,7 +144,9 @@ def test_geneval_lite_only_on_tiny() -> None:
     pytest.importorskip("toprovar.tiny.evaluate")
     scenes = scenes_mod.sample_scenes(3, seed=1)
     scores = geneval_scorer("tiny")(scenes_mod.render_uint8(scenes), scenes)
-    assert scores.shape == (3,) and ((scores >= 0) & (scores <= 1)).all()
+    assert set(scores) == {"binary", "share"}
+    assert all(v.shape == (3,) and ((v >= 0) & (v <= 1)).all() for v in scores.values())
+    assert (scores["binary"] <= scores["share"]).all()  # every check holds -> share 1
     # The compare command scores captions when the prompts are text.
     captions = geneval_scorer("tiny")(scenes_mod.render_uint8(scenes), [s.caption for s in scenes])
-    assert captions.shape == (3,)
+    assert all(np.array_equal(captions[k], scores[k]) for k in scores)

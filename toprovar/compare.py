@@ -358,7 +358,7 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
         run = runs[method.label]
         s = ssim(run["images"], base["images"]).tolist()
         p = psnr(run["images"], base["images"]).tolist()  # per image; the table's is of the pooled MSE
-        g = scorer(run["images"], specs).tolist() if scorer is not None else [None] * len(prompts)
+        g = scorer(run["images"], specs)["binary"].tolist() if scorer is not None else [None] * len(prompts)
         ms = float(torch.tensor(run["latency"]).median())
         ratio = run["executed"] / run["unpruned"]
         rows.append({"method": method.label, "policy": method.source, "latency_ms": ms, "speedup": base_ms / ms,
@@ -415,7 +415,8 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
         "- FLOP ratio: executed / unpruned transformer FLOPs (toprovar.flops), summed over prompts; "
         "FLOP speedup = 1 / ratio",
         "- SSIM / PSNR: against the baseline image of the same prompt and seed (mean SSIM; PSNR of the pooled MSE)",
-        f"- geneval-lite: {'yes' if scorer is not None else 'not available for this backbone'}",
+        "- geneval-lite: " + ("share of prompts whose every check holds (binary score)" if scorer is not None
+                              else "not available for this backbone"),
     ]
     policies = "\n\n".join(
         f"### {m.label} ({m.source})\n\n```yaml\n{yaml.safe_dump(policy_sections(m.policy), sort_keys=False)}```"

@@ -9,11 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 REDUCTIONS = ("none", "mean", "pooled")
-Scorer = Callable[[Tensor, Sequence[Any]], Tensor]
+# geneval-lite scores per prompt: success of all the caption's checks, and the share of them that hold.
+GENEVAL_SCORES = ("binary", "share")
+Evaluator = Callable[[Tensor, Sequence[Any]], dict[str, np.ndarray]]
 
 
 def _as_float(images: Tensor) -> Tensor:
@@ -49,17 +52,19 @@ def psnr(images: Tensor, references: Tensor, reduction: str = "none") -> Tensor:
     return values.mean() if reduction == "mean" else values
 
 
-def geneval_scorer(backbone_name: str) -> Scorer | None:
-    """The backbone's automatic evaluator `(images, prompts) -> (N,) float32 scores in [0, 1]`, or None.
+def geneval_scorer(backbone_name: str) -> Evaluator | None:
+    """The backbone's automatic evaluator `(images, prompts) -> {score name: (N,) in [0, 1]}` for
+    every name in `GENEVAL_SCORES`, or None where the backbone has none.
 
-    Only `tiny` has one: geneval-lite (`toprovar.tiny.evaluate`), 1 where every check of the
-    prompt's caption holds; `prompts` are captions or the scenes they were drawn from.
+    Only `tiny` has one: geneval-lite (`toprovar.tiny.evaluate.geneval_lite_scores`) — `binary`, 1
+    where every check of the prompt's caption holds; `share`, the share of its checks that hold
+    (graded; half the paired noise, docs/benchmarks.md). `prompts` are captions or scenes.
     """
     if backbone_name != "tiny":
         return None
-    from toprovar.tiny.evaluate import geneval_lite  # lazy: only the tiny backbone has an evaluator
+    from toprovar.tiny.evaluate import geneval_lite_scores  # lazy: only the tiny backbone has an evaluator
 
-    def score(images: Tensor, prompts: Sequence[Any]) -> Tensor:
-        return torch.as_tensor(geneval_lite(images, prompts), dtype=torch.float32).reshape(-1)
+    def score(images: Tensor, prompts: Sequence[Any]) -> dict[str, np.ndarray]:
+        return dict(zip(GENEVAL_SCORES, geneval_lite_scores(images, prompts)))
 
     return score
