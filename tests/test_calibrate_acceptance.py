@@ -10,8 +10,17 @@ import pytest
 import torch
 from scipy import stats
 
-from calibrate.acceptance import (ACCEPT, CONTINUE, REJECT, UNDECIDED, Criterion, SequentialTest, mean_bounds,
-                                  sequential_test, spent)
+from calibrate.acceptance import (
+    ACCEPT,
+    CONTINUE,
+    REJECT,
+    UNDECIDED,
+    Criterion,
+    SequentialTest,
+    mean_bounds,
+    sequential_test,
+    spent,
+)
 from calibrate.config import AcceptanceConfig
 
 SEED = random.randrange(1 << 30)  # fresh each run; failing asserts show it
