@@ -57,6 +57,7 @@ class SearchConfig:
     space: dict[str, Any]            # knob name -> range or choices; calibrate.knobs checks it
     latency: LatencyConfig
     validate_candidates: int
+    workers: int                     # search processes sharing the study: one per GPU, or sharing the CPU
 
 
 @dataclass
@@ -122,6 +123,8 @@ def _validate(cfg: CalibrationConfig) -> None:
         raise UserError(f"search.objective={s.objective!r} is not one of {', '.join(OBJECTIVES)}")
     if s.n_trials < 1:
         raise UserError(f"search.n_trials={s.n_trials} must be at least 1")
+    if s.workers < 1:
+        raise UserError(f"search.workers={s.workers} must be at least 1")
     if s.validate_candidates < 1:
         raise UserError(f"search.validate_candidates={s.validate_candidates} must be at least 1")
     if s.latency.repeats < 1 or s.latency.warmup < 0:
