@@ -40,6 +40,7 @@ import socket
 import threading
 import time
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -136,10 +137,7 @@ def _storage(cfg: StorageConfig):
                 raise ValueError("the journal URL names no file")
             path.parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(str(path)))
-        with warnings.catch_warnings():  # heartbeats are marked experimental; they are what resume needs
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(cfg.url, heartbeat_interval=cfg.heartbeat_interval_s, grace_period=cfg.grace_period_s,
-                              heartbeat_stale_trial_callback=requeue)
+        return _rdb_storage(cfg)
     except Exception as err:  # sqlalchemy raises many kinds for bad URLs / unreachable databases
         message = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
         hint = ""
@@ -149,25 +147,58 @@ def _storage(cfg: StorageConfig):
         raise UserError(f"cannot open Optuna storage storage.url={cfg.url!r}: {message}{hint}") from None
 
 
-def worker_seed(seed: int, worker: int, existing: int) -> int:
+def _rdb_storage(cfg: StorageConfig, attempts: int = 3) -> RDBStorage:
+    """Optuna's RDB storage with heartbeats. Workers that open a new PostgreSQL database at the same
+    moment race in CREATE TABLE IF NOT EXISTS (PostgreSQL answers one of them with a unique
+    violation on its catalog): the loser tries again and finds the tables made."""
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked experimental; they are what resume needs
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(cfg.url, heartbeat_interval=cfg.heartbeat_interval_s,
+                                  grace_period=cfg.grace_period_s, heartbeat_stale_trial_callback=requeue)
+        except IntegrityError:
+            if attempt == attempts:
+                raise
+            time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")
+
+
+def worker_seed(seed: int, worker: int, existing: int, salt: int = 0) -> int:
     """The sampler seed of one worker: distinct per (seed, worker index, trials in the study when it
-    opened), so neither a second worker nor a resumed run replays another's random trials."""
-    return int(np.random.SeedSequence([seed, worker, existing]).generate_state(1)[0])
+    opened, salt), so neither a second worker nor a resumed run replays another's random trials."""
+    return int(np.random.SeedSequence([seed, worker, existing, salt]).generate_state(1)[0])
+
+
+def _process_salt() -> int:
+    """A number of this host and process, for the seed of a worker that did not create the study."""
+    return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) + 1
 
 
 def open_study(name: str, storage: StorageConfig, sampler: str, seed: int, n_trials: int,
                worker: int = 0) -> optuna.Study:
-    """Create the study, or load it when `name` already exists in the storage (resume / join)."""
-    backend = _storage(storage)
+    """Create the study, or load it when `name` already exists in the storage (resume / join).
+
+    The process that creates the study (the storage decides: one creation succeeds) seeds its
+    sampler from `seed` and `worker` alone, so a fresh calibration is reproducible; every other
+    (a worker joining from another process or machine, where its index is 0 too, or a second
+    calibration started at the same moment on the same study) also mixes in its host and pid."""
+    backend = _storage(storage) or optuna.storages.InMemoryStorage()
     try:
-        existing = 0
-        if backend is not None and name in {s.study_name for s in optuna.get_all_study_summaries(backend)}:
-            existing = len(optuna.load_study(study_name=name, storage=backend).trials)
-        return optuna.create_study(study_name=name, storage=backend, directions=list(DIRECTIONS),
-                                   sampler=_sampler(sampler, worker_seed(seed, worker, existing), n_trials),
-                                   load_if_exists=True)
-    except ValueError as err:  # e.g. an existing study with other directions
-        raise UserError(f"study {name!r} in {storage.url!r} cannot be used: {err}; pick another study_name") from None
+        optuna.create_study(study_name=name, storage=backend, directions=list(DIRECTIONS))
+        salt = 0
+    except optuna.exceptions.DuplicatedStudyError:
+        salt = _process_salt()
+    existing = len(optuna.load_study(study_name=name, storage=backend).trials)
+    study = optuna.load_study(study_name=name, storage=backend,
+                              sampler=_sampler(sampler, worker_seed(seed, worker, existing, salt), n_trials))
+    if [d.name for d in study.directions] != [d.upper() for d in DIRECTIONS]:
+        raise UserError(f"study {name!r} in {storage.url!r} cannot be used: it has directions "
+                        f"{[d.name.lower() for d in study.directions]}, calibration needs {list(DIRECTIONS)}; "
+                        f"pick another study_name")
+    return study
 
 
 def completed(study: optuna.Study) -> list[FrozenTrial]:

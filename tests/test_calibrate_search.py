@@ -328,6 +328,24 @@ def test_worker_seeds_differ_by_worker_and_by_resume():
     assert len(seeds) == 64 and worker_seed(seed, 1, 3) == worker_seed(seed, 1, 3)
 
 
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_two_processes_opening_one_new_study_draw_different_trials(tmp_path, config, space, sampler):
+    """Worker 0 of two calibrations (or a machine joining with stages=[search]) on one new study: only
+    the one that created the study draws from the seed alone (a fresh calibration is reproducible);
+    the other mixes in its host and pid, so it does not replay the first one's trials."""
+    seed = random.randrange(1000)
+
+    def first_params(study):
+        trial = study.ask()
+        return space.suggest(trial)
+
+    storage = dataclasses.replace(config.storage, url=f"journal:{tmp_path}/a.journal")
+    creator, joiner = (open_study("one", storage, sampler, seed, 10) for _ in range(2))
+    assert first_params(creator) != first_params(joiner)
+    again = open_study("one", dataclasses.replace(config.storage, url=f"journal:{tmp_path}/b.journal"), sampler, seed, 10)
+    assert first_params(again) == creator.trials[0].params  # the creator's draws follow the seed
+
+
 def _dead_worker():
     """The record of a process of this host that has exited."""
     process = subprocess.Popen([sys.executable, "-c", "pass"])
