@@ -409,8 +409,8 @@ class Calibration:
 @contextlib.contextmanager
 def discard_unused_run_dir(run_dir: Path, launch_dir: Path) -> Iterator[None]:
     """On a UserError (a mistake in the input, found before any work), remove the run folder Hydra
-    made when it holds nothing but Hydra's own files (.hydra/, the log) and empty files — and its
-    date folder under outputs/ when that is left empty — so a wrong argument leaves no folder."""
+    made when it holds nothing but Hydra's own files (.hydra/, the log) and empty files — and the
+    folders above it up to outputs/ that are left empty — so a wrong argument leaves no folder."""
     try:
         yield
     except UserError:
@@ -420,8 +420,9 @@ def discard_unused_run_dir(run_dir: Path, launch_dir: Path) -> Iterator[None]:
             shutil.rmtree(run_dir, ignore_errors=True)
             outputs = (launch_dir / "outputs").resolve()
             parent = run_dir.resolve().parent
-            if parent.is_relative_to(outputs) and parent != outputs and parent.is_dir() and not any(parent.iterdir()):
+            while parent.is_relative_to(outputs) and parent.is_dir() and not any(parent.iterdir()):
                 parent.rmdir()
+                parent = parent.parent
         raise
 
 

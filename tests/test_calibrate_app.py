@@ -41,6 +41,54 @@ def test_user_mistakes_are_one_line_errors(tmp_path, overrides, expected):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("calibrate: error:") and expected in lines[0]
+    assert not (tmp_path / "outputs").exists()  # a run that fails on its arguments leaves no folder
+
+
+_RUN_DIR_SCRIPT = """
+import os
+import calibrate.hydra_app  # registers the run folder's resolver, as `python -m calibrate` does
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from tests.conftest import CONF_DIR
+with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name="calibrate"):
+    cfg = compose(config_name="calibrate", return_hydra_config=True)
+print(OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"], os.getpid())
+"""
+
+
+def test_run_folders_of_two_processes_differ_within_one_second(tmp_path):
+    """The run folder's name ends in the process id: two calibrations started in the same second
+    (same date and time stamp) get their own folders."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    started = [subprocess.Popen([sys.executable, "-c", _RUN_DIR_SCRIPT], cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE) for _ in range(2)]
+    folders = {}
+    for process in started:
+        out, _ = process.communicate(timeout=600)
+        folder, pid = out.split()
+        assert folder.startswith("outputs/calibrate/") and folder.endswith(f"-{pid}")
+        folders[pid] = folder
+    assert len(set(folders.values())) == 2
+
+
+def test_exported_policy_that_did_not_validate_exits_3(tmp_path, calibrate_config, monkeypatch):
+    """A script can tell: exit status 3 when the exported policy is marked NOT validated."""
+    import dataclasses
+
+    import calibrate.app as app
+    from calibrate.app import EXIT_NOT_VALIDATED, Calibration
+
+    validate = app.select_and_validate
+    monkeypatch.setattr(app, "select_and_validate", lambda *args: dataclasses.replace(validate(*args), passed=False))
+    cfg = calibrate_config("backbone=test-small", "storage=memory", "tracking=off", "search.n_trials=2",
+                           "prompts.presample=1", "prompts.search=1", "prompts.validate=1",
+                           "search.validate_candidates=1", "search.constraints.min_ssim=0.0")
+    calibration = Calibration(cfg, tmp_path / "run", tmp_path, [])
+    path = calibration.run()
+    assert calibration.exit_status == EXIT_NOT_VALIDATED == 3
+    import yaml
+
+    assert yaml.safe_load(path.read_text())["provenance"]["validated"] is False
 
 
 def test_low_entropy_ratio_matches_definition():
@@ -113,7 +161,7 @@ def test_mini_calibration_end_to_end_and_resume(tmp_path):
     for name in ("presample_scales.parquet", "presample_layers.csv", "fig8_entropy_rho.png"):
         assert (run_dir / "presample" / name).exists()
 
-    # Same run folder -> same SQLite study: the target is met, no trial runs again.
+    # Same run folder -> same journal study: the target is met, no trial runs again.
     again = _calibrate(tmp_path, *common, "tracking=off", "stages=[search]")
     assert again.returncode == 0, again.stderr[-3000:]
     trials = pd.read_csv(run_dir / "search" / "trials.csv")
