@@ -130,7 +130,8 @@ class Calibration:
     def search_worker(self, index: int, tracking: TrackerAddress | None, released: Callable[[], bool],
                       orphaned: Callable[[], bool]) -> int:
         """Worker `index` of a calibration started by calibrate.workers: trials only. Loads its
-        model and opens the study while the coordinator pre-samples; starts when `released()`."""
+        model, opens the study and measures the unpruned reference while the coordinator
+        pre-samples; starts trials when `released()`."""
         _quiet_libraries()
         cfg = self.cfg
         backend = load_backend(cfg.backbone, self.device, resolve_dtype(cfg.dtype, self.device),
@@ -139,15 +140,16 @@ class Calibration:
         study = open_study(cfg.study_name, cfg.storage, cfg.search.sampler, cfg.seed, cfg.search.n_trials,
                            worker=index)
         tracker = tracking.open() if tracking is not None else NullTracker()
+        scorer = self._search_scorer(backend, prompts, None)  # the unpruned reference, while pre-sampling runs
         if not released():
             return 0
         summary = PresampleSummary.from_json(study.user_attrs[STUDY_PRESAMPLE_KEY])
-        factory = PolicyFactory(summary, backend.name)
-        scorer = self._search_scorer(backend, prompts, factory)
+        scorer.build_policy = PolicyFactory(summary, backend.name)  # policies need the study's summary
         return self.search(study, scorer, SearchSpace.from_config(cfg.search.space, summary), tracker, worker=index,
                            progress=False, should_stop=orphaned)
 
-    def _search_scorer(self, backend: CalibrationBackend, prompts: PromptSets, factory: PolicyFactory) -> PolicyScorer:
+    def _search_scorer(self, backend: CalibrationBackend, prompts: PromptSets,
+                       factory: PolicyFactory | None) -> PolicyScorer:
         return PolicyScorer(backend, prompts.search, factory, cost=self.cost, latency=self.cfg.search.latency,
                             evaluator=geneval_scorer(backend.name), desc="search")
 

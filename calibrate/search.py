@@ -141,9 +141,8 @@ def _storage(cfg: StorageConfig):
     except Exception as err:  # sqlalchemy raises many kinds for bad URLs / unreachable databases
         message = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
         hint = ""
-        if isinstance(err, ModuleNotFoundError) and cfg.url.startswith("postgresql"):
-            hint = ("; PostgreSQL needs its driver: pip install -e '.[postgres]' and a URL "
-                    "postgresql+psycopg://user@host/db")
+        if isinstance(err, ImportError) and cfg.url.startswith("postgresql"):
+            hint = "; PostgreSQL needs its driver (psycopg 3): pip install -e '.[postgres]'"
         raise UserError(f"cannot open Optuna storage storage.url={cfg.url!r}: {message}{hint}") from None
 
 
