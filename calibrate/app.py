@@ -79,6 +79,7 @@ class Calibration:
                         self.device)
         self.timings: dict[str, float] = {}
         self.artifacts: dict[str, list[Path]] = {}
+        self.exit_status = 0  # EXIT_NOT_VALIDATED once a policy that did not validate is exported
 
     # -- stages -----------------------------------------------------------------------------------
     def presample(self, backend: CalibrationBackend, prompts: PromptSets) -> PresampleSummary:
@@ -228,7 +229,10 @@ class Calibration:
             study = open_study(cfg.study_name, cfg.storage, cfg.search.sampler, cfg.seed, cfg.search.n_trials)
             log.info("run folder %s; to continue it after a crash or Ctrl-C: %s", self.run_dir, self.resume_command())
             if self.joins_only:
-                self._wait_for_summary(study)
+                try:
+                    self._wait_for_summary(study)
+                except KeyboardInterrupt:
+                    raise SystemExit(EXIT_INTERRUPTED) from None
         self._timed("setup", t0)
         tracker = open_tracker(cfg.tracking, self.run_dir, self.launch_dir)
         parent, owned = self._open_parent(tracker, study)
@@ -245,14 +249,12 @@ class Calibration:
             raise SystemExit(EXIT_INTERRUPTED) from None
         finally:
             if study is not None and tracker.parent_id:  # trials of workers that died or were interrupted
-                running = {t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
-                tracker.close_children(tracker.parent_id, running)
+                tracker.close_children(tracker.parent_id, lambda: {
+                    t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))})
             if owned:
                 self._log_files(tracker, parent)
                 tracker.log_metrics(parent, {f"time_s.{k}": v for k, v in self.timings.items()})
                 tracker.end(parent, status=status)
-
-    exit_status = 0  # EXIT_NOT_VALIDATED after exporting a policy that did not validate
 
     def _check_storage(self, workers: int) -> None:
         url = self.cfg.storage.url
@@ -335,6 +337,7 @@ class Calibration:
         scorer = self._search_scorer(backend, prompts, factory)
         if "search" in stages:
             self.search(study, scorer, space, tracker)
+            pool.finish()  # the other workers end with the study complete; select only after them
             self._timed("search", t0)
         if not ({"select", "export"} & stages):
             self.artifacts["search"] = self.report_search(study)

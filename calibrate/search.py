@@ -292,8 +292,8 @@ def requeue_interrupted(study: optuna.Study) -> int:
     trials = study.get_trials(deepcopy=False)
     # `replaces` names the trial a retry stands for; studies of earlier versions kept it in `retry_of`.
     retried = {t.system_attrs.get(key) for t in trials for key in ("replaces", "retry_of", "failed_trial")}
-    return sum(requeue(study, trial) for trial in trials
-               if trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted") and trial.number not in retried)
+    return sum(requeue(study, t) for t in trials
+               if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried)
 
 
 def prepare_study(study: optuna.Study, space: SearchSpace, *, warm_start: Mapping[str, float] | None,

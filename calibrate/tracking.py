@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from calibrate.config import TrackingConfig
 
@@ -116,13 +116,14 @@ class Tracker:
         self.log_params(run_id, params)
         return run_id
 
-    def close_children(self, parent_id: str, running_trials: Iterable[int]) -> int:
-        """Mark KILLED the child runs still RUNNING whose trial (param `trial`) is not in
-        `running_trials`: their process died. List the runs before reading the study's running
-        trials, so a trial that starts in between is not taken for dead."""
+    def close_children(self, parent_id: str, running_trials: Callable[[], Iterable[int]]) -> int:
+        """Mark KILLED the child runs still RUNNING whose trial (param `trial`) is not among
+        `running_trials()`: their process died. The runs are listed first and the study's running
+        trials read after, so a trial that starts in between (its child run comes after it) is
+        not taken for dead."""
         runs = self.client.search_runs([self.experiment_id], max_results=10000, filter_string=(
             f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"))
-        running = set(running_trials)
+        running = set(running_trials())
         dead = [r.info.run_id for r in runs if int(r.data.params.get("trial", -1)) not in running]
         for run_id in dead:
             self.end(run_id, status="KILLED")
@@ -200,7 +201,7 @@ class NullTracker:
     def start_child(self, name: str, params: Mapping[str, Any]) -> str:
         return ""
 
-    def close_children(self, parent_id: str, running_trials: Iterable[int]) -> int:
+    def close_children(self, parent_id: str, running_trials: Callable[[], Iterable[int]]) -> int:
         return 0
 
     def end(self, run_id: str, status: str = "FINISHED") -> None: ...

@@ -136,16 +136,25 @@ class WorkerPool:
                     log.warning("search worker %d (pid %d) %s; a trial it was running is queued again "
                                 "by the other workers", index, process.pid, how)
 
-    def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
-        """Normal end: wait for the workers (they stop once the study is complete). After an error
-        or an interruption: ask them to stop (SIGTERM), wait a while, then kill."""
-        failed = kind is not None
-        if failed:
-            for process in self.processes:
-                if process.is_alive():
-                    process.terminate()
+    def finish(self) -> None:
+        """Wait for the workers: they stop by themselves once the study is complete (or at
+        `search.timeout_s`)."""
         for process in self.processes:
-            process.join(STOP_TIMEOUT_S if failed else None)
+            process.join()
+        if self._watcher is not None:
+            self._watcher.join()
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
+        """Normal end: `finish`. After an error or an interruption: ask the workers to stop
+        (SIGTERM: they record their trial as interrupted), wait a while, then kill."""
+        if kind is None:
+            self.finish()
+            return
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+        for process in self.processes:
+            process.join(STOP_TIMEOUT_S)
             if process.is_alive():
                 log.warning("search worker pid %d did not stop within %.0f s; killing it", process.pid,
                             STOP_TIMEOUT_S)
@@ -162,6 +171,8 @@ class NoPool:
         return self
 
     def go(self) -> None: ...
+
+    def finish(self) -> None: ...
 
     def __exit__(self, *exc: Any) -> None: ...
 
