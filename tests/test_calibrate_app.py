@@ -34,6 +34,7 @@ def _calibrate(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
      "no_such_policy"),
     (["backbone=infinity-2b", "tracking=off", "storage=memory",
       "backbone.weights.transformer=/nonexistent/infinity_2b_reg.pth"], "/nonexistent/infinity_2b_reg.pth"),
+    (["backbone=test-small", "tracking=off", "storage=memory", "search.workers=2"], "storage=memory"),
 ])
 def test_user_mistakes_are_one_line_errors(tmp_path, overrides, expected):
     result = _calibrate(tmp_path, *overrides)
@@ -222,3 +223,32 @@ def test_weight_paths_in_provenance_are_package_relative(tmp_path):
     for part, path in shipped["weights"].items():
         assert path.startswith("toprovar/assets/tiny/") and not Path(path).is_absolute(), path
         assert (package.parent / path).is_file() and shipped["weight_hashes"][part].startswith("sha256:")
+
+
+def test_a_resumed_study_keeps_its_presample_summary_and_says_so_only_when_it_differs(tmp_path, calibrate_config,
+                                                                                     caplog):
+    """The stored summary comes back from the storage as JSON (lists where the summary has tuples):
+    an equal fresh summary is not reported as different (it was, before)."""
+    import dataclasses
+    import logging
+
+    from calibrate.app import Calibration
+    from calibrate.presample import PresampleSummary
+    from calibrate.search import open_study
+
+    cfg = calibrate_config("backbone=test-small", "tracking=off")
+    storage = dataclasses.replace(cfg.storage, url=f"journal:{tmp_path}/study.journal")
+    calibration = Calibration(cfg, tmp_path, tmp_path, [])
+    summary = PresampleSummary(crossing="below", tau_range=(random.random(), 1.0), representative_scale=3,
+                               layer_ratios=[random.uniform(1, 3) for _ in range(2)], band_points=4, prompts=4, scales=7)
+    assert calibration.shared_summary(open_study("s", storage, "tpe", 0, 4), summary) == summary
+
+    def said():
+        return [r.getMessage() for r in caplog.records if r.name == "calibrate"]
+
+    with caplog.at_level(logging.INFO, logger="calibrate"):
+        stored = calibration.shared_summary(open_study("s", storage, "tpe", 0, 4), summary)  # read back from the file
+        assert stored == summary and not said()
+        other = dataclasses.replace(summary, band_points=5)
+        assert calibration.shared_summary(open_study("s", storage, "tpe", 0, 4), other) == summary
+    assert said() == ["study 's' keeps the pre-sampling summary it started with"]
