@@ -133,7 +133,7 @@ class Calibration:
         """Worker `index` of a calibration started by calibrate.workers: trials only. Loads its
         model, opens the study and measures the unpruned reference while the coordinator
         pre-samples; starts trials when `released()`."""
-        _quiet_libraries()
+        self._use_device()
         cfg = self.cfg
         backend = load_backend(cfg.backbone, self.device, resolve_dtype(cfg.dtype, self.device),
                                batch_size=cfg.batch_size)
@@ -214,8 +214,15 @@ class Calibration:
         args = [a for a in self.overrides if not a.startswith("hydra.run.dir=")]
         return shlex.join(["python", "-m", "calibrate", *args, f"hydra.run.dir={self.run_dir}"])
 
-    def run(self) -> Path | None:
+    def _use_device(self) -> None:
+        """Make the configured GPU the current one: CUDA events (latency) and Triton kernels act on
+        the current device, which is cuda:0 unless set — wrong for worker i on cuda:i."""
         _quiet_libraries()
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)
+
+    def run(self) -> Path | None:
+        self._use_device()
         cfg, stages = self.cfg, set(self.cfg.stages)
         # Build first: a missing weight file or prompt file fails in a second, before any tracking.
         t0 = time.perf_counter()
