@@ -124,7 +124,8 @@ class Tracker:
         runs = self.client.search_runs([self.experiment_id], max_results=10000, filter_string=(
             f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"))
         running = set(running_trials())
-        dead = [r.info.run_id for r in runs if int(r.data.params.get("trial", -1)) not in running]
+        # A run without its `trial` param yet is being created right now: not dead.
+        dead = [r.info.run_id for r in runs if "trial" in r.data.params and int(r.data.params["trial"]) not in running]
         for run_id in dead:
             self.end(run_id, status="KILLED")
         return len(dead)
