@@ -42,7 +42,7 @@ from calibrate.search import (POLL_S, completed, hold_for_crash_test, open_study
                               run_search, trial_summary, trials_frame)
 from calibrate.select import Selection, select_and_validate
 from calibrate.tracking import NullTracker, Tracker, TrackerAddress, open_tracker
-from calibrate.workers import NoPool, WorkerPool, cpu_threads, interrupt_on_signals, start_workers, worker_devices
+from calibrate.workers import NoPool, WorkerPool, WorkerSpec, cpu_threads, interrupt_on_signals, start_workers, worker_devices
 from toprovar.errors import UserError
 from toprovar.models.registry import resolve_device, resolve_dtype
 
@@ -136,7 +136,7 @@ class Calibration:
         pre-samples; starts trials when `released()`."""
         self._use_device()
         cfg = self.cfg
-        backend = load_backend(cfg.backbone, self.device, resolve_dtype(cfg.dtype, self.device),
+        backend = load_backend(cfg.backbone, self.device, resolve_dtype(cfg.dtype),
                                batch_size=cfg.batch_size)
         prompts = load_prompt_sets(cfg.prompts)
         study = open_study(cfg.study_name, cfg.storage, cfg.search.sampler, cfg.seed, cfg.search.n_trials,
@@ -254,7 +254,7 @@ class Calibration:
         status = "FAILED"
         try:
             with interrupt_on_signals(), start_workers(cfg, devices, self.run_dir, self.launch_dir, self.overrides,
-                                                       tracker.address()) as pool:
+                                                       tracker.address(), run_search_worker) as pool:
                 policy_path = self._stages(backend, prompts, study, tracker, parent, pool)
             status = "FINISHED"
             return policy_path
@@ -456,6 +456,12 @@ class Calibration:
             if folder == "grids" and not self.cfg.tracking.log_images:
                 continue
             tracker.log_artifacts(parent, files, folder)
+
+
+def run_search_worker(spec: WorkerSpec, released: Callable[[], bool], orphaned: Callable[[], bool]) -> None:
+    """The body of child worker `spec.index` (calibrate.workers spawns it): trials only."""
+    calibration = Calibration(spec.cfg, spec.run_dir, spec.launch_dir, spec.overrides)
+    calibration.search_worker(spec.index, spec.tracking, released, orphaned)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -97,13 +97,18 @@ def interrupt_on_signals() -> Iterator[None]:
             signal.signal(sig, old)
 
 
+# What a child worker runs: `work(spec, released, orphaned)` (calibrate.app.run_search_worker); passed
+# in rather than imported, so this module does not import the app that imports it.
+WorkerBody = Callable[[WorkerSpec, Callable[[], bool], Callable[[], bool]], None]
+
+
 class WorkerPool:
     """Child workers 1..N-1 of a calibration: start, release (`go`), watch, stop."""
 
-    def __init__(self, specs: list[WorkerSpec]):
+    def __init__(self, specs: list[WorkerSpec], work: WorkerBody):
         context = multiprocessing.get_context("spawn")
         self._go = context.Event()
-        self.processes = [context.Process(target=_child_main, args=(spec, self._go),
+        self.processes = [context.Process(target=_child_main, args=(spec, self._go, work),
                                           name=f"calibrate-worker-{spec.index}") for spec in specs]
         self.indices = [spec.index for spec in specs]
         self._watcher: threading.Thread | None = None
@@ -178,14 +183,15 @@ class NoPool:
 
 
 def start_workers(cfg: CalibrationConfig, devices: list[torch.device], run_dir: Path, launch_dir: Path,
-                  overrides: list[str], tracking: TrackerAddress | None) -> WorkerPool | NoPool:
-    """The pool of child workers 1..N-1 (a context manager); worker 0 is the calling process."""
+                  overrides: list[str], tracking: TrackerAddress | None, work: WorkerBody) -> WorkerPool | NoPool:
+    """The pool of child workers 1..N-1 (a context manager); worker 0 is the calling process. `work` is
+    what a child runs (a module-level function, so the spawned process can import it)."""
     if len(devices) == 1:
         return NoPool()
     threads = cpu_threads(devices[0], len(devices))
     return WorkerPool([WorkerSpec(dataclasses.replace(cfg, device=str(device)), run_dir, launch_dir, overrides,
                                   index, threads, tracking)
-                       for index, device in enumerate(devices) if index > 0])
+                       for index, device in enumerate(devices) if index > 0], work)
 
 
 @contextlib.contextmanager
@@ -203,7 +209,7 @@ def _environment(**values: str) -> Iterator[None]:
 
 
 # --- in the child process ----------------------------------------------------------------------
-def _child_main(spec: WorkerSpec, go: Any) -> None:
+def _child_main(spec: WorkerSpec, go: Any, work: WorkerBody) -> None:
     """A child worker: log to workers/worker-<i>.log (warnings also to stderr), run the search."""
     folder = spec.run_dir / "workers"
     folder.mkdir(parents=True, exist_ok=True)
@@ -224,12 +230,9 @@ def _child_main(spec: WorkerSpec, go: Any) -> None:
                 return False
         return True
 
-    from calibrate.app import Calibration
-
     try:
         with interrupt_on_signals(), exit_on_user_error(f"calibrate worker {spec.index}"):
-            calibration = Calibration(spec.cfg, spec.run_dir, spec.launch_dir, spec.overrides)
-            calibration.search_worker(spec.index, spec.tracking, released, orphaned)
+            work(spec, released, orphaned)
     except KeyboardInterrupt:
         logging.getLogger(__name__).info("worker %d interrupted", spec.index)
         sys.exit(130)

@@ -53,7 +53,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path, overrides, expected):
 
 _RUN_DIR_SCRIPT = """
 import os
-import calibrate.hydra_app  # registers the run folder's resolver, as `python -m calibrate` does
+import toprovar.cli  # registers the run folder's resolver, as `python -m calibrate` does
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tests.conftest import CONF_DIR

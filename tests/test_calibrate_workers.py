@@ -27,7 +27,8 @@ from optuna.trial import TrialState
 REPO = Path(__file__).resolve().parent.parent
 HANG_GUARD_S = 600  # a guard against a hung process, not a speed claim
 
-# A small calibration of the random-weight test backbone; min_ssim 0 so the exported policy validates.
+# A small calibration of the random-weight test backbone; min_ssim 0 so every trial is feasible. One
+# held-out prompt cannot decide the acceptance bound, so the export is marked not validated (exit 3).
 SMALL = ["backbone=test-small", "prompts.presample=1", "prompts.search=1", "prompts.validate=1",
          "search.validate_candidates=1", "search.constraints.min_ssim=0.0", "tracking=local"]
 
@@ -139,7 +140,7 @@ def test_workers_share_one_journal_study_and_survive_a_killed_worker(tmp_path):
     kill(pids[2])
     calibrate.release("trial-0")
     calibrate.release("trial-1")
-    assert calibrate.wait() == 0, calibrate.output()[-4000:]
+    assert calibrate.wait() == 3, calibrate.output()[-4000:]  # exported, not validated: 1 held-out prompt
     output = calibrate.output()
     assert f"search worker 2 (pid {pids[2]}) was killed by SIGKILL" in output
 
@@ -223,7 +224,7 @@ def test_two_machines_share_a_study_through_postgresql(tmp_path, postgres):
     main.release("trial-0")
     joiner.release("trial-0")
     assert joiner.wait() == 0, joiner.output()[-4000:]
-    assert main.wait() == 0, main.output()[-4000:]
+    assert main.wait() == 3, main.output()[-4000:]  # exported, not validated: 1 held-out prompt
     assert "waiting for study 'two-hosts' to get its pre-sampling summary" in joiner.output()
 
     trials = study_trials(postgres, "two-hosts")
