@@ -12,13 +12,20 @@ and writes, into the run folder:
 
 Methods (`methods:` in the config, a list) are policy names or YAML paths as
 `toprovar.policy.load_policy` reads them, `none` (the baseline, always run first), and the
-built-in peers `fastvar`, `fixed_exit`, `toprovar` and the Table 10 ablations `toprovar-scale`,
-`toprovar-scale_token`, `toprovar-scale_layer`, `toprovar-full`. A built-in resolves to the
-backbone's shipped policy (`fastvar-<backbone>`, `fixed_exit-<backbone>`, `<backbone>`) when the
-package has one, otherwise to defaults scaled to the backbone's schedule and depth
-(`default_policies`), which the table marks "defaults, not calibrated". `<policy>@<variant>`
-runs a ToProVAR policy as one of the Table 10 variants. The `scale` variant stops refining after
-D (`scale.action: exit`, "Scale Depth Loc."); the others keep the policy's action.
+built-in peers `fastvar` (the ToProVAR paper's Table 8 configuration), `fastvar_authors` (the
+configuration csguoh/FastVAR ships for Infinity), `fixed_exit`, `toprovar` and the Table 10
+ablations `toprovar-scale`, `toprovar-scale_token`, `toprovar-scale_layer`, `toprovar-full`. A
+built-in resolves to the backbone's shipped policy (`fastvar-<backbone>`,
+`fastvar_authors-<backbone>`, `fixed_exit-<backbone>`, `<backbone>`) when the package has one,
+otherwise to defaults scaled to the backbone's schedule and depth (`default_policies`), which
+the table marks "defaults, not calibrated". `<policy>@<variant>` runs a ToProVAR policy as one of
+the Table 10 variants. The `scale` variant stops refining after D (`scale.action: exit`, "Scale
+Depth Loc."); the others keep the policy's action.
+
+CFG skip (SkipVAR, StageVAR and LD-Pruning drop the unconditional branch at late scales):
+`cfg_skip` is the baseline with only the conditional rows from `default_cfg_skip(n_scales)` on
+(`guidance.skip_uncond_from_scale`), `cfg_skip:<s>` from scale s; any other entry followed by
+`+cfg_skip` or `+cfg_skip:<s>` runs that method with the skip (e.g. `toprovar-full+cfg_skip:10`).
 
 Latency: the median over prompts of the milliseconds per image of the call that generated it
 (`Trace.total_ms`: scale loop + VAE decode, text encoding excluded; CUDA events on GPU), after one
@@ -39,11 +46,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from toprovar.errors import UserError
-from toprovar.policy import VARIANTS, Policy, load_policy, policy_from_dict, shipped_policies
+from toprovar.policy import VARIANTS, GuidanceStage, Policy, load_policy, policy_from_dict, shipped_policies
 
-BUILTIN_BASES = ("fastvar", "fixed_exit", "toprovar")
-DEFAULT_METHODS = ("none", "fastvar", "fixed_exit", "toprovar-scale", "toprovar-scale_token",
-                   "toprovar-scale_layer", "toprovar-full")
+BUILTIN_BASES = ("fastvar", "fastvar_authors", "fixed_exit", "toprovar")
+CFG_SKIP = "cfg_skip"
+DEFAULT_METHODS = ("none", "fastvar", "fastvar_authors", "fixed_exit", "toprovar-scale", "toprovar-scale_token",
+                   "toprovar-scale_layer", "toprovar-full", CFG_SKIP)
 DEFAULT_PROMPTS = (
     "a red fox sitting in fresh snow, morning light",
     "an old lighthouse on a rocky coast during a storm",
@@ -68,7 +76,8 @@ class Method:
 
     @property
     def prunes(self) -> bool:
-        return self.policy.method != "none"
+        """Runs less than the baseline: a pruning method, or the baseline with a CFG skip."""
+        return self.policy.method != "none" or self.policy.guidance.skip_uncond_from_scale is not None
 
 
 def fastvar_layers(depth: int) -> tuple[int, int]:
@@ -80,12 +89,24 @@ def fastvar_layers(depth: int) -> tuple[int, int]:
     return start, end
 
 
+def default_cfg_skip(n_scales: int) -> int:
+    """The built-in `cfg_skip`'s first conditional-only scale: the last two scales (n − 2).
+
+    On Infinity's 13-scale 1M schedule that is the 48×48 and 64×64 scales, 61 % of the tokens; on
+    `tiny` (11 scales) it costs no measurable geneval-lite or SSIM (docs/benchmarks.md, "CFG skip").
+    """
+    return max(n_scales - 2, 0)
+
+
 def default_policies(n_scales: int, depth: int) -> dict[str, Policy]:
     """The peers for a backbone without shipped policies, scaled to its schedule and depth.
 
     * fixed_exit: the second-to-last scale is the last that runs.
     * fastvar: the last two scales at the paper's ratios (0.4, 0.6; Table 8), the middle blocks
       (`fastvar_layers`), branch outputs cached at the scale before.
+    * fastvar_authors: csguoh/FastVAR's Infinity configuration moved to the schedule's end: the
+      4th and 3rd scales from the end at 0.4 and 0.5 (Infinity 1M: the 32×32 and 40×40 scales),
+      the last two scales skipped (`exit_after_scale`), the middle blocks, the cache before.
     * toprovar: the paper's knobs (τ 0.4, β 1, α 0.1–0.6, min_keep 0.1, one probe layer), online
       layer scores at the scale before min_scale, min_scale = the middle scale n // 2, and
       `crossing: above` (section 4: D = first scale ≥ min_scale with ρ_s ≥ τ). Without measured
@@ -97,12 +118,18 @@ def default_policies(n_scales: int, depth: int) -> dict[str, Policy]:
     source = {"calibrated": False, "source": f"toprovar.compare.default_policies({n_scales} scales, depth {depth})"}
     start, end = fastvar_layers(depth)
     fastvar_ratios = {last - 1: 0.4, last: 0.6} if n_scales >= 3 else {last: 0.6}
+    authors_ratios = {last - 3: 0.4, last - 2: 0.5} if n_scales >= 5 else {last: 0.5}
     return {
         "fixed_exit": policy_from_dict({"method": "fixed_exit", "fixed_exit": {"exit_scale": max(last - 1, 0)},
                                         "provenance": source}, name="fixed_exit"),
         "fastvar": policy_from_dict({"method": "fastvar", "provenance": source,
                                      "fastvar": {"ratios": fastvar_ratios, "layers": [start, end],
                                                  "cache_scale": max(min(fastvar_ratios) - 1, 0)}}, name="fastvar"),
+        "fastvar_authors": policy_from_dict({
+            "method": "fastvar", "provenance": source,
+            "fastvar": {"ratios": authors_ratios, "layers": [start, end], "plan": "per_scale",
+                        "cache_scale": min(authors_ratios) - 1 if min(authors_ratios) > 0 else None,
+                        "exit_after_scale": max(authors_ratios)}}, name="fastvar_authors"),
         "toprovar": policy_from_dict({"method": "toprovar", "variant": "full", "provenance": source,
                                       "scale": {"tau": 0.4, "crossing": "above", "action": "start_pruning",
                                                 "min_scale": n_scales // 2},
@@ -128,17 +155,39 @@ def _provenance(policy: Policy) -> str:
     return {True: "calibrated", False: "not calibrated"}.get(calibrated, "calibration not recorded")
 
 
+def _cfg_skip_suffix(text: str, n_scales: int) -> tuple[str, int | None]:
+    """`X+cfg_skip[:s]` -> (X, s); `cfg_skip[:s]` -> ('none', s); anything else -> (text, None)."""
+    head, plus, tail = text.rpartition("+")
+    entry, skip = (head, tail) if plus else ("none", text)
+    name, colon, scale = skip.partition(":")
+    if name != CFG_SKIP:
+        return text, None
+    if not colon:
+        return entry, default_cfg_skip(n_scales)
+    if not scale.isdigit() or int(scale) >= n_scales:
+        raise UserError(f"methods: {text}: the CFG skip's scale must be an integer in [0, {n_scales - 1}] (the "
+                        f"first scale that runs only the conditional rows), e.g. {CFG_SKIP}:{default_cfg_skip(n_scales)}")
+    return entry, int(scale)
+
+
 def resolve_method(entry: Any, backbone: str, n_scales: int, depth: int) -> Method:
     """One entry of `methods` -> Method (one-line UserError for unknown names and foreign policies)."""
     text = str(entry).strip()
+    inner, skip = _cfg_skip_suffix(text, n_scales)
+    if skip is not None:
+        method = resolve_method(inner, backbone, n_scales, depth)
+        policy = dataclasses.replace(method.policy, guidance=GuidanceStage(skip_uncond_from_scale=skip))
+        return Method(text, policy, f"{method.source}; conditional rows only from scale {skip} (CFG skip)")
     if text in ("none", "baseline"):
         return Method("none", Policy(method="none", name="none"), "baseline (no pruning)")
     base, _, variant = text.partition("@")
     if base.startswith("toprovar-") and base[len("toprovar-"):] in VARIANTS and not variant:
         base, variant = "toprovar", base[len("toprovar-"):]
     if base in BUILTIN_BASES:
-        shipped = {"fastvar": f"fastvar-{backbone}", "fixed_exit": f"fixed_exit-{backbone}", "toprovar": backbone}[base]
-        if shipped in shipped_policies() and load_policy(shipped).method == base:
+        shipped = {"fastvar": f"fastvar-{backbone}", "fastvar_authors": f"fastvar_authors-{backbone}",
+                   "fixed_exit": f"fixed_exit-{backbone}", "toprovar": backbone}[base]
+        method = "fastvar" if base == "fastvar_authors" else base
+        if shipped in shipped_policies() and load_policy(shipped).method == method:
             policy = load_policy(shipped, backbone)
             source = f"shipped {shipped}, {_provenance(policy)}"
         else:
@@ -150,7 +199,8 @@ def resolve_method(entry: Any, backbone: str, n_scales: int, depth: int) -> Meth
         except UserError as err:
             if str(err).startswith("unknown policy"):
                 raise UserError(f"methods: {err}; or a built-in: none, {', '.join(BUILTIN_BASES)}, "
-                                f"{', '.join('toprovar-' + v for v in VARIANTS)}") from None
+                                f"{', '.join('toprovar-' + v for v in VARIANTS)}, {CFG_SKIP}[:<scale>], "
+                                f"<method>+{CFG_SKIP}[:<scale>]") from None
             raise UserError(f"methods: {err}") from None
         where = "file" if Path(base).suffix or Path(base).exists() else "shipped"
         source = f"{where} {base}, {_provenance(policy)}"
@@ -178,10 +228,20 @@ def resolve_methods(entries: Sequence[Any] | None, backbone: str, n_scales: int,
     return baseline + [m for m in methods if m.prunes]
 
 
-def schedule_notes(method: Method, n_scales: int, depth: int) -> list[str]:
-    """Settings of a policy that do nothing on this schedule / depth (shown, not fatal)."""
+def schedule_notes(method: Method, n_scales: int, depth: int, guided: bool = True) -> list[str]:
+    """Settings of a policy that do nothing on this schedule / depth / guidance (shown, not fatal)."""
     p, notes = method.policy, []
+    skip = p.guidance.skip_uncond_from_scale
+    if skip is not None and not guided:
+        notes.append(f"{method.label}: guidance.skip_uncond_from_scale={skip} saves nothing: the run has no "
+                     "classifier-free guidance (guidance_scale 1)")
+    if skip is not None and skip >= n_scales:
+        notes.append(f"{method.label}: guidance.skip_uncond_from_scale={skip} is past the last scale ({n_scales - 1})")
     if p.method == "fastvar":
+        exit_after = p.fastvar.exit_after_scale
+        if exit_after is not None and exit_after >= n_scales - 1:
+            notes.append(f"{method.label}: fastvar.exit_after_scale={exit_after} exits nothing on a schedule of "
+                         f"{n_scales} scales")
         out = sorted(s for s in p.fastvar.ratios if s >= n_scales)
         if out:
             notes.append(f"{method.label}: fastvar.ratios name scales {out} but the schedule has {n_scales}")
@@ -210,6 +270,16 @@ def geneval_lite_scorer(backbone: str) -> Callable | None:
         return torch.as_tensor(geneval_lite(images, specs), dtype=torch.float32).reshape(-1)
 
     return score
+
+
+def guided(guidance_scale: Any) -> bool:
+    """Whether a guidance_scale setting (one number or one per scale) runs classifier-free guidance."""
+    try:
+        many = isinstance(guidance_scale, Sequence) and not isinstance(guidance_scale, str)
+        values = [float(v) for v in guidance_scale] if many else [float(guidance_scale)]
+    except (TypeError, ValueError):
+        return True  # not a number: generate reports it
+    return any(v != 1 for v in values)
 
 
 def pooled_psnr(psnr_values) -> float:
@@ -268,6 +338,8 @@ def policy_sections(policy: Policy) -> dict[str, Any]:
     """The policy as a dict with only the sections its method reads."""
     used = {"toprovar": ("variant", "scale", "layer", "token"), "fastvar": ("fastvar",),
             "fixed_exit": ("fixed_exit",)}.get(policy.method, ())
+    if policy.guidance.skip_uncond_from_scale is not None:
+        used = (*used, "guidance")
     full = policy.to_dict()
     return {k: v for k, v in full.items() if k in ("version", "method", "backbone", "provenance") or k in used}
 
@@ -318,7 +390,8 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
     schedule = spec.schedules.scale_schedule(settings.get("h_div_w", 1.0), settings.get("pixels") or spec.pixels)
     n_scales, depth = len(schedule), spec.transformer.depth
     methods = resolve_methods(cfg.get("methods"), name, n_scales, depth)
-    notes = [n for m in methods for n in schedule_notes(m, n_scales, depth)]
+    with_cfg = guided(settings.get("guidance_scale", spec.guidance_scale))
+    notes = [n for m in methods for n in schedule_notes(m, n_scales, depth, with_cfg)]
     for note in notes:
         warnings.warn(note)
     prompts, seeds, specs = _prompts(cfg, name)

@@ -2,8 +2,9 @@
 
 `build_pruner(policy)` turns a `toprovar.policy.Policy` (or a path/name of one) into a fresh
 pruner for one generation call; the policy's CFG skip (`guidance.skip_uncond_from_scale`, any
-method) travels on it as the attribute `skip_uncond_from_scale`, which the loop reads. Stage math lives in `stages` (pure tensor functions, testable
-alone); each pruner module wires the stages to the hooks.
+method) travels on it as the attribute `skip_uncond_from_scale`, which the loop reads. Stage
+math lives in `stages` (pure tensor functions, testable alone); each pruner module wires the
+stages to the hooks.
 """
 from __future__ import annotations
 

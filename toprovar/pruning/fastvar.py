@@ -65,7 +65,8 @@ class FastVARPruner:
         self.plan: tuple[int, Tensor] | None = None  # per_scale: (scale, kept idx of every pruned block)
         ctx.trace.pruning = {"method": "fastvar", "ratios": {int(k): float(v) for k, v in self.ratios.items()},
                              "layers": [self.layers.start, self.layers.stop], "cache_scale": self.cache_scale,
-                             "exit_after_scale": self.exit_after, "plan": "per_scale" if self.per_scale else "per_block"}
+                             "exit_after_scale": self.exit_after,
+                             "plan": "per_scale" if self.per_scale else "per_block"}
 
     def exit_before_scale(self, si: int) -> bool:
         return self.exit_after is not None and si > self.exit_after

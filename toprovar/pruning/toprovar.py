@@ -31,8 +31,9 @@ granularity), which reads the hidden states between blocks (no static plan). Bot
 
 Host synchronization: one per scale (ρ_s and all layers' keep counts are read together), none
 per layer. Under CFG the unconditional row of an image runs the same tokens as its conditional
-row (after a CFG skip there is none: the plan has the conditional rows only). With several images per call each layer keeps the same count K for every image (the
-largest of their counts), each image its own lowest-entropy tokens.
+row (after a CFG skip there is none: the plan has the conditional rows only). With several
+images per call each layer keeps the same count K for every image (the largest of their
+counts), each image its own lowest-entropy tokens.
 """
 from __future__ import annotations
 
