@@ -153,3 +153,43 @@ def test_pruners_see_the_rows_of_each_scale(small) -> None:
         run = generate(small, PROMPTS[:2], _seeds(2), policy=record_kept_tokens(_skip(policy, skip)))
         shapes = {si: keep.shape[0] for (si, _), keep in run.trace.kept_index.items()}
         assert shapes and all(rows == (2 if si >= skip else 4) for si, rows in shapes.items()), shapes
+
+
+# -- the calibration knob --------------------------------------------------------------------------
+
+
+def test_search_knob_covers_never_and_is_fixed_without_guidance(calibrate_config) -> None:
+    import optuna
+
+    from calibrate.knobs import BY_NAME, PolicyFactory, SearchSpace, paper_defaults
+    from calibrate.presample import PresampleSummary
+
+    summary = PresampleSummary(crossing="below", tau_range=(0.2, 0.6), representative_scale=3, layer_ratios=[2.0, 1.5],
+                               band_points=0, prompts=0, scales=N_SCALES)
+    assert summary.guided and PresampleSummary.from_json({**summary.to_json(), "guided": False}).guided is False
+    assert PresampleSummary.from_json({k: v for k, v in summary.to_json().items() if k != "guided"}).guided  # old studies
+    config = calibrate_config("backbone=test-small").search.space
+    assert config["skip_uncond_from_scale"] is None  # searched by default
+    space = SearchSpace.from_config(config, summary)
+    assert space.ranges["skip_uncond_from_scale"] == (1, N_SCALES)  # N_SCALES: never
+    unguided = SearchSpace.from_config(config, dataclasses.replace(summary, guided=False))
+    assert unguided.ranges["skip_uncond_from_scale"] == (N_SCALES, N_SCALES)
+    with pytest.raises(UserError, match="search.space.skip_uncond_from_scale"):  # past never
+        SearchSpace.from_config({**config, "skip_uncond_from_scale": [1, N_SCALES + 1]}, summary)
+    # The default (no skip) warm-starts at never; never is null in the policy, any other value a scale.
+    assert paper_defaults()["skip_uncond_from_scale"] is None
+    assert space.clip(paper_defaults())["skip_uncond_from_scale"] == N_SCALES
+    factory = PolicyFactory(summary, "test-small")
+    assert factory.document({"skip_uncond_from_scale": N_SCALES})["guidance"] == {"skip_uncond_from_scale": None}
+    assert factory(paper_defaults()).guidance.skip_uncond_from_scale is None
+    study = optuna.create_study(directions=["maximize", "maximize"],
+                                sampler=optuna.samplers.RandomSampler(seed=random.randrange(1000)))
+    seen = set()
+    for _ in range(40):
+        params = {**space.suggest(study.ask()), "protect_layers": 1}  # test-small has 2 layers
+        value = params["skip_uncond_from_scale"]
+        policy = check_policy_for_backbone(factory(params), backbone="test-small", n_scales=N_SCALES, depth=2)
+        assert policy.guidance.skip_uncond_from_scale == (None if value == N_SCALES else value)
+        seen.add(value)
+    assert seen <= set(range(1, N_SCALES + 1)) and len(seen) > 3
+    assert BY_NAME["skip_uncond_from_scale"].path == "guidance.skip_uncond_from_scale"
