@@ -3,5 +3,5 @@
 Modules, in the order a run uses them: config (typed Hydra groups), backend (build the backbone,
 generate through `toprovar.pipeline`), prompts, presample (+ probes, stats), objective (+ costs,
 quality: scores of a policy vs the unpruned run), search (Optuna study), select, export,
-tracking (MLflow), plots; app wires them together and hydra_app is the entry point.
+tracking (MLflow), plots; app wires them together and __main__ is the entry point.
 """

@@ -15,7 +15,8 @@ from typing import Any
 import optuna
 
 from calibrate import plots
-from calibrate.backend import CalibrationBackend, load_backend, resolve_dtype
+from calibrate.acceptance import SequentialTest, sequential_test
+from calibrate.backend import CalibrationBackend, load_backend
 from calibrate.config import CalibrationConfig
 from calibrate.export import (check_loads, copy_to, git_commit, portable_path, prompts_record, redact_url, versions,
                               write_policy)
@@ -28,7 +29,7 @@ from calibrate.search import completed, open_study, pareto_front, run_search, tr
 from calibrate.select import Selection, select_and_validate
 from calibrate.tracking import NullTracker, Tracker, open_tracker
 from toprovar.errors import UserError
-from toprovar.models.registry import resolve_device
+from toprovar.models.registry import resolve_device, resolve_dtype
 
 log = logging.getLogger("calibrate")
 
@@ -128,8 +129,11 @@ class Calibration:
                        "trials_total": len(study.trials), "study_name": study.study_name,
                        "storage": redact_url(cfg.storage.url), "selected_trial": trial.number},
             "measured": {"search": dict(trial.user_attrs.get("metrics", {})),
-                         "validation": selection.validation.metrics(),
-                         "validation_candidates": [{"trial": n, **s.metrics()} for n, s in selection.tried]},
+                         "validation": selection.validation.scores.metrics(),
+                         "validation_candidates": [{"trial": n, **v.scores.metrics(), "acceptance": v.verdict.record()}
+                                                   for n, v in selection.tried]},
+            # The promise: bounds, confidence, margins, prompts used, lost/won and the decision.
+            "acceptance": selection.validation.verdict.record(),
             "presample": summary.to_json(),
             "device": str(self.device),
             "versions": versions(),
@@ -140,8 +144,11 @@ class Calibration:
         }
         path = write_policy(factory.document(trial.params), provenance, self.run_dir / "policy.yaml")
         check_loads(path, backend.name)
-        log.info("policy written to %s (trial %d: validated speedup %.2f×, SSIM %.3f%s)", path, trial.number,
-                 selection.validation.speedup, selection.validation.ssim, "" if selection.passed else ", NOT validated")
+        verdict = selection.validation.verdict
+        log.info("policy written to %s (trial %d: held-out speedup %.2f×, SSIM %.3f; %s at %d%% confidence after "
+                 "%d prompts%s)", path, trial.number, selection.validation.scores.speedup,
+                 selection.validation.scores.ssim, verdict.decision, round(100 * verdict.confidence), verdict.prompts,
+                 "" if selection.passed else ", NOT validated")
         if cfg.export_to:
             copied = copy_to(path, Path(cfg.export_to) if Path(cfg.export_to).is_absolute()
                              else self.launch_dir / cfg.export_to, backend.name)
@@ -154,7 +161,7 @@ class Calibration:
         cfg = self.cfg
         # Build first: a missing weight file or prompt file fails in a second, before any tracking.
         t0 = time.perf_counter()
-        backend = load_backend(cfg.backbone, self.device, resolve_dtype(cfg.dtype, self.device),
+        backend = load_backend(cfg.backbone, self.device, resolve_dtype(cfg.dtype),
                                batch_size=cfg.batch_size)
         prompts = load_prompt_sets(cfg.prompts)
         study = open_study(cfg.study_name, cfg.storage, cfg.search.sampler, cfg.seed, cfg.search.n_trials)
@@ -200,7 +207,7 @@ class Calibration:
             return None
         t0 = time.perf_counter()
         scorer = PolicyScorer(backend, prompts.search, factory, cost=self.cost, latency=cfg.search.latency,
-                              evaluator=evaluator, desc="search")
+                              evaluator=evaluator, geneval_score=cfg.search.acceptance.score, desc="search")
         if "search" in stages:
             self.search(study, scorer, space, tracker)
             self._timed("search", t0)
@@ -210,14 +217,20 @@ class Calibration:
 
         t0 = time.perf_counter()
         validator = PolicyScorer(backend, prompts.validate, factory, cost=self.cost, latency=cfg.search.latency,
-                                 evaluator=evaluator, desc="validate")
-        selection = select_and_validate(study, validator, cfg.search.constraints, cfg.search.validate_candidates)
+                                 evaluator=evaluator, geneval_score=cfg.search.acceptance.score, desc="validate")
+        test = sequential_test(cfg.search.acceptance, len(prompts.validate), evaluator is not None)
+        selection = select_and_validate(study, lambda params: validator.validate(factory(params), test, "validate"),
+                                        cfg.search.validate_candidates)
         self._timed("validate", t0)
         self.artifacts["search"] = self.report_search(study, chosen=selection.trial.number)
         self.artifacts["grids"] = self._grids(selection, factory, scorer, validator)
-        tracker.log_metrics(parent, {f"validation.{k}": v for k, v in selection.validation.metrics().items()})
+        self.artifacts["validation"] = [self._write_paired(selection, validator)]
+        verdict = selection.validation.verdict
+        tracker.log_metrics(parent, {f"validation.{k}": v for k, v in selection.validation.scores.metrics().items()})
+        tracker.log_metrics(parent, {f"acceptance.{k}": v for k, v in verdict.metrics().items()})
         tracker.log_metrics(parent, {f"search.{k}": v for k, v in selection.trial.user_attrs.get("metrics", {}).items()})
-        tracker.set_tags(parent, {"selected_trial": selection.trial.number, "validated": selection.passed})
+        tracker.set_tags(parent, {"selected_trial": selection.trial.number, "validated": selection.passed,
+                                  "acceptance": verdict.decision})
         if "export" not in stages:
             return None
         path = self.export(selection, factory, backend, prompts, study, space, summary, scorer, tracker)
@@ -225,30 +238,41 @@ class Calibration:
         return path
 
     def evaluate(self, backend: CalibrationBackend, prompts: PromptSets, tracker, parent: str) -> list[Path]:
-        """Measure existing policies on the held-out prompts exactly as validation does; a table."""
+        """Measure existing policies on every held-out prompt with the validation code; a table with
+        each policy's one-sided bounds and decision at `search.acceptance` (one look: all prompts)."""
+        import dataclasses
+
         import pandas as pd
         from tqdm.auto import tqdm
 
         from toprovar.policy import load_policy
 
         policies = [(name, load_policy(name, backend.name)) for name in self.cfg.evaluate]  # fail before work
+        evaluator = geneval_scorer(backend.name)
+        acceptance = self.cfg.search.acceptance
         scorer = PolicyScorer(backend, prompts.validate, lambda params: params, cost=self.cost,
-                              latency=self.cfg.search.latency, evaluator=geneval_scorer(backend.name),
+                              latency=self.cfg.search.latency, evaluator=evaluator, geneval_score=acceptance.score,
                               desc="evaluate")
-        rows, images = [], [scorer.reference.images]
+        test: SequentialTest = sequential_test(acceptance, len(prompts.validate), evaluator is not None)
+        test = dataclasses.replace(test, batch=test.budget)  # a measurement: every prompt, one look
+        rows, images = [], [scorer.reference().images]
         for name, policy in tqdm(policies, desc="evaluate", unit="policy", dynamic_ncols=True):
-            scores = scorer.score_policy(policy)
-            rows.append({"policy": name, **scores.metrics()})
-            images.append(scores.images)
-            tracker.log_metrics(parent, {f"evaluate.{len(rows) - 1}.{k}": v for k, v in scores.metrics().items()})
+            result = scorer.validate(policy, test)
+            metrics = {**result.scores.metrics(), **{f"acceptance.{k}": v for k, v in result.verdict.metrics().items()}}
+            rows.append({"policy": name, **metrics, "decision": result.verdict.decision})
+            images.append(result.scores.images)
+            tracker.log_metrics(parent, {f"evaluate.{len(rows) - 1}.{k}": v for k, v in metrics.items()})
         frame = pd.DataFrame(rows)
         folder = self.run_dir / "evaluate"
         folder.mkdir(parents=True, exist_ok=True)
         frame.to_csv(folder / "policies.csv", index=False)
-        shown = [c for c in ("policy", "speedup", "ssim", "ssim_min", "geneval_drop", "prompts_lost", "prompts_won",
-                             "kept_share", "D_mean") if c in frame]
-        log.info("%d policies on %d held-out prompts (unpruned geneval-lite %s):\n%s", len(rows), len(prompts.validate),
-                 f"{float(scorer.reference.scores.mean()):.4f}" if scorer.reference.scores is not None else "n/a",
+        shown = [c for c in ("policy", "speedup", "ssim", "acceptance.ssim.lower", "geneval_drop",
+                             "acceptance.geneval_drop.upper", "prompts_lost", "prompts_won", "decision", "kept_share",
+                             "D_mean") if c in frame]
+        reference = scorer.reference()
+        unpruned = f"{float(reference.scores[acceptance.score].mean()):.4f}" if reference.scores else "n/a"
+        log.info("%d policies on %d held-out prompts (unpruned geneval-lite %s %s; bounds one-sided at %g):\n%s",
+                 len(rows), len(prompts.validate), acceptance.score, unpruned, acceptance.confidence,
                  frame[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         grid = plots.save_image_grid(images, folder / "unpruned_vs_policies.png")
         return [folder / "policies.csv", grid]
@@ -256,14 +280,28 @@ class Calibration:
     def _grids(self, selection: Selection, factory: PolicyFactory, search: PolicyScorer,
                validator: PolicyScorer) -> list[Path]:
         """Unpruned (top row) over the selected policy (bottom row) for the search and held-out prompts;
-        the held-out row is the validation's own images, the search row is generated again."""
+        the held-out row is the validation's own images (the prompts it used), the search row is generated again."""
         folder = self.run_dir / "grids"
         folder.mkdir(parents=True, exist_ok=True)
         searched = search.backend.generate(search.prompts.texts, search.prompts.seeds,
                                            policy=factory(selection.trial.params)).images
-        return [plots.save_image_grid([scorer.reference.images, pruned],
+        held_out = selection.validation.scores.images  # the prompts the sequential validation used
+        return [plots.save_image_grid([scorer.reference(len(pruned)).images, pruned],
                                       folder / f"{scorer.prompts.name}_unpruned_vs_policy.png")
-                for scorer, pruned in ((search, searched), (validator, selection.validation.images))]
+                for scorer, pruned in ((search, searched), (validator, held_out))]
+
+    def _write_paired(self, selection: Selection, validator: PolicyScorer) -> Path:
+        """validation/per_prompt.csv: every probe's per-prompt paired values (what its bounds rest on)."""
+        import pandas as pd
+
+        frames = [pd.DataFrame({"trial": number, "decision": result.verdict.decision,
+                                "prompt": range(len(result.paired["ssim"])),
+                                "seed": validator.prompts.seeds[:len(result.paired["ssim"])], **result.paired})
+                  for number, result in selection.tried]
+        path = self.run_dir / "validation" / "per_prompt.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.concat(frames, ignore_index=True).to_csv(path, index=False)
+        return path
 
     def _log_files(self, tracker: Tracker | NullTracker, parent: str) -> None:
         for folder, files in self.artifacts.items():

@@ -2,34 +2,24 @@
 
 Calibration only ever calls `toprovar.pipeline.generate` (the one generation loop) through
 `CalibrationBackend.generate`; everything model-specific stays in `toprovar`. The backbone's
-config group (conf/backbone/) is a plain dict: `name`, `weights` (local paths) and optionally the
-generation settings `pixels`, `guidance_scale`, `temperature`, `h_div_w` (the old names `cfg` and
-`tau` still work for one release, with a warning).
+config group (toprovar/conf/backbone/) is a plain dict: `name`, `weights` (local paths) and optionally
+the generation settings of `toprovar.cli.GENERATION_KEYS` (the old names `cfg` and `tau` still work
+for one release, with a warning).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from toprovar.cli import generation_settings
 from toprovar.errors import UserError
-from toprovar.renames import renamed_settings
-
-GENERATION_KEYS = ("pixels", "guidance_scale", "temperature", "h_div_w", "top_k", "top_p", "kv_policy")
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    if name == "auto":
-        return None  # the registry's default for the device
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise UserError(f"dtype={name!r}; choose auto, {', '.join(table)}")
-    return table[name]
 
 
 def _file_fingerprint(path: Path, edge: int = 16 << 20) -> str:
@@ -134,8 +124,7 @@ def load_backend(backbone_cfg: Mapping[str, Any], device: torch.device, dtype: t
                             f"set backbone.weights.{part}=/local/path")
     paths = spec.weights.merged(weights)
     built = registry.build_backbone(spec, weights, device=device, dtype=dtype)
-    group = renamed_settings(backbone_cfg, "backbone config")
-    settings = {key: group[key] for key in GENERATION_KEYS if group.get(key) is not None}
+    settings = generation_settings(backbone_cfg)
     resolved = {"transformer": paths.transformer, "vae": paths.vae, "text_encoder": paths.text_encoder}
     if spec.random_init:
         resolved = {k: (v if v is not None and os.path.exists(v) else None) for k, v in resolved.items()}

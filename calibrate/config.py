@@ -19,7 +19,7 @@ STAGES = ("presample", "search", "select", "export", "evaluate")
 SAMPLERS = ("tpe", "nsga2", "gp", "random")   # calibrate.search builds each
 OBJECTIVES = ("auto", "flops", "latency")
 
-# No field has a default: conf/ (the YAML) is the one source of default values, and a key it
+# No field has a default: toprovar/conf/ (the YAML) is the one source of default values, and a key it
 # lacks is an error naming the key.
 
 
@@ -47,6 +47,18 @@ class LatencyConfig:
 
 
 @dataclass
+class AcceptanceConfig:
+    """search.acceptance: held-out validation as a one-sided bound per metric, decided sequentially
+    (calibrate.acceptance). The budget is `prompts.validate`. No defaults: conf/search/default.yaml."""
+
+    confidence: float            # 1 - alpha of every bound, over all looks together
+    score: str                   # geneval-lite score acceptance bounds: share | binary (quality.GENEVAL_SCORES)
+    max_geneval_drop: float      # margin on the mean paired geneval-lite drop
+    min_ssim: float              # floor on the mean SSIM against the unpruned images
+    batch: int                   # held-out prompts per look
+
+
+@dataclass
 class SearchConfig:
     n_trials: int
     sampler: str
@@ -57,6 +69,7 @@ class SearchConfig:
     space: dict[str, Any]            # knob name -> range or choices; calibrate.knobs checks it
     latency: LatencyConfig
     validate_candidates: int
+    acceptance: AcceptanceConfig
 
 
 @dataclass
@@ -103,7 +116,7 @@ def _typed(schema: type, node: Any, group: str) -> Any:
         return OmegaConf.to_object(merged)
     except MissingMandatoryValue as err:
         where = f"{group}.{err.full_key}" if getattr(err, "full_key", None) else group
-        raise UserError(f"config {where} has no value; set it in conf/ or override {where}=...") from None
+        raise UserError(f"config {where} has no value; set it in toprovar/conf/ or override {where}=...") from None
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         where = f"{group}.{key}" if key else group
@@ -128,6 +141,7 @@ def _validate(cfg: CalibrationConfig) -> None:
         raise UserError("search.latency needs repeats >= 1 and warmup >= 0")
     if not 0.0 <= s.constraints.min_ssim <= 1.0:
         raise UserError(f"search.constraints.min_ssim={s.constraints.min_ssim} must lie in [0, 1]")
+    _validate_acceptance(s.acceptance)
     check_space(s.space)
     p = cfg.prompts
     if min(p.presample, p.search, p.validate) < 1:
@@ -141,6 +155,21 @@ def _validate(cfg: CalibrationConfig) -> None:
         raise UserError("stages=[evaluate] needs policies to measure: evaluate=[tiny,path/to/policy.yaml]")
     if not cfg.study_name:
         raise UserError("study_name must not be empty")
+
+
+def _validate_acceptance(a: AcceptanceConfig) -> None:
+    from calibrate.quality import GENEVAL_SCORES
+
+    if not 0.5 < a.confidence < 1.0:
+        raise UserError(f"search.acceptance.confidence={a.confidence} must lie in (0.5, 1), e.g. 0.95")
+    if a.score not in GENEVAL_SCORES:
+        raise UserError(f"search.acceptance.score={a.score!r} is not one of {', '.join(GENEVAL_SCORES)}")
+    if not 0.0 < a.max_geneval_drop <= 1.0:
+        raise UserError(f"search.acceptance.max_geneval_drop={a.max_geneval_drop} must lie in (0, 1]")
+    if not 0.0 <= a.min_ssim <= 1.0:
+        raise UserError(f"search.acceptance.min_ssim={a.min_ssim} must lie in [0, 1]")
+    if a.batch < 2:
+        raise UserError(f"search.acceptance.batch={a.batch} must be at least 2 (a bound needs 2 prompts)")
 
 
 def _integer(value: Any, name: str) -> int:

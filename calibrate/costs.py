@@ -6,7 +6,8 @@ unpruned model, from the trace); the summary says what the policy did.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from toprovar.flops import trace_flops
 

@@ -8,9 +8,10 @@ import platform
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -82,7 +83,7 @@ def _plain(value: Any) -> Any:
 def write_policy(policy: Mapping[str, Any], provenance: Mapping[str, Any], path: Path) -> Path:
     """policy.yaml: the policy's keys, then `provenance:`; returns the path."""
     document = {**_plain(policy), "provenance": _plain({**provenance,
-                                                        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})}
+                                                        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})}
     path.parent.mkdir(parents=True, exist_ok=True)
     header = (f"# ToProVAR pruning policy for backbone '{policy.get('backbone', '?')}', written by "
               f"`python -m calibrate`. Load it with toprovar.load_policy(path).\n")

@@ -1,12 +1,12 @@
 """The searched policy knobs, declared once: the table `KNOBS` and everything that follows from it.
 
 One row per knob: the Optuna parameter name (also its key under `search.space` in
-conf/search/*.yaml, which holds its range), the policy field it sets, its kind, the hard limits a
+toprovar/conf/search/*.yaml, which holds its range), the policy field it sets, its kind, the hard limits a
 configured range must respect, and whether it is sampled on a log scale. From the table come
 config validation (`check_space`), the Optuna space (`SearchSpace.suggest`, `clip`), the paper
 defaults that warm-start a study (read from the policy dataclasses of `toprovar.policy`, never
 repeated here) and the policy document a trial's parameters turn into. Adding a knob is one row
-here plus its range line in conf/search/default.yaml.
+here plus its range line in toprovar/conf/search/default.yaml.
 
 `alpha_span` sets `token.alpha_max` as a share of the way from α_min to 1:
 α_max = α_min + span·(1 − α_min). Every (α_min, span) of the box is a valid gate (α_max ≥ α_min), so
@@ -21,8 +21,9 @@ the scale count means no CFG skip, the policy default, which the warm start clip
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import optuna
 
@@ -167,7 +168,7 @@ def check_space(space: Mapping[str, Any]) -> None:
         raise UserError(f"search.space.{unknown[0]} is not a searched knob; known: {', '.join(BY_NAME)}")
     missing = [name for name in BY_NAME if name not in space]
     if missing:
-        raise UserError(f"search.space.{missing[0]} has no range; add it to the search config (conf/search/)")
+        raise UserError(f"search.space.{missing[0]} has no range; add it to the search config (toprovar/conf/search/)")
     for knob in KNOBS:
         value, where = space[knob.name], f"search.space.{knob.name}"
         if knob.kind == CATEGORICAL:
@@ -194,7 +195,7 @@ class SearchSpace:
     ranges: Mapping[str, tuple]
 
     @classmethod
-    def from_config(cls, space: Mapping[str, Any], summary: Any) -> "SearchSpace":
+    def from_config(cls, space: Mapping[str, Any], summary: Any) -> SearchSpace:
         check_space(space)
         ranges = {}
         for knob in KNOBS:

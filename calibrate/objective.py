@@ -1,22 +1,30 @@
-"""Scores of a policy on a prompt set: real generations compared with the unpruned ones.
+"""Scores of a policy on a prompt set: real generations compared with the unpruned ones, prompt by prompt.
 
 speedup: on CPU (and `search.objective=flops`) the FLOP ratio unpruned / executed from the traces
-(deterministic, independent of machine load); on CUDA (`latency`) the ratio of median wall times
-measured with CUDA events after warm-up. quality: mean SSIM against the unpruned image of the same
-prompt and seed; geneval-lite drop where the backbone has an evaluator.
+(deterministic, independent of machine load); on CUDA (`latency`) the ratio of wall times, each
+batch's median measured with CUDA events after warm-up. quality, per prompt: SSIM against the
+unpruned image of the same prompt and seed, and where the backbone has an evaluator the
+geneval-lite scores (binary success and share of checks) of both images — the paired values
+that acceptance bounds (calibrate.acceptance).
+
+The unpruned reference is generated lazily, batch by batch, only as far as some policy needed
+it, so a sequential validation that decides early spends nothing on the prompts it never reached.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 
-from calibrate.backend import CalibrationBackend, Generation
+from calibrate.acceptance import SequentialTest, Verdict
+from calibrate.backend import CalibrationBackend
 from calibrate.config import LatencyConfig
 from calibrate.costs import flop_totals, trace_summary
 from calibrate.prompts import PromptSet
-from calibrate.quality import Scorer, ssim_per_image
+from calibrate.quality import Evaluator, ssim_per_image
 from calibrate.search import Scores
 from toprovar.trace import median_latency_ms
 
@@ -30,57 +38,137 @@ def resolve_cost(objective: str, device: torch.device) -> str:
 
 
 @dataclass
-class Reference:
-    """The unpruned run of a prompt set: images, FLOPs, optional latency and evaluator scores."""
+class Run:
+    """One policy (or the unpruned model) on the first `len(self)` prompts of a set."""
 
-    images: torch.Tensor
-    flops: float
-    latency_ms: float | None
-    scores: torch.Tensor | None
-    summary: dict[str, float]
+    images: torch.Tensor                       # (n, H, W, 3) uint8
+    traces: list[Any]                          # one per generated chunk
+    flops: float                               # executed, summed
+    latency_ms: float | None                   # sum of each batch's median (latency cost only)
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # evaluator scores per prompt, by name
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def extended(self, more: Run) -> Run:
+        latency = None if self.latency_ms is None else self.latency_ms + more.latency_ms
+        return Run(torch.cat([self.images, more.images]), self.traces + more.traces, self.flops + more.flops,
+                   latency, {k: np.concatenate([v, more.scores[k]]) for k, v in self.scores.items()})
+
+
+@dataclass
+class Validation:
+    """A sequential held-out validation: the scores on the prompts it used and its verdict."""
+
+    scores: Scores
+    verdict: Verdict
+    paired: dict[str, np.ndarray]              # the per-prompt values the verdict rests on
 
 
 class PolicyScorer:
-    """`params -> Scores` for one prompt set, against its unpruned reference (generated once)."""
+    """`params -> Scores` for one prompt set, against its unpruned reference (generated lazily).
+
+    `geneval_score` names the evaluator score (quality.GENEVAL_SCORES) whose drop is
+    `Scores.geneval_drop` — the one the search constraint and acceptance use.
+    """
 
     def __init__(self, backend: CalibrationBackend, prompts: PromptSet, build_policy: PolicyBuilder, *,
-                 cost: str, latency: LatencyConfig, evaluator: Scorer | None, desc: str = "search"):
+                 cost: str, latency: LatencyConfig, evaluator: Evaluator | None, geneval_score: str = "binary",
+                 desc: str = "search"):
         self.backend, self.prompts, self.build_policy = backend, prompts, build_policy
         self.cost, self.latency, self.evaluator, self.desc = cost, latency, evaluator, desc
-        self.reference = self._measure(None, f"{desc}: unpruned reference")
+        self.geneval_score = geneval_score
+        self._reference: Run | None = None
 
-    def _generate(self, policy: Any, desc: str | None = None) -> Generation:
-        return self.backend.generate(self.prompts.texts, self.prompts.seeds, policy=policy, desc=desc)
-
-    def _measure(self, policy: Any, desc: str | None = None) -> Reference:
-        gen = self._generate(policy, desc)
+    # -- generation ---------------------------------------------------------------------------
+    def _run(self, policy: Any, start: int, stop: int, desc: str | None = None) -> Run:
+        texts, seeds = self.prompts.texts[start:stop], self.prompts.seeds[start:stop]
+        gen = self.backend.generate(texts, seeds, policy=policy, desc=desc)
         executed, _ = flop_totals(gen.traces, self.backend)
         latency = None
         if self.cost == "latency":
-            latency = median_latency_ms(lambda: self._generate(policy), self.backend.device,
-                                         self.latency.warmup, self.latency.repeats)
-        scores = self.evaluator(gen.images, self.prompts.specs) if self.evaluator is not None else None
-        return Reference(gen.images, executed, latency, scores, trace_summary(gen.traces))
+            latency = median_latency_ms(lambda: self.backend.generate(texts, seeds, policy=policy),
+                                        self.backend.device, self.latency.warmup, self.latency.repeats)
+        scores = {}
+        if self.evaluator is not None:
+            scores = self.evaluator(gen.images, self.prompts.specs[start:stop])
+        return Run(gen.images, gen.traces, executed, latency, scores)
 
+    def reference(self, n: int | None = None) -> Run:
+        """The unpruned run of the first `n` prompts (all by default), generated as far as needed."""
+        n = len(self.prompts) if n is None else min(n, len(self.prompts))
+        done = 0 if self._reference is None else len(self._reference)
+        if done < n:
+            more = self._run(None, done, n, f"{self.desc}: unpruned reference")
+            self._reference = more if self._reference is None else self._reference.extended(more)
+        ref = self._reference
+        if len(ref) == n:
+            return ref
+        # Unpruned, every prompt costs the same FLOPs; its latency share is taken as proportional.
+        part = n / len(ref)
+        latency = None if ref.latency_ms is None else ref.latency_ms * part
+        return Run(ref.images[:n], [], ref.flops * part, latency, {k: v[:n] for k, v in ref.scores.items()})
+
+    # -- scoring ------------------------------------------------------------------------------
     def __call__(self, params: dict[str, float]) -> Scores:
         return self.score_policy(self.build_policy(params))
 
     def score_policy(self, policy: Any) -> Scores:
-        run = self._measure(policy)
-        ref = self.reference
+        """Scores on every prompt of the set."""
+        run = self._run(policy, 0, len(self.prompts))
+        return self.compare(run, self.reference())
+
+    def paired(self, run: Run, ref: Run) -> dict[str, np.ndarray]:
+        """Per-prompt paired values: `ssim` of each image against its unpruned one and, with an
+        evaluator, `geneval_drop.<score>` = unpruned score − policy score for every score."""
+        values = {"ssim": ssim_per_image(run.images, ref.images).double().numpy()}
+        for name, score in run.scores.items():
+            values[f"geneval_drop.{name}"] = ref.scores[name] - score
+        return values
+
+    def compare(self, run: Run, ref: Run) -> Scores:
+        """The policy's Scores against the reference of the same prompts (means of the paired values)."""
         flop_speedup = ref.flops / max(run.flops, 1.0)
         speedup = flop_speedup if self.cost == "flops" else ref.latency_ms / max(run.latency_ms, 1e-9)
-        ssim = ssim_per_image(run.images, ref.images)
-        extra = {"flop_speedup": flop_speedup, "ssim_min": float(ssim.min()),
-                 "flops_executed": run.flops, "flops_unpruned": ref.flops, **run.summary}
+        paired = self.paired(run, ref)
+        extra = {"flop_speedup": flop_speedup, "ssim_min": float(paired["ssim"].min()), "prompts": float(len(run)),
+                 "flops_executed": run.flops, "flops_unpruned": ref.flops, **trace_summary(run.traces)}
         if run.latency_ms is not None:
             extra.update(latency_ms=run.latency_ms, latency_unpruned_ms=ref.latency_ms)
+        for name in run.scores:
+            prefix = "geneval" if name == "binary" else f"geneval_{name}"
+            extra.update({prefix: float(run.scores[name].mean()), f"{prefix}_unpruned": float(ref.scores[name].mean()),
+                          f"{prefix}_drop": float(paired[f"geneval_drop.{name}"].mean())})
         drop = None
-        if run.scores is not None and ref.scores is not None:
-            drop = float(ref.scores.mean() - run.scores.mean())
+        if self.geneval_score in run.scores:
+            diff = paired[f"geneval_drop.{self.geneval_score}"]
+            drop = float(diff.mean())
             # How many prompts went each way: a drop near 0 can hide losses offset by gains.
-            extra.update(geneval=float(run.scores.mean()), geneval_unpruned=float(ref.scores.mean()),
-                         prompts_lost=float((run.scores < ref.scores).sum()),
-                         prompts_won=float((run.scores > ref.scores).sum()))
-        return Scores(speedup=float(speedup), ssim=float(ssim.mean()), geneval_drop=drop, extra=extra,
+            extra.update(prompts_lost=float((diff > 0).sum()), prompts_won=float((diff < 0).sum()))
+        return Scores(speedup=float(speedup), ssim=float(paired["ssim"].mean()), geneval_drop=drop, extra=extra,
                       images=run.images)
+
+    def validate(self, policy: Any, test: SequentialTest, desc: str | None = None) -> Validation:
+        """Sequential paired validation: generate the next batch of prompts (and, as far as no
+        earlier validation did, their unpruned reference), decide, stop once decided or at the
+        budget. `test.budget` must not exceed the prompt set."""
+        if test.budget > len(self.prompts):
+            raise ValueError(f"acceptance budget {test.budget} exceeds the {len(self.prompts)} prompts of the set")
+        run = None
+        for look, size in enumerate(test.sizes(), start=1):
+            more = self._run(policy, 0 if run is None else len(run), size, desc)
+            run = more if run is None else run.extended(more)
+            ref = self.reference(size)
+            paired = self.paired(run, ref)
+            verdict = test.decide(self.criteria_values(paired), look)
+            if verdict.final:
+                break
+        return Validation(self.compare(run, ref), verdict, paired)
+
+    def criteria_values(self, paired: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The per-prompt values acceptance's criteria read (calibrate.acceptance.criteria)."""
+        values = {"ssim": paired["ssim"]}
+        key = f"geneval_drop.{self.geneval_score}"
+        if key in paired:
+            values["geneval_drop"] = paired[key]
+        return values

@@ -1,8 +1,8 @@
 """Pictures of a calibration: Fig. 8 of the paper, layer-score heatmap, Pareto front, image grids."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,13 @@ from calibrate.backend import CalibrationBackend
 from calibrate.probes import EntropyRecorder, entropy_stack
 from calibrate.prompts import PromptSet
 from calibrate.quality import ssim_per_image
-from calibrate.stats import (crossing_direction, low_entropy_ratio, principal_component_ratio,
-                             quantile_range, representative_scale)
+from calibrate.stats import (
+    crossing_direction,
+    low_entropy_ratio,
+    principal_component_ratio,
+    quantile_range,
+    representative_scale,
+)
 from toprovar.policy import TokenStage
 from toprovar.pruning.fixed_exit import FixedExitPruner
 
@@ -57,7 +63,7 @@ class PresampleSummary:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "PresampleSummary":
+    def from_json(cls, data: dict) -> PresampleSummary:
         data = dict(data)
         data["tau_range"] = tuple(data["tau_range"])
         return cls(**data)
@@ -91,7 +97,7 @@ def run_presample(backend: CalibrationBackend, prompts: PromptSet, min_ssim: flo
     exit_images: dict[int, torch.Tensor] = {}
     exit_ssim = np.ones((n, n_scales))
     for stop in tqdm(range(1, n_scales), desc="presample: early exits", unit="scale", dynamic_ncols=True):
-        gen = backend.generate(prompts.texts, prompts.seeds, pruner_factory=lambda: FixedExitPruner(stop - 1))
+        gen = backend.generate(prompts.texts, prompts.seeds, pruner_factory=partial(FixedExitPruner, stop - 1))
         exit_images[stop - 1] = gen.images
         exit_ssim[:, stop - 1] = ssim_per_image(gen.images, full.images).numpy()
 

@@ -1,44 +1,25 @@
 """A measurement pruner for pre-sampling: records entropy, changes nothing.
 
-It follows the pipeline's `Pruner` hook contract (docs/architecture.md), so pre-sampling runs the
-same generation loop as the runtime.
+It follows the `toprovar.pruning.Pruner` hook contract (docs/architecture.md), so pre-sampling runs
+the same generation loop as the runtime.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-
-class _Passive:
-    def begin(self, ctx) -> None:
-        self.batch = ctx.batch
-        self.schedule = ctx.schedule
-
-    def exit_before_scale(self, si: int) -> bool:
-        return False
-
-    def wants_entropy(self, si: int, li: int) -> bool:
-        return False
-
-    def keep_tokens(self, si: int, li: int, x: Tensor) -> Tensor | None:
-        return None
-
-    def observe(self, si: int, li: int, entropy: Tensor) -> None:
-        pass
-
-    def end_scale(self, si: int, x: Tensor) -> None:
-        pass
+from toprovar.pruning.hooks import NoPruner, PrunerContext
 
 
-class EntropyRecorder(_Passive):
+class EntropyRecorder(NoPruner):
     """Records every block's per-token attention entropy: head mean of the conditional rows.
 
     `maps[(si, li)]` is `(B, h*w)` float32 on the CPU after `collect()`; tensors stay on the
     device during generation (no host sync inside the loop).
     """
 
-    def begin(self, ctx) -> None:
-        super().begin(ctx)
+    def begin(self, ctx: PrunerContext) -> None:
+        self.batch = ctx.batch
         self.maps: dict[tuple[int, int], Tensor] = {}
 
     def wants_entropy(self, si: int, li: int) -> bool:

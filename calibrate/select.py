@@ -1,27 +1,30 @@
-"""Pick the policy to ship: the fastest trial of the feasible front that also holds on held-out prompts."""
+"""Pick the policy to ship: the fastest trial of the feasible front that held-out validation accepts."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import optuna
 from optuna.trial import FrozenTrial
 from tqdm.auto import tqdm
 
-from calibrate.config import ConstraintsConfig
-from calibrate.objective import PolicyScorer
-from calibrate.search import Scores, feasible_front, violations
+from calibrate.acceptance import REJECT
+from calibrate.objective import Validation
+from calibrate.search import feasible_front
 from toprovar.errors import UserError
 
 log = logging.getLogger(__name__)
+
+Validate = Callable[[dict], Validation]   # trial params -> sequential held-out validation
 
 
 @dataclass
 class Selection:
     trial: FrozenTrial
-    validation: Scores
-    passed: bool                                   # the held-out scores meet the constraints too
-    tried: list[tuple[int, Scores]] = field(default_factory=list)
+    validation: Validation
+    passed: bool                                   # held-out validation accepted it (calibrate.acceptance)
+    tried: list[tuple[int, Validation]] = field(default_factory=list)
 
 
 def next_probe(front: list[FrozenTrial], failed: int, passed: int) -> int | None:
@@ -36,24 +39,25 @@ def next_probe(front: list[FrozenTrial], failed: int, passed: int) -> int | None
     return min(range(failed + 1, passed), key=lambda i: (abs(front[i].values[0] - middle), i))
 
 
-def select_and_validate(study: optuna.Study, validator: PolicyScorer, limits: ConstraintsConfig,
-                        candidates: int) -> Selection:
-    """Validate up to `candidates` trials of the feasible Pareto front; return the fastest that holds.
+def select_and_validate(study: optuna.Study, validate: Validate, candidates: int) -> Selection:
+    """Validate up to `candidates` trials of the feasible Pareto front; return the fastest accepted.
 
     Along the front (fastest first) SSIM rises as speedup falls, so the chance to hold on held-out
-    prompts rises too: the probes bisect the front by speedup — after a failure the next probe is
-    slower, after a pass faster — instead of validating the fastest few, which on `tiny` are
-    often all too aggressive (the 12 search prompts let through policies that lose 9-23 of 144
-    held-out prompts). When none holds, the probe with the best held-out SSIM is returned with
-    `passed=False` (and a warning), so the calibration is never lost.
+    prompts rises too: the probes bisect the front by speedup — after an acceptance the next probe
+    is faster; after a rejection or an undecided validation (the prompt budget ran out before the
+    bounds decided: not validated) slower — instead of validating the fastest few, which on `tiny`
+    are often all too aggressive. Each validation is sequential (calibrate.acceptance): clear
+    cases stop after one batch of prompts. When none is accepted, the probe that was not rejected
+    (else any) with the best held-out SSIM is returned with `passed=False` (and a warning), so the
+    calibration is never lost.
     """
     front = feasible_front(study)
     if not front:
         done = [t for t in study.trials if t.values]
         best = max((t.values[1] for t in done), default=float("nan"))
-        raise UserError(f"no trial met the quality constraint (best SSIM {best:.3f} < {limits.min_ssim}); "
+        raise UserError(f"no trial met the search constraints (best SSIM {best:.3f}); "
                         f"add trials (search.n_trials) or narrow search.space toward less pruning")
-    tried: list[tuple[FrozenTrial, Scores]] = []
+    tried: list[tuple[FrozenTrial, Validation]] = []
     failed, passed = -1, len(front)
     bar = tqdm(total=min(candidates, len(front)), desc="validate", unit="candidate", dynamic_ncols=True)
     while len(tried) < candidates:
@@ -61,23 +65,24 @@ def select_and_validate(study: optuna.Study, validator: PolicyScorer, limits: Co
         if probe is None:
             break
         trial = front[probe]
-        scores = validator(dict(trial.params))
-        tried.append((trial, scores))
+        result = validate(dict(trial.params))
+        tried.append((trial, result))
         bar.update(1)
-        if all(v <= 0 for v in violations(scores, limits).values()):
+        verdict, scores = result.verdict, result.scores
+        bounds = ", ".join(f"{name} [{b.lower:.3f}, {b.upper:.3f}] vs {b.margin:g}"
+                           for name, b in verdict.bounds.items())
+        log.info("trial %d: %s after %d held-out prompts (speedup %.2f; %d%% bounds: %s)", trial.number,
+                 verdict.decision, verdict.prompts, scores.speedup, round(100 * verdict.confidence), bounds)
+        if verdict.accepted:
             passed = probe
-            log.info("trial %d holds on held-out prompts (speedup %.2f, SSIM %.3f)", trial.number,
-                     scores.speedup, scores.ssim)
         else:
             failed = probe
-            log.info("trial %d fails on held-out prompts (speedup %.2f, SSIM %.3f, geneval-lite drop %s)",
-                     trial.number, scores.speedup, scores.ssim,
-                     "n/a" if scores.geneval_drop is None else f"{scores.geneval_drop:.3f}")
     bar.close()
     if passed < len(front):
         chosen = front[passed]
-        return Selection(chosen, next(s for t, s in tried if t is chosen), True, [(t.number, s) for t, s in tried])
-    trial, scores = max(tried, key=lambda pair: pair[1].ssim)
-    log.warning("none of the %d validated trials meets the constraints on held-out prompts; exporting trial %d "
-                "(held-out SSIM %.3f) marked as not validated", len(tried), trial.number, scores.ssim)
-    return Selection(trial, scores, False, [(t.number, s) for t, s in tried])
+        return Selection(chosen, next(v for t, v in tried if t is chosen), True, [(t.number, v) for t, v in tried])
+    trial, result = max(tried, key=lambda pair: (pair[1].verdict.decision != REJECT, pair[1].scores.ssim))
+    log.warning("held-out validation accepted none of the %d validated trials; exporting trial %d (%s, held-out "
+                "SSIM %.3f) marked as not validated", len(tried), trial.number, result.verdict.decision,
+                result.scores.ssim)
+    return Selection(trial, result, False, [(t.number, v) for t, v in tried])

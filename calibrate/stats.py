@@ -7,8 +7,6 @@ The formulas are `toprovar.pruning.stages`, so calibration measures what the run
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import Tensor
@@ -56,7 +54,3 @@ def quantile_range(values: np.ndarray, low_q: float, high_q: float, pad: float) 
     lo, hi = np.quantile(values, [low_q, high_q])
     lo, hi = max(0.0, float(lo) - pad), min(1.0, float(hi) + pad)
     return (lo, hi) if hi > lo else (max(0.0, lo - pad), min(1.0, hi + pad))
-
-
-def finite_or_none(value: float) -> float | None:
-    return float(value) if value is not None and math.isfinite(value) else None

@@ -211,7 +211,8 @@ def qk_norm_rope(qkv: Tensor, num_heads: int, head_scale: Tensor, cos: Tensor, s
     """qkv `(B, n, 3C)` -> q `(B, H, n, D)` in k_dst's dtype; k, v written into `k_dst`/`v_dst`.
 
     head_scale: `(1, H, 1, 1)` per-head temperature (already exp'ed); cos/sin `(n, D/2)` float32,
-    or `(B, n, D/2)` when the rows hold different tokens (pruned blocks run gathered tokens); k_dst/v_dst: `(B, H, n, D)` views with unit stride along D (a KV-cache slot).
+    or `(B, n, D/2)` when the rows hold different tokens (pruned blocks run gathered tokens);
+    k_dst/v_dst: `(B, H, n, D)` views with unit stride along D (a KV-cache slot).
     """
     if use_triton is None:
         use_triton = triton_available(qkv)

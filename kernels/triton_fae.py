@@ -71,7 +71,7 @@ def _load_kv(K, V, k_ptrs, v_ptrs, b, h, start_n, skn, svn, Lk, offs_n,
 
 
 @triton.jit(do_not_specialize=["H", "Lq", "Lk"])  # one binary for every shape of a head dim
-def _fae_fwd(Q, K, V, O, E, qk_scale,
+def fae_kernel(Q, K, V, O, E, qk_scale,
              sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
              seb, seh, sem,
              H, Lq, Lk,
@@ -139,12 +139,12 @@ BIG = (128, 128, 8, 3, False)  # (BLOCK_M, BLOCK_N, num_warps, num_stages, ENTRO
 SMALL = (64, 64, 4, 3, True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _is_hopper_plus(device: int) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
@@ -192,7 +192,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | Non
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *e_strides, H, Lq, Lk)
     # fp32 operands: full-precision dots (Triton's default for fp32 would be tf32, ~3e-4 error).
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    kernel = _fae_fwd[(triton.cdiv(Lq, bm), B * H)](
+    kernel = fae_kernel[(triton.cdiv(Lq, bm), B * H)](
         *args, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, WITH_ENTROPY=with_entropy, DOT_PRECISION=precision,
         USE_TMA=use_tma, ENTROPY_AFTER_PV=after_pv, num_warps=warps, num_stages=stages)
     return out, (ent if with_entropy else None), kernel
@@ -212,4 +212,4 @@ def supported(q: torch.Tensor) -> bool:
     return d >= 16 and d <= 256 and (d & (d - 1)) == 0 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
-__all__ = ["fae_forward", "launch", "supported", "pick_config"]
+__all__ = ["fae_forward", "fae_kernel", "launch", "supported", "pick_config"]

@@ -1,16 +1,15 @@
 """Shared fixtures: the small random-weight test backbones (no files needed) and the Hydra configs
-of conf/ composed as the apps compose them (the YAML is the one source of default values)."""
+of toprovar/conf/ composed as the apps compose them (the YAML is the one source of default values)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pytest
 from omegaconf import DictConfig, open_dict
 
+from toprovar.cli import CONF_DIR
 from toprovar.models.registry import build_backbone
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +23,7 @@ def patchify():
 
 
 def compose(app: str, overrides: Sequence[str], run_dir: Path) -> DictConfig:
-    """conf/<app>.yaml composed with command-line `overrides`, as the app's `@hydra.main` hands it
+    """toprovar/conf/<app>.yaml composed with command-line `overrides`, as the app's `@hydra.main` hands it
     over: without the `hydra` node, and with `${hydra:runtime.output_dir}` resolving to `run_dir`."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir

@@ -1,4 +1,4 @@
-"""`python -m toprovar.bench_latency --smoke`: the latency benchmark's code path on CPU."""
+"""`python -m benchmarks.latency --smoke`: the latency benchmark's code path on CPU."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from toprovar import bench_latency
+from benchmarks import latency as bench_latency
 from toprovar.errors import UserError
 
 

@@ -1,4 +1,4 @@
-"""`python -m toprovar.bench_pruning`: the whole path on CPU (--smoke), the policy built to a FLOP
+"""`python -m benchmarks.pruning`: the whole path on CPU (--smoke), the policy built to a FLOP
 target, and the one-line refusal without CUDA. Numbers on CPU are not benchmarks."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from toprovar.bench_pruning import fixed_policy, planned_flop_ratio, random_spec, solve_alpha
+from benchmarks.pruning import fixed_policy, planned_flop_ratio, random_spec, solve_alpha
 from toprovar.models.transformer import TRANSFORMER_PRESETS
 from toprovar.schedules import scale_schedule
 
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "toprovar.bench_pruning", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "benchmarks.pruning", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 

@@ -11,8 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from calibrate.stats import (crossing_direction, layer_score, low_entropy_ratio, principal_component_ratio,
-                             quantile_range, representative_scale)
+from calibrate.stats import (
+    crossing_direction,
+    layer_score,
+    low_entropy_ratio,
+    principal_component_ratio,
+    quantile_range,
+    representative_scale,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -107,6 +113,12 @@ def test_mini_calibration_end_to_end_and_resume(tmp_path):
     provenance = document["provenance"]
     assert provenance["backbone"]["name"] == "test-small" and provenance["search"]["trials_complete"] == 4
     assert provenance["measured"]["validation"]["speedup"] >= 1.0
+    acceptance = provenance["acceptance"]  # the promise: decision, confidence, prompts, bounds vs margins
+    assert acceptance["decision"] in ("accept", "reject", "undecided") and acceptance["confidence"] == 0.95
+    assert provenance["validated"] == (acceptance["decision"] == "accept")
+    ssim_bound = acceptance["metrics"]["ssim"]
+    assert ssim_bound["lower"] <= ssim_bound["mean"] <= ssim_bound["upper"] and ssim_bound["n"] == acceptance["prompts_used"]
+    assert len(pd.read_csv(run_dir / "validation" / "per_prompt.csv")) >= acceptance["prompts_used"]
     assert load_policy(str(policy_path)) is not None
     trials = pd.read_csv(run_dir / "search" / "trials.csv")
     assert (trials.state == "COMPLETE").sum() == 4 and trials.warm_start.iloc[0]
@@ -131,6 +143,7 @@ def test_mini_calibration_end_to_end_and_resume(tmp_path):
     validation = provenance["measured"]["validation"]
     assert table.loc[str(policy_path), "speedup"] == pytest.approx(validation["speedup"], rel=1e-6)
     assert table.loc[str(policy_path), "ssim"] == pytest.approx(validation["ssim"], abs=1e-4)
+    assert table.loc["none", "decision"] == "accept" and table.loc["none", "acceptance.ssim.lower"] == pytest.approx(1.0)
     assert (eval_dir / "evaluate" / "unpruned_vs_policies.png").exists()
 
 

@@ -3,7 +3,7 @@ the knob table (config validation, space, defaults, policy) and the samplers.
 
 The objective is real: generations of the random-weight `test-small` backbone through the pipeline,
 pruned by the ToProVAR policy of each trial's parameters, scored by FLOP ratio and SSIM against
-the unpruned images. Configs are conf/ composed by Hydra (`calibrate_config`), never hand-built.
+the unpruned images. Configs are toprovar/conf/ composed by Hydra (`calibrate_config`), never hand-built.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import random
 import optuna
 import pytest
 import torch
+from optuna.trial import TrialState
 
 from calibrate.backend import load_backend
 from calibrate.config import SAMPLERS, ConstraintsConfig
@@ -20,12 +21,9 @@ from calibrate.knobs import CATEGORICAL, INT, KNOBS, PolicyFactory, SearchSpace,
 from calibrate.objective import PolicyScorer
 from calibrate.presample import PresampleSummary
 from calibrate.prompts import PromptSet
-from calibrate.search import (Scores, completed, feasible_front, open_study, pareto_front, run_search,
-                              violations)
-from optuna.trial import TrialState
+from calibrate.search import Scores, completed, feasible_front, open_study, pareto_front, run_search, violations
 from toprovar.errors import UserError
 from toprovar.policy import Policy
-
 
 # A pre-sampling summary for the 2-layer, 7-scale test-small backbone: any valid ratios (>= 1) work.
 SUMMARY = PresampleSummary(crossing="below", tau_range=(0.0, 1.0), representative_scale=3,

@@ -6,11 +6,10 @@ import random
 import optuna
 import pytest
 
-from calibrate.config import ConstraintsConfig
+from calibrate.acceptance import ACCEPT, REJECT, UNDECIDED, Verdict
+from calibrate.objective import Validation
 from calibrate.search import Scores, feasible_front
 from calibrate.select import next_probe, select_and_validate
-
-LIMITS = ConstraintsConfig(min_ssim=0.8, max_geneval_drop=0.01)
 
 
 def _study(rows):
@@ -24,15 +23,18 @@ def _study(rows):
 
 
 class HeldOut:
-    """Validation stand-in: a trial holds iff its speedup is at most `limit` (monotone along the front)."""
+    """Validation stand-in: a trial is accepted iff its speedup is at most `limit` (monotone along
+    the front); above it, rejected or — as when the prompt budget runs out — undecided."""
 
-    def __init__(self, rows, limit):
-        self.rows, self.limit, self.calls = rows, limit, []
+    def __init__(self, rows, limit, above=REJECT):
+        self.rows, self.limit, self.above, self.calls = rows, limit, above, []
 
     def __call__(self, params):
         speedup, ssim, _ = self.rows[params["row"]]
         self.calls.append(params["row"])
-        return Scores(speedup=speedup, ssim=ssim - 0.01, geneval_drop=0.0 if speedup <= self.limit else 0.1)
+        decision = ACCEPT if speedup <= self.limit else self.above
+        return Validation(Scores(speedup=speedup, ssim=ssim - 0.01, geneval_drop=0.0 if decision == ACCEPT else 0.1),
+                          Verdict(decision, 1, 1, 96, 96, 0.95, 0.05), {})
 
 
 def _front_rows(n):
@@ -41,12 +43,13 @@ def _front_rows(n):
     return [(top - (top - 1.1) * i / max(1, n - 1), 0.90 + 0.09 * i / n, True) for i in range(n)]
 
 
+@pytest.mark.parametrize("above", [REJECT, UNDECIDED])
 @pytest.mark.parametrize("n", [1, 2, 5, 9, 16])
-def test_bisection_finds_the_fastest_front_trial_that_holds(n):
+def test_bisection_finds_the_fastest_front_trial_that_holds(n, above):
     rows = _front_rows(n) + [(1.05, 0.85, True), (3.5, 0.95, False)]  # a dominated and an infeasible trial
     limit = random.choice([r[0] for r in rows[:n]])
-    held = HeldOut(rows, limit)
-    chosen = select_and_validate(_study(rows), held, LIMITS, candidates=n)
+    held = HeldOut(rows, limit, above)
+    chosen = select_and_validate(_study(rows), held, candidates=n)
     assert chosen.passed and rows[chosen.trial.params["row"]][0] == limit
     assert len(held.calls) <= n.bit_length()  # a bisection, not a scan
     assert set(held.calls) <= set(range(n))  # never the dominated or the infeasible trial
@@ -56,10 +59,24 @@ def test_bisection_finds_the_fastest_front_trial_that_holds(n):
 def test_budget_and_none_holding():
     rows = _front_rows(12)
     held = HeldOut(rows, limit=0.5)  # nothing holds
-    chosen = select_and_validate(_study(rows), held, LIMITS, candidates=3)
+    chosen = select_and_validate(_study(rows), held, candidates=3)
     assert not chosen.passed and len(held.calls) == 3
     assert held.calls == sorted(held.calls)  # each failure sends the next probe to a slower trial
-    assert chosen.validation.ssim == max(rows[i][1] for i in held.calls) - 0.01
+    assert chosen.validation.scores.ssim == max(rows[i][1] for i in held.calls) - 0.01
+
+
+def test_none_accepted_prefers_an_undecided_probe_over_a_rejected_one():
+    rows = _front_rows(12)
+    held = HeldOut(rows, limit=0.5)
+    decisions = iter([UNDECIDED, REJECT, REJECT])  # the first (fastest) probe: undecided, lowest SSIM of the three
+
+    def validate(params):
+        result = held(params)
+        return Validation(result.scores, Verdict(next(decisions), 3, 3, 288, 288, 0.95, 0.05), {})
+
+    chosen = select_and_validate(_study(rows), validate, candidates=3)
+    assert not chosen.passed and chosen.trial.params["row"] == held.calls[0]
+    assert chosen.validation.verdict.decision == UNDECIDED
 
 
 def test_first_probe_is_near_the_middle_speedup():

@@ -106,7 +106,7 @@ def test_skip_is_guidance_one_from_that_scale_on_with_half_the_rows(small) -> No
 
 
 def _fixed_toprovar(depth: int, **token) -> Policy:
-    from toprovar.bench_pruning import fixed_policy
+    from benchmarks.pruning import fixed_policy
 
     policy = fixed_policy(depth, min_scale=3, alpha=0.5, protect_layers=1)
     return dataclasses.replace(policy, token=dataclasses.replace(policy.token, **token)) if token else policy

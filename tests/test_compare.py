@@ -97,7 +97,8 @@ def test_default_methods_are_scaled_to_the_backbone() -> None:
         ["scale", "scale_token", "scale_layer", "full"]
     assert by_label["toprovar-scale"].scale.action == "exit" and by_label["toprovar-full"].scale.min_scale == 3
     # Infinity-2B ships its ToProVAR and FastVAR policies; fixed exit falls back to the defaults.
-    big = {m.label: m for m in resolve_methods(["fastvar", "fixed_exit", "toprovar-scale_layer"], "infinity-2b", 13, 32)}
+    entries = ["fastvar", "fixed_exit", "toprovar-scale_layer"]
+    big = {m.label: m for m in resolve_methods(entries, "infinity-2b", 13, 32)}
     assert big["fastvar"].source.startswith("shipped fastvar-infinity-2b") and "not calibrated" in big["fastvar"].source
     assert big["toprovar-scale_layer"].policy.backbone == "infinity-2b"
     assert big["fixed_exit"].policy.fixed_exit.exit_scale == 11
@@ -143,17 +144,19 @@ def test_pruned_token_map_matches_the_trace(method: str, small, tmp_path: Path) 
 
 
 def test_geneval_lite_only_on_tiny() -> None:
-    from toprovar.compare import geneval_lite_scorer
+    from toprovar.metrics import geneval_scorer
 
-    assert geneval_lite_scorer("test-small") is None and geneval_lite_scorer("infinity-2b") is None
+    assert geneval_scorer("test-small") is None and geneval_scorer("infinity-2b") is None
     scenes_mod = pytest.importorskip("toprovar.tiny.scenes")
     pytest.importorskip("toprovar.tiny.evaluate")
     scenes = scenes_mod.sample_scenes(3, seed=1)
-    scores = geneval_lite_scorer("tiny")(scenes_mod.render_uint8(scenes), scenes)
-    assert scores.shape == (3,) and ((scores >= 0) & (scores <= 1)).all()
+    scores = geneval_scorer("tiny")(scenes_mod.render_uint8(scenes), scenes)
+    assert set(scores) == {"binary", "share"}
+    assert all(v.shape == (3,) and ((v >= 0) & (v <= 1)).all() for v in scores.values())
+    assert (scores["binary"] <= scores["share"]).all()  # every check holds -> share 1
     # The compare command scores captions when the prompts are text.
-    captions = geneval_lite_scorer("tiny")(scenes_mod.render_uint8(scenes), [s.caption for s in scenes])
-    assert captions.shape == (3,)
+    captions = geneval_scorer("tiny")(scenes_mod.render_uint8(scenes), [s.caption for s in scenes])
+    assert all(np.array_equal(captions[k], scores[k]) for k in scores)
 
 
 def test_cfg_skip_entries() -> None:

@@ -1,4 +1,4 @@
-"""Every Hydra app config of conf/, with every option of every config group it uses, composes
+"""Every Hydra app config of toprovar/conf/, with every option of every config group it uses, composes
 through Hydra and passes the app's own validation (lightning-hydra-template's config test): a
 broken option fails here, not in a user's hands. The YAML is the only source of default values,
 so what composes here is exactly what the apps run with."""
@@ -17,7 +17,7 @@ APPS = sorted(path.stem for path in CONF_DIR.glob("*.yaml"))
 
 
 def _groups(app: str) -> list[str]:
-    """The config groups in the defaults list of conf/<app>.yaml."""
+    """The config groups in the defaults list of toprovar/conf/<app>.yaml."""
     defaults = yaml.safe_load((CONF_DIR / f"{app}.yaml").read_text()).get("defaults", [])
     return [next(iter(entry)) for entry in defaults if isinstance(entry, dict)]
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from toprovar.models.transformer import TRANSFORMER_PRESETS, InfinityTransformer, RopeSlice, random_state_dict
-from toprovar.pipeline import FastOptions, NoPruner, generate, release_fast_state, resolve_fast
+from toprovar.pipeline import FastOptions, generate, release_fast_state, resolve_fast
+from toprovar.pruning import NoPruner
 from toprovar.sampling import draw_bits, make_generators
 from toprovar.schedules import scale_schedule
 
@@ -94,7 +95,7 @@ class PlannedRows(NoPruner):
 def _fixed_toprovar(depth: int, **token):
     from dataclasses import replace
 
-    from toprovar.bench_pruning import fixed_policy
+    from benchmarks.pruning import fixed_policy
 
     policy = fixed_policy(depth, min_scale=3, alpha=0.5, protect_layers=1)
     return replace(policy, token=replace(policy.token, **token)) if token else policy

@@ -111,7 +111,7 @@ def test_forward_fast_matches_forward_on_cuda(gelu_epilogue: bool) -> None:
 def test_planned_units_replay_the_eager_bits_on_cuda() -> None:
     """A fixed ToProVAR plan on the GPU: the first call runs its units eagerly, the second captures
     them, the third replays: all three draw the bits of the eager fused path (same kernels)."""
-    from toprovar.bench_pruning import fixed_policy
+    from benchmarks.pruning import fixed_policy
     from toprovar.models.registry import build_backbone
     from toprovar.pipeline import FastOptions, generate, release_fast_state
 

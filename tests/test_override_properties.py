@@ -1,6 +1,6 @@
 """Issue 15 item 2, overrides: any command-line override either composes or is one error line, exit 2.
 
-Each CLI checks its overrides by composing its config before anything runs (`check_overrides`);
+Each CLI checks its overrides by composing its config before anything runs (`toprovar.cli.check_overrides`);
 whatever the overrides (tests/strategies.py: known and made-up keys, +/++/~ forms, NaN, huge
 numbers, broken brackets, interpolations, junk), that check returns or exits with status 2 and
 one `<prog>: error: ...` line on stderr, never a traceback. What the composed values then mean
@@ -12,33 +12,20 @@ import contextlib
 import io
 
 import pytest
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.strategies import config_keys, override_strings, override_values, property_settings
+from toprovar.cli import CONF_DIR, check_overrides
 
-# (program as it prints itself, config name, check function taking the override list)
-CLIS = {
-    "toprovar generate": ("generate", lambda overrides: _toprovar().check_overrides("generate", overrides)),
-    "toprovar compare": ("compare", lambda overrides: _toprovar().check_overrides("compare", overrides)),
-    "calibrate": ("calibrate", lambda overrides: _calibrate().check_overrides(overrides)),
-}
-
-
-def _toprovar():
-    import toprovar.__main__ as cli
-
-    return cli
-
-
-def _calibrate():
-    import calibrate.__main__ as cli
-
-    return cli
+# program as it prints itself -> (config name, check function taking the override list)
+CLIS = {prog: (config, lambda overrides, prog=prog, config=config: check_overrides(prog, config, overrides))
+        for prog, config in (("toprovar generate", "generate"), ("toprovar compare", "compare"),
+                             ("calibrate", "calibrate"), ("toprovar.tiny.train", "train_tiny"))}
 
 
 def _conf_dir():
-    return _toprovar().CONF_DIR
+    return CONF_DIR
 
 
 @pytest.mark.parametrize("prog", sorted(CLIS))
@@ -49,8 +36,6 @@ def test_override_checks_compose_or_fail_in_one_line(prog: str) -> None:
     @property_settings(ci_examples=25)
     @given(st.lists(override_strings(keys), min_size=1, max_size=3))
     def check_one(overrides: list[str]) -> None:
-        # Known hole, pinned by test_package_only_group_override_is_one_line: remove with its xfail.
-        assume(not any(o.lstrip("+~").startswith("@") for o in overrides))
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr):
             try:
@@ -79,9 +64,9 @@ def test_known_bad_overrides_are_refused() -> None:
 def test_any_policy_override_value_loads_or_fails_in_one_line(value: str) -> None:
     """`policy=<anything>` that composes reaches `load_policy` as a Policy or one UserError line."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
-    from hydra.errors import HydraException
 
     from toprovar.errors import UserError
     from toprovar.policy import Policy, load_policy
@@ -98,18 +83,16 @@ def test_any_policy_override_value_loads_or_fails_in_one_line(value: str) -> Non
         assert "\n" not in str(err) and len(str(err)) < 500, str(err)
 
 
-# Known holes in the CLIs' override checks (toprovar/__main__.py, calibrate/__main__.py), found by
-# the property test above in explore mode; strict xfails so that a fix shows up as XPASS.
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="Hydra asserts on a '+@=...' group override; check_overrides does not catch AssertionError")
+# Two holes the property test above found in explore mode, fixed in toprovar.cli.check_overrides:
+# Hydra asserting on a '+@=...' group override, and interpolations left unresolved by the check.
 @pytest.mark.parametrize("prog", sorted(CLIS))
 def test_package_only_group_override_is_one_line(prog: str) -> None:
-    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
+    with contextlib.redirect_stderr(io.StringIO()) as stderr, pytest.raises(SystemExit) as stop:
         CLIS[prog][1](["+@=.nan"])
+    assert stop.value.code == 2 and len(stderr.getvalue().splitlines()) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="toprovar's check_overrides composes without resolving interpolations; "
-                                        "the app then dies in OmegaConf.to_container with a traceback, exit 1")
 def test_unresolvable_interpolation_is_refused_by_the_check() -> None:
-    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
+    with contextlib.redirect_stderr(io.StringIO()) as stderr, pytest.raises(SystemExit) as stop:
         CLIS["toprovar generate"][1](["out_dir=${missing.key}"])
+    assert stop.value.code == 2 and stderr.getvalue().startswith("toprovar generate: error: bad override")

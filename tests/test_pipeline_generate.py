@@ -6,7 +6,8 @@ import torch
 
 from toprovar.errors import UserError
 from toprovar.models.registry import build_backbone
-from toprovar.pipeline import NoPruner, PrunerContext, generate
+from toprovar.pipeline import generate
+from toprovar.pruning import NoPruner, PrunerContext
 from toprovar.schedules import scale_schedule
 
 

@@ -51,8 +51,8 @@ def test_pinned_logits_and_bits(name: str, monkeypatch: pytest.MonkeyPatch) -> N
     seen = record_logits(monkeypatch)
     result = pipeline.generate(build_backbone(name, device="cpu"), ["a red cube on the grass"], [7])
     pin = PINNED[name]
-    abs_mean = torch.tensor([float(l.abs().mean()) for l in seen])
-    first4 = torch.stack([l[0, -1, :4] for l in seen])
+    abs_mean = torch.tensor([float(logits.abs().mean()) for logits in seen])
+    first4 = torch.stack([logits[0, -1, :4] for logits in seen])
     torch.testing.assert_close(abs_mean, torch.tensor(pin["abs_mean"]), rtol=1e-4, atol=2e-6)
     torch.testing.assert_close(first4, torch.tensor(pin["last_token_first4"]), rtol=1e-4, atol=2e-6)
     assert [int(b.sum()) for b in result.bits] == pin["bits_sum"]

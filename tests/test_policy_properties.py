@@ -17,7 +17,7 @@ import yaml
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from tests.strategies import (mutated_policy_documents, policy_texts, property_settings, valid_policy_documents)
+from tests.strategies import mutated_policy_documents, policy_texts, property_settings, valid_policy_documents
 from toprovar.errors import UserError
 from toprovar.policy import Policy, check_policy_for_backbone, load_policy, policy_from_dict, save_policy
 

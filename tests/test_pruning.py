@@ -96,7 +96,7 @@ def test_policy_none_is_bit_identical(small, policy: str, monkeypatch: pytest.Mo
     pinned = generate(small, ["a red cube on the grass"], [7], policy=given)
     pin = PINNED["test-small"]
     assert [int(b.sum()) for b in pinned.bits] == pin["bits_sum"]
-    torch.testing.assert_close(torch.tensor([float(l.abs().mean()) for l in seen]), torch.tensor(pin["abs_mean"]),
+    torch.testing.assert_close(torch.tensor([float(logits.abs().mean()) for logits in seen]), torch.tensor(pin["abs_mean"]),
                                rtol=1e-4, atol=2e-6)
 
 

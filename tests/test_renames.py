@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from toprovar.__main__ import check_overrides, generation_settings
+from toprovar.cli import GENERATION_KEYS, check_overrides, generation_settings
 from toprovar.errors import UserError
 from toprovar.pipeline import generate
 from toprovar.renames import RENAMED, override_renames, renamed_overrides, renamed_settings
@@ -94,30 +94,29 @@ def test_overrides_are_renamed_with_one_line_each(capsys: pytest.CaptureFixture)
 
 @pytest.mark.parametrize("command", ["generate", "compare"])
 def test_generate_and_compare_configs_take_new_and_old_keys(command: str, capsys: pytest.CaptureFixture) -> None:
-    check_overrides(command, ["guidance_scale=[1,2,3]", "temperature=0.5", "backbone.guidance_scale=2",
-                              "backbone.temperature=0.9"])
+    check_overrides(command, command, ["guidance_scale=[1,2,3]", "temperature=0.5", "backbone.guidance_scale=2",
+                                       "backbone.temperature=0.9"])
     for old in ("cfg=2", "tau=0.5", "backbone.cfg=2", "backbone.tau=0.5"):
         with pytest.raises(SystemExit):  # the old keys are gone from the configs ...
-            check_overrides(command, [old])
+            check_overrides(command, command, [old])
         # ... and the command line maps them before composing
-        check_overrides(command, renamed_overrides([old], override_renames("", "backbone."), "prog"))
+        check_overrides(command, command, renamed_overrides([old], override_renames("", "backbone."), "prog"))
     capsys.readouterr()
 
 
 def test_generation_settings_prefers_the_command_then_the_group(capsys: pytest.CaptureFixture) -> None:
     group = {"name": "tiny", "weights": {}, "guidance_scale": None, "temperature": 0.8, "pixels": None}
     cfg = {"backbone": group, "guidance_scale": 2.0, "temperature": None, "top_p": 0.9, "kv_policy": None}
-    assert generation_settings(cfg, "prog") == {"guidance_scale": 2.0, "temperature": 0.8, "top_p": 0.9}
+    assert generation_settings(group, cfg, "prog") == {"guidance_scale": 2.0, "temperature": 0.8, "top_p": 0.9}
     assert capsys.readouterr().err == ""
     own_group = {"name": "tiny", "cfg": 4.0, "tau": 0.5}  # a backbone group file written before the rename
-    assert generation_settings({**cfg, "backbone": own_group}, "prog") == {"guidance_scale": 2.0, "temperature": 0.5,
-                                                                           "top_p": 0.9}
+    assert generation_settings(own_group, cfg, "prog") == {"guidance_scale": 2.0, "temperature": 0.5, "top_p": 0.9}
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("prog: warning: backbone config: `") for line in err)
 
 
 def test_calibration_backend_maps_old_group_keys() -> None:
-    from calibrate.backend import GENERATION_KEYS, load_backend
+    from calibrate.backend import load_backend
 
     assert not set(RENAMED) & set(GENERATION_KEYS) and set(RENAMED.values()) <= set(GENERATION_KEYS)
     backend = load_backend({"name": "test-small", "guidance_scale": 2.0, "temperature": None}, torch.device("cpu"),
@@ -129,15 +128,15 @@ def test_calibration_backend_maps_old_group_keys() -> None:
 
 
 def test_calibrate_command_line_maps_backbone_keys(capsys: pytest.CaptureFixture) -> None:
-    from calibrate.__main__ import check_overrides as check_calibrate
-
-    check_calibrate(["backbone.guidance_scale=2", "backbone.temperature=0.5", "search.space.tau=[0.3,0.5]"])
-    check_calibrate(renamed_overrides(["backbone.cfg=2", "backbone.tau=0.5"], override_renames("backbone."), "x"))
+    check_overrides("calibrate", "calibrate", ["backbone.guidance_scale=2", "backbone.temperature=0.5",
+                                               "search.space.tau=[0.3,0.5]"])
+    check_overrides("calibrate", "calibrate",
+                    renamed_overrides(["backbone.cfg=2", "backbone.tau=0.5"], override_renames("backbone."), "x"))
     assert "backbone.temperature=" in capsys.readouterr().err
 
 
 def test_bench_pruning_guidance_scale_flag(capsys: pytest.CaptureFixture) -> None:
-    from toprovar.bench_pruning import parse
+    from benchmarks.pruning import parse
 
     assert parse(["--smoke"]).guidance_scale == 3.0
     assert parse(["--smoke", "--guidance-scale", "2.5"]).guidance_scale == 2.5
@@ -151,7 +150,7 @@ def test_tiny_eval_config_uses_guidance_scales() -> None:
 
     assert EvalConfig().guidance_scales == [2.0, 3.0, 4.0]
     assert parse_config({"eval": {"guidance_scales": [3.0]}}).eval.guidance_scales == [3.0]
-    check_overrides("train_tiny", ["eval.guidance_scales=[3.0]"])
+    check_overrides("toprovar.tiny.train", "train_tiny", ["eval.guidance_scales=[3.0]"])
 
 
 # -- the command line, end to end -------------------------------------------------------------------

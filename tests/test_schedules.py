@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 
 from toprovar.errors import UserError
-from toprovar.schedules import (H_DIV_W_TEMPLATES, PIXEL_BUDGETS, image_size, nearest_template,
-                                scale_schedule)
+from toprovar.schedules import H_DIV_W_TEMPLATES, PIXEL_BUDGETS, image_size, nearest_template, scale_schedule
 
 
 def test_square_1m_is_the_official_13_scales() -> None:

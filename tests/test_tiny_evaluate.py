@@ -138,3 +138,47 @@ def test_inputs_numpy_torch_strings_scenes_specs(scenes, images):
     with pytest.raises(ValueError, match="not a tiny-scene caption"):
         E.geneval_lite(images[:1], ["a photo of a cat"])
     assert isinstance(E.detect(torch.as_tensor(images[0])), list)
+
+
+def test_share_of_checks_is_one_exactly_when_the_prompt_succeeds(scenes, images):
+    """On own and mismatched captions: share == 1 iff binary == 1, share in [0, 1], and a failed
+    prompt that still gets some checks right scores strictly between 0 and 1."""
+    rng = np.random.default_rng(SEED)
+    order = rng.permutation(len(scenes))
+    own = rng.random(len(scenes)) < 0.3
+    order[own] = np.flatnonzero(own)
+    prompts = [scenes[j].caption for j in order]
+    binary, share = E.geneval_lite_scores(images, prompts)
+    assert binary.tolist() == E.geneval_lite(images, prompts)
+    assert ((share == 1) == (binary == 1)).all(), SEED
+    assert ((share >= 0) & (share <= 1)).all()
+    assert ((share > 0) & (share < 1)).any(), SEED  # partial credit happens
+
+
+def test_corrupted_scenes_keep_the_checks_they_did_not_break(scenes):
+    """One attribute made wrong (colour, count, relation, a missing shape): the share keeps credit
+    for the checks that still hold, and each check name says what it tested."""
+    wrong = [_corrupt(s) for s in scenes]
+    binary, share = E.geneval_lite_scores(render_uint8(wrong), [s.caption for s in scenes])
+    assert (binary == 0).all()
+    kinds = np.array([s.kind for s in scenes])
+    for kind in ("colors", "counting", "position", "attribute_binding", "two_objects"):
+        assert (share[kinds == kind] > 0).all(), (SEED, kind, share[kinds == kind])
+    single = kinds == "single_object"  # one check: the shape; without it nothing holds
+    assert (share[single] == 0).all(), SEED
+
+
+def test_checks_by_hand():
+    red_circle = E.Detection("circle", "red", 0.3, 0.5, 100, (0, 0, 1, 1))
+    blue_circle = E.Detection("circle", "blue", 0.7, 0.5, 100, (0, 0, 1, 1))
+    square = E.Detection("square", "green", 0.7, 0.5, 100, (0, 0, 1, 1))
+    spec = parse_caption("two red circles")
+    assert E.checks([red_circle, blue_circle], spec) == {"shape:0": True, "count:0": True, "color:0": False}
+    assert E.check_share([red_circle, blue_circle], spec) == pytest.approx(2 / 3)
+    assert E.check_share([red_circle, red_circle], spec) == 1.0 == E.score([red_circle, red_circle], spec)
+    spec = parse_caption("a red circle to the left of a green square")
+    found = E.checks([red_circle, square], spec)
+    assert found == {"shape:0": True, "color:0": True, "shape:1": True, "color:1": True, "relation": True}
+    found = E.checks([dataclasses.replace(red_circle, cx=0.9), square], spec)
+    assert not found["relation"] and sum(found.values()) == 4
+    assert E.check_share([], parse_caption("a circle")) == 0.0

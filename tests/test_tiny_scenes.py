@@ -10,8 +10,18 @@ import torch
 
 from toprovar.tiny import scenes as S
 from toprovar.tiny.scenes import (
-    COLORS, HELDOUT_KINDS, HELDOUT_PAIRS, KINDS, MAX_CAPTION_WORDS, VOCABULARY, Scene, SceneObject,
-    parse_caption, render, render_uint8, sample_scenes,
+    COLORS,
+    HELDOUT_KINDS,
+    HELDOUT_PAIRS,
+    KINDS,
+    MAX_CAPTION_WORDS,
+    VOCABULARY,
+    Scene,
+    SceneObject,
+    parse_caption,
+    render,
+    render_uint8,
+    sample_scenes,
 )
 
 SEED = random.randrange(1 << 30)  # fresh each run; the message of a failing assert shows it

@@ -8,8 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from toprovar.attention import attention
-from toprovar.models.transformer import (TRANSFORMER_PRESETS, InfinityTransformer, KVCache, RopeSlice,
-                                         random_state_dict, rope2d_table)
+from toprovar.models.transformer import (
+    TRANSFORMER_PRESETS,
+    InfinityTransformer,
+    KVCache,
+    RopeSlice,
+    random_state_dict,
+    rope2d_table,
+)
 from toprovar.schedules import full_schedule
 
 CFG = TRANSFORMER_PRESETS["test-small"]

@@ -10,8 +10,7 @@ import torch
 from toprovar.errors import UserError
 from toprovar.models.checkpoint import check_state_dict, expected_shapes, rename_keys
 from toprovar.models.registry import build_transformer, get_backbone
-from toprovar.models.transformer import (TRANSFORMER_PRESETS, InfinityTransformer, checkpoint_rename,
-                                         random_state_dict)
+from toprovar.models.transformer import TRANSFORMER_PRESETS, InfinityTransformer, checkpoint_rename, random_state_dict
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 MANIFESTS = {"infinity-2b": "infinity_2b.keys.json", "infinity-8b": "infinity_8b.keys.json"}

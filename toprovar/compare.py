@@ -1,4 +1,4 @@
-"""Pruning methods side by side on one backbone: `python -m toprovar compare` (conf/compare.yaml).
+"""Pruning methods side by side on one backbone: `python -m toprovar compare` (toprovar/conf/compare.yaml).
 
 One run generates the same prompts and seeds with the unpruned baseline and every listed method
 and writes, into the run folder:
@@ -20,7 +20,10 @@ built-in resolves to the backbone's shipped policy (`fastvar-<backbone>`,
 otherwise to defaults scaled to the backbone's schedule and depth (`default_policies`), which
 the table marks "defaults, not calibrated". `<policy>@<variant>` runs a ToProVAR policy as one of
 the Table 10 variants. The `scale` variant stops refining after D (`scale.action: exit`, "Scale
-Depth Loc."); the others keep the policy's action.
+Depth Loc."); the others keep the policy's action. Every method's policy must fit the run (its
+backbone unless `allow_other_backbone`, the schedule's scales, the depth:
+`toprovar.policy.check_policy_for_backbone`); one that does not is a one-line error before any
+weights load.
 
 CFG skip (SkipVAR, StageVAR and LD-Pruning drop the unconditional branch at late scales):
 `cfg_skip` is the baseline with only the conditional rows from `default_cfg_skip(n_scales)` on
@@ -43,10 +46,19 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from toprovar.cli import generation_settings, prompts_and_seeds
 from toprovar.errors import UserError
-from toprovar.policy import VARIANTS, GuidanceStage, Policy, load_policy, policy_from_dict, shipped_policies
+from toprovar.policy import (
+    VARIANTS,
+    GuidanceStage,
+    Policy,
+    check_policy_for_backbone,
+    load_policy,
+    policy_from_dict,
+    shipped_policies,
+)
 
 BUILTIN_BASES = ("fastvar", "fastvar_authors", "fixed_exit", "toprovar")
 CFG_SKIP = "cfg_skip"
@@ -170,12 +182,17 @@ def _cfg_skip_suffix(text: str, n_scales: int) -> tuple[str, int | None]:
     return entry, int(scale)
 
 
-def resolve_method(entry: Any, backbone: str, n_scales: int, depth: int) -> Method:
-    """One entry of `methods` -> Method (one-line UserError for unknown names and foreign policies)."""
+def resolve_method(entry: Any, backbone: str, n_scales: int, depth: int, *, pixels: str | None = None,
+                   allow_other_backbone: bool = False) -> Method:
+    """One entry of `methods` -> Method. One-line UserErrors, before any weights load, for unknown
+    names and for policies that do not fit the run: made for another backbone (unless
+    `allow_other_backbone`), scales past the schedule of `n_scales`, layers past `depth`
+    (`toprovar.policy.check_policy_for_backbone`)."""
     text = str(entry).strip()
     inner, skip = _cfg_skip_suffix(text, n_scales)
     if skip is not None:
-        method = resolve_method(inner, backbone, n_scales, depth)
+        method = resolve_method(inner, backbone, n_scales, depth, pixels=pixels,
+                                allow_other_backbone=allow_other_backbone)
         policy = dataclasses.replace(method.policy, guidance=GuidanceStage(skip_uncond_from_scale=skip))
         return Method(text, policy, f"{method.source}; conditional rows only from scale {skip} (CFG skip)")
     if text in ("none", "baseline"):
@@ -188,14 +205,14 @@ def resolve_method(entry: Any, backbone: str, n_scales: int, depth: int) -> Meth
                    "fixed_exit": f"fixed_exit-{backbone}", "toprovar": backbone}[base]
         method = "fastvar" if base == "fastvar_authors" else base
         if shipped in shipped_policies() and load_policy(shipped).method == method:
-            policy = load_policy(shipped, backbone)
+            policy = load_policy(shipped)
             source = f"shipped {shipped}, {_provenance(policy)}"
         else:
             policy = default_policies(n_scales, depth)[base]
             source = UNCALIBRATED_DEFAULTS
     else:
         try:
-            policy = load_policy(base, backbone)
+            policy = load_policy(base)
         except UserError as err:
             if str(err).startswith("unknown policy"):
                 raise UserError(f"methods: {err}; or a built-in: none, {', '.join(BUILTIN_BASES)}, "
@@ -206,19 +223,27 @@ def resolve_method(entry: Any, backbone: str, n_scales: int, depth: int) -> Meth
         source = f"{where} {base}, {_provenance(policy)}"
     if variant:
         policy = with_variant(policy, variant)
+    try:
+        check_policy_for_backbone(policy, backbone=backbone, n_scales=n_scales, depth=depth, pixels=pixels,
+                                  allow_other_backbone=allow_other_backbone)
+    except UserError as err:
+        raise UserError(f"methods: {text}: {err}") from None
     label = text if not Path(base).suffix else Path(base).stem + (f"@{variant}" if variant else "")
     return Method(label, policy, source)
 
 
-def resolve_methods(entries: Sequence[Any] | None, backbone: str, n_scales: int, depth: int) -> list[Method]:
-    """The baseline first, then every other entry once (duplicate labels are an error)."""
+def resolve_methods(entries: Sequence[Any] | None, backbone: str, n_scales: int, depth: int, *,
+                    pixels: str | None = None, allow_other_backbone: bool = False) -> list[Method]:
+    """The baseline first, then every other entry once (duplicate labels are an error); each entry
+    as `resolve_method` checks it."""
     if entries is None:
         entries = DEFAULT_METHODS
     if isinstance(entries, str):
         entries = [entries]
     if not isinstance(entries, (list, tuple)) or not entries:
         raise UserError("methods must be a non-empty list, e.g. methods='[none,fastvar,fixed_exit,toprovar-full]'")
-    methods = [resolve_method(e, backbone, n_scales, depth) for e in entries]
+    methods = [resolve_method(e, backbone, n_scales, depth, pixels=pixels, allow_other_backbone=allow_other_backbone)
+               for e in entries]
     seen: set[str] = set()
     for m in methods:
         if m.label in seen and m.label != "none":
@@ -228,48 +253,21 @@ def resolve_methods(entries: Sequence[Any] | None, backbone: str, n_scales: int,
     return baseline + [m for m in methods if m.prunes]
 
 
-def schedule_notes(method: Method, n_scales: int, depth: int, guided: bool = True) -> list[str]:
-    """Settings of a policy that do nothing on this schedule / depth / guidance (shown, not fatal)."""
+def schedule_notes(method: Method, n_scales: int, guided: bool = True) -> list[str]:
+    """Settings of a policy that fit the run but do nothing on it (shown, not fatal; what does not
+    fit was refused by `resolve_method`). `guided`: the run has classifier-free guidance."""
     p, notes = method.policy, []
+    if p.method == "fixed_exit" and p.fixed_exit.exit_scale == n_scales - 1:
+        notes.append(f"{method.label}: fixed_exit.exit_scale={p.fixed_exit.exit_scale} is the last scale of "
+                     f"{n_scales}: it exits nothing")
+    if p.method == "fastvar" and p.fastvar.exit_after_scale == n_scales - 1:
+        notes.append(f"{method.label}: fastvar.exit_after_scale={p.fastvar.exit_after_scale} is the last scale of "
+                     f"{n_scales}: it exits nothing")
     skip = p.guidance.skip_uncond_from_scale
     if skip is not None and not guided:
         notes.append(f"{method.label}: guidance.skip_uncond_from_scale={skip} saves nothing: the run has no "
                      "classifier-free guidance (guidance_scale 1)")
-    if skip is not None and skip >= n_scales:
-        notes.append(f"{method.label}: guidance.skip_uncond_from_scale={skip} is past the last scale ({n_scales - 1})")
-    if p.method == "fastvar":
-        exit_after = p.fastvar.exit_after_scale
-        if exit_after is not None and exit_after >= n_scales - 1:
-            notes.append(f"{method.label}: fastvar.exit_after_scale={exit_after} exits nothing on a schedule of "
-                         f"{n_scales} scales")
-        out = sorted(s for s in p.fastvar.ratios if s >= n_scales)
-        if out:
-            notes.append(f"{method.label}: fastvar.ratios name scales {out} but the schedule has {n_scales}")
-        if p.fastvar.layers[0] >= depth:
-            notes.append(f"{method.label}: fastvar.layers start at {p.fastvar.layers[0]} but the backbone has {depth}")
-    if p.method == "fixed_exit" and p.fixed_exit.exit_scale >= n_scales - 1:
-        notes.append(f"{method.label}: fixed_exit.exit_scale={p.fixed_exit.exit_scale} exits nothing "
-                     f"on a schedule of {n_scales} scales")
-    if p.method == "toprovar" and p.scale.min_scale >= n_scales:
-        notes.append(f"{method.label}: scale.min_scale={p.scale.min_scale} is past the last scale ({n_scales - 1})")
     return notes
-
-
-# -- quality ---------------------------------------------------------------------------------------
-
-
-def geneval_lite_scorer(backbone: str) -> Callable | None:
-    """`(images, specs) -> (N,) scores` on the `tiny` backbone (its geneval-lite), None elsewhere."""
-    if backbone != "tiny":
-        return None
-    import torch
-
-    from toprovar.tiny.evaluate import geneval_lite  # lazy: only the tiny backbone has an evaluator
-
-    def score(images, specs):
-        return torch.as_tensor(geneval_lite(images, specs), dtype=torch.float32).reshape(-1)
-
-    return score
 
 
 def guided(guidance_scale: Any) -> bool:
@@ -280,13 +278,6 @@ def guided(guidance_scale: Any) -> bool:
     except (TypeError, ValueError):
         return True  # not a number: generate reports it
     return any(v != 1 for v in values)
-
-
-def pooled_psnr(psnr_values) -> float:
-    """PSNR of the mean squared error over several images, from their per-image PSNRs (dB)."""
-    mse = [0.0 if math.isinf(v) else 10 ** (-v / 10) for v in psnr_values]
-    mean = sum(mse) / len(mse)
-    return math.inf if mean == 0 else -10 * math.log10(mean)
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -302,6 +293,7 @@ class CompareResult:
 
 
 def _prompts(cfg: dict[str, Any], backbone: str) -> tuple[list[str], list[int], list[Any]]:
+    """The prompts, their seeds and what the evaluator reads for each (a tiny scene, else the prompt)."""
     prompts = cfg.get("text_prompts")
     specs = None
     n = int(cfg.get("n_prompts") or 4)
@@ -315,15 +307,8 @@ def _prompts(cfg: dict[str, Any], backbone: str) -> tuple[list[str], list[int], 
             prompts, specs = [s.caption for s in scenes], list(scenes)
         else:
             prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(n)]
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise UserError("prompts must be a non-empty list of strings, e.g. prompts='[\"a cat\", \"a dog\"]'")
-    seeds = cfg.get("seeds")
-    seeds = list(range(len(prompts))) if seeds is None else ([seeds] if isinstance(seeds, int) else list(seeds))
-    if len(seeds) != len(prompts) or not all(isinstance(s, int) for s in seeds):
-        raise UserError(f"give one integer seed per prompt: {len(prompts)} prompts, seeds={seeds}")
-    return list(prompts), seeds, specs if specs is not None else list(prompts)
+    prompts, seeds = prompts_and_seeds(prompts, cfg.get("seeds"))
+    return prompts, seeds, specs if specs is not None else list(prompts)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -364,15 +349,14 @@ def markdown_table(frame, columns: dict[str, tuple[str, int]]) -> str:
 
 
 def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) -> CompareResult:
-    """Run every method of `cfg` (a plain dict of conf/compare.yaml) and write the report into `out_dir`."""
+    """Run every method of `cfg` (a plain dict of toprovar/conf/compare.yaml) and write the report into `out_dir`."""
     import pandas as pd
     import torch
     import yaml
     from tqdm.auto import tqdm
 
-    from toprovar.__main__ import _device, _dtype, generation_settings
     from toprovar.flops import trace_flops
-    from toprovar.metrics import psnr, ssim
+    from toprovar.metrics import geneval_scorer, psnr, ssim
     from toprovar.models import registry
     from toprovar.pipeline import generate
     from toprovar.plots import plot_pruned_tokens, save_labelled_grid, slug
@@ -386,23 +370,24 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
         except ImportError:
             pass
     spec = registry.get_backbone(name)
-    settings = generation_settings(cfg, "toprovar compare")
+    settings = generation_settings(group, cfg, prog="toprovar compare")
     schedule = spec.schedules.scale_schedule(settings.get("h_div_w", 1.0), settings.get("pixels") or spec.pixels)
     n_scales, depth = len(schedule), spec.transformer.depth
-    methods = resolve_methods(cfg.get("methods"), name, n_scales, depth)
+    methods = resolve_methods(cfg.get("methods"), name, n_scales, depth, pixels=settings.get("pixels"),
+                              allow_other_backbone=bool(cfg.get("allow_other_backbone")))
     with_cfg = guided(settings.get("guidance_scale", spec.guidance_scale))
-    notes = [n for m in methods for n in schedule_notes(m, n_scales, depth, with_cfg)]
+    notes = [n for m in methods for n in schedule_notes(m, n_scales, with_cfg)]
     for note in notes:
-        warnings.warn(note)
+        warnings.warn(note, stacklevel=2)
     prompts, seeds, specs = _prompts(cfg, name)
     batch = int(cfg.get("batch_size") or 1)
     warmup = int(cfg.get("warmup") if cfg.get("warmup") is not None else 1)
     if batch < 1 or warmup < 0:
         raise UserError(f"batch_size={batch} and warmup={warmup}: need batch_size >= 1 and warmup >= 0")
-    scorer = geneval_lite_scorer(name)
+    scorer = geneval_scorer(name)
+    device, dtype = registry.resolve_device(cfg.get("device", "auto")), registry.resolve_dtype(cfg.get("dtype", "auto"))
 
-    backbone = registry.build_backbone(spec, group.get("weights"), device=_device(cfg.get("device", "auto")),
-                                       dtype=_dtype(cfg.get("dtype", "auto")))
+    backbone = registry.build_backbone(spec, group.get("weights"), device=device, dtype=dtype)
     chunks = [(s, prompts[s:s + batch], seeds[s:s + batch]) for s in range(0, len(prompts), batch)]
     runs: dict[str, dict[str, Any]] = {m.label: {"images": [], "latency": [], "executed": 0.0, "unpruned": 0.0,
                                                  "first": None} for m in methods}
@@ -444,13 +429,13 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
     for method in methods:
         run = runs[method.label]
         s = ssim(run["images"], base["images"]).tolist()
-        p = psnr(run["images"], base["images"]).tolist()
-        g = scorer(run["images"], specs).tolist() if scorer is not None else [None] * len(prompts)
+        p = psnr(run["images"], base["images"]).tolist()  # per image; the table's is of the pooled MSE
+        g = scorer(run["images"], specs)["binary"].tolist() if scorer is not None else [None] * len(prompts)
         ms = float(torch.tensor(run["latency"]).median())
         ratio = run["executed"] / run["unpruned"]
         rows.append({"method": method.label, "policy": method.source, "latency_ms": ms, "speedup": base_ms / ms,
                      "flop_ratio": ratio, "flop_speedup": 1 / ratio if ratio > 0 else math.inf,
-                     "ssim": sum(s) / len(s), "psnr_db": pooled_psnr(p),
+                     "ssim": sum(s) / len(s), "psnr_db": float(psnr(run["images"], base["images"], "pooled")),
                      "geneval_lite": (sum(g) / len(g)) if scorer is not None else None})
         for i, prompt in enumerate(prompts):
             per_image.append({"method": method.label, "prompt": prompt, "seed": seeds[i],
@@ -502,10 +487,12 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
         "- FLOP ratio: executed / unpruned transformer FLOPs (toprovar.flops), summed over prompts; "
         "FLOP speedup = 1 / ratio",
         "- SSIM / PSNR: against the baseline image of the same prompt and seed (mean SSIM; PSNR of the pooled MSE)",
-        f"- geneval-lite: {'yes' if scorer is not None else 'not available for this backbone'}",
+        "- geneval-lite: " + ("share of prompts whose every check holds (binary score)" if scorer is not None
+                              else "not available for this backbone"),
     ]
-    policies = "\n\n".join(f"### {m.label} ({m.source})\n\n```yaml\n{yaml.safe_dump(policy_sections(m.policy), sort_keys=False)}```"
-                           for m in methods if m.prunes)
+    policies = "\n\n".join(
+        f"### {m.label} ({m.source})\n\n```yaml\n{yaml.safe_dump(policy_sections(m.policy), sort_keys=False)}```"
+        for m in methods if m.prunes)
     prompt_lines = "\n".join(f"{i}. seed {s}: {p}" for i, (p, s) in enumerate(zip(prompts, seeds)))
     note_lines = "".join(f"- {n}\n" for n in notes)
     files["markdown"].write_text(

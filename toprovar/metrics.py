@@ -1,12 +1,22 @@
-"""Image similarity against a reference image: SSIM (Wang et al. 2004) and PSNR, on uint8 RGB.
+"""Quality of generated images: SSIM (Wang et al. 2004) and PSNR against a reference image, on uint8
+RGB, and the backbone's automatic prompt evaluator where it has one (`geneval_scorer`).
 
-SSIM uses torchmetrics' implementation (11×11 Gaussian window, σ = 1.5, K1 = 0.01, K2 = 0.03,
-data range 1 on images scaled to [0, 1]), computed per image over the three channels.
+SSIM and PSNR are torchmetrics' implementations on images scaled to [0, 1] (data range 1). SSIM:
+11×11 Gaussian window, σ = 1.5, K1 = 0.01, K2 = 0.03, per image over the three channels.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor
+
+REDUCTIONS = ("none", "mean", "pooled")
+# geneval-lite scores per prompt: success of all the caption's checks, and the share of them that hold.
+GENEVAL_SCORES = ("binary", "share")
+Evaluator = Callable[[Tensor, Sequence[Any]], dict[str, np.ndarray]]
 
 
 def _as_float(images: Tensor) -> Tensor:
@@ -25,7 +35,36 @@ def ssim(images: Tensor, references: Tensor, reduction: str = "none") -> Tensor:
 
 
 def psnr(images: Tensor, references: Tensor, reduction: str = "none") -> Tensor:
-    """PSNR in dB of each image against its reference: (N,); identical images give +inf."""
-    mse = (_as_float(images) - _as_float(references)).pow(2).flatten(1).mean(1)
-    values = 10.0 * torch.log10(1.0 / mse)
+    """PSNR in dB against the references; identical images give +inf.
+
+    reduction: 'none' — (N,), one per image; 'mean' — the mean of those; 'pooled' — one value from
+    the mean squared error over all images (what a set of images scores as a whole: one bad image
+    cannot be averaged away in dB, and identical images do not make the mean infinite).
+    """
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+    preds, target = _as_float(images), _as_float(references)
+    if reduction == "pooled":
+        return peak_signal_noise_ratio(preds, target, data_range=1.0)
+    values = peak_signal_noise_ratio(preds, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
     return values.mean() if reduction == "mean" else values
+
+
+def geneval_scorer(backbone_name: str) -> Evaluator | None:
+    """The backbone's automatic evaluator `(images, prompts) -> {score name: (N,) in [0, 1]}` for
+    every name in `GENEVAL_SCORES`, or None where the backbone has none.
+
+    Only `tiny` has one: geneval-lite (`toprovar.tiny.evaluate.geneval_lite_scores`) — `binary`, 1
+    where every check of the prompt's caption holds; `share`, the share of its checks that hold
+    (graded; half the paired noise, docs/benchmarks.md). `prompts` are captions or scenes.
+    """
+    if backbone_name != "tiny":
+        return None
+    from toprovar.tiny.evaluate import geneval_lite_scores  # lazy: only the tiny backbone has an evaluator
+
+    def score(images: Tensor, prompts: Sequence[Any]) -> dict[str, np.ndarray]:
+        return dict(zip(GENEVAL_SCORES, geneval_lite_scores(images, prompts)))
+
+    return score

@@ -13,8 +13,8 @@ whole schedule (no concatenation per scale); the text keys/values of every cross
 projected once per call, not once per scale; each image has its own seeded generator (see
 `toprovar.sampling`). Images are returned RGB (the official loop flips to BGR for OpenCV).
 
-Pruning plugs in through the hooks of a `Pruner` (docs/architecture.md); `NoPruner` runs the
-unpruned model. Everything inside the scale loop stays on the device: no host synchronization
+Pruning plugs in through the hooks of a `toprovar.pruning.Pruner` (docs/architecture.md); `NoPruner`
+runs the unpruned model. Everything inside the scale loop stays on the device: no host synchronization
 except what a pruner itself does (and `torch.multinomial`'s validity checks on the plain path).
 
 Fast path (`fast=`, default on for CUDA, see `FastOptions`): the same function with
@@ -46,7 +46,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,8 +54,9 @@ from torch import Tensor
 from toprovar.attention import prefer_cudnn_attention
 from toprovar.errors import UserError
 from toprovar.models.registry import Backbone
-from toprovar.models.vae import BSQVAE
 from toprovar.models.transformer import KV_POLICIES, Condition, InfinityTransformer, KVCache, RopeSlice, TextKV
+from toprovar.models.vae import BSQVAE
+from toprovar.pruning import NoPruner, Pruner, PrunerContext, as_pruner
 from toprovar.renames import RENAMED, renamed_settings
 from toprovar.sampling import GuidedSampling, bit_probs, draw_bits, make_generators, sample_bits
 from toprovar.schedules import tokens_per_scale
@@ -64,74 +65,6 @@ from toprovar.trace import LayerRecord, ScaleRecord, Timer, Trace, entropy_summa
 # Official inference defaults (tools/run_infinity.py).
 DEFAULT_TOP_K = 900
 DEFAULT_TOP_P = 0.97
-
-
-# -- pruning hooks ---------------------------------------------------------------------------------
-
-
-@dataclass
-class PrunerContext:
-    schedule: list[tuple[int, int, int]]
-    depth: int
-    num_heads: int
-    batch: int  # images
-    rows: int  # rows of the transformer batch at scale 0: 2 * batch under CFG (conditional rows first)
-    device: torch.device
-    trace: Trace
-    scale_rows: tuple[int, ...] = ()  # rows per scale: `batch` from a CFG skip's scale on (empty: `rows` everywhere)
-
-    def rows_at(self, si: int) -> int:
-        """Rows of the transformer batch at scale si (the unconditional ones dropped after a CFG skip)."""
-        return self.scale_rows[si] if self.scale_rows else self.rows
-
-
-@runtime_checkable
-class Pruner(Protocol):
-    """The hooks of the generation loop (docs/architecture.md). Optional: `static_plan(si)` (the fast
-    path's planned units) and the attribute `skip_uncond_from_scale` (int or None: the CFG skip of
-    the policy the pruner was built from; `build_pruner` sets it)."""
-
-    def begin(self, ctx: PrunerContext) -> None: ...
-    def exit_before_scale(self, si: int) -> bool: ...
-    def wants_entropy(self, si: int, li: int) -> bool: ...
-    def keep_tokens(self, si: int, li: int, x: Tensor) -> Tensor | None: ...
-    def observe(self, si: int, li: int, entropy: Tensor) -> None: ...
-    def end_scale(self, si: int, x: Tensor) -> None: ...
-
-
-class NoPruner:
-    """Runs every scale, every layer, every token (with its policy's CFG skip, if any)."""
-
-    skip_uncond_from_scale: int | None = None
-
-    def begin(self, ctx: PrunerContext) -> None:
-        pass
-
-    def exit_before_scale(self, si: int) -> bool:
-        return False
-
-    def wants_entropy(self, si: int, li: int) -> bool:
-        return False
-
-    def keep_tokens(self, si: int, li: int, x: Tensor) -> Tensor | None:
-        return None
-
-    def observe(self, si: int, li: int, entropy: Tensor) -> None:
-        pass
-
-    def end_scale(self, si: int, x: Tensor) -> None:
-        pass
-
-
-def as_pruner(policy: Any) -> Pruner:
-    """None / 'none' -> NoPruner; a Pruner as is; anything else -> `toprovar.pruning.build_pruner`."""
-    if policy is None or policy == "none":
-        return NoPruner()
-    if isinstance(policy, Pruner):
-        return policy
-    from toprovar.pruning import build_pruner  # lazy: the pruning package builds pruners from policies
-
-    return build_pruner(policy)
 
 
 # -- results ---------------------------------------------------------------------------------------
@@ -423,7 +356,8 @@ def encode_prompts(text_encoder: Any, prompts: list[str], max_len: int) -> tuple
     out = text_encoder.encode(prompts)
     features, lengths = out.features, [int(n) for n in out.lens.tolist()]
     if features.shape[1] > max_len:
-        warnings.warn(f"text features of {features.shape[1]} tokens truncated to the model's limit of {max_len}")
+        warnings.warn(f"text features of {features.shape[1]} tokens truncated to the model's limit of {max_len}",
+                      stacklevel=2)
         features, lengths = features[:, :max_len], [min(n, max_len) for n in lengths]
     return features[:, :max(lengths)].float(), lengths
 
@@ -709,7 +643,7 @@ def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *
     guidance_scale / temperature: one value or one per scale (defaults: the backbone's); their old
     names `cfg` / `tau` work for one release with a FutureWarning. pixels: a budget of the
     backbone's schedule family, e.g. '0.06M', '0.25M', '0.60M' or '1M' (default: the backbone's).
-    policy: None/'none', a Pruner, or a policy that `toprovar.pruning.build_pruner` understands.
+    policy: None/'none', a Pruner, or a policy that `toprovar.pruning.as_pruner` understands.
     record_entropy: request every block's attention entropy and record its mean in the trace.
     fast: None (on for CUDA, off elsewhere), True / False, or a `FastOptions` (see module docs).
     """

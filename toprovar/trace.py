@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from toprovar.pruning import as_pruner
+
 
 @dataclass
 class ScaleRecord:
@@ -118,10 +120,6 @@ class Trace:
             frame["R"] = [R[i] for i in frame["layer"]]
         return frame
 
-    @property
-    def scale_ms(self) -> list[float]:
-        return [r.time_ms for r in self.scales]
-
 
 class KeptTokenRecorder:
     """A pruner wrapper: delegates every hook and keeps, in `trace.kept_index`, the index tensor
@@ -159,8 +157,6 @@ class KeptTokenRecorder:
 
 def record_kept_tokens(policy) -> KeptTokenRecorder:
     """`policy` (None/'none', a Policy, a name/path, a Pruner) as a pruner that records kept tokens."""
-    from toprovar.pipeline import as_pruner  # lazy: the pipeline imports this module
-
     return KeptTokenRecorder(as_pruner(policy))
 
 

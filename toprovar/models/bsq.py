@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Size3 = tuple[int, int, int]
-
 
 @dataclass(frozen=True)
 class BitFlipNoise:
@@ -57,8 +55,8 @@ class MultiScaleCodes:
 class BSQ(nn.Module):
     """Single-scale binary spherical quantizer (the official `lfq` submodule).
 
-    `mask` (powers of two, most significant first) turns bits into integer labels; it is kept as a
-    persistent buffer because official checkpoints store it.
+    `mask` (powers of two, most significant first; the official code turns bits into integer labels
+    with it) is kept as a persistent buffer only because official checkpoints store it.
     """
 
     def __init__(self, dim: int):
@@ -82,10 +80,6 @@ class BSQ(nn.Module):
         # Same arithmetic order as official `indices_to_codes(..., 'bit_label')` (bit-identical).
         codes = bits.float() * self.codebook_scale * 2 - self.codebook_scale
         return F.normalize(codes, dim=-1).movedim(-1, 1)
-
-    def bits_to_labels(self, bits: Tensor) -> Tensor:
-        """`(..., d)` bits -> `(...)` int64 labels (bit 0 is the most significant)."""
-        return (bits.long() * self.mask).sum(-1)
 
 
 class MultiScaleBSQ(nn.Module):

@@ -20,10 +20,16 @@ import torch
 from torch import nn
 
 from toprovar.errors import UserError
-from toprovar.schedules import INFINITY_SCHEDULES, ScheduleFamily
 from toprovar.models.checkpoint import load_into
-from toprovar.models.transformer import (CHECKPOINT_IGNORE, TRANSFORMER_PRESETS, InfinityTransformer,
-                                         TransformerConfig, checkpoint_rename, random_state_dict)
+from toprovar.models.transformer import (
+    CHECKPOINT_IGNORE,
+    TRANSFORMER_PRESETS,
+    InfinityTransformer,
+    TransformerConfig,
+    checkpoint_rename,
+    random_state_dict,
+)
+from toprovar.schedules import INFINITY_SCHEDULES, ScheduleFamily
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,19 @@ def resolve_device(name: str) -> torch.device:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype | None:
+    """A user's dtype setting (auto | float32 | bfloat16 | float16) -> the dtype of the transformer
+    blocks and the VAE; None for auto (`default_dtype` of the device). One-line errors."""
+    if name == "auto":
+        return None
+    if name not in DTYPES:
+        raise UserError(f"dtype={name!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def _missing(spec: BackboneSpec, part: str) -> UserError:
@@ -251,7 +270,8 @@ class HashedTextEncoder:
 
         words = [p.split() or [""] for p in prompts]
         if any(len(w) > self.max_length for w in words):
-            warnings.warn(f"prompt longer than the text encoder's limit of {self.max_length} words; truncated")
+            warnings.warn(f"prompt longer than the text encoder's limit of {self.max_length} words; truncated",
+                          stacklevel=2)
             words = [w[: self.max_length] for w in words]
         lens = torch.tensor([len(w) for w in words], dtype=torch.int32)
         feats = torch.zeros(len(prompts), int(lens.max()), self.channels)

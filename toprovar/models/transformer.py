@@ -96,11 +96,6 @@ class TransformerConfig:
     def pool_num_heads(self) -> int:
         return self.text_channels // self.resolved_pool_head_dim
 
-    @property
-    def vae_codebook_dim(self) -> int:
-        """Bits per VAE latent position (a token holds 2x2 positions with spatial patchify)."""
-        return self.codebook_dim // 4 if self.apply_spatial_patchify else self.codebook_dim
-
 
 TRANSFORMER_PRESETS: dict[str, TransformerConfig] = {
     "infinity-2b": TransformerConfig(depth=32, embed_dim=2048, num_heads=16, codebook_dim=32),

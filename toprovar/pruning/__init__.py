@@ -1,20 +1,26 @@
 """Pruners: the policy's decisions, plugged into the generation loop's hooks (toprovar.pipeline).
 
-`build_pruner(policy)` turns a `toprovar.policy.Policy` (or a path/name of one) into a fresh
-pruner for one generation call; the policy's CFG skip (`guidance.skip_uncond_from_scale`, any
-method) travels on it as the attribute `skip_uncond_from_scale`, which the loop reads. Stage
-math lives in `stages` (pure tensor functions, testable alone); each pruner module wires the
-stages to the hooks.
+The hook contract (`Pruner`, `PrunerContext`, `NoPruner`) is in `hooks`. `as_pruner(policy)` turns
+a `toprovar.policy.Policy` (or a path/name of one, None, or a Pruner) into a fresh pruner for one
+generation call; the policy's CFG skip (`guidance.skip_uncond_from_scale`, any method) travels on
+it as the attribute `skip_uncond_from_scale`, which the loop reads. Stage math lives in `stages`
+(pure tensor functions, testable alone); each pruner module wires the stages to the hooks.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from toprovar.policy import Policy, load_policy
+from toprovar.pruning.hooks import NoPruner, Pruner, PrunerContext
 
 
-def build_pruner(policy: Any):
-    """A fresh pruner of `policy` (a Policy, a path or a shipped name) carrying its CFG skip."""
+def as_pruner(policy: Any) -> Pruner:
+    """None / 'none' -> NoPruner; a Pruner as is; a Policy, or a name/path of one -> its pruner,
+    carrying the policy's CFG skip."""
+    if policy is None or policy == "none":
+        return NoPruner()
+    if isinstance(policy, Pruner):
+        return policy
     if not isinstance(policy, Policy):
         policy = load_policy(policy)
     pruner = _method_pruner(policy)
@@ -22,9 +28,7 @@ def build_pruner(policy: Any):
     return pruner
 
 
-def _method_pruner(policy: Policy):
-    from toprovar.pipeline import NoPruner
-
+def _method_pruner(policy: Policy) -> Pruner:
     if policy.method == "none":
         return NoPruner()
     if policy.method == "toprovar":
@@ -40,4 +44,4 @@ def _method_pruner(policy: Policy):
     return FixedExitPruner(policy.fixed_exit.exit_scale)
 
 
-__all__ = ["build_pruner"]
+__all__ = ["NoPruner", "Pruner", "PrunerContext", "as_pruner"]

@@ -4,14 +4,16 @@ Objects are saturated, backgrounds desaturated (scenes.py guarantees it), so det
 learned model: foreground = pixels with high chroma, colour = nearest palette hue (the darker
 texture shade has the same hue, so stripes and dots stay inside their object), objects = connected
 components, shape = fill ratio of the bounding box + solidity (area / convex-hull area). Each image
-then gets 1.0 or 0.0 per its caption's GenEval category, and the report averages per category.
+then gets 1.0 or 0.0 per its caption's GenEval category (all of the caption's checks hold: shapes,
+colours, count, relation), and the report averages per category. `check_share` is the graded
+companion: the share of those checks that hold.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,7 +23,8 @@ from scipy.spatial import ConvexHull, QhullError
 
 from .scenes import COLORS, KINDS, PromptSpec, Scene, parse_caption
 
-__all__ = ["Detection", "detect", "score", "geneval_lite", "geneval_report"]
+__all__ = ["Detection", "detect", "checks", "score", "check_share", "geneval_lite", "geneval_lite_scores",
+           "geneval_report"]
 
 CHROMA_THRESHOLD = 0.25   # objects: >= 0.44 (dark shade) .. 0.81; backgrounds: <= 0.11
 MIN_AREA_FRACTION = 0.003  # components below 0.3% of the image (49 px at 128^2) are specks
@@ -145,26 +148,51 @@ def _relation_holds(a: Detection, b: Detection, relation: str) -> bool:
             "above": b.cy - a.cy > m, "below": a.cy - b.cy > m}[relation]
 
 
-def score(detections: Sequence[Detection], spec: PromptSpec) -> float:
-    """1.0 if the detections satisfy the prompt's GenEval category, else 0.0.
+def checks(detections: Sequence[Detection], spec: PromptSpec) -> dict[str, bool]:
+    """The prompt's GenEval checks, by name; the prompt succeeds when all of them hold.
 
-    Size, texture, location and background words are not checked (GenEval checks none of them).
+    Per named object: its shape is present (`shape:<i>`) and, if the caption names a colour, an
+    object of that shape has it (`color:<i>`); counting adds the exact count (`count:0`), and
+    its colour check asks every object of that shape to have the colour; position adds the
+    relation between a matching pair (`relation`). Size, texture, location and background words
+    are not checked (GenEval checks none of them).
     """
     objs, cat = spec.objects, spec.category
-    if cat in ("single_object", "colors", "two_objects", "attribute_binding"):
-        ok = all(any(_matches(d, o.shape, o.color) for d in detections) for o in objs)
-    elif cat == "counting":
-        (o,) = objs
-        same_shape = [d for d in detections if d.shape == o.shape]
-        ok = len(same_shape) == o.count and all(_matches(d, o.shape, o.color) for d in same_shape)
-    elif cat == "position":
-        a, b = objs
-        ok = any(_relation_holds(da, db, spec.relation)
-                 for da in detections if _matches(da, a.shape, a.color)
-                 for db in detections if _matches(db, b.shape, b.color))
-    else:
+    if cat not in KINDS:
         raise ValueError(f"unknown category {cat!r}")
-    return float(ok)
+    found: dict[str, bool] = {}
+    for i, o in enumerate(objs):
+        same_shape = [d for d in detections if d.shape == o.shape]
+        found[f"shape:{i}"] = bool(same_shape)
+        if cat == "counting":
+            found[f"count:{i}"] = len(same_shape) == o.count
+            if o.color is not None:
+                found[f"color:{i}"] = bool(same_shape) and all(d.color == o.color for d in same_shape)
+        elif o.color is not None:
+            found[f"color:{i}"] = any(_matches(d, o.shape, o.color) for d in detections)
+    if cat == "position":
+        a, b = objs
+        found["relation"] = any(_relation_holds(da, db, spec.relation)
+                                for da in detections if _matches(da, a.shape, a.color)
+                                for db in detections if _matches(db, b.shape, b.color))
+    return found
+
+
+def score(detections: Sequence[Detection], spec: PromptSpec) -> float:
+    """1.0 if the detections satisfy the prompt's GenEval category (all its checks), else 0.0."""
+    return float(all(checks(detections, spec).values()))
+
+
+def check_share(detections: Sequence[Detection], spec: PromptSpec) -> float:
+    """The share of the prompt's checks that hold, in [0, 1]; 1.0 exactly when `score` is 1.0.
+
+    A graded companion of the binary score: an image that gets the shape right but the colour
+    or the count wrong scores between 0 and 1, so a small perturbation moves it by a fraction
+    of a prompt instead of a whole one (the per-prompt paired differences have less variance;
+    docs/benchmarks.md, "Null noise of the geneval-lite scores").
+    """
+    found = checks(detections, spec)
+    return sum(found.values()) / len(found)
 
 
 def _spec(prompt) -> PromptSpec:
@@ -182,11 +210,19 @@ def _images(images) -> np.ndarray:
 
 def geneval_lite(images, prompts: Sequence[str | Scene | PromptSpec]) -> list[float]:
     """One GenEval-style score in {0.0, 1.0} per image; prompts are captions or scenes."""
+    return geneval_lite_scores(images, prompts)[0].tolist()
+
+
+def geneval_lite_scores(images, prompts: Sequence[str | Scene | PromptSpec]) -> tuple[np.ndarray, np.ndarray]:
+    """(binary score, share of checks) per image, float64 `(N,)` each, from one detection pass."""
     arr = _images(images)
     if len(arr) != len(prompts):
         raise ValueError(f"{len(arr)} images but {len(prompts)} prompts")
     specs = [_spec(p) for p in prompts]
-    return [score(detect(img), spec) for img, spec in zip(arr, specs)]
+    found = [checks(detect(img), spec) for img, spec in zip(arr, specs)]
+    binary = np.array([float(all(f.values())) for f in found], dtype=np.float64)
+    share = np.array([sum(f.values()) / len(f) for f in found], dtype=np.float64)
+    return binary, share
 
 
 def geneval_report(images, prompts: Sequence[str | Scene | PromptSpec]) -> pd.DataFrame:

@@ -17,9 +17,9 @@ import colorsys
 import itertools
 import math
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -88,10 +88,10 @@ class WordTextEncoder(nn.Module):
             ids.append(row or [0])  # an empty prompt still gets one (padding) token
         if unknown:
             warnings.warn(f"the tiny text encoder does not know {', '.join(sorted(unknown))}; those words "
-                          f"are ignored (it knows the {len(self.index) - 1} words of the scene captions)")
+                          f"are ignored (it knows the {len(self.index) - 1} words of the scene captions)", stacklevel=2)
         if truncated:
             warnings.warn(f"prompt longer than the tiny text encoder's limit of {self.config.max_words} words; "
-                          "truncated")
+                          "truncated", stacklevel=2)
         lens = torch.tensor([len(r) for r in ids], dtype=torch.int32)
         out = torch.zeros(len(ids), max(int(lens.max()), pad_to or 0), dtype=torch.long)
         for i, row in enumerate(ids):

@@ -1,6 +1,6 @@
 """Train the `tiny` backbone: the BSQ VAE, then the transformer with its word-level text encoder.
 
-    python -m toprovar.tiny.train                       # both stages, conf/train_tiny.yaml
+    python -m toprovar.tiny.train                       # both stages, toprovar/conf/train_tiny.yaml
     python -m toprovar.tiny.train stage=vae vae.steps=200 device=cpu
     python -m toprovar.tiny.train stage=transformer vae_weights=/path/vae.safetensors
     python -m toprovar.tiny.train export_to=toprovar/assets/tiny
@@ -39,8 +39,7 @@ from toprovar.models.registry import resolve_device
 from toprovar.models.transformer import InfinityTransformer, random_state_dict
 from toprovar.models.vae import BSQVAE
 from toprovar.schedules import tokens_per_scale
-from toprovar.tiny.model import (TINY_SCHEDULES, TINY_TRANSFORMER, TINY_VAE, save_text_encoder,
-                                 text_encoder_config)
+from toprovar.tiny.model import TINY_SCHEDULES, TINY_TRANSFORMER, TINY_VAE, save_text_encoder, text_encoder_config
 from toprovar.tiny.text import PAD, WordTextEncoder
 
 STAGES = ("vae", "transformer", "all")
@@ -510,33 +509,21 @@ def parse_config(cfg: Any) -> TrainConfig:
         raise UserError("bad config: " + " ".join(str(err).split("\n")[0].split())) from None
 
 
-def main() -> None:
-    import sys
-
-    import hydra
+def train(cfg: Any) -> None:
+    """The Hydra app: type the composed config, train in the run folder (or `out_dir`), print the metrics."""
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import DictConfig
 
-    from toprovar.errors import exit_on_user_error
-    from toprovar.renames import renamed_overrides
+    config = parse_config({k: v for k, v in cfg.items() if k != "hydra"})
+    if config.out_dir is None:
+        config.out_dir = HydraConfig.get().runtime.output_dir
+    metrics = run(config)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=1))
 
-    conf_dir = Path(__file__).resolve().parents[2] / "conf"
 
-    @hydra.main(config_path=str(conf_dir), config_name="train_tiny", version_base=None)
-    def app(cfg: DictConfig) -> None:
-        with exit_on_user_error("toprovar.tiny.train"):
-            config = parse_config({k: v for k, v in cfg.items() if k != "hydra"})
-            if config.out_dir is None:
-                config.out_dir = HydraConfig.get().runtime.output_dir
-            metrics = run(config)
-            print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=1))
+def main() -> None:
+    from toprovar.cli import run_hydra_app
 
-    sys.argv[1:] = renamed_overrides(sys.argv[1:], {"eval.cfgs": "eval.guidance_scales"}, "toprovar.tiny.train")
-    if not any(a.startswith("-") for a in sys.argv[1:]):
-        from toprovar.__main__ import check_overrides
-
-        check_overrides("train_tiny", sys.argv[1:])
-    app()
+    run_hydra_app("toprovar.tiny.train", "train_tiny", train, renames={"eval.cfgs": "eval.guidance_scales"})
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """GPU mechanics of pruning: does removing FLOPs remove time, and what do the decisions cost?
 
-    python -m toprovar.bench_pruning            # Infinity-2B, random weights, 1024², batch 1, CFG 3, bf16
-    python -m toprovar.bench_pruning --smoke    # the same path on CPU with the test-small backbone
-    python -m toprovar.bench_pruning --skip-uncond-from 11   # the same policy plus a CFG skip from scale 11
+    python -m benchmarks.pruning            # Infinity-2B, random weights, 1024², batch 1, CFG 3, bf16
+    python -m benchmarks.pruning --smoke    # the same path on CPU with the test-small backbone
+    python -m benchmarks.pruning --skip-uncond-from 11   # the same policy plus a CFG skip from scale 11
 
 Model: Infinity-2B's architecture with seeded random weights (`toprovar.models.transformer.
 random_state_dict`), a random BSQ VAE (d32) and a hashed-word text encoder at T5-XL width, so no
@@ -64,7 +64,7 @@ from torch import Tensor
 from toprovar.errors import UserError, exit_on_user_error
 from toprovar.renames import deprecation
 
-PROG = "python -m toprovar.bench_pruning"
+PROG = "python -m benchmarks.pruning"
 
 
 # -- backbone and policy ---------------------------------------------------------------------------
@@ -98,7 +98,7 @@ def fixed_policy(depth: int, min_scale: int, alpha: float, protect_layers: int =
         "layer": {"mode": "static", "beta": 1.0, "ratios": [1.0] * depth},
         "token": {"alpha_min": alpha, "alpha_max": alpha, "min_keep": min_keep, "normalize": "mean",
                   "protect_layers": protect_layers},
-        "provenance": {"calibrated": False, "source": "toprovar.bench_pruning: fixed by construction"},
+        "provenance": {"calibrated": False, "source": "benchmarks.pruning: fixed by construction"},
     }, name="bench-fixed")
 
 
@@ -224,7 +224,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         device, dtype, name = torch.device("cpu"), torch.float32, args.backbone or "test-small"
     else:
         if not torch.cuda.is_available():
-            raise UserError("needs a CUDA GPU (Infinity-2B at 1024² in bf16); use --smoke for the CPU path on test-small")
+            raise UserError("needs a CUDA GPU (Infinity-2B at 1024² in bf16); "
+                            "use --smoke for the CPU path on test-small")
         device, dtype, name = torch.device("cuda"), torch.bfloat16, args.backbone or "infinity-2b"
     spec = random_spec(name)
     pixels = args.pixels or spec.pixels
@@ -298,7 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     per_scale = []
     layers_p = runs["pruned"][-1].trace.layers_frame()
-    for s_u, s_p in zip(runs["unpruned"][-1].trace.scales, runs["pruned"][-1].trace.scales):
+    for s_p in runs["pruned"][-1].trace.scales:
         lp = layers_p[layers_p.scale == s_p.scale]
         kept_share = float(lp.kept.sum() / (s_p.tokens * depth)) if len(lp) else 0.0
         per_scale.append({"scale": s_p.scale, "grid": f"{s_p.h}x{s_p.w}", "tokens": s_p.tokens,
@@ -352,7 +353,8 @@ def report(r: dict[str, Any]) -> str:
         ("measured speedup, scale loop", f"{r['measured_speedup_loop']:.2f}×",
          f"{r['loop_over_ideal']:.2f} of ideal ({verdict(r['loop_over_ideal'] >= 0.85)} ≥ 0.85)"),
         ("decision overhead (ms, pruned − replay)", f"{r['decision_overhead_ms']:.1f}",
-         f"{r['decision_overhead_share']:.1%} of pruned latency ({verdict(r['decision_overhead_share'] <= 0.05)} ≤ 5%)"),
+         f"{r['decision_overhead_share']:.1%} of pruned latency "
+         f"({verdict(r['decision_overhead_share'] <= 0.05)} ≤ 5%)"),
         ("  of which: entropy at the probe layers (ms)", f"{r['entropy_overhead_ms']:.1f}",
          "replay with entropy requested − replay without"),
         ("  of which: ρ_s, scores, sort, plans, host syncs, hooks (ms)", f"{r['logic_overhead_ms']:.1f}",

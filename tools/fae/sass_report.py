@@ -1,6 +1,6 @@
 """Compile the FAE kernel for sm_90 without a GPU and report what the compiler made of it.
 
-    python -m kernels.sass_report [--dump DIR]
+    python -m tools.fae.sass_report [--dump DIR]
 
 For each variant: registers, spills, shared memory, and counts of the SASS instructions that
 matter (HGMMA = Hopper wgmma, HMMA = the older mma.sync path, MUFU.EX2, UTMALDG = TMA loads,
@@ -20,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.triton_fae import LOG2E, _fae_fwd  # noqa: F401
+from kernels.triton_fae import fae_kernel
 
 OPS = ["HGMMA", "HMMA", "MUFU.EX2", "UTMALDG", "LDGSTS", "LDG", "STG", "LDS", "STS", "LDSM", "STSM", "FFMA", "FADD",
        "FMUL", "FMNMX", "F2FP", "SHFL", "LDL", "STL", "BAR", "SYNCS", "WARPGROUP", "FSETP", "FSEL", "SETMAXNREG"]
@@ -28,14 +28,15 @@ OPS = ["HGMMA", "HMMA", "MUFU.EX2", "UTMALDG", "LDGSTS", "LDG", "STG", "LDS", "S
 
 def _signature(use_tma: bool, with_entropy: bool, bn: int, D: int = 128, H: int = 16, Lq: int = 4096,
                Lk: int = 10521, dtype: str = "bf16"):
-    names = _fae_fwd.arg_names
+    names = fae_kernel.arg_names
     sig, const, attrs = {}, {}, {}
     desc = f"tensordesc<{dtype}[1, 1, {bn}, {D}]>"
     vals = {"Q": f"*{dtype}", "K": desc if use_tma else f"*{dtype}", "V": desc if use_tma else f"*{dtype}",
             "O": f"*{dtype}", "E": "*fp32" if with_entropy else f"*{dtype}", "qk_scale": "fp32"}
     ints = {}
-    for t, l in (("q", Lq), ("k", Lk), ("v", Lk), ("o", Lq)):
-        ints.update({f"s{t}b": H * l * D, f"s{t}h": l * D, f"s{t}m" if t in "qo" else f"s{t}n": D, f"s{t}d": 1})
+    for t, length in (("q", Lq), ("k", Lk), ("v", Lk), ("o", Lq)):
+        ints.update({f"s{t}b": H * length * D, f"s{t}h": length * D, f"s{t}m" if t in "qo" else f"s{t}n": D,
+                     f"s{t}d": 1})
     ints.update({"seb": H * Lq, "seh": Lq, "sem": 1} if with_entropy else {"seb": 0, "seh": 0, "sem": 0})
     ints.update({"H": H, "Lq": Lq, "Lk": Lk})
     for i, n in enumerate(names):
@@ -59,9 +60,9 @@ def _signature(use_tma: bool, with_entropy: bool, bn: int, D: int = 128, H: int 
 
 def compile_variant(bm, bn, warps, stages, with_entropy=True, use_tma=False, after_pv=False, D=128, dtype="bf16"):
     sig, const, attrs = _signature(use_tma, with_entropy, bn, D=D, dtype=dtype)
-    const.update(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, WITH_ENTROPY=with_entropy, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-                 USE_TMA=use_tma, ENTROPY_AFTER_PV=after_pv)
-    src = ASTSource(fn=_fae_fwd, signature=sig, constexprs=const, attrs=attrs)
+    const.update(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, WITH_ENTROPY=with_entropy,
+                 DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", USE_TMA=use_tma, ENTROPY_AFTER_PV=after_pv)
+    src = ASTSource(fn=fae_kernel, signature=sig, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 

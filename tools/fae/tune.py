@@ -1,10 +1,10 @@
 """Time the FAE kernel's variants on one GPU in one go: compile all (in parallel), check each
 against float64, time each with and without entropy (alternating the twins over several rounds,
-medians reported) beside PyTorch SDPA and the previous kernel (kernels/_fae_v0.py).
+medians reported) beside PyTorch SDPA and the previous kernel (tools/fae/v0.py).
 
-    python -m kernels.tune [--out DIR] [--shapes main|all] [--rounds 3] [--ncu [VARIANT ...]]
+    python -m tools.fae.tune [--out DIR] [--shapes main|all] [--rounds 3] [--ncu [VARIANT ...]]
 
-Shapes are kernels.bench's: B=2, D=128, bf16, the last five scales of the 1M schedule, 16 and 28
+Shapes are benchmarks.attention's: B=2, D=128, bf16, the last five scales of the 1M schedule, 16 and 28
 heads. Writes DIR/tune.json after every shape (a run cut short still leaves numbers) and prints a
 short table last. `--ncu` profiles variants and cuDNN at the main shape with Nsight Compute.
 The first two sweeps (tile shapes, pipelining, row-sum placement) ran from this file as of commit
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from datetime import date
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ V0_CONFIGS = [(128, 128, 8, 3), (64, 64, 4, 3)]
 
 
 def shapes(which: str) -> list[tuple[int, int, int, int]]:
-    from kernels.bench import last_scale_shapes
+    from benchmarks.attention import last_scale_shapes
 
     main = [(16, 12, 4096, 10521)]
     if which == "main":
@@ -46,7 +47,7 @@ def shapes(which: str) -> list[tuple[int, int, int, int]]:
 
 
 def _inputs(heads: int, lq: int, lk: int, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)  # fresh random data, drawn as kernels.bench draws it
+    g = torch.Generator(device="cuda").manual_seed(seed)  # fresh random data, drawn as benchmarks.attention draws it
     q = torch.randn(2, heads, lq, 128, device="cuda", generator=g)
     k = F.normalize(torch.randn(2, heads, lk, 128, device="cuda", generator=g), dim=-1).to(torch.bfloat16)
     v = torch.randn(2, heads, lk, 128, device="cuda", generator=g).to(torch.bfloat16)
@@ -55,11 +56,11 @@ def _inputs(heads: int, lq: int, lk: int, seed: int = 0):
 
 
 def _run(name: str, q, k, v, ent: bool):
-    from kernels import _fae_v0
     from kernels.triton_fae import launch
+    from tools.fae import v0
 
     if name.startswith("v0_"):
-        return _fae_v0.fae_forward(q, k, v, None, ent, config=tuple(int(x) for x in name.split("_")[1:]))
+        return v0.fae_forward(q, k, v, None, ent, config=tuple(int(x) for x in name.split("_")[1:]))
     cfg, tma = VARIANTS[name]
     return launch(q, k, v, None, ent, cfg, tma)[:2]
 
@@ -117,7 +118,7 @@ def sweep(out_dir: str, which: str, rep: int, rounds: int) -> dict:
 
     res = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                     "python": platform.python_version(), "date": date.today().isoformat(),
-                    "command": "python -m kernels.tune " + " ".join(sys.argv[1:]),
+                    "command": "python -m tools.fae.tune " + " ".join(sys.argv[1:]),
                     "times": f"median over {rounds} rounds of do_bench medians (ms, L2 flushed between runs)"},
            "rows": []}
     t_start = time.time()
@@ -138,14 +139,14 @@ def sweep(out_dir: str, which: str, rep: int, rounds: int) -> dict:
                 rec["error"] = f"{type(err).__name__}: {str(err)[:200]}"
         for _ in range(rounds):  # rounds: a transient (clocks, a previous heavy shape) hits one round only
             for name, be in sdpa.items():
-                def run(be=be):
+                def run(be=be, q=q, k=k, v=v):
                     with sdpa_kernel([be]):
                         return F.scaled_dot_product_attention(q, k, v)
                 times[name].append(bench(run))
             for name, rec in row["variants"].items():
                 if "error" not in rec:
-                    rec["ent_all"].append(bench(lambda: _run(name, q, k, v, True)))
-                    rec["noent_all"].append(bench(lambda: _run(name, q, k, v, False)))
+                    rec["ent_all"].append(bench(partial(_run, name, q, k, v, True)))
+                    rec["noent_all"].append(bench(partial(_run, name, q, k, v, False)))
         for name in sdpa:
             row[name], row[name + "_all"] = statistics.median(times[name]), times[name]
         for rec in row["variants"].values():
@@ -225,7 +226,7 @@ def ncu_profile(out_dir: str, names: list[str]) -> None:
         print("ncu metrics unknown here:", [m for m in NCU_METRICS if m not in metrics])
         cmd = ["ncu", "--clock-control", "none", "--profile-from-start", "off", "--metrics", ",".join(metrics),
                "--section", "SpeedOfLight", "--section", "Occupancy", "--csv",
-               sys.executable, "-m", "kernels.tune", "--ncu-target", *names]
+               sys.executable, "-m", "tools.fae.tune", "--ncu-target", *names]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
         with open(os.path.join(out_dir, "ncu.csv"), "w") as f:
             f.write(p.stdout + "\n# stderr\n" + p.stderr[-4000:])
@@ -272,6 +273,8 @@ def main() -> None:
     parser.add_argument("--ncu", nargs="*", default=None, help="variants to profile (none named: final)")
     parser.add_argument("--ncu-target", nargs="*", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("tools.fae.tune needs a CUDA GPU")
     if args.ncu_target is not None:
         return ncu_target(args.ncu_target)
     os.makedirs(args.out, exist_ok=True)
@@ -281,7 +284,7 @@ def main() -> None:
     print(f"precompiled {len(comp)} kernels in {time.time() - t0:.0f} s")
     with open(os.path.join(args.out, "compile.json"), "w") as f:
         json.dump(comp, f, indent=1)
-    for name, heads, lq, ent, status, info, secs in comp:
+    for name, heads, lq, ent, status, info, _secs in comp:
         if status != "ok" or (info and info.get("spills")):
             print("compile:", name, heads, lq, ent, status, info)
     res = sweep(args.out, args.shapes, args.rep, args.rounds)

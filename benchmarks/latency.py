@@ -1,4 +1,4 @@
-"""Generation latency of Infinity-2B / 8B: `python -m toprovar.bench_latency`.
+"""Generation latency of Infinity-2B / 8B: `python -m benchmarks.latency`.
 
 Random weights of the real shapes (transformer drawn on the GPU, VAE of the real config with its
 default init), random text features of T5 width (no T5 needed), 1024x1024 (13 scales), batch 1,
@@ -28,19 +28,20 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, replace
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
+from typing import Any
 
 import torch
 
 from toprovar.errors import UserError, exit_on_user_error
 
-PROG = "python -m toprovar.bench_latency"
+PROG = "python -m benchmarks.latency"
 
 # (name, fast argument) — cumulative ladder ending at the default fast path, then leave-one-out
 # and opt-in variants of it.
@@ -255,14 +256,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.double() - b.double()) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
-
-
 def check_numerics(backbone, fast_dtype: torch.dtype, *, prompt: str = "a photo", seed: int = 0) -> dict:
     """Teacher-forced comparison of the bf16 variants with the float32 eager path (in place: the
     backbone ends in `fast_dtype`)."""
+    from toprovar.metrics import psnr
     from toprovar.pipeline import FastOptions, generate
 
     to_dtype(backbone, torch.float32)
@@ -288,12 +285,12 @@ def check_numerics(backbone, fast_dtype: torch.dtype, *, prompt: str = "a photo"
     runs = {"plain bf16": False, "fused eager bf16": FastOptions(graphs=False), "fast (graphs) bf16": True}
     recs = {}
     for name, fast in runs.items():
-        rec, res = _with_recorder(ref.bits, lambda: generate(backbone, [prompt], [seed], fast=fast),
+        rec, res = _with_recorder(ref.bits, partial(generate, backbone, [prompt], [seed], fast=fast),
                                   record_logits=fast is not True)
         recs[name] = rec
         row: dict[str, Any] = {
             "bits_agree": [float((a == b).float().mean()) for a, b in zip(rec.bits, ref.bits)],
-            "image_psnr_db_vs_fp32": _psnr(res.images, ref_res.images)}
+            "image_psnr_db_vs_fp32": float(psnr(res.images, ref_res.images, "pooled"))}
         if rec.logits:
             row["logits_rel_err"] = [_rel(a, b) for a, b in zip(rec.logits, ref.logits)]
         out[name] = row
@@ -408,8 +405,9 @@ def markdown(results: dict, anchors: dict) -> str:
                              f"{100 * v['fp32 share clamped']:.1f} % clamped)")
         if "profile" in r:
             p = r["profile"]
-            lines.append(f"\nProfile of the fused path without graphs (same kernels): GPU busy {p['gpu_busy_ms']:.1f} ms "
-                         f"over {p['kernels']} kernels; wall {p['wall_ms']:.1f} ms (profiler on)\n")
+            lines.append(f"\nProfile of the fused path without graphs (same kernels): "
+                         f"GPU busy {p['gpu_busy_ms']:.1f} ms over {p['kernels']} kernels; "
+                         f"wall {p['wall_ms']:.1f} ms (profiler on)\n")
             lines.append("| kernel family | GPU ms |\n|---|---|")
             for f, ms in sorted(p["families_ms"].items(), key=lambda kv: -kv[1]):
                 lines.append(f"| {f} | {ms:.1f} |")
@@ -530,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         triton_version = None
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "triton": triton_version,
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])])}
     results.update(meta)
     md = markdown(results, {} if args.smoke else ANCHORS_S)

@@ -1,6 +1,6 @@
 """Benchmark: Flash Attention Entropy vs PyTorch SDPA (flash, cuDNN) vs naive attention + entropy.
 
-    python -m kernels.bench [--json out.json] [--repeats 100] [--rounds 3]
+    python -m benchmarks.attention [--json out.json] [--repeats 100] [--rounds 3]
 
 Infinity shapes at 1024² (1M schedule, CFG batch 2, head dim 128, bf16): queries of one of the
 last five scales against the KV cache of every scale so far; 16 heads (2B) and 28 heads (8B).
@@ -17,6 +17,7 @@ import json
 import platform
 import statistics
 from datetime import date
+from functools import partial
 from itertools import accumulate
 
 import torch
@@ -53,7 +54,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, nargs="*", default=[16, 28])
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("kernels.bench needs a CUDA GPU")
+        raise SystemExit("benchmarks.attention needs a CUDA GPU")
     import triton
     from torch.nn.attention import SDPBackend
 
@@ -87,7 +88,7 @@ def main() -> None:
                     if name in row or (r > 0 and name == "naive_entropy"):
                         continue  # failed before, or the slow baseline already timed
                     try:
-                        times[name].append(triton.testing.do_bench(lambda: fn(q, k, v), warmup=25, rep=args.repeats,
+                        times[name].append(triton.testing.do_bench(partial(fn, q, k, v), warmup=25, rep=args.repeats,
                                                                    return_mode="median"))
                     except Exception as err:  # a backend not available for this shape
                         row[name] = float("nan")
@@ -115,7 +116,7 @@ def main() -> None:
         print("| " + " | ".join(cells) + " |")
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "date": date.today().isoformat(),
-            "command": "python -m kernels.bench", "rounds": args.rounds,
+            "command": "python -m benchmarks.attention", "rounds": args.rounds,
             "times": "median ms (triton.testing.do_bench, L2 flushed), median over rounds"}
     print(json.dumps(meta))
     if args.json:
