@@ -8,8 +8,10 @@ and seeds are generated with the policy `{method: none, guidance: {skip_uncond_f
 (`python -m toprovar compare methods=[cfg_skip:s]` runs one such row). Reported per s: FLOP
 speedup (`toprovar.flops`, executed / unpruned transformer FLOPs; exact, no noise), SSIM against
 the baseline image of the same prompt and seed (mean ± standard error over prompts),
-geneval-lite (mean) and its paired difference to the baseline (mean ± standard error of the
-per-prompt differences; "+/−": prompts whose score went up / down). Images of each setting are
+geneval-lite (`toprovar.metrics.geneval_scorer`: `binary`, every check of the caption holds, and
+`share`, the share of its checks that hold) and each one's paired difference to the baseline
+(mean ± standard error of the per-prompt differences; "+/−": prompts whose binary score went up /
+down). Images of each setting are
 kept in `--out` (`images_<s>.pt`), so an interrupted sweep resumes where it stopped. Prints a
 markdown table and writes it with the per-prompt rows (CSV) and a JSON summary into `--out`.
 """
@@ -48,11 +50,10 @@ def run(args: argparse.Namespace) -> dict:
 
     import toprovar.tiny  # noqa: F401  (registers the tiny backbone)
     from toprovar.flops import trace_flops
-    from toprovar.metrics import ssim
+    from toprovar.metrics import geneval_scorer, ssim
     from toprovar.models.registry import build_backbone
     from toprovar.pipeline import generate
     from toprovar.policy import policy_from_dict
-    from toprovar.tiny.evaluate import geneval_lite
     from toprovar.tiny.scenes import sample_scenes
 
     torch.set_num_threads(args.threads)
@@ -83,23 +84,25 @@ def run(args: argparse.Namespace) -> dict:
                     "unpruned": unpruned}, path)
         return images, executed, unpruned
 
+    score = geneval_scorer("tiny")
     base, _, _ = images_of(None)
-    base_g = [float(g) for g in geneval_lite(base, scenes)]
+    base_g = {k: v.tolist() for k, v in score(base, scenes).items()}
     rows, per_prompt = [], []
     for skip in tqdm([None, *scales], desc="settings"):
         images, executed, unpruned = images_of(skip)
         s = ssim(images, base).tolist()
-        g = [float(v) for v in geneval_lite(images, scenes)]
-        diff = [a - b for a, b in zip(g, base_g)]
-        ssim_mean, ssim_se = mean_se(s)
-        g_mean, g_se = mean_se(g)
-        d_mean, d_se = mean_se(diff)
-        rows.append({"skip_uncond_from_scale": "never" if skip is None else skip, "flop_speedup": unpruned / executed,
-                     "ssim": ssim_mean, "ssim_se": ssim_se, "geneval_lite": g_mean, "geneval_lite_se": g_se,
-                     "geneval_diff": d_mean, "geneval_diff_se": d_se,
-                     "up": sum(d > 0 for d in diff), "down": sum(d < 0 for d in diff)})
-        per_prompt += [{"skip_uncond_from_scale": rows[-1]["skip_uncond_from_scale"], "prompt": p, "seed": sd,
-                        "ssim": a, "geneval_lite": b} for p, sd, a, b in zip(prompts, seeds, s, g)]
+        g = {k: v.tolist() for k, v in score(images, scenes).items()}
+        row = {"skip_uncond_from_scale": "never" if skip is None else skip, "flop_speedup": unpruned / executed}
+        row["ssim"], row["ssim_se"] = mean_se(s)
+        for kind, values in g.items():
+            diff = [a - b for a, b in zip(values, base_g[kind])]
+            row[kind], row[f"{kind}_se"] = mean_se(values)
+            row[f"{kind}_diff"], row[f"{kind}_diff_se"] = mean_se(diff)
+            if kind == "binary":
+                row["up"], row["down"] = sum(d > 0 for d in diff), sum(d < 0 for d in diff)
+        rows.append(row)
+        per_prompt += [{"skip_uncond_from_scale": row["skip_uncond_from_scale"], "prompt": p, "seed": sd, "ssim": a,
+                        **{kind: g[kind][i] for kind in g}} for i, (p, sd, a) in enumerate(zip(prompts, seeds, s))]
     return {"date": _dt.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
             "command": " ".join(["python tools/cfg_skip_sweep.py", *sys.argv[1:]]), "backbone": "tiny",
             "scales": n_scales, "guidance_scale": backbone.spec.guidance_scale, "prompts": len(prompts),
@@ -107,12 +110,14 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| CFG skip from scale | FLOP speedup | SSIM vs unpruned (± SE) | geneval-lite | "
-             "Δ geneval-lite vs unpruned (± SE) | prompts +/− |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| CFG skip from scale | FLOP speedup | SSIM vs unpruned (± SE) | geneval-lite binary "
+             "| Δ binary (± SE) | prompts +/− | geneval-lite share | Δ share (± SE) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['skip_uncond_from_scale']} | {r['flop_speedup']:.3f} | {r['ssim']:.3f} ± {r['ssim_se']:.3f} "
-                     f"| {r['geneval_lite']:.3f} | {r['geneval_diff']:+.3f} ± {r['geneval_diff_se']:.3f} "
-                     f"| {r['up']}/{r['down']} |")
+        lines.append(f"| {r['skip_uncond_from_scale']} | {r['flop_speedup']:.3f} "
+                     f"| {r['ssim']:.3f} ± {r['ssim_se']:.3f} | {r['binary']:.3f} "
+                     f"| {r['binary_diff']:+.3f} ± {r['binary_diff_se']:.3f} | {r['up']}/{r['down']} "
+                     f"| {r['share']:.3f} | {r['share_diff']:+.3f} ± {r['share_diff_se']:.3f} |")
     return "\n".join(lines)
 
 

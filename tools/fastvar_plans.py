@@ -9,8 +9,9 @@ no shipped FastVAR policy): `fastvar` (the ToProVAR paper's Table 8 ratios on th
 and `fastvar_authors` (csguoh/FastVAR's Infinity settings moved to the schedule's end: 0.4 and 0.5
 on the 4th and 3rd scales from the end, the last two scales skipped). Each runs with either plan
 on the same prompts and seeds. Reported: SSIM between the two plans' images (mean ± standard error
-over prompts), each plan's SSIM against the unpruned image, geneval-lite of each plan and the
-paired difference per_scale − per_block (± SE; prompts up/down), FLOP speedups. Images are kept in
+over prompts), each plan's SSIM against the unpruned image, geneval-lite (binary and share,
+`toprovar.metrics.geneval_scorer`) of each plan and the paired differences per_scale − per_block
+(± SE; prompts whose binary score went up/down), FLOP speedups. Images are kept in
 `--out`, shared with tools/cfg_skip_sweep.py (same prompts: the unpruned images are reused).
 """
 from __future__ import annotations
@@ -41,10 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     import toprovar.tiny  # noqa: F401  (registers the tiny backbone)
     from toprovar.compare import default_policies
     from toprovar.flops import trace_flops
-    from toprovar.metrics import ssim
+    from toprovar.metrics import geneval_scorer, ssim
     from toprovar.models.registry import build_backbone
     from toprovar.pipeline import generate
-    from toprovar.tiny.evaluate import geneval_lite
     from toprovar.tiny.scenes import sample_scenes
 
     args = parse(argv)
@@ -73,12 +73,15 @@ def main(argv: list[str] | None = None) -> None:
                     "unpruned": unpruned}, path)
         return images, unpruned / executed
 
+    score = geneval_scorer("tiny")
     base, _ = images_of("never", None)
-    base_g = geneval_lite(base, scenes)
-    lines = ["| FastVAR | plan | FLOP speedup | SSIM vs unpruned (± SE) | geneval-lite | SSIM per_scale vs per_block "
-             "(± SE) | Δ geneval-lite per_scale − per_block (± SE) | prompts +/− |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    lines.append(f"| unpruned | – | 1.000 | 1 | {sum(base_g) / len(base_g):.3f} | | | |")
+    base_g = score(base, scenes)
+    lines = ["| FastVAR | plan | FLOP speedup | SSIM vs unpruned (± SE) | geneval-lite binary / share "
+             "| SSIM per_scale vs per_block (± SE) | Δ binary per_scale − per_block (± SE) | prompts +/− "
+             "| Δ share (± SE) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines.append(f"| unpruned | – | 1.000 | 1 | {base_g['binary'].mean():.3f} / {base_g['share'].mean():.3f} "
+                 "| | | | |")
     policies = default_policies(n_scales, backbone.transformer.depth)
     for name in ("fastvar", "fastvar_authors"):
         runs = {}
@@ -86,19 +89,22 @@ def main(argv: list[str] | None = None) -> None:
             policy = policies[name]
             policy = dataclasses.replace(policy, fastvar=dataclasses.replace(policy.fastvar, plan=plan))
             runs[plan] = images_of(f"{name}_{plan}", policy)
-        scores = {plan: geneval_lite(images, scenes) for plan, (images, _) in runs.items()}
+        scores = {plan: score(images, scenes) for plan, (images, _) in runs.items()}
         between = mean_se(ssim(runs["per_scale"][0], runs["per_block"][0]).tolist())
-        diff = [a - b for a, b in zip(scores["per_scale"], scores["per_block"])]
-        d_mean, d_se = mean_se(diff)
+        diff = {k: (scores["per_scale"][k] - scores["per_block"][k]).tolist() for k in ("binary", "share")}
+        (b_mean, b_se), (s_mean_d, s_se_d) = mean_se(diff["binary"]), mean_se(diff["share"])
         for plan, (images, speedup) in runs.items():
             s_mean, s_se = mean_se(ssim(images, base).tolist())
-            extra = (f"{between[0]:.3f} ± {between[1]:.3f} | {d_mean:+.3f} ± {d_se:.3f} | "
-                     f"{sum(d > 0 for d in diff)}/{sum(d < 0 for d in diff)}") if plan == "per_scale" else " | |"
+            extra = (f"{between[0]:.3f} ± {between[1]:.3f} | {b_mean:+.3f} ± {b_se:.3f} | "
+                     f"{sum(d > 0 for d in diff['binary'])}/{sum(d < 0 for d in diff['binary'])} | "
+                     f"{s_mean_d:+.3f} ± {s_se_d:.3f}") if plan == "per_scale" else " | | |"
             lines.append(f"| {name} {dict(policies[name].fastvar.ratios)} | {plan} | {speedup:.3f} | "
-                         f"{s_mean:.3f} ± {s_se:.3f} | {sum(scores[plan]) / len(scores[plan]):.3f} | {extra} |")
+                         f"{s_mean:.3f} ± {s_se:.3f} | {scores[plan]['binary'].mean():.3f} / "
+                         f"{scores[plan]['share'].mean():.3f} | {extra} |")
     table = "\n".join(lines)
     (out / "fastvar_plans.md").write_text(f"{table}\n\n{len(prompts)} prompts (tiny scenes, sampler seed "
-                                          f"{args.prompt_seed}), seeds 0..{len(prompts) - 1}, torch {torch.__version__}\n")
+                                          f"{args.prompt_seed}), seeds 0..{len(prompts) - 1}, "
+                                          f"torch {torch.__version__}\n")
     print(table)
 
 
