@@ -1,7 +1,7 @@
 """CFG skip on `tiny`: what dropping the unconditional rows from scale s on does to the images.
 
-    python tools/cfg_skip_sweep.py                      # 96 fresh prompts, every starting scale, CPU
-    python tools/cfg_skip_sweep.py --prompts 16 --scales 8,9,10 --out /tmp/sweep   # a quick look
+    python -m tools.cfg_skip_sweep                      # 96 fresh prompts, every starting scale, CPU
+    python -m tools.cfg_skip_sweep --prompts 16 --scales 8,9,10 --out /tmp/sweep   # a quick look
 
 For every starting scale s of the schedule (and "never", the unpruned baseline) the same prompts
 and seeds are generated with the policy `{method: none, guidance: {skip_uncond_from_scale: s}}`
@@ -28,7 +28,7 @@ import torch
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python tools/cfg_skip_sweep.py", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.cfg_skip_sweep", description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=96, help="fresh tiny scene prompts (default 96)")
     ap.add_argument("--prompt-seed", type=int, default=20261201, help="scene sampler seed (default 20261201)")
     ap.add_argument("--scales", default=None, help="comma-separated starting scales (default: every scale)")
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> dict:
         per_prompt += [{"skip_uncond_from_scale": row["skip_uncond_from_scale"], "prompt": p, "seed": sd, "ssim": a,
                         **{kind: g[kind][i] for kind in g}} for i, (p, sd, a) in enumerate(zip(prompts, seeds, s))]
     return {"date": _dt.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-            "command": " ".join(["python tools/cfg_skip_sweep.py", *sys.argv[1:]]), "backbone": "tiny",
+            "command": " ".join(["python -m tools.cfg_skip_sweep", *sys.argv[1:]]), "backbone": "tiny",
             "scales": n_scales, "guidance_scale": backbone.spec.guidance_scale, "prompts": len(prompts),
             "prompt_seed": args.prompt_seed, "seeds": f"0..{len(prompts) - 1}", "rows": rows, "per_prompt": per_prompt}
 

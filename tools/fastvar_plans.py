@@ -1,8 +1,8 @@
 """FastVAR's keep plan on `tiny`: how far `plan: per_scale` (one keep set per scale, the fast path's
 planned units) moves the images from `plan: per_block` (FastVAR's score at every pruned block).
 
-    python tools/fastvar_plans.py                       # 96 fresh prompts, both FastVAR configurations
-    python tools/fastvar_plans.py --prompts 16 --out /tmp/plans
+    python -m tools.fastvar_plans                       # 96 fresh prompts, both FastVAR configurations
+    python -m tools.fastvar_plans --prompts 16 --out /tmp/plans
 
 Both configurations are `toprovar.compare.default_policies` on tiny's schedule and depth (tiny has
 no shipped FastVAR policy): `fastvar` (the ToProVAR paper's Table 8 ratios on the last two scales)
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from cfg_skip_sweep import mean_se  # tools/ is the script's folder: its sibling's helper
+from tools.cfg_skip_sweep import mean_se
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python tools/fastvar_plans.py", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.fastvar_plans", description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=96, help="fresh tiny scene prompts (default 96)")
     ap.add_argument("--prompt-seed", type=int, default=20261201, help="scene sampler seed (default 20261201)")
     ap.add_argument("--batch", type=int, default=16, help="images per generate call (default 16)")
