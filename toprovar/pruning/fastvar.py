@@ -9,7 +9,8 @@ enter the KV cache. Two configurations ship as policies:
   * the ToProVAR paper's Table 8 (`fastvar-<backbone>`): ratios with 1-based scale numbers of the
     13-scale 1M schedule, Infinity-2B {10: 0.4, 11: 0.6}, Infinity-8B {10: 0.4, 11: 0.6, 12: 1.0,
     13: 1.0}; here 0-based indices (9, 10, ...);
-  * the authors' own (`fastvar_authors-<backbone>`): ratios by grid width {32: 0.4, 40: 0.5}
+  * the authors' own (`fastvar_authors-<backbone>`; they ship Infinity-2B only, the 8B file applies
+    the same hard-coded settings to 8B's schedule): ratios by grid width {32: 0.4, 40: 0.5}
     (scales 9 and 10 at 1M 1:1), and the 48×48 and 64×64 scales skipped outright (`continue` in
     `autoregressive_infer_cfg`: no transformer, no codes; the decode reads the codes summed up to
     the 40×40 scale, already at full resolution) — `exit_after_scale: 10` here.
