@@ -16,19 +16,23 @@ PROG = "calibrate"
 
 
 def calibrate(cfg: Any) -> None:
-    """Type the composed config and run the calibration in the Hydra run folder."""
+    """Type the composed config and run the calibration in the Hydra run folder; a run that fails on
+    its arguments leaves no folder behind, and exit status 3 says the exported policy is not validated."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from calibrate.app import Calibration
+    from calibrate.app import Calibration, discard_unused_run_dir
     from calibrate.config import parse_config
 
     hydra_cfg = HydraConfig.get()
-    calibration = Calibration(parse_config(cfg), Path(hydra_cfg.runtime.output_dir),
-                              Path(hydra.utils.get_original_cwd()), list(hydra_cfg.overrides.task))
-    path = calibration.run()
+    run_dir, launch_dir = Path(hydra_cfg.runtime.output_dir), Path(hydra.utils.get_original_cwd())
+    with discard_unused_run_dir(run_dir, launch_dir):
+        calibration = Calibration(parse_config(cfg), run_dir, launch_dir, list(hydra_cfg.overrides.task))
+        path = calibration.run()
     if path is not None:
         print(f"policy: {path}")
+    if calibration.exit_status:  # 3: the exported policy is not validated (docs/calibration.md)
+        raise SystemExit(calibration.exit_status)
 
 
 def main() -> None:

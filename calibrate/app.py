@@ -1,18 +1,31 @@
 """The calibration run: pre-sample → search → select and validate → export, tracked in MLflow.
 
-Everything lands in the Hydra run folder (tables, plots, image grids, the Optuna SQLite study,
-policy.yaml) and, as artifacts, in one MLflow parent run with a child run per trial.
+Everything lands in the Hydra run folder (tables, plots, image grids, the Optuna journal study,
+policy.yaml) and, as artifacts, in one MLflow parent run with a child run per trial. Pre-sampling,
+selection and export run once, in this process; the search runs here and, with
+`search.workers=N`, in N-1 child processes too (calibrate.workers), all adding trials to one study.
+
+Crash safety: the study, its pre-sampling summary and the MLflow parent run's id live in the
+Optuna storage, so running the same command again (same run folder, or the same storage URL and
+study name) continues the calibration — finished trials and the pre-sampling are kept, a trial
+cut short runs once more, selection and export run again — in the same MLflow parent run.
+Exit status: 0 a validated policy was exported (or no export was asked for), 2 a mistake in the
+input (nothing run, no run folder left), 3 the exported policy is NOT validated, 130 interrupted.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shlex
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import optuna
+import torch
 
 from calibrate import plots
 from calibrate.acceptance import SequentialTest, sequential_test
@@ -25,15 +38,21 @@ from calibrate.knobs import PolicyFactory, SearchSpace, paper_defaults
 from calibrate.presample import PresampleSummary, run_presample, write_tables
 from calibrate.prompts import PromptSets, load_prompt_sets
 from calibrate.quality import geneval_scorer
-from calibrate.search import completed, open_study, pareto_front, run_search, trial_summary, trials_frame
+from calibrate.search import (POLL_S, completed, hold_for_crash_test, open_study, pareto_front, prepare_study,
+                              run_search, trial_summary, trials_frame)
 from calibrate.select import Selection, select_and_validate
-from calibrate.tracking import NullTracker, Tracker, open_tracker
+from calibrate.tracking import NullTracker, Tracker, TrackerAddress, open_tracker
+from calibrate.workers import NoPool, WorkerPool, cpu_threads, interrupt_on_signals, start_workers, worker_devices
 from toprovar.errors import UserError
 from toprovar.models.registry import resolve_device, resolve_dtype
 
 log = logging.getLogger("calibrate")
 
 STUDY_PRESAMPLE_KEY = "presample_summary"
+STUDY_MLFLOW_KEY = "mlflow_parent"        # {"tracking_uri", "run_id"}: the calibration's parent run
+STUDY_STAGES = {"presample", "search", "select", "export"}
+EXIT_NOT_VALIDATED = 3                    # the exported policy did not hold on the held-out prompts
+EXIT_INTERRUPTED = 130
 
 
 def _quiet_libraries() -> None:
@@ -61,6 +80,7 @@ class Calibration:
                         self.device)
         self.timings: dict[str, float] = {}
         self.artifacts: dict[str, list[Path]] = {}
+        self.exit_status = 0  # EXIT_NOT_VALIDATED once a policy that did not validate is exported
 
     # -- stages -----------------------------------------------------------------------------------
     def presample(self, backend: CalibrationBackend, prompts: PromptSets) -> PresampleSummary:
@@ -84,21 +104,57 @@ class Calibration:
         """The study's pre-sampling facts: the first worker's win, so every trial sees the same space."""
         stored = study.user_attrs.get(STUDY_PRESAMPLE_KEY)
         if stored is not None:
-            if fresh is not None and fresh.to_json() != stored:
+            kept = PresampleSummary.from_json(stored)  # JSON holds lists where the summary has tuples
+            if fresh is not None and fresh != kept:
                 log.info("study %r keeps the pre-sampling summary it started with", study.study_name)
-            return PresampleSummary.from_json(stored)
+            return kept
         if fresh is None:
             raise UserError(f"study {study.study_name!r} has no pre-sampling summary yet; "
                             f"run with the presample stage first (stages=[presample,search])")
         study.set_user_attr(STUDY_PRESAMPLE_KEY, fresh.to_json())
         return fresh
 
-    def search(self, study: optuna.Study, scorer: PolicyScorer, space: SearchSpace, tracker) -> int:
+    def search(self, study: optuna.Study, scorer: PolicyScorer, space: SearchSpace, tracker, *, worker: int = 0,
+               progress: bool = True, should_stop: Callable[[], bool] | None = None) -> int:
+        """This process's share of the search (worker `worker`); the study counts every worker's trials."""
         cfg = self.cfg.search
-        ran = run_search(study, space, scorer, n_trials=cfg.n_trials, limits=cfg.constraints,
-                         warm_start=paper_defaults() if cfg.warm_start else None, tracker=tracker,
-                         timeout_s=cfg.timeout_s)
-        return ran
+        threads = cpu_threads(self.device, cfg.workers)
+        before = torch.get_num_threads()
+        if threads is not None:  # N workers share the cores
+            torch.set_num_threads(threads)
+        try:
+            return run_search(study, space, scorer, n_trials=cfg.n_trials, limits=cfg.constraints, tracker=tracker,
+                              timeout_s=cfg.timeout_s, grace_s=self.cfg.storage.grace_period_s, worker=worker,
+                              progress=progress, should_stop=should_stop)
+        finally:
+            torch.set_num_threads(before)
+
+    def search_worker(self, index: int, tracking: TrackerAddress | None, released: Callable[[], bool],
+                      orphaned: Callable[[], bool]) -> int:
+        """Worker `index` of a calibration started by calibrate.workers: trials only. Loads its
+        model, opens the study and measures the unpruned reference while the coordinator
+        pre-samples; starts trials when `released()`."""
+        self._use_device()
+        cfg = self.cfg
+        backend = load_backend(cfg.backbone, self.device, resolve_dtype(cfg.dtype, self.device),
+                               batch_size=cfg.batch_size)
+        prompts = load_prompt_sets(cfg.prompts)
+        study = open_study(cfg.study_name, cfg.storage, cfg.search.sampler, cfg.seed, cfg.search.n_trials,
+                           worker=index)
+        tracker = tracking.open() if tracking is not None else NullTracker()
+        scorer = self._search_scorer(backend, prompts, None)  # the unpruned reference, while pre-sampling runs
+        if not released():
+            return 0
+        summary = PresampleSummary.from_json(study.user_attrs[STUDY_PRESAMPLE_KEY])
+        scorer.build_policy = PolicyFactory(summary, backend.name)  # policies need the study's summary
+        return self.search(study, scorer, SearchSpace.from_config(cfg.search.space, summary), tracker, worker=index,
+                           progress=False, should_stop=orphaned)
+
+    def _search_scorer(self, backend: CalibrationBackend, prompts: PromptSets,
+                       factory: PolicyFactory | None) -> PolicyScorer:
+        return PolicyScorer(backend, prompts.search, factory, cost=self.cost, latency=self.cfg.search.latency,
+                            evaluator=geneval_scorer(backend.name), geneval_score=self.cfg.search.acceptance.score,
+                            desc="search")
 
     def report_search(self, study: optuna.Study, chosen: int | None = None) -> list[Path]:
         folder = self.run_dir / "search"
@@ -156,66 +212,155 @@ class Calibration:
         return path
 
     # -- the whole run -----------------------------------------------------------------------------
-    def run(self) -> Path | None:
+    @property
+    def joins_only(self) -> bool:
+        """`stages=[search]`: a worker joining a calibration another process pre-samples and ends."""
+        return set(self.cfg.stages) == {"search"}
+
+    def resume_command(self) -> str:
+        """The command that continues this run: the same overrides, the same run folder."""
+        args = [a for a in self.overrides if not a.startswith("hydra.run.dir=")]
+        return shlex.join(["python", "-m", "calibrate", *args, f"hydra.run.dir={self.run_dir}"])
+
+    def _use_device(self) -> None:
+        """Make the configured GPU the current one: CUDA events (latency) and Triton kernels act on
+        the current device, which is cuda:0 unless set — wrong for worker i on cuda:i."""
         _quiet_libraries()
-        cfg = self.cfg
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)
+
+    def run(self) -> Path | None:
+        self._use_device()
+        cfg, stages = self.cfg, set(self.cfg.stages)
         # Build first: a missing weight file or prompt file fails in a second, before any tracking.
         t0 = time.perf_counter()
+        devices = worker_devices(self.device, cfg.search.workers) if "search" in stages else [self.device]
+        self._check_storage(len(devices))
         backend = load_backend(cfg.backbone, self.device, resolve_dtype(cfg.dtype),
                                batch_size=cfg.batch_size)
         prompts = load_prompt_sets(cfg.prompts)
-        study = open_study(cfg.study_name, cfg.storage, cfg.search.sampler, cfg.seed, cfg.search.n_trials)
+        study = None
+        if stages & STUDY_STAGES:
+            study = open_study(cfg.study_name, cfg.storage, cfg.search.sampler, cfg.seed, cfg.search.n_trials)
+            log.info("run folder %s; to continue it after a crash or Ctrl-C: %s", self.run_dir, self.resume_command())
+            if self.joins_only:
+                try:
+                    self._wait_for_summary(study)
+                except KeyboardInterrupt:
+                    raise SystemExit(EXIT_INTERRUPTED) from None
         self._timed("setup", t0)
         tracker = open_tracker(cfg.tracking, self.run_dir, self.launch_dir)
-        parent = tracker.start_parent(f"{cfg.backbone_name}/{cfg.study_name}", _parent_params(cfg),
-                                      tags={"backbone": cfg.backbone_name, "run_dir": str(self.run_dir)})
-        ok = False
+        parent, owned = self._open_parent(tracker, study)
+        status = "FAILED"
         try:
-            policy_path = self._stages(backend, prompts, study, tracker, parent)
-            ok = True
+            with interrupt_on_signals(), start_workers(cfg, devices, self.run_dir, self.launch_dir, self.overrides,
+                                                       tracker.address()) as pool:
+                policy_path = self._stages(backend, prompts, study, tracker, parent, pool)
+            status = "FINISHED"
             return policy_path
+        except KeyboardInterrupt:
+            status = "KILLED"
+            log.warning("interrupted; finished trials are kept in the study. To continue: %s", self.resume_command())
+            raise SystemExit(EXIT_INTERRUPTED) from None
         finally:
-            self._log_files(tracker, parent)
-            tracker.log_metrics(parent, {f"time_s.{k}": v for k, v in self.timings.items()})
-            tracker.end(parent, ok=ok)
+            if study is not None and tracker.parent_id:  # trials of workers that died or were interrupted
+                tracker.close_children(tracker.parent_id, lambda: {
+                    t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))})
+            if owned:
+                self._log_files(tracker, parent)
+                tracker.log_metrics(parent, {f"time_s.{k}": v for k, v in self.timings.items()})
+                tracker.end(parent, status=status)
+
+    def _check_storage(self, workers: int) -> None:
+        url = self.cfg.storage.url
+        if workers > 1 and url is None:
+            raise UserError(f"search.workers={workers} share the study through its storage, but storage=memory "
+                            f"keeps it inside one process; use the default storage=journal (or a database URL)")
+        if workers > 1 and url.startswith("sqlite"):
+            log.warning("SQLite with %d workers: concurrent writers can fail with 'database is locked'; "
+                        "the default storage=journal (one host) or PostgreSQL are safe", workers)
+
+    def _wait_for_summary(self, study: optuna.Study) -> None:
+        """A joining worker waits until the calibration's pre-sampling has put its summary in the study."""
+        waited = 0.0
+        while STUDY_PRESAMPLE_KEY not in study.user_attrs:
+            if waited % 60 == 0:
+                log.info("waiting for study %r to get its pre-sampling summary (from the calibration that runs "
+                         "the presample stage with the same storage.url and study_name)", study.study_name)
+            time.sleep(POLL_S)
+            waited += POLL_S
+
+    def _open_parent(self, tracker: Tracker | NullTracker, study: optuna.Study | None) -> tuple[str, bool]:
+        """The calibration's MLflow parent run and whether this process ends it: the one stored with
+        the study when it is in this tracking store (continued; a joining worker only logs into it),
+        else a new one, stored with the study."""
+        cfg = self.cfg
+        params = _parent_params(cfg)
+        stored = study.user_attrs.get(STUDY_MLFLOW_KEY) if study is not None else None
+        if stored is not None and stored.get("tracking_uri") == redact_url(tracker.uri) and tracker.uri:
+            if self.joins_only:
+                tracker.attach(stored["run_id"])
+                return stored["run_id"], False
+            if tracker.resume_parent(stored["run_id"], params):
+                return stored["run_id"], True
+        parent = tracker.start_parent(f"{cfg.backbone_name}/{cfg.study_name}", params,
+                                      tags={"backbone": cfg.backbone_name, "run_dir": str(self.run_dir)})
+        if study is not None and tracker.parent_id and not self.joins_only:
+            study.set_user_attr(STUDY_MLFLOW_KEY, {"tracking_uri": redact_url(tracker.uri), "run_id": parent})
+        return parent, True
 
     def _timed(self, name: str, start: float) -> None:
         self.timings[name] = round(time.perf_counter() - start, 2)
         log.info("%s took %.1f s", name, self.timings[name])
 
-    def _stages(self, backend: CalibrationBackend, prompts: PromptSets, study: optuna.Study,
-                tracker: Tracker | NullTracker, parent: str) -> Path | None:
+    def _stages(self, backend: CalibrationBackend, prompts: PromptSets, study: optuna.Study | None,
+                tracker: Tracker | NullTracker, parent: str, pool: WorkerPool | NoPool) -> Path | None:
         cfg, stages = self.cfg, set(self.cfg.stages)
         if "evaluate" in stages:
             t0 = time.perf_counter()
             self.artifacts["evaluate"] = self.evaluate(backend, prompts, tracker, parent)
             self._timed("evaluate", t0)
-            if stages == {"evaluate"}:
+            if study is None:
                 return None
+        stored = study.user_attrs.get(STUDY_PRESAMPLE_KEY)
         fresh = None
-        if "presample" in stages:
+        if "presample" in stages and stored is not None:  # a resumed study: its summary decides, keep it
+            log.info("pre-sampling: study %r has its summary already; not run again", study.study_name)
+            self.artifacts["presample"] = sorted((self.run_dir / "presample").glob("*"))
+        elif "presample" in stages:
             t0 = time.perf_counter()
+            hold_for_crash_test("presample")
             fresh = self.presample(backend, prompts)
             self._timed("presample", t0)
-        summary = self.shared_summary(study, fresh)
-        tracker.log_params(parent, {"presample": summary.to_json()})
+        if stored is None and fresh is None:
+            raise UserError(f"study {study.study_name!r} has no pre-sampling summary yet; "
+                            f"run with the presample stage first (stages=[presample,search])")
+        summary = PresampleSummary.from_json(stored) if stored is not None else fresh
         space = SearchSpace.from_config(cfg.search.space, summary)
+        if "search" in stages and not self.joins_only:  # before the summary goes in: joining workers wait for it
+            prepare_study(study, space, warm_start=paper_defaults() if cfg.search.warm_start else None,
+                          grace_s=cfg.storage.grace_period_s)
+        summary = self.shared_summary(study, summary)
+        pool.go()
+        if stored is None:  # a resumed parent run has it already
+            tracker.log_params(parent, {"presample": summary.to_json()})
         factory = PolicyFactory(summary, backend.name)
-        evaluator = geneval_scorer(backend.name)
 
         if not ({"search", "select", "export"} & stages):
             return None
         t0 = time.perf_counter()
-        scorer = PolicyScorer(backend, prompts.search, factory, cost=self.cost, latency=cfg.search.latency,
-                              evaluator=evaluator, geneval_score=cfg.search.acceptance.score, desc="search")
+        scorer = self._search_scorer(backend, prompts, factory)
         if "search" in stages:
             self.search(study, scorer, space, tracker)
+            pool.finish()  # the other workers end with the study complete; select only after them
             self._timed("search", t0)
         if not ({"select", "export"} & stages):
             self.artifacts["search"] = self.report_search(study)
             return None
 
         t0 = time.perf_counter()
+        hold_for_crash_test("validate")
+        evaluator = geneval_scorer(backend.name)
         validator = PolicyScorer(backend, prompts.validate, factory, cost=self.cost, latency=cfg.search.latency,
                                  evaluator=evaluator, geneval_score=cfg.search.acceptance.score, desc="validate")
         test = sequential_test(cfg.search.acceptance, len(prompts.validate), evaluator is not None)
@@ -235,6 +380,9 @@ class Calibration:
             return None
         path = self.export(selection, factory, backend, prompts, study, space, summary, scorer, tracker)
         self.artifacts["policy"] = [path]
+        if not selection.passed:
+            self.exit_status = EXIT_NOT_VALIDATED
+        hold_for_crash_test("export")
         return path
 
     def evaluate(self, backend: CalibrationBackend, prompts: PromptSets, tracker, parent: str) -> list[Path]:
@@ -308,6 +456,26 @@ class Calibration:
             if folder == "grids" and not self.cfg.tracking.log_images:
                 continue
             tracker.log_artifacts(parent, files, folder)
+
+
+@contextlib.contextmanager
+def discard_unused_run_dir(run_dir: Path, launch_dir: Path) -> Iterator[None]:
+    """On a UserError (a mistake in the input, found before any work), remove the run folder Hydra
+    made when it holds nothing but Hydra's own files (.hydra/, the log) and empty files — and the
+    folders above it up to outputs/ that are left empty — so a wrong argument leaves no folder."""
+    try:
+        yield
+    except UserError:
+        files = [f for f in run_dir.rglob("*") if f.is_file()] if run_dir.is_dir() else []
+        if all(f.relative_to(run_dir).parts[0] == ".hydra" or f.suffix == ".log" or f.stat().st_size == 0
+               for f in files):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            outputs = (launch_dir / "outputs").resolve()
+            parent = run_dir.resolve().parent
+            while parent.is_relative_to(outputs) and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
+        raise
 
 
 def asdict_sets(prompts: PromptSets) -> dict[str, Any]:

@@ -49,7 +49,7 @@ class LatencyConfig:
 @dataclass
 class AcceptanceConfig:
     """search.acceptance: held-out validation as a one-sided bound per metric, decided sequentially
-    (calibrate.acceptance). The budget is `prompts.validate`. No defaults: conf/search/default.yaml."""
+    (calibrate.acceptance). The budget is `prompts.validate`. No defaults: toprovar/conf/search/default.yaml."""
 
     confidence: float            # 1 - alpha of every bound, over all looks together
     score: str                   # geneval-lite score acceptance bounds: share | binary (quality.GENEVAL_SCORES)
@@ -70,6 +70,7 @@ class SearchConfig:
     latency: LatencyConfig
     validate_candidates: int
     acceptance: AcceptanceConfig
+    workers: int                     # search processes sharing the study: one per GPU, or sharing the CPU
 
 
 @dataclass
@@ -135,6 +136,8 @@ def _validate(cfg: CalibrationConfig) -> None:
         raise UserError(f"search.objective={s.objective!r} is not one of {', '.join(OBJECTIVES)}")
     if s.n_trials < 1:
         raise UserError(f"search.n_trials={s.n_trials} must be at least 1")
+    if s.workers < 1:
+        raise UserError(f"search.workers={s.workers} must be at least 1")
     if s.validate_candidates < 1:
         raise UserError(f"search.validate_candidates={s.validate_candidates} must be at least 1")
     if s.latency.repeats < 1 or s.latency.warmup < 0:

@@ -6,6 +6,11 @@ or threads never log into the wrong run; every run still carries the source and 
 `mlruns/` in the launch directory); any tracking URI by override. A remote server is probed with a
 short timeout first: if it does not answer, one warning line says so and the run tracks locally in
 its run folder instead, with everything it would have sent.
+
+One calibration is one parent run, whichever processes add its trials: the parent's id is stored
+with the Optuna study, worker processes log their trials as its children (`attach`), and a
+resumed calibration reopens it (`resume_parent`) and marks the children its crashed processes
+left RUNNING as KILLED (`close_children`), so no run stays RUNNING forever.
 """
 from __future__ import annotations
 
@@ -14,8 +19,9 @@ import math
 import os
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from calibrate.config import TrackingConfig
 
@@ -52,7 +58,7 @@ class Tracker:
         for name in ("mlflow", "alembic"):  # MLflow sets its loggers to INFO on import
             logging.getLogger(name).setLevel(logging.WARNING)
 
-        self.uri = uri
+        self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
         self._mlflow = mlflow
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
@@ -76,13 +82,57 @@ class Tracker:
         log.info("MLflow: run %s in experiment %s at %s", self.parent_id, self.experiment_id, self.uri)
         return self.parent_id
 
+    def resume_parent(self, run_id: str, params: Mapping[str, Any]) -> bool:
+        """Continue the parent run `run_id` of an earlier process of the same calibration: RUNNING
+        again, params it lacks added (MLflow params cannot change: a changed value becomes the tag
+        `resumed.<param>`). False when this store has no such live run in this experiment."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        if run.info.experiment_id != self.experiment_id or run.info.lifecycle_stage != "active":
+            return False
+        self.client.update_run(run_id, status="RUNNING")
+        old = run.data.params
+        new = {k: str(v)[:_MAX_PARAM_CHARS] for k, v in _flatten(params).items()}
+        self.log_params(run_id, {k: v for k, v in new.items() if k not in old})
+        self.set_tags(run_id, {f"resumed.{k}": v for k, v in new.items() if k in old and old[k] != v})
+        self.set_tags(run_id, {"resumed": int(run.data.tags.get("resumed", "0")) + 1})
+        self.parent_id = run_id
+        log.info("MLflow: continuing run %s in experiment %s at %s", run_id, self.experiment_id, self.uri)
+        return True
+
+    def attach(self, parent_id: str) -> None:
+        """Log trials as children of `parent_id`, a parent run another process started and ends."""
+        self.parent_id = parent_id
+
+    def address(self) -> TrackerAddress:
+        return TrackerAddress(self.uri, self.experiment, self.artifact_location, self.parent_id)
+
     def start_child(self, name: str, params: Mapping[str, Any]) -> str:
         run_id = self._create_run(name, {"mlflow.parentRunId": self.parent_id} if self.parent_id else {})
         self.log_params(run_id, params)
         return run_id
 
-    def end(self, run_id: str, ok: bool = True) -> None:
-        self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+    def close_children(self, parent_id: str, running_trials: Callable[[], Iterable[int]]) -> int:
+        """Mark KILLED the child runs still RUNNING whose trial (param `trial`) is not among
+        `running_trials()`: their process died. The runs are listed first and the study's running
+        trials read after, so a trial that starts in between (its child run comes after it) is
+        not taken for dead."""
+        runs = self.client.search_runs([self.experiment_id], max_results=10000, filter_string=(
+            f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"))
+        running = set(running_trials())
+        # A run without its `trial` param yet is being created right now: not dead.
+        dead = [r.info.run_id for r in runs if "trial" in r.data.params and int(r.data.params["trial"]) not in running]
+        for run_id in dead:
+            self.end(run_id, status="KILLED")
+        return len(dead)
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        """End a run: FINISHED, FAILED (an error) or KILLED (interrupted, or its process died)."""
+        self.client.set_terminated(run_id, status=status)
 
     # -- data -------------------------------------------------------------------------------
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
@@ -115,6 +165,23 @@ class Tracker:
                 self.client.log_artifact(run_id, str(path), artifact_path)
 
 
+@dataclass(frozen=True)
+class TrackerAddress:
+    """Where a calibration tracks and its parent run: what a worker process needs to log its
+    trials as children of that run (picklable, unlike a Tracker)."""
+
+    uri: str
+    experiment: str
+    artifact_location: str | None
+    parent_id: str | None
+
+    def open(self) -> Tracker:
+        tracker = Tracker(self.uri, self.experiment, self.artifact_location)
+        if self.parent_id:
+            tracker.attach(self.parent_id)
+        return tracker
+
+
 class NullTracker:
     """`tracking.enabled=false`: same methods, nothing recorded."""
 
@@ -124,10 +191,21 @@ class NullTracker:
     def start_parent(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> str:
         return ""
 
+    def resume_parent(self, run_id: str, params: Mapping[str, Any]) -> bool:
+        return False
+
+    def attach(self, parent_id: str) -> None: ...
+
+    def address(self) -> None:
+        return None
+
     def start_child(self, name: str, params: Mapping[str, Any]) -> str:
         return ""
 
-    def end(self, run_id: str, ok: bool = True) -> None: ...
+    def close_children(self, parent_id: str, running_trials: Callable[[], Iterable[int]]) -> int:
+        return 0
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None: ...
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None: ...
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None: ...

@@ -40,6 +40,7 @@ def _calibrate(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
      "no_such_policy"),
     (["backbone=infinity-2b", "tracking=off", "storage=memory",
       "backbone.weights.transformer=/nonexistent/infinity_2b_reg.pth"], "/nonexistent/infinity_2b_reg.pth"),
+    (["backbone=test-small", "tracking=off", "storage=memory", "search.workers=2"], "storage=memory"),
 ])
 def test_user_mistakes_are_one_line_errors(tmp_path, overrides, expected):
     result = _calibrate(tmp_path, *overrides)
@@ -47,6 +48,54 @@ def test_user_mistakes_are_one_line_errors(tmp_path, overrides, expected):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("calibrate: error:") and expected in lines[0]
+    assert not (tmp_path / "outputs").exists()  # a run that fails on its arguments leaves no folder
+
+
+_RUN_DIR_SCRIPT = """
+import os
+import calibrate.hydra_app  # registers the run folder's resolver, as `python -m calibrate` does
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from tests.conftest import CONF_DIR
+with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name="calibrate"):
+    cfg = compose(config_name="calibrate", return_hydra_config=True)
+print(OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"], os.getpid())
+"""
+
+
+def test_run_folders_of_two_processes_differ_within_one_second(tmp_path):
+    """The run folder's name ends in the process id: two calibrations started in the same second
+    (same date and time stamp) get their own folders."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    started = [subprocess.Popen([sys.executable, "-c", _RUN_DIR_SCRIPT], cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE) for _ in range(2)]
+    folders = {}
+    for process in started:
+        out, _ = process.communicate(timeout=600)
+        folder, pid = out.split()
+        assert folder.startswith("outputs/calibrate/") and folder.endswith(f"-{pid}")
+        folders[pid] = folder
+    assert len(set(folders.values())) == 2
+
+
+def test_exported_policy_that_did_not_validate_exits_3(tmp_path, calibrate_config, monkeypatch):
+    """A script can tell: exit status 3 when the exported policy is marked NOT validated."""
+    import dataclasses
+
+    import calibrate.app as app
+    from calibrate.app import EXIT_NOT_VALIDATED, Calibration
+
+    validate = app.select_and_validate
+    monkeypatch.setattr(app, "select_and_validate", lambda *args: dataclasses.replace(validate(*args), passed=False))
+    cfg = calibrate_config("backbone=test-small", "storage=memory", "tracking=off", "search.n_trials=2",
+                           "prompts.presample=1", "prompts.search=1", "prompts.validate=1",
+                           "search.validate_candidates=1", "search.constraints.min_ssim=0.0")
+    calibration = Calibration(cfg, tmp_path / "run", tmp_path, [])
+    path = calibration.run()
+    assert calibration.exit_status == EXIT_NOT_VALIDATED == 3
+    import yaml
+
+    assert yaml.safe_load(path.read_text())["provenance"]["validated"] is False
 
 
 def test_low_entropy_ratio_matches_definition():
@@ -125,7 +174,7 @@ def test_mini_calibration_end_to_end_and_resume(tmp_path):
     for name in ("presample_scales.parquet", "presample_layers.csv", "fig8_entropy_rho.png"):
         assert (run_dir / "presample" / name).exists()
 
-    # Same run folder -> same SQLite study: the target is met, no trial runs again.
+    # Same run folder -> same journal study: the target is met, no trial runs again.
     again = _calibrate(tmp_path, *common, "tracking=off", "stages=[search]")
     assert again.returncode == 0, again.stderr[-3000:]
     trials = pd.read_csv(run_dir / "search" / "trials.csv")
@@ -187,3 +236,32 @@ def test_weight_paths_in_provenance_are_package_relative(tmp_path):
     for part, path in shipped["weights"].items():
         assert path.startswith("toprovar/assets/tiny/") and not Path(path).is_absolute(), path
         assert (package.parent / path).is_file() and shipped["weight_hashes"][part].startswith("sha256:")
+
+
+def test_a_resumed_study_keeps_its_presample_summary_and_says_so_only_when_it_differs(tmp_path, calibrate_config,
+                                                                                     caplog):
+    """The stored summary comes back from the storage as JSON (lists where the summary has tuples):
+    an equal fresh summary is not reported as different (it was, before)."""
+    import dataclasses
+    import logging
+
+    from calibrate.app import Calibration
+    from calibrate.presample import PresampleSummary
+    from calibrate.search import open_study
+
+    cfg = calibrate_config("backbone=test-small", "tracking=off")
+    storage = dataclasses.replace(cfg.storage, url=f"journal:{tmp_path}/study.journal")
+    calibration = Calibration(cfg, tmp_path, tmp_path, [])
+    summary = PresampleSummary(crossing="below", tau_range=(random.random(), 1.0), representative_scale=3,
+                               layer_ratios=[random.uniform(1, 3) for _ in range(2)], band_points=4, prompts=4, scales=7)
+    assert calibration.shared_summary(open_study("s", storage, "tpe", 0, 4), summary) == summary
+
+    def said():
+        return [r.getMessage() for r in caplog.records if r.name == "calibrate"]
+
+    with caplog.at_level(logging.INFO, logger="calibrate"):
+        stored = calibration.shared_summary(open_study("s", storage, "tpe", 0, 4), summary)  # read back from the file
+        assert stored == summary and not said()
+        other = dataclasses.replace(summary, band_points=5)
+        assert calibration.shared_summary(open_study("s", storage, "tpe", 0, 4), other) == summary
+    assert said() == ["study 's' keeps the pre-sampling summary it started with"]

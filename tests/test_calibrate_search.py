@@ -1,5 +1,6 @@
 """The Optuna search of `calibrate`: resume without lost or repeated trials, warm start, constraints,
-the knob table (config validation, space, defaults, policy) and the samplers.
+the knob table (config validation, space, defaults, policy), the samplers, and several workers on
+one study (exactly n_trials COMPLETE, distinct trials, dead workers' trials queued again).
 
 The objective is real: generations of the random-weight `test-small` backbone through the pipeline,
 pruned by the ToProVAR policy of each trial's parameters, scored by FLOP ratio and SSIM against
@@ -9,6 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import subprocess
+import sys
+import threading
+import time
 
 import optuna
 import pytest
@@ -21,7 +26,9 @@ from calibrate.knobs import CATEGORICAL, INT, KNOBS, PolicyFactory, SearchSpace,
 from calibrate.objective import PolicyScorer
 from calibrate.presample import PresampleSummary
 from calibrate.prompts import PromptSet
-from calibrate.search import Scores, completed, feasible_front, open_study, pareto_front, run_search, violations
+from calibrate.search import (MAX_RETRIES, Scores, completed, feasible_front, open_study, pareto_front,
+                              prepare_study, reclaim, run_search, this_worker, violations, worker_alive, worker_seed)
+from optuna.trial import TrialState
 from toprovar.errors import UserError
 from toprovar.policy import Policy
 
@@ -92,15 +99,16 @@ def test_scores_are_measured_from_generations(scorer):
     assert pruned.extra["kept_share.s0"] == 1.0 and pruned.extra["D_mean"] == 1.0  # min_scale 1
 
 
-def test_interrupted_study_resumes_without_lost_or_repeated_trials(tmp_path, scorer, config, space, limits):
-    storage = dataclasses.replace(config.storage, url=f"sqlite:///{tmp_path / 'study.db'}")
+@pytest.mark.parametrize("url", ["journal:{}/study.journal", "sqlite:///{}/study.db"])
+def test_interrupted_study_resumes_without_lost_or_repeated_trials(tmp_path, scorer, config, space, limits, url):
+    storage = dataclasses.replace(config.storage, url=url.format(tmp_path))
     n_trials, k = 6, 3
     seed = random.randrange(1000)
     study = open_study("resume", storage, "tpe", seed, n_trials)
+    assert prepare_study(study, space, warm_start=DEFAULTS, grace_s=60) == {"dead": 0, "interrupted": 0}
     interrupting = InterruptAfter(scorer, k)
     with pytest.raises(KeyboardInterrupt):
-        run_search(study, space, interrupting, n_trials=n_trials, limits=limits,
-                   warm_start=DEFAULTS)
+        run_search(study, space, interrupting, n_trials=n_trials, limits=limits)
     first = {t.number: (t.params, t.values) for t in completed(study)}
     assert len(first) == k
     interrupted = [t for t in study.trials if t.state == TrialState.FAIL]
@@ -108,8 +116,8 @@ def test_interrupted_study_resumes_without_lost_or_repeated_trials(tmp_path, sco
 
     # A new process would do exactly this: open the same storage + name and run again.
     resumed = open_study("resume", storage, "tpe", seed, n_trials)
-    ran = run_search(resumed, space, scorer, n_trials=n_trials, limits=limits,
-                     warm_start=DEFAULTS)
+    assert prepare_study(resumed, space, warm_start=DEFAULTS, grace_s=60) == {"dead": 0, "interrupted": 1}
+    ran = run_search(resumed, space, scorer, n_trials=n_trials, limits=limits)
     done = completed(resumed)
     assert ran == n_trials - k and len(done) == n_trials
     for number, (params, values) in first.items():  # finished trials kept as they were
@@ -128,7 +136,8 @@ def test_interrupted_study_resumes_without_lost_or_repeated_trials(tmp_path, sco
 
 def test_warm_start_constraints_and_ranking(scorer, config, space, limits):
     study = open_study("mem", config.storage, "tpe", random.randrange(1000), 5)
-    run_search(study, space, scorer, n_trials=5, limits=limits, warm_start=DEFAULTS)
+    prepare_study(study, space, warm_start=DEFAULTS, grace_s=60)
+    run_search(study, space, scorer, n_trials=5, limits=limits)
     first = study.trials[0]
     assert first.user_attrs.get("warm_start") and first.params == pytest.approx(space.clip(DEFAULTS))
     for trial in completed(study):
@@ -250,7 +259,8 @@ def test_every_sampler_models_every_knob_under_the_constraints(sampler, config, 
         return sample_independent(study_, trial, name, distribution)
 
     study.sampler.sample_independent = spy
-    run_search(study, space, _tradeoff, n_trials=n_trials, limits=limits, warm_start=DEFAULTS)
+    prepare_study(study, space, warm_start=DEFAULTS, grace_s=60)
+    run_search(study, space, _tradeoff, n_trials=n_trials, limits=limits)
     done = completed(study)
     assert len(done) == n_trials and all(t.distributions == done[0].distributions for t in done)
     if sampler != "random":  # every knob is in the space the sampler's model sees ...
@@ -269,3 +279,155 @@ def test_violations_include_geneval_only_when_scored():
     assert violations(Scores(2.0, ssim), limits) == pytest.approx({"ssim": 0.8 - ssim})
     assert violations(Scores(2.0, ssim, drop), limits) == pytest.approx({"ssim": 0.8 - ssim,
                                                                           "geneval_drop": drop - 0.01})
+
+
+# --- several workers on one study ----------------------------------------------------------------
+def _params_key(trial):
+    return tuple(sorted(trial.params.items()))
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_workers_sharing_a_journal_study_end_with_exactly_n_trials(tmp_path, config, space, limits, sampler):
+    """Workers in threads, each with its own storage connection to one journal file, as processes
+    would have: the study ends with exactly n_trials COMPLETE, all with distinct parameters, and a
+    trial that lost the race for the last places is pruned before drawing any parameter."""
+    storage = dataclasses.replace(config.storage, url=f"journal:{tmp_path}/study.journal")
+    n_workers, n_trials, seed = random.randint(2, 4), random.randint(5, 9), random.randrange(1000)
+    first = open_study("shared", storage, sampler, seed, n_trials)
+    prepare_study(first, space, warm_start=DEFAULTS, grace_s=60)
+    ran, errors = [0] * n_workers, []
+
+    def slow_tradeoff(params):  # trials of uneven length, so workers finish out of step
+        time.sleep(random.uniform(0.0, 0.05))
+        return _tradeoff(params)
+
+    def work(index):
+        try:
+            study = open_study("shared", storage, sampler, seed, n_trials, worker=index)
+            ran[index] = run_search(study, space, slow_tradeoff, n_trials=n_trials, limits=limits, worker=index,
+                                    progress=False)
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n_workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    trials = open_study("shared", storage, sampler, seed, n_trials).trials
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) == n_trials == sum(ran)
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert all(t.user_attrs.get("surplus") and not t.params for t in trials if t.state == TrialState.PRUNED)
+    assert len({_params_key(t) for t in done}) == n_trials  # no two trials evaluated the same policy
+    assert sum(bool(t.user_attrs.get("warm_start")) for t in trials) == 1
+
+
+def test_worker_seeds_differ_by_worker_and_by_resume():
+    seed = random.randrange(10**6)
+    seeds = {worker_seed(seed, worker, existing) for worker in range(8) for existing in range(8)}
+    assert len(seeds) == 64 and worker_seed(seed, 1, 3) == worker_seed(seed, 1, 3)
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_two_processes_opening_one_new_study_draw_different_trials(tmp_path, config, space, sampler):
+    """Worker 0 of two calibrations (or a machine joining with stages=[search]) on one new study: only
+    the one that created the study draws from the seed alone (a fresh calibration is reproducible);
+    the other mixes in its host and pid, so it does not replay the first one's trials."""
+    seed = random.randrange(1000)
+
+    def first_params(study):
+        trial = study.ask()
+        return space.suggest(trial)
+
+    storage = dataclasses.replace(config.storage, url=f"journal:{tmp_path}/a.journal")
+    creator, joiner = (open_study("one", storage, sampler, seed, 10) for _ in range(2))
+    assert first_params(creator) != first_params(joiner)
+    again = open_study("one", dataclasses.replace(config.storage, url=f"journal:{tmp_path}/b.journal"), sampler, seed, 10)
+    assert first_params(again) == creator.trials[0].params  # the creator's draws follow the seed
+
+
+def _dead_worker():
+    """The record of a process of this host that has exited."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return {**this_worker(), "pid": process.pid}
+
+
+def test_trials_of_dead_workers_are_failed_and_queued_once(tmp_path, config, space):
+    storage = dataclasses.replace(config.storage, url=f"journal:{tmp_path}/study.journal")
+    study = open_study("reclaim", storage, "random", random.randrange(1000), 5)
+    owners = {"dead": _dead_worker(), "alive": this_worker(), "other host": {**this_worker(), "host": "elsewhere"},
+              "none": None}
+    assert worker_alive(owners["dead"]) is False and worker_alive(owners["alive"]) is True
+    assert worker_alive(owners["other host"]) is None
+    running = {}
+    for name, owner in owners.items():
+        trial = study.ask()
+        if owner is not None:
+            trial.set_user_attr("worker", owner)
+        running[name] = (trial.number, space.suggest(trial))
+    assert reclaim(study, grace_s=60) == 1  # the dead worker's; the unowned trial is younger than the grace
+    states = {name: study.trials[number].state for name, (number, _) in running.items()}
+    assert states == {"dead": TrialState.FAIL, "alive": TrialState.RUNNING, "other host": TrialState.RUNNING,
+                      "none": TrialState.RUNNING}
+    time.sleep(1.1)
+    assert reclaim(study, grace_s=1) == 1  # a trial that named no worker for the grace period
+    assert study.trials[running["none"][0]].state == TrialState.FAIL
+    assert reclaim(study, grace_s=1) == 0  # nothing twice
+    retries = {t.system_attrs["replaces"]: t for t in study.trials if t.state == TrialState.WAITING}
+    assert set(retries) == {running["dead"][0], running["none"][0]}
+    for name in ("dead", "none"):
+        number, params = running[name]
+        assert retries[number].system_attrs["fixed_params"] == params
+        assert retries[number].system_attrs["retry_of"] == number
+
+
+
+def test_a_retry_whose_worker_dies_too_is_queued_at_most_max_retries_times(tmp_path, config, space):
+    storage = dataclasses.replace(config.storage, url=f"journal:{tmp_path}/study.journal")
+    study = open_study("chain", storage, "random", random.randrange(1000), 5)
+    trial = study.ask()
+    trial.set_user_attr("worker", _dead_worker())
+    params = space.suggest(trial)
+    original = trial.number
+    for attempt in range(1, MAX_RETRIES + 1):
+        assert reclaim(study, grace_s=60) == 1
+        trial = study.ask()  # pops the queued retry
+        frozen = study.trials[trial.number]
+        assert frozen.system_attrs["retry_of"] == original and frozen.system_attrs["retries"] == attempt
+        trial.set_user_attr("worker", _dead_worker())
+        assert space.suggest(trial) == params
+    assert reclaim(study, grace_s=60) == 0  # out of retries
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * (MAX_RETRIES + 1)
+
+
+def test_a_trial_that_loses_the_race_for_the_last_place_is_pruned_unsampled(tmp_path, config, space, limits,
+                                                                            monkeypatch):
+    """Two workers counted n_trials - 1 at the same moment and both asked: the later trial (higher
+    number) finds the target met by the trials ahead of it and is pruned before drawing parameters."""
+    import calibrate.search as search
+
+    storage = dataclasses.replace(config.storage, url=f"journal:{tmp_path}/study.journal")
+    n_trials = random.randint(1, 4)
+    study = open_study("race", storage, "random", random.randrange(1000), n_trials)
+    run_search(study, space, _tradeoff, n_trials=n_trials - 1, limits=limits, progress=False)
+    other = open_study("race", storage, "random", random.randrange(1000), n_trials, worker=1)
+    theirs = other.ask()  # the other worker's trial, asked after both counted
+    theirs.set_user_attr("worker", this_worker())
+    counts, stale = search._counts, iter([(n_trials - 1, 0)] * 2)  # at the start and before asking
+    monkeypatch.setattr(search, "_counts", lambda s: next(stale, None) or counts(s))
+
+    def finish_theirs():  # the other worker completes its trial a moment later
+        time.sleep(0.5)
+        scores = _tradeoff(space.suggest(theirs))
+        other.tell(theirs, [scores.speedup, scores.ssim])
+
+    thread = threading.Thread(target=finish_theirs)
+    thread.start()
+    assert run_search(study, space, _tradeoff, n_trials=n_trials, limits=limits, progress=False) == 0
+    thread.join()
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE] * n_trials + [TrialState.PRUNED]
+    assert study.trials[-1].user_attrs["surplus"] and not study.trials[-1].params

@@ -10,6 +10,7 @@ Importing this module does not import torch, which keeps the override check fast
 """
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,16 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 GENERATION_KEYS = ("guidance_scale", "temperature", "pixels", "h_div_w", "top_k", "top_p", "kv_policy")
 # Hydra's hints after a composition error: where it searched and its docs, not the mistake.
 _HYDRA_HINTS = (" Config search path:", " See https://hydra.cc")
+
+
+def _register_resolvers() -> None:
+    """`${pid:}` in a run folder's name: two runs started in the same second get their own folders."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True, replace=True)
+
+
+_register_resolvers()
 
 
 def fail(prog: str, message: str) -> NoReturn:

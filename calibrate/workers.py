@@ -1,0 +1,241 @@
+"""Several search workers in one calibration (`search.workers=N`): this process is worker 0 and
+starts workers 1..N-1 as child processes — one per GPU (`cuda:k`, `cuda:k+1`, ...) or N processes
+sharing the CPU cores. Every worker opens the same Optuna study and adds trials to it; the storage
+is the only coordination (calibrate.search). This module only starts, watches and stops processes.
+
+Why child processes started here rather than Hydra multirun with a launcher: a multirun job is a
+whole app run per configuration — each would pre-sample, select and export on its own, and Hydra
+has no step that runs once before and once after all jobs with the jobs' results (its callbacks
+run in the launching process; the joblib and submitit launchers are extra plugins with their own
+process model). What is needed is Optuna's own recipe for parallel optimization — several
+processes sharing a storage — plus one pre-sampling before and one selection after, which a
+parent process gives directly. On other machines the same worker is a plain
+`python -m calibrate stages=[search] storage.url=postgresql+psycopg://...`.
+
+The children are spawned (not forked: CUDA cannot be forked) while this process pre-samples, so
+their start-up (imports, model, unpruned reference) overlaps it; they wait until `go()`. Ctrl-C
+reaches every process of the terminal's group; SIGTERM to this process is passed on. Either way
+each worker marks its running trial `interrupted` and ends its MLflow child run. A child killed
+outright leaves its trial RUNNING; the next worker that looks fails it and queues it again
+(calibrate.search.reclaim), and a warning here names the worker.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from calibrate.config import CalibrationConfig
+from calibrate.tracking import TrackerAddress
+from toprovar.errors import UserError, exit_on_user_error
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 120.0   # after Ctrl-C, how long a worker may take to record its interrupted trial
+
+
+def worker_devices(device: torch.device, workers: int) -> list[torch.device]:
+    """The device of each worker: consecutive GPUs from the configured one, or the CPU for all."""
+    if workers == 1 or device.type != "cuda":
+        return [device] * workers
+    first, visible = device.index or 0, torch.cuda.device_count()
+    if first + workers > visible:
+        raise UserError(f"search.workers={workers} needs GPUs cuda:{first}..cuda:{first + workers - 1} but "
+                        f"{visible} are visible; lower search.workers or set CUDA_VISIBLE_DEVICES")
+    return [torch.device("cuda", first + i) for i in range(workers)]
+
+
+def cpu_threads(device: torch.device, workers: int) -> int | None:
+    """Threads per worker when N workers share the CPU cores (None: leave torch's default)."""
+    if device.type != "cpu" or workers == 1:
+        return None
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a child worker needs (picklable): the calibration's config on its own device."""
+
+    cfg: CalibrationConfig
+    run_dir: Path
+    launch_dir: Path
+    overrides: list[str]
+    index: int
+    threads: int | None
+    tracking: TrackerAddress | None
+
+
+@contextlib.contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise KeyboardInterrupt once; later ones are ignored, so the cleanup
+    after the first (recording the interrupted trial, ending MLflow runs) is not cut short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class WorkerPool:
+    """Child workers 1..N-1 of a calibration: start, release (`go`), watch, stop."""
+
+    def __init__(self, specs: list[WorkerSpec]):
+        context = multiprocessing.get_context("spawn")
+        self._go = context.Event()
+        self.processes = [context.Process(target=_child_main, args=(spec, self._go),
+                                          name=f"calibrate-worker-{spec.index}") for spec in specs]
+        self.indices = [spec.index for spec in specs]
+        self._watcher: threading.Thread | None = None
+
+    def __enter__(self) -> "WorkerPool":
+        with _environment(TQDM_DISABLE="1"):  # one progress bar (this process's) for the whole study
+            for process in self.processes:
+                process.start()
+        log.info("started %d more search worker(s): %s", len(self.processes),
+                 ", ".join(f"{i} (pid {p.pid})" for i, p in zip(self.indices, self.processes)))
+        self._watcher = threading.Thread(target=self._watch, daemon=True)
+        self._watcher.start()
+        return self
+
+    def go(self) -> None:
+        """Let the workers start trials (the study is prepared and has its pre-sampling summary)."""
+        self._go.set()
+
+    def _watch(self) -> None:
+        pending = {p.sentinel: (i, p) for i, p in zip(self.indices, self.processes)}
+        while pending:
+            for sentinel in multiprocessing.connection.wait(list(pending)):
+                index, process = pending.pop(sentinel)
+                process.join()
+                if process.exitcode == 130:
+                    log.info("search worker %d (pid %d) stopped after an interruption", index, process.pid)
+                elif process.exitcode not in (0, None):
+                    how = (f"was killed by {signal.Signals(-process.exitcode).name}" if process.exitcode < 0
+                           else f"exited with status {process.exitcode}")
+                    log.warning("search worker %d (pid %d) %s; a trial it was running is queued again "
+                                "by the other workers", index, process.pid, how)
+
+    def finish(self) -> None:
+        """Wait for the workers: they stop by themselves once the study is complete (or at
+        `search.timeout_s`)."""
+        for process in self.processes:
+            process.join()
+        if self._watcher is not None:
+            self._watcher.join()
+
+    def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
+        """Normal end: `finish`. After an error or an interruption: ask the workers to stop
+        (SIGTERM: they record their trial as interrupted), wait a while, then kill."""
+        if kind is None:
+            self.finish()
+            return
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+        for process in self.processes:
+            process.join(STOP_TIMEOUT_S)
+            if process.is_alive():
+                log.warning("search worker pid %d did not stop within %.0f s; killing it", process.pid,
+                            STOP_TIMEOUT_S)
+                process.kill()
+                process.join()
+        if self._watcher is not None:
+            self._watcher.join()
+
+
+class NoPool:
+    """`search.workers=1`: this process is the only worker."""
+
+    def __enter__(self) -> "NoPool":
+        return self
+
+    def go(self) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def __exit__(self, *exc: Any) -> None: ...
+
+
+def start_workers(cfg: CalibrationConfig, devices: list[torch.device], run_dir: Path, launch_dir: Path,
+                  overrides: list[str], tracking: TrackerAddress | None) -> WorkerPool | NoPool:
+    """The pool of child workers 1..N-1 (a context manager); worker 0 is the calling process."""
+    if len(devices) == 1:
+        return NoPool()
+    threads = cpu_threads(devices[0], len(devices))
+    return WorkerPool([WorkerSpec(dataclasses.replace(cfg, device=str(device)), run_dir, launch_dir, overrides,
+                                  index, threads, tracking)
+                       for index, device in enumerate(devices) if index > 0])
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    old = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# --- in the child process ----------------------------------------------------------------------
+def _child_main(spec: WorkerSpec, go: Any) -> None:
+    """A child worker: log to workers/worker-<i>.log (warnings also to stderr), run the search."""
+    folder = spec.run_dir / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(folder / f"worker-{spec.index}.log")
+    to_file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setLevel(logging.WARNING)
+    to_stderr.setFormatter(logging.Formatter(f"[worker {spec.index}][%(levelname)s] %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[to_file, to_stderr], force=True)
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
+
+    def released() -> bool:
+        """Wait for the coordinator's go; False when it died first."""
+        parent = multiprocessing.parent_process()
+        while not go.wait(1.0):
+            if parent is not None and not parent.is_alive():
+                return False
+        return True
+
+    from calibrate.app import Calibration
+
+    try:
+        with interrupt_on_signals(), exit_on_user_error(f"calibrate worker {spec.index}"):
+            calibration = Calibration(spec.cfg, spec.run_dir, spec.launch_dir, spec.overrides)
+            calibration.search_worker(spec.index, spec.tracking, released, orphaned)
+    except KeyboardInterrupt:
+        logging.getLogger(__name__).info("worker %d interrupted", spec.index)
+        sys.exit(130)
+
+
+def orphaned() -> bool:
+    """True in a child worker whose coordinator is gone (killed): it starts no more trials."""
+    parent = multiprocessing.parent_process()
+    return parent is not None and not parent.is_alive()

@@ -1,0 +1,235 @@
+"""`python -m calibrate search.workers=N`, and workers on several machines through PostgreSQL: the
+study ends with exactly n_trials COMPLETE trials, none repeated or lost, all under one MLflow parent
+run; a worker killed with SIGKILL mid-trial has its trial run once more.
+
+Kills land deterministically: with CALIBRATE_TEST_HOLD=trial every worker process stops in its
+first trial (after drawing the parameters and opening its MLflow child run) and writes its pid to
+$CALIBRATE_TEST_HOLD_DIR/trial-<worker>.pid; the test kills one and lets the others go on by
+deleting their files (calibrate.search.hold_for_crash_test).
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+REPO = Path(__file__).resolve().parent.parent
+HANG_GUARD_S = 600  # a guard against a hung process, not a speed claim
+
+# A small calibration of the random-weight test backbone; min_ssim 0 so the exported policy validates.
+SMALL = ["backbone=test-small", "prompts.presample=1", "prompts.search=1", "prompts.validate=1",
+         "search.validate_candidates=1", "search.constraints.min_ssim=0.0", "tracking=local"]
+
+
+class Calibrate:
+    """A `python -m calibrate` process (output in files: a full pipe must not block it)."""
+
+    def __init__(self, cwd: Path, *overrides: str, hold: str | None = None, hold_dir: Path | None = None):
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        if hold is not None:
+            hold_dir.mkdir(parents=True, exist_ok=True)
+            env.update(CALIBRATE_TEST_HOLD=hold, CALIBRATE_TEST_HOLD_DIR=str(hold_dir))
+        self.hold_dir = hold_dir
+        self.log = Path(tempfile.mkstemp(dir=cwd, prefix="calibrate-", suffix=".log")[1])
+        with self.log.open("w") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "calibrate", *overrides], cwd=cwd, env=env,
+                                            stdout=out, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def held(self, name: str) -> int:
+        """Wait until a process of this calibration holds at `name` (e.g. trial-1); its pid."""
+        marker = self.hold_dir / f"{name}.pid"
+        deadline = time.monotonic() + HANG_GUARD_S
+        while not (marker.exists() and marker.read_text()):
+            if self.process.poll() is not None:
+                pytest.fail(f"calibrate exited ({self.process.returncode}) before holding at {name}:\n"
+                            f"{self.output()[-4000:]}")
+            assert time.monotonic() < deadline, f"nothing held at {name}:\n{self.output()[-4000:]}"
+            time.sleep(0.1)
+        return int(marker.read_text())
+
+    def release(self, name: str) -> None:
+        (self.hold_dir / f"{name}.pid").unlink()
+
+    def wait(self) -> int:
+        try:
+            return self.process.wait(timeout=HANG_GUARD_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            pytest.fail(f"calibrate did not finish:\n{self.output()[-4000:]}")
+
+
+def kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:  # gone, or a zombie of its parent
+        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+            break
+        time.sleep(0.05)
+
+
+def study_trials(storage: str | optuna.storages.BaseStorage, name: str = "test-small") -> list:
+    if isinstance(storage, str) and storage.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        storage = JournalStorage(JournalFileBackend(storage[len("journal:"):]))
+    return optuna.load_study(study_name=name, storage=storage).trials
+
+
+def check_trials(trials: list, n_trials: int, killed: list[int]) -> list:
+    """Exactly n_trials COMPLETE, nothing RUNNING or queued, no finished trial repeated, and each
+    killed trial (FAIL) run once more with its parameters. Returns the COMPLETE trials."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) == n_trials
+    assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert len({tuple(sorted(t.params.items())) for t in done}) == n_trials  # no two alike
+    for number in killed:
+        assert trials[number].state == TrialState.FAIL
+        retries = [t for t in trials if t.system_attrs.get("replaces") == number]
+        assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+        assert retries[0].params == trials[number].params
+    failed = {t.number for t in trials if t.state == TrialState.FAIL}
+    assert failed == set(killed)
+    return done
+
+
+def mlflow_runs(store: Path) -> tuple[object, list]:
+    """The one parent run of the calibration and its children (the store holds nothing else)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == len(runs) - 1
+    return parents[0], children
+
+
+def check_children(children: list, trials: list) -> None:
+    """One child run per trial that drew parameters: FINISHED when the trial completed, KILLED when
+    its process was killed; none left RUNNING."""
+    status = {int(r.data.params["trial"]): r.info.status for r in children}
+    assert len(status) == len(children)
+    expected = {t.number: "FINISHED" if t.state == TrialState.COMPLETE else "KILLED" for t in trials if t.params}
+    assert status == expected
+
+
+def test_workers_share_one_journal_study_and_survive_a_killed_worker(tmp_path):
+    """search.workers=3 on CPU: worker 2 is killed in its first trial; workers 0 and 1 finish the study."""
+    n_trials = random.randint(5, 7)
+    run_dir, hold = tmp_path / "run", tmp_path / "hold"
+    calibrate = Calibrate(tmp_path, *SMALL, f"search.n_trials={n_trials}", "search.workers=3",
+                          f"seed={random.randrange(1000)}", f"hydra.run.dir={run_dir}", hold="trial", hold_dir=hold)
+    pids = {worker: calibrate.held(f"trial-{worker}") for worker in range(3)}  # three trials running at once
+    kill(pids[2])
+    calibrate.release("trial-0")
+    calibrate.release("trial-1")
+    assert calibrate.wait() == 0, calibrate.output()[-4000:]
+    output = calibrate.output()
+    assert f"search worker 2 (pid {pids[2]}) was killed by SIGKILL" in output
+
+    trials = study_trials(f"journal:{run_dir / 'optuna.journal'}")
+    killed = [t.number for t in trials if t.user_attrs.get("worker", {}).get("pid") == pids[2]]
+    assert len(killed) == 1
+    done = check_trials(trials, n_trials, killed)
+    by_worker = {t.user_attrs["worker"]["pid"] for t in done}
+    assert by_worker == {pids[0], pids[1]}  # both survivors added trials
+    assert sum(bool(t.user_attrs.get("warm_start")) for t in trials) == 1
+    assert (run_dir / "policy.yaml").exists() and (run_dir / "workers" / "worker-1.log").exists()
+
+    parent, children = mlflow_runs(tmp_path / "mlflow.db")
+    assert parent.info.status == "FINISHED"
+    check_children(children, trials)
+
+
+# --- several machines: PostgreSQL ----------------------------------------------------------------
+def _postgres_bin() -> Path | None:
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return versions[-1].parent if versions else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def postgres():
+    """A PostgreSQL server from the distribution's package on a free loopback port, in a temporary
+    data folder (as the `postgres` user when running as root: the server refuses root); stopped after."""
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL server not installed (Debian: apt-get install postgresql; .ci/run does)")
+    pytest.importorskip("psycopg", reason="PostgreSQL driver not installed: pip install -e '.[postgres]'")
+    as_user: list[str] = []
+    folder = Path(tempfile.mkdtemp(prefix="calibrate-pg-"))
+    if os.geteuid() == 0:
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser: cannot start PostgreSQL as another user")
+        import pwd
+
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no `postgres` user to start the server as")
+        os.chmod(folder, 0o755)
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = folder / "data", _free_port()
+    run = lambda *args: subprocess.run([*as_user, *map(str, args)], capture_output=True, text=True, timeout=120)
+    init = run(bin_dir / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync")
+    assert init.returncode == 0, init.stderr
+    start = run(bin_dir / "pg_ctl", "-D", data, "-l", folder / "server.log", "-w", "-o",
+                f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    assert start.returncode == 0, start.stderr + (folder / "server.log").read_text()
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        run(bin_dir / "pg_ctl", "-D", data, "-m", "immediate", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_machines_share_a_study_through_postgresql(tmp_path, postgres):
+    """The multi-host recipe on one host: one full calibration and one `stages=[search]` worker,
+    separate processes and run folders, one PostgreSQL study; the joining worker waits for the
+    pre-sampling summary, both add trials, the first selects and exports."""
+    n_trials = random.randint(4, 6)
+    common = [*SMALL, f"search.n_trials={n_trials}", f"storage.url={postgres}", "study_name=two-hosts",
+              f"seed={random.randrange(1000)}"]
+    joiner = Calibrate(tmp_path, *common, "stages=[search]", f"hydra.run.dir={tmp_path / 'joiner'}",
+                       hold="trial", hold_dir=tmp_path / "hold-joiner")  # started first: it waits
+    main = Calibrate(tmp_path, *common, f"hydra.run.dir={tmp_path / 'main'}", hold="trial",
+                     hold_dir=tmp_path / "hold-main")
+    pids = [main.held("trial-0"), joiner.held("trial-0")]  # both in a trial at once
+    main.release("trial-0")
+    joiner.release("trial-0")
+    assert joiner.wait() == 0, joiner.output()[-4000:]
+    assert main.wait() == 0, main.output()[-4000:]
+    assert "waiting for study 'two-hosts' to get its pre-sampling summary" in joiner.output()
+
+    trials = study_trials(postgres, "two-hosts")
+    done = check_trials(trials, n_trials, killed=[])
+    assert {t.user_attrs["worker"]["pid"] for t in done} == set(pids)
+    assert (tmp_path / "main" / "policy.yaml").exists() and not (tmp_path / "joiner" / "policy.yaml").exists()
+    parent, children = mlflow_runs(tmp_path / "mlflow.db")  # the joiner logged into the main run's parent
+    assert parent.info.status == "FINISHED"
+    check_children(children, trials)
