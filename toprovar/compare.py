@@ -106,7 +106,7 @@ def default_cfg_skip(n_scales: int) -> int:
 
     On Infinity's 13-scale 1M schedule that is the 48×48 and 64×64 scales, 61 % of the tokens. On
     `tiny` (11 scales): 1.43× fewer FLOPs at SSIM 0.996 and geneval-lite within noise (binary
-    −0.010 ± 0.010, share −0.008 ± 0.006, 96 prompts); earlier starts save more, from scale 4 on
+    −0.005 ± 0.009, share −0.004 ± 0.008, 192 prompts); earlier starts save more, from scale 4 on
     ~1.95× (docs/benchmarks.md, "CFG skip and FastVAR's keep plan on `tiny`").
     """
     return max(n_scales - 2, 0)
