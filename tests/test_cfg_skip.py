@@ -62,7 +62,8 @@ def test_skip_combines_with_every_method_and_must_lie_in_the_schedule(method) ->
     policy = policy_from_dict(doc)
     assert policy.guidance.skip_uncond_from_scale == 12 and policy.method == method
     assert check_policy_for_backbone(policy, backbone="infinity-2b", n_scales=13, depth=32) is policy
-    with pytest.raises(UserError, match=r"guidance.skip_uncond_from_scale: got 12, expected a scale index in \[0, 10\]"):
+    expected = r"guidance.skip_uncond_from_scale: got 12, expected a scale index in \[0, 10\]"
+    with pytest.raises(UserError, match=expected):
         check_policy_for_backbone(policy, backbone="tiny", n_scales=11, depth=32)
     assert policy_from_dict({"method": method, "fastvar": doc.get("fastvar")}).guidance.skip_uncond_from_scale is None
 
@@ -99,7 +100,8 @@ def test_skip_is_guidance_one_from_that_scale_on_with_half_the_rows(small) -> No
         for row in layer_flops(skipped.trace):
             per_scale[row["scale"]] = per_scale.get(row["scale"], 0.0) + row["flops_unpruned"]
         assert executed == pytest.approx(sum(u / (2 if si >= skip else 1) for si, u in per_scale.items()))
-        assert all(torch.equal(a, b) for a, b in zip(skipped.bits[:skip], plain.bits[:skip]))  # earlier scales as before
+        # The scales before the skip are the unskipped run's.
+        assert all(torch.equal(a, b) for a, b in zip(skipped.bits[:skip], plain.bits[:skip]))
     unguided = generate(small, PROMPTS[:1], [1], policy=_cfg_skip(2), guidance_scale=1.0)
     assert [r.rows for r in unguided.trace.scales] == [1] * N_SCALES
     assert trace_flops(unguided.trace)[0] == pytest.approx(trace_flops(unguided.trace)[1])  # nothing to skip
@@ -167,7 +169,8 @@ def test_search_knob_covers_never_and_is_fixed_without_guidance(calibrate_config
     summary = PresampleSummary(crossing="below", tau_range=(0.2, 0.6), representative_scale=3, layer_ratios=[2.0, 1.5],
                                band_points=0, prompts=0, scales=N_SCALES)
     assert summary.guided and PresampleSummary.from_json({**summary.to_json(), "guided": False}).guided is False
-    assert PresampleSummary.from_json({k: v for k, v in summary.to_json().items() if k != "guided"}).guided  # old studies
+    old_study = {k: v for k, v in summary.to_json().items() if k != "guided"}
+    assert PresampleSummary.from_json(old_study).guided
     config = calibrate_config("backbone=test-small").search.space
     assert config["skip_uncond_from_scale"] is None  # searched by default
     space = SearchSpace.from_config(config, summary)

@@ -14,8 +14,14 @@ import torch
 from PIL import Image
 
 from toprovar.__main__ import main
-from toprovar.compare import (CFG_SKIP, DEFAULT_METHODS, UNCALIBRATED_DEFAULTS, default_cfg_skip, default_policies,
-                              resolve_methods)
+from toprovar.compare import (
+    CFG_SKIP,
+    DEFAULT_METHODS,
+    UNCALIBRATED_DEFAULTS,
+    default_cfg_skip,
+    default_policies,
+    resolve_methods,
+)
 from toprovar.pipeline import generate
 from toprovar.plots import plot_pruned_tokens, pruned_token_maps
 from toprovar.trace import record_kept_tokens
@@ -189,7 +195,8 @@ def test_cfg_skip_entry_errors(entry: str, match: str) -> None:
 def test_compare_runs_every_builtin_method_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The CPU smoke of `compare backbone=test-small` with every built-in (the GPU run uses infinity-2b)."""
     out = tmp_path / "cmp"
-    main(["compare", "backbone=test-small", "methods=[" + ",".join([*DEFAULT_METHODS, "toprovar-full+cfg_skip:4"]) + "]",
+    methods = [*DEFAULT_METHODS, "toprovar-full+cfg_skip:4"]
+    main(["compare", "backbone=test-small", "methods=[" + ",".join(methods) + "]",
           "n_prompts=2", "batch_size=2", "warmup=0", f"out_dir={out}", f"hydra.run.dir={tmp_path / 'run'}"])
     with open(out / "compare.csv") as handle:
         rows = {r["method"]: r for r in csv.DictReader(handle)}
