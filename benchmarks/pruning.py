@@ -2,6 +2,7 @@
 
     python -m benchmarks.pruning            # Infinity-2B, random weights, 1024², batch 1, CFG 3, bf16
     python -m benchmarks.pruning --smoke    # the same path on CPU with the test-small backbone
+    python -m benchmarks.pruning --skip-uncond-from 11   # the same policy plus a CFG skip from scale 11
 
 Model: Infinity-2B's architecture with seeded random weights (`toprovar.models.transformer.
 random_state_dict`), a random BSQ VAE (d32) and a hashed-word text encoder at T5-XL width, so no
@@ -13,6 +14,8 @@ round((1 − α)·N) tokens — which tokens still comes from the entropy of the
 Attention Entropy on CUDA), as in the real method. α is solved from the FLOP model
 (`toprovar.flops` on the planned keep counts) so that the executed share is 1 − target
 (default: 70 % of the transformer FLOPs removed); the trace then confirms what was executed.
+`--skip-uncond-from S` adds a CFG skip to the policy (`guidance.skip_uncond_from_scale`: only the
+conditional rows from scale S on); the FLOP model counts it, so α is solved for both together.
 
 Measured (CUDA events of the trace, `Trace.total_ms` = scale loop + VAE decode; text encoding
 excluded), median over `--repeats` interleaved rounds after `--warmup` rounds:
@@ -100,12 +103,15 @@ def fixed_policy(depth: int, min_scale: int, alpha: float, protect_layers: int =
 
 
 def planned_flop_ratio(schedule, depth: int, embed_dim: int, ffn_hidden: int, min_scale: int, alpha: float,
-                       protect_layers: int = 1, min_keep: float = 0.1, kv_policy: str = "kept") -> float:
-    """Executed / unpruned transformer FLOPs of `fixed_policy` by the FLOP model (no model run)."""
+                       protect_layers: int = 1, min_keep: float = 0.1, kv_policy: str = "kept",
+                       skip_uncond_from: int | None = None) -> float:
+    """Executed / unpruned transformer FLOPs of `fixed_policy` (with a CFG skip from `skip_uncond_from`)
+    by the FLOP model (no model run)."""
     from toprovar.flops import trace_flops
     from toprovar.trace import LayerRecord, ScaleRecord, Trace
 
-    scales = [ScaleRecord(si, h, w, t * h * w) for si, (t, h, w) in enumerate(schedule)]
+    scales = [ScaleRecord(si, h, w, t * h * w, rows=1 if skip_uncond_from is not None and si >= skip_uncond_from else 2)
+              for si, (t, h, w) in enumerate(schedule)]
     layers = []
     for s in scales:
         n = s.tokens
@@ -138,8 +144,10 @@ class ReplayPruner:
     `probe_layers` > 0 (then the first layers of every scale request it, as the pruner's probes
     do, and it is thrown away: that run isolates the entropy kernel's cost)."""
 
-    def __init__(self, kept_index: dict, exit_from: int | None, probe_layers: int = 0):
+    def __init__(self, kept_index: dict, exit_from: int | None, probe_layers: int = 0,
+                 skip_uncond_from_scale: int | None = None):
         self.kept, self.exit_from, self.probe_layers = kept_index, exit_from, probe_layers
+        self.skip_uncond_from_scale = skip_uncond_from_scale  # the recorded run's CFG skip
 
     def begin(self, ctx) -> None:
         ctx.trace.pruning = {"method": "replay"}
@@ -227,16 +235,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     min_scale = n_scales // 2 if args.min_scale is None else args.min_scale
     if not 0 <= min_scale < n_scales:
         raise UserError(f"--min-scale {min_scale} is outside the schedule's scales 0..{n_scales - 1}")
+    skip = args.skip_uncond_from
+    if skip is not None and not 0 <= skip < n_scales:
+        raise UserError(f"--skip-uncond-from {skip} is outside the schedule's scales 0..{n_scales - 1}")
 
     def ratio_of(a: float) -> float:
         return planned_flop_ratio(schedule, depth, cfg_t.embed_dim, cfg_t.ffn_hidden, min_scale, a,
-                                  kv_policy=args.kv_policy)
+                                  kv_policy=args.kv_policy, skip_uncond_from=skip)
 
     if args.alpha is not None:
         alpha, planned = args.alpha, ratio_of(args.alpha)
     else:
         alpha, planned = solve_alpha(args.target, ratio_of)
     policy = fixed_policy(depth, min_scale, alpha)
+    if skip is not None:
+        from toprovar.policy import GuidanceStage
+
+        policy = dataclasses.replace(policy, guidance=GuidanceStage(skip_uncond_from_scale=skip))
 
     t0 = time.perf_counter()
     backbone = build_backbone(spec, None, device=device, dtype=dtype)
@@ -251,8 +266,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     recorded = generate(backbone, prompt, seed, policy=record_kept_tokens(policy), **kw)
     trace = recorded.trace
     exited = [s.scale for s in trace.scales if s.exited]
-    replay = ReplayPruner(trace.kept_index, exited[0] if exited else None)
-    replay_entropy = ReplayPruner(trace.kept_index, exited[0] if exited else None, policy.token.protect_layers)
+    replay = ReplayPruner(trace.kept_index, exited[0] if exited else None, skip_uncond_from_scale=skip)
+    replay_entropy = ReplayPruner(trace.kept_index, exited[0] if exited else None, policy.token.protect_layers,
+                                  skip_uncond_from_scale=skip)
     for _ in range(args.warmup):
         generate(backbone, prompt, seed, policy=replay, **kw)
         generate(backbone, prompt, seed, policy=replay_entropy, **kw)
@@ -298,7 +314,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "backbone": spec.name, "pixels": pixels, "scales": n_scales, "depth": depth, "batch": 1,
         "guidance_scale": args.guidance_scale, "dtype": str(dtype).replace("torch.", ""), "kv_policy": args.kv_policy,
         "warmup": args.warmup, "repeats": args.repeats, "build_s": build_s,
-        "policy": {"min_scale": min_scale, "alpha": alpha, "D": trace.pruning.get("D"),
+        "policy": {"min_scale": min_scale, "alpha": alpha, "D": trace.pruning.get("D"), "skip_uncond_from_scale": skip,
                    "target_removed": args.target if args.alpha is None else None, "planned_flop_ratio": planned},
         "unpruned_ms": total["unpruned"], "pruned_ms": total["pruned"], "replay_ms": total["replay"],
         "unpruned_loop_ms": loop["unpruned"], "pruned_loop_ms": loop["pruned"], "replay_loop_ms": loop["replay"],
@@ -326,7 +342,9 @@ def report(r: dict[str, Any]) -> str:
          f"scale loop {r['pruned_loop_ms']:.1f}; units of the last timed call {r['pruned_units']}"),
         ("replayed-decisions latency (ms)", f"{r['replay_ms']:.1f}", f"scale loop {r['replay_loop_ms']:.1f}"),
         ("FLOP ratio executed / unpruned", f"{r['flop_ratio']:.3f}",
-         f"planned {p['planned_flop_ratio']:.3f} (min_scale {p['min_scale']}, α {p['alpha']}, D {p['D']})"),
+         f"planned {p['planned_flop_ratio']:.3f} (min_scale {p['min_scale']}, α {p['alpha']}, D {p['D']}"
+         + (f", CFG skip from scale {p['skip_uncond_from_scale']})" if p.get("skip_uncond_from_scale") is not None
+            else ")")),
         ("FLOP-ideal speedup", f"{r['ideal_speedup']:.2f}×",
          "" if p["target_removed"] is None or p["planned_flop_ratio"] <= 1 - p["target_removed"] + 0.01 else
          f"target {p['target_removed']:.0%} removed is out of reach at α {p['alpha']} on this depth/schedule"),
@@ -370,6 +388,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
     ap.add_argument("--cfg", type=float, default=None, help=argparse.SUPPRESS)  # old name of --guidance-scale
     ap.add_argument("--kv-policy", default="kept", choices=("kept", "all"))
+    ap.add_argument("--skip-uncond-from", type=int, default=None, metavar="S",
+                    help="CFG skip: only the conditional rows from scale S on (default: never)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2; --smoke 1)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; --smoke 1)")
     ap.add_argument("--prompt", default="a photo of a corgi wearing sunglasses on a beach")

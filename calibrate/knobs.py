@@ -14,6 +14,10 @@ each parameter keeps one fixed distribution and NSGA-II, GPSampler and multivari
 jointly (a range of α_max that moved with α_min made Optuna treat α_max as a new parameter each
 trial). Parameters that name a policy field directly (`alpha_max` in studies made before the span)
 still turn into the same policy; a knob missing from the parameters keeps its default.
+
+A knob whose policy value may be null ("never") has `never`: knob values at or above
+`never(summary)` are that null, so the search can pick it like any integer (`skip_uncond_from_scale`:
+the scale count means no CFG skip, the policy default, which the warm start clips to).
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ class Knob:
     # A null range in the config means this range, taken from the pre-sampling summary.
     measured: Callable[[Any], tuple] | None = None
     capped: bool = False          # a configured range may not go past the measured range's upper end
+    never: Callable[[Any], int] | None = None  # values >= never(summary) mean null in the policy
 
     @property
     def section(self) -> str:
@@ -69,6 +74,11 @@ KNOBS: tuple[Knob, ...] = (
     Knob("protect_layers", "token.protect_layers", INT, (1, None)),
     Knob("restore", "token.restore", CATEGORICAL, RESTORE_MODES),
     Knob("order", "token.order", CATEGORICAL, ORDERS),
+    # First scale that runs only the conditional rows (CFG skip); `scales` = never. Searched where the
+    # backbone runs guidance (pre-sampling saw 2B rows), fixed to never otherwise.
+    Knob("skip_uncond_from_scale", "guidance.skip_uncond_from_scale", INT, (0, None),
+         measured=lambda summary: (1 if summary.guided else summary.scales, summary.scales), capped=True,
+         never=lambda summary: summary.scales),
 )
 BY_NAME = {knob.name: knob for knob in KNOBS}
 
@@ -102,7 +112,8 @@ def policy_values(params: Mapping[str, Any]) -> dict[str, Any]:
         if knob.name not in params and knob.field != knob.name and knob.field in params:
             value = knob.cast(params[knob.field])  # the policy value itself (studies before the span)
         else:
-            value = knob.cast(params.get(knob.name, defaults[knob.name]))
+            value = params.get(knob.name, defaults[knob.name])
+            value = None if value is None else knob.cast(value)  # None: a `never` knob's default
             if knob.span_of is not None:
                 value = _spanned(knob, value, by_name[knob.span_of])
         by_name[knob.name] = out[knob.path] = value
@@ -119,11 +130,13 @@ def policy_document(params: Mapping[str, Any], summary: Any, backbone: str) -> d
         "version": SCHEMA_VERSION, "method": "toprovar", "variant": "full", "backbone": backbone,
         "scale": {"crossing": summary.crossing},
         "layer": {"mode": "static", "ratios": [max(1.0, float(r)) for r in summary.layer_ratios]},
-        "token": {},
+        "token": {}, "guidance": {},
     }
-    for path, value in policy_values(params).items():
-        section, field = path.split(".")
-        document[section][field] = value
+    for knob in KNOBS:
+        value = policy_values(params)[knob.path]
+        if knob.never is not None and value is not None and value >= knob.never(summary):
+            value = None
+        document[knob.section][knob.field] = value
     for section in ("scale", "layer", "token"):  # the schema's field order, as in every policy file
         order = [f.name for f in fields(getattr(Policy(), section))]
         document[section] = dict(sorted(document[section].items(), key=lambda item: order.index(item[0])))
@@ -218,6 +231,8 @@ class SearchSpace:
             found = self.ranges[knob.name]
             if knob.kind == CATEGORICAL:
                 out[knob.name] = params[knob.name] if params.get(knob.name) in found else found[0]
+            elif knob.never is not None and knob.name in params and params[knob.name] is None:
+                out[knob.name] = found[1]  # never: the top of the range is as close as the space gets
             else:
                 value = knob.cast(params.get(knob.name, found[0]))
                 out[knob.name] = min(max(value, found[0]), found[1])

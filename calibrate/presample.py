@@ -57,6 +57,7 @@ class PresampleSummary:
     band_points: int                    # (prompt, scale) pairs in the high-SSIM band
     prompts: int
     scales: int
+    guided: bool = True                 # the backbone runs classifier-free guidance (2B transformer rows)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -143,7 +144,8 @@ def run_presample(backend: CalibrationBackend, prompts: PromptSet, min_ssim: flo
         crossing=crossing_direction(trend.scale.to_numpy(), trend.rho_mean.to_numpy()),
         tau_range=(round(tau_range[0], 4), round(tau_range[1], 4)),
         representative_scale=rep, layer_ratios=[round(float(r), 6) for r in rep_rows.ratio_median],
-        band_points=int(len(band)), prompts=n, scales=n_scales)
+        band_points=int(len(band)), prompts=n, scales=n_scales,
+        guided=full.traces[0].rows > full.traces[0].batch)
     return PresampleResult(summary, scales, images, layers, full.images, exit_images)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from toprovar.policy import METHODS, ORDERS, RESTORE_MODES, VARIANTS
+from toprovar.policy import FASTVAR_PLANS, METHODS, ORDERS, RESTORE_MODES, VARIANTS
 
 _EXPLORE = os.environ.get("TOPROVAR_HYPOTHESIS") == "explore"
 
@@ -90,10 +90,14 @@ def valid_policy_documents(draw) -> dict[str, Any]:
         fastvar: dict[str, Any] = {"ratios": ratios}
         _maybe(fastvar, draw, {"layers": st.tuples(st.just(start), st.integers(start + 1, 40)).map(list),
                                "cache_scale": st.one_of(st.none(), st.integers(0, min(ratios) - 1))
-                               if ratios and min(ratios) > 0 else st.none()})
+                               if ratios and min(ratios) > 0 else st.none(),
+                               "exit_after_scale": st.one_of(st.none(), st.integers(max(ratios, default=0), MAX_SCALE)),
+                               "plan": st.sampled_from(FASTVAR_PLANS)})
         doc["fastvar"] = fastvar
     if draw(st.booleans()):
         doc["fixed_exit"] = {"exit_scale": draw(scale_index)}
+    if draw(st.booleans()):
+        doc["guidance"] = {"skip_uncond_from_scale": draw(st.one_of(st.none(), scale_index))}
     return doc
 
 

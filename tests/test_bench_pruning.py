@@ -39,6 +39,19 @@ def test_smoke_runs_the_whole_path_on_cpu() -> None:
     assert "| measured speedup, end to end |" in proc.stdout and "| decision overhead" in proc.stdout
 
 
+def test_smoke_with_a_cfg_skip() -> None:
+    """The CFG skip joins the fixed policy: planned = executed FLOPs, and the replay (which carries the
+    skip) runs the same bits."""
+    proc = _bench("--smoke", "--skip-uncond-from", "5")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["policy"]["skip_uncond_from_scale"] == 5 and "CFG skip from scale 5" in proc.stdout
+    assert result["flop_ratio"] == pytest.approx(result["policy"]["planned_flop_ratio"], abs=1e-6)
+    assert result["replay_bits_identical"] is True
+    bad = _bench("--smoke", "--skip-uncond-from", "7")  # test-small has 7 scales
+    assert bad.returncode == 2 and "--skip-uncond-from 7 is outside" in bad.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_without_cuda_it_refuses_in_one_line() -> None:
     proc = _bench()
@@ -55,6 +68,9 @@ def test_fixed_policy_removes_the_target_share_of_infinity_2b_flops() -> None:
 
     alpha, ratio = solve_alpha(0.70, ratio_of)
     assert 0 < alpha < 0.9 and ratio == pytest.approx(0.30, abs=0.005)
+    # A CFG skip from the last scale halves its rows: the same α then executes fewer FLOPs.
+    skipped = planned_flop_ratio(schedule, cfg.depth, cfg.embed_dim, cfg.ffn_hidden, 6, alpha, skip_uncond_from=12)
+    assert ratio / 2 < skipped < ratio
     policy = fixed_policy(cfg.depth, 6, alpha)
     assert policy.token.alpha_min == policy.token.alpha_max == alpha and policy.scale.tau == 0.0
     spec = random_spec("infinity-2b")  # no files needed: random weights, hashed text at T5 width

@@ -37,6 +37,7 @@ def test_tables_cover_every_scale_layer_and_prompt(result):
     lo, hi = res.summary.tau_range
     assert 0.0 <= lo < hi <= 1.0
     assert res.summary.crossing in ("below", "above")
+    assert res.summary.guided  # test-small's default guidance scale is 3: the CFG-skip knob is searched
 
 
 def test_early_exit_ssim_is_measured_against_the_full_image(result):

@@ -227,7 +227,8 @@ def test_params_of_studies_before_the_span_still_make_their_policy():
 
     shipped = yaml.safe_load((POLICY_DIR / "tiny.yaml").read_text())
     summary = PresampleSummary.from_json(shipped["provenance"]["presample"])
-    old_params = {**{k.name: shipped[k.section][k.field] for k in KNOBS if k.name != "alpha_span"},
+    old_params = {**{k.name: shipped[k.section][k.field] for k in KNOBS
+                     if k.name != "alpha_span" and k.section in shipped},
                   "alpha_max": shipped["token"]["alpha_max"]}
     document = PolicyFactory(summary, "tiny").document(old_params)
     assert {section: document[section] for section in ("scale", "layer", "token")} == \
@@ -236,6 +237,7 @@ def test_params_of_studies_before_the_span_still_make_their_policy():
     new_params = {**old_params, "alpha_span": (alpha_max - alpha_min) / (1 - alpha_min)}
     assert policy_values(new_params)["token.alpha_max"] == pytest.approx(alpha_max)  # the span wins over alpha_max
     assert policy_from_dict(document).token == policy_from_dict({**shipped, "provenance": {}}).token
+    assert document["guidance"] == {"skip_uncond_from_scale": None}  # a knob the study did not have: its default
 
 
 def _tradeoff(params):

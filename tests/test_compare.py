@@ -14,7 +14,14 @@ import torch
 from PIL import Image
 
 from toprovar.__main__ import main
-from toprovar.compare import DEFAULT_METHODS, UNCALIBRATED_DEFAULTS, default_policies, resolve_methods
+from toprovar.compare import (
+    CFG_SKIP,
+    DEFAULT_METHODS,
+    UNCALIBRATED_DEFAULTS,
+    default_cfg_skip,
+    default_policies,
+    resolve_methods,
+)
 from toprovar.pipeline import generate
 from toprovar.plots import plot_pruned_tokens, pruned_token_maps
 from toprovar.trace import record_kept_tokens
@@ -85,8 +92,11 @@ def test_compare_errors_are_one_line_exit_2(override: str, match: str, tmp_path:
 def test_default_methods_are_scaled_to_the_backbone() -> None:
     methods = resolve_methods(None, "test-small", 7, 2)
     assert [m.label for m in methods] == list(DEFAULT_METHODS)
-    assert all(m.source == UNCALIBRATED_DEFAULTS for m in methods[1:])
+    assert all(m.source == UNCALIBRATED_DEFAULTS for m in methods[1:] if m.label != CFG_SKIP)
     by_label = {m.label: m.policy for m in methods}
+    assert by_label[CFG_SKIP].method == "none" and by_label[CFG_SKIP].guidance.skip_uncond_from_scale == 5
+    authors = by_label["fastvar_authors"].fastvar  # the authors' Infinity settings moved to the schedule's end
+    assert dict(authors.ratios) == {3: 0.4, 4: 0.5} and authors.exit_after_scale == 4 and authors.cache_scale == 2
     assert by_label["fixed_exit"].fixed_exit.exit_scale == 5
     assert dict(by_label["fastvar"].fastvar.ratios) == {5: 0.4, 6: 0.6} and by_label["fastvar"].fastvar.layers == (1, 2)
     assert [by_label[f"toprovar-{v}"].variant for v in ("scale", "scale_token", "scale_layer", "full")] == \
@@ -99,6 +109,9 @@ def test_default_methods_are_scaled_to_the_backbone() -> None:
     assert big["toprovar-scale_layer"].policy.backbone == "infinity-2b"
     assert big["fixed_exit"].policy.fixed_exit.exit_scale == 11
     assert default_policies(13, 32)["fastvar"].fastvar.layers == (3, 28)  # FastVAR's official blocks at depth 32
+    scaled = default_policies(13, 32)["fastvar_authors"].fastvar  # = the shipped authors' policy of Infinity-2B
+    shipped = resolve_methods(["fastvar_authors"], "infinity-2b", 13, 32)[1]
+    assert shipped.source.startswith("shipped fastvar_authors-infinity-2b") and shipped.policy.fastvar == scaled
     assert resolve_methods(["fastvar"], "test-small", 7, 2)[0].label == "none"  # the baseline always runs first
 
 
@@ -150,3 +163,49 @@ def test_geneval_lite_only_on_tiny() -> None:
     # The compare command scores captions when the prompts are text.
     captions = geneval_scorer("tiny")(scenes_mod.render_uint8(scenes), [s.caption for s in scenes])
     assert all(np.array_equal(captions[k], scores[k]) for k in scores)
+
+
+def test_cfg_skip_entries() -> None:
+    """`cfg_skip[:s]` alone is the baseline with the skip; `<method>+cfg_skip[:s]` adds it to a method."""
+    methods = {m.label: m for m in resolve_methods(["cfg_skip:3", "toprovar-full+cfg_skip", "fastvar+cfg_skip:6",
+                                                     "toprovar@scale+cfg_skip:2", "cfg_skip"], "test-small", 7, 2)}
+    assert list(methods) == ["none", "cfg_skip:3", "toprovar-full+cfg_skip", "fastvar+cfg_skip:6",
+                             "toprovar@scale+cfg_skip:2", "cfg_skip"]
+    skips = {label: m.policy.guidance.skip_uncond_from_scale for label, m in methods.items()}
+    assert skips == {"none": None, "cfg_skip:3": 3, "toprovar-full+cfg_skip": default_cfg_skip(7),
+                     "fastvar+cfg_skip:6": 6, "toprovar@scale+cfg_skip:2": 2, "cfg_skip": 5}
+    assert methods["toprovar-full+cfg_skip"].policy.variant == "full"
+    assert methods["toprovar@scale+cfg_skip:2"].policy.scale.action == "exit"
+    assert methods["fastvar+cfg_skip:6"].policy.fastvar == default_policies(7, 2)["fastvar"].fastvar
+    assert "CFG skip" in methods["cfg_skip:3"].source and all(m.prunes for m in list(methods.values())[1:])
+
+
+@pytest.mark.parametrize("entry, match", [
+    ("cfg_skip:7", r"integer in \[0, 6\]"), ("cfg_skip:x", "integer"), ("cfg_skip:-1", "integer"),
+    ("nope+cfg_skip", "unknown policy 'nope'"),
+])
+def test_cfg_skip_entry_errors(entry: str, match: str) -> None:
+    from toprovar.errors import UserError
+
+    with pytest.raises(UserError, match=match) as err:
+        resolve_methods([entry], "test-small", 7, 2)
+    assert "\n" not in str(err.value)
+
+
+def test_compare_runs_every_builtin_method_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The CPU smoke of `compare backbone=test-small` with every built-in (the GPU run uses infinity-2b)."""
+    out = tmp_path / "cmp"
+    methods = [*DEFAULT_METHODS, "toprovar-full+cfg_skip:4"]
+    main(["compare", "backbone=test-small", "methods=[" + ",".join(methods) + "]",
+          "n_prompts=2", "batch_size=2", "warmup=0", f"out_dir={out}", f"hydra.run.dir={tmp_path / 'run'}"])
+    with open(out / "compare.csv") as handle:
+        rows = {r["method"]: r for r in csv.DictReader(handle)}
+    assert list(rows) == [*DEFAULT_METHODS, "toprovar-full+cfg_skip:4"]
+    # (test-small's random layers all score Global: the scale+layer variant skips none of them.)
+    assert all(float(rows[m]["flop_ratio"]) < 1.0 for m in list(rows)[1:] if m != "toprovar-scale_layer")
+    # The skip halves the rows of the last two of 7 scales: a fixed share of the work, whatever the images.
+    assert float(rows[CFG_SKIP]["flop_speedup"]) > 1.2
+    assert float(rows["toprovar-full+cfg_skip:4"]["flop_ratio"]) < float(rows["toprovar-full"]["flop_ratio"])
+    md = (out / "compare.md").read_text()
+    assert "skip_uncond_from_scale: 5" in md and "exit_after_scale: 4" in md
+    assert "| cfg_skip |" in capsys.readouterr().out

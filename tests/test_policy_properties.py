@@ -96,5 +96,8 @@ def test_backbone_check_accepts_or_fails_in_one_line(doc, n_scales, depth, backb
         assert policy.layer.ratios is None or len(policy.layer.ratios) == depth
     elif policy.method == "fastvar":
         assert max(policy.fastvar.ratios) < n_scales and policy.fastvar.layers[1] <= depth
+        assert policy.fastvar.exit_after_scale is None or policy.fastvar.exit_after_scale < n_scales
     elif policy.method == "fixed_exit":
         assert policy.fixed_exit.exit_scale < n_scales
+    skip = policy.guidance.skip_uncond_from_scale
+    assert skip is None or skip < n_scales  # any method

@@ -12,16 +12,23 @@ and writes, into the run folder:
 
 Methods (`methods:` in the config, a list) are policy names or YAML paths as
 `toprovar.policy.load_policy` reads them, `none` (the baseline, always run first), and the
-built-in peers `fastvar`, `fixed_exit`, `toprovar` and the Table 10 ablations `toprovar-scale`,
-`toprovar-scale_token`, `toprovar-scale_layer`, `toprovar-full`. A built-in resolves to the
-backbone's shipped policy (`fastvar-<backbone>`, `fixed_exit-<backbone>`, `<backbone>`) when the
-package has one, otherwise to defaults scaled to the backbone's schedule and depth
-(`default_policies`), which the table marks "defaults, not calibrated". `<policy>@<variant>`
-runs a ToProVAR policy as one of the Table 10 variants. The `scale` variant stops refining after
-D (`scale.action: exit`, "Scale Depth Loc."); the others keep the policy's action. Every method's
-policy must fit the run (its backbone unless `allow_other_backbone`, the schedule's scales, the
-depth: `toprovar.policy.check_policy_for_backbone`); one that does not is a one-line error before
-any weights load.
+built-in peers `fastvar` (the ToProVAR paper's Table 8 configuration), `fastvar_authors` (the
+configuration csguoh/FastVAR ships for Infinity), `fixed_exit`, `toprovar` and the Table 10
+ablations `toprovar-scale`, `toprovar-scale_token`, `toprovar-scale_layer`, `toprovar-full`. A
+built-in resolves to the backbone's shipped policy (`fastvar-<backbone>`,
+`fastvar_authors-<backbone>`, `fixed_exit-<backbone>`, `<backbone>`) when the package has one,
+otherwise to defaults scaled to the backbone's schedule and depth (`default_policies`), which
+the table marks "defaults, not calibrated". `<policy>@<variant>` runs a ToProVAR policy as one of
+the Table 10 variants. The `scale` variant stops refining after D (`scale.action: exit`, "Scale
+Depth Loc."); the others keep the policy's action. Every method's policy must fit the run (its
+backbone unless `allow_other_backbone`, the schedule's scales, the depth:
+`toprovar.policy.check_policy_for_backbone`); one that does not is a one-line error before any
+weights load.
+
+CFG skip (SkipVAR, StageVAR and LD-Pruning drop the unconditional branch at late scales):
+`cfg_skip` is the baseline with only the conditional rows from `default_cfg_skip(n_scales)` on
+(`guidance.skip_uncond_from_scale`), `cfg_skip:<s>` from scale s; any other entry followed by
+`+cfg_skip` or `+cfg_skip:<s>` runs that method with the skip (e.g. `toprovar-full+cfg_skip:10`).
 
 Latency: the median over prompts of the milliseconds per image of the call that generated it
 (`Trace.total_ms`: scale loop + VAE decode, text encoding excluded; CUDA events on GPU), after one
@@ -45,6 +52,7 @@ from toprovar.cli import generation_settings, prompts_and_seeds
 from toprovar.errors import UserError
 from toprovar.policy import (
     VARIANTS,
+    GuidanceStage,
     Policy,
     check_policy_for_backbone,
     load_policy,
@@ -52,9 +60,10 @@ from toprovar.policy import (
     shipped_policies,
 )
 
-BUILTIN_BASES = ("fastvar", "fixed_exit", "toprovar")
-DEFAULT_METHODS = ("none", "fastvar", "fixed_exit", "toprovar-scale", "toprovar-scale_token",
-                   "toprovar-scale_layer", "toprovar-full")
+BUILTIN_BASES = ("fastvar", "fastvar_authors", "fixed_exit", "toprovar")
+CFG_SKIP = "cfg_skip"
+DEFAULT_METHODS = ("none", "fastvar", "fastvar_authors", "fixed_exit", "toprovar-scale", "toprovar-scale_token",
+                   "toprovar-scale_layer", "toprovar-full", CFG_SKIP)
 DEFAULT_PROMPTS = (
     "a red fox sitting in fresh snow, morning light",
     "an old lighthouse on a rocky coast during a storm",
@@ -79,7 +88,8 @@ class Method:
 
     @property
     def prunes(self) -> bool:
-        return self.policy.method != "none"
+        """Runs less than the baseline: a pruning method, or the baseline with a CFG skip."""
+        return self.policy.method != "none" or self.policy.guidance.skip_uncond_from_scale is not None
 
 
 def fastvar_layers(depth: int) -> tuple[int, int]:
@@ -91,12 +101,26 @@ def fastvar_layers(depth: int) -> tuple[int, int]:
     return start, end
 
 
+def default_cfg_skip(n_scales: int) -> int:
+    """The built-in `cfg_skip`'s first conditional-only scale: the last two scales (n − 2).
+
+    On Infinity's 13-scale 1M schedule that is the 48×48 and 64×64 scales, 61 % of the tokens. On
+    `tiny` (11 scales): 1.43× fewer FLOPs at SSIM 0.996 and geneval-lite within noise (binary
+    −0.005 ± 0.009, share −0.004 ± 0.008, 192 prompts); earlier starts save more, from scale 4 on
+    ~1.95× (docs/benchmarks.md, "CFG skip and FastVAR's keep plan on `tiny`").
+    """
+    return max(n_scales - 2, 0)
+
+
 def default_policies(n_scales: int, depth: int) -> dict[str, Policy]:
     """The peers for a backbone without shipped policies, scaled to its schedule and depth.
 
     * fixed_exit: the second-to-last scale is the last that runs.
     * fastvar: the last two scales at the paper's ratios (0.4, 0.6; Table 8), the middle blocks
       (`fastvar_layers`), branch outputs cached at the scale before.
+    * fastvar_authors: csguoh/FastVAR's Infinity configuration moved to the schedule's end: the
+      4th and 3rd scales from the end at 0.4 and 0.5 (Infinity 1M: the 32×32 and 40×40 scales),
+      the last two scales skipped (`exit_after_scale`), the middle blocks, the cache before.
     * toprovar: the paper's knobs (τ 0.4, β 1, α 0.1–0.6, min_keep 0.1, one probe layer), online
       layer scores at the scale before min_scale, min_scale = the middle scale n // 2, and
       `crossing: above` (section 4: D = first scale ≥ min_scale with ρ_s ≥ τ). Without measured
@@ -108,12 +132,18 @@ def default_policies(n_scales: int, depth: int) -> dict[str, Policy]:
     source = {"calibrated": False, "source": f"toprovar.compare.default_policies({n_scales} scales, depth {depth})"}
     start, end = fastvar_layers(depth)
     fastvar_ratios = {last - 1: 0.4, last: 0.6} if n_scales >= 3 else {last: 0.6}
+    authors_ratios = {last - 3: 0.4, last - 2: 0.5} if n_scales >= 5 else {last: 0.5}
     return {
         "fixed_exit": policy_from_dict({"method": "fixed_exit", "fixed_exit": {"exit_scale": max(last - 1, 0)},
                                         "provenance": source}, name="fixed_exit"),
         "fastvar": policy_from_dict({"method": "fastvar", "provenance": source,
                                      "fastvar": {"ratios": fastvar_ratios, "layers": [start, end],
                                                  "cache_scale": max(min(fastvar_ratios) - 1, 0)}}, name="fastvar"),
+        "fastvar_authors": policy_from_dict({
+            "method": "fastvar", "provenance": source,
+            "fastvar": {"ratios": authors_ratios, "layers": [start, end], "plan": "per_scale",
+                        "cache_scale": min(authors_ratios) - 1 if min(authors_ratios) > 0 else None,
+                        "exit_after_scale": max(authors_ratios)}}, name="fastvar_authors"),
         "toprovar": policy_from_dict({"method": "toprovar", "variant": "full", "provenance": source,
                                       "scale": {"tau": 0.4, "crossing": "above", "action": "start_pruning",
                                                 "min_scale": n_scales // 2},
@@ -139,6 +169,21 @@ def _provenance(policy: Policy) -> str:
     return {True: "calibrated", False: "not calibrated"}.get(calibrated, "calibration not recorded")
 
 
+def _cfg_skip_suffix(text: str, n_scales: int) -> tuple[str, int | None]:
+    """`X+cfg_skip[:s]` -> (X, s); `cfg_skip[:s]` -> ('none', s); anything else -> (text, None)."""
+    head, plus, tail = text.rpartition("+")
+    entry, skip = (head, tail) if plus else ("none", text)
+    name, colon, scale = skip.partition(":")
+    if name != CFG_SKIP:
+        return text, None
+    if not colon:
+        return entry, default_cfg_skip(n_scales)
+    if not scale.isdigit() or int(scale) >= n_scales:
+        raise UserError(f"methods: {text}: the CFG skip's scale must be an integer in [0, {n_scales - 1}] (the "
+                        f"first scale that runs only the conditional rows), e.g. {CFG_SKIP}:{default_cfg_skip(n_scales)}")
+    return entry, int(scale)
+
+
 def resolve_method(entry: Any, backbone: str, n_scales: int, depth: int, *, pixels: str | None = None,
                    allow_other_backbone: bool = False) -> Method:
     """One entry of `methods` -> Method. One-line UserErrors, before any weights load, for unknown
@@ -146,14 +191,22 @@ def resolve_method(entry: Any, backbone: str, n_scales: int, depth: int, *, pixe
     `allow_other_backbone`), scales past the schedule of `n_scales`, layers past `depth`
     (`toprovar.policy.check_policy_for_backbone`)."""
     text = str(entry).strip()
+    inner, skip = _cfg_skip_suffix(text, n_scales)
+    if skip is not None:
+        method = resolve_method(inner, backbone, n_scales, depth, pixels=pixels,
+                                allow_other_backbone=allow_other_backbone)
+        policy = dataclasses.replace(method.policy, guidance=GuidanceStage(skip_uncond_from_scale=skip))
+        return Method(text, policy, f"{method.source}; conditional rows only from scale {skip} (CFG skip)")
     if text in ("none", "baseline"):
         return Method("none", Policy(method="none", name="none"), "baseline (no pruning)")
     base, _, variant = text.partition("@")
     if base.startswith("toprovar-") and base[len("toprovar-"):] in VARIANTS and not variant:
         base, variant = "toprovar", base[len("toprovar-"):]
     if base in BUILTIN_BASES:
-        shipped = {"fastvar": f"fastvar-{backbone}", "fixed_exit": f"fixed_exit-{backbone}", "toprovar": backbone}[base]
-        if shipped in shipped_policies() and load_policy(shipped).method == base:
+        shipped = {"fastvar": f"fastvar-{backbone}", "fastvar_authors": f"fastvar_authors-{backbone}",
+                   "fixed_exit": f"fixed_exit-{backbone}", "toprovar": backbone}[base]
+        method = "fastvar" if base == "fastvar_authors" else base
+        if shipped in shipped_policies() and load_policy(shipped).method == method:
             policy = load_policy(shipped)
             source = f"shipped {shipped}, {_provenance(policy)}"
         else:
@@ -165,7 +218,8 @@ def resolve_method(entry: Any, backbone: str, n_scales: int, depth: int, *, pixe
         except UserError as err:
             if str(err).startswith("unknown policy"):
                 raise UserError(f"methods: {err}; or a built-in: none, {', '.join(BUILTIN_BASES)}, "
-                                f"{', '.join('toprovar-' + v for v in VARIANTS)}") from None
+                                f"{', '.join('toprovar-' + v for v in VARIANTS)}, {CFG_SKIP}[:<scale>], "
+                                f"<method>+{CFG_SKIP}[:<scale>]") from None
             raise UserError(f"methods: {err}") from None
         where = "file" if Path(base).suffix or Path(base).exists() else "shipped"
         source = f"{where} {base}, {_provenance(policy)}"
@@ -201,14 +255,31 @@ def resolve_methods(entries: Sequence[Any] | None, backbone: str, n_scales: int,
     return baseline + [m for m in methods if m.prunes]
 
 
-def schedule_notes(method: Method, n_scales: int) -> list[str]:
+def schedule_notes(method: Method, n_scales: int, guided: bool = True) -> list[str]:
     """Settings of a policy that fit the run but do nothing on it (shown, not fatal; what does not
-    fit was refused by `resolve_method`)."""
-    p = method.policy
+    fit was refused by `resolve_method`). `guided`: the run has classifier-free guidance."""
+    p, notes = method.policy, []
     if p.method == "fixed_exit" and p.fixed_exit.exit_scale == n_scales - 1:
-        return [f"{method.label}: fixed_exit.exit_scale={p.fixed_exit.exit_scale} is the last scale of "
-                f"{n_scales}: it exits nothing"]
-    return []
+        notes.append(f"{method.label}: fixed_exit.exit_scale={p.fixed_exit.exit_scale} is the last scale of "
+                     f"{n_scales}: it exits nothing")
+    if p.method == "fastvar" and p.fastvar.exit_after_scale == n_scales - 1:
+        notes.append(f"{method.label}: fastvar.exit_after_scale={p.fastvar.exit_after_scale} is the last scale of "
+                     f"{n_scales}: it exits nothing")
+    skip = p.guidance.skip_uncond_from_scale
+    if skip is not None and not guided:
+        notes.append(f"{method.label}: guidance.skip_uncond_from_scale={skip} saves nothing: the run has no "
+                     "classifier-free guidance (guidance_scale 1)")
+    return notes
+
+
+def guided(guidance_scale: Any) -> bool:
+    """Whether a guidance_scale setting (one number or one per scale) runs classifier-free guidance."""
+    try:
+        many = isinstance(guidance_scale, Sequence) and not isinstance(guidance_scale, str)
+        values = [float(v) for v in guidance_scale] if many else [float(guidance_scale)]
+    except (TypeError, ValueError):
+        return True  # not a number: generate reports it
+    return any(v != 1 for v in values)
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -254,6 +325,8 @@ def policy_sections(policy: Policy) -> dict[str, Any]:
     """The policy as a dict with only the sections its method reads."""
     used = {"toprovar": ("variant", "scale", "layer", "token"), "fastvar": ("fastvar",),
             "fixed_exit": ("fixed_exit",)}.get(policy.method, ())
+    if policy.guidance.skip_uncond_from_scale is not None:
+        used = (*used, "guidance")
     full = policy.to_dict()
     return {k: v for k, v in full.items() if k in ("version", "method", "backbone", "provenance") or k in used}
 
@@ -304,7 +377,8 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
     n_scales, depth = len(schedule), spec.transformer.depth
     methods = resolve_methods(cfg.get("methods"), name, n_scales, depth, pixels=settings.get("pixels"),
                               allow_other_backbone=bool(cfg.get("allow_other_backbone")))
-    notes = [n for m in methods for n in schedule_notes(m, n_scales)]
+    with_cfg = guided(settings.get("guidance_scale", spec.guidance_scale))
+    notes = [n for m in methods for n in schedule_notes(m, n_scales, with_cfg)]
     for note in notes:
         warnings.warn(note, stacklevel=2)
     prompts, seeds, specs = _prompts(cfg, name)

@@ -5,6 +5,8 @@ Counted (multiply-add = 2 FLOPs), per batch row, as in ../shared/reference/ancho
     4C², FFN 4·C·F (28C² for F = 4C), for the tokens that ran the block;
   * self-attention 4·C·Lq·Lk with Lk the layer's KV-cache length after this scale's append
     (kv_policy 'kept': only tokens that ran were appended; 'all': every token of a block that ran).
+Executed work counts the rows each scale ran (`ScaleRecord.rows`: B instead of 2B from a CFG
+skip's scale on); the unpruned reference keeps the trace's rows (2B under guidance) at every scale.
 Not counted (identical for every policy or negligible): text encoding, cross-attention scores
 against the text (≤ 512 keys), the text K/V projections, embeddings, the head and sampling, and
 the VAE decode. Scales a policy exited before are counted as unpruned work that did not run.
@@ -44,7 +46,8 @@ def layer_flops(trace: Any, spec: Any | None = None) -> list[dict]:
             if kept:
                 fill_exec[li] += kept if trace.kv_policy == "kept" else n
             fill_full[li] += n
-            executed = rows * (per_token * kept + (4.0 * c * kept * fill_exec[li] if kept else 0.0))
+            ran_rows = getattr(s, "rows", 0) or rows
+            executed = ran_rows * (per_token * kept + (4.0 * c * kept * fill_exec[li] if kept else 0.0))
             unpruned = rows * (per_token * n + 4.0 * c * n * fill_full[li])
             out.append({"scale": s.scale, "layer": li, "tokens": n, "kept": kept,
                         "flops_executed": executed, "flops_unpruned": unpruned})

@@ -54,7 +54,7 @@ from torch import Tensor
 from toprovar.attention import prefer_cudnn_attention
 from toprovar.errors import UserError
 from toprovar.models.registry import Backbone
-from toprovar.models.transformer import KV_POLICIES, InfinityTransformer, RopeSlice, TextKV
+from toprovar.models.transformer import KV_POLICIES, Condition, InfinityTransformer, KVCache, RopeSlice, TextKV
 from toprovar.models.vae import BSQVAE
 from toprovar.pruning import NoPruner, Pruner, PrunerContext, as_pruner
 from toprovar.renames import RENAMED, renamed_settings
@@ -112,26 +112,49 @@ def resolve_fast(fast: bool | FastOptions | None, device: torch.device) -> FastO
     raise UserError(f"fast={fast!r}; give True, False, None (auto: on for CUDA) or a FastOptions")
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """What the blocks and the head read for the rows one scale runs: every row, or from a CFG
+    skip's scale on only the conditional ones (`first_rows`: views of the same tensors, so the
+    dropped rows' KV cache is neither read nor written and nothing is copied)."""
+
+    cond: Condition  # text condition: pooled text, shared AdaLN vectors, text K/V per block
+    ada: Sequence[Tensor] | None  # per block `block.ada(cond.gss)` (fused blocks), else None
+    cache: KVCache
+
+    def first_rows(self, rows: int) -> _Rows:
+        if rows == self.cond.rows:
+            return self
+        return _Rows(self.cond.first_rows(rows), None if self.ada is None else [a[:rows] for a in self.ada],
+                     self.cache.first_rows(rows))
+
+
+def _views(full: _Rows, scale_rows: Sequence[int]) -> dict[int, _Rows]:
+    """Row count -> the inputs of that many rows, for every row count of the schedule."""
+    return {rows: full.first_rows(rows) for rows in set(scale_rows)}
+
+
 class _ScaleGraphs:
     """Static buffers (KV cache, AdaLN vectors, text K/V, pooled text, per-scale inputs) and one
-    CUDA graph per scale for one key. On CPU the per-scale step is a direct call on the buffers."""
+    CUDA graph per scale for one key. On CPU the per-scale step is a direct call on the buffers.
+    A scale after a CFG skip runs on views of the first `batch` rows of the buffers."""
 
-    def __init__(self, model: InfinityTransformer, key: tuple, *, schedule, rows: int, batch: int,
+    def __init__(self, model: InfinityTransformer, key: tuple, *, schedule, scale_rows: Sequence[int], batch: int,
                  cond, rope: Tensor, dtype: torch.dtype, device: torch.device, sampling: GuidedSampling,
                  fused: bool, gelu_epilogue: bool = False):
-        self.model, self.key, self.rows, self.batch = model, key, rows, batch
+        self.model, self.key, self.scale_rows, self.batch = model, key, tuple(scale_rows), batch
         self.sampling, self.fused = sampling, fused
         self.gelu_epilogue = gelu_epilogue
         self.tokens = tokens_per_scale(schedule)
         self.offsets = [sum(self.tokens[:i]) for i in range(len(self.tokens))]
         self.cuda = device.type == "cuda"
-        self.cache = model.new_cache(rows, sum(self.tokens), dtype, device)
+        self.cache = model.new_cache(cond.rows, sum(self.tokens), dtype, device)
         self.rope = rope
-        self.gss = torch.empty_like(cond.gss)
+        self.cond = Condition(torch.empty_like(cond.cond_BD), torch.empty_like(cond.gss),
+                              [TextKV(torch.empty_like(t.k), torch.empty_like(t.v),
+                                      None if t.mask is None else torch.empty_like(t.mask)) for t in cond.text])
         self.ada = torch.empty((model.depth, *cond.gss.shape), dtype=torch.float32, device=device)
-        self.cond_BD = torch.empty_like(cond.cond_BD)
-        self.text = [TextKV(torch.empty_like(t.k), torch.empty_like(t.v),
-                            None if t.mask is None else torch.empty_like(t.mask)) for t in cond.text]
+        self.views = _views(_Rows(self.cond, list(self.ada), self.cache), self.scale_rows)
         self.x_in: dict[int, Tensor] = {}
         self.graphs: dict[int, tuple[Any, Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
@@ -143,30 +166,35 @@ class _ScaleGraphs:
         for block in model.blocks:  # constants made on the main stream, before any capture
             block._fast_constants()
 
+    def at(self, si: int) -> _Rows:
+        """The static inputs of the rows scale si runs (views of the buffers)."""
+        return self.views[self.scale_rows[si]]
+
     def load(self, cond) -> None:
         """Copy this call's text-dependent inputs into the static buffers."""
-        self.gss.copy_(cond.gss)
-        with torch.autocast(self.gss.device.type, enabled=False):
+        static = self.cond
+        static.gss.copy_(cond.gss)
+        with torch.autocast(static.gss.device.type, enabled=False):
             for li, block in enumerate(self.model.blocks):
                 self.ada[li].copy_(block.ada(cond.gss))
-        self.cond_BD.copy_(cond.cond_BD)
-        for dst, src in zip(self.text, cond.text):
+        static.cond_BD.copy_(cond.cond_BD)
+        for dst, src in zip(static.text, cond.text):
             dst.k.copy_(src.k)
             dst.v.copy_(src.v)
             if dst.mask is not None:
                 dst.mask.copy_(src.mask)
 
     def _body(self, si: int) -> Tensor:
-        model, x, n, off = self.model, self.x_in[si], self.tokens[si], self.offsets[si]
+        model, x, n, off, r = self.model, self.x_in[si], self.tokens[si], self.offsets[si], self.at(si)
         self.cache.set_fill(off)
         rope_si = RopeSlice(self.rope[0, off:off + n], self.rope[1, off:off + n])
         for li, block in enumerate(model.blocks):
             if self.fused:
-                x, _ = block.forward_fast(x, self.ada[li], self.text[li], rope_si, self.cache[li],
+                x, _ = block.forward_fast(x, r.ada[li], r.cond.text[li], rope_si, r.cache[li],
                                           gelu_epilogue=self.gelu_epilogue)
             else:
-                x, _ = block(x, self.gss, self.text[li], rope_si, self.cache[li])
-        return self.sampling.probs(model.logits(x, self.cond_BD), si, self.batch)
+                x, _ = block(x, r.cond.gss, r.cond.text[li], rope_si, r.cache[li])
+        return self.sampling.probs(model.logits(x, r.cond.cond_BD), si, self.batch)
 
     def run(self, si: int, x: Tensor) -> Tensor:
         """Bit probabilities `(B, n * d, 2)` of scale `si` from its input tokens `x`."""
@@ -253,9 +281,10 @@ class _ScaleGraphs:
                 bases.append(base)
             geometry.append((slot, tuple(keep.shape), keep.stride(), keep.storage_offset() - base.storage_offset()))
         key = ("layers", si, layers.start, layers.stop, tuple(None if k is None else c for k, c in zip(keeps, counts)),
-               tuple(wants), tuple(fills), kv_policy, x.dtype, tuple(tuple(b.shape) for b in bases), tuple(geometry))
+               tuple(wants), tuple(fills), kv_policy, tuple(x.shape), x.dtype, tuple(tuple(b.shape) for b in bases),
+               tuple(geometry))
         rope_si = RopeSlice(self.rope[0, off:off + n], self.rope[1, off:off + n])
-        model = self.model
+        model, r = self.model, self.at(si)
 
         def prepare() -> None:
             for li, fill in zip(layers, fills):
@@ -268,8 +297,8 @@ class _ScaleGraphs:
             for j, li in enumerate(layers):
                 keep, ent = given.get(j), None
                 if counts[j]:
-                    x, ent = _run_block(model.blocks[li], x, self.ada[li], self.gss, self.text[li], rope_si,
-                                        self.cache[li], keep=keep, entropy=wants[j], kv_policy=kv_policy,
+                    x, ent = _run_block(model.blocks[li], x, r.ada[li], r.cond.gss, r.cond.text[li], rope_si,
+                                        r.cache[li], keep=keep, entropy=wants[j], kv_policy=kv_policy,
                                         fused=self.fused, gelu_epilogue=self.gelu_epilogue)
                 ents.append(ent)
             return x, ents
@@ -281,10 +310,12 @@ class _ScaleGraphs:
 
     def run_head(self, si: int, x: Tensor) -> Tensor:
         """Bit probabilities of scale si from the final hidden states (head, guidance, top-k/p)."""
-        def fn(x: Tensor) -> Tensor:
-            return self.sampling.probs(self.model.logits(x, self.cond_BD), si, self.batch)
+        cond_BD = self.at(si).cond.cond_BD
 
-        return self._unit(("head", si, x.dtype), fn, [x], lambda: None)
+        def fn(x: Tensor) -> Tensor:
+            return self.sampling.probs(self.model.logits(x, cond_BD), si, self.batch)
+
+        return self._unit(("head", si, tuple(x.shape), x.dtype), fn, [x], lambda: None)
 
 
 def release_fast_state(model: InfinityTransformer) -> None:
@@ -360,7 +391,8 @@ class _Call:
     h_div_w: float
     schedule: list[tuple[int, int, int]]
     batch: int  # images
-    rows: int  # transformer rows: 2 * batch with guidance (conditional rows first)
+    rows: int  # transformer rows at scale 0: 2 * batch with guidance (conditional rows first)
+    scale_rows: tuple[int, ...]  # rows per scale: `batch` from the policy's CFG skip on
     sampling: GuidedSampling
     pruner: Pruner
     opts: FastOptions | None
@@ -370,11 +402,11 @@ class _Call:
     kv_policy: str
     trace: Trace
     runtime: dict[str, Any]
-    cond: Any = None  # `InfinityTransformer.encode_condition`'s text condition
     rope: Tensor | None = None
     graphs: _ScaleGraphs | None = None  # the static buffers (whole_scale or planned)
-    cache: Any = None  # the KV cache (the static one when there are static buffers)
-    ada: list[Tensor] | None = None  # AdaLN vectors per block, for fused eager blocks
+    # Text condition, AdaLN vectors (fused eager blocks) and KV cache (the static one when there
+    # are static buffers), per row count of the schedule: views of the first rows after a CFG skip.
+    views: dict[int, _Rows] = field(default_factory=dict)
     generators: list[torch.Generator] = field(default_factory=list)
     vae_schedule: list = field(default_factory=list)
     units_before: dict[str, int] = field(default_factory=dict)
@@ -383,6 +415,10 @@ class _Call:
     @property
     def model(self) -> InfinityTransformer:
         return self.backbone.transformer
+
+    def at(self, si: int) -> _Rows:
+        """The condition, AdaLN vectors and KV cache of the rows scale si runs."""
+        return self.views[self.scale_rows[si]]
 
     @property
     def static(self) -> bool:
@@ -407,12 +443,17 @@ def _prepare(backbone: Backbone, prompts: list[str], seeds: list[int], *, guidan
         raise UserError(f"kv_policy={kv_policy!r}; choose one of {', '.join(KV_POLICIES)}")
     spec, model = backbone.spec, backbone.transformer
     schedule = spec.schedules.scale_schedule(h_div_w, pixels or spec.pixels)
-    sampling = GuidedSampling.per_scale(spec.guidance_scale if guidance_scale is None else guidance_scale,
-                                        spec.temperature if temperature is None else temperature,
+    pruner = as_pruner(policy)
+    guidance = spec.guidance_scale if guidance_scale is None else guidance_scale
+    reference = GuidedSampling.per_scale(guidance, 1.0, len(schedule), top_k, top_p)
+    skip = getattr(pruner, "skip_uncond_from_scale", None)
+    if skip is not None:  # CFG skip: guidance scale 1 from there on, so those scales need no unconditional rows
+        guidance = [g if si < skip else 1.0 for si, g in enumerate(reference.guidance_scale)]
+    sampling = GuidedSampling.per_scale(guidance, spec.temperature if temperature is None else temperature,
                                         len(schedule), top_k, top_p)
     batch = len(prompts)
     rows = 2 * batch if sampling.guided else batch
-    pruner = as_pruner(policy)
+    scale_rows = tuple(rows if skip is None or si < skip else batch for si in range(len(schedule)))
     opts = resolve_fast(fast, backbone.device)
     # Static buffers + CUDA graphs: the whole scale as one graph without a pruner; with a pruner
     # whose scales follow a plan fixed after their probe layers (`static_plan`), the probe layers,
@@ -423,10 +464,12 @@ def _prepare(backbone: Backbone, prompts: list[str], seeds: list[int], *, guidan
     runtime = {"fast": None if opts is None else vars(opts).copy(), "graph_loop": whole_scale,
                "planned_units": planned, "device": str(backbone.device)}
     tokens = tokens_per_scale(schedule)
-    trace = Trace(backbone=spec.name, batch=batch, schedule=schedule, rows=rows, kv_policy=kv_policy,
-                  embed_dim=model.config.embed_dim, ffn_hidden=model.config.ffn_hidden, depth=model.depth,
-                  scales=[ScaleRecord(si, h, w, tokens[si]) for si, (_, h, w) in enumerate(schedule)])
-    return _Call(backbone, h_div_w, schedule, batch, rows, sampling, pruner, opts, whole_scale, planned,
+    # The trace's rows are the unpruned reference's (2B under guidance): FLOPs count a CFG skip as saved work.
+    trace = Trace(backbone=spec.name, batch=batch, schedule=schedule, rows=2 * batch if reference.guided else batch,
+                  kv_policy=kv_policy, embed_dim=model.config.embed_dim, ffn_hidden=model.config.ffn_hidden,
+                  depth=model.depth, scales=[ScaleRecord(si, h, w, tokens[si], rows=scale_rows[si])
+                                             for si, (_, h, w) in enumerate(schedule)])
+    return _Call(backbone, h_div_w, schedule, batch, rows, scale_rows, sampling, pruner, opts, whole_scale, planned,
                  record_entropy, kv_policy, trace, runtime)
 
 
@@ -444,30 +487,30 @@ def _condition(call: _Call, features: Tensor, lengths: list[int], seeds: list[in
     """Text condition, RoPE table, KV cache (in the static buffers when the call has them), AdaLN
     vectors, generators; starts the pruner. Returns the first scale's input tokens."""
     bb, model = call.backbone, call.model
-    call.cond = model.encode_condition(features, lengths, with_uncond=call.sampling.guided)
+    cond = model.encode_condition(features, lengths, with_uncond=call.sampling.guided)
     call.rope = model.rope_table(bb.spec.schedules.full_schedule(call.h_div_w), bb.device)
     if call.static:
-        text = call.cond.text[0]
-        key = (tuple(call.schedule), call.rows, call.batch, tuple(text.k.shape), text.mask is not None, call.sampling,
-               call.fused, call.opts.cudnn_attention, call.opts.gelu_epilogue, bb.dtype, str(bb.device))
-        call.graphs, fresh = _scale_graphs(model, key, schedule=call.schedule, rows=call.rows, batch=call.batch,
-                                           cond=call.cond, rope=call.rope, dtype=bb.dtype, device=bb.device,
-                                           sampling=call.sampling, fused=call.fused,
+        text = cond.text[0]
+        key = (tuple(call.schedule), call.scale_rows, call.batch, tuple(text.k.shape), text.mask is not None,
+               call.sampling, call.fused, call.opts.cudnn_attention, call.opts.gelu_epilogue, bb.dtype, str(bb.device))
+        call.graphs, fresh = _scale_graphs(model, key, schedule=call.schedule, scale_rows=call.scale_rows,
+                                           batch=call.batch, cond=cond, rope=call.rope, dtype=bb.dtype,
+                                           device=bb.device, sampling=call.sampling, fused=call.fused,
                                            gelu_epilogue=call.opts.gelu_epilogue)
-        call.graphs.load(call.cond)
-        call.cache = call.graphs.cache
-        call.cache.set_fill(0)
+        call.graphs.load(cond)
+        call.graphs.cache.set_fill(0)
         call.units_before = dict(call.graphs.unit_counts)
         call.runtime["graphs_captured"] = fresh and bb.device.type == "cuda"
-    else:
-        call.cache = model.new_cache(call.rows, sum(tokens_per_scale(call.schedule)), bb.dtype, bb.device)
-    if call.fused and not call.whole_scale:
-        call.ada = [block.ada(call.cond.gss) for block in model.blocks]
+    # The eager blocks read the call's own condition (the static buffers hold a copy of it).
+    cache = call.graphs.cache if call.static else model.new_cache(call.rows, sum(tokens_per_scale(call.schedule)),
+                                                                   bb.dtype, bb.device)
+    ada = [block.ada(cond.gss) for block in model.blocks] if call.fused and not call.whole_scale else None
+    call.views = _views(_Rows(cond, ada, cache), call.scale_rows)
     call.generators = make_generators(seeds, bb.device)
     call.vae_schedule = bb.vae.vae_schedule(call.schedule)
     call.pruner.begin(PrunerContext(call.schedule, model.depth, model.config.num_heads, call.batch, call.rows,
-                                    bb.device, call.trace))
-    return model.first_tokens(call.cond)
+                                    bb.device, call.trace, call.scale_rows))
+    return model.first_tokens(cond)
 
 
 def _scale_graph(call: _Call, si: int, x: Tensor) -> Tensor:
@@ -509,7 +552,7 @@ def _scale_planned(call: _Call, si: int, x: Tensor, probe: int) -> Tensor:
 def _scale_eager(call: _Call, si: int, x: Tensor) -> Tensor:
     """Scale si block by block: the pruner picks each block's tokens from the hidden states it
     sees, entropy where it (or `record_entropy`) asks. Returns the sampled bits."""
-    model, cond, pruner, n = call.model, call.cond, call.pruner, call.trace.scales[si].tokens
+    model, pruner, n, r = call.model, call.pruner, call.trace.scales[si].tokens, call.at(si)
     offset = sum(rec.tokens for rec in call.trace.scales[:si])
     rope_si = RopeSlice(call.rope[0, offset:offset + n], call.rope[1, offset:offset + n])
     gelu_epilogue = call.fused and call.opts.gelu_epilogue
@@ -520,8 +563,8 @@ def _scale_eager(call: _Call, si: int, x: Tensor) -> Tensor:
         if record.kept == 0:
             continue
         want = call.record_entropy or pruner.wants_entropy(si, li)
-        x, ent = _run_block(block, x, call.ada[li] if call.fused else None, cond.gss, cond.text[li], rope_si,
-                            call.cache[li], keep=keep, entropy=want, kv_policy=call.kv_policy, fused=call.fused,
+        x, ent = _run_block(block, x, r.ada[li] if call.fused else None, r.cond.gss, r.cond.text[li], rope_si,
+                            r.cache[li], keep=keep, entropy=want, kv_policy=call.kv_policy, fused=call.fused,
                             gelu_epilogue=gelu_epilogue)
         if ent is not None:
             pruner.observe(si, li, ent)
@@ -529,7 +572,7 @@ def _scale_eager(call: _Call, si: int, x: Tensor) -> Tensor:
                 call.entropy_means.append((record, entropy_summary(ent, call.batch)))
     pruner.end_scale(si, x)
     # perform guidance (temperature first), as the graphs do; then top-k/top-p and the draw
-    logits = call.sampling.logits(model.logits(x, cond.cond_BD), si, call.batch)
+    logits = call.sampling.logits(model.logits(x, r.cond.cond_BD), si, call.batch)
     top_k, top_p = call.sampling.top_k, call.sampling.top_p
     if call.sync_free:
         return draw_bits(bit_probs(logits, top_k=top_k, top_p=top_p), call.generators, n, sync_free=True)
@@ -539,7 +582,8 @@ def _scale_eager(call: _Call, si: int, x: Tensor) -> Tensor:
 def _next_input(call: _Call, si: int, bits: Tensor, summed: Tensor | None) -> tuple[Tensor | None, Tensor]:
     """The codes of scale si's bits added to the running sum at full resolution; before the last
     scale also the next scale's input: the sum resized to its grid, embedded, one copy per row
-    group. Returns (next input or None after the last scale, the new sum)."""
+    group of the next scale (conditional only after a CFG skip). Returns (next input or None
+    after the last scale, the new sum)."""
     vae, (_, h, w) = call.backbone.vae, call.schedule[si]
     codes = vae.bits_to_codes(vae.tokens_to_bits(bits, (h, w)))
     if si == len(call.schedule) - 1:
@@ -547,7 +591,7 @@ def _next_input(call: _Call, si: int, bits: Tensor, summed: Tensor | None) -> tu
     up = vae.upsample_codes(codes, call.vae_schedule[-1])
     summed = up if summed is None else summed + up
     nxt = vae.codes_to_tokens(vae.upsample_codes(summed, call.vae_schedule[si + 1]))
-    return call.model.embed_codes(nxt).repeat(call.rows // call.batch, 1, 1), summed
+    return call.model.embed_codes(nxt).repeat(call.scale_rows[si + 1] // call.batch, 1, 1), summed
 
 
 def _decode(call: _Call, summed: Tensor | None) -> Tensor:

@@ -10,8 +10,9 @@ A policy file looks like this (every section optional except `method`)::
     layer:  {mode: static, beta: 1.0, ratios: [...], skip_above: null, representative_scale: 6}
     token:  {alpha_min: 0.1, alpha_max: 0.6, min_keep: 0.1, normalize: mean, protect_layers: 1,
              restore: none, cache_scale: null, order: entropy}
-    fastvar: {ratios: {9: 0.4, 10: 0.6}, layers: [3, 28], cache_scale: 8}
+    fastvar: {ratios: {9: 0.4, 10: 0.6}, layers: [3, 28], cache_scale: 8, exit_after_scale: null, plan: per_block}
     fixed_exit: {exit_scale: 9}
+    guidance: {skip_uncond_from_scale: null}   # any method: conditional rows only from this scale on
     provenance: {calibrated: false, source: "paper Table 8", ...}   # free-form, kept verbatim
 
 Scale indices are 0-based positions in the generation schedule. Meaning of each field is in
@@ -40,6 +41,7 @@ from toprovar.errors import UserError
 
 SCHEMA_VERSION = 1
 METHODS = ("none", "toprovar", "fastvar", "fixed_exit")
+FASTVAR_PLANS = ("per_block", "per_scale")
 VARIANTS = ("scale", "scale_token", "scale_layer", "full")
 RESTORE_MODES = ("none", "cached", "cached_layer")
 ORDERS = ("entropy", "frequency", "edge")
@@ -93,11 +95,28 @@ class TokenStage:
 
 @dataclass(frozen=True)
 class FastVARStage:
-    """FastVAR cached token pruning (Guo et al. 2025) as the paper configured it (Table 8)."""
+    """FastVAR cached token pruning (Guo et al. 2025): the ToProVAR paper's Table 8 configuration
+    or the authors' own for Infinity (csguoh/FastVAR; toprovar/pruning/fastvar.py says what differs)."""
 
     ratios: Mapping[int, float] = field(default_factory=dict)  # scale index -> pruned fraction
     layers: tuple[int, int] = (3, 28)  # blocks [start, end) that prune (official: range(3, 28))
     cache_scale: int | None = None  # scale whose branch outputs restore pruned tokens (default: first pruned - 1)
+    # The last scale that runs; later scales are skipped outright and the image is decoded from the
+    # codes so far (the authors' Infinity code skips the 48x48 and 64x64 scales). None: every scale.
+    exit_after_scale: int | None = None
+    # Which tokens a pruned block runs: per_block = FastVAR's score recomputed from each block's
+    # input; per_scale = scored once at the first pruned block's input and kept for every pruned
+    # block of the scale (a plan fixed after the unpruned blocks: the fast path's planned units).
+    plan: str = "per_block"
+
+
+@dataclass(frozen=True)
+class GuidanceStage:
+    """Classifier-free guidance at run time, for any method."""
+
+    # From this scale on only the conditional rows run (the batch halves; guidance scale 1 there):
+    # where guidance stops changing the image its unconditional branch is wasted work. None: never.
+    skip_uncond_from_scale: int | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +134,7 @@ class Policy:
     token: TokenStage = field(default_factory=TokenStage)
     fastvar: FastVARStage = field(default_factory=FastVARStage)
     fixed_exit: FixedExitStage = field(default_factory=FixedExitStage)
+    guidance: GuidanceStage = field(default_factory=GuidanceStage)
     provenance: Mapping[str, Any] = field(default_factory=dict)
     version: int = SCHEMA_VERSION
     name: str | None = None
@@ -321,13 +341,25 @@ def _fastvar(data: Any, method: str) -> FastVARStage:
         raise _bad("fastvar.cache_scale", cache, f"an integer in [0, {first - 1}] (before the first pruned scale, "
                                                  f"{first}, so that it runs every token)" if first > 0 else
                    "null: scale 0 is pruned, so no earlier scale runs every token")
-    return FastVARStage(ratios=parsed, layers=(start, end), cache_scale=cache)
+    exit_after = _optional_index(d.get("exit_after_scale"), "fastvar.exit_after_scale")
+    # A pruned scale after the exit would never run: the policy would silently prune less than it says.
+    if exit_after is not None and parsed and max(parsed) > exit_after:
+        raise _bad("fastvar.exit_after_scale", exit_after, f"an integer >= {max(parsed)}, the last scale "
+                                                           "fastvar.ratios prunes (later scales do not run)")
+    plan = _choice(d.get("plan", FastVARStage.plan), "fastvar.plan", FASTVAR_PLANS)
+    return FastVARStage(ratios=parsed, layers=(start, end), cache_scale=cache, exit_after_scale=exit_after, plan=plan)
 
 
 def _fixed_exit(data: Any) -> FixedExitStage:
     d = _section(data, "fixed_exit", _keys(FixedExitStage))
     return FixedExitStage(exit_scale=_number(d.get("exit_scale", FixedExitStage.exit_scale),
                                              "fixed_exit.exit_scale", 0, None, integer=True))
+
+
+def _guidance(data: Any) -> GuidanceStage:
+    d = _section(data, "guidance", _keys(GuidanceStage))
+    return GuidanceStage(skip_uncond_from_scale=_optional_index(d.get("skip_uncond_from_scale"),
+                                                                "guidance.skip_uncond_from_scale"))
 
 
 def policy_from_dict(data: Mapping[str, Any], name: str | None = None) -> Policy:
@@ -363,6 +395,7 @@ def policy_from_dict(data: Mapping[str, Any], name: str | None = None) -> Policy
         token=_token(d.get("token"), scale.min_scale),
         fastvar=_fastvar(d.get("fastvar"), method),
         fixed_exit=_fixed_exit(d.get("fixed_exit")),
+        guidance=_guidance(d.get("guidance")),
         provenance=dict(provenance),
         version=SCHEMA_VERSION,
         name=name,
@@ -380,7 +413,8 @@ def check_policy_for_backbone(policy: Policy, *, backbone: str, n_scales: int, d
     Checked for the sections the method runs: toprovar — scale.min_scale, layer.representative_scale,
     token.cache_scale below n_scales, layer.ratios one per layer, token.protect_layers below depth
     (otherwise no layer is left to prune); fastvar — ratio scales and cache_scale below n_scales,
-    layers' end <= depth; fixed_exit — exit_scale below n_scales. Without these a scale past the
+    layers' end <= depth, exit_after_scale below n_scales; fixed_exit — exit_scale below n_scales; every
+    method — guidance.skip_uncond_from_scale below n_scales. Without these a scale past the
     schedule or a surplus layer is silently never reached and the run is unpruned (issue 15).
     A policy made for another backbone is refused unless `allow_other_backbone` (an explicit
     user override). Returns `policy`; raises a one-line UserError naming key, value and range.
@@ -411,11 +445,13 @@ def check_policy_for_backbone(policy: Policy, *, backbone: str, n_scales: int, d
             if not 0 <= key < n_scales:
                 raise fail("fastvar.ratios", f"key {key}", f"scale indices in [0, {n_scales - 1}] as keys")
         scale_index("fastvar.cache_scale", policy.fastvar.cache_scale)
+        scale_index("fastvar.exit_after_scale", policy.fastvar.exit_after_scale)
         start, end = policy.fastvar.layers
         if end > depth:
             raise fail("fastvar.layers", _show([start, end]), f"[start, end) with end <= {depth}")
     elif policy.method == "fixed_exit":
         scale_index("fixed_exit.exit_scale", policy.fixed_exit.exit_scale)
+    scale_index("guidance.skip_uncond_from_scale", policy.guidance.skip_uncond_from_scale)
     return policy
 
 

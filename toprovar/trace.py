@@ -1,7 +1,8 @@
 """What one generation call did and what it cost, as plain records -> pandas in one call.
 
-Per scale: grid, tokens, wall time of the scale (transformer blocks, logits, sampling, code
-update), whether generation stopped before it. Per (scale, layer): tokens that ran and, when
+Per scale: grid, tokens, rows of the transformer batch (2B under guidance, B from a CFG skip's
+scale on), wall time of the scale (transformer blocks, logits, sampling, code update), whether
+generation stopped before it. Per (scale, layer): tokens that ran and, when
 entropy was recorded, its mean over heads and kept tokens of the conditional rows. Timings on
 CUDA come from CUDA events read once at the end (no host sync inside the loop); on CPU from
 `time.perf_counter`. Text encoding and VAE decode are timed separately, outside the scale loop.
@@ -34,6 +35,7 @@ class ScaleRecord:
     time_ms: float = float("nan")
     exited: bool = False  # generation stopped before this scale (it did not run)
     rho: float | None = None  # low-entropy ratio ρ_s, when a pruner measured it
+    rows: int = 0  # transformer batch rows this scale runs (0: unknown, read `Trace.rows`)
 
 
 @dataclass
@@ -55,7 +57,7 @@ class Trace:
     text_encode_ms: float = float("nan")
     decode_ms: float = float("nan")
     total_ms: float = float("nan")  # scale loop + decode (text encoding excluded)
-    rows: int = 0  # transformer batch rows (2 * batch under CFG)
+    rows: int = 0  # transformer batch rows of the unpruned reference (2 * batch under CFG); per scale: ScaleRecord.rows
     kv_policy: str = "kept"
     pruning: dict = field(default_factory=dict)  # the pruner's decisions (method, D, R per layer, ...)
     embed_dim: int = 0  # model width and FFN width, for FLOP accounting (toprovar.flops)
@@ -90,7 +92,7 @@ class Trace:
         return maps
 
     def to_frame(self):
-        """One row per scale (pandas DataFrame): grid, time, ρ_s, exit flag, tokens kept summed
+        """One row per scale (pandas DataFrame): grid, rows, time, ρ_s, exit flag, tokens kept summed
         over layers, FLOPs executed vs unpruned. `layers_frame()` gives the per-layer rows."""
         import pandas as pd
 
@@ -135,6 +137,10 @@ class KeptTokenRecorder:
 
     def wants_entropy(self, si: int, li: int) -> bool:
         return self.pruner.wants_entropy(si, li)
+
+    @property
+    def skip_uncond_from_scale(self) -> int | None:
+        return getattr(self.pruner, "skip_uncond_from_scale", None)
 
     def keep_tokens(self, si: int, li: int, x: Tensor) -> Tensor | None:
         keep = self.pruner.keep_tokens(si, li, x)

@@ -24,6 +24,7 @@ from a `KVCache` preallocated for the whole schedule.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -188,9 +189,21 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class LayerKVCache:
     """One layer's keys/values for a whole schedule; `fill` tokens are valid."""
 
-    def __init__(self, k: Tensor, v: Tensor):
+    def __init__(self, k: Tensor, v: Tensor, fill: list[int] | None = None):
         self.k, self.v = k, v  # (B, H, max_len, D)
-        self.fill = 0
+        self._fill = [0] if fill is None else fill  # one cell, shared with the row views of this cache
+
+    @property
+    def fill(self) -> int:
+        return self._fill[0]
+
+    @fill.setter
+    def fill(self, value: int) -> None:
+        self._fill[0] = value
+
+    def first_rows(self, rows: int) -> LayerKVCache:
+        """The first `rows` batch rows: views of the same storage (no copy) sharing this cache's fill."""
+        return LayerKVCache(self.k[:rows], self.v[:rows], self._fill)
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write `(B, H, n, D)` after the valid part; return views of everything valid."""
@@ -224,6 +237,15 @@ class KVCache:
 
     def __getitem__(self, layer: int) -> LayerKVCache:
         return self.layers[layer]
+
+    def first_rows(self, rows: int) -> KVCache:
+        """The first `rows` batch rows of every layer as a cache of views sharing the fills: a call
+        that stops running its unconditional rows (rows [B:]) goes on in this view, and the rows it
+        dropped are neither read nor written again."""
+        view = copy.copy(self)
+        view._k, view._v = self._k[:, :rows], self._v[:, :rows]
+        view.layers = [layer.first_rows(rows) for layer in self.layers]
+        return view
 
     @property
     def fills(self) -> list[int]:
@@ -531,6 +553,11 @@ class Condition:
     @property
     def rows(self) -> int:
         return self.cond_BD.shape[0]
+
+    def first_rows(self, rows: int) -> Condition:
+        """The condition of the first `rows` rows (views): the conditional ones under CFG."""
+        return Condition(self.cond_BD[:rows], self.gss[:rows],
+                         [TextKV(t.k[:rows], t.v[:rows], None if t.mask is None else t.mask[:rows]) for t in self.text])
 
 
 class InfinityTransformer(nn.Module):

@@ -2,8 +2,9 @@
 
 The hook contract (`Pruner`, `PrunerContext`, `NoPruner`) is in `hooks`. `as_pruner(policy)` turns
 a `toprovar.policy.Policy` (or a path/name of one, None, or a Pruner) into a fresh pruner for one
-generation call. Stage math lives in `stages` (pure tensor functions, testable alone); each pruner
-module wires the stages to the hooks.
+generation call; the policy's CFG skip (`guidance.skip_uncond_from_scale`, any method) travels on
+it as the attribute `skip_uncond_from_scale`, which the loop reads. Stage math lives in `stages`
+(pure tensor functions, testable alone); each pruner module wires the stages to the hooks.
 """
 from __future__ import annotations
 
@@ -14,13 +15,20 @@ from toprovar.pruning.hooks import NoPruner, Pruner, PrunerContext
 
 
 def as_pruner(policy: Any) -> Pruner:
-    """None / 'none' -> NoPruner; a Pruner as is; a Policy, or a name/path of one -> its pruner."""
+    """None / 'none' -> NoPruner; a Pruner as is; a Policy, or a name/path of one -> its pruner,
+    carrying the policy's CFG skip."""
     if policy is None or policy == "none":
         return NoPruner()
     if isinstance(policy, Pruner):
         return policy
     if not isinstance(policy, Policy):
         policy = load_policy(policy)
+    pruner = _method_pruner(policy)
+    pruner.skip_uncond_from_scale = policy.guidance.skip_uncond_from_scale  # read by the generation loop
+    return pruner
+
+
+def _method_pruner(policy: Policy) -> Pruner:
     if policy.method == "none":
         return NoPruner()
     if policy.method == "toprovar":

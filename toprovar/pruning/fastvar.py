@@ -1,18 +1,32 @@
 """FastVAR cached token pruning (Guo et al. 2025, csguoh/FastVAR) in this runtime.
 
-Facts from the official FastVAR Infinity code: at the pruned scales, blocks 3..27 score each
-token by its squared distance to the scale's mean token (a high-pass "frequency" score, per
-batch row), run only the highest-scoring tokens, and restore the pruned ones from the branch
-outputs cached at the 24×24 scale, area-resized to the current grid. The paper's Table 8 gives
-the ratios with 1-based scale numbers of the 13-scale 1M schedule: Infinity-2B {10: 0.4, 11: 0.6},
-Infinity-8B {10: 0.4, 11: 0.6, 12: 1.0, 13: 1.0}; policies here use 0-based indices (9, 10, ...),
-and the cache scale defaults to the one before the first pruned scale (index 8 = 24×24).
+Facts from the official FastVAR Infinity code (csguoh/FastVAR 9e93f7a, `Infinity/infinity/models/
+fastvar_utils.py`, `fastvar_basic.py`, `infinity.py`): at the pruned scales, blocks 3..27 score each
+token by its squared distance to the scale's mean token (a high-pass "frequency" score, per batch
+row), run only the highest-scoring tokens, and restore the pruned ones from the branch outputs
+cached at the 24×24 scale, area-resized to the current grid; keys/values of pruned tokens do not
+enter the KV cache. Two configurations ship as policies:
+  * the ToProVAR paper's Table 8 (`fastvar-<backbone>`): ratios with 1-based scale numbers of the
+    13-scale 1M schedule, Infinity-2B {10: 0.4, 11: 0.6}, Infinity-8B {10: 0.4, 11: 0.6, 12: 1.0,
+    13: 1.0}; here 0-based indices (9, 10, ...);
+  * the authors' own (`fastvar_authors-<backbone>`; they ship Infinity-2B only, the 8B file applies
+    the same hard-coded settings to 8B's schedule): ratios by grid width {32: 0.4, 40: 0.5}
+    (scales 9 and 10 at 1M 1:1), and the 48×48 and 64×64 scales skipped outright (`continue` in
+    `autoregressive_infer_cfg`: no transformer, no codes; the decode reads the codes summed up to
+    the 40×40 scale, already at full resolution) — `exit_after_scale: 10` here.
+The cache scale defaults to the one before the first pruned scale (index 8 = 24×24).
 
-Granularity: FastVAR scores and restores before each of the three sub-layers of a block; this
-runtime does it once per block (the block's kept tokens run self-attention, cross-attention
-and FFN; a pruned token receives the block's whole cached update). Keys/values of pruned tokens
-do not enter that layer's KV cache (as in FastVAR). A ratio of 1.0 skips the block: every token
-takes its cached update.
+Granularity (documented deviation): FastVAR scores and restores before each of the three
+sub-layers of a block (self-attention, cross-attention, FFN), each time from the current hidden
+state; this runtime does it once per block (the block's kept tokens run all three sub-layers; a
+pruned token receives the block's whole cached update, which is the sum of the three cached
+branch outputs, so with one keep set per block the two agree and only the re-scoring between
+sub-layers differs). `plan: per_scale` goes one step further: the tokens are scored once, at the
+first pruned block's input, and that keep set serves every pruned block of the scale. Pruned
+tokens are not read by a pruned block (kv_policy 'kept'), so their cached updates are added at
+once when the plan is made; the scale then follows a plan fixed after its unpruned first blocks
+(`static_plan`) and runs as the fast path's planned units. A ratio of 1.0 skips the block: every
+token takes its cached update.
 """
 from __future__ import annotations
 
@@ -41,17 +55,29 @@ class FastVARPruner:
         self.layers = range(*stage.layers)
         first = min(self.ratios) if self.ratios else 0
         self.cache_scale = stage.cache_scale if stage.cache_scale is not None else max(first - 1, 0)
+        self.exit_after = stage.exit_after_scale
+        self.per_scale = stage.plan == "per_scale"
 
     def begin(self, ctx) -> None:
         self.ctx = ctx
         self.deltas: dict[int, Tensor] = {}  # layer -> block update (rows, C, h, w) at the cache scale
         self.inputs: dict[int, Tensor] = {}
         self.pending: tuple[int, Tensor, Tensor] | None = None  # (layer, kept idx, block input)
+        self.plan: tuple[int, Tensor] | None = None  # per_scale: (scale, kept idx of every pruned block)
         ctx.trace.pruning = {"method": "fastvar", "ratios": {int(k): float(v) for k, v in self.ratios.items()},
-                             "layers": [self.layers.start, self.layers.stop], "cache_scale": self.cache_scale}
+                             "layers": [self.layers.start, self.layers.stop], "cache_scale": self.cache_scale,
+                             "exit_after_scale": self.exit_after,
+                             "plan": "per_scale" if self.per_scale else "per_block"}
 
     def exit_before_scale(self, si: int) -> bool:
-        return False
+        return self.exit_after is not None and si > self.exit_after
+
+    def static_plan(self, si: int) -> int | None:
+        """per_scale: the blocks before the first pruned one are the probe layers (every token), the
+        plan is made from their output; the cache scale records every block's update (no plan)."""
+        if not self.per_scale or si == self.cache_scale:
+            return None
+        return min(self.layers.start, self.ctx.depth) if si in self.ratios else 0
 
     def wants_entropy(self, si: int, li: int) -> bool:
         return False
@@ -60,20 +86,34 @@ class FastVARPruner:
         _, h, w = self.ctx.schedule[si]
         return h, w
 
+    def _fill(self, si: int, li: int, x: Tensor) -> Tensor | None:
+        """Layer li's cached update resized to scale si's grid, (rows of x, N, C) in x's dtype, or None.
+        A cache scale before a CFG skip has the unconditional rows too: the first rows are kept."""
+        delta = self.deltas.get(li)
+        if delta is None:
+            return None
+        h, w = self._grid(si)
+        return F.interpolate(delta[: x.shape[0]].float(), size=(h, w), mode="area").flatten(2).transpose(1, 2) \
+            .to(x.dtype)
+
+    def _pruned(self, x: Tensor, kept: Tensor) -> Tensor:
+        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, kept, False)
+
     def _restore(self, si: int, x: Tensor) -> None:
         """Give the previous block's pruned tokens their cached update (in place)."""
         if self.pending is None:
             return
         li, kept, _ = self.pending
         self.pending = None
-        h, w = self._grid(si)
-        delta = self.deltas.get(li)
-        if delta is None:
-            return
-        fill = F.interpolate(delta.float(), size=(h, w), mode="area").flatten(2).transpose(1, 2).to(x.dtype)
-        pruned = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        pruned.scatter_(1, kept, False)
-        x.add_(torch.where(pruned[..., None], fill, torch.zeros_like(fill)))
+        fill = self._fill(si, li, x)
+        if fill is not None:
+            x.add_(torch.where(self._pruned(x, kept)[..., None], fill, torch.zeros_like(fill)))
+
+    def _restore_plan(self, si: int, x: Tensor, kept: Tensor) -> None:
+        """per_scale: the pruned tokens take the cached updates of every pruned block at once (in place)."""
+        fills = [f for f in (self._fill(si, li, x) for li in self.layers) if f is not None]
+        if fills:
+            x.add_(torch.where(self._pruned(x, kept)[..., None], sum(fills[1:], fills[0]), torch.zeros_like(fills[0])))
 
     def _finish_cache_layer(self, si: int, x: Tensor) -> None:
         if self.inputs:
@@ -92,10 +132,15 @@ class FastVARPruner:
         ratio = self.ratios.get(si)
         if ratio is None or li not in self.layers:
             return None
+        if self.per_scale and self.plan is not None and self.plan[0] == si:
+            return self.plan[1]
         n = x.shape[1]
-        k = n - int(n * ratio)
-        kept = top_tokens(frequency_scores(x), k)
-        self.pending = (li, kept, x)
+        kept = top_tokens(frequency_scores(x), n - int(n * ratio))
+        if self.per_scale:
+            self._restore_plan(si, x, kept)
+            self.plan = (si, kept)
+        else:
+            self.pending = (li, kept, x)
         return kept
 
     def observe(self, si: int, li: int, entropy: Tensor) -> None:

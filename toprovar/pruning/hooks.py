@@ -22,13 +22,22 @@ class PrunerContext:
     depth: int
     num_heads: int
     batch: int  # images
-    rows: int  # rows of the transformer batch: 2 * batch under CFG (conditional rows first)
+    rows: int  # rows of the transformer batch at scale 0: 2 * batch under CFG (conditional rows first)
     device: torch.device
     trace: Trace
+    scale_rows: tuple[int, ...] = ()  # rows per scale: `batch` from a CFG skip's scale on (empty: `rows` everywhere)
+
+    def rows_at(self, si: int) -> int:
+        """Rows of the transformer batch at scale si (the unconditional ones dropped after a CFG skip)."""
+        return self.scale_rows[si] if self.scale_rows else self.rows
 
 
 @runtime_checkable
 class Pruner(Protocol):
+    """The hooks of the generation loop. Optional: `static_plan(si)` (the fast path's planned units)
+    and the attribute `skip_uncond_from_scale` (int or None: the CFG skip of the policy the pruner
+    was built from; `as_pruner` sets it; the loop reads it with a default of None)."""
+
     def begin(self, ctx: PrunerContext) -> None: ...
     def exit_before_scale(self, si: int) -> bool: ...
     def wants_entropy(self, si: int, li: int) -> bool: ...
@@ -38,7 +47,9 @@ class Pruner(Protocol):
 
 
 class NoPruner:
-    """Runs every scale, every layer, every token."""
+    """Runs every scale, every layer, every token (with its policy's CFG skip, if any)."""
+
+    skip_uncond_from_scale: int | None = None
 
     def begin(self, ctx: PrunerContext) -> None:
         pass

@@ -31,8 +31,9 @@ granularity), which reads the hidden states between blocks (no static plan). Bot
 
 Host synchronization: one per scale (ρ_s and all layers' keep counts are read together), none
 per layer. Under CFG the unconditional row of an image runs the same tokens as its conditional
-row. With several images per call each layer keeps the same count K for every image (the
-largest of their counts), each image its own lowest-entropy tokens.
+row (after a CFG skip there is none: the plan has the conditional rows only). With several
+images per call each layer keeps the same count K for every image (the largest of their
+counts), each image its own lowest-entropy tokens.
 """
 from __future__ import annotations
 
@@ -181,12 +182,14 @@ class ToProVARPruner:
         self._rec_prev = x.float().clone() if li < self.depth else None
 
     def _fill(self, si: int, li: int) -> Tensor | None:
-        """The cached update of layer li resized to scale si's grid: (rows, N, C) float32, or None."""
+        """The cached update of layer li resized to scale si's grid: (rows of si, N, C) float32, or
+        None. A cache scale before a CFG skip has the unconditional rows too: the first rows are kept."""
         if li not in self._fills:
             delta = self.deltas.get(li)
             if delta is None:
                 return None
             _, h, w = self.ctx.schedule[si]
+            delta = delta[: self.ctx.rows_at(si)]
             self._fills[li] = F.interpolate(delta, size=(h, w), mode="area").flatten(2).transpose(1, 2)
         return self._fills[li]
 
@@ -245,7 +248,7 @@ class ToProVARPruner:
             counts, order = self._plan_counts(si, H)
             # Every layer's keep indices, computed on the device before the sync, so that after it
             # the plan is only views (the GPU idles from the sync until the planned blocks start).
-            table = stages.keep_index_table(order, counts, repeat=self.ctx.rows // self.batch)
+            table = stages.keep_index_table(order, counts, repeat=self.ctx.rows_at(si) // self.batch)
             values = torch.cat([rho[None], counts.float()]).tolist()  # the one host sync of this scale
             rho_value, plan_counts = values[0], [int(v) for v in values[1:]]
         else:
