@@ -51,6 +51,53 @@ def test_fused_kernels_on_cuda() -> None:
     torch.testing.assert_close(caches[0].float(), caches[1].float(), rtol=2e-2, atol=2e-2)
 
 
+def _fa_ok(out, ref, truth, atol: float) -> bool:
+    """flash-attention's rule: max |kernel - truth| <= 2 max |same-dtype reference - truth| + atol."""
+    return (out.double() - truth).abs().max().item() <= 2 * (ref.double() - truth).abs().max().item() + atol
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
+def test_fused_rows_through_an_index_on_cuda(xdt: torch.dtype) -> None:
+    """The gather (first stage), scatter (last stage) and RoPE rows of a pruned block through the
+    kept-token index, at Infinity-2B's width: flash-attention's tolerance rule against float64."""
+    from kernels.fused_block import LN_MODULATE, add_ln, add_ln_reference, qk_norm_rope
+
+    B, N, K, H, D = 2, 300, 111, 16, 128
+    C = H * D
+    idx = torch.stack([torch.sort(torch.randperm(N, device="cuda")[:K]).values for _ in range(B)])
+    x = torch.randn(B, N, C, device="cuda").to(xdt)
+    ada = torch.randn(B, 1, 6, C, device="cuda")
+    mod = dict(ln=LN_MODULATE, scale=ada[:, :, 1] * 0.1, shift=ada[:, :, 2])
+    f64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in mod.items()}
+    rest = dict(weight=None, bias=None)
+    xa, ha = add_ln(x, src_index=idx, out_dtype=torch.bfloat16, **mod)
+    xb, hb = add_ln(x, src_index=idx, out_dtype=torch.bfloat16, use_triton=False, **mod)
+    xt, ht = add_ln_reference(x.double(), None, None, round_yg=False, eps=1e-6, out_dtype=torch.float64,
+                              src_index=idx, **rest, **f64)
+    assert torch.equal(xa, xb) and _fa_ok(ha, hb, ht, 1e-5)
+    y = torch.randn(B, K, C, device="cuda", dtype=torch.bfloat16)
+    dst = [torch.randn(B, N, C, device="cuda") for _ in range(2)]
+    dst[1].copy_(dst[0])
+    truth = dst[0].double()
+    ra, _ = add_ln(xa.float(), y, ada[:, :, 0], dst=dst[0], dst_index=idx)
+    rb, _ = add_ln(xa.float(), y, ada[:, :, 0], dst=dst[1], dst_index=idx, use_triton=False)
+    rt, _ = add_ln_reference(xa.double(), y.double(), ada[:, :, 0].double(), round_yg=False, ln=0, scale=None,
+                             shift=None, eps=1e-6, out_dtype=torch.float64, dst=truth, dst_index=idx, **rest)
+    assert ra is dst[0] and _fa_ok(ra, rb, rt, 1e-6)
+    qkv = torch.randn(B, K, 3 * C, device="cuda", dtype=torch.bfloat16)
+    ang = torch.rand(N, D // 2, device="cuda") * 6
+    hs = torch.rand(1, H, 1, 1, device="cuda") + 1
+    caches = [torch.zeros(2, B, H, K, D, device="cuda", dtype=dt) for dt in (torch.bfloat16, torch.bfloat16,
+                                                                                torch.float64)]
+    qs = [qk_norm_rope(q_in, H, hs_in, cos, sin, c[0], c[1], rope_index=idx, use_triton=u)
+          for q_in, hs_in, cos, sin, c, u in zip((qkv, qkv, qkv.double()), (hs, hs, hs.double()),
+                                                (ang.cos(), ang.cos(), ang.double().cos()),
+                                                (ang.sin(), ang.sin(), ang.double().sin()), caches, (True, False, False))]
+    assert _fa_ok(qs[0], qs[1], qs[2], 1e-5)
+    assert _fa_ok(caches[0][0], caches[1][0], caches[2][0], 1e-5) and torch.equal(caches[0][1], caches[1][1])
+
+
 @pytest.mark.parametrize("c, side", [(512, 64), (512, 256), (256, 512), (256, 1024), (128, 1024), (512, 512)])
 def test_group_norm_launch_fits_the_grid(c: int, side: int) -> None:
     """The VAE decoder's GroupNorm shapes at 1024x1024 (2B: patch 16, 8B: patch 8) fit CUDA's grid
