@@ -121,39 +121,83 @@ def launches(fn: Callable[[], Callable[[], object]]) -> list[str]:
     return list(sites)
 
 
-def scenarios(env: dict, **fast) -> dict[str, list[str]]:
-    """Launch sites of: an unpruned block, a probe block (entropy), a pruned block (half the tokens)."""
-    model, x, n, rows = env["model"], env["x"], env["n"], env["rows"]
-    block = model.blocks[0]
-    keep = torch.arange(0, n, 2).expand(rows, -1)
+VARIANTS = {"before (fused stages)": {}, "+ index_io": {"index_io": True}, "+ chain_blocks": {"chain": True},
+            "+ both": {"index_io": True, "chain": True}}
 
-    def one(keep=None, entropy=False):
+
+def scenarios(env: dict, index_io: bool = False, chain: bool = False) -> dict[str, list[str]]:
+    """Launch sites of the cases of one variant: a block alone (unpruned, probe with entropy,
+    pruned to half the tokens) and chains of every block of `env` (unpruned; pruned, each block
+    the same kept tokens; pruned, each block other kept tokens), as the planned units run them."""
+    from toprovar.models.transformer import FastStep, run_fast_blocks
+
+    model, x, n, rows = env["model"], env["x"], env["n"], env["rows"]
+    depth = len(model.blocks)
+    half = torch.arange(0, n, 2).expand(rows, -1)
+    other = [torch.arange(j % 2, n, 2).expand(rows, -1) for j in range(depth)]  # alternating rows
+
+    def run(keeps, entropy=(), blocks=None):
+        blocks = range(depth) if blocks is None else blocks
+
         def prepare():
             cache, xs = model.new_cache(rows, 4 * n, torch.bfloat16, "cpu"), x.clone()
             cache.set_fill(0)
-            return lambda: block.forward_fast(xs, env["ada"][0], env["text"][0], env["rope"], cache[0], keep=keep,
-                                              entropy=entropy, gelu_epilogue=True, **fast)
+            steps = [FastStep(model.blocks[li], env["ada"][li], env["text"][li], cache[li], keeps[j], j in entropy)
+                     for j, li in enumerate(blocks)]
+            return lambda: run_fast_blocks(steps, xs, env["rope"], gelu_epilogue=True, index_io=index_io, chain=chain)
         return prepare
 
-    return {"unpruned block": launches(one()), "probe block (entropy)": launches(one(entropy=True)),
-            "pruned block (half the tokens)": launches(one(keep))}
+    return {"unpruned block": launches(run([None], blocks=[0])),
+            "probe block (entropy)": launches(run([None], entropy={0}, blocks=[0])),
+            "pruned block": launches(run([half], blocks=[0])),
+            f"{depth} unpruned blocks": launches(run([None] * depth)),
+            f"{depth} pruned blocks, same tokens": launches(run([half] * depth)),
+            f"{depth} pruned blocks, other tokens each": launches(run(other))}
+
+
+def head_launches(env: dict) -> list[str]:
+    """The head unit of a scale: AdaLN before the head, the head, guidance, top-k/top-p, softmax."""
+    from toprovar.sampling import GuidedSampling
+
+    model, x, rows = env["model"], env["x"], env["rows"]
+    sampling = GuidedSampling.per_scale(3.0, 1.0, 2, 900, 0.97)
+    cond = torch.randn(rows, x.shape[-1])
+    return launches(lambda: (lambda: sampling.probs(model.logits(x, cond), 1, rows // 2)))
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ops", action="store_true", help="print every launch site")
+    ap.add_argument("--depth", type=int, default=32, help="blocks per scale for the per-scale column (2B: 32)")
     args = ap.parse_args(argv)
-    env = build()
-    result = scenarios(env)
-    print("| case | launches | Triton | ATen |\n|---|---:|---:|---:|")
-    for name, sites in result.items():
-        tri = sum(s.startswith("triton.") for s in sites)
-        print(f"| {name} | {len(sites)} | {tri} | {len(sites) - tri} |")
+    env = build(depth=4)
+    head = head_launches(env)
+    results = {name: scenarios(env, **kw) for name, kw in VARIANTS.items()}
+    cases = list(next(iter(results.values())))
+    print("Launches (kernels on CUDA) per case; chains of 4 blocks as a planned unit runs them, with the per-block "
+          f"mean in brackets. Head unit of a scale: {len(head)}.\n")
+    print("| variant | " + " | ".join(cases) + f" | unpruned scale, depth {args.depth} + head "
+          f"| pruned scale (probe + {args.depth - 1} pruned, same tokens) + head |")
+    print("|---|" + "---:|" * (len(cases) + 2))
+    for name, res in results.items():
+        cells = []
+        for case in cases:
+            k = len(res[case])
+            blocks = int(case.split()[0]) if case[0].isdigit() else 1
+            cells.append(f"{k}" if blocks == 1 else f"{k} ({k / blocks:.2f})")
+        per = {c: len(res[c]) / (int(c.split()[0]) if c[0].isdigit() else 1) for c in cases}
+        unpruned = per[cases[3]] * args.depth + len(head)
+        pruned = per[cases[1]] + per[cases[4]] * (args.depth - 1) + len(head)
+        print(f"| {name} | " + " | ".join(cells) + f" | {unpruned:.0f} | {pruned:.0f} |")
     if args.ops:
-        for name, sites in result.items():
-            print(f"\n{name}:")
-            for site, k in Counter(sites).items():
-                print(f"  {k} x {site}")
+        for name, res in results.items():
+            for case, sites in res.items():
+                print(f"\n{name}, {case}:")
+                for site, k in Counter(sites).items():
+                    print(f"  {k} x {site}")
+        print("\nhead unit:")
+        for site, k in Counter(head).items():
+            print(f"  {k} x {site}")
 
 
 if __name__ == "__main__":
