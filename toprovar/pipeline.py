@@ -484,7 +484,7 @@ def _condition(call: _Call, features: Tensor, lengths: list[int], seeds: list[in
     call.generators = make_generators(seeds, bb.device)
     call.vae_schedule = bb.vae.vae_schedule(call.schedule)
     call.pruner.begin(PrunerContext(call.schedule, model.depth, model.config.num_heads, call.batch, call.rows,
-                                    bb.device, call.trace))
+                                    bb.device, call.trace, host_plan=call.opts is not None and call.opts.host_plan))
     return model.first_tokens(call.cond)
 
 

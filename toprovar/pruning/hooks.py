@@ -25,6 +25,9 @@ class PrunerContext:
     rows: int  # rows of the transformer batch: 2 * batch under CFG (conditional rows first)
     device: torch.device
     trace: Trace
+    # The loop's FastOptions.host_plan: a pruner may take keep counts that its policy fixes from
+    # the host and read no device value it does not decide on (no host sync per scale).
+    host_plan: bool = False
 
 
 @runtime_checkable
