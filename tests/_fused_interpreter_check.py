@@ -175,6 +175,32 @@ for B, N, K, H, D in [(2, 12, 5, 3, 16), (1, 9, 9, 2, 32), (3, 4, 1, 4, 8)]:
         if not (caches[0][:, :, :2].isnan().all() and caches[0][:, :, 2 + K:].isnan().all()):
             failures.append(tag + ": wrote outside the cache slot")
 
+# A linear layer for few rows with LayerNorm before and GELU / residual after (kernels.fused_linear).
+from kernels.fused_linear import ln_linear, ln_linear_reference  # noqa: E402
+
+for B, n, K, N in [(2, 5, 64, 40), (3, 3, 40, 136)]:  # N past a tile, rows of several images
+    for wdt in (torch.float32, torch.bfloat16):
+        x = torch.randn(B, n, K) * 2 + 0.3
+        weight = (torch.randn(N, K) / K ** 0.5).to(wdt)
+        bias = (torch.randn(N) * 0.1).to(wdt)
+        ada = torch.randn(B, 1, 6, max(K, N))
+        lw, lb = 1 + 0.1 * torch.randn(K), 0.1 * torch.randn(K)
+        lns = [dict(), dict(ln=LN_AFFINE, ln_weight=lw.to(wdt), ln_bias=lb.to(wdt)),
+               dict(ln=LN_MODULATE, scale=ada[:, :, 1, :K] * 0.1, shift=ada[:, :, 2, :K])]
+        residual = torch.randn(B, n, N)
+        gamma = ada[:, :, 0, :N]
+        ends = [dict(), dict(gelu=True), dict(residual=residual, gamma=gamma, round_yg=True),
+                dict(residual=residual, gamma=gamma), dict(residual=residual)]
+        for li, lk in enumerate(lns):
+            for ei, ek in enumerate(ends):
+                xin = x if lk else x.to(wdt)  # without a LayerNorm the input comes in the weight dtype
+                tag = f"ln_linear ln{li} end{ei} {(B, n, K, N)} {wdt}"
+                a = ln_linear(xin, weight, bias, use_triton=True, **lk, **ek)
+                r = ln_linear(xin, weight, bias, use_triton=False, **lk, **ek)
+                t = ln_linear_reference(xin.double(), weight.double(), bias.double(),
+                                        **{k: f64(v) for k, v in lk.items()}, **{k: f64(v) for k, v in ek.items()})
+                fa_check(tag, a, r, t, atol=1e-5, bf16=wdt == torch.bfloat16)
+
 for N, C, H, W, G in [(1, 32, 7, 9, 8), (2, 48, 5, 4, 4), (1, 64, 11, 13, 32)]:
     for dt in (torch.float32, torch.bfloat16):
         x = (torch.randn(N, C, H, W) * 3 + 1).to(dt).contiguous(memory_format=torch.channels_last)

@@ -13,7 +13,7 @@ from toprovar.schedules import scale_schedule
 
 
 # Every switch of the pruned-path mechanics (issue 16) on: CPU output must not move.
-MECHANICS = FastOptions(index_io=True, chain_blocks=True, host_plan=True)
+MECHANICS = FastOptions(index_io=True, chain_blocks=True, host_plan=True, small_m_rows=80)  # scales 0-4 small
 
 
 def _seeds(n: int) -> list[int]:
@@ -205,7 +205,7 @@ def test_block_chain_equals_blocks_one_by_one() -> None:
         for keeps in patterns:
             entropy = [j % 3 == 0 for j in range(6)]
             x0 = torch.randn(rows, n, cfg.embed_dim)
-            caches = [model.new_cache(rows, 40, torch.float32, "cpu") for _ in range(3)]
+            caches = [model.new_cache(rows, 40, torch.float32, "cpu") for _ in range(4)]
             prefix = torch.randn(2, *caches[0]._k.shape)  # earlier scales' keys and values, the same in all
             for c in caches:
                 c._k.copy_(prefix[0])
@@ -217,10 +217,10 @@ def test_block_chain_equals_blocks_one_by_one() -> None:
                 if keep is None or keep.shape[1]:
                     ref, ent = block(ref, cond.gss, cond.text[li], rs, caches[0][li], keep=keep, entropy=entropy[li])
                 ref_ents.append(ent)
-            for c, (index_io, chain) in zip(caches[1:], ((True, True), (False, True))):
+            for c, (index_io, chain, small) in zip(caches[1:], ((True, True, 0), (False, True, 0), (True, True, 64))):
                 steps = [FastStep(b, b.ada(cond.gss), cond.text[li], c[li], keeps[li], entropy[li])
                          for li, b in enumerate(model.blocks)]
-                out, ents = run_fast_blocks(steps, x0.clone(), rs, index_io=index_io, chain=chain)
+                out, ents = run_fast_blocks(steps, x0.clone(), rs, index_io=index_io, chain=chain, small_m_rows=small)
                 assert torch.equal(out, ref)
                 assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(ents, ref_ents))
                 assert c.fills == caches[0].fills

@@ -98,6 +98,60 @@ def test_fused_rows_through_an_index_on_cuda(xdt: torch.dtype) -> None:
     assert _fa_ok(caches[0][0], caches[1][0], caches[2][0], 1e-5) and torch.equal(caches[0][1], caches[1][1])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [2, 37, 64])
+def test_ln_linear_on_cuda(rows: int) -> None:
+    """The few-rows linear with LayerNorm / GELU / residual fused, at Infinity-2B's widths (QKV,
+    output projection with its residual, fc1 with GELU): flash-attention's rule against float64."""
+    from kernels.fused_block import LN_MODULATE
+    from kernels.fused_linear import ln_linear, ln_linear_reference
+
+    C, F = 2048, 8192
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(2, rows // 2 or 1, C, device="cuda", generator=gen)
+    ada = torch.randn(2, 1, 6, F, device="cuda", generator=gen) * 0.3
+    mod = dict(ln=LN_MODULATE, scale=ada[:, :, 1, :C], shift=ada[:, :, 2, :C])
+    for n_out, kw in ((3 * C, dict(mod)), (F, dict(mod, gelu=True))):
+        w = (torch.randn(n_out, C, device="cuda", generator=gen) / C ** 0.5).bfloat16()
+        b = (torch.randn(n_out, device="cuda", generator=gen) * 0.1).bfloat16()
+        out, ref = ln_linear(x, w, b, **kw), ln_linear(x, w, b, use_triton=False, **kw)
+        truth = ln_linear_reference(x.double(), w.double(), b.double(),
+                                    **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+        assert out.dtype == ref.dtype and _fa_ok(out, ref, truth, 1e-3)
+    h = torch.randn(2, rows // 2 or 1, C, device="cuda", generator=gen).bfloat16()
+    w = (torch.randn(C, C, device="cuda", generator=gen) / C ** 0.5).bfloat16()
+    b = (torch.randn(C, device="cuda", generator=gen) * 0.1).bfloat16()
+    for res in (x, x.bfloat16()):
+        kw = dict(residual=res, gamma=ada[:, :, 0, :C], round_yg=True)
+        out, ref = ln_linear(h, w, b, **kw), ln_linear(h, w, b, use_triton=False, **kw)
+        truth = ln_linear_reference(h.double(), w.double(), b.double(), residual=res.double(),
+                                    gamma=ada[:, :, 0, :C].double())
+        assert out.dtype == ref.dtype == res.dtype and _fa_ok(out, ref, truth, 1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_small_block_matches_forward_on_cuda() -> None:
+    """A bf16 block on 2 rows of one token under autocast, the few-rows fused path vs the reference block."""
+    from toprovar.models.transformer import (FastStep, InfinityTransformer, RopeSlice, TransformerConfig,
+                                             random_state_dict, run_fast_blocks)
+
+    cfg = TransformerConfig(depth=1, embed_dim=256, num_heads=2, codebook_dim=8, text_channels=64,
+                            text_maxlen=8, pool_head_dim=32, block_chunks=1)
+    model = InfinityTransformer(cfg)
+    model.load_state_dict(random_state_dict(cfg, seed=3))
+    model = model.cuda().eval()
+    model.blocks.bfloat16()
+    rope = model.rope_table([(1, 1, 1), (1, 4, 4)], "cuda")
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        cond = model.encode_condition(torch.randn(1, 6, 64, device="cuda"), [6], with_uncond=True)
+        caches = [model.new_cache(2, 17, torch.bfloat16, "cuda") for _ in range(2)]
+        block, x, rs = model.blocks[0], torch.randn(2, 1, 256, device="cuda"), RopeSlice(rope[0, :1], rope[1, :1])
+        ref, _ = block(x, cond.gss, cond.text[0], rs, caches[0][0])
+        out, _ = run_fast_blocks([FastStep(block, block.ada(cond.gss), cond.text[0], caches[1][0])], x, rs,
+                                 small_m_rows=64)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+
+
 @pytest.mark.parametrize("c, side", [(512, 64), (512, 256), (256, 512), (256, 1024), (128, 1024), (512, 512)])
 def test_group_norm_launch_fits_the_grid(c: int, side: int) -> None:
     """The VAE decoder's GroupNorm shapes at 1024x1024 (2B: patch 16, 8B: patch 8) fit CUDA's grid

@@ -53,6 +53,7 @@ def counting():
     import triton.runtime.interpreter as interp
 
     import kernels.fused_block as fb
+    import kernels.fused_linear as fl
     import toprovar.attention as att
     import toprovar.models.transformer as tr
 
@@ -78,6 +79,7 @@ def counting():
             counter.paused -= 1
 
     patches = [(interp.InterpretedFunction, "run", counted_run), (fb, "triton_available", lambda t: True),
+               (fl, "triton_available", lambda t: True),
                (tr, "_gpu_recipe", lambda t: True), (att, "flash_attn_entropy", counted_fae)]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     for obj, name, value in patches:
@@ -121,14 +123,16 @@ def launches(fn: Callable[[], Callable[[], object]]) -> list[str]:
     return list(sites)
 
 
-VARIANTS = {"before (fused stages)": {}, "+ index_io": {"index_io": True}, "+ chain_blocks": {"chain": True},
-            "+ both": {"index_io": True, "chain": True}}
+VARIANTS = {"fused stages (defaults)": {}, "+ index_io": {"index_io": True}, "+ chain_blocks": {"chain": True},
+            "+ index_io + chain_blocks": {"index_io": True, "chain": True},
+            "+ index_io + chain_blocks + small_m_rows": {"index_io": True, "chain": True, "small_m_rows": 10 ** 6}}
 
 
-def scenarios(env: dict, index_io: bool = False, chain: bool = False) -> dict[str, list[str]]:
+def scenarios(env: dict, index_io: bool = False, chain: bool = False, small_m_rows: int = 0) -> dict[str, list[str]]:
     """Launch sites of the cases of one variant: a block alone (unpruned, probe with entropy,
     pruned to half the tokens) and chains of every block of `env` (unpruned; pruned, each block
-    the same kept tokens; pruned, each block other kept tokens), as the planned units run them."""
+    the same kept tokens; pruned, each block other kept tokens), as the planned units run them.
+    small_m_rows counts for the unpruned cases only (a scale of few rows is an early, unpruned one)."""
     from toprovar.models.transformer import FastStep, run_fast_blocks
 
     model, x, n, rows = env["model"], env["x"], env["n"], env["rows"]
@@ -138,13 +142,15 @@ def scenarios(env: dict, index_io: bool = False, chain: bool = False) -> dict[st
 
     def run(keeps, entropy=(), blocks=None):
         blocks = range(depth) if blocks is None else blocks
+        small = small_m_rows if not entropy and all(k is None for k in keeps) else 0  # pruned scales have many rows
 
         def prepare():
             cache, xs = model.new_cache(rows, 4 * n, torch.bfloat16, "cpu"), x.clone()
             cache.set_fill(0)
             steps = [FastStep(model.blocks[li], env["ada"][li], env["text"][li], cache[li], keeps[j], j in entropy)
                      for j, li in enumerate(blocks)]
-            return lambda: run_fast_blocks(steps, xs, env["rope"], gelu_epilogue=True, index_io=index_io, chain=chain)
+            return lambda: run_fast_blocks(steps, xs, env["rope"], gelu_epilogue=True, index_io=index_io, chain=chain,
+                                           small_m_rows=small)
         return prepare
 
     return {"unpruned block": launches(run([None], blocks=[0])),
@@ -175,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     results = {name: scenarios(env, **kw) for name, kw in VARIANTS.items()}
     cases = list(next(iter(results.values())))
     print("Launches (kernels on CUDA) per case; chains of 4 blocks as a planned unit runs them, with the per-block "
-          f"mean in brackets. Head unit of a scale: {len(head)}.\n")
+          f"mean in brackets. Head unit of a scale: {len(head)}. small_m_rows applies to unpruned blocks of few rows "
+          "(the small scales); the 'unpruned scale' column is then such a scale.\n")
     print("| variant | " + " | ".join(cases) + f" | unpruned scale, depth {args.depth} + head "
           f"| pruned scale (probe + {args.depth - 1} pruned, same tokens) + head |")
     print("|---|" + "---:|" * (len(cases) + 2))

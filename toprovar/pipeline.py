@@ -102,6 +102,9 @@ class FastOptions:
     index_io: bool = False  # a pruned block's gather, scatter and RoPE rows inside its fused kernels
     chain_blocks: bool = False  # a block's last stage makes the next one's LayerNorm; equal keeps stay gathered
     host_plan: bool = False  # pruners whose policy fixes the keep counts plan without reading the device
+    # Scales of at most this many rows (batch rows x tokens) run each matrix product with its
+    # LayerNorm before and residual add after fused in (kernels.fused_linear): 9 launches a block.
+    small_m_rows: int = 0
 
 
 def resolve_fast(fast: bool | FastOptions | None, device: torch.device) -> FastOptions | None:
@@ -123,10 +126,11 @@ class _ScaleGraphs:
 
     def __init__(self, model: InfinityTransformer, key: tuple, *, schedule, rows: int, batch: int,
                  cond, rope: Tensor, dtype: torch.dtype, device: torch.device, sampling: GuidedSampling,
-                 fused: bool, gelu_epilogue: bool = False, index_io: bool = False, chain: bool = False):
+                 fused: bool, gelu_epilogue: bool = False, index_io: bool = False, chain: bool = False,
+                 small_m_rows: int = 0):
         self.model, self.key, self.rows, self.batch = model, key, rows, batch
         self.sampling, self.fused = sampling, fused
-        self.gelu_epilogue, self.index_io, self.chain = gelu_epilogue, index_io, chain
+        self.gelu_epilogue, self.index_io, self.chain, self.small_m_rows = gelu_epilogue, index_io, chain, small_m_rows
         self.tokens = tokens_per_scale(schedule)
         self.offsets = [sum(self.tokens[:i]) for i in range(len(self.tokens))]
         self.cuda = device.type == "cuda"
@@ -167,7 +171,8 @@ class _ScaleGraphs:
         rope_si = RopeSlice(self.rope[0, off:off + n], self.rope[1, off:off + n])
         if self.fused:
             steps = [FastStep(block, self.ada[li], self.text[li], self.cache[li]) for li, block in enumerate(model.blocks)]
-            x, _ = run_fast_blocks(steps, x, rope_si, gelu_epilogue=self.gelu_epilogue, chain=self.chain)
+            x, _ = run_fast_blocks(steps, x, rope_si, gelu_epilogue=self.gelu_epilogue, chain=self.chain,
+                                   small_m_rows=self.small_m_rows)
         else:
             for li, block in enumerate(model.blocks):
                 x, _ = block(x, self.gss, self.text[li], rope_si, self.cache[li])
@@ -274,7 +279,8 @@ class _ScaleGraphs:
                 steps = [FastStep(model.blocks[layers[j]], self.ada[layers[j]], self.text[layers[j]],
                                   self.cache[layers[j]], given.get(j), wants[j]) for j in live]
                 x, live_ents = run_fast_blocks(steps, x, rope_si, gelu_epilogue=self.gelu_epilogue,
-                                               index_io=self.index_io, chain=self.chain)
+                                               index_io=self.index_io, chain=self.chain,
+                                               small_m_rows=self.small_m_rows)
                 ents = [None] * len(layers)
                 for j, ent in zip(live, live_ents):
                     ents[j] = ent
@@ -466,12 +472,12 @@ def _condition(call: _Call, features: Tensor, lengths: list[int], seeds: list[in
         text = call.cond.text[0]
         key = (tuple(call.schedule), call.rows, call.batch, tuple(text.k.shape), text.mask is not None, call.sampling,
                call.fused, call.opts.cudnn_attention, call.opts.gelu_epilogue, call.opts.index_io,
-               call.opts.chain_blocks, bb.dtype, str(bb.device))
+               call.opts.chain_blocks, call.opts.small_m_rows, bb.dtype, str(bb.device))
         call.graphs, fresh = _scale_graphs(model, key, schedule=call.schedule, rows=call.rows, batch=call.batch,
                                            cond=call.cond, rope=call.rope, dtype=bb.dtype, device=bb.device,
                                            sampling=call.sampling, fused=call.fused,
                                            gelu_epilogue=call.opts.gelu_epilogue, index_io=call.opts.index_io,
-                                           chain=call.opts.chain_blocks)
+                                           chain=call.opts.chain_blocks, small_m_rows=call.opts.small_m_rows)
         call.graphs.load(call.cond)
         call.cache = call.graphs.cache
         call.cache.set_fill(0)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 import kernels.fused_block as fused_block
 from kernels.fused_block import LN_AFFINE, LN_MODULATE, add_ln, gather_rows, qk_norm_rope, scatter_rows
+from kernels.fused_linear import ln_linear
 from toprovar.attention import attention, cross_attention
 from toprovar.schedules import tokens_per_scale
 
@@ -468,14 +469,19 @@ class CrossAttnBlock(nn.Module):
 
     def _fast_block(self, x: Tensor, ada: Tensor, text: TextKV, rope: RopeSlice, cache: LayerKVCache, *,
                     keep: Tensor | None, rows: Tensor | None, h: Tensor | None, entropy: bool, gelu_epilogue: bool,
-                    index_io: bool, next_ln: tuple[Tensor, Tensor, float] | None,
-                    scatter: bool) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+                    index_io: bool, next_ln: tuple[Tensor, Tensor, float] | None, scatter: bool,
+                    small: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """One block of `run_fast_blocks`. x: the scale's `(B, N, C)` hidden states; keep: the
         tokens that run (None: all); rows: their hidden states when the previous block left them
         compact (else gathered here); h: this block's first LayerNorm when the previous block made
         it; next_ln: (scale, shift, eps) of the next block's first LayerNorm, made by the last
-        stage (same rows); scatter: write a pruned block's rows back into x (else leave them compact).
-        Returns (x, compact rows or None, the next block's LayerNorm or None, entropy or None)."""
+        stage (same rows); scatter: write a pruned block's rows back into x (else leave them compact);
+        small: every token, few rows: the matrix products with their LayerNorms and residual adds
+        fused (`kernels.fused_linear`). Returns (x, compact rows or None, the next block's
+        LayerNorm or None, entropy or None)."""
+        if small:
+            x, ent = self._fast_block_small(x, ada, text, rope, cache, entropy)
+            return x, None, None, ent
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
         cdt = self.sa.mat_qkv.weight.dtype if _gpu_recipe(x) else torch.float32  # what the linear layers consume
         cos, sin, rope_index = rope.cos, rope.sin, None
@@ -510,6 +516,31 @@ class CrossAttnBlock(nn.Module):
             xr, h_next = add_ln(xr, f, gamma2, ln=LN_MODULATE, scale=next_ln[0], shift=next_ln[1], eps=next_ln[2],
                                 out_dtype=cdt)
         return (xr, None, h_next, ent) if keep is None else (x, xr, h_next, ent)
+
+    def _fast_block_small(self, x: Tensor, ada: Tensor, text: TextKV, rope: RopeSlice, cache: LayerKVCache,
+                          entropy: bool) -> tuple[Tensor, Tensor | None]:
+        """The block on every token in 9 launches: each matrix product takes the LayerNorm before
+        it and the residual add after it (`ln_linear`), besides q/k norm + RoPE and the two
+        attentions. The same op sequence as `_fast_block` (on CPU bit for bit)."""
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
+        sa, ca, ffn, norm, n = self.sa, self.ca, self.ffn, self.ca_norm, x.shape[1]
+        bias, head_scale, head_scale_f32 = self._fast_constants()
+        qkv = ln_linear(x, sa.mat_qkv.weight, bias, ln=LN_MODULATE, scale=scale1, shift=shift1, eps=self.eps)
+        k_slot, v_slot, k_all, v_all = cache.reserve(n)
+        q = qk_norm_rope(qkv, sa.num_heads, head_scale_f32 if fused_block.triton_available(qkv) else head_scale,
+                         rope.cos, rope.sin, k_slot, v_slot)
+        if entropy:  # the entropy kernel takes plain (B, H, n, D) queries
+            q = q.contiguous()
+        out, ent = attention(q, k_all, v_all, entropy=entropy, scale=1.0)
+        x = ln_linear(_merge_heads(out), sa.proj.weight, sa.proj.bias, residual=x, gamma=gamma1, round_yg=True)
+        cq = ln_linear(x, ca.mat_q.weight, ca.mat_q.bias, ln=LN_AFFINE, ln_weight=norm.weight, ln_bias=norm.bias,
+                       eps=norm.eps)
+        c_out = cross_attention(_split_heads(cq, ca.num_heads).to(text.k.dtype), text.k, text.v, text.mask,
+                                scale=ca.head_dim ** -0.5)
+        x = ln_linear(_merge_heads(c_out), ca.proj.weight, ca.proj.bias, residual=x)
+        hidden = ln_linear(x, ffn.fc1.weight, ffn.fc1.bias, ln=LN_MODULATE, scale=scale2, shift=shift2, eps=self.eps,
+                           gelu=True)
+        return ln_linear(hidden, ffn.fc2.weight, ffn.fc2.bias, residual=x, gamma=gamma2), ent
 
     def _fast_middle(self, x: Tensor, h: Tensor, gamma1: Tensor, scale2: Tensor, shift2: Tensor, text: TextKV,
                      cos: Tensor, sin: Tensor, rope_index: Tensor | None, cache: LayerKVCache, cdt: torch.dtype,
@@ -584,7 +615,8 @@ def same_rows(a: Tensor | None, b: Tensor | None) -> bool:
 
 
 def run_fast_blocks(steps: list[FastStep], x: Tensor, rope: RopeSlice, *, gelu_epilogue: bool = False,
-                    index_io: bool = False, chain: bool = False) -> tuple[Tensor, list[Tensor | None]]:
+                    index_io: bool = False, chain: bool = False,
+                    small_m_rows: int = 0) -> tuple[Tensor, list[Tensor | None]]:
     """The blocks of `steps` in order, each as `CrossAttnBlock.forward_fast`: `(x, entropies)`.
 
     chain: where a block and the next live block run the same rows (both every token, or the
@@ -592,14 +624,17 @@ def run_fast_blocks(steps: list[FastStep], x: Tensor, rope: RopeSlice, *, gelu_e
     next block's AdaLN-LayerNorm, one kernel for two, and pruned rows stay gathered between
     such blocks: one gather and one scatter for a run of blocks on the same kept tokens. The
     arithmetic is the same op sequence, so CPU results stay bit-identical to `forward_fast`
-    block by block. index_io: see `forward_fast`.
+    block by block. index_io: see `forward_fast`. small_m_rows: blocks on every token of at most
+    that many rows (batch rows × tokens) run their matrix products with the LayerNorms and
+    residual adds fused in (`CrossAttnBlock._fast_block_small`; 0: never).
     """
     ents: list[Tensor | None] = [None] * len(steps)
     live = [j for j, s in enumerate(steps) if s.keep is None or s.keep.shape[1] > 0]
     rows = h = None  # the running gathered rows and the next block's first LayerNorm, when made
+    small = 0 < x.shape[0] * x.shape[1] <= small_m_rows  # all rows of the scale; pruned blocks never
     for pos, j in enumerate(live):
         s = steps[j]
-        nxt = steps[live[pos + 1]] if chain and pos + 1 < len(live) else None
+        nxt = steps[live[pos + 1]] if chain and pos + 1 < len(live) and not small else None
         together = nxt is not None and same_rows(s.keep, nxt.keep)
         next_ln = None
         if together:
@@ -607,7 +642,8 @@ def run_fast_blocks(steps: list[FastStep], x: Tensor, rope: RopeSlice, *, gelu_e
             next_ln = (scale1, shift1, nxt.block.eps)
         x, rows, h, ents[j] = s.block._fast_block(
             x, s.ada, s.text, rope, s.cache, keep=s.keep, rows=rows, h=h, entropy=s.entropy,
-            gelu_epilogue=gelu_epilogue, index_io=index_io, next_ln=next_ln, scatter=not together)
+            gelu_epilogue=gelu_epilogue, index_io=index_io, next_ln=next_ln, scatter=not together,
+            small=small and s.keep is None)
     return x, ents
 
 
