@@ -11,7 +11,8 @@ guidance scale 3, the backbone's temperature. For every backbone:
   eager fused path (same kernels).
 * timing of a ladder of variants, each adding one optimization to the one before (`plain` is the
   pre-optimization loop: eager PyTorch, bf16 autocast, default SDPA, torch.multinomial, NCHW VAE),
-  then issue 16's fewer-kernels variants of the fast path (`FastOptions.chain_blocks`), and with
+  then issue 16's fewer-kernels variants of the fast path (`FastOptions.chain_blocks`, then with
+`small_m_rows=64`: the linears of scales 0-2 with LayerNorm and residual fused in), and with
   `--variants all` the leave-one-out variants measured before; the 1-token scale's time (the
   fixed cost of a scale: launches and weight streaming, whatever its tokens) for each; median wall clock of `--reps` calls after `--warmup` calls (text
   encoding excluded and reported), per-scale times from CUDA events, VAE decode time;
@@ -62,7 +63,8 @@ def variants(*, ablations: bool = True) -> list[tuple[str, Any]]:
         opts = replace(opts, **{f: True for f in flags})
         ladder.append((name, opts))
     assert opts == full, "the ladder must end at the default fast path"
-    mechanics = [(CHAIN_NAME, replace(full, chain_blocks=True))]
+    mechanics = [(CHAIN_NAME, replace(full, chain_blocks=True)),
+                 (SMALL_NAME, replace(full, chain_blocks=True, small_m_rows=64))]
     others = [("fast without cuDNN attention", replace(full, cudnn_attention=False)),
               ("fast without fused block kernels", replace(full, fused=False)),
               ("fast, VAE NHWC with PyTorch GroupNorm", replace(full, vae_fused_norm=False)),
@@ -72,6 +74,7 @@ def variants(*, ablations: bool = True) -> list[tuple[str, Any]]:
 
 FAST_NAME = "+ VAE NHWC + split-statistics GroupNorm (= fast)"
 CHAIN_NAME = "fast + chain_blocks (next LayerNorm in the residual kernel)"
+SMALL_NAME = "fast + chain_blocks + small_m_rows 64 (scales 0-2: LayerNorm/residual in the linears)"
 
 
 # ---------------------------------------------------------------------------------------- backbones
@@ -381,7 +384,7 @@ def markdown(results: dict, anchors: dict) -> str:
             lines.append(f"| {name} | {v['median_s'] * 1e3:.1f} ms | {runs} | {loop:.1f} ms "
                          f"| {v['per_scale_ms'][0]:.2f} ms | {v['decode_ms']:.1f} ms "
                          f"| {fl['floor_s'] / v['median_s']:.2f} | {speed} |")
-        names = [n for n in ("plain", FAST_NAME, CHAIN_NAME) if n in r["variants"]
+        names = [n for n in ("plain", FAST_NAME, CHAIN_NAME, SMALL_NAME) if n in r["variants"]
                  and "per_scale_ms" in r["variants"][n]]
         if names:
             lines.append("\nPer scale (ms, CUDA events; tokens per image):\n")

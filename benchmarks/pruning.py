@@ -44,7 +44,8 @@ Every number comes for each variant of the fast path's pruned-scale mechanics (`
 buffers and graphs): the defaults, `FastOptions.index_io` (gather/scatter/RoPE rows inside the
 fused kernels), `chain_blocks` (a block's last stage makes the next one's LayerNorm, equal keep
 lists stay gathered), `host_plan` (keep counts fixed by the policy taken from the host: no host
-sync per pruned scale) and all three. The JSON's top-level numbers are the first variant's.
+sync per pruned scale), `small_m_rows` (the matrix products of the small scales with their
+LayerNorm and residual fused: 9 launches a block) and all four. The JSON's top-level numbers are the first variant's.
 
 Prints a markdown table (one row per variant: end to end, scale loop, 1-token scale, decision
 overhead and its split, gather/scatter, FLOP-ideal vs measured loop speedup, loop / floor bound,
@@ -228,7 +229,14 @@ def variants() -> list[tuple[str, Any]]:
             ("+ index_io", dataclasses.replace(base, index_io=True)),
             ("+ chain_blocks", dataclasses.replace(base, chain_blocks=True)),
             ("+ host_plan", dataclasses.replace(base, host_plan=True)),
-            ("+ all three", dataclasses.replace(base, index_io=True, chain_blocks=True, host_plan=True))]
+            (f"+ small_m_rows {SMALL_M_ROWS}", dataclasses.replace(base, small_m_rows=SMALL_M_ROWS)),
+            ("+ all four", dataclasses.replace(base, index_io=True, chain_blocks=True, host_plan=True,
+                                               small_m_rows=SMALL_M_ROWS))]
+
+
+# Scales of at most 64 rows (2B/8B at 1024², CFG: scales 0-2, 1-16 tokens) run the few-rows fused
+# linears: one row tile reads each weight once (kernels.fused_linear).
+SMALL_M_ROWS = 64
 
 
 def _versions() -> dict[str, Any]:
