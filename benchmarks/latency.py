@@ -12,10 +12,10 @@ guidance scale 3, the backbone's temperature. For every backbone:
 * timing of a ladder of variants, each adding one optimization to the one before (`plain` is the
   pre-optimization loop: eager PyTorch, bf16 autocast, default SDPA, torch.multinomial, NCHW VAE),
   then issue 16's fewer-kernels variants of the fast path (`FastOptions.chain_blocks`, then with
-`small_m_rows=64`: the linears of scales 0-2 with LayerNorm and residual fused in), and with
+  `small_m_rows=64`: the linears of scales 0-2 with LayerNorm and residual fused in), and with
   `--variants all` the leave-one-out variants measured before; the 1-token scale's time (the
-  fixed cost of a scale: launches and weight streaming, whatever its tokens) for each; median wall clock of `--reps` calls after `--warmup` calls (text
-  encoding excluded and reported), per-scale times from CUDA events, VAE decode time;
+  fixed cost of a scale: launches and weight streaming, whatever its tokens) for each; median
+  wall clock of `--reps` calls after `--warmup` calls (text encoding excluded and reported), per-scale times from CUDA events, VAE decode time;
 * the FLOP floor of the transformer (28·C²·depth per token for the linear layers, 4·C·Lq·Lk per
   layer for attention, CFG batch 2; ../shared/reference/anchors.md) over the bf16 matrix rate
   measured in the same run (8192³ product), and the achieved fraction floor / time;

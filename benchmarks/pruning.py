@@ -426,10 +426,11 @@ def report(r: dict[str, Any]) -> str:
             f"| {v['ideal_speedup']:.2f}× / {v['measured_speedup_loop']:.2f}× "
             f"| {v['loop_over_floor_bound']:.2f}{mark(v['loop_over_floor_bound'] >= TARGETS['loop_over_floor_bound'])} "
             f"| {v['replay_bits_identical']} |")
-    lines += ["", "Decision overhead = pruned − replay of the same plan (entropy: replay with the probe layers' entropy "
-              "− replay without; logic: ρ_s, scores, sort, plans, host syncs, hooks). Floor bound: the FLOP-ideal "
-              "loop speedup if every scale kept the 1-token scale's fixed cost. Gather/scatter: the separate "
-              "gather/RoPE-select/scatter kernels of the variant timed alone (0 with index_io: inside the fused kernels).",
+    lines += ["", "Decision overhead = pruned − replay of the same plan (entropy: replay with the probe layers' "
+              "entropy − replay without; logic: ρ_s, scores, sort, plans, host syncs, hooks). Floor bound: the "
+              "FLOP-ideal loop speedup if every scale kept the 1-token scale's fixed cost. Gather/scatter: the "
+              "separate gather/RoPE-select/scatter kernels of the variant timed alone (0 with index_io: inside the "
+              "fused kernels).",
               ""]
     names = list(r["variants"])
     lines += ["| scale | grid | tokens | token-layers run | unpruned ms (" + names[0] + ") | "

@@ -86,7 +86,8 @@ def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def qk_norm_rope_reference(qkv: Tensor, num_heads: int, head_scale: Tensor, cos: Tensor, sin: Tensor,
-                           k_dst: Tensor, v_dst: Tensor, eps: float = 1e-12, rope_index: Tensor | None = None) -> Tensor:
+                           k_dst: Tensor, v_dst: Tensor, eps: float = 1e-12,
+                           rope_index: Tensor | None = None) -> Tensor:
     """qkv `(B, n, 3C)`; head_scale `(1, H, 1, 1)`; cos/sin `(n, D/2)` or per row `(B, n, D/2)`
     (with rope_index `(B, n)`: the rows `cos[rope_index]` of a `(N, D/2)` table); k_dst/v_dst `(B, H, n, D)`."""
     if rope_index is not None:

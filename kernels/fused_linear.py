@@ -19,8 +19,9 @@ many, so the caller uses it only below a row threshold (`FastOptions.small_m_row
 
 Cautions: the weights are read once per row tile, so `BLOCK_M` covers all rows up to 64; more
 rows re-read the weights (cuBLAS is the better choice there). float32 weights use IEEE dots (no
-TF32); so does the Triton interpreter for bf16 (its bf16 dot is wrong). The references are the exact eager op sequences (`F.layer_norm`, `F.linear`, `F.gelu`),
-so on CPU a block built from these is bit-identical to `CrossAttnBlock.forward`.
+TF32); so does the Triton interpreter for bf16 (its bf16 dot is wrong). The references are the
+exact eager op sequences (`F.layer_norm`, `F.linear`, `F.gelu`), so on CPU a block built from
+these is bit-identical to `CrossAttnBlock.forward`.
 """
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ from toprovar.pruning import NoPruner
 from toprovar.sampling import draw_bits, make_generators
 from toprovar.schedules import scale_schedule
 
-
 # Every switch of the pruned-path mechanics (issue 16) on: CPU output must not move.
 MECHANICS = FastOptions(index_io=True, chain_blocks=True, host_plan=True, small_m_rows=80)  # scales 0-4 small
 

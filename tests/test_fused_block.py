@@ -90,10 +90,11 @@ def test_fused_rows_through_an_index_on_cuda(xdt: torch.dtype) -> None:
     hs = torch.rand(1, H, 1, 1, device="cuda") + 1
     caches = [torch.zeros(2, B, H, K, D, device="cuda", dtype=dt) for dt in (torch.bfloat16, torch.bfloat16,
                                                                                 torch.float64)]
-    qs = [qk_norm_rope(q_in, H, hs_in, cos, sin, c[0], c[1], rope_index=idx, use_triton=u)
-          for q_in, hs_in, cos, sin, c, u in zip((qkv, qkv, qkv.double()), (hs, hs, hs.double()),
-                                                (ang.cos(), ang.cos(), ang.double().cos()),
-                                                (ang.sin(), ang.sin(), ang.double().sin()), caches, (True, False, False))]
+    cos = (ang.cos(), ang.cos(), ang.double().cos())
+    sin = (ang.sin(), ang.sin(), ang.double().sin())
+    qs = [qk_norm_rope(q_in, H, hs_in, c_, s_, c[0], c[1], rope_index=idx, use_triton=u)
+          for q_in, hs_in, c_, s_, c, u in zip((qkv, qkv, qkv.double()), (hs, hs, hs.double()), cos, sin, caches,
+                                               (True, False, False))]
     assert _fa_ok(qs[0], qs[1], qs[2], 1e-5)
     assert _fa_ok(caches[0][0], caches[1][0], caches[2][0], 1e-5) and torch.equal(caches[0][1], caches[1][1])
 
@@ -132,8 +133,14 @@ def test_ln_linear_on_cuda(rows: int) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_small_block_matches_forward_on_cuda() -> None:
     """A bf16 block on 2 rows of one token under autocast, the few-rows fused path vs the reference block."""
-    from toprovar.models.transformer import (FastStep, InfinityTransformer, RopeSlice, TransformerConfig,
-                                             random_state_dict, run_fast_blocks)
+    from toprovar.models.transformer import (
+        FastStep,
+        InfinityTransformer,
+        RopeSlice,
+        TransformerConfig,
+        random_state_dict,
+        run_fast_blocks,
+    )
 
     cfg = TransformerConfig(depth=1, embed_dim=256, num_heads=2, codebook_dim=8, text_channels=64,
                             text_maxlen=8, pool_head_dim=32, block_chunks=1)

@@ -170,7 +170,8 @@ class _ScaleGraphs:
         self.cache.set_fill(off)
         rope_si = RopeSlice(self.rope[0, off:off + n], self.rope[1, off:off + n])
         if self.fused:
-            steps = [FastStep(block, self.ada[li], self.text[li], self.cache[li]) for li, block in enumerate(model.blocks)]
+            steps = [FastStep(block, self.ada[li], self.text[li], self.cache[li])
+                     for li, block in enumerate(model.blocks)]
             x, _ = run_fast_blocks(steps, x, rope_si, gelu_epilogue=self.gelu_epilogue, chain=self.chain,
                                    small_m_rows=self.small_m_rows)
         else:

@@ -36,9 +36,10 @@ keep counts the policy fixes whatever the entropy (no token gating, or α_min = 
 and ρ_s is read only where a decision needs it (the crossing test, from min_scale until D is
 found); the other scales' ρ_s are read together after the last scale's blocks (`end_scale`), so
 after D a scale runs without a host sync. Equal counts share one row of the plan table (the
-same tokens), which the fast path's block chain keeps gathered between blocks. Under CFG the unconditional row of an image runs the same tokens as its conditional
-row. With several images per call each layer keeps the same count K for every image (the
-largest of their counts), each image its own lowest-entropy tokens.
+same tokens), which the fast path's block chain keeps gathered between blocks. Under CFG the
+unconditional row of an image runs the same tokens as its conditional row. With several
+images per call each layer keeps the same count K for every image (the largest of their
+counts), each image its own lowest-entropy tokens.
 """
 from __future__ import annotations
 
