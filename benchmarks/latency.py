@@ -311,7 +311,7 @@ def check_numerics(backbone, fast_dtype: torch.dtype, *, prompt: str = "a photo"
 # ---------------------------------------------------------------------------------------- profiling
 
 FAMILIES = (("attention", ("cudnn", "flash", "fmha", "attention", "sdpa", "fwd_kernel")),
-            ("fused (triton)", ("_add_ln_kernel", "_qk_norm_rope_kernel")),
+            ("fused (triton)", ("_add_ln_kernel", "_qk_norm_rope_kernel", "_ln_linear_kernel")),
             ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "cublas", "matmul", "splitk")),
             ("conv", ("conv", "implicit", "winograd", "fprop", "dgrad", "nhwc", "nchw")),
             ("norm", ("layer_norm", "group_norm", "norm")),)

@@ -62,7 +62,8 @@ def ln_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, *, ln: i
 
 if triton is not None:
 
-    @triton.jit
+    # Rows and tokens per image change with every scale: no recompilation for their values.
+    @triton.jit(do_not_specialize=["M", "n_per_b"])
     def _ln_linear_kernel(X, W, BIAS, LW, LB, S, T, R, G, OUT, M, N, K, n_per_b, eps, s_sb, t_sb, g_sb,
                           LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
                           HAS_G: tl.constexpr, ROUND_YG: tl.constexpr, IEEE: tl.constexpr,

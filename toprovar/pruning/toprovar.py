@@ -259,7 +259,8 @@ class ToProVARPruner:
         n = H.shape[-1]
         after_d = self.D is not None or si >= self.scale_cfg.min_scale
         needs_rho = self.D is None and si >= self.scale_cfg.min_scale  # the crossing test reads ρ_s
-        prune_here = self.scale_cfg.action == "start_pruning" and (self.policy.uses_token or self.skip_above is not None)
+        prune_here = (self.scale_cfg.action == "start_pruning"
+                      and (self.policy.uses_token or self.skip_above is not None))
         rows = self.ctx.rows // self.batch
         fixed = self._fixed_counts(si, n) if self.host_plan and after_d and prune_here else None
         if fixed is not None:  # counts known on the host: the plan is only device work, no sync
