@@ -360,9 +360,6 @@ def fixed_keep_counts(n: int, batch: int, R: tuple[float, ...], phi: float, alph
 
 
 def _to_device(values: list[int], device: torch.device) -> Tensor:
-    """Small host ints as an int64 tensor on `device` without a host sync (a plain copy to a GPU
-    waits for the stream; from pinned memory it is asynchronous)."""
-    t = torch.tensor(values, dtype=torch.long)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    """Small host ints as an int64 tensor on `device` without a host sync: a copy from pageable
+    host memory to a GPU waits for the stream, a fill takes its value as a kernel argument."""
+    return torch.stack([torch.full((), v, dtype=torch.long, device=device) for v in values])
