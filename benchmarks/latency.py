@@ -11,8 +11,11 @@ guidance scale 3, the backbone's temperature. For every backbone:
   eager fused path (same kernels).
 * timing of a ladder of variants, each adding one optimization to the one before (`plain` is the
   pre-optimization loop: eager PyTorch, bf16 autocast, default SDPA, torch.multinomial, NCHW VAE),
-  plus leave-one-out variants; median wall clock of `--reps` calls after `--warmup` calls (text
-  encoding excluded and reported), per-scale times from CUDA events, VAE decode time;
+  then issue 16's fewer-kernels variants of the fast path (`FastOptions.chain_blocks`, then with
+  `small_m_rows=64`: the linears of scales 0-2 with LayerNorm and residual fused in), and with
+  `--variants all` the leave-one-out variants measured before; the 1-token scale's time (the
+  fixed cost of a scale: launches and weight streaming, whatever its tokens) for each; median
+  wall clock of `--reps` calls after `--warmup` calls (text encoding excluded and reported), per-scale times from CUDA events, VAE decode time;
 * the FLOP floor of the transformer (28·C²·depth per token for the linear layers, 4·C·Lq·Lk per
   layer for attention, CFG batch 2; ../shared/reference/anchors.md) over the bf16 matrix rate
   measured in the same run (8192³ product), and the achieved fraction floor / time;
@@ -43,9 +46,10 @@ from toprovar.errors import UserError, exit_on_user_error
 
 PROG = "python -m benchmarks.latency"
 
-# (name, fast argument) — cumulative ladder ending at the default fast path, then leave-one-out
-# and opt-in variants of it.
-def variants() -> list[tuple[str, Any]]:
+# (name, fast argument) — cumulative ladder ending at the default fast path, issue 16's
+# fewer-kernels variants, then (with `ablations`) leave-one-out and opt-in variants measured
+# before (`--variants all`).
+def variants(*, ablations: bool = True) -> list[tuple[str, Any]]:
     from toprovar.pipeline import FastOptions
 
     full = FastOptions()
@@ -59,14 +63,18 @@ def variants() -> list[tuple[str, Any]]:
         opts = replace(opts, **{f: True for f in flags})
         ladder.append((name, opts))
     assert opts == full, "the ladder must end at the default fast path"
+    mechanics = [(CHAIN_NAME, replace(full, chain_blocks=True)),
+                 (SMALL_NAME, replace(full, chain_blocks=True, small_m_rows=64))]
     others = [("fast without cuDNN attention", replace(full, cudnn_attention=False)),
               ("fast without fused block kernels", replace(full, fused=False)),
               ("fast, VAE NHWC with PyTorch GroupNorm", replace(full, vae_fused_norm=False)),
               ("fast + cuDNN benchmark in the VAE", replace(full, vae_cudnn_benchmark=True))]
-    return ladder + others
+    return ladder + mechanics + (others if ablations else [])
 
 
 FAST_NAME = "+ VAE NHWC + split-statistics GroupNorm (= fast)"
+CHAIN_NAME = "fast + chain_blocks (next LayerNorm in the residual kernel)"
+SMALL_NAME = "fast + chain_blocks + small_m_rows 64 (scales 0-2: LayerNorm/residual in the linears)"
 
 
 # ---------------------------------------------------------------------------------------- backbones
@@ -303,7 +311,7 @@ def check_numerics(backbone, fast_dtype: torch.dtype, *, prompt: str = "a photo"
 # ---------------------------------------------------------------------------------------- profiling
 
 FAMILIES = (("attention", ("cudnn", "flash", "fmha", "attention", "sdpa", "fwd_kernel")),
-            ("fused (triton)", ("_add_ln_kernel", "_qk_norm_rope_kernel")),
+            ("fused (triton)", ("_add_ln_kernel", "_qk_norm_rope_kernel", "_ln_linear_kernel")),
             ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "cublas", "matmul", "splitk")),
             ("conv", ("conv", "implicit", "winograd", "fprop", "dgrad", "nhwc", "nchw")),
             ("norm", ("layer_norm", "group_norm", "norm")),)
@@ -359,22 +367,24 @@ def markdown(results: dict, anchors: dict) -> str:
                      f"at the measured {results['matmul_tflops']:.0f} TFLOP/s = {fl['floor_s'] * 1e3:.1f} ms. "
                      f"Text encoding is outside the timed region (random T5-width features here: "
                      f"{r['text_encode_ms']:.2f} ms).\n")
-        lines.append("| variant | end to end (median) | runs | scale loop | VAE decode | floor fraction | vs plain |")
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append("| variant | end to end (median) | runs | scale loop | 1-token scale (fixed cost) | VAE decode "
+                     "| floor fraction | vs plain |")
+        lines.append("|---|---|---|---|---|---|---|---|")
         if bb in anchors:
             a = anchors[bb]
-            lines.append(f"| official code (anchors.md) | {a * 1e3:.0f} ms | | | | {fl['floor_s'] / a:.2f} | |")
+            lines.append(f"| official code (anchors.md) | {a * 1e3:.0f} ms | | | | | {fl['floor_s'] / a:.2f} | |")
         plain = r["variants"].get("plain", {}).get("median_s")
         for name, v in r["variants"].items():
             if "error" in v:
-                lines.append(f"| {name} | failed: {v['error'][:80]} | | | | | |")
+                lines.append(f"| {name} | failed: {v['error'][:80]} | | | | | | |")
                 continue
             runs = f"{min(v['runs_s']) * 1e3:.0f}–{max(v['runs_s']) * 1e3:.0f}"
             loop = sum(v["per_scale_ms"])
             speed = f"{plain / v['median_s']:.2f}x" if plain else ""
-            lines.append(f"| {name} | {v['median_s'] * 1e3:.1f} ms | {runs} | {loop:.1f} ms | {v['decode_ms']:.1f} ms "
+            lines.append(f"| {name} | {v['median_s'] * 1e3:.1f} ms | {runs} | {loop:.1f} ms "
+                         f"| {v['per_scale_ms'][0]:.2f} ms | {v['decode_ms']:.1f} ms "
                          f"| {fl['floor_s'] / v['median_s']:.2f} | {speed} |")
-        names = [n for n in ("plain", FAST_NAME) if n in r["variants"]
+        names = [n for n in ("plain", FAST_NAME, CHAIN_NAME, SMALL_NAME) if n in r["variants"]
                  and "per_scale_ms" in r["variants"][n]]
         if names:
             lines.append("\nPer scale (ms, CUDA events; tokens per image):\n")
@@ -424,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--text-len", type=int, default=32, help="text tokens of the random prompt features")
-    ap.add_argument("--variants", default="all", help="comma-separated variant names, or 'all'")
+    ap.add_argument("--variants", default="default",
+                    help="comma-separated variant names, 'default' (the ladder and issue 16's variants) or 'all'")
     ap.add_argument("--no-check", action="store_true", help="skip the float32 teacher-forced comparison")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--budget-s", type=float, default=0.0, help="skip what would start after this many seconds")
@@ -447,8 +458,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for b in backbones:
         get_backbone(b)  # one-line error for an unknown name
-    chosen = variants()
-    if args.variants != "all":
+    chosen = variants(ablations=args.variants != "default")
+    if args.variants not in ("default", "all"):
         wanted = [v.strip() for v in args.variants.split(",")]
         chosen = [v for v in chosen if v[0] in wanted]
 

@@ -2,6 +2,7 @@
 target, and the one-line refusal without CUDA. Numbers on CPU are not benchmarks."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -36,7 +37,16 @@ def test_smoke_runs_the_whole_path_on_cpu() -> None:
     assert result["flop_ratio"] < 1 and result["ideal_speedup"] == pytest.approx(1 / result["flop_ratio"])
     assert result["flop_ratio"] == pytest.approx(result["policy"]["planned_flop_ratio"], abs=1e-6)  # plan = trace
     assert result["policy"]["D"] == result["policy"]["min_scale"]
-    assert "| measured speedup, end to end |" in proc.stdout and "| decision overhead" in proc.stdout
+    from benchmarks.pruning import variants
+
+    options = dict(variants())
+    assert list(result["variants"]) == list(options)  # every variant of the mechanics, the defaults first
+    for name, v in result["variants"].items():
+        assert f"| {name} |" in proc.stdout and v["fast"] == dataclasses.asdict(options[name])
+        assert v["replay_bits_identical"] and v["flop_ratio"] == pytest.approx(result["flop_ratio"])
+        assert v["scale_floor_ms"] > 0 and v["loop_over_floor_bound"] > 0
+    assert result["variants"]["+ index_io"]["gather_scatter_ms"] == 0.0  # inside the fused kernels
+    assert "| decision overhead ms (share)" in proc.stdout and "1-token scale ms" in proc.stdout
 
 
 def test_smoke_with_a_cfg_skip() -> None:

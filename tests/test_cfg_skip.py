@@ -16,12 +16,15 @@ import torch
 from toprovar.errors import UserError
 from toprovar.flops import layer_flops, trace_flops
 from toprovar.models.transformer import KVCache
-from toprovar.pipeline import generate, release_fast_state
+from toprovar.pipeline import FastOptions, generate, release_fast_state
 from toprovar.policy import GuidanceStage, Policy, check_policy_for_backbone, policy_from_dict
 from toprovar.trace import record_kept_tokens
 
 PROMPTS = ["a red cube on the grass", "two dogs", "a green ball left of a blue cube"]  # padded text rows
 N_SCALES = 7  # test-small at its default pixels
+
+# Every fewer-kernels switch of issue 16.3 on; small_m_rows covers the first scales of test-small.
+MECHANICS = FastOptions(index_io=True, chain_blocks=True, host_plan=True, small_m_rows=80)
 
 
 def _seeds(n: int) -> list[int]:
@@ -126,23 +129,24 @@ def _policies(depth: int) -> list[Policy]:
             policy_from_dict({"method": "fixed_exit", "fixed_exit": {"exit_scale": 5}})]
 
 
-@pytest.mark.parametrize("kv_policy", ["kept", "all"])
-def test_fast_path_with_skip_is_bit_identical_for_every_method(small, kv_policy: str) -> None:
+@pytest.mark.parametrize(("kv_policy", "fast_opts"), [("kept", True), ("all", True), ("kept", MECHANICS)])
+def test_fast_path_with_skip_is_bit_identical_for_every_method(small, kv_policy: str, fast_opts) -> None:
     """Whole-scale graphs (no pruner), planned units (static plans) and eager scales take the
-    skip's rows from its scale on: the same bits and images as the plain loop."""
+    skip's rows from its scale on: the same bits and images as the plain loop, also with the
+    fewer-kernels switches (index_io, chain_blocks, host_plan, small_m_rows) on."""
     depth = small.transformer.depth
     for policy in _policies(depth):
         skip = random.choice([1, 3, 4, 5, 6])
         policy = _skip(policy, skip)
         seeds = _seeds(2)
         plain = generate(small, PROMPTS[:2], seeds, policy=policy, kv_policy=kv_policy, fast=False)
-        fast = generate(small, PROMPTS[:2], seeds, policy=policy, kv_policy=kv_policy, fast=True)
+        fast = generate(small, PROMPTS[:2], seeds, policy=policy, kv_policy=kv_policy, fast=fast_opts)
         _same(plain, fast)
         assert fast.runtime["graph_loop"] == (policy.method == "none")
         assert [r.rows for r in fast.trace.scales] == [4] * skip + [2] * (N_SCALES - skip)
         a, b = plain.trace.layers_frame(), fast.trace.layers_frame()
         assert a[["scale", "layer", "kept"]].values.tolist() == b[["scale", "layer", "kept"]].values.tolist()
-        again = generate(small, PROMPTS[:2], seeds, policy=_skip(policy, None), kv_policy=kv_policy, fast=True)
+        again = generate(small, PROMPTS[:2], seeds, policy=_skip(policy, None), kv_policy=kv_policy, fast=fast_opts)
         assert [r.rows for r in again.trace.scales] == [4] * N_SCALES  # a new key: all rows again
     release_fast_state(small.transformer)
 

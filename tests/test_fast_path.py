@@ -11,6 +11,9 @@ from toprovar.pruning import NoPruner
 from toprovar.sampling import draw_bits, make_generators
 from toprovar.schedules import scale_schedule
 
+# Every switch of the pruned-path mechanics (issue 16) on: CPU output must not move.
+MECHANICS = FastOptions(index_io=True, chain_blocks=True, host_plan=True, small_m_rows=80)  # scales 0-4 small
+
 
 def _seeds(n: int) -> list[int]:
     return torch.randint(0, 2**31 - 1, (n,)).tolist()
@@ -33,7 +36,8 @@ def test_fast_path_is_bit_identical_on_cpu(name, request) -> None:
     again = generate(backbone, prompts, s, fast=True)  # static buffers reused for the same key
     assert again.runtime["graphs_captured"] is False
     _same(plain, again)
-    for opts in (FastOptions(graphs=False), FastOptions(fused=False), FastOptions(sync_free_sampling=False)):
+    for opts in (FastOptions(graphs=False), FastOptions(fused=False), FastOptions(sync_free_sampling=False),
+                 MECHANICS):
         _same(plain, generate(backbone, prompts, s, fast=opts))
     release_fast_state(backbone.transformer)
 
@@ -113,14 +117,16 @@ def test_planned_pruners_run_as_units_bit_identical(small, kv_policy: str) -> No
     for policy in (PlannedRows(), _fixed_toprovar(depth), _fixed_toprovar(depth, restore="cached", order="frequency"),
                    _fixed_toprovar(depth, restore="cached", order="edge"), policy_from_dict({"method": "fixed_exit", "fixed_exit": {"exit_scale": 4}})):
         plain = generate(small, prompts, s, policy=policy, kv_policy=kv_policy, fast=False)
-        fast = generate(small, prompts, s, policy=policy, kv_policy=kv_policy, fast=True)
-        assert fast.runtime["planned_units"] and not fast.runtime["graph_loop"]
-        assert fast.runtime["units"]["eager"] > 0  # CPU: units are direct calls
-        _same(plain, fast)
-        a, b = plain.trace.layers_frame(), fast.trace.layers_frame()
-        assert a[["scale", "layer", "kept"]].values.tolist() == b[["scale", "layer", "kept"]].values.tolist()
-        assert plain.trace.pruning == fast.trace.pruning
-        assert (b["kept"] < b["tokens"]).any() or getattr(policy, "method", "") == "fixed_exit"
+        for opts in (True, MECHANICS):
+            fast = generate(small, prompts, s, policy=policy, kv_policy=kv_policy, fast=opts)
+            assert fast.runtime["planned_units"] and not fast.runtime["graph_loop"]
+            assert fast.runtime["units"]["eager"] > 0  # CPU: units are direct calls
+            _same(plain, fast)
+            a, b = plain.trace.layers_frame(), fast.trace.layers_frame()
+            assert a[["scale", "layer", "kept"]].values.tolist() == b[["scale", "layer", "kept"]].values.tolist()
+            assert plain.trace.pruning == fast.trace.pruning
+            assert [r.rho for r in plain.trace.scales] == [r.rho for r in fast.trace.scales]
+            assert (b["kept"] < b["tokens"]).any() or getattr(policy, "method", "") == "fixed_exit"
     release_fast_state(small.transformer)
 
 
@@ -174,3 +180,47 @@ def test_forward_fast_equals_forward_block() -> None:
         assert caches[0].fills == caches[1].fills == [off] * cfg.depth
         for a, b in ((caches[0]._k, caches[1]._k), (caches[0]._v, caches[1]._v)):
             assert torch.equal(a[:, :, :, :off], b[:, :, :, :off])
+
+
+def test_block_chain_equals_blocks_one_by_one() -> None:
+    """`run_fast_blocks` with the chain and rows through the index (on CPU the same op sequence)
+    against `forward` block by block: every token, the same kept tokens in a run of blocks (kept
+    gathered between them), other kept tokens per block, a skipped block, entropy where asked."""
+    from toprovar.models.transformer import FastStep, TransformerConfig, run_fast_blocks
+
+    cfg = TransformerConfig(depth=6, embed_dim=64, num_heads=2, codebook_dim=6, text_channels=32, text_maxlen=16,
+                            pool_head_dim=16, block_chunks=1)
+    model = InfinityTransformer(cfg).eval()
+    model.load_state_dict(random_state_dict(cfg, seed=int(torch.randint(0, 1000, ()).item())))
+    rope = model.rope_table(scale_schedule(1.0, "0.06M"), "cpu")
+    n, rows = 16, 4
+    same = torch.stack([torch.sort(torch.randperm(n)[:9]).values for _ in range(rows)])
+    other = torch.stack([torch.sort(torch.randperm(n)[:5]).values for _ in range(rows)])
+    patterns = [[None] * 6, [same] * 6, [None, same, same, other, other[:, :0], same],
+                [same, same[:, :0], same, None, None, other]]
+    with torch.inference_mode():
+        cond = model.encode_condition(torch.randn(2, 5, cfg.text_channels), [5, 3], with_uncond=True)
+        rs = RopeSlice(rope[0, 5:5 + n], rope[1, 5:5 + n])
+        for keeps in patterns:
+            entropy = [j % 3 == 0 for j in range(6)]
+            x0 = torch.randn(rows, n, cfg.embed_dim)
+            caches = [model.new_cache(rows, 40, torch.float32, "cpu") for _ in range(4)]
+            prefix = torch.randn(2, *caches[0]._k.shape)  # earlier scales' keys and values, the same in all
+            for c in caches:
+                c._k.copy_(prefix[0])
+                c._v.copy_(prefix[1])
+                c.set_fill(5)
+            ref, ref_ents = x0.clone(), []
+            for li, (block, keep) in enumerate(zip(model.blocks, keeps)):
+                ent = None
+                if keep is None or keep.shape[1]:
+                    ref, ent = block(ref, cond.gss, cond.text[li], rs, caches[0][li], keep=keep, entropy=entropy[li])
+                ref_ents.append(ent)
+            for c, (index_io, chain, small) in zip(caches[1:], ((True, True, 0), (False, True, 0), (True, True, 64))):
+                steps = [FastStep(b, b.ada(cond.gss), cond.text[li], c[li], keeps[li], entropy[li])
+                         for li, b in enumerate(model.blocks)]
+                out, ents = run_fast_blocks(steps, x0.clone(), rs, index_io=index_io, chain=chain, small_m_rows=small)
+                assert torch.equal(out, ref)
+                assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(ents, ref_ents))
+                assert c.fills == caches[0].fills
+                assert torch.equal(c._k[:, :, :, :40], caches[0]._k[:, :, :, :40])

@@ -51,6 +51,114 @@ def test_fused_kernels_on_cuda() -> None:
     torch.testing.assert_close(caches[0].float(), caches[1].float(), rtol=2e-2, atol=2e-2)
 
 
+def _fa_ok(out, ref, truth, atol: float) -> bool:
+    """flash-attention's rule: max |kernel - truth| <= 2 max |same-dtype reference - truth| + atol."""
+    return (out.double() - truth).abs().max().item() <= 2 * (ref.double() - truth).abs().max().item() + atol
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
+def test_fused_rows_through_an_index_on_cuda(xdt: torch.dtype) -> None:
+    """The gather (first stage), scatter (last stage) and RoPE rows of a pruned block through the
+    kept-token index, at Infinity-2B's width: flash-attention's tolerance rule against float64."""
+    from kernels.fused_block import LN_MODULATE, add_ln, add_ln_reference, qk_norm_rope
+
+    B, N, K, H, D = 2, 300, 111, 16, 128
+    C = H * D
+    idx = torch.stack([torch.sort(torch.randperm(N, device="cuda")[:K]).values for _ in range(B)])
+    x = torch.randn(B, N, C, device="cuda").to(xdt)
+    ada = torch.randn(B, 1, 6, C, device="cuda")
+    mod = dict(ln=LN_MODULATE, scale=ada[:, :, 1] * 0.1, shift=ada[:, :, 2])
+    f64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in mod.items()}
+    rest = dict(weight=None, bias=None)
+    xa, ha = add_ln(x, src_index=idx, out_dtype=torch.bfloat16, **mod)
+    xb, hb = add_ln(x, src_index=idx, out_dtype=torch.bfloat16, use_triton=False, **mod)
+    xt, ht = add_ln_reference(x.double(), None, None, round_yg=False, eps=1e-6, out_dtype=torch.float64,
+                              src_index=idx, **rest, **f64)
+    assert torch.equal(xa, xb) and _fa_ok(ha, hb, ht, 1e-5)
+    y = torch.randn(B, K, C, device="cuda", dtype=torch.bfloat16)
+    dst = [torch.randn(B, N, C, device="cuda") for _ in range(2)]
+    dst[1].copy_(dst[0])
+    truth = dst[0].double()
+    ra, _ = add_ln(xa.float(), y, ada[:, :, 0], dst=dst[0], dst_index=idx)
+    rb, _ = add_ln(xa.float(), y, ada[:, :, 0], dst=dst[1], dst_index=idx, use_triton=False)
+    rt, _ = add_ln_reference(xa.double(), y.double(), ada[:, :, 0].double(), round_yg=False, ln=0, scale=None,
+                             shift=None, eps=1e-6, out_dtype=torch.float64, dst=truth, dst_index=idx, **rest)
+    assert ra is dst[0] and _fa_ok(ra, rb, rt, 1e-6)
+    qkv = torch.randn(B, K, 3 * C, device="cuda", dtype=torch.bfloat16)
+    ang = torch.rand(N, D // 2, device="cuda") * 6
+    hs = torch.rand(1, H, 1, 1, device="cuda") + 1
+    caches = [torch.zeros(2, B, H, K, D, device="cuda", dtype=dt) for dt in (torch.bfloat16, torch.bfloat16,
+                                                                                torch.float64)]
+    cos = (ang.cos(), ang.cos(), ang.double().cos())
+    sin = (ang.sin(), ang.sin(), ang.double().sin())
+    qs = [qk_norm_rope(q_in, H, hs_in, c_, s_, c[0], c[1], rope_index=idx, use_triton=u)
+          for q_in, hs_in, c_, s_, c, u in zip((qkv, qkv, qkv.double()), (hs, hs, hs.double()), cos, sin, caches,
+                                               (True, False, False))]
+    assert _fa_ok(qs[0], qs[1], qs[2], 1e-5)
+    assert _fa_ok(caches[0][0], caches[1][0], caches[2][0], 1e-5) and torch.equal(caches[0][1], caches[1][1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [2, 37, 64])
+def test_ln_linear_on_cuda(rows: int) -> None:
+    """The few-rows linear with LayerNorm / GELU / residual fused, at Infinity-2B's widths (QKV,
+    output projection with its residual, fc1 with GELU): flash-attention's rule against float64."""
+    from kernels.fused_block import LN_MODULATE
+    from kernels.fused_linear import ln_linear, ln_linear_reference
+
+    C, F = 2048, 8192
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(2, rows // 2 or 1, C, device="cuda", generator=gen)
+    ada = torch.randn(2, 1, 6, F, device="cuda", generator=gen) * 0.3
+    mod = dict(ln=LN_MODULATE, scale=ada[:, :, 1, :C], shift=ada[:, :, 2, :C])
+    for n_out, kw in ((3 * C, dict(mod)), (F, dict(mod, gelu=True))):
+        w = (torch.randn(n_out, C, device="cuda", generator=gen) / C ** 0.5).bfloat16()
+        b = (torch.randn(n_out, device="cuda", generator=gen) * 0.1).bfloat16()
+        out, ref = ln_linear(x, w, b, **kw), ln_linear(x, w, b, use_triton=False, **kw)
+        truth = ln_linear_reference(x.double(), w.double(), b.double(),
+                                    **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+        assert out.dtype == ref.dtype and _fa_ok(out, ref, truth, 1e-3)
+    h = torch.randn(2, rows // 2 or 1, C, device="cuda", generator=gen).bfloat16()
+    w = (torch.randn(C, C, device="cuda", generator=gen) / C ** 0.5).bfloat16()
+    b = (torch.randn(C, device="cuda", generator=gen) * 0.1).bfloat16()
+    for res in (x, x.bfloat16()):
+        kw = dict(residual=res, gamma=ada[:, :, 0, :C], round_yg=True)
+        out, ref = ln_linear(h, w, b, **kw), ln_linear(h, w, b, use_triton=False, **kw)
+        truth = ln_linear_reference(h.double(), w.double(), b.double(), residual=res.double(),
+                                    gamma=ada[:, :, 0, :C].double())
+        assert out.dtype == ref.dtype == res.dtype and _fa_ok(out, ref, truth, 1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_small_block_matches_forward_on_cuda() -> None:
+    """A bf16 block on 2 rows of one token under autocast, the few-rows fused path vs the reference block."""
+    from toprovar.models.transformer import (
+        FastStep,
+        InfinityTransformer,
+        RopeSlice,
+        TransformerConfig,
+        random_state_dict,
+        run_fast_blocks,
+    )
+
+    cfg = TransformerConfig(depth=1, embed_dim=256, num_heads=2, codebook_dim=8, text_channels=64,
+                            text_maxlen=8, pool_head_dim=32, block_chunks=1)
+    model = InfinityTransformer(cfg)
+    model.load_state_dict(random_state_dict(cfg, seed=3))
+    model = model.cuda().eval()
+    model.blocks.bfloat16()
+    rope = model.rope_table([(1, 1, 1), (1, 4, 4)], "cuda")
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        cond = model.encode_condition(torch.randn(1, 6, 64, device="cuda"), [6], with_uncond=True)
+        caches = [model.new_cache(2, 17, torch.bfloat16, "cuda") for _ in range(2)]
+        block, x, rs = model.blocks[0], torch.randn(2, 1, 256, device="cuda"), RopeSlice(rope[0, :1], rope[1, :1])
+        ref, _ = block(x, cond.gss, cond.text[0], rs, caches[0][0])
+        out, _ = run_fast_blocks([FastStep(block, block.ada(cond.gss), cond.text[0], caches[1][0])], x, rs,
+                                 small_m_rows=64)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+
+
 @pytest.mark.parametrize("c, side", [(512, 64), (512, 256), (256, 512), (256, 1024), (128, 1024), (512, 512)])
 def test_group_norm_launch_fits_the_grid(c: int, side: int) -> None:
     """The VAE decoder's GroupNorm shapes at 1024x1024 (2B: patch 16, 8B: patch 8) fit CUDA's grid

@@ -54,7 +54,8 @@ from torch import Tensor
 from toprovar.attention import prefer_cudnn_attention
 from toprovar.errors import UserError
 from toprovar.models.registry import Backbone
-from toprovar.models.transformer import KV_POLICIES, Condition, InfinityTransformer, KVCache, RopeSlice, TextKV
+from toprovar.models.transformer import (KV_POLICIES, Condition, FastStep, InfinityTransformer, KVCache, RopeSlice,
+                                         TextKV, run_fast_blocks)
 from toprovar.models.vae import BSQVAE
 from toprovar.pruning import NoPruner, Pruner, PrunerContext, as_pruner
 from toprovar.renames import RENAMED, renamed_settings
@@ -97,6 +98,14 @@ class FastOptions:
     vae_channels_last: bool = True  # VAE decode on NHWC activations
     vae_fused_norm: bool = True  # VAE GroupNorm + SiLU as split-statistics Triton kernels (NHWC only)
     vae_cudnn_benchmark: bool = False  # let cuDNN time the VAE's convolution algorithms
+    # Fewer kernels per block (issue 16; off until measured on the GPU: benchmarks.pruning and
+    # benchmarks.latency time them against the defaults, tools/block_kernels.py counts them):
+    index_io: bool = False  # a pruned block's gather, scatter and RoPE rows inside its fused kernels
+    chain_blocks: bool = False  # a block's last stage makes the next one's LayerNorm; equal keeps stay gathered
+    host_plan: bool = False  # pruners whose policy fixes the keep counts plan without reading the device
+    # Scales of at most this many rows (batch rows x tokens) run each matrix product with its
+    # LayerNorm before and residual add after fused in (kernels.fused_linear): 9 launches a block.
+    small_m_rows: int = 0
 
 
 def resolve_fast(fast: bool | FastOptions | None, device: torch.device) -> FastOptions | None:
@@ -141,10 +150,11 @@ class _ScaleGraphs:
 
     def __init__(self, model: InfinityTransformer, key: tuple, *, schedule, scale_rows: Sequence[int], batch: int,
                  cond, rope: Tensor, dtype: torch.dtype, device: torch.device, sampling: GuidedSampling,
-                 fused: bool, gelu_epilogue: bool = False):
+                 fused: bool, gelu_epilogue: bool = False, index_io: bool = False, chain: bool = False,
+                 small_m_rows: int = 0):
         self.model, self.key, self.scale_rows, self.batch = model, key, tuple(scale_rows), batch
         self.sampling, self.fused = sampling, fused
-        self.gelu_epilogue = gelu_epilogue
+        self.gelu_epilogue, self.index_io, self.chain, self.small_m_rows = gelu_epilogue, index_io, chain, small_m_rows
         self.tokens = tokens_per_scale(schedule)
         self.offsets = [sum(self.tokens[:i]) for i in range(len(self.tokens))]
         self.cuda = device.type == "cuda"
@@ -188,11 +198,12 @@ class _ScaleGraphs:
         model, x, n, off, r = self.model, self.x_in[si], self.tokens[si], self.offsets[si], self.at(si)
         self.cache.set_fill(off)
         rope_si = RopeSlice(self.rope[0, off:off + n], self.rope[1, off:off + n])
-        for li, block in enumerate(model.blocks):
-            if self.fused:
-                x, _ = block.forward_fast(x, r.ada[li], r.cond.text[li], rope_si, r.cache[li],
-                                          gelu_epilogue=self.gelu_epilogue)
-            else:
+        if self.fused:
+            steps = [FastStep(block, r.ada[li], r.cond.text[li], r.cache[li]) for li, block in enumerate(model.blocks)]
+            x, _ = run_fast_blocks(steps, x, rope_si, gelu_epilogue=self.gelu_epilogue, chain=self.chain,
+                                   small_m_rows=self.small_m_rows)
+        else:
+            for li, block in enumerate(model.blocks):
                 x, _ = block(x, r.cond.gss, r.cond.text[li], rope_si, r.cache[li])
         return self.sampling.probs(model.logits(x, r.cond.cond_BD), si, self.batch)
 
@@ -293,6 +304,17 @@ class _ScaleGraphs:
         def fn(x: Tensor, *base: Tensor) -> tuple[Tensor, list[Tensor | None]]:
             given = {j: base[b].as_strided(size, stride, base[b].storage_offset() + offset)
                      for j, (b, size, stride, offset) in zip(gathered, geometry)}
+            if self.fused and kv_policy == "kept":  # the fused chain (equal keeps are views of one base slot)
+                live = [j for j in range(len(layers)) if counts[j]]
+                steps = [FastStep(model.blocks[layers[j]], r.ada[layers[j]], r.cond.text[layers[j]],
+                                  r.cache[layers[j]], given.get(j), wants[j]) for j in live]
+                x, live_ents = run_fast_blocks(steps, x, rope_si, gelu_epilogue=self.gelu_epilogue,
+                                               index_io=self.index_io, chain=self.chain,
+                                               small_m_rows=self.small_m_rows)
+                ents = [None] * len(layers)
+                for j, ent in zip(live, live_ents):
+                    ents[j] = ent
+                return x, ents
             ents: list[Tensor | None] = []
             for j, li in enumerate(layers):
                 keep, ent = given.get(j), None
@@ -336,11 +358,12 @@ def _scale_graphs(model: InfinityTransformer, key: tuple, **kw) -> tuple[_ScaleG
 
 def _run_block(block, x: Tensor, ada: Tensor | None, gss: Tensor, text: TextKV, rope: RopeSlice, cache, *,
                keep: Tensor | None, entropy: bool, kv_policy: str, fused: bool,
-               gelu_epilogue: bool) -> tuple[Tensor, Tensor | None]:
+               gelu_epilogue: bool, index_io: bool = False) -> tuple[Tensor, Tensor | None]:
     """One block on the tokens `keep` (None: all): the fused stages where they apply (every token,
     or kept tokens whose K/V alone enter the cache), the reference block otherwise."""
     if fused and (keep is None or kv_policy == "kept"):
-        return block.forward_fast(x, ada, text, rope, cache, keep=keep, entropy=entropy, gelu_epilogue=gelu_epilogue)
+        return block.forward_fast(x, ada, text, rope, cache, keep=keep, entropy=entropy, gelu_epilogue=gelu_epilogue,
+                                  index_io=index_io)
     return block(x, gss, text, rope, cache, keep=keep, entropy=entropy, kv_policy=kv_policy)
 
 
@@ -492,11 +515,13 @@ def _condition(call: _Call, features: Tensor, lengths: list[int], seeds: list[in
     if call.static:
         text = cond.text[0]
         key = (tuple(call.schedule), call.scale_rows, call.batch, tuple(text.k.shape), text.mask is not None,
-               call.sampling, call.fused, call.opts.cudnn_attention, call.opts.gelu_epilogue, bb.dtype, str(bb.device))
+               call.sampling, call.fused, call.opts.cudnn_attention, call.opts.gelu_epilogue, call.opts.index_io,
+               call.opts.chain_blocks, call.opts.small_m_rows, bb.dtype, str(bb.device))
         call.graphs, fresh = _scale_graphs(model, key, schedule=call.schedule, scale_rows=call.scale_rows,
                                            batch=call.batch, cond=cond, rope=call.rope, dtype=bb.dtype,
                                            device=bb.device, sampling=call.sampling, fused=call.fused,
-                                           gelu_epilogue=call.opts.gelu_epilogue)
+                                           gelu_epilogue=call.opts.gelu_epilogue, index_io=call.opts.index_io,
+                                           chain=call.opts.chain_blocks, small_m_rows=call.opts.small_m_rows)
         call.graphs.load(cond)
         call.graphs.cache.set_fill(0)
         call.units_before = dict(call.graphs.unit_counts)
@@ -509,7 +534,8 @@ def _condition(call: _Call, features: Tensor, lengths: list[int], seeds: list[in
     call.generators = make_generators(seeds, bb.device)
     call.vae_schedule = bb.vae.vae_schedule(call.schedule)
     call.pruner.begin(PrunerContext(call.schedule, model.depth, model.config.num_heads, call.batch, call.rows,
-                                    bb.device, call.trace, call.scale_rows))
+                                    bb.device, call.trace, call.scale_rows,
+                                    host_plan=call.opts is not None and call.opts.host_plan))
     return model.first_tokens(cond)
 
 
@@ -565,7 +591,7 @@ def _scale_eager(call: _Call, si: int, x: Tensor) -> Tensor:
         want = call.record_entropy or pruner.wants_entropy(si, li)
         x, ent = _run_block(block, x, r.ada[li] if call.fused else None, r.cond.gss, r.cond.text[li], rope_si,
                             r.cache[li], keep=keep, entropy=want, kv_policy=call.kv_policy, fused=call.fused,
-                            gelu_epilogue=gelu_epilogue)
+                            gelu_epilogue=gelu_epilogue, index_io=call.fused and call.opts.index_io)
         if ent is not None:
             pruner.observe(si, li, ent)
             if call.record_entropy:

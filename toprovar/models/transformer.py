@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.fused_block import LN_AFFINE, LN_MODULATE, add_ln, qk_norm_rope
+import kernels.fused_block as fused_block
+from kernels.fused_block import LN_AFFINE, LN_MODULATE, add_ln, gather_rows, qk_norm_rope, scatter_rows
+from kernels.fused_linear import ln_linear
 from toprovar.attention import attention, cross_attention
 from toprovar.schedules import tokens_per_scale
 
@@ -387,8 +389,16 @@ class FFN(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def _gpu_recipe(t: Tensor) -> bool:
+    """Whether the fast stages take the GPU recipe for t: linear inputs in the weights' dtype, the
+    FFN's GELU in the matmul epilogue. Elsewhere they keep the float32 eager arithmetic of
+    `CrossAttnBlock.forward`, bit for bit (tools/block_kernels.py patches this to count the GPU
+    path's launches on a CPU)."""
+    return t.is_cuda
+
+
 def _gather_tokens(x: Tensor, keep: Tensor) -> Tensor:
-    return torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
+    return gather_rows(x, keep)
 
 
 class CrossAttnBlock(nn.Module):
@@ -443,8 +453,10 @@ class CrossAttnBlock(nn.Module):
         with torch.autocast(gss.device.type, enabled=False):
             return self.ada_gss + gss
 
-    def _fast_constants(self) -> tuple[Tensor, Tensor]:
-        """QKV bias and per-head q temperature, recomputed only when the parameters change."""
+    def _fast_constants(self) -> tuple[Tensor, Tensor, Tensor]:
+        """QKV bias and per-head q temperature (the parameters' dtype, and float32 `(H,)` for the
+        Triton kernel: converting a bf16 one was a kernel per block and call), recomputed only when
+        the parameters change."""
         sa = self.sa
         key = (tuple((p.data_ptr(), p._version) for p in (sa.q_bias, sa.v_bias, sa.scale_mul_1H11)),
                torch.is_autocast_enabled(sa.q_bias.device.type))
@@ -452,13 +464,13 @@ class CrossAttnBlock(nn.Module):
         if cached is None or cached[0] != key:
             bias = torch.cat((sa.q_bias, sa.zero_k_bias, sa.v_bias))
             head_scale = sa.scale_mul_1H11.clamp_max(sa.max_scale_mul).exp()
-            cached = (key, bias, head_scale)
+            cached = (key, bias, head_scale, head_scale.reshape(-1).float().contiguous())
             self._fast_cache = cached
-        return cached[1], cached[2]
+        return cached[1], cached[2], cached[3]
 
     def forward_fast(self, x: Tensor, ada: Tensor, text: TextKV, rope: RopeSlice, cache: LayerKVCache, *,
-                     keep: Tensor | None = None, entropy: bool = False,
-                     gelu_epilogue: bool = False) -> tuple[Tensor, Tensor | None]:
+                     keep: Tensor | None = None, entropy: bool = False, gelu_epilogue: bool = False,
+                     index_io: bool = False) -> tuple[Tensor, Tensor | None]:
         """`forward(keep=keep, kv_policy='kept')` through the fused stages of `kernels.fused_block`.
 
         ada: `self.ada(gss)`, computed once per call. Four passes over the hidden states besides
@@ -467,30 +479,102 @@ class CrossAttnBlock(nn.Module):
         every stage runs the eager ops of `forward`, so the result is bit-identical to it.
         gelu_epilogue (CUDA): the FFN's tanh-GELU runs in the first matrix product's epilogue
         (cuBLASLt) on its float32 accumulator instead of on the bf16-rounded product.
-        keep: `(B, K)` token indices that run (None: all); their K/V alone enter the cache and the
-        others pass through. The result is scattered into `x` in place when x is float32 (the
-        pruned path of the generation loop owns x; a copy per layer would cost a full pass).
+        keep: `(B, K)` token indices that run (None: all; K = 0: the block is skipped); their K/V
+        alone enter the cache and the others pass through. The result is scattered into `x` in
+        place when x is float32 (the pruned path of the generation loop owns x; a copy per layer
+        would cost a full pass). index_io: that gather and scatter and the RoPE rows of the kept
+        tokens go through the first and last fused stages and the q/k kernel (no separate kernels).
         """
-        if keep is None:
-            xr, cos, sin = x, rope.cos, rope.sin
-        else:
-            xr, cos, sin = _gather_tokens(x, keep), rope.cos[keep], rope.sin[keep]
-        xr, ent = self._fast_stages(xr, ada, text, cos, sin, cache, entropy, gelu_epilogue)
-        if keep is None:
-            return xr, ent
-        x = x if x.dtype == xr.dtype else x.to(xr.dtype)  # bf16 next-scale input before block 0
-        return x.scatter_(1, keep[..., None].expand(-1, -1, x.shape[-1]), xr), ent
+        x, ents = run_fast_blocks([FastStep(self, ada, text, cache, keep, entropy)], x, rope,
+                                  gelu_epilogue=gelu_epilogue, index_io=index_io)
+        return x, ents[0]
 
-    def _fast_stages(self, x: Tensor, ada: Tensor, text: TextKV, cos: Tensor, sin: Tensor, cache: LayerKVCache,
-                     entropy: bool, gelu_epilogue: bool) -> tuple[Tensor, Tensor | None]:
+    def _fast_block(self, x: Tensor, ada: Tensor, text: TextKV, rope: RopeSlice, cache: LayerKVCache, *,
+                    keep: Tensor | None, rows: Tensor | None, h: Tensor | None, entropy: bool, gelu_epilogue: bool,
+                    index_io: bool, next_ln: tuple[Tensor, Tensor, float] | None, scatter: bool,
+                    small: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """One block of `run_fast_blocks`. x: the scale's `(B, N, C)` hidden states; keep: the
+        tokens that run (None: all); rows: their hidden states when the previous block left them
+        compact (else gathered here); h: this block's first LayerNorm when the previous block made
+        it; next_ln: (scale, shift, eps) of the next block's first LayerNorm, made by the last
+        stage (same rows); scatter: write a pruned block's rows back into x (else leave them compact);
+        small: every token, few rows: the matrix products with their LayerNorms and residual adds
+        fused (`kernels.fused_linear`). Returns (x, compact rows or None, the next block's
+        LayerNorm or None, entropy or None)."""
+        if small:
+            x, ent = self._fast_block_small(x, ada, text, rope, cache, entropy)
+            return x, None, None, ent
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
+        cdt = self.sa.mat_qkv.weight.dtype if _gpu_recipe(x) else torch.float32  # what the linear layers consume
+        cos, sin, rope_index = rope.cos, rope.sin, None
+        if keep is None:
+            xr = x
+        else:
+            xr = rows
+            if xr is None and index_io:  # the gather inside the first stage
+                xr, h = add_ln(x, ln=LN_MODULATE, scale=scale1, shift=shift1, eps=self.eps, out_dtype=cdt,
+                               src_index=keep)
+            elif xr is None:
+                xr = gather_rows(x, keep)
+            if index_io:
+                rope_index = keep
+            else:
+                cos, sin = cos[keep], sin[keep]
+        if h is None:
+            _, h = add_ln(xr, ln=LN_MODULATE, scale=scale1, shift=shift1, eps=self.eps, out_dtype=cdt)
+        xr, f, ent = self._fast_middle(xr, h, gamma1, scale2, shift2, text, cos, sin, rope_index, cache, cdt,
+                                       entropy, gelu_epilogue)
+        if keep is not None and scatter:
+            x = x if x.dtype == torch.float32 else x.to(torch.float32)  # bf16 next-scale input before block 0
+            if index_io:  # the scatter inside the last stage
+                x, _ = add_ln(xr, f, gamma2, dst=x, dst_index=keep)
+            else:
+                xr, _ = add_ln(xr, f, gamma2)
+                scatter_rows(x, keep, xr)
+            return x, None, None, ent
+        if next_ln is None:
+            xr, h_next = add_ln(xr, f, gamma2)
+        else:
+            xr, h_next = add_ln(xr, f, gamma2, ln=LN_MODULATE, scale=next_ln[0], shift=next_ln[1], eps=next_ln[2],
+                                out_dtype=cdt)
+        return (xr, None, h_next, ent) if keep is None else (x, xr, h_next, ent)
+
+    def _fast_block_small(self, x: Tensor, ada: Tensor, text: TextKV, rope: RopeSlice, cache: LayerKVCache,
+                          entropy: bool) -> tuple[Tensor, Tensor | None]:
+        """The block on every token in 9 launches: each matrix product takes the LayerNorm before
+        it and the residual add after it (`ln_linear`), besides q/k norm + RoPE and the two
+        attentions. The same op sequence as `_fast_block` (on CPU bit for bit)."""
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
+        sa, ca, ffn, norm, n = self.sa, self.ca, self.ffn, self.ca_norm, x.shape[1]
+        bias, head_scale, head_scale_f32 = self._fast_constants()
+        qkv = ln_linear(x, sa.mat_qkv.weight, bias, ln=LN_MODULATE, scale=scale1, shift=shift1, eps=self.eps)
+        k_slot, v_slot, k_all, v_all = cache.reserve(n)
+        q = qk_norm_rope(qkv, sa.num_heads, head_scale_f32 if fused_block.triton_available(qkv) else head_scale,
+                         rope.cos, rope.sin, k_slot, v_slot)
+        if entropy:  # the entropy kernel takes plain (B, H, n, D) queries
+            q = q.contiguous()
+        out, ent = attention(q, k_all, v_all, entropy=entropy, scale=1.0)
+        x = ln_linear(_merge_heads(out), sa.proj.weight, sa.proj.bias, residual=x, gamma=gamma1, round_yg=True)
+        cq = ln_linear(x, ca.mat_q.weight, ca.mat_q.bias, ln=LN_AFFINE, ln_weight=norm.weight, ln_bias=norm.bias,
+                       eps=norm.eps)
+        c_out = cross_attention(_split_heads(cq, ca.num_heads).to(text.k.dtype), text.k, text.v, text.mask,
+                                scale=ca.head_dim ** -0.5)
+        x = ln_linear(_merge_heads(c_out), ca.proj.weight, ca.proj.bias, residual=x)
+        hidden = ln_linear(x, ffn.fc1.weight, ffn.fc1.bias, ln=LN_MODULATE, scale=scale2, shift=shift2, eps=self.eps,
+                           gelu=True)
+        return ln_linear(hidden, ffn.fc2.weight, ffn.fc2.bias, residual=x, gamma=gamma2), ent
+
+    def _fast_middle(self, x: Tensor, h: Tensor, gamma1: Tensor, scale2: Tensor, shift2: Tensor, text: TextKV,
+                     cos: Tensor, sin: Tensor, rope_index: Tensor | None, cache: LayerKVCache, cdt: torch.dtype,
+                     entropy: bool, gelu_epilogue: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Self-attention, cross-attention and the FFN of the rows x, from their first LayerNorm h:
+        (x after both attentions, the FFN's output, entropy or None)."""
         sa, n = self.sa, x.shape[1]
-        cdt = sa.mat_qkv.weight.dtype if x.is_cuda else torch.float32  # what the linear layers consume
-        bias, head_scale = self._fast_constants()
-        _, h = add_ln(x, ln=LN_MODULATE, scale=scale1, shift=shift1, eps=self.eps, out_dtype=cdt)
+        bias, head_scale, head_scale_f32 = self._fast_constants()
         qkv = F.linear(h, sa.mat_qkv.weight, bias)
         k_slot, v_slot, k_all, v_all = cache.reserve(n)
-        q = qk_norm_rope(qkv, sa.num_heads, head_scale, cos, sin, k_slot, v_slot)
+        q = qk_norm_rope(qkv, sa.num_heads, head_scale_f32 if fused_block.triton_available(qkv) else head_scale,
+                         cos, sin, k_slot, v_slot, rope_index=rope_index)
         if entropy:  # the entropy kernel takes plain (B, H, n, D) queries
             q = q.contiguous()
         out, ent = attention(q, k_all, v_all, entropy=entropy, scale=1.0)
@@ -500,15 +584,14 @@ class CrossAttnBlock(nn.Module):
         x, h = add_ln(x, self.ca(ca_in, text), None, ln=LN_MODULATE, scale=scale2, shift=shift2,
                       eps=self.eps, out_dtype=cdt)
         ffn = self.ffn
-        if gelu_epilogue and h.is_cuda:
+        if gelu_epilogue and _gpu_recipe(h):
             b, n_, c = h.shape
             hidden = torch._addmm_activation(ffn.fc1.bias.to(h.dtype), h.reshape(b * n_, c),
                                              ffn.fc1.weight.t(), use_gelu=True)
             f = ffn.fc2(hidden.view(b, n_, -1))
         else:
             f = ffn(h)
-        x, _ = add_ln(x, f, gamma2)
-        return x, ent
+        return x, f, ent
 
     def _after_attention(self, xr: Tensor, out: Tensor, gamma1: Tensor, gamma2: Tensor, scale2: Tensor,
                          shift2: Tensor, text: TextKV) -> Tensor:
@@ -529,6 +612,61 @@ class CrossAttnBlock(nn.Module):
         q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
         return self._after_attention(x, out, gamma1, gamma2, scale2, shift2, text)
+
+
+@dataclass
+class FastStep:
+    """One block of a `run_fast_blocks` chain: the block, its AdaLN vectors (`block.ada(gss)`),
+    text K/V, KV cache, the tokens it runs (None: all; `(B, K)` indices, K = 0: skipped) and
+    whether its self-attention entropy is wanted."""
+
+    block: CrossAttnBlock
+    ada: Tensor
+    text: TextKV
+    cache: LayerKVCache
+    keep: Tensor | None = None
+    entropy: bool = False
+
+
+def same_rows(a: Tensor | None, b: Tensor | None) -> bool:
+    """Whether two keep lists are the same memory (hence the same tokens), read on the host only."""
+    if a is None or b is None:
+        return a is b
+    return a is b or (a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+                      and a.device == b.device and a.data_ptr() == b.data_ptr())
+
+
+def run_fast_blocks(steps: list[FastStep], x: Tensor, rope: RopeSlice, *, gelu_epilogue: bool = False,
+                    index_io: bool = False, chain: bool = False,
+                    small_m_rows: int = 0) -> tuple[Tensor, list[Tensor | None]]:
+    """The blocks of `steps` in order, each as `CrossAttnBlock.forward_fast`: `(x, entropies)`.
+
+    chain: where a block and the next live block run the same rows (both every token, or the
+    same keep list by `same_rows`), the block's last stage (its residual add) also makes the
+    next block's AdaLN-LayerNorm, one kernel for two, and pruned rows stay gathered between
+    such blocks: one gather and one scatter for a run of blocks on the same kept tokens. The
+    arithmetic is the same op sequence, so CPU results stay bit-identical to `forward_fast`
+    block by block. index_io: see `forward_fast`. small_m_rows: blocks on every token of at most
+    that many rows (batch rows × tokens) run their matrix products with the LayerNorms and
+    residual adds fused in (`CrossAttnBlock._fast_block_small`; 0: never).
+    """
+    ents: list[Tensor | None] = [None] * len(steps)
+    live = [j for j, s in enumerate(steps) if s.keep is None or s.keep.shape[1] > 0]
+    rows = h = None  # the running gathered rows and the next block's first LayerNorm, when made
+    small = 0 < x.shape[0] * x.shape[1] <= small_m_rows  # all rows of the scale; pruned blocks never
+    for pos, j in enumerate(live):
+        s = steps[j]
+        nxt = steps[live[pos + 1]] if chain and pos + 1 < len(live) and not small else None
+        together = nxt is not None and same_rows(s.keep, nxt.keep)
+        next_ln = None
+        if together:
+            _, _, scale1, _, shift1, _ = nxt.ada.unbind(2)
+            next_ln = (scale1, shift1, nxt.block.eps)
+        x, rows, h, ents[j] = s.block._fast_block(
+            x, s.ada, s.text, rope, s.cache, keep=s.keep, rows=rows, h=h, entropy=s.entropy,
+            gelu_epilogue=gelu_epilogue, index_io=index_io, next_ln=next_ln, scatter=not together,
+            small=small and s.keep is None)
+    return x, ents
 
 
 class AdaLNBeforeHead(nn.Module):

@@ -26,6 +26,9 @@ class PrunerContext:
     device: torch.device
     trace: Trace
     scale_rows: tuple[int, ...] = ()  # rows per scale: `batch` from a CFG skip's scale on (empty: `rows` everywhere)
+    # The loop's FastOptions.host_plan: a pruner may take keep counts that its policy fixes from
+    # the host and read no device value it does not decide on (no host sync per scale).
+    host_plan: bool = False
 
     def rows_at(self, si: int) -> int:
         """Rows of the transformer batch at scale si (the unconditional ones dropped after a CFG skip)."""

@@ -30,14 +30,22 @@ granularity), which reads the hidden states between blocks (no static plan). Bot
 (earlier scales only) and deterministic.
 
 Host synchronization: one per scale (ρ_s and all layers' keep counts are read together), none
-per layer. Under CFG the unconditional row of an image runs the same tokens as its conditional
-row (after a CFG skip there is none: the plan has the conditional rows only). With several
+per layer. With `PrunerContext.host_plan` (the loop's `FastOptions.host_plan`), a scale whose
+keep counts the policy fixes whatever the entropy (no token gating, or α_min = α_max: P_keep is
+1 − α for every token) takes them from the host (`fixed_keep_counts`, the same ops on the CPU),
+and ρ_s is read only where a decision needs it (the crossing test, from min_scale until D is
+found); the other scales' ρ_s are read together after the last scale's blocks (`end_scale`), so
+after D a scale runs without a host sync. Equal counts share one row of the plan table (the
+same tokens), which the fast path's block chain keeps gathered between blocks. Under CFG the
+unconditional row of an image runs the same tokens as its conditional row (after a CFG skip
+there is none: the plan has the conditional rows only). With several
 images per call each layer keeps the same count K for every image (the largest of their
 counts), each image its own lowest-entropy tokens.
 """
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +69,9 @@ class ToProVARPruner:
     # -- hooks -------------------------------------------------------------------------------------
     def begin(self, ctx) -> None:
         self.ctx = ctx
+        self.host_plan = bool(getattr(ctx, "host_plan", False))
+        self._rho_pending: list[tuple[int, Tensor]] = []  # (scale, ρ_s on the device) read at the end
+        self._R_host: tuple[float, ...] | None = None  # R as recorded in the trace (float32 values)
         self.trace = ctx.trace
         self.n_scales = len(ctx.schedule)
         self.depth = ctx.depth
@@ -164,6 +175,11 @@ class ToProVARPruner:
             self.deltas, self.delta_scale = self._rec, si
         self._rec, self._rec_prev, self._pending, self._fills, self._content_score = {}, None, None, {}, None
         self.plan = {}
+        if self._rho_pending and (si + 1 >= self.n_scales or self.exit_before_scale(si + 1)):
+            values = torch.stack([rho for _, rho in self._rho_pending]).tolist()  # after the last blocks
+            for (s, _), value in zip(self._rho_pending, values):
+                self.trace.scales[s].rho = value
+            self._rho_pending = []
 
     # -- restoration of pruned tokens -------------------------------------------------------------
     def _records(self, si: int) -> bool:
@@ -237,24 +253,43 @@ class ToProVARPruner:
     def _record_layer_scores(self) -> None:
         self.trace.pruning["ratios"] = [float(v) for v in self.ratios.tolist()]
         self.trace.pruning["R"] = [float(v) for v in self.R.tolist()]
+        self._R_host = tuple(self.trace.pruning["R"])
 
     def _decide(self, si: int, H: Tensor) -> None:
         """After the probe layers of scale si: ρ_s, D, and the keep plan of the remaining layers."""
         rho = stages.low_entropy_ratio(H).mean()
         plan_counts = None
+        n = H.shape[-1]
         after_d = self.D is not None or si >= self.scale_cfg.min_scale
-        prune_here = self.scale_cfg.action == "start_pruning" and (self.policy.uses_token or self.skip_above is not None)
-        if after_d and prune_here:
+        needs_rho = self.D is None and si >= self.scale_cfg.min_scale  # the crossing test reads ρ_s
+        prune_here = (self.scale_cfg.action == "start_pruning"
+                      and (self.policy.uses_token or self.skip_above is not None))
+        rows = self.ctx.rows_at(si) // self.batch  # 1 after a CFG skip (conditional rows only)
+        fixed = self._fixed_counts(si, n) if self.host_plan and after_d and prune_here else None
+        if fixed is not None:  # counts known on the host: the plan is only device work, no sync
+            plan_counts = fixed
+            order = self._plan_order(H)
+            distinct = sorted({c for c in fixed if c < n})
+            table = stages.keep_index_table(order, _to_device(distinct, H.device), repeat=rows) if distinct else None
+            row_of = {c: i for i, c in enumerate(distinct)}
+            rho_value = float(rho) if needs_rho else None
+        elif after_d and prune_here:
             counts, order = self._plan_counts(si, H)
             # Every layer's keep indices, computed on the device before the sync, so that after it
             # the plan is only views (the GPU idles from the sync until the planned blocks start).
-            table = stages.keep_index_table(order, counts, repeat=self.ctx.rows_at(si) // self.batch)
+            table = stages.keep_index_table(order, counts, repeat=rows)
             values = torch.cat([rho[None], counts.float()]).tolist()  # the one host sync of this scale
             rho_value, plan_counts = values[0], [int(v) for v in values[1:]]
+            row_of = {}
+            for li, c in enumerate(plan_counts):  # layers of equal counts share one row (the same tokens)
+                row_of.setdefault(c, li)
         else:
-            rho_value = float(rho)
-        self.trace.scales[si].rho = rho_value
-        if self.D is None and si >= self.scale_cfg.min_scale and stages.crosses(rho_value, self.scale_cfg.tau, self.scale_cfg.crossing):
+            rho_value = float(rho) if needs_rho or not self.host_plan else None
+        if rho_value is None:
+            self._rho_pending.append((si, rho))
+        else:
+            self.trace.scales[si].rho = rho_value
+        if needs_rho and stages.crosses(rho_value, self.scale_cfg.tau, self.scale_cfg.crossing):
             self.D = si
             self.trace.pruning["D"] = si
             if self.scale_cfg.action == "exit":
@@ -262,9 +297,30 @@ class ToProVARPruner:
         if self.D is None or plan_counts is None:
             return
         self.plan_scale = si
-        n = H.shape[-1]
-        self.plan = {li: table[li, :, :plan_counts[li]]
+        self.plan = {li: table[row_of[plan_counts[li]], :, :plan_counts[li]]
                      for li in range(self.token_cfg.protect_layers, self.depth) if plan_counts[li] < n}
+
+    def _fixed_counts(self, si: int, n: int) -> list[int] | None:
+        """Every layer's keep count of scale si when the policy fixes it whatever the entropy (no
+        token gating, or α_min = α_max), else None: `_plan_counts`'s ops on the CPU."""
+        tc = self.token_cfg
+        if self.policy.uses_token and tc.alpha_min != tc.alpha_max:
+            return None
+        skip = self.skip_above is not None and self.R is not None
+        if (skip or self.policy.uses_layer and self.R is not None) and self._R_host is None:
+            return None  # R lives on the device only (not recorded yet)
+        if not self.policy.uses_layer:
+            R = (1.0,) * self.depth
+        else:
+            R = self._R_host if self.R is not None else (0.0,) * self.depth
+        return list(fixed_keep_counts(n, self.batch, R, (si + 1) / self.n_scales, tc.alpha_min if self.policy.uses_token
+                                      else None, math.ceil(tc.min_keep * n), self.skip_above if skip else None))
+
+    def _plan_order(self, H: Tensor) -> Tensor:
+        """Token indices by keep priority (content score, or lowest entropy), as `_plan_counts` orders them."""
+        if self._content_score is not None:  # highest content score first, ties by index
+            return torch.argsort(-self._content_score, dim=-1, stable=True)
+        return stages.keep_order(H)
 
     def _plan_counts(self, si: int, H: Tensor) -> tuple[Tensor, Tensor]:
         n = H.shape[-1]
@@ -273,10 +329,7 @@ class ToProVARPruner:
             R = self.R if self.R is not None else torch.zeros(self.depth, device=device)
         else:  # scale+token: no layer identification, every layer is gated alike
             R = torch.ones(self.depth, device=device)
-        if self._content_score is not None:  # highest content score first, ties by index
-            order = torch.argsort(-self._content_score, dim=-1, stable=True)
-        else:
-            order = stages.keep_order(H)
+        order = self._plan_order(H)
         if self.policy.uses_token:
             phi = (si + 1) / self.n_scales
             p_keep = stages.keep_probability(stages.normalize_entropy(H, self.token_cfg.normalize), R, phi,
@@ -287,3 +340,29 @@ class ToProVARPruner:
         if self.skip_above is not None and self.R is not None:
             counts = torch.where(self.R >= self.skip_above, torch.zeros_like(counts), counts)
         return counts, order
+
+
+@lru_cache(maxsize=256)
+def fixed_keep_counts(n: int, batch: int, R: tuple[float, ...], phi: float, alpha: float | None, min_keep: int,
+                      skip_above: float | None) -> tuple[int, ...]:
+    """Keep counts of every layer for n tokens when they do not depend on the entropy: the ops of
+    `ToProVARPruner._plan_counts` on float32 CPU tensors (alpha: α_min = α_max, or None without
+    token gating; R: the layer scores as float32 values). With α_min = α_max, P_keep = 1 − α for
+    every token whatever Ĥ (its factor α_max − α_min is 0), so a placeholder Ĥ gives the counts;
+    on CPU they are the device path's bit for bit, on a GPU they can differ only where the sum of
+    N equal values rounds across .5 in another order."""
+    R_t = torch.tensor(R, dtype=torch.float32)
+    if alpha is None:
+        counts = torch.full((len(R),), n, dtype=torch.long)
+    else:
+        p_keep = stages.keep_probability(torch.ones(batch, n), R_t, phi, alpha, alpha)
+        counts = stages.keep_counts(p_keep, min_keep)
+    if skip_above is not None:
+        counts = torch.where(R_t >= skip_above, torch.zeros_like(counts), counts)
+    return tuple(int(c) for c in counts.numpy())  # a host tensor: numpy() would refuse a device one
+
+
+def _to_device(values: list[int], device: torch.device) -> Tensor:
+    """Small host ints as an int64 tensor on `device` without a host sync: a copy from pageable
+    host memory to a GPU waits for the stream, a fill takes its value as a kernel argument."""
+    return torch.stack([torch.full((), v, dtype=torch.long, device=device) for v in values])
