@@ -265,7 +265,10 @@ def test_every_sampler_models_every_knob_under_the_constraints(sampler, config, 
 
 def test_violations_include_geneval_only_when_scored():
     ssim, drop = random.uniform(0.5, 1.0), random.uniform(-0.05, 0.05)
-    limits = ConstraintsConfig(min_ssim=0.8, max_geneval_drop=0.01)
+    limits = ConstraintsConfig(min_ssim=0.8, max_geneval_drop=0.01, max_clip_drop=1.5)
     assert violations(Scores(2.0, ssim), limits) == pytest.approx({"ssim": 0.8 - ssim})
     assert violations(Scores(2.0, ssim, drop), limits) == pytest.approx({"ssim": 0.8 - ssim,
                                                                           "geneval_drop": drop - 0.01})
+    clip_drop = random.uniform(-3.0, 3.0)  # CLIPScore points, with quality.clip
+    assert violations(Scores(2.0, ssim, extra={"clip_drop": clip_drop}), limits) == pytest.approx(
+        {"ssim": 0.8 - ssim, "clip_drop": clip_drop - 1.5})

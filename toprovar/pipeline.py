@@ -64,6 +64,11 @@ from toprovar.trace import LayerRecord, ScaleRecord, Timer, Trace, entropy_summa
 # Official inference defaults (tools/run_infinity.py).
 DEFAULT_TOP_K = 900
 DEFAULT_TOP_P = 0.97
+# Static path on CUDA: text padded to a multiple of this many tokens (`_pad_text`); T5 prompts of
+# up to 32 tokens (most captions) share one set of graphs.
+TEXT_BUCKET = 32
+# Captured pruned-scale units kept per scale of the schedule (`_ScaleGraphs.max_units`).
+UNITS_PER_SCALE_KEPT = 6
 
 
 # -- pruning hooks ---------------------------------------------------------------------------------
@@ -192,10 +197,15 @@ class _ScaleGraphs:
         self.graphs: dict[int, tuple[Any, Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
         self.capture_ms = 0.0
+        self.captures = 0  # CUDA graphs captured so far (whole scales and units)
         # Units of pruned scales (`run_layers`, `run_head`): key -> (graph, static inputs, outputs).
         self.units: dict[tuple, tuple[Any, list[Tensor], Any]] = {}
         self.sightings: set[tuple] = set()
-        self.unit_counts = {"eager": 0, "captured": 0, "replayed": 0}
+        self.unit_counts = {"eager": 0, "captured": 0, "replayed": 0, "evicted": 0}
+        # Pruned plans depend on the data (kept counts), so a search meets new ones with every policy;
+        # captured units are kept least recently used first up to this many (each holds its output
+        # buffers): room for the probe, planned and head units of every scale of a few policies.
+        self.max_units = UNITS_PER_SCALE_KEPT * len(self.tokens)
         for block in model.blocks:  # constants made on the main stream, before any capture
             block._fast_constants()
 
@@ -251,6 +261,7 @@ class _ScaleGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             out = body()
         self.capture_ms += (time.perf_counter() - t0) * 1e3
+        self.captures += 1
         return graph, out
 
     # -- pruned scales: blocks with fixed keep indices, then the head, each as one unit ----------
@@ -260,7 +271,7 @@ class _ScaleGraphs:
         replayed from then on: pruned shapes depend on the data, so a plan met once runs eagerly
         and only a plan that recurs pays for a capture. `prepare()` restores the host-side state
         that fn reads (KV-cache fills) before each execution."""
-        unit = self.units.get(key)
+        unit = self.units.pop(key, None)  # re-inserted below: the dict runs least recently used first
         if unit is None and (not self.cuda or key not in self.sightings):
             self.sightings.add(key)
             self.unit_counts["eager"] += 1
@@ -274,10 +285,14 @@ class _ScaleGraphs:
                 return fn(*static)
 
             graph, out = self._capture(body)
-            unit = self.units[key] = (graph, static, out)
+            unit = (graph, static, out)
             self.unit_counts["captured"] += 1
+            if len(self.units) >= self.max_units:  # plans of earlier policies: free their graphs and buffers
+                self.units.pop(next(iter(self.units)))
+                self.unit_counts["evicted"] += 1
         else:
             self.unit_counts["replayed"] += 1
+        self.units[key] = unit
         graph, static, out = unit
         for dst, src in zip(static, inputs):  # fn may update its inputs in place: copy every time
             dst.copy_(src)
@@ -344,8 +359,14 @@ class _ScaleGraphs:
 
 
 def release_fast_state(model: InfinityTransformer) -> None:
-    """Free the static buffers and CUDA graphs the fast path keeps on `model`."""
-    model.__dict__.pop("_toprovar_scale_graphs", None)
+    """Free the static buffers and CUDA graphs the fast path keeps on `model`, and on CUDA hand the
+    cached memory back to the driver: the next key (another batch size) allocates a KV cache of
+    another size, which freed blocks of the old size cannot serve (at 1024² the cache is ~2.8 GB
+    per row for 2B, ~6 GB for 8B)."""
+    state = model.__dict__.pop("_toprovar_scale_graphs", None)
+    if state is not None and state.cuda:
+        del state
+        torch.cuda.empty_cache()
 
 
 def _scale_graphs(model: InfinityTransformer, key: tuple, **kw) -> tuple[_ScaleGraphs, bool]:
@@ -384,6 +405,17 @@ def encode_prompts(text_encoder: Any, prompts: list[str], max_len: int) -> tuple
         warnings.warn(f"text features of {features.shape[1]} tokens truncated to the model's limit of {max_len}")
         features, lengths = features[:, :max_len], [min(n, max_len) for n in lengths]
     return features[:, :max(lengths)].float(), lengths
+
+
+def _pad_text(features: Tensor, max_len: int, bucket: int = TEXT_BUCKET) -> Tensor:
+    """Text features `(B, L, C)` zero-padded to a multiple of `bucket` tokens (at most `max_len`).
+
+    The static buffers and CUDA graphs are keyed by the text length, so without this every batch
+    whose longest prompt differs re-allocates the KV cache and re-captures every graph. The padded
+    tokens are masked (the prompt lengths are unchanged), so they take no part in attention or
+    pooling; only the rounding of the attention kernels may differ."""
+    length = min(max_len, -(-features.shape[1] // bucket) * bucket)
+    return torch.nn.functional.pad(features, (0, 0, 0, length - features.shape[1]))
 
 
 def _autocast(device: torch.device, dtype: torch.dtype, cache_enabled: bool = True):
@@ -433,6 +465,7 @@ class _Call:
     generators: list[torch.Generator] = field(default_factory=list)
     vae_schedule: list = field(default_factory=list)
     units_before: dict[str, int] = field(default_factory=dict)
+    captures_before: int = 0
     entropy_means: list[tuple[LayerRecord, Tensor]] = field(default_factory=list)
 
     @property
@@ -490,6 +523,8 @@ def _encode_text(call: _Call, prompts: list[str]) -> tuple[Tensor, list[int]]:
     t0 = time.perf_counter()
     features, lengths = encode_prompts(call.backbone.text_encoder, prompts, call.model.config.text_maxlen)
     features = features.to(call.backbone.device)
+    if call.static and call.backbone.device.type == "cuda":
+        features = _pad_text(features, call.model.config.text_maxlen)
     _sync(call.backbone.device)
     call.trace.text_encode_ms = (time.perf_counter() - t0) * 1e3
     return features, lengths
@@ -514,6 +549,7 @@ def _condition(call: _Call, features: Tensor, lengths: list[int], seeds: list[in
         call.cache.set_fill(0)
         call.units_before = dict(call.graphs.unit_counts)
         call.runtime["graphs_captured"] = fresh and bb.device.type == "cuda"
+        call.captures_before = call.graphs.captures
     else:
         call.cache = model.new_cache(call.rows, sum(tokens_per_scale(call.schedule)), bb.dtype, bb.device)
     if call.fused and not call.whole_scale:
@@ -629,6 +665,7 @@ def _result(call: _Call, timer: Timer, scale_marks: list[tuple[int, int]], start
         record.entropy_mean = float(value)
     if call.graphs is not None:
         call.runtime["capture_ms"] = call.graphs.capture_ms
+        call.runtime["captures"] = call.graphs.captures - call.captures_before  # this call's: its time includes them
         if call.planned:
             call.runtime["units"] = {k: v - call.units_before[k] for k, v in call.graphs.unit_counts.items()}
     return GenerationResult(images=_to_uint8(images), trace=trace, bits=[b.cpu() for b in bits],
