@@ -18,7 +18,7 @@ import torch
 
 from calibrate import plots
 from calibrate.acceptance import SequentialTest, sequential_test
-from calibrate.backend import CalibrationBackend, load_backend, resolve_dtype
+from calibrate.backend import CalibrationBackend, load_backend, resolve_dtype, weights_fingerprint
 from calibrate.config import CalibrationConfig
 from calibrate.export import (check_loads, copy_to, git_commit, portable_path, prompts_record, redact_url, versions,
                               write_policy)
@@ -29,7 +29,7 @@ from calibrate.prompts import PromptSets, load_prompt_sets
 from calibrate.quality import ClipScorer, check_clip_folder, geneval_scorer
 from calibrate.search import completed, open_study, pareto_front, run_search, trial_summary, trials_frame
 from calibrate.select import Selection, select_and_validate
-from calibrate.timing import Clock
+from calibrate.timing import Clock, Timed
 from calibrate.tracking import NullTracker, Tracker, open_tracker
 from toprovar.errors import UserError
 from toprovar.models.registry import resolve_device
@@ -154,6 +154,9 @@ class Calibration:
                        "constraints": asdict(cfg.search.constraints), "trials_complete": len(completed(study)),
                        "trials_total": len(study.trials), "study_name": study.study_name,
                        "storage": redact_url(cfg.storage.url), "selected_trial": trial.number},
+            # The CLIP model behind the CLIPScore bounds (quality.clip), by hash as the weights are.
+            "quality": {"clip": None if cfg.quality.clip is None else
+                        {"folder": portable_path(cfg.quality.clip), "hash": weights_fingerprint(cfg.quality.clip)}},
             "measured": {"search": dict(trial.user_attrs.get("metrics", {})),
                          "validation": selection.validation.scores.metrics(),
                          "validation_candidates": [{"trial": n, **v.scores.metrics(), "acceptance": v.verdict.record()}
@@ -197,7 +200,7 @@ class Calibration:
             if cfg.quality.clip is not None:
                 self.clip = ClipScorer(cfg.quality.clip, self.device)
         with self.clock.section("tracking"):
-            tracker = open_tracker(cfg.tracking, self.run_dir, self.launch_dir)
+            tracker = Timed(open_tracker(cfg.tracking, self.run_dir, self.launch_dir), self.clock, "tracking")
             parent = tracker.start_parent(f"{cfg.backbone_name}/{cfg.study_name}", _parent_params(cfg),
                                           tags={"backbone": cfg.backbone_name, "run_dir": str(self.run_dir)})
         ok = False
@@ -286,14 +289,11 @@ class Calibration:
             self.artifacts["grids"] = self._grids(selection, factory, scorer, validator)
             self.artifacts["validation"] = [self._write_paired(selection, validator)]
             verdict = selection.validation.verdict
-            with self.clock.section("tracking"):
-                tracker.log_metrics(parent, {f"validation.{k}": v
-                                             for k, v in selection.validation.scores.metrics().items()})
-                tracker.log_metrics(parent, {f"acceptance.{k}": v for k, v in verdict.metrics().items()})
-                tracker.log_metrics(parent, {f"search.{k}": v
-                                             for k, v in selection.trial.user_attrs.get("metrics", {}).items()})
-                tracker.set_tags(parent, {"selected_trial": selection.trial.number, "validated": selection.passed,
-                                          "acceptance": verdict.decision})
+            tracker.log_metrics(parent, {f"validation.{k}": v for k, v in selection.validation.scores.metrics().items()})
+            tracker.log_metrics(parent, {f"acceptance.{k}": v for k, v in verdict.metrics().items()})
+            tracker.log_metrics(parent, {f"search.{k}": v for k, v in selection.trial.user_attrs.get("metrics", {}).items()})
+            tracker.set_tags(parent, {"selected_trial": selection.trial.number, "validated": selection.passed,
+                                      "acceptance": verdict.decision})
         if "export" not in stages:
             return None
         with self._stage("export"):

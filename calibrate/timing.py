@@ -75,3 +75,22 @@ class Clock:
                 "generate_calls": int(counts["generate_calls"]),
                 "images_per_s_generating": round(images / generating, 3) if generating > 0 else None,
                 "images_per_s_stage": round(images / wall, 3) if wall > 0 else None}
+
+
+class Timed:
+    """`target` with every method call counted under `clock`'s `section` (e.g. an MLflow tracker
+    handed to the search, whose calls then count as `tracking`); attributes pass through."""
+
+    def __init__(self, target, clock: Clock, section: str):
+        self._target, self._clock, self._section = target, clock, section
+
+    def __getattr__(self, name: str):
+        value = getattr(self._target, name)
+        if not callable(value):
+            return value
+
+        def timed(*args, **kwargs):
+            with self._clock.section(self._section):
+                return value(*args, **kwargs)
+
+        return timed

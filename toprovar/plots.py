@@ -125,9 +125,11 @@ def draw_grid(cells: Sequence[Sequence[Tensor | np.ndarray]], row_labels: Sequen
     side = max(max(im.shape[:2]) for row in shown for im in row) if n_cols else cell_px
     dpi = 100
     inch = max(side, 96) / dpi  # small images (tiny's 128 px) are drawn at least ~1 inch
+    width = n_cols * (inch + 0.15) + 1.4
+    title_lines = textwrap.wrap(title, int(width * 14)) if title else []  # ~7 px a character at fontsize 9
     fig, axes = plt.subplots(n_rows, n_cols, squeeze=False, dpi=dpi,
-                             figsize=(n_cols * (inch + 0.15) + 1.4, n_rows * (inch + 0.55) + (0.5 if title else 0.2)))
-    wrap = max(12, int(inch * 13))  # characters per label line at fontsize 7
+                             figsize=(width, n_rows * (inch + 0.65) + 0.2 + 0.2 * len(title_lines)))
+    wrap = max(12, int(inch * 14))  # characters per label line at fontsize 7
     for r in range(n_rows):
         for c in range(n_cols):
             ax = axes[r][c]
@@ -135,9 +137,9 @@ def draw_grid(cells: Sequence[Sequence[Tensor | np.ndarray]], row_labels: Sequen
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0 or label_every_cell:
-                ax.set_title("\n".join(textwrap.wrap(str(column_labels[c]), wrap)[:3]), fontsize=7)
+                ax.set_title(_lines(str(column_labels[c]), wrap, 4), fontsize=7)
             if c == 0:
-                ax.set_ylabel("\n".join(textwrap.wrap(str(row_labels[r]), 18)[:4]), fontsize=8)
+                ax.set_ylabel(_lines(str(row_labels[r]), 18, 4), fontsize=8)
             if notes is not None and notes[r][c]:
                 ax.set_xlabel(notes[r][c], fontsize=7)
             mark = None if marks is None else marks[r][c]
@@ -146,8 +148,8 @@ def draw_grid(cells: Sequence[Sequence[Tensor | np.ndarray]], row_labels: Sequen
                 if mark is not None:
                     spine.set_edgecolor(MARK_COLOURS[mark])
                     spine.set_linewidth(3)
-    if title:
-        fig.suptitle(title, fontsize=9)
+    if title_lines:
+        fig.suptitle("\n".join(title_lines), fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +162,15 @@ def draw_grid(cells: Sequence[Sequence[Tensor | np.ndarray]], row_labels: Sequen
         tuple(int(v) for v in fig.canvas.get_width_height()))
     plt.close(fig)
     return layout
+
+
+def _lines(text: str, width: int, most: int) -> str:
+    """`text` wrapped to lines of `width` characters, at most `most` of them (the last ending in … if cut)."""
+    lines = textwrap.wrap(text, width) or [""]
+    if len(lines) > most:
+        lines = lines[:most]
+        lines[-1] = lines[-1][: width - 1] + "…"
+    return "\n".join(lines)
 
 
 def _frame(ax) -> str | None:
