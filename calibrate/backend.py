@@ -121,12 +121,13 @@ class CalibrationBackend:
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], *, policy: Any = None,
                  pruner_factory: Callable[[], Any] | None = None, record_entropy: bool = False,
-                 desc: str | None = None, retime: int = 0) -> Generation:
+                 desc: str | None = None, retime: int = 0, timing_only: bool = False) -> Generation:
         """Generate in equal chunks of at most `batch_size` (`chunk_plan`); `pruner_factory` gives a
         fresh pruner per call. Each chunk's latency is its trace's time (CUDA events: scale loop +
         decode); a call that captured CUDA graphs (a plan new to the static buffers) has that capture
         in its time, so the chunk runs again, up to `retime` times, until a call captures nothing,
-        and that call's time counts (images and traces stay the first call's: same seeds)."""
+        and that call's time counts (images and traces stay the first call's: same seeds).
+        `timing_only`: a run for its time alone (warm-up, more timed passes), counted as such."""
         images, traces, chunks, pruners, sizes, latency = [], [], [], [], [], []
         size, plan = chunk_plan(len(prompts), self.batch_size)
         steps = plan if desc is None else tqdm(plan, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
@@ -135,7 +136,7 @@ class CalibrationBackend:
             texts, chunk_seeds = [prompts[i] for i in [*chunk, *pad]], [seeds[i] for i in [*chunk, *pad]]
             pruner = pruner_factory() if pruner_factory is not None else None
             result = self._call(texts, chunk_seeds, pruner if pruner is not None else policy, record_entropy,
-                                real=len(chunk))
+                                real=0 if timing_only else len(chunk))
             steady = result
             for _ in range(retime):
                 if not steady.runtime.get("captures"):
@@ -152,7 +153,7 @@ class CalibrationBackend:
 
     def _call(self, prompts: list[str], seeds: list[int], policy: Any, record_entropy: bool, real: int):
         """One `toprovar.pipeline.generate` call, counted on the clock: `real` of its images are the
-        prompts' (the rest padding); `real=0`: a run again for its time only."""
+        prompts' (the rest padding); `real=0`: a run for its time only."""
         from toprovar.pipeline import generate
 
         start = time.perf_counter()
@@ -161,7 +162,7 @@ class CalibrationBackend:
         if self.clock is not None:
             self.clock.seconds["generation"] += time.perf_counter() - start
             self.clock.count(images=real, padded_images=len(prompts) - real if real else 0,
-                             retimed_images=0 if real else len(prompts), generate_calls=1,
+                             timing_only_images=0 if real else len(prompts), generate_calls=1,
                              gpu_ms=result.trace.total_ms)
         return result
 

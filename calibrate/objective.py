@@ -5,8 +5,9 @@ speedup: on CPU (and `search.objective=flops`) the FLOP ratio unpruned / execute
 read off the scoring generation itself: each chunk's trace time (CUDA events around the scale
 loop and the VAE decode, text encoding excluded). A chunk whose call captured CUDA graphs (a
 plan new to the static buffers) runs again, up to `search.latency.warmup` times, until a call
-captures nothing, so capture never counts; `search.latency.repeats` > 1 adds whole timed passes
-(the median counts). The unpruned reference is timed once per prompt set, with its images.
+captures nothing, so capture never counts; before the first policy a scorer times, one untimed
+batch of it compiles the pruned path's kernels; `search.latency.repeats` > 1 adds whole timed
+passes (the median counts). The unpruned reference is timed once per prompt set, with its images.
 quality, per prompt: SSIM against the unpruned image of the same prompt and seed (on the
 generation's device), and where available the geneval-lite scores (`tiny`) and the CLIPScore
 (`quality.clip`) of both images — the paired values that acceptance bounds (calibrate.acceptance).
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from calibrate.acceptance import SequentialTest, Verdict
-from calibrate.backend import CalibrationBackend, Generation
+from calibrate.backend import CalibrationBackend, Generation, chunk_plan
 from calibrate.config import LatencyConfig
 from calibrate.costs import flop_totals, trace_summary
 from calibrate.prompts import PromptSet
@@ -90,6 +91,7 @@ class PolicyScorer:
         self.cost, self.latency, self.evaluator, self.desc = cost, latency, evaluator, desc
         self.geneval_score, self.clip = geneval_score, clip
         self._reference: Run | None = None
+        self._warm = False  # a policy ran here already (the pruned path's kernels are compiled)
 
     def _quality_time(self):
         clock = self.backend.clock
@@ -99,10 +101,16 @@ class PolicyScorer:
     def _run(self, policy: Any, start: int, stop: int, desc: str | None = None) -> Run:
         texts, seeds = self.prompts.texts[start:stop], self.prompts.seeds[start:stop]
         timed = self.cost == "latency"
+        if timed and policy is not None and not self._warm:
+            # The first policy's first call compiles the pruned path's kernels (Triton JIT): one
+            # untimed batch first. Later policies reuse them; new CUDA graphs are handled by `retime`.
+            self._warm = True
+            size = chunk_plan(len(texts), self.backend.batch_size)[0]
+            self.backend.generate(texts[:size], seeds[:size], policy=policy, timing_only=True)
         gen = self.backend.generate(texts, seeds, policy=policy, desc=desc, retime=self.latency.warmup if timed else 0)
         latency = gen.total_latency_ms
         if timed and self.latency.repeats > 1:  # more timed passes for a noisy device; the median counts
-            passes = [latency] + [self.backend.generate(texts, seeds, policy=policy).total_latency_ms
+            passes = [latency] + [self.backend.generate(texts, seeds, policy=policy, timing_only=True).total_latency_ms
                                   for _ in range(self.latency.repeats - 1)]
             latency = statistics.median(passes)
         scores = {}

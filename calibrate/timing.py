@@ -27,7 +27,7 @@ class Clock:
     def __init__(self, device: torch.device):
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, float] = defaultdict(float)  # images, padded_images, retimed_images, generate_calls, gpu_ms
+        self.counts: dict[str, float] = defaultdict(float)  # images, padded_images, timing_only_images, generate_calls, gpu_ms
 
     @contextmanager
     def section(self, name: str) -> Iterator[None]:
@@ -63,7 +63,7 @@ class Clock:
         wall = end["time"] - start["time"]
         sections = {name: end["seconds"].get(name, 0.0) - start["seconds"].get(name, 0.0) for name in SECTIONS}
         counts = {key: end["counts"].get(key, 0.0) - start["counts"].get(key, 0.0)
-                  for key in ("images", "padded_images", "retimed_images", "generate_calls", "gpu_ms")}
+                  for key in ("images", "padded_images", "timing_only_images", "generate_calls", "gpu_ms")}
         generating = sections["generation"]
         images = int(counts["images"])
         return {"wall_s": round(wall, 3), **{f"{name}_s": round(v, 3) for name, v in sections.items()},
@@ -71,7 +71,7 @@ class Clock:
                 "generation_share": round(generating / wall, 4) if wall > 0 else None,
                 "generation_gpu_s": round(counts["gpu_ms"] / 1e3, 3),
                 "images": images, "padded_images": int(counts["padded_images"]),
-                "retimed_images": int(counts["retimed_images"]),
+                "timing_only_images": int(counts["timing_only_images"]),
                 "generate_calls": int(counts["generate_calls"]),
                 "images_per_s_generating": round(images / generating, 3) if generating > 0 else None,
                 "images_per_s_stage": round(images / wall, 3) if wall > 0 else None}

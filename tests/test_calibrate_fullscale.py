@@ -51,6 +51,55 @@ def test_padded_chunk_runs_at_the_common_size_and_drops_its_copies():
     # the copy's half of the last chunk's time is left out
     assert gen.latency_ms[1] == pytest.approx(gen.traces[1].total_ms / 2)
     assert clock.counts["images"] == 3 and clock.counts["padded_images"] == 1 and clock.counts["generate_calls"] == 2
+    assert clock.counts["timing_only_images"] == 0
+
+
+def test_a_chunk_whose_call_captured_graphs_is_timed_again(monkeypatch):
+    """CUDA graphs are captured inside the call that first needs them, so that call's time holds the
+    capture: the chunk runs again (at most `retime` times) until a call captures nothing, and that
+    call's time counts. Simulated on CPU: the first `k` calls report captures."""
+    import toprovar.pipeline as pipeline
+
+    real, calls = pipeline.generate, []
+    k = random.randint(1, 3)
+
+    def capturing(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(result)
+        result.runtime["captures"] = 2 if len(calls) <= k else 0
+        result.trace.total_ms = 1000.0 * len(calls)  # which call's time counts
+        return result
+
+    monkeypatch.setattr(pipeline, "generate", capturing)
+    clock = Clock(torch.device("cpu"))
+    backend = load_backend({"name": "test-small"}, torch.device("cpu"), None, batch_size=4, clock=clock)
+    gen = backend.generate(["a red cube", "a cat"], [1, 2], retime=2)
+    assert len(calls) == 1 + min(k, 2) and gen.latency_ms == [1000.0 * len(calls)]
+    assert torch.equal(gen.images, calls[0].images) and gen.traces == [calls[0].trace]
+    assert clock.counts["images"] == 2 and clock.counts["timing_only_images"] == 2 * min(k, 2)
+    calls.clear()
+    assert backend.generate(["a red cube"], [1], retime=0).latency_ms == [1000.0] and len(calls) == 1
+
+
+def test_latency_scorer_warms_up_once_before_its_first_policy(calibrate_config):
+    from calibrate.objective import PolicyScorer
+    from calibrate.prompts import PromptSet
+    from toprovar.policy import policy_from_dict
+
+    config = calibrate_config("backbone=test-small", "storage=memory", "tracking=off")
+    clock = Clock(torch.device("cpu"))
+    backend = load_backend({"name": "test-small"}, torch.device("cpu"), None, batch_size=2, clock=clock)
+    texts = ["a red cube", "a blue ball", "two trees"]
+    scorer = PolicyScorer(backend, PromptSet("search", texts, [1, 2, 3], texts), lambda p: p, cost="latency",
+                          latency=config.search.latency, evaluator=None)
+    policy = policy_from_dict({"version": 1, "method": "fixed_exit", "backbone": "test-small",
+                               "fixed_exit": {"exit_scale": 3}})
+    first = scorer.score_policy(policy)
+    assert clock.counts["timing_only_images"] == 2  # one untimed batch of the common size, once
+    scorer.score_policy(policy)
+    assert clock.counts["timing_only_images"] == 2 and clock.counts["images"] == 9  # 3 unpruned + 2 x 3
+    assert first.extra["latency_ms"] > 0 and first.speedup == pytest.approx(
+        first.extra["latency_unpruned_ms"] / first.extra["latency_ms"])
 
 
 def test_clock_records_stage_shares():
@@ -265,6 +314,7 @@ def test_calibrate_from_official_files_then_generate_with_the_policy(tmp_path):
         assert record["images"] > 0 and 0 < record["generation_share"] <= 1 and record["images_per_s_generating"] > 0
         assert record["generation_s"] <= record["wall_s"] and record["peak_allocated_gib"] is None
     assert stages["total"]["images"] == sum(stages[s]["images"] for s in stages if s != "total")
+    assert 0 < timings["generation_share"] < timings["generation_share_after_setup"] <= 1
     for name in ("search_unpruned_vs_policy.png", "validate_unpruned_vs_policy.png"):
         assert (run_dir / "grids" / name).exists()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
