@@ -282,6 +282,26 @@ def test_prompts_of_other_lengths_reuse_the_cuda_graphs():
     release_fast_state(backbone.transformer)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_captured_units_beyond_the_bound_are_evicted_and_replays_stay_exact():
+    from toprovar.bench_pruning import fixed_policy
+    from toprovar.models.registry import build_backbone
+    from toprovar.pipeline import FastOptions, generate, release_fast_state
+
+    backbone = build_backbone("test-small", device="cuda")
+    policy = fixed_policy(backbone.transformer.depth, min_scale=3, alpha=0.5, protect_layers=1)
+    eager = generate(backbone, ["a red cube"], [7], policy=policy, fast=FastOptions(graphs=False))
+    first = generate(backbone, ["a red cube"], [7], policy=policy)
+    state = backbone.transformer.__dict__["_toprovar_scale_graphs"]
+    state.max_units = 4  # far fewer than the call's units: captures evict the least recently used
+    runs = [generate(backbone, ["a red cube"], [7], policy=policy) for _ in range(3)]
+    assert state.unit_counts["evicted"] > 0 and len(state.units) <= 4
+    for r in [first, *runs]:
+        assert all(torch.equal(a, b) for a, b in zip(eager.bits, r.bits))
+    release_fast_state(backbone.transformer)
+    assert "_toprovar_scale_graphs" not in backbone.transformer.__dict__
+
+
 # -- the whole path from files in the official layout ----------------------------------------------
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
