@@ -18,9 +18,10 @@ it, so a sequential validation that decides early spends nothing on the prompts 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ class Run:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def extended(self, more: "Run") -> "Run":
+    def extended(self, more: Run) -> Run:
         latency = None if self.latency_ms is None else self.latency_ms + more.latency_ms
         return Run(torch.cat([self.images, more.images]), self.traces + more.traces, self.flops + more.flops,
                    latency, {k: np.concatenate([v, more.scores[k]]) for k, v in self.scores.items()})

@@ -13,6 +13,8 @@
 #                         stopped with SIGINT after $BUDGET_S s (trials so far are kept) and resumed by the
 #                         next call of the same stage (the Optuna study lives in $WORK/calib-<backbone>)
 #   generate2b, generate8b  python -m toprovar generate backbone=... policy=<exported> (4 prompts)
+#   gputests              the CUDA-only tests of this work (padded text reuses the graphs, bounded unit cache,
+#                         planned units replay the eager bits): seconds, on the test-small backbone
 #   clip                  a random CLIP of ViT-L/14 shapes -> $WORK/clip; with CLIP=1 the calib stages add
 #                         quality.clip=$WORK/clip (CLIPScore constraint + acceptance; a cost measurement only)
 # Files back: each calib stage 5 (a tar of the tables and logs, pareto, two grids, early exits), generate 2,
@@ -192,7 +194,7 @@ clip_model() {
 }
 
 preflight
-[ $# -gt 0 ] || { echo "usage: OUT=... tools/fullscale.sh synth2b|synth8b|batching|calib2b|calib8b|generate2b|generate8b|clip ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: OUT=... tools/fullscale.sh synth2b|synth8b|batching|calib2b|calib8b|generate2b|generate8b|gputests|clip ..."; exit 2; }
 for stage in "$@"; do
   case $stage in
     synth2b) synth 2b ;;
@@ -203,6 +205,8 @@ for stage in "$@"; do
     generate8b) generate 8b ;;
     batching) batching ;;
     clip) clip_model ;;
+    gputests) python3 -m pytest -q -p no:cacheprovider tests/test_calibrate_fullscale.py tests/test_fused_block.py \
+                -k "cuda or evicted" ;;
     *) echo "fullscale: unknown stage $stage"; exit 2 ;;
   esac || say "$stage failed"
 done
