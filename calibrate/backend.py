@@ -163,7 +163,7 @@ class CalibrationBackend:
             self.clock.seconds["generation"] += time.perf_counter() - start
             self.clock.count(images=real, padded_images=len(prompts) - real if real else 0,
                              timing_only_images=0 if real else len(prompts), generate_calls=1,
-                             gpu_ms=result.trace.total_ms)
+                             gpu_ms=result.trace.total_ms, text_ms=result.trace.text_encode_ms)
         return result
 
     def fingerprint(self) -> dict[str, str]:

@@ -145,16 +145,18 @@ def plot_policy_grid(unpruned: torch.Tensor, policy: torch.Tensor, prompts: Sequ
 
 
 def plot_early_exits(exit_images: dict[int, torch.Tensor], full: torch.Tensor, schedule: Sequence[tuple[int, int]],
-                     exit_ssim: np.ndarray, prompts: Sequence[str], path: Path, max_prompts: int = 8) -> GridLayout:
+                     exit_ssim: np.ndarray, prompts: Sequence[str], path: Path, max_prompts: int = 8,
+                     cell_px: int = 160) -> GridLayout:
     """One row per early exit (refinement stopped after scale s, its grid h×w) and the full image,
-    one column per prompt (the first `max_prompts`), each exit's SSIM against the full image noted."""
+    one column per prompt (the first `max_prompts`), each exit's SSIM against the full image noted.
+    Cells of at most 160 px: 13 rows × 8 prompts at 1024² stay under ~8 MB of PNG."""
     n = min(max_prompts, full.shape[0])
     stops = sorted(exit_images)
     rows = [list(exit_images[s][:n]) for s in stops] + [list(full[:n])]
     labels = [f"exit after scale {s} ({schedule[s][0]}×{schedule[s][1]})" for s in stops]
     labels.append(f"full ({len(schedule)} scales)")
     notes = [[f"SSIM {exit_ssim[i, s]:.3f}" for i in range(n)] for s in stops] + [[""] * n]
-    return draw_grid(rows, labels, list(prompts[:n]), path, notes=notes,
+    return draw_grid(rows, labels, list(prompts[:n]), path, notes=notes, cell_px=cell_px,
                      title=f"Early exits vs the full image ({n} of {full.shape[0]} pre-sampling prompts)")
 
 

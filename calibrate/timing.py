@@ -27,7 +27,7 @@ class Clock:
     def __init__(self, device: torch.device):
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
-        self.counts: dict[str, float] = defaultdict(float)  # images, padded_images, timing_only_images, generate_calls, gpu_ms
+        self.counts: dict[str, float] = defaultdict(float)  # images, padding, timing-only, calls, gpu_ms, text_ms
 
     @contextmanager
     def section(self, name: str) -> Iterator[None]:
@@ -63,13 +63,14 @@ class Clock:
         wall = end["time"] - start["time"]
         sections = {name: end["seconds"].get(name, 0.0) - start["seconds"].get(name, 0.0) for name in SECTIONS}
         counts = {key: end["counts"].get(key, 0.0) - start["counts"].get(key, 0.0)
-                  for key in ("images", "padded_images", "timing_only_images", "generate_calls", "gpu_ms")}
+                  for key in ("images", "padded_images", "timing_only_images", "generate_calls", "gpu_ms", "text_ms")}
         generating = sections["generation"]
         images = int(counts["images"])
         return {"wall_s": round(wall, 3), **{f"{name}_s": round(v, 3) for name, v in sections.items()},
                 "other_s": round(wall - sum(sections.values()), 3),
                 "generation_share": round(generating / wall, 4) if wall > 0 else None,
-                "generation_gpu_s": round(counts["gpu_ms"] / 1e3, 3),
+                "generation_gpu_s": round(counts["gpu_ms"] / 1e3, 3),  # the traces' events: scale loop + VAE decode
+                "text_encode_s": round(counts["text_ms"] / 1e3, 3),  # part of generation_s: the text encoder
                 "images": images, "padded_images": int(counts["padded_images"]),
                 "timing_only_images": int(counts["timing_only_images"]),
                 "generate_calls": int(counts["generate_calls"]),
