@@ -10,7 +10,7 @@
 #                         skipped when the files are there; the calib/generate stages run them when needed)
 #   batching              tools/bench_batch.py: 2B at batch $BATCHES2B, 8B at $BATCHES8B (random weights, no files)
 #   calib2b, calib8b      python -m calibrate backbone=infinity-2b|8b backbone.weights.*=<files> tracking=local;
-#                         stopped with SIGINT after $BUDGET_S s (trials so far are kept) and resumed by the
+#                         stopped with SIGINT before DEADLINE_S (trials so far are kept) and resumed by the
 #                         next call of the same stage (the Optuna study lives in $WORK/calib-<backbone>)
 #   generate2b, generate8b  python -m toprovar generate backbone=... policy=<exported> (4 prompts)
 #   gputests              the CUDA-only tests of this work (padded text reuses the graphs, bounded unit cache,
@@ -22,7 +22,8 @@
 # "generate2b synth8b", "calib8b").
 # Environment: OUT (required), WORK=/tmp/fullscale, N2B=40 and N8B=16 (trials), PROMPTS8B (overrides for
 # 8B's prompt counts, default "prompts.presample=8 prompts.search=8 prompts.validate=8"), EXTRA2B / EXTRA8B
-# (more calibrate overrides), BUDGET_S=540, BATCHES2B=1,2,4,8, BATCHES8B=1,2,4, CLIP=0.
+# (more calibrate overrides), DEADLINE_S=560 (this call's seconds: a calibration still running 30 s before
+# is stopped with SIGINT, a stage that cannot start in time is skipped), BATCHES2B=1,2,4,8, BATCHES8B=1,2,4, CLIP=0.
 # SMALL=1: the same stages on CPU with the small test backbones read from files of the same layout
 # (synth preset=small, backbones test-small-t5 / test-small-patchify-t5, bench --smoke): a dry run of this script.
 # Random weights make every quality figure meaningless: these runs measure mechanics, cost and scale.
@@ -39,7 +40,7 @@ N8B=${N8B:-16}
 PROMPTS8B=${PROMPTS8B:-prompts.presample=8 prompts.search=8 prompts.validate=8}
 EXTRA2B=${EXTRA2B:-}
 EXTRA8B=${EXTRA8B:-}
-BUDGET_S=${BUDGET_S:-540}
+DEADLINE_S=${DEADLINE_S:-560}  # the device stops a command at 600 s
 BATCHES2B=${BATCHES2B:-1,2,4,8}
 BATCHES8B=${BATCHES8B:-1,2,4}
 CLIP=${CLIP:-0}
@@ -48,6 +49,7 @@ if [ "$SMALL" = 1 ]; then WORK=${WORK}-small; fi
 mkdir -p "$OUT" "$WORK"
 
 say() { echo "== fullscale $(date +%T) $*"; }
+left() { echo $((DEADLINE_S - SECONDS)); }  # seconds left in this call
 
 preflight() {
   python3 - <<'EOF' || exit 1
@@ -132,14 +134,15 @@ calib() {  # calib 2b|8b
       say "calib$tag: resuming the study in $dir"
     fi
     say "calib$tag: python -m calibrate $(weights_"$tag") search.n_trials=$trials $overrides $stages"
-    local start=$SECONDS
+    local start=$SECONDS budget=$(( $(left) - 30 ))  # 30 s for its MLflow logging and timings after SIGINT
+    [ "$budget" -gt 60 ] || { say "calib$tag: only $(left) s left in this call; run the stage again"; return 1; }
     # shellcheck disable=SC2046
-    timeout -s INT -k 60 "$BUDGET_S" python3 -m calibrate $(weights_"$tag") "search.n_trials=$trials" \
+    timeout -s INT -k 20 "$budget" python3 -m calibrate $(weights_"$tag") "search.n_trials=$trials" \
       tracking=local "hydra.run.dir=$dir" $overrides $stages 2>&1 | tee -a "$dir.stdout.log" \
       | grep -v "UserWarning\|return func"
     local status=${PIPESTATUS[0]}
     say "calib$tag: exit $status after $((SECONDS - start)) s"
-    [ "$status" = 124 ] || [ "$status" = 130 ] && say "calib$tag: stopped at BUDGET_S=$BUDGET_S; call the stage again to resume"
+    [ "$status" = 124 ] || [ "$status" = 130 ] && say "calib$tag: stopped after $budget s; call the stage again to resume"
   fi
   summary "$dir"
   cp "$dir.stdout.log" "$dir/stdout.log" 2>/dev/null
@@ -157,6 +160,7 @@ generate() {  # generate 2b|8b
   [ "$tag" = 8b ] && batch=2
   synth "$tag" || return 1
   [ -f "$dir/policy.yaml" ] || { say "generate$tag: no exported policy yet; run calib$tag first"; return 1; }
+  [ "$(left)" -gt 90 ] || { say "generate$tag: only $(left) s left in this call; run it again"; return 1; }
   say "generate$tag: python -m toprovar generate ... policy=$dir/policy.yaml"
   local start=$SECONDS
   # shellcheck disable=SC2046
@@ -177,6 +181,7 @@ EOF
 }
 
 batching() {
+  [ "$(left)" -gt 200 ] || { say "batching: only $(left) s left in this call; run it in a call of its own"; return 1; }
   say "batching: infinity-2b at batch $BATCHES2B"
   local smoke=""
   [ "$SMALL" = 1 ] && smoke=--smoke
