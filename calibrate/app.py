@@ -359,6 +359,9 @@ class Calibration:
         folder.mkdir(parents=True, exist_ok=True)
         number = selection.trial.number
         run, ref, paired = search.run_paired(factory(selection.trial.params), desc="grid: search prompts")
+        # Lost / won by the score acceptance bounds: geneval-lite where the backbone has it, else CLIPScore.
+        mark_key = next((k for k in (f"geneval_drop.{self.cfg.search.acceptance.score}", "clip_drop") if k in paired),
+                        None)
         held_out = selection.validation
         shown = min(GRID_HELD_OUT, len(held_out.paired["ssim"]))
         files = []
@@ -372,7 +375,7 @@ class Calibration:
                      f"({len(validator.prompts)} in the set), trial {number}, {held_out.verdict.decision}")):
                 layout = plots.plot_policy_grid(unpruned, pruned, prompts, values,
                                                 folder / f"{name}_unpruned_vs_policy.png", title,
-                                                policy_label=f"policy (trial {number})")
+                                                policy_label=f"policy (trial {number})", mark_key=mark_key)
                 files.append(layout.path)
                 self.pictures[f"grid_{name}"] = (layout.path, number)
         return files

@@ -118,30 +118,30 @@ def plot_pareto(trials: pd.DataFrame, front: Sequence[int], min_ssim: float, pat
     return ParetoPlot(path, legend, [int(n) for n in front])
 
 
-def _cell_note(paired: dict[str, np.ndarray], i: int) -> tuple[str, str | None]:
-    """Text under a policy cell (SSIM; the drops of the evaluator scores) and its mark: 'lost' /
-    'won' by the first drop score present (geneval-lite, else CLIPScore), None without one."""
+def _cell_note(paired: dict[str, np.ndarray], i: int, mark_key: str | None) -> tuple[str, str | None]:
+    """Text under a policy cell (SSIM; the change of every evaluator score) and its mark: 'lost' /
+    'won' by the sign of `paired[mark_key]` (a drop: unpruned − policy), None without one."""
     parts = [f"SSIM {paired['ssim'][i]:.3f}"]
-    mark = None
     for key in sorted(k for k in paired if k != "ssim"):
-        drop = float(paired[key][i])
         name = "CLIP" if key == "clip_drop" else key.split(".", 1)[-1]
-        parts.append(f"{name} {-drop:+.2f}")
-        if mark is None and drop != 0:
-            mark = "lost" if drop > 0 else "won"
-    return " · ".join(parts), mark
+        parts.append(f"{name} {-float(paired[key][i]):+.2f}")
+    drop = float(paired[mark_key][i]) if mark_key in paired else 0.0
+    return " · ".join(parts), ("lost" if drop > 0 else "won") if drop != 0 else None
 
 
 def plot_policy_grid(unpruned: torch.Tensor, policy: torch.Tensor, prompts: Sequence[str],
-                     paired: dict[str, np.ndarray], path: Path, title: str, policy_label: str = "policy") -> GridLayout:
+                     paired: dict[str, np.ndarray], path: Path, title: str, policy_label: str = "policy",
+                     mark_key: str | None = None) -> GridLayout:
     """Unpruned (top row) over the policy (bottom row), one column per prompt; under each policy
-    image its SSIM and score changes against the unpruned image, its frame red when the prompt
-    was lost and green when won (by the geneval-lite score, else CLIPScore)."""
+    image its SSIM and score changes against the unpruned image; its frame red when the prompt was
+    lost and green when won by `paired[mark_key]` (the drop acceptance bounds: geneval-lite on
+    tiny, CLIPScore with quality.clip; no frames without one)."""
     n = policy.shape[0]
-    notes, marks = zip(*(_cell_note(paired, i) for i in range(n))) if n else ((), ())
+    notes, marks = zip(*(_cell_note(paired, i, mark_key) for i in range(n))) if n else ((), ())
+    name = "CLIPScore" if mark_key == "clip_drop" else (mark_key or "").split(".", 1)[-1]
+    legend = f" — frames: red = prompt lost, green = won ({name} vs unpruned)" if mark_key in paired else ""
     return draw_grid([list(unpruned[:n]), list(policy)], ["unpruned", policy_label], list(prompts[:n]), path,
-                     notes=[[""] * n, list(notes)], marks=[[None] * n, list(marks)],
-                     title=f"{title} — frames: red = prompt lost, green = won (score vs unpruned)")
+                     notes=[[""] * n, list(notes)], marks=[[None] * n, list(marks)], title=title + legend)
 
 
 def plot_early_exits(exit_images: dict[int, torch.Tensor], full: torch.Tensor, schedule: Sequence[tuple[int, int]],

@@ -128,14 +128,21 @@ def test_policy_grid_labels_rows_columns_and_marks_lost_and_won_prompts(tmp_path
 
     n = random.randint(3, 6)
     prompts = [f"prompt number {i} about a {random.choice(['cat', 'dog', 'cube'])}" for i in range(n)]
-    paired = {"ssim": np.random.uniform(0.5, 1.0, n), "clip_drop": np.array([0.7, -0.4, 0.0] + [0.2] * (n - 3))}
+    paired = {"ssim": np.random.uniform(0.5, 1.0, n), "clip_drop": np.array([0.7, -0.4, 0.0] + [0.2] * (n - 3)),
+              "geneval_drop.share": np.array([0.0, 0.5, -0.25] + [0.0] * (n - 3))}
     layout = plot_policy_grid(_images(n, 1024), _images(n, 1024), prompts, paired, tmp_path / "grid.png",
-                              "Search prompts", policy_label="policy (trial 7)")
+                              "Search prompts", policy_label="policy (trial 7)", mark_key="clip_drop")
     assert layout.row_labels == ["unpruned", "policy (trial 7)"] and layout.column_labels == prompts
     assert layout.marks[0] == [None] * n
     assert layout.marks[1][:3] == ["lost", "won", None]  # by the sign of each prompt's CLIPScore drop
     for i, note in enumerate(layout.notes[1]):
         assert f"SSIM {paired['ssim'][i]:.3f}" in note and f"CLIP {-paired['clip_drop'][i]:+.2f}" in note
+        assert f"share {-paired['geneval_drop.share'][i]:+.2f}" in note
+    by_share = plot_policy_grid(_images(n, 64), _images(n, 64), prompts, paired, tmp_path / "share.png", "Held-out",
+                                mark_key="geneval_drop.share")
+    assert by_share.marks[1][:3] == [None, "lost", "won"]  # the score acceptance bounds decides the frame
+    plain = plot_policy_grid(_images(n, 64), _images(n, 64), prompts, {"ssim": paired["ssim"]}, tmp_path / "p.png", "x")
+    assert plain.marks[1] == [None] * n and plain.notes[1][0] == f"SSIM {paired['ssim'][0]:.3f}"
     # 1024² images are shown at <= 256 px: the PNG stays small whatever the generation size
     width, height = Image.open(layout.path).size
     assert (width, height) == layout.size and width < n * 300 + 200 and height < 2 * 340 + 120
