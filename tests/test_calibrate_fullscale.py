@@ -189,20 +189,22 @@ def test_clip_scorer_is_clipscore_of_each_image_against_its_prompt(clip_folder):
     from calibrate.quality import ClipScorer
 
     scorer = ClipScorer(clip_folder, "cpu")
-    images, texts = _images(3, 48), ["a red fox in the snow", "a bowl of ramen", "an old lighthouse"]
-    scores = scorer(images, texts)["clip"]
-    assert scores.shape == (3,) and np.isfinite(scores).all() and (scores >= 0).all() and (scores <= 100).all()
-    # the same number from the CLIP embeddings directly: 100 · max(cos(image, text), 0)
     model, processor = CLIPModel.from_pretrained(clip_folder).eval(), CLIPProcessor.from_pretrained(clip_folder)
-    with torch.no_grad():
-        pixels = processor(images=[im.permute(2, 0, 1) for im in images], return_tensors="pt")["pixel_values"]
-        tokens = processor(text=texts, return_tensors="pt", padding=True)
-        a = model.get_image_features(pixels).pooler_output
-        b = model.get_text_features(tokens["input_ids"], tokens["attention_mask"]).pooler_output
-    expected = (100 * torch.nn.functional.cosine_similarity(a, b)).clamp(min=0).numpy()
-    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-3)
-    swapped = scorer(images, texts[::-1])["clip"]  # the score follows the prompt, not only the image
-    assert not np.allclose(swapped, scores)
+    images, texts = _images(3, 48), ["a red fox in the snow", "a bowl of ramen", "an old lighthouse"]
+
+    def cosines(prompts: list[str]) -> np.ndarray:  # from the CLIP embeddings directly, image i with prompt i
+        with torch.no_grad():
+            pixels = processor(images=[im.permute(2, 0, 1) for im in images], return_tensors="pt")["pixel_values"]
+            tokens = processor(text=prompts, return_tensors="pt", padding=True)
+            a = model.get_image_features(pixels).pooler_output
+            b = model.get_text_features(tokens["input_ids"], tokens["attention_mask"]).pooler_output
+        return torch.nn.functional.cosine_similarity(a, b).numpy()
+
+    for prompts in (texts, texts[::-1]):  # each image scored against its own prompt
+        scores = scorer(images, prompts)["clip"]
+        assert scores.shape == (3,) and np.isfinite(scores).all()
+        np.testing.assert_allclose(scores, np.maximum(100 * cosines(prompts), 0), rtol=1e-4, atol=1e-3)
+    assert not np.allclose(cosines(texts), cosines(texts[::-1]))  # the prompt matters (random weights too)
 
 
 def test_clip_folder_mistakes_are_one_line_errors(clip_folder, tmp_path):
