@@ -304,17 +304,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     backbone = build_backbone(spec, None, device=device, dtype=dtype)
     build_s = time.perf_counter() - t0
     kw = {"guidance_scale": args.guidance_scale, "pixels": pixels, "kv_policy": args.kv_policy}
-    measured = {}
+    from toprovar.pipeline import release_fast_state
+
+    measured, failed = {}, {}
     for vname, opts in chosen:  # one variant after the other: each has its own static buffers and graphs
         t0 = time.perf_counter()
-        measured[vname] = measure(backbone, policy, opts, args, kw, cfg_t, n_scales, depth, device)
+        try:
+            measured[vname] = measure(backbone, policy, opts, args, kw, cfg_t, n_scales, depth, device)
+        except Exception as err:  # a switch that fails on this device: the table says so, the others still run
+            failed[vname] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+            print(f"{PROG}: {vname}: FAILED {failed[vname]}", file=sys.stderr, flush=True)
+            release_fast_state(backbone.transformer)
+            continue
         measured[vname]["wall_s"] = time.perf_counter() - t0
         print(f"{PROG}: {vname}: pruned {measured[vname]['pruned_ms']:.1f} ms "
               f"({measured[vname]['wall_s']:.0f} s)", file=sys.stderr, flush=True)
-    from toprovar.pipeline import release_fast_state
-
     release_fast_state(backbone.transformer)
-    first = measured[chosen[0][0]]
+    if not measured:
+        raise RuntimeError(f"every variant failed: {failed}")
+    first = next(iter(measured.values()))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return {
         "bench": "pruning", "device": device_name, **_versions(),
@@ -325,7 +333,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "policy": {"min_scale": min_scale, "alpha": alpha, "D": first["D"], "skip_uncond_from_scale": skip,
                    "target_removed": args.target if args.alpha is None else None, "planned_flop_ratio": planned},
         **{k: v for k, v in first.items() if k not in ("D", "wall_s")},  # the first variant, as before variants
-        "variants": measured,
+        "variants": measured, "failed_variants": failed,
     }
 
 
@@ -450,6 +458,7 @@ def report(r: dict[str, Any]) -> str:
               "separate gather/RoPE-select/scatter kernels of the variant timed alone (0 with index_io: inside the "
               "fused kernels).",
               ""]
+    lines += [f"Variant `{name}` failed on this device: {why}" for name, why in r.get("failed_variants", {}).items()]
     names = list(r["variants"])
     lines += ["| scale | grid | tokens | token-layers run | unpruned ms (" + names[0] + ") | "
               + " | ".join(f"pruned ms ({n})" for n in names) + " |",

@@ -252,10 +252,14 @@ def _bound(criterion: Criterion, values: np.ndarray, alpha: float) -> MetricBoun
                        criterion.margin, criterion.floor, str(decision), lost, won)
 
 
-def sequential_test(cfg: AcceptanceConfig, budget: int, geneval: bool) -> SequentialTest:
+def sequential_test(cfg: AcceptanceConfig, budget: int, geneval: bool, clip: bool = False) -> SequentialTest:
     """The rule `search.acceptance` configures, over a budget of `budget` held-out prompts; the
-    geneval-lite criterion only where the backbone has an evaluator (`geneval`)."""
+    geneval-lite criterion only where the backbone has an evaluator (`geneval`), the CLIPScore one
+    only with a CLIP model (`clip`, `quality.clip`). A CLIPScore drop is continuous (a prompt moves
+    by a fraction of a point, not a whole prompt), so its bound is the t bound alone, as SSIM's."""
     criteria = [Criterion("ssim", cfg.min_ssim, floor=True)]
     if geneval:
         criteria.insert(0, Criterion("geneval_drop", cfg.max_geneval_drop, whole_prompts=True))
+    if clip:
+        criteria.append(Criterion("clip_drop", cfg.max_clip_drop))
     return SequentialTest(tuple(criteria), cfg.confidence, cfg.batch, budget)

@@ -1,7 +1,7 @@
 """The calibration run: pre-sample → search → select and validate → export, tracked in MLflow.
 
 Everything lands in the Hydra run folder (tables, plots, image grids, the Optuna journal study,
-policy.yaml) and, as artifacts, in one MLflow parent run with a child run per trial. Pre-sampling,
+policy.yaml, timings.json) and, as artifacts, in one MLflow parent run with a child run per trial. Pre-sampling,
 selection and export run once, in this process; the search runs here and, with
 `search.workers=N`, in N-1 child processes too (calibrate.workers), all adding trials to one study.
 
@@ -11,6 +11,7 @@ study name) continues the calibration — finished trials and the pre-sampling a
 cut short runs once more, selection and export run again — in the same MLflow parent run.
 Exit status: 0 a validated policy was exported (or no export was asked for), 2 a mistake in the
 input (nothing run, no run folder left), 3 the exported policy is NOT validated, 130 interrupted.
+timings.json says where the wall time went, stage by stage (calibrate.timing).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch
 
 from calibrate import plots
 from calibrate.acceptance import SequentialTest, sequential_test
-from calibrate.backend import CalibrationBackend, load_backend
+from calibrate.backend import CalibrationBackend, load_backend, weights_fingerprint
 from calibrate.config import CalibrationConfig
 from calibrate.export import (check_loads, copy_to, git_commit, portable_path, prompts_record, redact_url, versions,
                               write_policy)
@@ -37,12 +38,14 @@ from calibrate.objective import PolicyScorer, resolve_cost
 from calibrate.knobs import PolicyFactory, SearchSpace, paper_defaults
 from calibrate.presample import PresampleSummary, run_presample, write_tables
 from calibrate.prompts import PromptSets, load_prompt_sets
-from calibrate.quality import geneval_scorer
+from calibrate.quality import ClipScorer, check_clip_folder, geneval_scorer
 from calibrate.search import (POLL_S, completed, hold_for_crash_test, open_study, pareto_front, prepare_study,
                               run_search, trial_summary, trials_frame)
 from calibrate.select import Selection, select_and_validate
+from calibrate.timing import Clock, Timed
 from calibrate.tracking import NullTracker, Tracker, TrackerAddress, open_tracker
-from calibrate.workers import NoPool, WorkerPool, WorkerSpec, cpu_threads, interrupt_on_signals, start_workers, worker_devices
+from calibrate.workers import (NoPool, WorkerPool, WorkerSpec, cpu_threads, interrupt_on_signals, start_workers,
+                               worker_devices)
 from toprovar.errors import UserError
 from toprovar.models.registry import resolve_device, resolve_dtype
 
@@ -53,6 +56,9 @@ STUDY_MLFLOW_KEY = "mlflow_parent"        # {"tracking_uri", "run_id"}: the cali
 STUDY_STAGES = {"presample", "search", "select", "export"}
 EXIT_NOT_VALIDATED = 3                    # the exported policy did not hold on the held-out prompts
 EXIT_INTERRUPTED = 130
+# Held-out prompts shown in the validation grid: the first ones the validation used (all search
+# prompts are shown in the search grid).
+GRID_HELD_OUT = 16
 
 
 def _quiet_libraries() -> None:
@@ -78,23 +84,31 @@ class Calibration:
         if self.cost == "latency" and self.device.type != "cuda":
             log.warning("search.objective=latency on %s: wall-clock timings are noisy; flops is the CPU default",
                         self.device)
-        self.timings: dict[str, float] = {}
+        self.clock = Clock(self.device)
+        self.timings: dict[str, dict] = {}       # stage -> calibrate.timing record
         self.artifacts: dict[str, list[Path]] = {}
         self.exit_status = 0  # EXIT_NOT_VALIDATED once a policy that did not validate is exported
+        self.clip: ClipScorer | None = None
+        self.pictures: dict[str, tuple[Path, int]] = {}  # MLflow image key -> (file, step)
 
     # -- stages -----------------------------------------------------------------------------------
     def presample(self, backend: CalibrationBackend, prompts: PromptSets) -> PresampleSummary:
         result = run_presample(backend, prompts.presample, self.cfg.search.constraints.min_ssim)
         folder = self.run_dir / "presample"
         files = write_tables(result, folder)
-        files.append(plots.plot_entropy_and_rho(result.scales, result.images, result.summary.tau_range,
-                                                self.cfg.search.constraints.min_ssim, folder / "fig8_entropy_rho.png"))
-        if len(result.layers):
-            files.append(plots.plot_layer_heatmap(result.layers, result.summary.representative_scale,
-                                                  folder / "layer_ratio_heatmap.png"))
-        exits = [result.exit_images[s] for s in sorted(result.exit_images)] + [result.full_images]
-        files.append(plots.save_image_grid(exits, folder / "early_exits.png"))
+        with self.clock.section("pictures"):
+            files.append(plots.plot_entropy_and_rho(result.scales, result.images, result.summary.tau_range,
+                                                    self.cfg.search.constraints.min_ssim,
+                                                    folder / "fig8_entropy_rho.png"))
+            if len(result.layers):
+                files.append(plots.plot_layer_heatmap(result.layers, result.summary.representative_scale,
+                                                      folder / "layer_ratio_heatmap.png"))
+            exit_ssim = result.images.pivot(index="prompt", columns="scale", values="exit_ssim").to_numpy()
+            files.append(plots.plot_early_exits(result.exit_images, result.full_images,
+                                                list(zip(result.scales.h, result.scales.w)), exit_ssim,
+                                                prompts.presample.texts, folder / "early_exits.png").path)
         self.artifacts["presample"] = files
+        self.pictures.update({"early_exits": (files[-1], 0), "fig8_entropy_rho": (folder / "fig8_entropy_rho.png", 0)})
         log.info("pre-sampling: ρ_s crossing %s, τ range %s, representative scale %d, %d band points",
                  result.summary.crossing, result.summary.tau_range, result.summary.representative_scale,
                  result.summary.band_points)
@@ -136,9 +150,11 @@ class Calibration:
         pre-samples; starts trials when `released()`."""
         self._use_device()
         cfg = self.cfg
-        backend = load_backend(cfg.backbone, self.device, resolve_dtype(cfg.dtype),
-                               batch_size=cfg.batch_size)
+        backend = load_backend(cfg.backbone, self.device, resolve_dtype(cfg.dtype), batch_size=cfg.batch_size,
+                               clock=self.clock)
         prompts = load_prompt_sets(cfg.prompts)
+        if cfg.quality.clip is not None:
+            self.clip = ClipScorer(cfg.quality.clip, self.device)
         study = open_study(cfg.study_name, cfg.storage, cfg.search.sampler, cfg.seed, cfg.search.n_trials,
                            worker=index)
         tracker = tracking.open() if tracking is not None else NullTracker()
@@ -152,21 +168,31 @@ class Calibration:
 
     def _search_scorer(self, backend: CalibrationBackend, prompts: PromptSets,
                        factory: PolicyFactory | None) -> PolicyScorer:
-        return PolicyScorer(backend, prompts.search, factory, cost=self.cost, latency=self.cfg.search.latency,
-                            evaluator=geneval_scorer(backend.name), geneval_score=self.cfg.search.acceptance.score,
-                            desc="search")
+        return self._scorer(backend, prompts.search, factory, geneval_scorer(backend.name), "search")
 
-    def report_search(self, study: optuna.Study, chosen: int | None = None) -> list[Path]:
+    def report_search(self, study: optuna.Study, selection: Selection | None = None) -> list[Path]:
         folder = self.run_dir / "search"
         folder.mkdir(parents=True, exist_ok=True)
         frame = trials_frame(study)
+        # Which constraints each trial missed (Optuna's values: > 0 is a violation), for the plot.
+        missed = {t.number: ",".join(k for k, v in (t.constraints or {}).items() if v > 0)
+                  for t in study.get_trials(deepcopy=False)}
+        if len(frame):
+            frame["violated"] = frame.number.map(missed).fillna("")
         frame.to_csv(folder / "trials.csv", index=False)
         frame.to_parquet(folder / "trials.parquet", index=False)
         front = pareto_front(study)
         (folder / "pareto_front.json").write_text(json.dumps([trial_summary(t) for t in front], indent=2))
         files = [folder / "trials.csv", folder / "trials.parquet", folder / "pareto_front.json"]
-        files.append(plots.plot_pareto(frame, [t.number for t in front], self.cfg.search.constraints.min_ssim,
-                                       folder / "pareto.png", chosen))
+        validated = [] if selection is None else [
+            {"number": number, "speedup": v.scores.speedup, "ssim": v.scores.ssim, "decision": v.verdict.decision}
+            for number, v in selection.tried]
+        with self.clock.section("pictures"):
+            plot = plots.plot_pareto(frame, [t.number for t in front], self.cfg.search.constraints.min_ssim,
+                                     folder / "pareto.png", None if selection is None else selection.trial.number,
+                                     validated)
+        files.append(plot.path)
+        self.pictures["pareto"] = (plot.path, len(completed(study)))
         return files
 
     def export(self, selection: Selection, factory: PolicyFactory, backend: CalibrationBackend,
@@ -184,6 +210,9 @@ class Calibration:
                        "constraints": asdict(cfg.search.constraints), "trials_complete": len(completed(study)),
                        "trials_total": len(study.trials), "study_name": study.study_name,
                        "storage": redact_url(cfg.storage.url), "selected_trial": trial.number},
+            # The CLIP model behind the CLIPScore bounds (quality.clip), by hash as the weights are.
+            "quality": {"clip": None if cfg.quality.clip is None else
+                        {"folder": portable_path(cfg.quality.clip), "hash": weights_fingerprint(cfg.quality.clip)}},
             "measured": {"search": dict(trial.user_attrs.get("metrics", {})),
                          "validation": selection.validation.scores.metrics(),
                          "validation_candidates": [{"trial": n, **v.scores.metrics(), "acceptance": v.verdict.record()}
@@ -232,25 +261,33 @@ class Calibration:
     def run(self) -> Path | None:
         self._use_device()
         cfg, stages = self.cfg, set(self.cfg.stages)
+        if cfg.quality.clip is not None:  # a wrong folder is a one-line error before any model loads
+            check_clip_folder(cfg.quality.clip)
+        if "evaluate" in stages:  # the policies too: their schema and their fit to the backbone, no weights
+            self.check_policies()
+        start = self.clock.snapshot()
         # Build first: a missing weight file or prompt file fails in a second, before any tracking.
-        t0 = time.perf_counter()
-        devices = worker_devices(self.device, cfg.search.workers) if "search" in stages else [self.device]
-        self._check_storage(len(devices))
-        backend = load_backend(cfg.backbone, self.device, resolve_dtype(cfg.dtype),
-                               batch_size=cfg.batch_size)
-        prompts = load_prompt_sets(cfg.prompts)
-        study = None
-        if stages & STUDY_STAGES:
-            study = open_study(cfg.study_name, cfg.storage, cfg.search.sampler, cfg.seed, cfg.search.n_trials)
-            log.info("run folder %s; to continue it after a crash or Ctrl-C: %s", self.run_dir, self.resume_command())
-            if self.joins_only:
-                try:
-                    self._wait_for_summary(study)
-                except KeyboardInterrupt:
-                    raise SystemExit(EXIT_INTERRUPTED) from None
-        self._timed("setup", t0)
-        tracker = open_tracker(cfg.tracking, self.run_dir, self.launch_dir)
-        parent, owned = self._open_parent(tracker, study)
+        with self._stage("setup"):
+            devices = worker_devices(self.device, cfg.search.workers) if "search" in stages else [self.device]
+            self._check_storage(len(devices))
+            backend = load_backend(cfg.backbone, self.device, resolve_dtype(cfg.dtype), batch_size=cfg.batch_size,
+                                   clock=self.clock)
+            prompts = load_prompt_sets(cfg.prompts)
+            if cfg.quality.clip is not None:
+                self.clip = ClipScorer(cfg.quality.clip, self.device)
+            study = None
+            if stages & STUDY_STAGES:
+                study = open_study(cfg.study_name, cfg.storage, cfg.search.sampler, cfg.seed, cfg.search.n_trials)
+                log.info("run folder %s; to continue it after a crash or Ctrl-C: %s", self.run_dir,
+                         self.resume_command())
+                if self.joins_only:
+                    try:
+                        self._wait_for_summary(study)
+                    except KeyboardInterrupt:
+                        raise SystemExit(EXIT_INTERRUPTED) from None
+        with self.clock.section("tracking"):
+            tracker = Timed(open_tracker(cfg.tracking, self.run_dir, self.launch_dir), self.clock, "tracking")
+            parent, owned = self._open_parent(tracker, study)
         status = "FAILED"
         try:
             with interrupt_on_signals(), start_workers(cfg, devices, self.run_dir, self.launch_dir, self.overrides,
@@ -267,8 +304,13 @@ class Calibration:
                 tracker.close_children(tracker.parent_id, lambda: {
                     t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))})
             if owned:
-                self._log_files(tracker, parent)
-                tracker.log_metrics(parent, {f"time_s.{k}": v for k, v in self.timings.items()})
+                with self._stage("tracking"):
+                    self._log_files(tracker, parent)
+                self.timings["total"] = self.clock.record(start)
+                path = self.write_timings(backend)
+                tracker.log_artifacts(parent, [path])
+                tracker.log_metrics(parent, {f"time.{stage}.{k}": v for stage, record in self.timings.items()
+                                             for k, v in record.items() if isinstance(v, (int, float))})
                 tracker.end(parent, status=status)
 
     def _check_storage(self, workers: int) -> None:
@@ -309,17 +351,45 @@ class Calibration:
             study.set_user_attr(STUDY_MLFLOW_KEY, {"tracking_uri": redact_url(tracker.uri), "run_id": parent})
         return parent, True
 
-    def _timed(self, name: str, start: float) -> None:
-        self.timings[name] = round(time.perf_counter() - start, 2)
-        log.info("%s took %.1f s", name, self.timings[name])
+    @contextlib.contextmanager
+    def _stage(self, name: str):
+        """Time a stage (calibrate.timing): its record goes to `self.timings[name]`."""
+        self.clock.reset_peak_memory()
+        start = self.clock.snapshot()
+        try:
+            yield
+        finally:
+            record = {**self.clock.record(start), **self.clock.peak_memory_gib()}
+            self.timings[name] = record
+            log.info("%s took %.1f s (%.0f%% generating, %d images, %s images/s while generating)", name,
+                     record["wall_s"], 100 * (record["generation_share"] or 0), record["images"],
+                     record["images_per_s_generating"])
+
+    def write_timings(self, backend: CalibrationBackend) -> Path:
+        """timings.json: each stage's record, the run's total, the device and the batch size."""
+        total = self.timings.get("total", {})
+        peaks = [r.get("peak_allocated_gib") for r in self.timings.values() if r.get("peak_allocated_gib") is not None]
+        document = {"backbone": backend.name, "device": str(self.device),
+                    "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+                    "batch_size": backend.batch_size, "settings": backend.settings, "objective": self.cost,
+                    "trials": self.cfg.search.n_trials, "prompts": {k: getattr(self.cfg.prompts, k)
+                                                                   for k in ("presample", "search", "validate")},
+                    "peak_allocated_gib": max(peaks) if peaks else None,
+                    "peak_reserved_gib": max((r.get("peak_reserved_gib") or 0) for r in self.timings.values())
+                    if peaks else None,
+                    "generation_share": total.get("generation_share"),
+                    # the same without loading the weights (setup), which a running service pays once
+                    "generation_share_after_setup": _share_after_setup(self.timings), "stages": self.timings}
+        path = self.run_dir / "timings.json"
+        path.write_text(json.dumps(document, indent=2, default=str))
+        return path
 
     def _stages(self, backend: CalibrationBackend, prompts: PromptSets, study: optuna.Study | None,
                 tracker: Tracker | NullTracker, parent: str, pool: WorkerPool | NoPool) -> Path | None:
         cfg, stages = self.cfg, set(self.cfg.stages)
         if "evaluate" in stages:
-            t0 = time.perf_counter()
-            self.artifacts["evaluate"] = self.evaluate(backend, prompts, tracker, parent)
-            self._timed("evaluate", t0)
+            with self._stage("evaluate"):
+                self.artifacts["evaluate"] = self.evaluate(backend, prompts, tracker, parent)
             if study is None:
                 return None
         stored = study.user_attrs.get(STUDY_PRESAMPLE_KEY)
@@ -328,10 +398,9 @@ class Calibration:
             log.info("pre-sampling: study %r has its summary already; not run again", study.study_name)
             self.artifacts["presample"] = sorted((self.run_dir / "presample").glob("*"))
         elif "presample" in stages:
-            t0 = time.perf_counter()
-            hold_for_crash_test("presample")
-            fresh = self.presample(backend, prompts)
-            self._timed("presample", t0)
+            with self._stage("presample"):
+                hold_for_crash_test("presample")
+                fresh = self.presample(backend, prompts)
         if stored is None and fresh is None:
             raise UserError(f"study {study.study_name!r} has no pre-sampling summary yet; "
                             f"run with the presample stage first (stages=[presample,search])")
@@ -348,42 +417,60 @@ class Calibration:
 
         if not ({"search", "select", "export"} & stages):
             return None
-        t0 = time.perf_counter()
         scorer = self._search_scorer(backend, prompts, factory)
         if "search" in stages:
-            self.search(study, scorer, space, tracker)
-            pool.finish()  # the other workers end with the study complete; select only after them
-            self._timed("search", t0)
+            with self._stage("search"):
+                self.search(study, scorer, space, tracker)
+                pool.finish()  # the other workers end with the study complete; select only after them
         if not ({"select", "export"} & stages):
-            self.artifacts["search"] = self.report_search(study)
+            with self._stage("report"):
+                self.artifacts["search"] = self.report_search(study)
             return None
 
-        t0 = time.perf_counter()
-        hold_for_crash_test("validate")
-        evaluator = geneval_scorer(backend.name)
-        validator = PolicyScorer(backend, prompts.validate, factory, cost=self.cost, latency=cfg.search.latency,
-                                 evaluator=evaluator, geneval_score=cfg.search.acceptance.score, desc="validate")
-        test = sequential_test(cfg.search.acceptance, len(prompts.validate), evaluator is not None)
-        selection = select_and_validate(study, lambda params: validator.validate(factory(params), test, "validate"),
-                                        cfg.search.validate_candidates)
-        self._timed("validate", t0)
-        self.artifacts["search"] = self.report_search(study, chosen=selection.trial.number)
-        self.artifacts["grids"] = self._grids(selection, factory, scorer, validator)
-        self.artifacts["validation"] = [self._write_paired(selection, validator)]
-        verdict = selection.validation.verdict
-        tracker.log_metrics(parent, {f"validation.{k}": v for k, v in selection.validation.scores.metrics().items()})
-        tracker.log_metrics(parent, {f"acceptance.{k}": v for k, v in verdict.metrics().items()})
-        tracker.log_metrics(parent, {f"search.{k}": v for k, v in selection.trial.user_attrs.get("metrics", {}).items()})
-        tracker.set_tags(parent, {"selected_trial": selection.trial.number, "validated": selection.passed,
-                                  "acceptance": verdict.decision})
+        with self._stage("validate"):
+            hold_for_crash_test("validate")
+            evaluator = geneval_scorer(backend.name)
+            validator = self._scorer(backend, prompts.validate, factory, evaluator, "validate")
+            test = sequential_test(cfg.search.acceptance, len(prompts.validate), evaluator is not None,
+                                   clip=self.clip is not None)
+            selection = select_and_validate(study, lambda params: validator.validate(factory(params), test, "validate"),
+                                            cfg.search.validate_candidates)
+        with self._stage("report"):
+            self.artifacts["search"] = self.report_search(study, selection)
+            self.artifacts["grids"] = self._grids(selection, factory, scorer, validator)
+            self.artifacts["validation"] = [self._write_paired(selection, validator)]
+            verdict = selection.validation.verdict
+            tracker.log_metrics(parent, {f"validation.{k}": v for k, v in selection.validation.scores.metrics().items()})
+            tracker.log_metrics(parent, {f"acceptance.{k}": v for k, v in verdict.metrics().items()})
+            tracker.log_metrics(parent, {f"search.{k}": v for k, v in selection.trial.user_attrs.get("metrics", {}).items()})
+            tracker.set_tags(parent, {"selected_trial": selection.trial.number, "validated": selection.passed,
+                                      "acceptance": verdict.decision})
         if "export" not in stages:
             return None
-        path = self.export(selection, factory, backend, prompts, study, space, summary, scorer, tracker)
+        with self._stage("export"):
+            path = self.export(selection, factory, backend, prompts, study, space, summary, scorer, tracker)
         self.artifacts["policy"] = [path]
         if not selection.passed:
             self.exit_status = EXIT_NOT_VALIDATED
         hold_for_crash_test("export")
         return path
+
+    def _scorer(self, backend: CalibrationBackend, prompt_set, build_policy, evaluator, desc: str) -> PolicyScorer:
+        cfg = self.cfg.search
+        return PolicyScorer(backend, prompt_set, build_policy, cost=self.cost, latency=cfg.latency, evaluator=evaluator,
+                            geneval_score=cfg.acceptance.score, desc=desc, clip=self.clip)
+
+    def check_policies(self) -> list[tuple[str, Any]]:
+        """`(name, Policy)` of each `evaluate` entry, checked against the schema and the backbone's
+        schedule and depth (`toprovar.policy.load_policy` with its spec): one-line errors, no weights."""
+        from toprovar.cli import generation_settings
+        from toprovar.models.registry import get_backbone
+        from toprovar.policy import load_policy
+
+        backbone = self.cfg.backbone
+        spec, settings = get_backbone(str(backbone["name"])), generation_settings(backbone)
+        return [(name, load_policy(name, spec, pixels=settings.get("pixels"), h_div_w=settings.get("h_div_w")))
+                for name in self.cfg.evaluate]
 
     def evaluate(self, backend: CalibrationBackend, prompts: PromptSets, tracker, parent: str) -> list[Path]:
         """Measure existing policies on every held-out prompt with the validation code; a table with
@@ -393,22 +480,19 @@ class Calibration:
         import pandas as pd
         from tqdm.auto import tqdm
 
-        from toprovar.policy import load_policy
-
-        policies = [(name, load_policy(name, backend.name)) for name in self.cfg.evaluate]  # fail before work
+        policies = self.check_policies()
         evaluator = geneval_scorer(backend.name)
         acceptance = self.cfg.search.acceptance
-        scorer = PolicyScorer(backend, prompts.validate, lambda params: params, cost=self.cost,
-                              latency=self.cfg.search.latency, evaluator=evaluator, geneval_score=acceptance.score,
-                              desc="evaluate")
-        test: SequentialTest = sequential_test(acceptance, len(prompts.validate), evaluator is not None)
+        scorer = self._scorer(backend, prompts.validate, lambda params: params, evaluator, "evaluate")
+        test: SequentialTest = sequential_test(acceptance, len(prompts.validate), evaluator is not None,
+                                               clip=self.clip is not None)
         test = dataclasses.replace(test, batch=test.budget)  # a measurement: every prompt, one look
-        rows, images = [], [scorer.reference().images]
+        rows, images = [], [("unpruned", scorer.reference().images)]
         for name, policy in tqdm(policies, desc="evaluate", unit="policy", dynamic_ncols=True):
             result = scorer.validate(policy, test)
             metrics = {**result.scores.metrics(), **{f"acceptance.{k}": v for k, v in result.verdict.metrics().items()}}
             rows.append({"policy": name, **metrics, "decision": result.verdict.decision})
-            images.append(result.scores.images)
+            images.append((str(name), result.scores.images))
             tracker.log_metrics(parent, {f"evaluate.{len(rows) - 1}.{k}": v for k, v in metrics.items()})
         frame = pd.DataFrame(rows)
         folder = self.run_dir / "evaluate"
@@ -422,21 +506,41 @@ class Calibration:
         log.info("%d policies on %d held-out prompts (unpruned geneval-lite %s %s; bounds one-sided at %g):\n%s",
                  len(rows), len(prompts.validate), acceptance.score, unpruned, acceptance.confidence,
                  frame[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        grid = plots.save_image_grid(images, folder / "unpruned_vs_policies.png")
+        with self.clock.section("pictures"):
+            grid = plots.plot_policies_grid(images, prompts.validate.texts, folder / "unpruned_vs_policies.png").path
+        self.pictures["evaluate_grid"] = (grid, 0)
         return [folder / "policies.csv", grid]
 
     def _grids(self, selection: Selection, factory: PolicyFactory, search: PolicyScorer,
                validator: PolicyScorer) -> list[Path]:
-        """Unpruned (top row) over the selected policy (bottom row) for the search and held-out prompts;
-        the held-out row is the validation's own images (the prompts it used), the search row is generated again."""
+        """Unpruned (top row) over the selected policy (bottom row), one column per prompt: every
+        search prompt (generated again with the policy) and the first `GRID_HELD_OUT` held-out
+        prompts the validation used (its own images); each policy image noted with its SSIM and
+        score changes, framed red / green where its prompt was lost / won. Cells ≤ 256 px."""
         folder = self.run_dir / "grids"
         folder.mkdir(parents=True, exist_ok=True)
-        searched = search.backend.generate(search.prompts.texts, search.prompts.seeds,
-                                           policy=factory(selection.trial.params)).images
-        held_out = selection.validation.scores.images  # the prompts the sequential validation used
-        return [plots.save_image_grid([scorer.reference(len(pruned)).images, pruned],
-                                      folder / f"{scorer.prompts.name}_unpruned_vs_policy.png")
-                for scorer, pruned in ((search, searched), (validator, held_out))]
+        number = selection.trial.number
+        run, ref, paired = search.run_paired(factory(selection.trial.params), desc="grid: search prompts")
+        # Lost / won by the score acceptance bounds: geneval-lite where the backbone has it, else CLIPScore.
+        mark_key = next((k for k in (f"geneval_drop.{self.cfg.search.acceptance.score}", "clip_drop") if k in paired),
+                        None)
+        held_out = selection.validation
+        shown = min(GRID_HELD_OUT, len(held_out.paired["ssim"]))
+        files = []
+        with self.clock.section("pictures"):
+            for name, unpruned, pruned, values, prompts, title in (
+                    ("search", ref.images, run.images, paired, search.prompts.texts,
+                     f"Search prompts (all {len(run)}), trial {number}"),
+                    ("validate", validator.reference(shown).images, held_out.scores.images[:shown],
+                     {k: v[:shown] for k, v in held_out.paired.items()}, validator.prompts.texts,
+                     f"Held-out prompts: the first {shown} of the {len(held_out.paired['ssim'])} validation used "
+                     f"({len(validator.prompts)} in the set), trial {number}, {held_out.verdict.decision}")):
+                layout = plots.plot_policy_grid(unpruned, pruned, prompts, values,
+                                                folder / f"{name}_unpruned_vs_policy.png", title,
+                                                policy_label=f"policy (trial {number})", mark_key=mark_key)
+                files.append(layout.path)
+                self.pictures[f"grid_{name}"] = (layout.path, number)
+        return files
 
     def _write_paired(self, selection: Selection, validator: PolicyScorer) -> Path:
         """validation/per_prompt.csv: every probe's per-prompt paired values (what its bounds rest on)."""
@@ -452,10 +556,22 @@ class Calibration:
         return path
 
     def _log_files(self, tracker: Tracker | NullTracker, parent: str) -> None:
+        """Every file as an artifact in its folder; the pictures also as MLflow images (with steps:
+        the selected trial for the grids, the complete trials for the Pareto plot)."""
         for folder, files in self.artifacts.items():
             if folder == "grids" and not self.cfg.tracking.log_images:
                 continue
             tracker.log_artifacts(parent, files, folder)
+        if self.cfg.tracking.log_images:
+            for key, (path, step) in self.pictures.items():
+                if path.exists():
+                    tracker.log_image(parent, path, key, step)
+
+
+def _share_after_setup(timings: dict[str, dict]) -> float | None:
+    stages = [r for name, r in timings.items() if name not in ("setup", "total")]
+    wall = sum(r["wall_s"] for r in stages)
+    return round(sum(r["generation_s"] for r in stages) / wall, 4) if wall > 0 else None
 
 
 def run_search_worker(spec: WorkerSpec, released: Callable[[], bool], orphaned: Callable[[], bool]) -> None:
@@ -467,14 +583,14 @@ def run_search_worker(spec: WorkerSpec, released: Callable[[], bool], orphaned: 
 @contextlib.contextmanager
 def discard_unused_run_dir(run_dir: Path, launch_dir: Path) -> Iterator[None]:
     """On a UserError (a mistake in the input, found before any work), remove the run folder Hydra
-    made when it holds nothing but Hydra's own files (.hydra/, the log) and empty files — and the
+    made when it holds nothing but Hydra's own files (.hydra/, the log), timings.json and empty files — and the
     folders above it up to outputs/ that are left empty — so a wrong argument leaves no folder."""
     try:
         yield
     except UserError:
         files = [f for f in run_dir.rglob("*") if f.is_file()] if run_dir.is_dir() else []
-        if all(f.relative_to(run_dir).parts[0] == ".hydra" or f.suffix == ".log" or f.stat().st_size == 0
-               for f in files):
+        if all(f.relative_to(run_dir).parts[0] == ".hydra" or f.suffix == ".log" or f.name == "timings.json"
+               or f.stat().st_size == 0 for f in files):
             shutil.rmtree(run_dir, ignore_errors=True)
             outputs = (launch_dir / "outputs").resolve()
             parent = run_dir.resolve().parent

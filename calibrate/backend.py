@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from calibrate.timing import Clock
 from toprovar.cli import generation_settings
 from toprovar.errors import UserError
 
@@ -53,14 +55,36 @@ def weights_fingerprint(path: str | None) -> str:
     return "missing"
 
 
+def chunk_plan(n: int, batch_size: int) -> tuple[int, list[range]]:
+    """`(size, chunks)`: `n` prompts in as few calls of at most `batch_size` as possible, all of one
+    size (the fewest images that still need that many calls); the last chunk may hold fewer prompts
+    and is padded to `size` by the caller. One size means one set of static buffers and CUDA graphs
+    for every call of a prompt set: each new batch size allocates its own KV cache and captures its
+    own graphs (e.g. 12 prompts at batch_size 8: two calls of 6, not 8 + 4)."""
+    calls = -(-n // batch_size)
+    size = -(-n // calls)
+    return size, [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
 @dataclass
 class Generation:
-    """The images and traces of one batched call (traces stay one per chunk)."""
+    """The images and traces of one batched call (traces stay one per chunk).
 
-    images: torch.Tensor          # (N, H, W, 3) uint8
-    traces: list[Any]             # toprovar.trace.Trace per chunk
-    chunks: list[int]             # images per chunk
+    A chunk short of the common size runs padded with copies of its last prompt (same seed); the
+    copies are dropped from `images` and the pruners' records, and their share of the chunk's
+    FLOPs and time is left out of `flops` and `latency_ms` (every image of a chunk runs the same
+    tokens, so the share is the count share)."""
+
+    images: torch.Tensor          # (N, H, W, 3) uint8, the prompts' images (no padding)
+    traces: list[Any]             # toprovar.trace.Trace per chunk (padded copies included)
+    chunks: list[int]             # prompts per chunk
     pruners: list[Any] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)        # images per chunk call, padding included
+    latency_ms: list[float] = field(default_factory=list)  # per chunk: steady-state time of the prompts' share
+
+    @property
+    def total_latency_ms(self) -> float:
+        return float(sum(self.latency_ms))
 
 
 @dataclass
@@ -71,6 +95,7 @@ class CalibrationBackend:
     settings: dict[str, Any]                       # generation keyword arguments
     weights: dict[str, str | None]                 # resolved local paths (None: random init)
     batch_size: int = 8
+    clock: Clock | None = None                     # where generation time is counted (calibrate.timing)
 
     @property
     def name(self) -> str:
@@ -86,32 +111,57 @@ class CalibrationBackend:
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], *, policy: Any = None,
                  pruner_factory: Callable[[], Any] | None = None, record_entropy: bool = False,
-                 desc: str | None = None) -> Generation:
-        """Generate in chunks of `batch_size`; `pruner_factory` gives a fresh pruner per chunk."""
+                 desc: str | None = None, retime: int = 0, timing_only: bool = False) -> Generation:
+        """Generate in equal chunks of at most `batch_size` (`chunk_plan`); `pruner_factory` gives a
+        fresh pruner per call. Each chunk's latency is its trace's time (CUDA events: scale loop +
+        decode); a call that captured CUDA graphs (a plan new to the static buffers) has that capture
+        in its time, so the chunk runs again, up to `retime` times, until a call captures nothing,
+        and that call's time counts (images and traces stay the first call's: same seeds).
+        `timing_only`: a run for its time alone (warm-up, more timed passes), counted as such."""
+        images, traces, chunks, pruners, sizes, latency = [], [], [], [], [], []
+        size, plan = chunk_plan(len(prompts), self.batch_size)
+        steps = plan if desc is None else tqdm(plan, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+        for chunk in steps:
+            pad = [chunk[-1]] * (size - len(chunk))  # copies of the chunk's last prompt
+            texts, chunk_seeds = [prompts[i] for i in [*chunk, *pad]], [seeds[i] for i in [*chunk, *pad]]
+            pruner = pruner_factory() if pruner_factory is not None else None
+            result = self._call(texts, chunk_seeds, pruner if pruner is not None else policy, record_entropy,
+                                real=0 if timing_only else len(chunk))
+            steady = result
+            for _ in range(retime):
+                if not steady.runtime.get("captures"):
+                    break
+                again = pruner_factory() if pruner_factory is not None else policy
+                steady = self._call(texts, chunk_seeds, again, record_entropy, real=0)
+            images.append(result.images[: len(chunk)])
+            traces.append(result.trace)
+            chunks.append(len(chunk))
+            sizes.append(size)
+            pruners.append(pruner)
+            latency.append(steady.trace.total_ms * len(chunk) / size)
+        return Generation(torch.cat(images), traces, chunks, pruners, sizes, latency)
+
+    def _call(self, prompts: list[str], seeds: list[int], policy: Any, record_entropy: bool, real: int):
+        """One `toprovar.pipeline.generate` call, counted on the clock: `real` of its images are the
+        prompts' (the rest padding); `real=0`: a run for its time only."""
         from toprovar.pipeline import generate
 
-        images, traces, chunks, pruners = [], [], [], []
-        starts = range(0, len(prompts), self.batch_size)
-        if desc is not None:
-            starts = tqdm(starts, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
-        for start in starts:
-            stop = start + self.batch_size
-            pruner = pruner_factory() if pruner_factory is not None else None
-            result = generate(self.backbone, list(prompts[start:stop]), list(seeds[start:stop]),
-                              policy=pruner if pruner is not None else policy,
-                              record_entropy=record_entropy, **self.settings)
-            images.append(result.images)
-            traces.append(result.trace)
-            chunks.append(result.images.shape[0])
-            pruners.append(pruner)
-        return Generation(torch.cat(images), traces, chunks, pruners)
+        start = time.perf_counter()
+        result = generate(self.backbone, prompts, seeds, policy=policy, record_entropy=record_entropy,
+                          **self.settings)
+        if self.clock is not None:
+            self.clock.seconds["generation"] += time.perf_counter() - start
+            self.clock.count(images=real, padded_images=len(prompts) - real if real else 0,
+                             timing_only_images=0 if real else len(prompts), generate_calls=1,
+                             gpu_ms=result.trace.total_ms, text_ms=result.trace.text_encode_ms)
+        return result
 
     def fingerprint(self) -> dict[str, str]:
         return {part: weights_fingerprint(path) for part, path in self.weights.items()}
 
 
 def load_backend(backbone_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype | None,
-                 batch_size: int) -> CalibrationBackend:
+                 batch_size: int, clock: Clock | None = None) -> CalibrationBackend:
     """Build the backbone named by the config group; one-line errors for unknown names / missing files."""
     import toprovar.models.registry as registry
 
@@ -128,4 +178,4 @@ def load_backend(backbone_cfg: Mapping[str, Any], device: torch.device, dtype: t
     resolved = {"transformer": paths.transformer, "vae": paths.vae, "text_encoder": paths.text_encoder}
     if spec.random_init:
         resolved = {k: (v if v is not None and os.path.exists(v) else None) for k, v in resolved.items()}
-    return CalibrationBackend(built, settings, resolved, batch_size)
+    return CalibrationBackend(built, settings, resolved, batch_size, clock)

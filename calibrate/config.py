@@ -38,6 +38,7 @@ class PromptsConfig:
 class ConstraintsConfig:
     min_ssim: float
     max_geneval_drop: float
+    max_clip_drop: float             # CLIPScore points (100 · cosine); applies with quality.clip
 
 
 @dataclass
@@ -55,6 +56,7 @@ class AcceptanceConfig:
     score: str                   # geneval-lite score acceptance bounds: share | binary (quality.GENEVAL_SCORES)
     max_geneval_drop: float      # margin on the mean paired geneval-lite drop
     min_ssim: float              # floor on the mean SSIM against the unpruned images
+    max_clip_drop: float         # margin on the mean paired CLIPScore drop (with quality.clip)
     batch: int                   # held-out prompts per look
 
 
@@ -71,6 +73,13 @@ class SearchConfig:
     validate_candidates: int
     acceptance: AcceptanceConfig
     workers: int                     # search processes sharing the study: one per GPU, or sharing the CPU
+
+
+@dataclass
+class QualityConfig:
+    """quality: evaluators beyond SSIM (geneval-lite is the tiny backbone's own)."""
+
+    clip: str | None                 # local CLIP model folder for CLIPScore (calibrate.quality); null: off
 
 
 @dataclass
@@ -94,6 +103,7 @@ class CalibrationConfig:
     backbone: dict[str, Any]
     prompts: PromptsConfig
     search: SearchConfig
+    quality: QualityConfig
     tracking: TrackingConfig
     storage: StorageConfig
     study_name: str
@@ -145,6 +155,9 @@ def _validate(cfg: CalibrationConfig) -> None:
     if not 0.0 <= s.constraints.min_ssim <= 1.0:
         raise UserError(f"search.constraints.min_ssim={s.constraints.min_ssim} must lie in [0, 1]")
     _validate_acceptance(s.acceptance)
+    if not 0.0 < s.constraints.max_clip_drop <= 100.0:
+        raise UserError(f"search.constraints.max_clip_drop={s.constraints.max_clip_drop} must lie in (0, 100] "
+                        f"(CLIPScore points)")
     check_space(s.space)
     p = cfg.prompts
     if min(p.presample, p.search, p.validate) < 1:
@@ -171,6 +184,8 @@ def _validate_acceptance(a: AcceptanceConfig) -> None:
         raise UserError(f"search.acceptance.max_geneval_drop={a.max_geneval_drop} must lie in (0, 1]")
     if not 0.0 <= a.min_ssim <= 1.0:
         raise UserError(f"search.acceptance.min_ssim={a.min_ssim} must lie in [0, 1]")
+    if not 0.0 < a.max_clip_drop <= 100.0:
+        raise UserError(f"search.acceptance.max_clip_drop={a.max_clip_drop} must lie in (0, 100] (CLIPScore points)")
     if a.batch < 2:
         raise UserError(f"search.acceptance.batch={a.batch} must be at least 2 (a bound needs 2 prompts)")
 
@@ -209,6 +224,7 @@ def parse_config(cfg: DictConfig) -> CalibrationConfig:
         backbone=backbone,
         prompts=_typed(PromptsConfig, cfg.get("prompts"), "prompts"),
         search=_typed(SearchConfig, cfg.get("search"), "search"),
+        quality=_typed(QualityConfig, cfg.get("quality"), "quality"),
         tracking=_typed(TrackingConfig, cfg.get("tracking"), "tracking"),
         storage=_typed(StorageConfig, cfg.get("storage"), "storage"),
         study_name=str(top["study_name"]),

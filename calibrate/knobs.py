@@ -47,6 +47,9 @@ class Knob:
     measured: Callable[[Any], tuple] | None = None
     capped: bool = False          # a configured range may not go past the measured range's upper end
     never: Callable[[Any], int] | None = None  # values >= never(summary) mean null in the policy
+    # The backbone's own upper end (from the summary): a configured range is clipped to it, so one
+    # YAML default serves every depth (a 2-layer test backbone protects at most 1 layer).
+    ceiling: Callable[[Any], int | None] | None = None
 
     @property
     def section(self) -> str:
@@ -71,7 +74,8 @@ KNOBS: tuple[Knob, ...] = (
     Knob("alpha_min", "token.alpha_min", FLOAT, (0.0, 1.0)),
     Knob("alpha_span", "token.alpha_max", FLOAT, (0.0, 1.0), span_of="alpha_min"),
     Knob("min_keep", "token.min_keep", FLOAT, (0.0, 1.0)),
-    Knob("protect_layers", "token.protect_layers", INT, (1, None)),
+    Knob("protect_layers", "token.protect_layers", INT, (1, None),
+         ceiling=lambda summary: len(summary.layer_ratios) - 1 if summary.layer_ratios else None),
     Knob("restore", "token.restore", CATEGORICAL, RESTORE_MODES),
     Knob("order", "token.order", CATEGORICAL, ORDERS),
     # First scale that runs only the conditional rows (CFG skip); `scales` = never. Searched where the
@@ -207,7 +211,11 @@ class SearchSpace:
             if knob.capped and value is not None and value[1] > measured[1]:
                 raise UserError(f"search.space.{knob.name}={list(value)} goes past {measured[1]} "
                                 f"(measured for this backbone)")
-            ranges[knob.name] = tuple(knob.cast(v) for v in (measured if value is None else value))
+            found = tuple(knob.cast(v) for v in (measured if value is None else value))
+            top = knob.ceiling(summary) if knob.ceiling is not None else None
+            if top is not None and found[1] > top:
+                found = (min(found[0], top), top)
+            ranges[knob.name] = found
         return cls(ranges)
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:

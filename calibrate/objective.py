@@ -1,18 +1,25 @@
 """Scores of a policy on a prompt set: real generations compared with the unpruned ones, prompt by prompt.
 
 speedup: on CPU (and `search.objective=flops`) the FLOP ratio unpruned / executed from the traces
-(deterministic, independent of machine load); on CUDA (`latency`) the ratio of wall times, each
-batch's median measured with CUDA events after warm-up. quality, per prompt: SSIM against the
-unpruned image of the same prompt and seed, and where the backbone has an evaluator the
-geneval-lite scores (binary success and share of checks) of both images — the paired values
-that acceptance bounds (calibrate.acceptance).
+(deterministic, independent of machine load); on CUDA (`latency`) the ratio of generation times
+read off the scoring generation itself: each chunk's trace time (CUDA events around the scale
+loop and the VAE decode, text encoding excluded). A chunk whose call captured CUDA graphs (a
+plan new to the static buffers) runs again, up to `search.latency.warmup` times, until a call
+captures nothing, so capture never counts; before the first policy a scorer times, one untimed
+batch of it compiles the pruned path's kernels; `search.latency.repeats` > 1 adds whole timed
+passes (the median counts). The unpruned reference is timed once per prompt set, with its images.
+quality, per prompt: SSIM against the unpruned image of the same prompt and seed (on the
+generation's device), and where available the geneval-lite scores (`tiny`) and the CLIPScore
+(`quality.clip`) of both images — the paired values that acceptance bounds (calibrate.acceptance).
 
 The unpruned reference is generated lazily, batch by batch, only as far as some policy needed
 it, so a sequential validation that decides early spends nothing on the prompts it never reached.
 """
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,13 +27,12 @@ import numpy as np
 import torch
 
 from calibrate.acceptance import SequentialTest, Verdict
-from calibrate.backend import CalibrationBackend
+from calibrate.backend import CalibrationBackend, Generation, chunk_plan
 from calibrate.config import LatencyConfig
 from calibrate.costs import flop_totals, trace_summary
 from calibrate.prompts import PromptSet
-from calibrate.quality import Evaluator, ssim_per_image
+from calibrate.quality import ClipScorer, Evaluator, ssim_per_image
 from calibrate.search import Scores
-from toprovar.trace import median_latency_ms
 
 PolicyBuilder = Callable[[dict[str, float]], Any]
 
@@ -37,6 +43,12 @@ def resolve_cost(objective: str, device: torch.device) -> str:
     return objective
 
 
+def executed_flops(gen: Generation, backend: CalibrationBackend) -> float:
+    """FLOPs the prompts' images executed (a padded chunk's copies left out, see `Generation`)."""
+    return sum(flop_totals([trace], backend)[0] * real / size for trace, real, size in zip(gen.traces, gen.chunks,
+                                                                                          gen.sizes))
+
+
 @dataclass
 class Run:
     """One policy (or the unpruned model) on the first `len(self)` prompts of a set."""
@@ -44,7 +56,7 @@ class Run:
     images: torch.Tensor                       # (n, H, W, 3) uint8
     traces: list[Any]                          # one per generated chunk
     flops: float                               # executed, summed
-    latency_ms: float | None                   # sum of each batch's median (latency cost only)
+    latency_ms: float | None                   # generation time of the prompts, summed over chunks
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # evaluator scores per prompt, by name
 
     def __len__(self) -> int:
@@ -69,30 +81,46 @@ class PolicyScorer:
     """`params -> Scores` for one prompt set, against its unpruned reference (generated lazily).
 
     `geneval_score` names the evaluator score (quality.GENEVAL_SCORES) whose drop is
-    `Scores.geneval_drop` — the one the search constraint and acceptance use.
+    `Scores.geneval_drop` — the one the search constraint and acceptance use. `clip`: the
+    CLIPScore evaluator (`quality.clip`), whose paired drop is `clip_drop`.
     """
 
     def __init__(self, backend: CalibrationBackend, prompts: PromptSet, build_policy: PolicyBuilder, *,
                  cost: str, latency: LatencyConfig, evaluator: Evaluator | None, geneval_score: str = "binary",
-                 desc: str = "search"):
+                 desc: str = "search", clip: ClipScorer | None = None):
         self.backend, self.prompts, self.build_policy = backend, prompts, build_policy
         self.cost, self.latency, self.evaluator, self.desc = cost, latency, evaluator, desc
-        self.geneval_score = geneval_score
+        self.geneval_score, self.clip = geneval_score, clip
         self._reference: Run | None = None
+        self._warm = False  # a policy ran here already (the pruned path's kernels are compiled)
+
+    def _quality_time(self):
+        clock = self.backend.clock
+        return nullcontext() if clock is None else clock.section("quality")
 
     # -- generation ---------------------------------------------------------------------------
     def _run(self, policy: Any, start: int, stop: int, desc: str | None = None) -> Run:
         texts, seeds = self.prompts.texts[start:stop], self.prompts.seeds[start:stop]
-        gen = self.backend.generate(texts, seeds, policy=policy, desc=desc)
-        executed, _ = flop_totals(gen.traces, self.backend)
-        latency = None
-        if self.cost == "latency":
-            latency = median_latency_ms(lambda: self.backend.generate(texts, seeds, policy=policy),
-                                        self.backend.device, self.latency.warmup, self.latency.repeats)
+        timed = self.cost == "latency"
+        if timed and policy is not None and not self._warm:
+            # The first policy's first call compiles the pruned path's kernels (Triton JIT): one
+            # untimed batch first. Later policies reuse them; new CUDA graphs are handled by `retime`.
+            self._warm = True
+            size = chunk_plan(len(texts), self.backend.batch_size)[0]
+            self.backend.generate(texts[:size], seeds[:size], policy=policy, timing_only=True)
+        gen = self.backend.generate(texts, seeds, policy=policy, desc=desc, retime=self.latency.warmup if timed else 0)
+        latency = gen.total_latency_ms
+        if timed and self.latency.repeats > 1:  # more timed passes for a noisy device; the median counts
+            passes = [latency] + [self.backend.generate(texts, seeds, policy=policy, timing_only=True).total_latency_ms
+                                  for _ in range(self.latency.repeats - 1)]
+            latency = statistics.median(passes)
         scores = {}
-        if self.evaluator is not None:
-            scores = self.evaluator(gen.images, self.prompts.specs[start:stop])
-        return Run(gen.images, gen.traces, executed, latency, scores)
+        with self._quality_time():
+            if self.evaluator is not None:
+                scores.update(self.evaluator(gen.images, self.prompts.specs[start:stop]))
+            if self.clip is not None:
+                scores.update(self.clip(gen.images, texts))
+        return Run(gen.images, gen.traces, executed_flops(gen, self.backend), latency, scores)
 
     def reference(self, n: int | None = None) -> Run:
         """The unpruned run of the first `n` prompts (all by default), generated as far as needed."""
@@ -115,27 +143,42 @@ class PolicyScorer:
 
     def score_policy(self, policy: Any) -> Scores:
         """Scores on every prompt of the set."""
-        run = self._run(policy, 0, len(self.prompts))
-        return self.compare(run, self.reference())
+        run, ref, paired = self.run_paired(policy)
+        return self.compare(run, ref, paired)
+
+    def run_paired(self, policy: Any, desc: str | None = None) -> tuple[Run, Run, dict[str, np.ndarray]]:
+        """The policy's run on every prompt of the set, the reference and their paired values."""
+        run = self._run(policy, 0, len(self.prompts), desc)
+        ref = self.reference()
+        return run, ref, self.paired(run, ref)
 
     def paired(self, run: Run, ref: Run) -> dict[str, np.ndarray]:
         """Per-prompt paired values: `ssim` of each image against its unpruned one and, with an
-        evaluator, `geneval_drop.<score>` = unpruned score − policy score for every score."""
-        values = {"ssim": ssim_per_image(run.images, ref.images).double().numpy()}
+        evaluator, `geneval_drop.<score>` = unpruned score − policy score for every score; with
+        CLIP, `clip_drop` = unpruned CLIPScore − policy CLIPScore."""
+        with self._quality_time():
+            values = {"ssim": ssim_per_image(run.images, ref.images, self.backend.device).double().numpy()}
         for name, score in run.scores.items():
-            values[f"geneval_drop.{name}"] = ref.scores[name] - score
+            values["clip_drop" if name == ClipScorer.name else f"geneval_drop.{name}"] = ref.scores[name] - score
         return values
 
-    def compare(self, run: Run, ref: Run) -> Scores:
+    def compare(self, run: Run, ref: Run, paired: dict[str, np.ndarray] | None = None) -> Scores:
         """The policy's Scores against the reference of the same prompts (means of the paired values)."""
         flop_speedup = ref.flops / max(run.flops, 1.0)
         speedup = flop_speedup if self.cost == "flops" else ref.latency_ms / max(run.latency_ms, 1e-9)
-        paired = self.paired(run, ref)
+        paired = self.paired(run, ref) if paired is None else paired
         extra = {"flop_speedup": flop_speedup, "ssim_min": float(paired["ssim"].min()), "prompts": float(len(run)),
                  "flops_executed": run.flops, "flops_unpruned": ref.flops, **trace_summary(run.traces)}
-        if run.latency_ms is not None:
-            extra.update(latency_ms=run.latency_ms, latency_unpruned_ms=ref.latency_ms)
+        if run.latency_ms is not None and ref.latency_ms is not None:
+            extra.update(latency_ms=run.latency_ms, latency_unpruned_ms=ref.latency_ms,
+                         latency_speedup=ref.latency_ms / max(run.latency_ms, 1e-9))
         for name in run.scores:
+            if name == ClipScorer.name:
+                diff = paired["clip_drop"]
+                extra.update(clip=float(run.scores[name].mean()), clip_unpruned=float(ref.scores[name].mean()),
+                             clip_drop=float(diff.mean()), clip_prompts_lost=float((diff > 0).sum()),
+                             clip_prompts_won=float((diff < 0).sum()))
+                continue
             prefix = "geneval" if name == "binary" else f"geneval_{name}"
             extra.update({prefix: float(run.scores[name].mean()), f"{prefix}_unpruned": float(ref.scores[name].mean()),
                           f"{prefix}_drop": float(paired[f"geneval_drop.{name}"].mean())})
@@ -163,7 +206,7 @@ class PolicyScorer:
             verdict = test.decide(self.criteria_values(paired), look)
             if verdict.final:
                 break
-        return Validation(self.compare(run, ref), verdict, paired)
+        return Validation(self.compare(run, ref, paired), verdict, paired)
 
     def criteria_values(self, paired: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The per-prompt values acceptance's criteria read (calibrate.acceptance.criteria)."""
@@ -171,4 +214,6 @@ class PolicyScorer:
         key = f"geneval_drop.{self.geneval_score}"
         if key in paired:
             values["geneval_drop"] = paired[key]
+        if "clip_drop" in paired:
+            values["clip_drop"] = paired["clip_drop"]
         return values

@@ -82,8 +82,8 @@ class PresampleResult:
 def _record(backend: CalibrationBackend, prompts: PromptSet):
     gen = backend.generate(prompts.texts, prompts.seeds, pruner_factory=EntropyRecorder,
                            desc="presample: full + entropy")
-    chunks = [p.collect() for p in gen.pruners]
-    maps = {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
+    chunks = [(p.collect(), real) for p, real in zip(gen.pruners, gen.chunks)]  # padded copies dropped
+    maps = {key: torch.cat([c[key][:real] for c, real in chunks]) for key in chunks[0][0]}
     return gen, maps
 
 
@@ -99,7 +99,7 @@ def run_presample(backend: CalibrationBackend, prompts: PromptSet, min_ssim: flo
     for stop in tqdm(range(1, n_scales), desc="presample: early exits", unit="scale", dynamic_ncols=True):
         gen = backend.generate(prompts.texts, prompts.seeds, pruner_factory=partial(FixedExitPruner, stop - 1))
         exit_images[stop - 1] = gen.images
-        exit_ssim[:, stop - 1] = ssim_per_image(gen.images, full.images).numpy()
+        exit_ssim[:, stop - 1] = ssim_per_image(gen.images, full.images, backend.device).numpy()
 
     mean_entropy = np.zeros((n, n_scales))
     rho = np.zeros((n, n_scales))

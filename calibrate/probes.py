@@ -19,8 +19,14 @@ class EntropyRecorder(NoPruner):
     """
 
     def begin(self, ctx: PrunerContext) -> None:
-        self.batch = ctx.batch
+        self.batch, self.depth = ctx.batch, ctx.depth
         self.maps: dict[tuple[int, int], Tensor] = {}
+
+    def static_plan(self, si: int) -> int:
+        """Every block is a probe layer (all tokens, entropy observed) and nothing is pruned, so on
+        the fast path a scale runs as one unit of the static buffers (a CUDA graph once it recurs,
+        i.e. from the second batch on) instead of block by block."""
+        return self.depth
 
     def wants_entropy(self, si: int, li: int) -> bool:
         return True

@@ -89,6 +89,8 @@ def violations(scores: Scores, limits: ConstraintsConfig) -> dict[str, float]:
     values = {"ssim": limits.min_ssim - scores.ssim}
     if scores.geneval_drop is not None:
         values["geneval_drop"] = scores.geneval_drop - limits.max_geneval_drop
+    if "clip_drop" in scores.extra:  # CLIPScore (quality.clip)
+        values["clip_drop"] = scores.extra["clip_drop"] - limits.max_clip_drop
     return values
 
 

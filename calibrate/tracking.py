@@ -156,6 +156,13 @@ class Tracker:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, str(value))
 
+    def log_image(self, run_id: str, path: Path, key: str, step: int = 0) -> None:
+        """A picture file as an MLflow image under `key` at `step` (the UI shows its steps on a slider)."""
+        from PIL import Image
+
+        with Image.open(path) as image:
+            self.client.log_image(run_id, image.convert("RGB"), key=key, step=step)
+
     def log_artifacts(self, run_id: str, paths: Iterable[Path], artifact_path: str | None = None) -> None:
         for path in paths:
             path = Path(path)
@@ -209,6 +216,7 @@ class NullTracker:
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None: ...
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None: ...
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None: ...
+    def log_image(self, run_id: str, path: Path, key: str, step: int = 0) -> None: ...
     def log_artifacts(self, run_id: str, paths: Iterable[Path], artifact_path: str | None = None) -> None: ...
 
 

@@ -57,7 +57,10 @@ def worker_devices(device: torch.device, workers: int) -> list[torch.device]:
 
 
 def cpu_threads(device: torch.device, workers: int) -> int | None:
-    """Threads per worker when N workers share the CPU cores (None: leave torch's default)."""
+    """Threads per worker when N workers share the CPU cores (None: leave torch's default).
+
+    GPU workers keep torch's default: capping their threads at cores / N did not move the 2-worker
+    rate on the H200 pair (1.31x with the cap, 1.44x without, 12 trials each; docs/benchmarks.md)."""
     if device.type != "cpu" or workers == 1:
         return None
     return max(1, (os.cpu_count() or 1) // workers)

@@ -43,3 +43,16 @@ def check_vae_ok(v: dict) -> bool:  # CPU: the decode ignores the CUDA switches
 def test_without_cuda_says_so() -> None:
     with pytest.raises(UserError, match="needs a CUDA GPU.*--smoke"):
         bench_latency.main([])
+
+
+def test_batch_benchmark_smoke_writes_one_row_per_batch(tmp_path, monkeypatch) -> None:
+    """`python -m tools.bench_batch --smoke`: the batching benchmark's code path on CPU."""
+    from tools import bench_batch
+
+    out = tmp_path / "batch.json"
+    monkeypatch.setattr("sys.argv", ["bench_batch", "--smoke", "--batches", "1,2", "--warmup", "0", "--reps", "1",
+                                     "--json-out", str(out)])
+    bench_batch.main()
+    record = json.loads(out.read_text())
+    assert [r["batch"] for r in record["rows"]] == [1, 2]
+    assert all(r["ms_per_image"] > 0 and 0 < r["floor_fraction"] for r in record["rows"])

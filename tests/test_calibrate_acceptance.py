@@ -159,12 +159,17 @@ def test_decide_combines_metrics_and_matches_simulate():
 
 
 def test_sequential_test_from_config_has_geneval_only_with_an_evaluator():
-    cfg = AcceptanceConfig(confidence=0.9, score="share", max_geneval_drop=0.03, min_ssim=0.7, batch=50)
+    cfg = AcceptanceConfig(confidence=0.9, score="share", max_geneval_drop=0.03, min_ssim=0.7, max_clip_drop=1.0,
+                           batch=50)
     with_eval, without = sequential_test(cfg, 120, True), sequential_test(cfg, 120, False)
     assert [c.metric for c in with_eval.criteria] == ["geneval_drop", "ssim"] and with_eval.looks == 3
     assert [c.metric for c in without.criteria] == ["ssim"] and without.confidence == 0.9
     assert with_eval.criteria[0].margin == 0.03 and with_eval.criteria[0].whole_prompts
     assert with_eval.criteria[1].floor and with_eval.criteria[1].margin == 0.7
+    with_clip = sequential_test(cfg, 120, False, clip=True)  # quality.clip: a continuous drop, t bound alone
+    assert [c.metric for c in with_clip.criteria] == ["ssim", "clip_drop"]
+    assert with_clip.criteria[1].margin == 1.0 and not with_clip.criteria[1].whole_prompts
+    assert not with_clip.criteria[1].floor
 
 
 # -- on tiny: real generations ---------------------------------------------------------------------
@@ -190,7 +195,8 @@ def test_tiny_null_policy_accepted_and_an_early_exit_rejected_after_one_batch(ti
     for a policy that changes nothing: with none lost in n, about z²/n of drop stays possible)."""
     from toprovar.policy import policy_from_dict
 
-    cfg = AcceptanceConfig(confidence=0.95, score="binary", max_geneval_drop=0.1, min_ssim=0.8, batch=24)
+    cfg = AcceptanceConfig(confidence=0.95, score="binary", max_geneval_drop=0.1, min_ssim=0.8, max_clip_drop=1.0,
+                           batch=24)
     test = sequential_test(cfg, 48, geneval=True)
     null = tiny_validator.validate(None, test)
     assert null.verdict.decision == ACCEPT and null.verdict.prompts == 48, null.verdict.record()

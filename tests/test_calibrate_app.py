@@ -41,6 +41,10 @@ def _calibrate(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     (["backbone=infinity-2b", "tracking=off", "storage=memory",
       "backbone.weights.transformer=/nonexistent/infinity_2b_reg.pth"], "/nonexistent/infinity_2b_reg.pth"),
     (["backbone=test-small", "tracking=off", "storage=memory", "search.workers=2"], "storage=memory"),
+    # checked from the folder's files before the backbone (2B's missing weights) is even looked at
+    (["backbone=infinity-2b", "tracking=off", "storage=memory", "quality.clip=/nonexistent/clip"],
+     "quality.clip=/nonexistent/clip: no such folder"),
+    (["backbone=test-small", "search.constraints.max_clip_drop=0"], "max_clip_drop"),
 ])
 def test_user_mistakes_are_one_line_errors(tmp_path, overrides, expected):
     result = _calibrate(tmp_path, *overrides)

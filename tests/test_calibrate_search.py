@@ -28,7 +28,6 @@ from calibrate.presample import PresampleSummary
 from calibrate.prompts import PromptSet
 from calibrate.search import (MAX_RETRIES, Scores, completed, feasible_front, open_study, pareto_front,
                               prepare_study, reclaim, run_search, this_worker, violations, worker_alive, worker_seed)
-from optuna.trial import TrialState
 from toprovar.errors import UserError
 from toprovar.policy import Policy
 
@@ -195,6 +194,16 @@ def test_space_keeps_alpha_order_fixed_distributions_and_clips(calibrate_config)
         SearchSpace.from_config({**cfg.search.space, "min_scale": [1, 5]}, dataclasses.replace(SUMMARY, scales=5))
 
 
+@pytest.mark.parametrize("depth", [2, 3, 8])
+def test_protect_layers_range_is_clipped_below_the_backbone_depth(calibrate_config, depth):
+    """One YAML default ([1, 2]) for every backbone: a trial never protects every layer, which the
+    policy check refuses (test-small-t5 has 2 layers)."""
+    cfg = calibrate_config("backbone=test-small")
+    space = SearchSpace.from_config(cfg.search.space, dataclasses.replace(SUMMARY, layer_ratios=[1.5] * depth))
+    low, high = cfg.search.space["protect_layers"]
+    assert space.ranges["protect_layers"] == (min(low, depth - 1), min(high, depth - 1))
+
+
 def _field(policy, knob):
     return getattr(getattr(policy, knob.section), knob.field)
 
@@ -265,7 +274,8 @@ def test_every_sampler_models_every_knob_under_the_constraints(sampler, config, 
     assert len(done) == n_trials and all(t.distributions == done[0].distributions for t in done)
     if sampler != "random":  # every knob is in the space the sampler's model sees ...
         modelled = study.sampler.infer_relative_search_space(study, done[-1])
-        assert set(modelled) == {k.name for k in KNOBS if len(space.ranges[k.name]) > 1 or k.kind != CATEGORICAL}
+        varied = {k.name for k in KNOBS if len(set(space.ranges[k.name])) > 1}  # one-value ranges are fixed knobs
+        assert set(modelled) == varied
     if sampler in ("tpe", "gp"):  # ... and after the start-up trials none falls back to independent sampling
         assert [(n, name) for n, name in independent if n >= 5] == []  # (NSGA-II mutates that way on purpose)
     front = feasible_front(study)
@@ -275,10 +285,13 @@ def test_every_sampler_models_every_knob_under_the_constraints(sampler, config, 
 
 def test_violations_include_geneval_only_when_scored():
     ssim, drop = random.uniform(0.5, 1.0), random.uniform(-0.05, 0.05)
-    limits = ConstraintsConfig(min_ssim=0.8, max_geneval_drop=0.01)
+    limits = ConstraintsConfig(min_ssim=0.8, max_geneval_drop=0.01, max_clip_drop=1.5)
     assert violations(Scores(2.0, ssim), limits) == pytest.approx({"ssim": 0.8 - ssim})
     assert violations(Scores(2.0, ssim, drop), limits) == pytest.approx({"ssim": 0.8 - ssim,
                                                                           "geneval_drop": drop - 0.01})
+    clip_drop = random.uniform(-3.0, 3.0)  # CLIPScore points, with quality.clip
+    assert violations(Scores(2.0, ssim, extra={"clip_drop": clip_drop}), limits) == pytest.approx(
+        {"ssim": 0.8 - ssim, "clip_drop": clip_drop - 1.5})
 
 
 # --- several workers on one study ----------------------------------------------------------------

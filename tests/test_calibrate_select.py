@@ -10,6 +10,7 @@ from calibrate.acceptance import ACCEPT, REJECT, UNDECIDED, Verdict
 from calibrate.objective import Validation
 from calibrate.search import Scores, feasible_front
 from calibrate.select import next_probe, select_and_validate
+from toprovar.errors import UserError
 
 
 def _study(rows):
@@ -86,3 +87,16 @@ def test_first_probe_is_near_the_middle_speedup():
     assert next_probe(front, -1, len(front)) == 3  # the middle of 3.0 and 1.0 is 2.0: 1.9 is closest
     assert next_probe(front, 3, len(front)) == 4 and next_probe(front, 1, 3) == 2
     assert next_probe(front, 2, 3) is None
+
+
+def test_front_trials_slower_than_unpruned_are_never_candidates():
+    """Measured on Infinity-2B: feasible trials that prune little run at 0.81-0.89x (entropy probes,
+    planned units); the selection validates only faster ones and says so when there are none."""
+    slow = [(random.uniform(0.7, 0.99), 0.96 + 0.01 * i, True) for i in range(3)]
+    fast = _front_rows(4)
+    rows = fast + slow
+    held = HeldOut(rows, limit=0.0)  # nothing holds: the most accepted slow trial would otherwise win
+    chosen = select_and_validate(_study(rows), held, candidates=8)
+    assert not chosen.passed and set(held.calls) <= set(range(len(fast)))
+    with pytest.raises(UserError, match="faster than the unpruned model"):
+        select_and_validate(_study(slow), HeldOut(slow, limit=9.0), candidates=3)

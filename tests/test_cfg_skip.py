@@ -200,3 +200,19 @@ def test_search_knob_covers_never_and_is_fixed_without_guidance(calibrate_config
         seen.add(value)
     assert seen <= set(range(1, N_SCALES + 1)) and len(seen) > 3
     assert BY_NAME["skip_uncond_from_scale"].path == "guidance.skip_uncond_from_scale"
+
+
+def test_calls_with_and_without_a_skip_share_the_static_state(small) -> None:
+    """compare alternates a CFG-skip method with the others: one set of static buffers serves both
+    (graphs per row count), so neither call re-allocates the KV cache nor re-captures its graphs."""
+    seeds = _seeds(2)
+    plain = generate(small, PROMPTS[:2], seeds, fast=True)
+    state = small.transformer.__dict__["_toprovar_scale_graphs"]
+    skipped = generate(small, PROMPTS[:2], seeds, policy=_skip(_cfg_skip(None), 3), fast=True)
+    assert small.transformer.__dict__["_toprovar_scale_graphs"] is state
+    again = generate(small, PROMPTS[:2], seeds, fast=True)
+    assert small.transformer.__dict__["_toprovar_scale_graphs"] is state
+    _same(plain, again)  # the skip's scales did not disturb the full-row inputs
+    assert [r.rows for r in skipped.trace.scales] == [4] * 3 + [2] * (N_SCALES - 3)
+    assert sorted({rows for _, rows in state.x_in}) == [2, 4]
+    release_fast_state(small.transformer)

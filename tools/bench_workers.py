@@ -38,7 +38,7 @@ def run(workers: int, n_trials: int, overrides: list[str], out: Path) -> Path:
                f"search.n_trials={n_trials}", "tracking=off", f"hydra.run.dir={run_dir}", *overrides]
     print("$", " ".join(command[1:]), file=sys.stderr, flush=True)
     started = time.perf_counter()
-    subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     print(f"  {workers} worker(s): {time.perf_counter() - started:.0f} s in all", file=sys.stderr)
     return run_dir
 

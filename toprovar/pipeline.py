@@ -66,6 +66,11 @@ from toprovar.trace import LayerRecord, ScaleRecord, Timer, Trace, entropy_summa
 # Official inference defaults (tools/run_infinity.py).
 DEFAULT_TOP_K = 900
 DEFAULT_TOP_P = 0.97
+# Static path on CUDA: text padded to a multiple of this many tokens (`_pad_text`); T5 prompts of
+# up to 32 tokens (most captions) share one set of graphs.
+TEXT_BUCKET = 32
+# Captured pruned-scale units kept per scale of the schedule (`_ScaleGraphs.max_units`).
+UNITS_PER_SCALE_KEPT = 6
 
 
 # -- results ---------------------------------------------------------------------------------------
@@ -148,11 +153,11 @@ class _ScaleGraphs:
     CUDA graph per scale for one key. On CPU the per-scale step is a direct call on the buffers.
     A scale after a CFG skip runs on views of the first `batch` rows of the buffers."""
 
-    def __init__(self, model: InfinityTransformer, key: tuple, *, schedule, scale_rows: Sequence[int], batch: int,
+    def __init__(self, model: InfinityTransformer, key: tuple, *, schedule, batch: int,
                  cond, rope: Tensor, dtype: torch.dtype, device: torch.device, sampling: GuidedSampling,
                  fused: bool, gelu_epilogue: bool = False, index_io: bool = False, chain: bool = False,
                  small_m_rows: int = 0):
-        self.model, self.key, self.scale_rows, self.batch = model, key, tuple(scale_rows), batch
+        self.model, self.key, self.batch = model, key, batch
         self.sampling, self.fused = sampling, fused
         self.gelu_epilogue, self.index_io, self.chain, self.small_m_rows = gelu_epilogue, index_io, chain, small_m_rows
         self.tokens = tokens_per_scale(schedule)
@@ -164,24 +169,33 @@ class _ScaleGraphs:
                               [TextKV(torch.empty_like(t.k), torch.empty_like(t.v),
                                       None if t.mask is None else torch.empty_like(t.mask)) for t in cond.text])
         self.ada = torch.empty((model.depth, *cond.gss.shape), dtype=torch.float32, device=device)
-        self.views = _views(_Rows(self.cond, list(self.ada), self.cache), self.scale_rows)
-        self.x_in: dict[int, Tensor] = {}
-        self.graphs: dict[int, tuple[Any, Tensor]] = {}
+        # Every row count a call may run: all rows, and the conditional ones after a CFG skip. One
+        # state serves calls with and without a skip (compare alternates them), graphs per row count.
+        self.views = _views(_Rows(self.cond, list(self.ada), self.cache), (cond.rows, batch))
+        self.x_in: dict[tuple[int, int], Tensor] = {}
+        self.graphs: dict[tuple, tuple[Any, Tensor]] = {}  # (scale, rows, sampling constants) -> graph
         self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
         self.capture_ms = 0.0
+        self.captures = 0  # CUDA graphs captured so far (whole scales and units)
         # Units of pruned scales (`run_layers`, `run_head`): key -> (graph, static inputs, outputs).
         self.units: dict[tuple, tuple[Any, list[Tensor], Any]] = {}
         self.sightings: set[tuple] = set()
-        self.unit_counts = {"eager": 0, "captured": 0, "replayed": 0}
+        self.unit_counts = {"eager": 0, "captured": 0, "replayed": 0, "evicted": 0}
+        # Pruned plans depend on the data (kept counts), so a search meets new ones with every policy;
+        # captured units are kept least recently used first up to this many (each holds its output
+        # buffers): room for the probe, planned and head units of every scale of a few policies.
+        self.max_units = UNITS_PER_SCALE_KEPT * len(self.tokens)
         for block in model.blocks:  # constants made on the main stream, before any capture
             block._fast_constants()
 
-    def at(self, si: int) -> _Rows:
-        """The static inputs of the rows scale si runs (views of the buffers)."""
-        return self.views[self.scale_rows[si]]
+    def at(self, x: Tensor) -> _Rows:
+        """The static inputs of the rows of `x` (all, or the conditional ones after a CFG skip)."""
+        return self.views[x.shape[0]]
 
-    def load(self, cond) -> None:
-        """Copy this call's text-dependent inputs into the static buffers."""
+    def load(self, cond, sampling: GuidedSampling) -> None:
+        """Copy this call's text-dependent inputs into the static buffers; its sampling (guidance,
+        temperature, top-k/p per scale) selects the graphs and head units captured with it."""
+        self.sampling = sampling
         static = self.cond
         static.gss.copy_(cond.gss)
         with torch.autocast(static.gss.device.type, enabled=False):
@@ -194,8 +208,9 @@ class _ScaleGraphs:
             if dst.mask is not None:
                 dst.mask.copy_(src.mask)
 
-    def _body(self, si: int) -> Tensor:
-        model, x, n, off, r = self.model, self.x_in[si], self.tokens[si], self.offsets[si], self.at(si)
+    def _body(self, si: int, rows: int) -> Tensor:
+        model, x, n, off = self.model, self.x_in[(si, rows)], self.tokens[si], self.offsets[si]
+        r = self.at(x)
         self.cache.set_fill(off)
         rope_si = RopeSlice(self.rope[0, off:off + n], self.rope[1, off:off + n])
         if self.fused:
@@ -209,14 +224,16 @@ class _ScaleGraphs:
 
     def run(self, si: int, x: Tensor) -> Tensor:
         """Bit probabilities `(B, n * d, 2)` of scale `si` from its input tokens `x`."""
-        if si not in self.x_in:
-            self.x_in[si] = torch.empty_like(x)
-        self.x_in[si].copy_(x)
+        at, sampling = (si, x.shape[0]), self.sampling
+        if at not in self.x_in:
+            self.x_in[at] = torch.empty_like(x)
+        self.x_in[at].copy_(x)
         if not self.cuda:
-            return self._body(si)
-        if si not in self.graphs:
-            self.graphs[si] = self._capture(lambda: self._body(si))
-        graph, out = self.graphs[si]
+            return self._body(*at)
+        key = (*at, sampling.at_scale(si))  # the call's sampling constants are captured with the graph
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(lambda: self._body(*at))
+        graph, out = self.graphs[key]
         graph.replay()
         self.cache.set_fill(self.offsets[si] + self.tokens[si])
         return out
@@ -234,6 +251,7 @@ class _ScaleGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             out = body()
         self.capture_ms += (time.perf_counter() - t0) * 1e3
+        self.captures += 1
         return graph, out
 
     # -- pruned scales: blocks with fixed keep indices, then the head, each as one unit ----------
@@ -243,7 +261,7 @@ class _ScaleGraphs:
         replayed from then on: pruned shapes depend on the data, so a plan met once runs eagerly
         and only a plan that recurs pays for a capture. `prepare()` restores the host-side state
         that fn reads (KV-cache fills) before each execution."""
-        unit = self.units.get(key)
+        unit = self.units.pop(key, None)  # re-inserted below: the dict runs least recently used first
         if unit is None and (not self.cuda or key not in self.sightings):
             self.sightings.add(key)
             self.unit_counts["eager"] += 1
@@ -257,10 +275,14 @@ class _ScaleGraphs:
                 return fn(*static)
 
             graph, out = self._capture(body)
-            unit = self.units[key] = (graph, static, out)
+            unit = (graph, static, out)
             self.unit_counts["captured"] += 1
+            if len(self.units) >= self.max_units:  # plans of earlier policies: free their graphs and buffers
+                self.units.pop(next(iter(self.units)))
+                self.unit_counts["evicted"] += 1
         else:
             self.unit_counts["replayed"] += 1
+        self.units[key] = unit
         graph, static, out = unit
         for dst, src in zip(static, inputs):  # fn may update its inputs in place: copy every time
             dst.copy_(src)
@@ -295,7 +317,7 @@ class _ScaleGraphs:
                tuple(wants), tuple(fills), kv_policy, tuple(x.shape), x.dtype, tuple(tuple(b.shape) for b in bases),
                tuple(geometry))
         rope_si = RopeSlice(self.rope[0, off:off + n], self.rope[1, off:off + n])
-        model, r = self.model, self.at(si)
+        model, r = self.model, self.at(x)
 
         def prepare() -> None:
             for li, fill in zip(layers, fills):
@@ -332,17 +354,23 @@ class _ScaleGraphs:
 
     def run_head(self, si: int, x: Tensor) -> Tensor:
         """Bit probabilities of scale si from the final hidden states (head, guidance, top-k/p)."""
-        cond_BD = self.at(si).cond.cond_BD
+        cond_BD, sampling = self.at(x).cond.cond_BD, self.sampling
 
         def fn(x: Tensor) -> Tensor:
-            return self.sampling.probs(self.model.logits(x, cond_BD), si, self.batch)
+            return sampling.probs(self.model.logits(x, cond_BD), si, self.batch)
 
-        return self._unit(("head", si, tuple(x.shape), x.dtype), fn, [x], lambda: None)
+        return self._unit(("head", si, tuple(x.shape), x.dtype, sampling.at_scale(si)), fn, [x], lambda: None)
 
 
 def release_fast_state(model: InfinityTransformer) -> None:
-    """Free the static buffers and CUDA graphs the fast path keeps on `model`."""
-    model.__dict__.pop("_toprovar_scale_graphs", None)
+    """Free the static buffers and CUDA graphs the fast path keeps on `model`, and on CUDA hand the
+    cached memory back to the driver: the next key (another batch size) allocates a KV cache of
+    another size, which freed blocks of the old size cannot serve (at 1024² the cache is ~2.8 GB
+    per row for 2B, ~6 GB for 8B)."""
+    state = model.__dict__.pop("_toprovar_scale_graphs", None)
+    if state is not None and state.cuda:
+        del state
+        torch.cuda.empty_cache()
 
 
 def _scale_graphs(model: InfinityTransformer, key: tuple, **kw) -> tuple[_ScaleGraphs, bool]:
@@ -383,6 +411,17 @@ def encode_prompts(text_encoder: Any, prompts: list[str], max_len: int) -> tuple
                       stacklevel=2)
         features, lengths = features[:, :max_len], [min(n, max_len) for n in lengths]
     return features[:, :max(lengths)].float(), lengths
+
+
+def _pad_text(features: Tensor, max_len: int, bucket: int = TEXT_BUCKET) -> Tensor:
+    """Text features `(B, L, C)` zero-padded to a multiple of `bucket` tokens (at most `max_len`).
+
+    The static buffers and CUDA graphs are keyed by the text length, so without this every batch
+    whose longest prompt differs re-allocates the KV cache and re-captures every graph. The padded
+    tokens are masked (the prompt lengths are unchanged), so they take no part in attention or
+    pooling; only the rounding of the attention kernels may differ."""
+    length = min(max_len, -(-features.shape[1] // bucket) * bucket)
+    return torch.nn.functional.pad(features, (0, 0, 0, length - features.shape[1]))
 
 
 def _autocast(device: torch.device, dtype: torch.dtype, cache_enabled: bool = True):
@@ -433,6 +472,7 @@ class _Call:
     generators: list[torch.Generator] = field(default_factory=list)
     vae_schedule: list = field(default_factory=list)
     units_before: dict[str, int] = field(default_factory=dict)
+    captures_before: int = 0
     entropy_means: list[tuple[LayerRecord, Tensor]] = field(default_factory=list)
 
     @property
@@ -501,6 +541,8 @@ def _encode_text(call: _Call, prompts: list[str]) -> tuple[Tensor, list[int]]:
     t0 = time.perf_counter()
     features, lengths = encode_prompts(call.backbone.text_encoder, prompts, call.model.config.text_maxlen)
     features = features.to(call.backbone.device)
+    if call.static and call.backbone.device.type == "cuda":
+        features = _pad_text(features, call.model.config.text_maxlen)
     _sync(call.backbone.device)
     call.trace.text_encode_ms = (time.perf_counter() - t0) * 1e3
     return features, lengths
@@ -514,18 +556,18 @@ def _condition(call: _Call, features: Tensor, lengths: list[int], seeds: list[in
     call.rope = model.rope_table(bb.spec.schedules.full_schedule(call.h_div_w), bb.device)
     if call.static:
         text = cond.text[0]
-        key = (tuple(call.schedule), call.scale_rows, call.batch, tuple(text.k.shape), text.mask is not None,
-               call.sampling, call.fused, call.opts.cudnn_attention, call.opts.gelu_epilogue, call.opts.index_io,
+        key = (tuple(call.schedule), call.rows, call.batch, tuple(text.k.shape), text.mask is not None,
+               call.fused, call.opts.cudnn_attention, call.opts.gelu_epilogue, call.opts.index_io,
                call.opts.chain_blocks, call.opts.small_m_rows, bb.dtype, str(bb.device))
-        call.graphs, fresh = _scale_graphs(model, key, schedule=call.schedule, scale_rows=call.scale_rows,
-                                           batch=call.batch, cond=cond, rope=call.rope, dtype=bb.dtype,
+        call.graphs, fresh = _scale_graphs(model, key, schedule=call.schedule, batch=call.batch, cond=cond, rope=call.rope, dtype=bb.dtype,
                                            device=bb.device, sampling=call.sampling, fused=call.fused,
                                            gelu_epilogue=call.opts.gelu_epilogue, index_io=call.opts.index_io,
                                            chain=call.opts.chain_blocks, small_m_rows=call.opts.small_m_rows)
-        call.graphs.load(cond)
+        call.graphs.load(cond, call.sampling)
         call.graphs.cache.set_fill(0)
         call.units_before = dict(call.graphs.unit_counts)
         call.runtime["graphs_captured"] = fresh and bb.device.type == "cuda"
+        call.captures_before = call.graphs.captures
     # The eager blocks read the call's own condition (the static buffers hold a copy of it).
     cache = call.graphs.cache if call.static else model.new_cache(call.rows, sum(tokens_per_scale(call.schedule)),
                                                                    bb.dtype, bb.device)
@@ -644,6 +686,7 @@ def _result(call: _Call, timer: Timer, scale_marks: list[tuple[int, int]], start
         record.entropy_mean = float(value)
     if call.graphs is not None:
         call.runtime["capture_ms"] = call.graphs.capture_ms
+        call.runtime["captures"] = call.graphs.captures - call.captures_before  # this call's: its time includes them
         if call.planned:
             call.runtime["units"] = {k: v - call.units_before[k] for k, v in call.graphs.unit_counts.items()}
     return GenerationResult(images=_to_uint8(images), trace=trace, bits=[b.cpu() for b in bits],

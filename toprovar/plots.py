@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 
@@ -79,26 +82,110 @@ def plot_pruned_tokens(trace, image: Tensor | np.ndarray, path: str | Path, *, i
     return maps
 
 
-def save_labelled_grid(images: Sequence[Tensor], columns: Sequence[str], rows: Sequence[str], path: str | Path,
-                       cell_notes: Sequence[Sequence[str]] | None = None) -> Path:
-    """A grid with one row per prompt and one column per method: `images[c]` is the (N, H, W, 3)
-    uint8 batch of column c; every cell is titled with its column label (and `cell_notes[c][r]`),
-    every row with its prompt."""
-    n_rows, n_cols = len(rows), len(columns)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.9 * n_cols + 1.2, 2.15 * n_rows), squeeze=False)
-    for c, (label, batch) in enumerate(zip(columns, images)):
-        for r in range(n_rows):
+# Longest side of one image in a grid: a 1024² image is shown at 256 px (area-averaged), so a grid
+# of a dozen prompts stays a few MB as PNG (MLflow artifacts included); smaller images keep their size.
+CELL_PX = 256
+MARK_COLOURS = {"lost": "tab:red", "won": "tab:green"}  # cell frames; None: no frame
+
+
+@dataclass
+class GridLayout:
+    """What a grid shows, read back from the drawn figure (tests and reports check it)."""
+
+    path: Path
+    row_labels: list[str]                 # the y label of each row's first cell
+    column_labels: list[str]              # the title of each column's first cell
+    notes: list[list[str]]                # the text under each cell
+    marks: list[list[str | None]]         # each cell's frame: 'lost', 'won' or None
+    cell_px: int                          # longest side of a cell's image, in pixels
+    size: tuple[int, int]                 # the PNG's (width, height)
+
+
+def thumbnail(image: Tensor | np.ndarray, cell_px: int = CELL_PX) -> np.ndarray:
+    """An (H, W, 3) uint8 image scaled down (area average) so its longest side is at most `cell_px`."""
+    pixels = torch.as_tensor(np.asarray(image.cpu() if isinstance(image, Tensor) else image))
+    h, w = pixels.shape[:2]
+    if max(h, w) <= cell_px:
+        return pixels.numpy()
+    scale = cell_px / max(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    small = F.interpolate(pixels.permute(2, 0, 1)[None].float(), size=size, mode="area")
+    return small[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def draw_grid(cells: Sequence[Sequence[Tensor | np.ndarray]], row_labels: Sequence[str],
+              column_labels: Sequence[str], path: str | Path, *, notes: Sequence[Sequence[str]] | None = None,
+              marks: Sequence[Sequence[str | None]] | None = None, title: str | None = None,
+              cell_px: int = CELL_PX, label_every_cell: bool = False) -> GridLayout:
+    """Images `cells[r][c]` ((H, W, 3) uint8) in a grid: each row labelled on its left, each column
+    on top (every cell with `label_every_cell`), `notes[r][c]` under a cell, `marks[r][c]` as a
+    coloured frame ('lost' red, 'won' green). Images are shown at most `cell_px` on a side."""
+    n_rows, n_cols = len(cells), len(cells[0]) if cells else 0
+    shown = [[thumbnail(image, cell_px) for image in row] for row in cells]
+    side = max(max(im.shape[:2]) for row in shown for im in row) if n_cols else cell_px
+    dpi = 100
+    inch = max(side, 96) / dpi  # small images (tiny's 128 px) are drawn at least ~1 inch
+    width = n_cols * (inch + 0.15) + 1.4
+    title_lines = textwrap.wrap(title, int(width * 14)) if title else []  # ~7 px a character at fontsize 9
+    fig, axes = plt.subplots(n_rows, n_cols, squeeze=False, dpi=dpi,
+                             figsize=(width, n_rows * (inch + 0.65) + 0.2 + 0.2 * len(title_lines)))
+    wrap = max(12, int(inch * 14))  # characters per label line at fontsize 7
+    for r in range(n_rows):
+        for c in range(n_cols):
             ax = axes[r][c]
-            ax.imshow(batch[r].numpy() if isinstance(batch[r], Tensor) else batch[r])
-            note = f"\n{cell_notes[c][r]}" if cell_notes is not None else ""
-            ax.set_title(f"{label}{note}", fontsize=7)
+            ax.imshow(shown[r][c], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
+            if r == 0 or label_every_cell:
+                ax.set_title(_lines(str(column_labels[c]), wrap, 4), fontsize=7)
             if c == 0:
-                ax.set_ylabel("\n".join(textwrap.wrap(rows[r], 22)[:4]), fontsize=7)
+                ax.set_ylabel(_lines(str(row_labels[r]), 18, 4), fontsize=8)
+            if notes is not None and notes[r][c]:
+                ax.set_xlabel(notes[r][c], fontsize=7)
+            mark = None if marks is None else marks[r][c]
+            for spine in ax.spines.values():
+                spine.set_visible(mark is not None)
+                if mark is not None:
+                    spine.set_edgecolor(MARK_COLOURS[mark])
+                    spine.set_linewidth(3)
+    if title_lines:
+        fig.suptitle("\n".join(title_lines), fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
+    layout = GridLayout(
+        path, [axes[r][0].get_ylabel().replace("\n", " ") for r in range(n_rows)],
+        [axes[0][c].get_title().replace("\n", " ") for c in range(n_cols)],
+        [[axes[r][c].get_xlabel() for c in range(n_cols)] for r in range(n_rows)],
+        [[_frame(axes[r][c]) for c in range(n_cols)] for r in range(n_rows)], cell_px,
+        tuple(int(v) for v in fig.canvas.get_width_height()))
     plt.close(fig)
-    return path
+    return layout
+
+
+def _lines(text: str, width: int, most: int) -> str:
+    """`text` wrapped to lines of `width` characters, at most `most` of them (the last ending in … if cut)."""
+    lines = textwrap.wrap(text, width) or [""]
+    if len(lines) > most:
+        lines = lines[:most]
+        lines[-1] = lines[-1][: width - 1] + "…"
+    return "\n".join(lines)
+
+
+def _frame(ax) -> str | None:
+    spine = ax.spines["left"]
+    if not spine.get_visible():
+        return None
+    colour = matplotlib.colors.to_hex(spine.get_edgecolor())
+    return next(name for name, value in MARK_COLOURS.items() if matplotlib.colors.to_hex(value) == colour)
+
+
+def save_labelled_grid(images: Sequence[Tensor], columns: Sequence[str], rows: Sequence[str], path: str | Path,
+                       cell_notes: Sequence[Sequence[str]] | None = None) -> Path:
+    """A grid with one row per prompt and one column per method: `images[c]` is the (N, H, W, 3)
+    uint8 batch of column c; every cell is titled with its column label, noted with
+    `cell_notes[c][r]`, every row labelled with its prompt."""
+    cells = [[batch[r] for batch in images] for r in range(len(rows))]
+    notes = None if cell_notes is None else [[cell_notes[c][r] for c in range(len(columns))] for r in range(len(rows))]
+    return draw_grid(cells, rows, columns, path, notes=notes, label_every_cell=True).path

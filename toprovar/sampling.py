@@ -126,6 +126,10 @@ class GuidedSampling:
             return scale * logits[:batch] + (1 - scale) * logits[batch:]
         return logits[:batch]
 
+    def at_scale(self, si: int) -> tuple[float, float, int, float]:
+        """What scale si's sampling computes with (a captured graph bakes these constants in)."""
+        return self.temperature[si], self.guidance_scale[si], self.top_k, self.top_p
+
     def probs(self, logits: Tensor, si: int, batch: int) -> Tensor:
         """Logits of scale si -> filtered probabilities `(batch, n * d, 2)` (`logits`, then `bit_probs`)."""
         return bit_probs(self.logits(logits, si, batch), top_k=self.top_k, top_p=self.top_p)
