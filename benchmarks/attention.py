@@ -10,6 +10,7 @@ shape alternate, so a transient such as clocks settling after the previous shape
 run hits one round, not one variant); the naive baseline runs once. Needs CUDA; plain argparse
 so it runs where Hydra is absent.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,7 @@ def _sdpa(backend):
     def run(q, k, v):
         with sdpa_kernel([backend]):
             return F.scaled_dot_product_attention(q, k, v)
+
     return run
 
 
@@ -88,8 +90,11 @@ def main() -> None:
                     if name in row or (r > 0 and name == "naive_entropy"):
                         continue  # failed before, or the slow baseline already timed
                     try:
-                        times[name].append(triton.testing.do_bench(partial(fn, q, k, v), warmup=25, rep=args.repeats,
-                                                                   return_mode="median"))
+                        times[name].append(
+                            triton.testing.do_bench(
+                                partial(fn, q, k, v), warmup=25, rep=args.repeats, return_mode="median"
+                            )
+                        )
                     except Exception as err:  # a backend not available for this shape
                         row[name] = float("nan")
                         row[name + "_error"] = str(err).splitlines()[0][:120]
@@ -107,17 +112,37 @@ def main() -> None:
             rows.append(row)
             del q, k, v
             torch.cuda.empty_cache()
-    header = ["heads", "scale", "Lq", "Lk", "fae", "fae_no_entropy", "sdpa_flash", "sdpa_cudnn", "naive_entropy",
-              "fae_vs_best_sdpa", "entropy_overhead", "naive_vs_fae", "err_out", "err_entropy"]
+    header = [
+        "heads",
+        "scale",
+        "Lq",
+        "Lk",
+        "fae",
+        "fae_no_entropy",
+        "sdpa_flash",
+        "sdpa_cudnn",
+        "naive_entropy",
+        "fae_vs_best_sdpa",
+        "entropy_overhead",
+        "naive_vs_fae",
+        "err_out",
+        "err_entropy",
+    ]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
         cells = [f"{r[h]:.3g}" if isinstance(r[h], float) else str(r[h]) for h in header]
         print("| " + " | ".join(cells) + " |")
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "date": date.today().isoformat(),
-            "command": "python -m benchmarks.attention", "rounds": args.rounds,
-            "times": "median ms (triton.testing.do_bench, L2 flushed), median over rounds"}
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "date": date.today().isoformat(),
+        "command": "python -m benchmarks.attention",
+        "rounds": args.rounds,
+        "times": "median ms (triton.testing.do_bench, L2 flushed), median over rounds",
+    }
     print(json.dumps(meta))
     if args.json:
         with open(args.json, "w") as f:

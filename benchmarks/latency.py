@@ -15,7 +15,8 @@ guidance scale 3, the backbone's temperature. For every backbone:
   `small_m_rows=64`: the linears of scales 0-2 with LayerNorm and residual fused in), and with
   `--variants all` the leave-one-out variants measured before; the 1-token scale's time (the
   fixed cost of a scale: launches and weight streaming, whatever its tokens) for each; median
-  wall clock of `--reps` calls after `--warmup` calls (text encoding excluded and reported), per-scale times from CUDA events, VAE decode time;
+  wall clock of `--reps` calls after `--warmup` calls (text encoding excluded and reported),
+  per-scale times from CUDA events, VAE decode time;
 * the FLOP floor of the transformer (28·C²·depth per token for the linear layers, 4·C·Lq·Lk per
   layer for attention, CFG batch 2; ../shared/reference/anchors.md) over the bf16 matrix rate
   measured in the same run (8192³ product), and the achieved fraction floor / time;
@@ -26,6 +27,7 @@ Prints a markdown table and one JSON line (device, versions, date, command); `--
 `--md-out` also write them to files. `--smoke` runs the same code on CPU with the `test-small`
 backbone (its 0.06M schedule; on CPU every variant is the float32 eager arithmetic).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,6 +48,7 @@ from toprovar.errors import UserError, exit_on_user_error
 
 PROG = "python -m benchmarks.latency"
 
+
 # (name, fast argument) — cumulative ladder ending at the default fast path, issue 16's
 # fewer-kernels variants, then (with `ablations`) leave-one-out and opt-in variants measured
 # before (`--variants all`).
@@ -55,20 +58,28 @@ def variants(*, ablations: bool = True) -> list[tuple[str, Any]]:
     full = FastOptions()
     opts = FastOptions(**{f: False for f in FastOptions.__dataclass_fields__})
     ladder: list[tuple[str, Any]] = [("plain", False)]
-    steps = [("+ sync-free sampling", ("sync_free_sampling",)), ("+ cuDNN attention", ("cudnn_attention",)),
-             ("+ fused block kernels", ("fused",)), ("+ CUDA graph per scale", ("graphs",)),
-             ("+ GELU in matmul epilogue", ("gelu_epilogue",)),
-             (FAST_NAME, ("vae_channels_last", "vae_fused_norm"))]
+    steps = [
+        ("+ sync-free sampling", ("sync_free_sampling",)),
+        ("+ cuDNN attention", ("cudnn_attention",)),
+        ("+ fused block kernels", ("fused",)),
+        ("+ CUDA graph per scale", ("graphs",)),
+        ("+ GELU in matmul epilogue", ("gelu_epilogue",)),
+        (FAST_NAME, ("vae_channels_last", "vae_fused_norm")),
+    ]
     for name, flags in steps:
         opts = replace(opts, **{f: True for f in flags})
         ladder.append((name, opts))
     assert opts == full, "the ladder must end at the default fast path"
-    mechanics = [(CHAIN_NAME, replace(full, chain_blocks=True)),
-                 (SMALL_NAME, replace(full, chain_blocks=True, small_m_rows=64))]
-    others = [("fast without cuDNN attention", replace(full, cudnn_attention=False)),
-              ("fast without fused block kernels", replace(full, fused=False)),
-              ("fast, VAE NHWC with PyTorch GroupNorm", replace(full, vae_fused_norm=False)),
-              ("fast + cuDNN benchmark in the VAE", replace(full, vae_cudnn_benchmark=True))]
+    mechanics = [
+        (CHAIN_NAME, replace(full, chain_blocks=True)),
+        (SMALL_NAME, replace(full, chain_blocks=True, small_m_rows=64)),
+    ]
+    others = [
+        ("fast without cuDNN attention", replace(full, cudnn_attention=False)),
+        ("fast without fused block kernels", replace(full, fused=False)),
+        ("fast, VAE NHWC with PyTorch GroupNorm", replace(full, vae_fused_norm=False)),
+        ("fast + cuDNN benchmark in the VAE", replace(full, vae_cudnn_benchmark=True)),
+    ]
     return ladder + mechanics + (others if ablations else [])
 
 
@@ -97,8 +108,7 @@ class RandomTextEncoder:
         return TextFeatures(feats, mask, lens).to(self.device)
 
 
-def random_backbone(name: str, device: torch.device, *, text_len: int, blocks_dtype: torch.dtype,
-                    seed: int = 0):
+def random_backbone(name: str, device: torch.device, *, text_len: int, blocks_dtype: torch.dtype, seed: int = 0):
     """A `Backbone` with random weights of `name`'s shapes, built on `device` (float32 everywhere
     except the transformer blocks and the VAE, which take `blocks_dtype`)."""
     from toprovar.models.registry import Backbone, get_backbone
@@ -159,7 +169,7 @@ def matmul_rate(device: torch.device, smoke: bool) -> float:
         end.record()
         torch.cuda.synchronize()
         times = [start.elapsed_time(end) / 1e3 / reps]
-    return 2 * n ** 3 / statistics.median(times)
+    return 2 * n**3 / statistics.median(times)
 
 
 def floor_flops(trace) -> tuple[float, float]:
@@ -202,11 +212,17 @@ def time_variant(backbone, fast, *, warmup: int, reps: int, prompt: str = "a pho
     idx = walls.index(sorted(walls)[len(walls) // 2])
     tr = traces[idx]
     per_scale = [statistics.median(t.scales[si].time_ms for t in traces) for si in range(len(tr.scales))]
-    return {"median_s": med, "runs_s": walls, "first_call_s": first, "per_scale_ms": per_scale,
-            "decode_ms": statistics.median(t.decode_ms for t in traces),
-            "text_encode_ms": statistics.median(t.text_encode_ms for t in traces),
-            "events_total_ms": statistics.median(t.total_ms for t in traces),
-            "runtime": res.runtime, "_trace": tr}
+    return {
+        "median_s": med,
+        "runs_s": walls,
+        "first_call_s": first,
+        "per_scale_ms": per_scale,
+        "decode_ms": statistics.median(t.decode_ms for t in traces),
+        "text_encode_ms": statistics.median(t.text_encode_ms for t in traces),
+        "events_total_ms": statistics.median(t.total_ms for t in traces),
+        "runtime": res.runtime,
+        "_trace": tr,
+    }
 
 
 # ---------------------------------------------------------------------------------------- checking
@@ -279,11 +295,16 @@ def check_numerics(backbone, fast_dtype: torch.dtype, *, prompt: str = "a photo"
     with torch.inference_mode():
         vae_ref = vae.decoder(codes).float()
     to_dtype(backbone, fast_dtype)
-    vae_err: dict[str, Any] = {"fp32 output std": float(vae_ref.std()),
-                               "fp32 share clamped": float((vae_ref.abs() > 1).float().mean())}
+    vae_err: dict[str, Any] = {
+        "fp32 output std": float(vae_ref.std()),
+        "fp32 share clamped": float((vae_ref.abs() > 1).float().mean()),
+    }
     cuda = device.type == "cuda"
-    for name, kw in (("plain bf16", {}), ("NHWC bf16", {"channels_last": cuda}),
-                     ("NHWC fused GroupNorm bf16", {"channels_last": cuda, "fused_norm": cuda})):
+    for name, kw in (
+        ("plain bf16", {}),
+        ("NHWC bf16", {"channels_last": cuda}),
+        ("NHWC fused GroupNorm bf16", {"channels_last": cuda, "fused_norm": cuda}),
+    ):
         try:
             with torch.inference_mode():
                 vae_err[name] = _rel(vae.decode(codes, **kw).float(), vae_ref.clamp(-1, 1))
@@ -293,12 +314,14 @@ def check_numerics(backbone, fast_dtype: torch.dtype, *, prompt: str = "a photo"
     runs = {"plain bf16": False, "fused eager bf16": FastOptions(graphs=False), "fast (graphs) bf16": True}
     recs = {}
     for name, fast in runs.items():
-        rec, res = _with_recorder(ref.bits, partial(generate, backbone, [prompt], [seed], fast=fast),
-                                  record_logits=fast is not True)
+        rec, res = _with_recorder(
+            ref.bits, partial(generate, backbone, [prompt], [seed], fast=fast), record_logits=fast is not True
+        )
         recs[name] = rec
         row: dict[str, Any] = {
             "bits_agree": [float((a == b).float().mean()) for a, b in zip(rec.bits, ref.bits)],
-            "image_psnr_db_vs_fp32": float(psnr(res.images, ref_res.images, "pooled"))}
+            "image_psnr_db_vs_fp32": float(psnr(res.images, ref_res.images, "pooled")),
+        }
         if rec.logits:
             row["logits_rel_err"] = [_rel(a, b) for a, b in zip(rec.logits, ref.logits)]
         out[name] = row
@@ -310,11 +333,13 @@ def check_numerics(backbone, fast_dtype: torch.dtype, *, prompt: str = "a photo"
 
 # ---------------------------------------------------------------------------------------- profiling
 
-FAMILIES = (("attention", ("cudnn", "flash", "fmha", "attention", "sdpa", "fwd_kernel")),
-            ("fused (triton)", ("_add_ln_kernel", "_qk_norm_rope_kernel", "_ln_linear_kernel")),
-            ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "cublas", "matmul", "splitk")),
-            ("conv", ("conv", "implicit", "winograd", "fprop", "dgrad", "nhwc", "nchw")),
-            ("norm", ("layer_norm", "group_norm", "norm")),)
+FAMILIES = (
+    ("attention", ("cudnn", "flash", "fmha", "attention", "sdpa", "fwd_kernel")),
+    ("fused (triton)", ("_add_ln_kernel", "_qk_norm_rope_kernel", "_ln_linear_kernel")),
+    ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "cublas", "matmul", "splitk")),
+    ("conv", ("conv", "implicit", "winograd", "fprop", "dgrad", "nhwc", "nchw")),
+    ("norm", ("layer_norm", "group_norm", "norm")),
+)
 
 
 def _family(name: str) -> str:
@@ -347,9 +372,13 @@ def profile_call(backbone, fast, prompt: str = "a photo", seed: int = 0) -> dict
     for name, (us, _) in kernels.items():
         fam[_family(name)] = fam.get(_family(name), 0.0) + us / 1e3
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]
-    return {"wall_ms": wall * 1e3, "gpu_busy_ms": sum(v[0] for v in kernels.values()) / 1e3,
-            "kernels": sum(v[1] for v in kernels.values()), "families_ms": fam,
-            "top": [(n[:90], round(us / 1e3, 3), c) for n, (us, c) in top]}
+    return {
+        "wall_ms": wall * 1e3,
+        "gpu_busy_ms": sum(v[0] for v in kernels.values()) / 1e3,
+        "kernels": sum(v[1] for v in kernels.values()),
+        "families_ms": fam,
+        "top": [(n[:90], round(us / 1e3, 3), c) for n, (us, c) in top],
+    }
 
 
 # ---------------------------------------------------------------------------------------- reporting
@@ -363,12 +392,16 @@ def markdown(results: dict, anchors: dict) -> str:
         if fl is None:
             lines.append("no variant ran\n")
             continue
-        lines.append(f"FLOP floor: linear {fl['linear_tflop']:.1f} + attention {fl['attention_tflop']:.1f} TFLOP "
-                     f"at the measured {results['matmul_tflops']:.0f} TFLOP/s = {fl['floor_s'] * 1e3:.1f} ms. "
-                     f"Text encoding is outside the timed region (random T5-width features here: "
-                     f"{r['text_encode_ms']:.2f} ms).\n")
-        lines.append("| variant | end to end (median) | runs | scale loop | 1-token scale (fixed cost) | VAE decode "
-                     "| floor fraction | vs plain |")
+        lines.append(
+            f"FLOP floor: linear {fl['linear_tflop']:.1f} + attention {fl['attention_tflop']:.1f} TFLOP "
+            f"at the measured {results['matmul_tflops']:.0f} TFLOP/s = {fl['floor_s'] * 1e3:.1f} ms. "
+            f"Text encoding is outside the timed region (random T5-width features here: "
+            f"{r['text_encode_ms']:.2f} ms).\n"
+        )
+        lines.append(
+            "| variant | end to end (median) | runs | scale loop | 1-token scale (fixed cost) | VAE decode "
+            "| floor fraction | vs plain |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|")
         if bb in anchors:
             a = anchors[bb]
@@ -381,11 +414,16 @@ def markdown(results: dict, anchors: dict) -> str:
             runs = f"{min(v['runs_s']) * 1e3:.0f}–{max(v['runs_s']) * 1e3:.0f}"
             loop = sum(v["per_scale_ms"])
             speed = f"{plain / v['median_s']:.2f}x" if plain else ""
-            lines.append(f"| {name} | {v['median_s'] * 1e3:.1f} ms | {runs} | {loop:.1f} ms "
-                         f"| {v['per_scale_ms'][0]:.2f} ms | {v['decode_ms']:.1f} ms "
-                         f"| {fl['floor_s'] / v['median_s']:.2f} | {speed} |")
-        names = [n for n in ("plain", FAST_NAME, CHAIN_NAME, SMALL_NAME) if n in r["variants"]
-                 and "per_scale_ms" in r["variants"][n]]
+            lines.append(
+                f"| {name} | {v['median_s'] * 1e3:.1f} ms | {runs} | {loop:.1f} ms "
+                f"| {v['per_scale_ms'][0]:.2f} ms | {v['decode_ms']:.1f} ms "
+                f"| {fl['floor_s'] / v['median_s']:.2f} | {speed} |"
+            )
+        names = [
+            n
+            for n in ("plain", FAST_NAME, CHAIN_NAME, SMALL_NAME)
+            if n in r["variants"] and "per_scale_ms" in r["variants"][n]
+        ]
         if names:
             lines.append("\nPer scale (ms, CUDA events; tokens per image):\n")
             lines.append("| scale | tokens | " + " | ".join(names) + " |")
@@ -402,22 +440,32 @@ def markdown(results: dict, anchors: dict) -> str:
                 row = c[name]
                 le = row.get("logits_rel_err")
                 les = f"{max(le):.2e} / {le[-1]:.2e}" if le else "(inside the graph)"
-                lines.append(f"| {name} | {les} | {min(row['bits_agree']):.4f} / {row['bits_agree'][-1]:.4f} "
-                             f"| {row['image_psnr_db_vs_fp32']:.1f} dB |")
-            lines.append(f"\nCUDA-graph path draws exactly the bits of the eager fused path: "
-                         f"{c['graph_bits_equal_eager_fused']}")
+                lines.append(
+                    f"| {name} | {les} | {min(row['bits_agree']):.4f} / {row['bits_agree'][-1]:.4f} "
+                    f"| {row['image_psnr_db_vs_fp32']:.1f} dB |"
+                )
+            lines.append(
+                f"\nCUDA-graph path draws exactly the bits of the eager fused path: {c['graph_bits_equal_eager_fused']}"
+            )
             v = c.get("vae_rel_err")
             if v:
-                errs = ", ".join(f"{k} {e:.2e}" if isinstance(e, float) else f"{k} failed ({e[:60]})"
-                                 for k, e in v.items() if k.endswith("bf16"))
-                lines.append(f"\nVAE decode of the same random codes vs float32 (rel. L2 after clamp): {errs} "
-                             f"(fp32 output std {v['fp32 output std']:.3f}, "
-                             f"{100 * v['fp32 share clamped']:.1f} % clamped)")
+                errs = ", ".join(
+                    f"{k} {e:.2e}" if isinstance(e, float) else f"{k} failed ({e[:60]})"
+                    for k, e in v.items()
+                    if k.endswith("bf16")
+                )
+                lines.append(
+                    f"\nVAE decode of the same random codes vs float32 (rel. L2 after clamp): {errs} "
+                    f"(fp32 output std {v['fp32 output std']:.3f}, "
+                    f"{100 * v['fp32 share clamped']:.1f} % clamped)"
+                )
         if "profile" in r:
             p = r["profile"]
-            lines.append(f"\nProfile of the fused path without graphs (same kernels): "
-                         f"GPU busy {p['gpu_busy_ms']:.1f} ms over {p['kernels']} kernels; "
-                         f"wall {p['wall_ms']:.1f} ms (profiler on)\n")
+            lines.append(
+                f"\nProfile of the fused path without graphs (same kernels): "
+                f"GPU busy {p['gpu_busy_ms']:.1f} ms over {p['kernels']} kernels; "
+                f"wall {p['wall_ms']:.1f} ms (profiler on)\n"
+            )
             lines.append("| kernel family | GPU ms |\n|---|---|")
             for f, ms in sorted(p["families_ms"].items(), key=lambda kv: -kv[1]):
                 lines.append(f"| {f} | {ms:.1f} |")
@@ -434,8 +482,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--text-len", type=int, default=32, help="text tokens of the random prompt features")
-    ap.add_argument("--variants", default="default",
-                    help="comma-separated variant names, 'default' (the ladder and issue 16's variants) or 'all'")
+    ap.add_argument(
+        "--variants",
+        default="default",
+        help="comma-separated variant names, 'default' (the ladder and issue 16's variants) or 'all'",
+    )
     ap.add_argument("--no-check", action="store_true", help="skip the float32 teacher-forced comparison")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--budget-s", type=float, default=0.0, help="skip what would start after this many seconds")
@@ -450,8 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         args.reps, args.warmup = 1, 0
     else:
         if not torch.cuda.is_available():
-            raise UserError(f"needs a CUDA GPU (torch {torch.__version__} sees none); "
-                            f"run `{PROG} --smoke` for the CPU code path")
+            raise UserError(
+                f"needs a CUDA GPU (torch {torch.__version__} sees none); run `{PROG} --smoke` for the CPU code path"
+            )
         device, fast_dtype = torch.device("cuda"), torch.bfloat16
         backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
     from toprovar.models.registry import get_backbone
@@ -473,17 +525,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{bb}: skipped (budget)", flush=True)
             continue
         t0 = time.perf_counter()
-        backbone = random_backbone(bb, device, text_len=args.text_len,
-                                   blocks_dtype=torch.float32 if not args.no_check else fast_dtype)
+        backbone = random_backbone(
+            bb, device, text_len=args.text_len, blocks_dtype=torch.float32 if not args.no_check else fast_dtype
+        )
         sync(device)
         spec = backbone.spec
         from toprovar.schedules import tokens_per_scale
 
         schedule = spec.schedules.scale_schedule(1.0, spec.pixels)
-        r: dict[str, Any] = {"temperature": spec.temperature, "tokens": tokens_per_scale(schedule),
-                             "schedule_desc": f"{schedule[-1][1] * 16}x{schedule[-1][2] * 16}, {len(schedule)} scales"
-                             if not args.smoke else f"{spec.pixels}, {len(schedule)} scales",
-                             "build_s": time.perf_counter() - t0, "variants": {}}
+        r: dict[str, Any] = {
+            "temperature": spec.temperature,
+            "tokens": tokens_per_scale(schedule),
+            "schedule_desc": f"{schedule[-1][1] * 16}x{schedule[-1][2] * 16}, {len(schedule)} scales"
+            if not args.smoke
+            else f"{spec.pixels}, {len(schedule)} scales",
+            "build_s": time.perf_counter() - t0,
+            "variants": {},
+        }
         results["backbones"][bb] = r
         print(f"{bb}: built in {r['build_s']:.1f} s", flush=True)
         if not args.no_check:
@@ -493,8 +551,11 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as err:  # report and go on to timing
                 r["check_error"] = f"{type(err).__name__}: {err}"
                 to_dtype(backbone, fast_dtype)
-            print(f"{bb}: check in {time.perf_counter() - t0:.1f} s: "
-                  f"{json.dumps(r.get('check', r.get('check_error')), default=str)[:2000]}", flush=True)
+            print(
+                f"{bb}: check in {time.perf_counter() - t0:.1f} s: "
+                f"{json.dumps(r.get('check', r.get('check_error')), default=str)[:2000]}",
+                flush=True,
+            )
         for name, fast in chosen:
             if over_budget():
                 r["variants"][name] = {"error": "skipped (budget)"}
@@ -508,12 +569,18 @@ def main(argv: list[str] | None = None) -> int:
             tr = v.pop("_trace")
             if "floor" not in r:
                 lin, att = floor_flops(tr)
-                r["floor"] = {"linear_tflop": lin / 1e12, "attention_tflop": att / 1e12,
-                              "floor_s": (lin + att) / (results["matmul_tflops"] * 1e12)}
+                r["floor"] = {
+                    "linear_tflop": lin / 1e12,
+                    "attention_tflop": att / 1e12,
+                    "floor_s": (lin + att) / (results["matmul_tflops"] * 1e12),
+                }
             r["variants"][name] = v
             r.setdefault("text_encode_ms", v["text_encode_ms"])
-            print(f"{bb} {name}: {v['median_s'] * 1e3:.1f} ms (first call {v['first_call_s'] or 0:.2f} s, "
-                  f"decode {v['decode_ms']:.1f} ms)", flush=True)
+            print(
+                f"{bb} {name}: {v['median_s'] * 1e3:.1f} ms (first call {v['first_call_s'] or 0:.2f} s, "
+                f"decode {v['decode_ms']:.1f} ms)",
+                flush=True,
+            )
         if args.profile and not over_budget():
             from toprovar.pipeline import FastOptions
 
@@ -537,10 +604,13 @@ def main(argv: list[str] | None = None) -> int:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "triton": triton_version,
-            "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])])}
+    meta = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])]),
+    }
     results.update(meta)
     md = markdown(results, {} if args.smoke else ANCHORS_S)
     print(md)

@@ -56,6 +56,7 @@ against issue 16's targets), a per-scale table and one JSON line (device, torch/
 date, command and every number). Without CUDA (and without --smoke) it stops with a one-line
 error and exit status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,41 +95,72 @@ def random_spec(name: str):
         return registry.HashedTextEncoder(cfg.text_channels, cfg.text_maxlen, device)
 
     registry.register_text_encoder(kind, factory)
-    return dataclasses.replace(spec, name=f"{name}-random", text_encoder=kind, weights=registry.WeightPaths(),
-                               random_init=True)
+    return dataclasses.replace(
+        spec, name=f"{name}-random", text_encoder=kind, weights=registry.WeightPaths(), random_init=True
+    )
 
 
 def fixed_policy(depth: int, min_scale: int, alpha: float, protect_layers: int = 1, min_keep: float = 0.1):
     """ToProVAR `full`, D = min_scale on any model, every gated layer keeps round((1 − α)·N) tokens."""
     from toprovar.policy import policy_from_dict
 
-    return policy_from_dict({
-        "method": "toprovar", "variant": "full",
-        "scale": {"tau": 0.0, "crossing": "above", "action": "start_pruning", "min_scale": min_scale},
-        "layer": {"mode": "static", "beta": 1.0, "ratios": [1.0] * depth},
-        "token": {"alpha_min": alpha, "alpha_max": alpha, "min_keep": min_keep, "normalize": "mean",
-                  "protect_layers": protect_layers},
-        "provenance": {"calibrated": False, "source": "benchmarks.pruning: fixed by construction"},
-    }, name="bench-fixed")
+    return policy_from_dict(
+        {
+            "method": "toprovar",
+            "variant": "full",
+            "scale": {"tau": 0.0, "crossing": "above", "action": "start_pruning", "min_scale": min_scale},
+            "layer": {"mode": "static", "beta": 1.0, "ratios": [1.0] * depth},
+            "token": {
+                "alpha_min": alpha,
+                "alpha_max": alpha,
+                "min_keep": min_keep,
+                "normalize": "mean",
+                "protect_layers": protect_layers,
+            },
+            "provenance": {"calibrated": False, "source": "benchmarks.pruning: fixed by construction"},
+        },
+        name="bench-fixed",
+    )
 
 
-def planned_flop_ratio(schedule, depth: int, embed_dim: int, ffn_hidden: int, min_scale: int, alpha: float,
-                       protect_layers: int = 1, min_keep: float = 0.1, kv_policy: str = "kept",
-                       skip_uncond_from: int | None = None) -> float:
+def planned_flop_ratio(
+    schedule,
+    depth: int,
+    embed_dim: int,
+    ffn_hidden: int,
+    min_scale: int,
+    alpha: float,
+    protect_layers: int = 1,
+    min_keep: float = 0.1,
+    kv_policy: str = "kept",
+    skip_uncond_from: int | None = None,
+) -> float:
     """Executed / unpruned transformer FLOPs of `fixed_policy` (with a CFG skip from `skip_uncond_from`)
     by the FLOP model (no model run)."""
     from toprovar.flops import trace_flops
     from toprovar.trace import LayerRecord, ScaleRecord, Trace
 
-    scales = [ScaleRecord(si, h, w, t * h * w, rows=1 if skip_uncond_from is not None and si >= skip_uncond_from else 2)
-              for si, (t, h, w) in enumerate(schedule)]
+    scales = [
+        ScaleRecord(si, h, w, t * h * w, rows=1 if skip_uncond_from is not None and si >= skip_uncond_from else 2)
+        for si, (t, h, w) in enumerate(schedule)
+    ]
     layers = []
     for s in scales:
         n = s.tokens
         k = max(round(n * (1 - alpha)), math.ceil(min_keep * n)) if s.scale >= min_scale else n
         layers += [LayerRecord(s.scale, li, n, n if li < protect_layers else min(k, n)) for li in range(depth)]
-    trace = Trace(backbone="plan", batch=1, schedule=schedule, scales=scales, layers=layers, rows=2,
-                  kv_policy=kv_policy, embed_dim=embed_dim, ffn_hidden=ffn_hidden, depth=depth)
+    trace = Trace(
+        backbone="plan",
+        batch=1,
+        schedule=schedule,
+        scales=scales,
+        layers=layers,
+        rows=2,
+        kv_policy=kv_policy,
+        embed_dim=embed_dim,
+        ffn_hidden=ffn_hidden,
+        depth=depth,
+    )
     executed, unpruned = trace_flops(trace)
     return executed / unpruned
 
@@ -154,8 +186,9 @@ class ReplayPruner:
     `probe_layers` > 0 (then the first layers of every scale request it, as the pruner's probes
     do, and it is thrown away: that run isolates the entropy kernel's cost)."""
 
-    def __init__(self, kept_index: dict, exit_from: int | None, probe_layers: int = 0,
-                 skip_uncond_from_scale: int | None = None):
+    def __init__(
+        self, kept_index: dict, exit_from: int | None, probe_layers: int = 0, skip_uncond_from_scale: int | None = None
+    ):
         self.kept, self.exit_from, self.probe_layers = kept_index, exit_from, probe_layers
         self.skip_uncond_from_scale = skip_uncond_from_scale  # the recorded run's CFG skip
 
@@ -190,8 +223,16 @@ def scale_loop_ms(trace) -> float:
     return sum(s.time_ms for s in trace.scales if not s.exited and not math.isnan(s.time_ms))
 
 
-def gather_scatter_ms(trace, embed_dim: int, head_dim: int, device: torch.device, repeats: int = 5, *,
-                      index_io: bool = False, chain: bool = False) -> float:
+def gather_scatter_ms(
+    trace,
+    embed_dim: int,
+    head_dim: int,
+    device: torch.device,
+    repeats: int = 5,
+    *,
+    index_io: bool = False,
+    chain: bool = False,
+) -> float:
     """The pruned blocks' separate token gathers, RoPE selects and scatters alone, at their real
     shapes, as the variant runs them: none with `index_io` (they are reads and writes through the
     index inside the fused kernels); with `chain` one gather and one scatter per run of
@@ -233,13 +274,17 @@ def variants() -> list[tuple[str, Any]]:
     from toprovar.pipeline import FastOptions
 
     base = FastOptions()
-    return [("fast (defaults)", base),
-            ("+ index_io", dataclasses.replace(base, index_io=True)),
-            ("+ chain_blocks", dataclasses.replace(base, chain_blocks=True)),
-            ("+ host_plan", dataclasses.replace(base, host_plan=True)),
-            (f"+ small_m_rows {SMALL_M_ROWS}", dataclasses.replace(base, small_m_rows=SMALL_M_ROWS)),
-            ("+ all four", dataclasses.replace(base, index_io=True, chain_blocks=True, host_plan=True,
-                                               small_m_rows=SMALL_M_ROWS))]
+    return [
+        ("fast (defaults)", base),
+        ("+ index_io", dataclasses.replace(base, index_io=True)),
+        ("+ chain_blocks", dataclasses.replace(base, chain_blocks=True)),
+        ("+ host_plan", dataclasses.replace(base, host_plan=True)),
+        (f"+ small_m_rows {SMALL_M_ROWS}", dataclasses.replace(base, small_m_rows=SMALL_M_ROWS)),
+        (
+            "+ all four",
+            dataclasses.replace(base, index_io=True, chain_blocks=True, host_plan=True, small_m_rows=SMALL_M_ROWS),
+        ),
+    ]
 
 
 # Scales of at most 64 rows (2B/8B at 1024², CFG: scales 0-2, 1-16 tokens) run the few-rows fused
@@ -264,8 +309,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         device, dtype, name = torch.device("cpu"), torch.float32, args.backbone or "test-small"
     else:
         if not torch.cuda.is_available():
-            raise UserError("needs a CUDA GPU (Infinity-2B at 1024² in bf16); "
-                            "use --smoke for the CPU path on test-small")
+            raise UserError(
+                "needs a CUDA GPU (Infinity-2B at 1024² in bf16); use --smoke for the CPU path on test-small"
+            )
         device, dtype, name = torch.device("cuda"), torch.bfloat16, args.backbone or "infinity-2b"
     chosen = variants()
     if args.variants != "all":
@@ -287,8 +333,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--skip-uncond-from {skip} is outside the schedule's scales 0..{n_scales - 1}")
 
     def ratio_of(a: float) -> float:
-        return planned_flop_ratio(schedule, depth, cfg_t.embed_dim, cfg_t.ffn_hidden, min_scale, a,
-                                  kv_policy=args.kv_policy, skip_uncond_from=skip)
+        return planned_flop_ratio(
+            schedule,
+            depth,
+            cfg_t.embed_dim,
+            cfg_t.ffn_hidden,
+            min_scale,
+            a,
+            kv_policy=args.kv_policy,
+            skip_uncond_from=skip,
+        )
 
     if args.alpha is not None:
         alpha, planned = args.alpha, ratio_of(args.alpha)
@@ -317,28 +371,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             release_fast_state(backbone.transformer)
             continue
         measured[vname]["wall_s"] = time.perf_counter() - t0
-        print(f"{PROG}: {vname}: pruned {measured[vname]['pruned_ms']:.1f} ms "
-              f"({measured[vname]['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+        print(
+            f"{PROG}: {vname}: pruned {measured[vname]['pruned_ms']:.1f} ms ({measured[vname]['wall_s']:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     release_fast_state(backbone.transformer)
     if not measured:
         raise RuntimeError(f"every variant failed: {failed}")
     first = next(iter(measured.values()))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return {
-        "bench": "pruning", "device": device_name, **_versions(),
-        "date": _dt.datetime.now().isoformat(timespec="seconds"), "command": " ".join([PROG, *sys.argv[1:]]),
-        "backbone": spec.name, "pixels": pixels, "scales": n_scales, "depth": depth, "batch": 1,
-        "guidance_scale": args.guidance_scale, "dtype": str(dtype).replace("torch.", ""), "kv_policy": args.kv_policy,
-        "warmup": args.warmup, "repeats": args.repeats, "build_s": build_s,
-        "policy": {"min_scale": min_scale, "alpha": alpha, "D": first["D"], "skip_uncond_from_scale": skip,
-                   "target_removed": args.target if args.alpha is None else None, "planned_flop_ratio": planned},
+        "bench": "pruning",
+        "device": device_name,
+        **_versions(),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join([PROG, *sys.argv[1:]]),
+        "backbone": spec.name,
+        "pixels": pixels,
+        "scales": n_scales,
+        "depth": depth,
+        "batch": 1,
+        "guidance_scale": args.guidance_scale,
+        "dtype": str(dtype).replace("torch.", ""),
+        "kv_policy": args.kv_policy,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "build_s": build_s,
+        "policy": {
+            "min_scale": min_scale,
+            "alpha": alpha,
+            "D": first["D"],
+            "skip_uncond_from_scale": skip,
+            "target_removed": args.target if args.alpha is None else None,
+            "planned_flop_ratio": planned,
+        },
         **{k: v for k, v in first.items() if k not in ("D", "wall_s")},  # the first variant, as before variants
-        "variants": measured, "failed_variants": failed,
+        "variants": measured,
+        "failed_variants": failed,
     }
 
 
-def measure(backbone, policy, opts, args: argparse.Namespace, kw: dict, cfg_t, n_scales: int, depth: int,
-            device: torch.device) -> dict[str, Any]:
+def measure(
+    backbone, policy, opts, args: argparse.Namespace, kw: dict, cfg_t, n_scales: int, depth: int, device: torch.device
+) -> dict[str, Any]:
     """Every number of one variant (FastOptions `opts`): unpruned, pruned and the two replays,
     interleaved, after warm-up; the replays replay this variant's own recorded plan."""
     from functools import partial
@@ -357,8 +433,9 @@ def measure(backbone, policy, opts, args: argparse.Namespace, kw: dict, cfg_t, n
     trace = recorded.trace
     exited = [s.scale for s in trace.scales if s.exited]
     replay = ReplayPruner(trace.kept_index, exited[0] if exited else None, skip_uncond_from_scale=skip)
-    replay_entropy = ReplayPruner(trace.kept_index, exited[0] if exited else None, policy.token.protect_layers,
-                                  skip_uncond_from_scale=skip)
+    replay_entropy = ReplayPruner(
+        trace.kept_index, exited[0] if exited else None, policy.token.protect_layers, skip_uncond_from_scale=skip
+    )
     for _ in range(args.warmup):
         gen(policy=replay)
         gen(policy=replay_entropy)
@@ -384,8 +461,14 @@ def measure(backbone, policy, opts, args: argparse.Namespace, kw: dict, cfg_t, n
     floor = statistics.median(r.trace.scales[0].time_ms for r in runs["unpruned"])
     fixed = min(floor * n_scales, loop["unpruned"])
     floor_ideal = loop["unpruned"] / (fixed + (loop["unpruned"] - fixed) / ideal)
-    gs = gather_scatter_ms(trace, cfg_t.embed_dim, cfg_t.embed_dim // cfg_t.num_heads, device,
-                           index_io=opts.index_io, chain=opts.chain_blocks)
+    gs = gather_scatter_ms(
+        trace,
+        cfg_t.embed_dim,
+        cfg_t.embed_dim // cfg_t.num_heads,
+        device,
+        index_io=opts.index_io,
+        chain=opts.chain_blocks,
+    )
     same_bits = all(torch.equal(a, b) for a, b in zip(runs["pruned"][-1].bits, runs["replay"][-1].bits))
 
     per_scale = []
@@ -393,26 +476,45 @@ def measure(backbone, policy, opts, args: argparse.Namespace, kw: dict, cfg_t, n
     for s_p in runs["pruned"][-1].trace.scales:
         lp = layers_p[layers_p.scale == s_p.scale]
         kept_share = float(lp.kept.sum() / (s_p.tokens * depth)) if len(lp) else 0.0
-        per_scale.append({"scale": s_p.scale, "grid": f"{s_p.h}x{s_p.w}", "tokens": s_p.tokens,
-                          "kept_token_layers": kept_share,
-                          "unpruned_ms": statistics.median(r.trace.scales[s_p.scale].time_ms for r in runs["unpruned"]),
-                          "pruned_ms": statistics.median(r.trace.scales[s_p.scale].time_ms for r in runs["pruned"]),
-                          "replay_ms": statistics.median(r.trace.scales[s_p.scale].time_ms for r in runs["replay"])})
+        per_scale.append(
+            {
+                "scale": s_p.scale,
+                "grid": f"{s_p.h}x{s_p.w}",
+                "tokens": s_p.tokens,
+                "kept_token_layers": kept_share,
+                "unpruned_ms": statistics.median(r.trace.scales[s_p.scale].time_ms for r in runs["unpruned"]),
+                "pruned_ms": statistics.median(r.trace.scales[s_p.scale].time_ms for r in runs["pruned"]),
+                "replay_ms": statistics.median(r.trace.scales[s_p.scale].time_ms for r in runs["replay"]),
+            }
+        )
     return {
-        "fast": dataclasses.asdict(opts), "D": trace.pruning.get("D"),
-        "unpruned_ms": total["unpruned"], "pruned_ms": total["pruned"], "replay_ms": total["replay"],
-        "unpruned_loop_ms": loop["unpruned"], "pruned_loop_ms": loop["pruned"], "replay_loop_ms": loop["replay"],
-        "flop_ratio": executed / unpruned, "ideal_speedup": ideal,
-        "measured_speedup": measured, "measured_over_ideal": measured / ideal,
-        "measured_speedup_loop": measured_loop, "loop_over_ideal": measured_loop / ideal,
-        "decision_overhead_ms": overhead, "decision_overhead_share": overhead / total["pruned"],
-        "replay_entropy_ms": total["replay_entropy"], "entropy_overhead_ms": entropy_ms,
+        "fast": dataclasses.asdict(opts),
+        "D": trace.pruning.get("D"),
+        "unpruned_ms": total["unpruned"],
+        "pruned_ms": total["pruned"],
+        "replay_ms": total["replay"],
+        "unpruned_loop_ms": loop["unpruned"],
+        "pruned_loop_ms": loop["pruned"],
+        "replay_loop_ms": loop["replay"],
+        "flop_ratio": executed / unpruned,
+        "ideal_speedup": ideal,
+        "measured_speedup": measured,
+        "measured_over_ideal": measured / ideal,
+        "measured_speedup_loop": measured_loop,
+        "loop_over_ideal": measured_loop / ideal,
+        "decision_overhead_ms": overhead,
+        "decision_overhead_share": overhead / total["pruned"],
+        "replay_entropy_ms": total["replay_entropy"],
+        "entropy_overhead_ms": entropy_ms,
         "logic_overhead_ms": overhead - entropy_ms,
-        "scale_floor_ms": floor, "floor_bound_speedup_loop": floor_ideal,
+        "scale_floor_ms": floor,
+        "floor_bound_speedup_loop": floor_ideal,
         "loop_over_floor_bound": measured_loop / floor_ideal,
         "pruned_units": runs["pruned"][-1].runtime.get("units"),
-        "gather_scatter_ms": gs, "gather_scatter_share": gs / total["pruned"],
-        "replay_bits_identical": same_bits, "per_scale": per_scale,
+        "gather_scatter_ms": gs,
+        "gather_scatter_share": gs / total["pruned"],
+        "replay_bits_identical": same_bits,
+        "per_scale": per_scale,
     }
 
 
@@ -426,20 +528,30 @@ def report(r: dict[str, Any]) -> str:
     def mark(ok: bool) -> str:
         return "" if ok else " ✗"
 
-    lines = [f"## Pruning mechanics: {r['backbone']} {r['pixels']}, batch 1, guidance scale {r['guidance_scale']}, "
-             f"{r['dtype']}, {r['device']} (median of {r['repeats']} after {r['warmup']} warm-up rounds)", "",
-             f"Policy: ToProVAR fixed by construction, min_scale {p['min_scale']}, α {p['alpha']}, D {p['D']}, "
-             f"planned FLOP ratio {p['planned_flop_ratio']:.3f}"
-             + (f", CFG skip from scale {p['skip_uncond_from_scale']}" if p.get("skip_uncond_from_scale") is not None
-                else "")
-             + ("" if p["target_removed"] is None or p["planned_flop_ratio"] <= 1 - p["target_removed"] + 0.01 else
-                f" (target {p['target_removed']:.0%} removed is out of reach at α {p['alpha']})")
-             + ". Targets (issue 16, 2B): pruned ≤ 110 ms end to end, decision overhead ≤ 3 %, scale loop ≥ 0.95 of "
-             "the per-scale floor bound, fixed cost of a scale ≤ 1.5 ms; ✗ marks a miss.", "",
-             "| variant | unpruned ms (loop) | pruned ms (loop) | 1-token scale ms | decision overhead ms (share) "
-             "| of which entropy / logic ms | gather/scatter ms (share) | FLOP-ideal / measured loop speedup "
-             "| loop / floor bound | replay bits same |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"## Pruning mechanics: {r['backbone']} {r['pixels']}, batch 1, guidance scale {r['guidance_scale']}, "
+        f"{r['dtype']}, {r['device']} (median of {r['repeats']} after {r['warmup']} warm-up rounds)",
+        "",
+        f"Policy: ToProVAR fixed by construction, min_scale {p['min_scale']}, α {p['alpha']}, D {p['D']}, "
+        f"planned FLOP ratio {p['planned_flop_ratio']:.3f}"
+        + (
+            f", CFG skip from scale {p['skip_uncond_from_scale']}"
+            if p.get("skip_uncond_from_scale") is not None
+            else ""
+        )
+        + (
+            ""
+            if p["target_removed"] is None or p["planned_flop_ratio"] <= 1 - p["target_removed"] + 0.01
+            else f" (target {p['target_removed']:.0%} removed is out of reach at α {p['alpha']})"
+        )
+        + ". Targets (issue 16, 2B): pruned ≤ 110 ms end to end, decision overhead ≤ 3 %, scale loop ≥ 0.95 of "
+        "the per-scale floor bound, fixed cost of a scale ≤ 1.5 ms; ✗ marks a miss.",
+        "",
+        "| variant | unpruned ms (loop) | pruned ms (loop) | 1-token scale ms | decision overhead ms (share) "
+        "| of which entropy / logic ms | gather/scatter ms (share) | FLOP-ideal / measured loop speedup "
+        "| loop / floor bound | replay bits same |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for name, v in r["variants"].items():
         lines.append(
             f"| {name} | {v['unpruned_ms']:.1f} ({v['unpruned_loop_ms']:.1f}) "
@@ -451,22 +563,34 @@ def report(r: dict[str, Any]) -> str:
             f"| {v['gather_scatter_ms']:.1f} ({v['gather_scatter_share']:.1%}) "
             f"| {v['ideal_speedup']:.2f}× / {v['measured_speedup_loop']:.2f}× "
             f"| {v['loop_over_floor_bound']:.2f}{mark(v['loop_over_floor_bound'] >= TARGETS['loop_over_floor_bound'])} "
-            f"| {v['replay_bits_identical']} |")
-    lines += ["", "Decision overhead = pruned − replay of the same plan (entropy: replay with the probe layers' "
-              "entropy − replay without; logic: ρ_s, scores, sort, plans, host syncs, hooks). Floor bound: the "
-              "FLOP-ideal loop speedup if every scale kept the 1-token scale's fixed cost. Gather/scatter: the "
-              "separate gather/RoPE-select/scatter kernels of the variant timed alone (0 with index_io: inside the "
-              "fused kernels).",
-              ""]
+            f"| {v['replay_bits_identical']} |"
+        )
+    lines += [
+        "",
+        "Decision overhead = pruned − replay of the same plan (entropy: replay with the probe layers' "
+        "entropy − replay without; logic: ρ_s, scores, sort, plans, host syncs, hooks). Floor bound: the "
+        "FLOP-ideal loop speedup if every scale kept the 1-token scale's fixed cost. Gather/scatter: the "
+        "separate gather/RoPE-select/scatter kernels of the variant timed alone (0 with index_io: inside the "
+        "fused kernels).",
+        "",
+    ]
     lines += [f"Variant `{name}` failed on this device: {why}" for name, why in r.get("failed_variants", {}).items()]
     names = list(r["variants"])
-    lines += ["| scale | grid | tokens | token-layers run | unpruned ms (" + names[0] + ") | "
-              + " | ".join(f"pruned ms ({n})" for n in names) + " |",
-              "|---:|---|---:|---:|---:|" + "---:|" * len(names)]
+    lines += [
+        "| scale | grid | tokens | token-layers run | unpruned ms ("
+        + names[0]
+        + ") | "
+        + " | ".join(f"pruned ms ({n})" for n in names)
+        + " |",
+        "|---:|---|---:|---:|---:|" + "---:|" * len(names),
+    ]
     for si, s in enumerate(r["variants"][names[0]]["per_scale"]):
-        lines.append(f"| {s['scale']} | {s['grid']} | {s['tokens']} | {s['kept_token_layers']:.0%} | "
-                     f"{s['unpruned_ms']:.2f} | "
-                     + " | ".join(f"{r['variants'][n]['per_scale'][si]['pruned_ms']:.2f}" for n in names) + " |")
+        lines.append(
+            f"| {s['scale']} | {s['grid']} | {s['tokens']} | {s['kept_token_layers']:.0%} | "
+            f"{s['unpruned_ms']:.2f} | "
+            + " | ".join(f"{r['variants'][n]['per_scale'][si]['pruned_ms']:.2f}" for n in names)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -481,13 +605,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
     ap.add_argument("--cfg", type=float, default=None, help=argparse.SUPPRESS)  # old name of --guidance-scale
     ap.add_argument("--kv-policy", default="kept", choices=("kept", "all"))
-    ap.add_argument("--skip-uncond-from", type=int, default=None, metavar="S",
-                    help="CFG skip: only the conditional rows from scale S on (default: never)")
+    ap.add_argument(
+        "--skip-uncond-from",
+        type=int,
+        default=None,
+        metavar="S",
+        help="CFG skip: only the conditional rows from scale S on (default: never)",
+    )
     ap.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2; --smoke 1)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; --smoke 1)")
-    ap.add_argument("--variants", default="all",
-                    help="comma-separated variant names of the fast path (default all: "
-                         + ", ".join(n for n, _ in variants()) + ")")
+    ap.add_argument(
+        "--variants",
+        default="all",
+        help="comma-separated variant names of the fast path (default all: "
+        + ", ".join(n for n, _ in variants())
+        + ")",
+    )
     ap.add_argument("--prompt", default="a photo of a corgi wearing sunglasses on a beach")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

@@ -4,6 +4,7 @@ Configs live in the package's toprovar/conf/ (calibrate.yaml and the groups back
 tracking, storage). Mistakes — a bad override, a missing weight file, an unreachable database —
 are reported in one line on stderr with exit status 2 (toprovar.cli); bugs keep their traceback.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -42,6 +42,7 @@ with nothing lost, n prompts certify at best a drop of about z²/n, so a 0.02 ma
 prompts at the last of two looks at confidence 0.95 (z = 2.07). SSIM is continuous (per-image SD
 0.013–0.020 for policies on tiny, far above its floor) and uses the t bound alone.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,7 +63,7 @@ class Criterion:
 
     metric: str
     margin: float
-    floor: bool = False          # the metric is a value with a lower limit (SSIM), not a drop
+    floor: bool = False  # the metric is a value with a lower limit (SSIM), not a drop
     whole_prompts: bool = False  # a prompt's drop can be a whole prompt (binary-like): Wilson margin
 
 
@@ -77,27 +78,35 @@ class MetricBound:
     upper: float
     margin: float
     floor: bool
-    decision: str                # accept | reject | continue (this metric alone)
-    lost: int = 0                # prompts whose value got worse / better than unpruned
+    decision: str  # accept | reject | continue (this metric alone)
+    lost: int = 0  # prompts whose value got worse / better than unpruned
     won: int = 0
 
     def record(self) -> dict[str, float | int | str | bool]:
-        return {"n": self.n, "mean": self.mean, "lower": self.lower, "upper": self.upper,
-                "margin": self.margin, "kind": "floor" if self.floor else "max_drop", "decision": self.decision,
-                "prompts_lost": self.lost, "prompts_won": self.won}
+        return {
+            "n": self.n,
+            "mean": self.mean,
+            "lower": self.lower,
+            "upper": self.upper,
+            "margin": self.margin,
+            "kind": "floor" if self.floor else "max_drop",
+            "decision": self.decision,
+            "prompts_lost": self.lost,
+            "prompts_won": self.won,
+        }
 
 
 @dataclass(frozen=True)
 class Verdict:
     """The decision after one look and the bounds it rests on."""
 
-    decision: str                # accept | reject | continue; undecided once the budget is spent
-    look: int                    # 1-based
-    looks: int                   # planned looks K
-    prompts: int                 # prompts used so far
+    decision: str  # accept | reject | continue; undecided once the budget is spent
+    look: int  # 1-based
+    looks: int  # planned looks K
+    prompts: int  # prompts used so far
     budget: int
     confidence: float
-    alpha_spent: float           # Σ α_k up to this look
+    alpha_spent: float  # Σ α_k up to this look
     bounds: dict[str, MetricBound] = field(default_factory=dict)
 
     @property
@@ -110,18 +119,29 @@ class Verdict:
 
     def metrics(self) -> dict[str, float]:
         """The numbers, flat (MLflow metrics); the decision itself is `decision` (a tag)."""
-        out = {"confidence": self.confidence, "prompts_used": float(self.prompts), "look": float(self.look),
-               "accepted": float(self.accepted)}
+        out = {
+            "confidence": self.confidence,
+            "prompts_used": float(self.prompts),
+            "look": float(self.look),
+            "accepted": float(self.accepted),
+        }
         for name, b in self.bounds.items():
             out.update({f"{name}.lower": b.lower, f"{name}.upper": b.upper, f"{name}.margin": b.margin})
         return out
 
     def record(self) -> dict:
         """Plain data for provenance."""
-        return {"decision": self.decision, "confidence": self.confidence, "prompts_used": self.prompts,
-                "prompt_budget": self.budget, "look": self.look, "looks_planned": self.looks,
-                "alpha_spent": self.alpha_spent, "spending": "Lan-DeMets Pocock-type, union bound over looks",
-                "metrics": {name: b.record() for name, b in self.bounds.items()}}
+        return {
+            "decision": self.decision,
+            "confidence": self.confidence,
+            "prompts_used": self.prompts,
+            "prompt_budget": self.budget,
+            "look": self.look,
+            "looks_planned": self.looks,
+            "alpha_spent": self.alpha_spent,
+            "spending": "Lan-DeMets Pocock-type, union bound over looks",
+            "metrics": {name: b.record() for name, b in self.bounds.items()},
+        }
 
 
 def spent(alpha: float, fraction: float) -> float:
@@ -202,8 +222,16 @@ class SequentialTest:
         alpha_k = self.look_alpha(look)
         bounds = {c.metric: _bound(c, values[c.metric], alpha_k) for c in self.criteria}
         decision = _combine([b.decision for b in bounds.values()], last=look == self.looks)
-        return Verdict(str(decision), look, self.looks, sizes.pop(), self.budget, self.confidence,
-                       spent(self.alpha, self.sizes()[look - 1] / self.budget), bounds)
+        return Verdict(
+            str(decision),
+            look,
+            self.looks,
+            sizes.pop(),
+            self.budget,
+            self.confidence,
+            spent(self.alpha, self.sizes()[look - 1] / self.budget),
+            bounds,
+        )
 
     def simulate(self, drops: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Run the whole rule on many synthetic validations at once: `drops[metric]` is
@@ -215,8 +243,10 @@ class SequentialTest:
         for look, size in enumerate(self.sizes(), start=1):
             open_rows = decision == CONTINUE
             alpha_k = self.look_alpha(look)
-            per_metric = [_decisions(c, np.asarray(drops[c.metric], dtype=np.float64)[open_rows, :size], alpha_k)[0]
-                          for c in self.criteria]
+            per_metric = [
+                _decisions(c, np.asarray(drops[c.metric], dtype=np.float64)[open_rows, :size], alpha_k)[0]
+                for c in self.criteria
+            ]
             decision[open_rows] = _combine(per_metric, last=look == self.looks)
             used[open_rows] = size
         return decision.astype(str), used
@@ -238,8 +268,11 @@ def _decisions(criterion: Criterion, values: np.ndarray, alpha: float):
 def _combine(per_metric: list, last: bool):
     """Reject if any metric rejects, accept if all accept, else continue (undecided at the last look)."""
     stacked = np.asarray(per_metric, dtype=object).reshape(len(per_metric), -1)
-    out = np.where((stacked == REJECT).any(0), REJECT,
-                   np.where((stacked == ACCEPT).all(0), ACCEPT, UNDECIDED if last else CONTINUE))
+    out = np.where(
+        (stacked == REJECT).any(0),
+        REJECT,
+        np.where((stacked == ACCEPT).all(0), ACCEPT, UNDECIDED if last else CONTINUE),
+    )
     return out if np.ndim(per_metric[0]) else out[0]
 
 
@@ -248,8 +281,18 @@ def _bound(criterion: Criterion, values: np.ndarray, alpha: float) -> MetricBoun
     lost = won = 0
     if not criterion.floor:
         lost, won = int((values > 0).sum()), int((values < 0).sum())
-    return MetricBound(criterion.metric, values.size, float(values.mean()), float(low), float(high),
-                       criterion.margin, criterion.floor, str(decision), lost, won)
+    return MetricBound(
+        criterion.metric,
+        values.size,
+        float(values.mean()),
+        float(low),
+        float(high),
+        criterion.margin,
+        criterion.floor,
+        str(decision),
+        lost,
+        won,
+    )
 
 
 def sequential_test(cfg: AcceptanceConfig, budget: int, geneval: bool, clip: bool = False) -> SequentialTest:

@@ -6,6 +6,7 @@ config group (toprovar/conf/backbone/) is a plain dict: `name`, `weights` (local
 the generation settings of `toprovar.cli.GENERATION_KEYS` (the old names `cfg` and `tau` still work
 for one release, with a warning).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -75,11 +76,11 @@ class Generation:
     FLOPs and time is left out of `flops` and `latency_ms` (every image of a chunk runs the same
     tokens, so the share is the count share)."""
 
-    images: torch.Tensor          # (N, H, W, 3) uint8, the prompts' images (no padding)
-    traces: list[Any]             # toprovar.trace.Trace per chunk (padded copies included)
-    chunks: list[int]             # prompts per chunk
+    images: torch.Tensor  # (N, H, W, 3) uint8, the prompts' images (no padding)
+    traces: list[Any]  # toprovar.trace.Trace per chunk (padded copies included)
+    chunks: list[int]  # prompts per chunk
     pruners: list[Any] = field(default_factory=list)
-    sizes: list[int] = field(default_factory=list)        # images per chunk call, padding included
+    sizes: list[int] = field(default_factory=list)  # images per chunk call, padding included
     latency_ms: list[float] = field(default_factory=list)  # per chunk: steady-state time of the prompts' share
 
     @property
@@ -91,11 +92,11 @@ class Generation:
 class CalibrationBackend:
     """A built backbone plus the settings every calibration generation uses."""
 
-    backbone: Any                                  # toprovar.models.registry.Backbone
-    settings: dict[str, Any]                       # generation keyword arguments
-    weights: dict[str, str | None]                 # resolved local paths (None: random init)
+    backbone: Any  # toprovar.models.registry.Backbone
+    settings: dict[str, Any]  # generation keyword arguments
+    weights: dict[str, str | None]  # resolved local paths (None: random init)
     batch_size: int = 8
-    clock: Clock | None = None                     # where generation time is counted (calibrate.timing)
+    clock: Clock | None = None  # where generation time is counted (calibrate.timing)
 
     @property
     def name(self) -> str:
@@ -109,9 +110,18 @@ class CalibrationBackend:
     def depth(self) -> int:
         return int(self.backbone.transformer.depth)
 
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int], *, policy: Any = None,
-                 pruner_factory: Callable[[], Any] | None = None, record_entropy: bool = False,
-                 desc: str | None = None, retime: int = 0, timing_only: bool = False) -> Generation:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        policy: Any = None,
+        pruner_factory: Callable[[], Any] | None = None,
+        record_entropy: bool = False,
+        desc: str | None = None,
+        retime: int = 0,
+        timing_only: bool = False,
+    ) -> Generation:
         """Generate in equal chunks of at most `batch_size` (`chunk_plan`); `pruner_factory` gives a
         fresh pruner per call. Each chunk's latency is its trace's time (CUDA events: scale loop +
         decode); a call that captured CUDA graphs (a plan new to the static buffers) has that capture
@@ -125,8 +135,13 @@ class CalibrationBackend:
             pad = [chunk[-1]] * (size - len(chunk))  # copies of the chunk's last prompt
             texts, chunk_seeds = [prompts[i] for i in [*chunk, *pad]], [seeds[i] for i in [*chunk, *pad]]
             pruner = pruner_factory() if pruner_factory is not None else None
-            result = self._call(texts, chunk_seeds, pruner if pruner is not None else policy, record_entropy,
-                                real=0 if timing_only else len(chunk))
+            result = self._call(
+                texts,
+                chunk_seeds,
+                pruner if pruner is not None else policy,
+                record_entropy,
+                real=0 if timing_only else len(chunk),
+            )
             steady = result
             for _ in range(retime):
                 if not steady.runtime.get("captures"):
@@ -147,21 +162,30 @@ class CalibrationBackend:
         from toprovar.pipeline import generate
 
         start = time.perf_counter()
-        result = generate(self.backbone, prompts, seeds, policy=policy, record_entropy=record_entropy,
-                          **self.settings)
+        result = generate(self.backbone, prompts, seeds, policy=policy, record_entropy=record_entropy, **self.settings)
         if self.clock is not None:
             self.clock.seconds["generation"] += time.perf_counter() - start
-            self.clock.count(images=real, padded_images=len(prompts) - real if real else 0,
-                             timing_only_images=0 if real else len(prompts), generate_calls=1,
-                             gpu_ms=result.trace.total_ms, text_ms=result.trace.text_encode_ms)
+            self.clock.count(
+                images=real,
+                padded_images=len(prompts) - real if real else 0,
+                timing_only_images=0 if real else len(prompts),
+                generate_calls=1,
+                gpu_ms=result.trace.total_ms,
+                text_ms=result.trace.text_encode_ms,
+            )
         return result
 
     def fingerprint(self) -> dict[str, str]:
         return {part: weights_fingerprint(path) for part, path in self.weights.items()}
 
 
-def load_backend(backbone_cfg: Mapping[str, Any], device: torch.device, dtype: torch.dtype | None,
-                 batch_size: int, clock: Clock | None = None) -> CalibrationBackend:
+def load_backend(
+    backbone_cfg: Mapping[str, Any],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    batch_size: int,
+    clock: Clock | None = None,
+) -> CalibrationBackend:
     """Build the backbone named by the config group; one-line errors for unknown names / missing files."""
     import toprovar.models.registry as registry
 
@@ -170,8 +194,9 @@ def load_backend(backbone_cfg: Mapping[str, Any], device: torch.device, dtype: t
     weights = dict(backbone_cfg.get("weights") or {})
     for part, path in weights.items():
         if path not in (None, "") and not os.path.exists(str(path)):
-            raise UserError(f"backbone '{name}': {part} weights not found at {path}; "
-                            f"set backbone.weights.{part}=/local/path")
+            raise UserError(
+                f"backbone '{name}': {part} weights not found at {path}; set backbone.weights.{part}=/local/path"
+            )
     paths = spec.weights.merged(weights)
     built = registry.build_backbone(spec, weights, device=device, dtype=dtype)
     settings = generation_settings(backbone_cfg)

@@ -4,6 +4,7 @@ The Hydra app hands a DictConfig to `parse_config`; everything below it works wi
 dataclasses, so a typo or an out-of-range value is reported once, in one line, before any work.
 The backbone group belongs to the model registry and is passed through as a plain dict.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -16,7 +17,7 @@ from calibrate.knobs import check_space
 from toprovar.errors import UserError
 
 STAGES = ("presample", "search", "select", "export", "evaluate")
-SAMPLERS = ("tpe", "nsga2", "gp", "random")   # calibrate.search builds each
+SAMPLERS = ("tpe", "nsga2", "gp", "random")  # calibrate.search builds each
 OBJECTIVES = ("auto", "flops", "latency")
 
 # No field has a default: toprovar/conf/ (the YAML) is the one source of default values, and a key it
@@ -25,12 +26,12 @@ OBJECTIVES = ("auto", "flops", "latency")
 
 @dataclass
 class PromptsConfig:
-    source: str                      # tiny_scenes | list
+    source: str  # tiny_scenes | list
     seed: int
     presample: int
     search: int
     validate: int
-    file: str | None                 # one prompt a line; replaces `items`
+    file: str | None  # one prompt a line; replaces `items`
     items: list[str]
 
 
@@ -38,7 +39,7 @@ class PromptsConfig:
 class ConstraintsConfig:
     min_ssim: float
     max_geneval_drop: float
-    max_clip_drop: float             # CLIPScore points (100 · cosine); applies with quality.clip
+    max_clip_drop: float  # CLIPScore points (100 · cosine); applies with quality.clip
 
 
 @dataclass
@@ -52,12 +53,12 @@ class AcceptanceConfig:
     """search.acceptance: held-out validation as a one-sided bound per metric, decided sequentially
     (calibrate.acceptance). The budget is `prompts.validate`. No defaults: toprovar/conf/search/default.yaml."""
 
-    confidence: float            # 1 - alpha of every bound, over all looks together
-    score: str                   # geneval-lite score acceptance bounds: share | binary (quality.GENEVAL_SCORES)
-    max_geneval_drop: float      # margin on the mean paired geneval-lite drop
-    min_ssim: float              # floor on the mean SSIM against the unpruned images
-    max_clip_drop: float         # margin on the mean paired CLIPScore drop (with quality.clip)
-    batch: int                   # held-out prompts per look
+    confidence: float  # 1 - alpha of every bound, over all looks together
+    score: str  # geneval-lite score acceptance bounds: share | binary (quality.GENEVAL_SCORES)
+    max_geneval_drop: float  # margin on the mean paired geneval-lite drop
+    min_ssim: float  # floor on the mean SSIM against the unpruned images
+    max_clip_drop: float  # margin on the mean paired CLIPScore drop (with quality.clip)
+    batch: int  # held-out prompts per look
 
 
 @dataclass
@@ -68,18 +69,18 @@ class SearchConfig:
     warm_start: bool
     timeout_s: float | None
     constraints: ConstraintsConfig
-    space: dict[str, Any]            # knob name -> range or choices; calibrate.knobs checks it
+    space: dict[str, Any]  # knob name -> range or choices; calibrate.knobs checks it
     latency: LatencyConfig
     validate_candidates: int
     acceptance: AcceptanceConfig
-    workers: int                     # search processes sharing the study: one per GPU, or sharing the CPU
+    workers: int  # search processes sharing the study: one per GPU, or sharing the CPU
 
 
 @dataclass
 class QualityConfig:
     """quality: evaluators beyond SSIM (geneval-lite is the tiny backbone's own)."""
 
-    clip: str | None                 # local CLIP model folder for CLIPScore (calibrate.quality); null: off
+    clip: str | None  # local CLIP model folder for CLIPScore (calibrate.quality); null: off
 
 
 @dataclass
@@ -113,7 +114,7 @@ class CalibrationConfig:
     export_to: str | None
     stages: tuple[str, ...]
     batch_size: int
-    evaluate: tuple[str, ...]        # policies (names or YAML paths) the evaluate stage measures
+    evaluate: tuple[str, ...]  # policies (names or YAML paths) the evaluate stage measures
 
     @property
     def backbone_name(self) -> str:
@@ -156,8 +157,9 @@ def _validate(cfg: CalibrationConfig) -> None:
         raise UserError(f"search.constraints.min_ssim={s.constraints.min_ssim} must lie in [0, 1]")
     _validate_acceptance(s.acceptance)
     if not 0.0 < s.constraints.max_clip_drop <= 100.0:
-        raise UserError(f"search.constraints.max_clip_drop={s.constraints.max_clip_drop} must lie in (0, 100] "
-                        f"(CLIPScore points)")
+        raise UserError(
+            f"search.constraints.max_clip_drop={s.constraints.max_clip_drop} must lie in (0, 100] (CLIPScore points)"
+        )
     check_space(s.space)
     p = cfg.prompts
     if min(p.presample, p.search, p.validate) < 1:
@@ -212,8 +214,10 @@ def parse_config(cfg: DictConfig) -> CalibrationConfig:
         raise UserError(f"unknown config key(s) {extra}; known: {sorted(allowed)}")
     try:
         backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
-        top = {key: OmegaConf.select(cfg, key) for key in ("study_name", "seed", "device", "dtype",
-                                                          "export_to", "batch_size")}
+        top = {
+            key: OmegaConf.select(cfg, key)
+            for key in ("study_name", "seed", "device", "dtype", "export_to", "batch_size")
+        }
         stages = tuple(OmegaConf.to_container(cfg.stages, resolve=True))
         evaluate = OmegaConf.to_container(cfg.evaluate, resolve=True) if cfg.get("evaluate") is not None else []
     except OmegaConfBaseException as err:

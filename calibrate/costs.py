@@ -3,6 +3,7 @@
 FLOPs come from the project's accounting (`toprovar.flops`: transformer blocks that ran vs the
 unpruned model, from the trace); the summary says what the policy did.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -35,8 +36,11 @@ def trace_summary(traces: Sequence[Any]) -> dict[str, float]:
             total[rec.scale] += rec.tokens
             skipped += rec.kept == 0
         exited += sum(bool(s.exited) for s in trace.scales)
-    summary = {"kept_share": sum(kept.values()) / max(1, sum(total.values())),
-               "blocks_skipped": float(skipped), "scales_exited": float(exited)}
+    summary = {
+        "kept_share": sum(kept.values()) / max(1, sum(total.values())),
+        "blocks_skipped": float(skipped),
+        "scales_exited": float(exited),
+    }
     summary.update({f"kept_share.s{si}": kept[si] / max(1, total[si]) for si in sorted(total)})
     if starts:
         summary["D_mean"] = sum(starts) / len(starts)

@@ -1,4 +1,5 @@
 """Write the selected policy as YAML with the record of how it was made, and check it loads."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -33,8 +34,12 @@ def versions() -> dict[str, str]:
 def git_commit(folder: Path) -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
@@ -65,8 +70,10 @@ def redact_url(url: str | None) -> str | None:
 def prompts_record(sets: Mapping[str, Any]) -> dict[str, Any]:
     """Prompt texts of each set (seeds run consecutively from `first_seed`) and a hash of all of it."""
     digest = hashlib.sha256(json.dumps({name: [s.texts, s.seeds] for name, s in sets.items()}).encode())
-    return {"sha256": digest.hexdigest(),
-            **{name: {"count": len(s), "first_seed": s.seeds[0], "texts": list(s.texts)} for name, s in sets.items()}}
+    return {
+        "sha256": digest.hexdigest(),
+        **{name: {"count": len(s), "first_seed": s.seeds[0], "texts": list(s.texts)} for name, s in sets.items()},
+    }
 
 
 def _plain(value: Any) -> Any:
@@ -82,11 +89,15 @@ def _plain(value: Any) -> Any:
 
 def write_policy(policy: Mapping[str, Any], provenance: Mapping[str, Any], path: Path) -> Path:
     """policy.yaml: the policy's keys, then `provenance:`; returns the path."""
-    document = {**_plain(policy), "provenance": _plain({**provenance,
-                                                        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})}
+    document = {
+        **_plain(policy),
+        "provenance": _plain({**provenance, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = (f"# ToProVAR pruning policy for backbone '{policy.get('backbone', '?')}', written by "
-              f"`python -m calibrate`. Load it with toprovar.load_policy(path).\n")
+    header = (
+        f"# ToProVAR pruning policy for backbone '{policy.get('backbone', '?')}', written by "
+        f"`python -m calibrate`. Load it with toprovar.load_policy(path).\n"
+    )
     path.write_text(header + yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=110))
     return path
 

@@ -19,6 +19,7 @@ A knob whose policy value may be null ("never") has `never`: knob values at or a
 `never(summary)` are that null, so the search can pick it like any integer (`skip_uncond_from_scale`:
 the scale count means no CFG skip, the policy default, which the warm start clips to).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -37,15 +38,15 @@ ACTIONS = ("start_pruning", "exit")
 
 @dataclass(frozen=True)
 class Knob:
-    name: str                     # Optuna parameter and `search.space` key
-    path: str                     # the policy field it sets, "section.field"
-    kind: str                     # float | int | categorical
-    limits: tuple                 # float/int: hard (low, high) of any range, None = unbounded; categorical: options
-    log: bool = False             # sample on a log scale
-    span_of: str | None = None    # the policy value is span_of's value + knob·(span_of's upper limit − that value)
+    name: str  # Optuna parameter and `search.space` key
+    path: str  # the policy field it sets, "section.field"
+    kind: str  # float | int | categorical
+    limits: tuple  # float/int: hard (low, high) of any range, None = unbounded; categorical: options
+    log: bool = False  # sample on a log scale
+    span_of: str | None = None  # the policy value is span_of's value + knob·(span_of's upper limit − that value)
     # A null range in the config means this range, taken from the pre-sampling summary.
     measured: Callable[[Any], tuple] | None = None
-    capped: bool = False          # a configured range may not go past the measured range's upper end
+    capped: bool = False  # a configured range may not go past the measured range's upper end
     never: Callable[[Any], int] | None = None  # values >= never(summary) mean null in the policy
     # The backbone's own upper end (from the summary): a configured range is clipped to it, so one
     # YAML default serves every depth (a 2-layer test backbone protects at most 1 layer).
@@ -66,23 +67,40 @@ class Knob:
 KNOBS: tuple[Knob, ...] = (
     Knob("tau", "scale.tau", FLOAT, (0.0, 1.0), measured=lambda summary: tuple(summary.tau_range)),
     # First scale where D may fall; null: every scale after the first.
-    Knob("min_scale", "scale.min_scale", INT, (0, None), measured=lambda summary: (1, max(1, summary.scales - 1)),
-         capped=True),
+    Knob(
+        "min_scale",
+        "scale.min_scale",
+        INT,
+        (0, None),
+        measured=lambda summary: (1, max(1, summary.scales - 1)),
+        capped=True,
+    ),
     Knob("action", "scale.action", CATEGORICAL, ACTIONS),
     # Log scale from far below 1: measured σ1/σ2 ratios can be far above 1. The policy caps β at 100.
     Knob("beta", "layer.beta", FLOAT, (1e-6, 100.0), log=True),
     Knob("alpha_min", "token.alpha_min", FLOAT, (0.0, 1.0)),
     Knob("alpha_span", "token.alpha_max", FLOAT, (0.0, 1.0), span_of="alpha_min"),
     Knob("min_keep", "token.min_keep", FLOAT, (0.0, 1.0)),
-    Knob("protect_layers", "token.protect_layers", INT, (1, None),
-         ceiling=lambda summary: len(summary.layer_ratios) - 1 if summary.layer_ratios else None),
+    Knob(
+        "protect_layers",
+        "token.protect_layers",
+        INT,
+        (1, None),
+        ceiling=lambda summary: len(summary.layer_ratios) - 1 if summary.layer_ratios else None,
+    ),
     Knob("restore", "token.restore", CATEGORICAL, RESTORE_MODES),
     Knob("order", "token.order", CATEGORICAL, ORDERS),
     # First scale that runs only the conditional rows (CFG skip); `scales` = never. Searched where the
     # backbone runs guidance (pre-sampling saw 2B rows), fixed to never otherwise.
-    Knob("skip_uncond_from_scale", "guidance.skip_uncond_from_scale", INT, (0, None),
-         measured=lambda summary: (1 if summary.guided else summary.scales, summary.scales), capped=True,
-         never=lambda summary: summary.scales),
+    Knob(
+        "skip_uncond_from_scale",
+        "guidance.skip_uncond_from_scale",
+        INT,
+        (0, None),
+        measured=lambda summary: (1 if summary.guided else summary.scales, summary.scales),
+        capped=True,
+        never=lambda summary: summary.scales,
+    ),
 )
 BY_NAME = {knob.name: knob for knob in KNOBS}
 
@@ -131,10 +149,14 @@ def policy_document(params: Mapping[str, Any], summary: Any, backbone: str) -> d
     from it; the rest of the schema keeps its defaults.
     """
     document: dict[str, Any] = {
-        "version": SCHEMA_VERSION, "method": "toprovar", "variant": "full", "backbone": backbone,
+        "version": SCHEMA_VERSION,
+        "method": "toprovar",
+        "variant": "full",
+        "backbone": backbone,
         "scale": {"crossing": summary.crossing},
         "layer": {"mode": "static", "ratios": [max(1.0, float(r)) for r in summary.layer_ratios]},
-        "token": {}, "guidance": {},
+        "token": {},
+        "guidance": {},
     }
     for knob in KNOBS:
         value = policy_values(params)[knob.path]
@@ -178,14 +200,20 @@ def check_space(space: Mapping[str, Any]) -> None:
         if knob.kind == CATEGORICAL:
             chosen = list(value) if isinstance(value, (list, tuple)) else [value]
             if not chosen or any(c not in knob.limits for c in chosen) or len(set(chosen)) != len(chosen):
-                raise UserError(f"{where}={chosen} must be a non-empty list of distinct values from "
-                                f"{list(knob.limits)}")
+                raise UserError(
+                    f"{where}={chosen} must be a non-empty list of distinct values from {list(knob.limits)}"
+                )
             continue
         if value is None and knob.measured is not None:
             continue
         lo, hi = knob.limits
-        if (not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_number(v, knob.kind) for v in value)
-                or not (lo <= value[0] <= value[1]) or (hi is not None and value[1] > hi)):
+        if (
+            not isinstance(value, (list, tuple))
+            or len(value) != 2
+            or not all(_number(v, knob.kind) for v in value)
+            or not (lo <= value[0] <= value[1])
+            or (hi is not None and value[1] > hi)
+        ):
             kind = "integers" if knob.kind == INT else "numbers"
             bound = f"{lo} <= low <= high" + (f" <= {hi}" if hi is not None else "")
             null = "; null: measured" if knob.measured is not None else ""
@@ -209,8 +237,9 @@ class SearchSpace:
                 continue
             measured = knob.measured(summary) if knob.measured is not None else None
             if knob.capped and value is not None and value[1] > measured[1]:
-                raise UserError(f"search.space.{knob.name}={list(value)} goes past {measured[1]} "
-                                f"(measured for this backbone)")
+                raise UserError(
+                    f"search.space.{knob.name}={list(value)} goes past {measured[1]} (measured for this backbone)"
+                )
             found = tuple(knob.cast(v) for v in (measured if value is None else value))
             top = knob.ceiling(summary) if knob.ceiling is not None else None
             if top is not None and found[1] > top:
@@ -248,4 +277,3 @@ class SearchSpace:
 
     def as_dict(self) -> dict[str, list]:
         return {name: list(found) for name, found in self.ranges.items()}
-

@@ -15,6 +15,7 @@ generation's device), and where available the geneval-lite scores (`tiny`) and t
 The unpruned reference is generated lazily, batch by batch, only as far as some policy needed
 it, so a sequential validation that decides early spends nothing on the prompts it never reached.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -45,18 +46,19 @@ def resolve_cost(objective: str, device: torch.device) -> str:
 
 def executed_flops(gen: Generation, backend: CalibrationBackend) -> float:
     """FLOPs the prompts' images executed (a padded chunk's copies left out, see `Generation`)."""
-    return sum(flop_totals([trace], backend)[0] * real / size for trace, real, size in zip(gen.traces, gen.chunks,
-                                                                                          gen.sizes))
+    return sum(
+        flop_totals([trace], backend)[0] * real / size for trace, real, size in zip(gen.traces, gen.chunks, gen.sizes)
+    )
 
 
 @dataclass
 class Run:
     """One policy (or the unpruned model) on the first `len(self)` prompts of a set."""
 
-    images: torch.Tensor                       # (n, H, W, 3) uint8
-    traces: list[Any]                          # one per generated chunk
-    flops: float                               # executed, summed
-    latency_ms: float | None                   # generation time of the prompts, summed over chunks
+    images: torch.Tensor  # (n, H, W, 3) uint8
+    traces: list[Any]  # one per generated chunk
+    flops: float  # executed, summed
+    latency_ms: float | None  # generation time of the prompts, summed over chunks
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # evaluator scores per prompt, by name
 
     def __len__(self) -> int:
@@ -64,8 +66,13 @@ class Run:
 
     def extended(self, more: Run) -> Run:
         latency = None if self.latency_ms is None else self.latency_ms + more.latency_ms
-        return Run(torch.cat([self.images, more.images]), self.traces + more.traces, self.flops + more.flops,
-                   latency, {k: np.concatenate([v, more.scores[k]]) for k, v in self.scores.items()})
+        return Run(
+            torch.cat([self.images, more.images]),
+            self.traces + more.traces,
+            self.flops + more.flops,
+            latency,
+            {k: np.concatenate([v, more.scores[k]]) for k, v in self.scores.items()},
+        )
 
 
 @dataclass
@@ -74,7 +81,7 @@ class Validation:
 
     scores: Scores
     verdict: Verdict
-    paired: dict[str, np.ndarray]              # the per-prompt values the verdict rests on
+    paired: dict[str, np.ndarray]  # the per-prompt values the verdict rests on
 
 
 class PolicyScorer:
@@ -85,9 +92,19 @@ class PolicyScorer:
     CLIPScore evaluator (`quality.clip`), whose paired drop is `clip_drop`.
     """
 
-    def __init__(self, backend: CalibrationBackend, prompts: PromptSet, build_policy: PolicyBuilder, *,
-                 cost: str, latency: LatencyConfig, evaluator: Evaluator | None, geneval_score: str = "binary",
-                 desc: str = "search", clip: ClipScorer | None = None):
+    def __init__(
+        self,
+        backend: CalibrationBackend,
+        prompts: PromptSet,
+        build_policy: PolicyBuilder,
+        *,
+        cost: str,
+        latency: LatencyConfig,
+        evaluator: Evaluator | None,
+        geneval_score: str = "binary",
+        desc: str = "search",
+        clip: ClipScorer | None = None,
+    ):
         self.backend, self.prompts, self.build_policy = backend, prompts, build_policy
         self.cost, self.latency, self.evaluator, self.desc = cost, latency, evaluator, desc
         self.geneval_score, self.clip = geneval_score, clip
@@ -111,8 +128,10 @@ class PolicyScorer:
         gen = self.backend.generate(texts, seeds, policy=policy, desc=desc, retime=self.latency.warmup if timed else 0)
         latency = gen.total_latency_ms
         if timed and self.latency.repeats > 1:  # more timed passes for a noisy device; the median counts
-            passes = [latency] + [self.backend.generate(texts, seeds, policy=policy, timing_only=True).total_latency_ms
-                                  for _ in range(self.latency.repeats - 1)]
+            passes = [latency] + [
+                self.backend.generate(texts, seeds, policy=policy, timing_only=True).total_latency_ms
+                for _ in range(self.latency.repeats - 1)
+            ]
             latency = statistics.median(passes)
         scores = {}
         with self._quality_time():
@@ -167,29 +186,48 @@ class PolicyScorer:
         flop_speedup = ref.flops / max(run.flops, 1.0)
         speedup = flop_speedup if self.cost == "flops" else ref.latency_ms / max(run.latency_ms, 1e-9)
         paired = self.paired(run, ref) if paired is None else paired
-        extra = {"flop_speedup": flop_speedup, "ssim_min": float(paired["ssim"].min()), "prompts": float(len(run)),
-                 "flops_executed": run.flops, "flops_unpruned": ref.flops, **trace_summary(run.traces)}
+        extra = {
+            "flop_speedup": flop_speedup,
+            "ssim_min": float(paired["ssim"].min()),
+            "prompts": float(len(run)),
+            "flops_executed": run.flops,
+            "flops_unpruned": ref.flops,
+            **trace_summary(run.traces),
+        }
         if run.latency_ms is not None and ref.latency_ms is not None:
-            extra.update(latency_ms=run.latency_ms, latency_unpruned_ms=ref.latency_ms,
-                         latency_speedup=ref.latency_ms / max(run.latency_ms, 1e-9))
+            extra.update(
+                latency_ms=run.latency_ms,
+                latency_unpruned_ms=ref.latency_ms,
+                latency_speedup=ref.latency_ms / max(run.latency_ms, 1e-9),
+            )
         for name in run.scores:
             if name == ClipScorer.name:
                 diff = paired["clip_drop"]
-                extra.update(clip=float(run.scores[name].mean()), clip_unpruned=float(ref.scores[name].mean()),
-                             clip_drop=float(diff.mean()), clip_prompts_lost=float((diff > 0).sum()),
-                             clip_prompts_won=float((diff < 0).sum()))
+                extra.update(
+                    clip=float(run.scores[name].mean()),
+                    clip_unpruned=float(ref.scores[name].mean()),
+                    clip_drop=float(diff.mean()),
+                    clip_prompts_lost=float((diff > 0).sum()),
+                    clip_prompts_won=float((diff < 0).sum()),
+                )
                 continue
             prefix = "geneval" if name == "binary" else f"geneval_{name}"
-            extra.update({prefix: float(run.scores[name].mean()), f"{prefix}_unpruned": float(ref.scores[name].mean()),
-                          f"{prefix}_drop": float(paired[f"geneval_drop.{name}"].mean())})
+            extra.update(
+                {
+                    prefix: float(run.scores[name].mean()),
+                    f"{prefix}_unpruned": float(ref.scores[name].mean()),
+                    f"{prefix}_drop": float(paired[f"geneval_drop.{name}"].mean()),
+                }
+            )
         drop = None
         if self.geneval_score in run.scores:
             diff = paired[f"geneval_drop.{self.geneval_score}"]
             drop = float(diff.mean())
             # How many prompts went each way: a drop near 0 can hide losses offset by gains.
             extra.update(prompts_lost=float((diff > 0).sum()), prompts_won=float((diff < 0).sum()))
-        return Scores(speedup=float(speedup), ssim=float(paired["ssim"].mean()), geneval_drop=drop, extra=extra,
-                      images=run.images)
+        return Scores(
+            speedup=float(speedup), ssim=float(paired["ssim"].mean()), geneval_drop=drop, extra=extra, images=run.images
+        )
 
     def validate(self, policy: Any, test: SequentialTest, desc: str | None = None) -> Validation:
         """Sequential paired validation: generate the next batch of prompts (and, as far as no

@@ -12,6 +12,7 @@ of each early exit (refinement stopped after scale s). From these:
 * the ρ_s crossing direction (the sign of the ρ_s trend over scales) and a τ range: the ρ_s values
   of early exits whose SSIM already meets the quality target (the "high-SSIM band").
 """
+
 from __future__ import annotations
 
 import json
@@ -50,14 +51,14 @@ TAU_PAD = 0.05
 class PresampleSummary:
     """What search and export take from pre-sampling (JSON-able; stored in the study too)."""
 
-    crossing: str                       # 'below' | 'above'
+    crossing: str  # 'below' | 'above'
     tau_range: tuple[float, float]
     representative_scale: int
-    layer_ratios: list[float]           # σ1/σ2 per layer at the representative scale (median over prompts)
-    band_points: int                    # (prompt, scale) pairs in the high-SSIM band
+    layer_ratios: list[float]  # σ1/σ2 per layer at the representative scale (median over prompts)
+    band_points: int  # (prompt, scale) pairs in the high-SSIM band
     prompts: int
     scales: int
-    guided: bool = True                 # the backbone runs classifier-free guidance (2B transformer rows)
+    guided: bool = True  # the backbone runs classifier-free guidance (2B transformer rows)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -72,23 +73,25 @@ class PresampleSummary:
 @dataclass
 class PresampleResult:
     summary: PresampleSummary
-    scales: pd.DataFrame               # one row per scale
-    images: pd.DataFrame               # one row per (prompt, scale)
-    layers: pd.DataFrame               # one row per (layer, scale) with a map of >= 2×2 tokens
-    full_images: torch.Tensor          # (N, H, W, 3) uint8, unpruned
+    scales: pd.DataFrame  # one row per scale
+    images: pd.DataFrame  # one row per (prompt, scale)
+    layers: pd.DataFrame  # one row per (layer, scale) with a map of >= 2×2 tokens
+    full_images: torch.Tensor  # (N, H, W, 3) uint8, unpruned
     exit_images: dict[int, torch.Tensor]
 
 
 def _record(backend: CalibrationBackend, prompts: PromptSet):
-    gen = backend.generate(prompts.texts, prompts.seeds, pruner_factory=EntropyRecorder,
-                           desc="presample: full + entropy")
+    gen = backend.generate(
+        prompts.texts, prompts.seeds, pruner_factory=EntropyRecorder, desc="presample: full + entropy"
+    )
     chunks = [(p.collect(), real) for p, real in zip(gen.pruners, gen.chunks)]  # padded copies dropped
     maps = {key: torch.cat([c[key][:real] for c, real in chunks]) for key in chunks[0][0]}
     return gen, maps
 
 
-def run_presample(backend: CalibrationBackend, prompts: PromptSet, min_ssim: float,
-                  probe_layers: int = TokenStage.protect_layers) -> PresampleResult:
+def run_presample(
+    backend: CalibrationBackend, prompts: PromptSet, min_ssim: float, probe_layers: int = TokenStage.protect_layers
+) -> PresampleResult:
     full, maps = _record(backend, prompts)
     schedule = full.traces[0].schedule
     grids = [(h, w) for _, h, w in schedule]
@@ -106,28 +109,57 @@ def run_presample(backend: CalibrationBackend, prompts: PromptSet, min_ssim: flo
     rho_all = np.zeros((n, n_scales))
     layer_rows = []
     for si, (h, w) in enumerate(grids):
-        stack = entropy_stack(maps, si, depth)                       # (N, layers, tokens)
+        stack = entropy_stack(maps, si, depth)  # (N, layers, tokens)
         mean_entropy[:, si] = stack.mean(dim=(1, 2)).numpy()
         rho[:, si] = low_entropy_ratio(stack[:, :probe_layers]).numpy()
         rho_all[:, si] = low_entropy_ratio(stack).numpy()
         if min(h, w) >= 2:
             ratios = principal_component_ratio(stack, h, w).numpy()  # (N, layers)
             for li in range(depth):
-                layer_rows.append({"layer": li, "scale": si, "ratio_median": float(np.median(ratios[:, li])),
-                                   "ratio_mean": float(ratios[:, li].mean()), "ratio_std": float(ratios[:, li].std())})
+                layer_rows.append(
+                    {
+                        "layer": li,
+                        "scale": si,
+                        "ratio_median": float(np.median(ratios[:, li])),
+                        "ratio_mean": float(ratios[:, li].mean()),
+                        "ratio_std": float(ratios[:, li].std()),
+                    }
+                )
     layers = pd.DataFrame(layer_rows)
 
     rep = representative_scale(grids)
     rep_rows = layers[layers.scale == rep].sort_values("layer")
-    images = pd.DataFrame([{"prompt": i, "seed": prompts.seeds[i], "scale": si, "mean_entropy": mean_entropy[i, si],
-                            "rho": rho[i, si], "rho_all_layers": rho_all[i, si], "exit_ssim": exit_ssim[i, si]}
-                           for i in range(n) for si in range(n_scales)])
-    scales = pd.DataFrame({"scale": range(n_scales), "h": [g[0] for g in grids], "w": [g[1] for g in grids],
-                           "tokens": [g[0] * g[1] for g in grids],
-                           "mean_entropy": mean_entropy.mean(0), "mean_entropy_std": mean_entropy.std(0),
-                           "rho_mean": rho.mean(0), "rho_std": rho.std(0),
-                           "rho_all_layers_mean": rho_all.mean(0), "rho_all_layers_std": rho_all.std(0),
-                           "exit_ssim_mean": exit_ssim.mean(0), "exit_ssim_std": exit_ssim.std(0)})
+    images = pd.DataFrame(
+        [
+            {
+                "prompt": i,
+                "seed": prompts.seeds[i],
+                "scale": si,
+                "mean_entropy": mean_entropy[i, si],
+                "rho": rho[i, si],
+                "rho_all_layers": rho_all[i, si],
+                "exit_ssim": exit_ssim[i, si],
+            }
+            for i in range(n)
+            for si in range(n_scales)
+        ]
+    )
+    scales = pd.DataFrame(
+        {
+            "scale": range(n_scales),
+            "h": [g[0] for g in grids],
+            "w": [g[1] for g in grids],
+            "tokens": [g[0] * g[1] for g in grids],
+            "mean_entropy": mean_entropy.mean(0),
+            "mean_entropy_std": mean_entropy.std(0),
+            "rho_mean": rho.mean(0),
+            "rho_std": rho.std(0),
+            "rho_all_layers_mean": rho_all.mean(0),
+            "rho_all_layers_std": rho_all.std(0),
+            "exit_ssim_mean": exit_ssim.mean(0),
+            "exit_ssim_std": exit_ssim.std(0),
+        }
+    )
 
     # High-SSIM band: (prompt, scale) whose early exit already meets the target; scale 0 (one token)
     # and the full image are left out (ρ of one token and SSIM of the image itself say nothing).
@@ -137,15 +169,18 @@ def run_presample(backend: CalibrationBackend, prompts: PromptSet, min_ssim: flo
     if tau_range is None:
         late = images[images.scale >= max(1, n_scales - 3)].rho.to_numpy()
         tau_range = quantile_range(late, *TAU_QUANTILES, TAU_PAD) or FALLBACK_TAU_RANGE
-        log.warning("no early exit reached SSIM %.2f; τ range taken from the last scales' ρ_s: %s",
-                    min_ssim, tau_range)
+        log.warning("no early exit reached SSIM %.2f; τ range taken from the last scales' ρ_s: %s", min_ssim, tau_range)
     trend = scales[scales.scale >= 1]
     summary = PresampleSummary(
         crossing=crossing_direction(trend.scale.to_numpy(), trend.rho_mean.to_numpy()),
         tau_range=(round(tau_range[0], 4), round(tau_range[1], 4)),
-        representative_scale=rep, layer_ratios=[round(float(r), 6) for r in rep_rows.ratio_median],
-        band_points=int(len(band)), prompts=n, scales=n_scales,
-        guided=full.traces[0].rows > full.traces[0].batch)
+        representative_scale=rep,
+        layer_ratios=[round(float(r), 6) for r in rep_rows.ratio_median],
+        band_points=int(len(band)),
+        prompts=n,
+        scales=n_scales,
+        guided=full.traces[0].rows > full.traces[0].batch,
+    )
     return PresampleResult(summary, scales, images, layers, full.images, exit_images)
 
 

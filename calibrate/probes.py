@@ -3,6 +3,7 @@
 It follows the `toprovar.pruning.Pruner` hook contract (docs/architecture.md), so pre-sampling runs
 the same generation loop as the runtime.
 """
+
 from __future__ import annotations
 
 import torch

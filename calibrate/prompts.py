@@ -1,4 +1,5 @@
 """Calibration prompt sets: pre-sampling, search and held-out validation, disjoint, seeded."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ class PromptSet:
     name: str
     texts: list[str]
     seeds: list[int]
-    specs: list[Any]          # what an evaluator needs per prompt (tiny: the scene); texts otherwise
+    specs: list[Any]  # what an evaluator needs per prompt (tiny: the scene); texts otherwise
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -55,11 +56,17 @@ def load_prompt_sets(cfg: PromptsConfig) -> PromptSets:
     else:
         raise UserError(f"prompts.source={cfg.source!r}; choose tiny_scenes or list")
     if len(texts) < total:
-        raise UserError(f"prompts: {len(texts)} prompts given but presample+search+validate = {total}; "
-                        f"lower the counts or add prompts")
+        raise UserError(
+            f"prompts: {len(texts)} prompts given but presample+search+validate = {total}; "
+            f"lower the counts or add prompts"
+        )
     sets, offset = {}, 0
     for name, count in counts.items():
-        sets[name] = PromptSet(name, texts[offset:offset + count],
-                               [cfg.seed + offset + i for i in range(count)], specs[offset:offset + count])
+        sets[name] = PromptSet(
+            name,
+            texts[offset : offset + count],
+            [cfg.seed + offset + i for i in range(count)],
+            specs[offset : offset + count],
+        )
         offset += count
     return PromptSets(**sets)

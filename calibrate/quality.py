@@ -5,6 +5,7 @@ an optional text–image score (CLIPScore from a local CLIP model) for real back
 Everything per prompt, so the search and the held-out acceptance can pair a policy's image with the
 unpruned one of the same prompt and seed.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,7 @@ def ssim_per_image(images: Tensor, references: Tensor, device: torch.device | st
     """
     values = []
     for start in range(0, images.shape[0], SSIM_CHUNK):
-        a, b = images[start:start + SSIM_CHUNK], references[start:start + SSIM_CHUNK]
+        a, b = images[start : start + SSIM_CHUNK], references[start : start + SSIM_CHUNK]
         if device is not None:
             a, b = a.to(device, non_blocking=True), b.to(device, non_blocking=True)
         values.append(ssim(a, b, reduction="none").float().reshape(-1).cpu())
@@ -65,8 +66,9 @@ def check_clip_folder(path: str | Path, key: str = "quality.clip") -> Path:
     if model_type != "clip":
         raise UserError(f"{key}={path}: not a CLIP model (config.json model_type is {model_type!r}, not 'clip')")
     if not any((folder / name).is_file() for name in CLIP_TOKENIZER_FILES):
-        raise UserError(f"{key}={path}: not a CLIP model folder (no tokenizer: {' or '.join(CLIP_TOKENIZER_FILES)}); "
-                        f"{hint}")
+        raise UserError(
+            f"{key}={path}: not a CLIP model folder (no tokenizer: {' or '.join(CLIP_TOKENIZER_FILES)}); {hint}"
+        )
     return folder
 
 
@@ -116,6 +118,6 @@ class ClipScorer:
             raise ValueError(f"{images.shape[0]} images but {len(texts)} prompts")
         chw = images.permute(0, 3, 1, 2).to(self.device)
         # One image per call: CLIPScore's update keeps only the batch's sum.
-        values = [float(self.metric(chw[i:i + 1], [str(text)])) for i, text in enumerate(texts)]
+        values = [float(self.metric(chw[i : i + 1], [str(text)])) for i, text in enumerate(texts)]
         self.metric.reset()
         return {self.name: np.asarray(values, dtype=np.float64)}

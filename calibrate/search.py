@@ -30,6 +30,7 @@ parent run gets `best_feasible_speedup` at step = trial number.
 Evaluating a trial is a callable `params -> Scores` (calibrate.objective builds it from real
 generations); this module knows nothing about models.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -41,9 +42,10 @@ import threading
 import time
 import warnings
 import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import optuna
@@ -63,17 +65,17 @@ log = logging.getLogger(__name__)
 DIRECTIONS = ("maximize", "maximize")  # (speedup, quality)
 OBJECTIVE_NAMES = ("speedup", "ssim")
 JOURNAL_SCHEME = "journal:"
-MAX_RETRIES = 2          # a trial whose worker died or was interrupted runs at most this many times more
-POLL_S = 2.0             # how often a worker that waits for other workers' trials looks again
+MAX_RETRIES = 2  # a trial whose worker died or was interrupted runs at most this many times more
+POLL_S = 2.0  # how often a worker that waits for other workers' trials looks again
 
 
 @dataclass(frozen=True)
 class Scores:
     """What one policy measured on a prompt set against the unpruned run of the same prompts."""
 
-    speedup: float                       # unpruned cost / executed cost (FLOPs or latency)
-    ssim: float                          # mean SSIM against the unpruned images
-    geneval_drop: float | None = None    # unpruned score - policy score (None: no evaluator)
+    speedup: float  # unpruned cost / executed cost (FLOPs or latency)
+    ssim: float  # mean SSIM against the unpruned images
+    geneval_drop: float | None = None  # unpruned score - policy score (None: no evaluator)
     extra: dict[str, float] = field(default_factory=dict)
     images: Any = field(default=None, repr=False, compare=False)  # the policy's images (N, H, W, 3) uint8
 
@@ -95,8 +97,11 @@ def violations(scores: Scores, limits: ConstraintsConfig) -> dict[str, float]:
 
 
 def is_feasible(trial: FrozenTrial) -> bool:
-    return (trial.state == TrialState.COMPLETE and bool(trial.constraints)
-            and all(v <= 0 for v in trial.constraints.values()))
+    return (
+        trial.state == TrialState.COMPLETE
+        and bool(trial.constraints)
+        and all(v <= 0 for v in trial.constraints.values())
+    )
 
 
 # --- study -------------------------------------------------------------------------------------
@@ -110,8 +115,9 @@ def _sampler(name: str, seed: int, n_trials: int) -> optuna.samplers.BaseSampler
     with warnings.catch_warnings():  # multivariate/group TPE and the constant liar are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True,
-                                              constant_liar=True)
+            return optuna.samplers.TPESampler(
+                seed=seed, n_startup_trials=startup, multivariate=True, group=True, constant_liar=True
+            )
         if name == "nsga2":
             return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, n_trials // 3)))
         if name == "gp":
@@ -125,7 +131,7 @@ def journal_path(url: str) -> Path | None:
     """The file of a `journal:<path>` storage URL (`journal:///abs/path` works too), else None."""
     if not url.startswith(JOURNAL_SCHEME):
         return None
-    rest = url[len(JOURNAL_SCHEME):]
+    rest = url[len(JOURNAL_SCHEME) :]
     return Path(rest[2:] if rest.startswith("//") else rest)
 
 
@@ -158,8 +164,12 @@ def _rdb_storage(cfg: StorageConfig, attempts: int = 3) -> RDBStorage:
         try:
             with warnings.catch_warnings():  # heartbeats are marked experimental; they are what resume needs
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(cfg.url, heartbeat_interval=cfg.heartbeat_interval_s,
-                                  grace_period=cfg.grace_period_s, heartbeat_stale_trial_callback=requeue)
+                return RDBStorage(
+                    cfg.url,
+                    heartbeat_interval=cfg.heartbeat_interval_s,
+                    grace_period=cfg.grace_period_s,
+                    heartbeat_stale_trial_callback=requeue,
+                )
         except IntegrityError:
             if attempt == attempts:
                 raise
@@ -178,8 +188,9 @@ def _process_salt() -> int:
     return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) + 1
 
 
-def open_study(name: str, storage: StorageConfig, sampler: str, seed: int, n_trials: int,
-               worker: int = 0) -> optuna.Study:
+def open_study(
+    name: str, storage: StorageConfig, sampler: str, seed: int, n_trials: int, worker: int = 0
+) -> optuna.Study:
     """Create the study, or load it when `name` already exists in the storage (resume / join).
 
     The process that creates the study (the storage decides: one creation succeeds) seeds its
@@ -193,12 +204,15 @@ def open_study(name: str, storage: StorageConfig, sampler: str, seed: int, n_tri
     except optuna.exceptions.DuplicatedStudyError:
         salt = _process_salt()
     existing = len(optuna.load_study(study_name=name, storage=backend).trials)
-    study = optuna.load_study(study_name=name, storage=backend,
-                              sampler=_sampler(sampler, worker_seed(seed, worker, existing, salt), n_trials))
+    study = optuna.load_study(
+        study_name=name, storage=backend, sampler=_sampler(sampler, worker_seed(seed, worker, existing, salt), n_trials)
+    )
     if [d.name for d in study.directions] != [d.upper() for d in DIRECTIONS]:
-        raise UserError(f"study {name!r} in {storage.url!r} cannot be used: it has directions "
-                        f"{[d.name.lower() for d in study.directions]}, calibration needs {list(DIRECTIONS)}; "
-                        f"pick another study_name")
+        raise UserError(
+            f"study {name!r} in {storage.url!r} cannot be used: it has directions "
+            f"{[d.name.lower() for d in study.directions]}, calibration needs {list(DIRECTIONS)}; "
+            f"pick another study_name"
+        )
     return study
 
 
@@ -250,13 +264,29 @@ def requeue(study: optuna.Study, trial: FrozenTrial) -> bool:
     if not trial.params:
         return False
     if retries > MAX_RETRIES:
-        log.warning("trial %d (retry %d of trial %d) did not finish either; not queued again",
-                    trial.number, retries - 1, original)
+        log.warning(
+            "trial %d (retry %d of trial %d) did not finish either; not queued again",
+            trial.number,
+            retries - 1,
+            original,
+        )
         return False
-    study.add_trial(create_trial(state=TrialState.WAITING, system_attrs={
-        "fixed_params": dict(trial.params), "retry_of": original, "replaces": trial.number, "retries": retries}))
-    log.info("trial %d did not finish (%s); its parameters are queued again", trial.number,
-             "interrupted" if trial.user_attrs.get("interrupted") else "its worker stopped")
+    study.add_trial(
+        create_trial(
+            state=TrialState.WAITING,
+            system_attrs={
+                "fixed_params": dict(trial.params),
+                "retry_of": original,
+                "replaces": trial.number,
+                "retries": retries,
+            },
+        )
+    )
+    log.info(
+        "trial %d did not finish (%s); its parameters are queued again",
+        trial.number,
+        "interrupted" if trial.user_attrs.get("interrupted") else "its worker stopped",
+    )
     return True
 
 
@@ -294,12 +324,16 @@ def requeue_interrupted(study: optuna.Study) -> int:
     trials = study.get_trials(deepcopy=False)
     # `replaces` names the trial a retry stands for; studies of earlier versions kept it in `retry_of`.
     retried = {t.system_attrs.get(key) for t in trials for key in ("replaces", "retry_of", "failed_trial")}
-    return sum(requeue(study, t) for t in trials
-               if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried)
+    return sum(
+        requeue(study, t)
+        for t in trials
+        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried
+    )
 
 
-def prepare_study(study: optuna.Study, space: SearchSpace, *, warm_start: Mapping[str, float] | None,
-                  grace_s: float) -> dict[str, int]:
+def prepare_study(
+    study: optuna.Study, space: SearchSpace, *, warm_start: Mapping[str, float] | None, grace_s: float
+) -> dict[str, int]:
     """Once per calibration, before its workers start: queue the paper-default trial (once per
     study) and the trials a crash or an interruption left unfinished. Returns what it queued."""
     if warm_start is not None:
@@ -307,8 +341,13 @@ def prepare_study(study: optuna.Study, space: SearchSpace, *, warm_start: Mappin
     queued = {"dead": reclaim(study, grace_s), "interrupted": requeue_interrupted(study)}
     done = len(completed(study))
     if done or any(queued.values()):
-        log.info("study %r: %d complete trials kept; queued again: %d whose worker died, %d interrupted",
-                 study.study_name, done, queued["dead"], queued["interrupted"])
+        log.info(
+            "study %r: %d complete trials kept; queued again: %d whose worker died, %d interrupted",
+            study.study_name,
+            done,
+            queued["dead"],
+            queued["interrupted"],
+        )
     return queued
 
 
@@ -338,9 +377,11 @@ def _counts(study: optuna.Study) -> tuple[int, int]:
 
 def _ahead(study: optuna.Study, number: int) -> int:
     """COMPLETE trials plus RUNNING trials with a lower number: the trials that come before `number`."""
-    return sum(t.state == TrialState.COMPLETE or t.number < number
-               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-               if t.number != number)
+    return sum(
+        t.state == TrialState.COMPLETE or t.number < number
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        if t.number != number
+    )
 
 
 class _StudyProgress:
@@ -349,8 +390,13 @@ class _StudyProgress:
     def __init__(self, study: optuna.Study, n_trials: int, enabled: bool):
         self.study, self.bar, self.stop = study, None, threading.Event()
         if enabled:
-            self.bar = tqdm(total=n_trials, initial=min(n_trials, len(completed(study))), desc="search",
-                            unit="trial", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=n_trials,
+                initial=min(n_trials, len(completed(study))),
+                desc="search",
+                unit="trial",
+                dynamic_ncols=True,
+            )
             self.thread = threading.Thread(target=self._poll, daemon=True)
             self.thread.start()
 
@@ -379,10 +425,20 @@ class _StudyProgress:
 Evaluate = Callable[[dict[str, float]], Scores]
 
 
-def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate, *, n_trials: int,
-               limits: ConstraintsConfig, tracker: Tracker | NullTracker | None = None,
-               timeout_s: float | None = None, grace_s: float = 60.0, worker: int = 0, progress: bool = True,
-               should_stop: Callable[[], bool] | None = None) -> int:
+def run_search(
+    study: optuna.Study,
+    space: SearchSpace,
+    evaluate: Evaluate,
+    *,
+    n_trials: int,
+    limits: ConstraintsConfig,
+    tracker: Tracker | NullTracker | None = None,
+    timeout_s: float | None = None,
+    grace_s: float = 60.0,
+    worker: int = 0,
+    progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+) -> int:
     """Run trials in this process until the study holds `n_trials` COMPLETE ones, counting every
     worker's (see the module docstring); returns how many completed here. Stops early after
     `timeout_s` or when `should_stop()` says so (checked between trials)."""
@@ -392,8 +448,14 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate, *, n
     if done >= n_trials:
         log.info("study %r already has %d complete trials; nothing to run", study.study_name, done)
         return 0
-    log.info("study %r: %d complete, %d running elsewhere; worker %d runs trials until %d are complete",
-             study.study_name, done, running, worker, n_trials)
+    log.info(
+        "study %r: %d complete, %d running elsewhere; worker %d runs trials until %d are complete",
+        study.study_name,
+        done,
+        running,
+        worker,
+        n_trials,
+    )
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         trial.set_user_attr("worker", me)
@@ -423,8 +485,13 @@ def run_search(study: optuna.Study, space: SearchSpace, evaluate: Evaluate, *, n
         tracker.log_metrics(run_id, {**scores.metrics(), "feasible": float(feasible)})
         tracker.end(run_id)
         bar.refresh(speedup=f"{scores.speedup:.2f}", ssim=f"{scores.ssim:.3f}", ok=feasible)
-        log.info("trial %d: speedup %.3f, SSIM %.4f, %s", trial.number, scores.speedup, scores.ssim,
-                 "feasible" if feasible else "infeasible")
+        log.info(
+            "trial %d: speedup %.3f, SSIM %.4f, %s",
+            trial.number,
+            scores.speedup,
+            scores.ssim,
+            "feasible" if feasible else "infeasible",
+        )
         return scores.speedup, scores.ssim
 
     ran = 0
@@ -486,16 +553,26 @@ def trials_frame(study: optuna.Study):
 
     rows = []
     for t in study.get_trials(deepcopy=False):
-        rows.append({"number": t.number, "state": t.state.name,
-                     **{f"param.{k}": v for k, v in t.params.items()},
-                     **{f"metric.{k}": v for k, v in t.user_attrs.get("metrics", {}).items()},
-                     "feasible": is_feasible(t), "warm_start": bool(t.user_attrs.get("warm_start")),
-                     "retry_of": t.system_attrs.get("retry_of", t.system_attrs.get("failed_trial")),
-                     "worker": "{host}:{pid}".format(**t.user_attrs["worker"]) if "worker" in t.user_attrs else None,
-                     "surplus": bool(t.user_attrs.get("surplus"))})
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                **{f"param.{k}": v for k, v in t.params.items()},
+                **{f"metric.{k}": v for k, v in t.user_attrs.get("metrics", {}).items()},
+                "feasible": is_feasible(t),
+                "warm_start": bool(t.user_attrs.get("warm_start")),
+                "retry_of": t.system_attrs.get("retry_of", t.system_attrs.get("failed_trial")),
+                "worker": "{host}:{pid}".format(**t.user_attrs["worker"]) if "worker" in t.user_attrs else None,
+                "surplus": bool(t.user_attrs.get("surplus")),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
-    return {"number": trial.number, "params": dict(trial.params),
-            "metrics": dict(trial.user_attrs.get("metrics", {})), "feasible": is_feasible(trial)}
+    return {
+        "number": trial.number,
+        "params": dict(trial.params),
+        "metrics": dict(trial.user_attrs.get("metrics", {})),
+        "feasible": is_feasible(trial),
+    }

@@ -1,4 +1,5 @@
 """Pick the policy to ship: the fastest trial of the feasible front that held-out validation accepts."""
+
 from __future__ import annotations
 
 import logging
@@ -16,14 +17,14 @@ from toprovar.errors import UserError
 
 log = logging.getLogger(__name__)
 
-Validate = Callable[[dict], Validation]   # trial params -> sequential held-out validation
+Validate = Callable[[dict], Validation]  # trial params -> sequential held-out validation
 
 
 @dataclass
 class Selection:
     trial: FrozenTrial
     validation: Validation
-    passed: bool                                   # held-out validation accepted it (calibrate.acceptance)
+    passed: bool  # held-out validation accepted it (calibrate.acceptance)
     tried: list[tuple[int, Validation]] = field(default_factory=list)
 
 
@@ -58,13 +59,17 @@ def select_and_validate(study: optuna.Study, validate: Validate, candidates: int
     if not feasible:
         done = [t for t in study.trials if t.values]
         best = max((t.values[1] for t in done), default=float("nan"))
-        raise UserError(f"no trial met the search constraints (best SSIM {best:.3f}); "
-                        f"add trials (search.n_trials) or narrow search.space toward less pruning")
+        raise UserError(
+            f"no trial met the search constraints (best SSIM {best:.3f}); "
+            f"add trials (search.n_trials) or narrow search.space toward less pruning"
+        )
     front = [t for t in feasible if t.values[0] > 1.0]
     if not front:
-        raise UserError(f"no trial that met the search constraints is faster than the unpruned model (fastest: "
-                        f"{max(t.values[0] for t in feasible):.2f}x); add trials (search.n_trials) or relax "
-                        f"search.constraints")
+        raise UserError(
+            f"no trial that met the search constraints is faster than the unpruned model (fastest: "
+            f"{max(t.values[0] for t in feasible):.2f}x); add trials (search.n_trials) or relax "
+            f"search.constraints"
+        )
     tried: list[tuple[FrozenTrial, Validation]] = []
     failed, passed = -1, len(front)
     bar = tqdm(total=min(candidates, len(front)), desc="validate", unit="candidate", dynamic_ncols=True)
@@ -77,10 +82,18 @@ def select_and_validate(study: optuna.Study, validate: Validate, candidates: int
         tried.append((trial, result))
         bar.update(1)
         verdict, scores = result.verdict, result.scores
-        bounds = ", ".join(f"{name} [{b.lower:.3f}, {b.upper:.3f}] vs {b.margin:g}"
-                           for name, b in verdict.bounds.items())
-        log.info("trial %d: %s after %d held-out prompts (speedup %.2f; %d%% bounds: %s)", trial.number,
-                 verdict.decision, verdict.prompts, scores.speedup, round(100 * verdict.confidence), bounds)
+        bounds = ", ".join(
+            f"{name} [{b.lower:.3f}, {b.upper:.3f}] vs {b.margin:g}" for name, b in verdict.bounds.items()
+        )
+        log.info(
+            "trial %d: %s after %d held-out prompts (speedup %.2f; %d%% bounds: %s)",
+            trial.number,
+            verdict.decision,
+            verdict.prompts,
+            scores.speedup,
+            round(100 * verdict.confidence),
+            bounds,
+        )
         if verdict.accepted:
             passed = probe
         else:
@@ -90,7 +103,12 @@ def select_and_validate(study: optuna.Study, validate: Validate, candidates: int
         chosen = front[passed]
         return Selection(chosen, next(v for t, v in tried if t is chosen), True, [(t.number, v) for t, v in tried])
     trial, result = max(tried, key=lambda pair: (pair[1].verdict.decision != REJECT, pair[1].scores.ssim))
-    log.warning("held-out validation accepted none of the %d validated trials; exporting trial %d (%s, held-out "
-                "SSIM %.3f) marked as not validated", len(tried), trial.number, result.verdict.decision,
-                result.scores.ssim)
+    log.warning(
+        "held-out validation accepted none of the %d validated trials; exporting trial %d (%s, held-out "
+        "SSIM %.3f) marked as not validated",
+        len(tried),
+        trial.number,
+        result.verdict.decision,
+        result.scores.ssim,
+    )
     return Selection(trial, result, False, [(t.number, v) for t, v in tried])

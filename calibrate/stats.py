@@ -5,6 +5,7 @@
 R^(l,s) = exp(-β(ϱ - 1)) (Eq. 4): → 0 for Global layers, → 1 for Detail layers.
 The formulas are `toprovar.pruning.stages`, so calibration measures what the runtime decides on.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -8,6 +8,7 @@ SSIM, geneval-lite, CLIP), the app its pictures (`pictures`) and MLflow calls (`
 stage's record is the difference of two snapshots; what no section claims (Optuna, tables, host
 work between calls) is `other_s`.
 """
+
 from __future__ import annotations
 
 import time
@@ -53,8 +54,10 @@ class Clock:
         allocator (None off CUDA)."""
         if self.device.type != "cuda":
             return {"peak_allocated_gib": None, "peak_reserved_gib": None}
-        return {"peak_allocated_gib": round(torch.cuda.max_memory_allocated(self.device) / GIB, 2),
-                "peak_reserved_gib": round(torch.cuda.max_memory_reserved(self.device) / GIB, 2)}
+        return {
+            "peak_allocated_gib": round(torch.cuda.max_memory_allocated(self.device) / GIB, 2),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved(self.device) / GIB, 2),
+        }
 
     def record(self, start: dict, end: dict | None = None) -> dict:
         """The stage between two snapshots: wall time, each section's seconds, generation's share of
@@ -62,20 +65,26 @@ class Clock:
         end = end or self.snapshot()
         wall = end["time"] - start["time"]
         sections = {name: end["seconds"].get(name, 0.0) - start["seconds"].get(name, 0.0) for name in SECTIONS}
-        counts = {key: end["counts"].get(key, 0.0) - start["counts"].get(key, 0.0)
-                  for key in ("images", "padded_images", "timing_only_images", "generate_calls", "gpu_ms", "text_ms")}
+        counts = {
+            key: end["counts"].get(key, 0.0) - start["counts"].get(key, 0.0)
+            for key in ("images", "padded_images", "timing_only_images", "generate_calls", "gpu_ms", "text_ms")
+        }
         generating = sections["generation"]
         images = int(counts["images"])
-        return {"wall_s": round(wall, 3), **{f"{name}_s": round(v, 3) for name, v in sections.items()},
-                "other_s": round(wall - sum(sections.values()), 3),
-                "generation_share": round(generating / wall, 4) if wall > 0 else None,
-                "generation_gpu_s": round(counts["gpu_ms"] / 1e3, 3),  # the traces' events: scale loop + VAE decode
-                "text_encode_s": round(counts["text_ms"] / 1e3, 3),  # part of generation_s: the text encoder
-                "images": images, "padded_images": int(counts["padded_images"]),
-                "timing_only_images": int(counts["timing_only_images"]),
-                "generate_calls": int(counts["generate_calls"]),
-                "images_per_s_generating": round(images / generating, 3) if generating > 0 else None,
-                "images_per_s_stage": round(images / wall, 3) if wall > 0 else None}
+        return {
+            "wall_s": round(wall, 3),
+            **{f"{name}_s": round(v, 3) for name, v in sections.items()},
+            "other_s": round(wall - sum(sections.values()), 3),
+            "generation_share": round(generating / wall, 4) if wall > 0 else None,
+            "generation_gpu_s": round(counts["gpu_ms"] / 1e3, 3),  # the traces' events: scale loop + VAE decode
+            "text_encode_s": round(counts["text_ms"] / 1e3, 3),  # part of generation_s: the text encoder
+            "images": images,
+            "padded_images": int(counts["padded_images"]),
+            "timing_only_images": int(counts["timing_only_images"]),
+            "generate_calls": int(counts["generate_calls"]),
+            "images_per_s_generating": round(images / generating, 3) if generating > 0 else None,
+            "images_per_s_stage": round(images / wall, 3) if wall > 0 else None,
+        }
 
 
 class Timed:

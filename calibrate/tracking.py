@@ -12,6 +12,7 @@ with the Optuna study, worker processes log their trials as its children (`attac
 resumed calibration reopens it (`resume_parent`) and marks the children its crashed processes
 left RUNNING as KILLED (`close_children`), so no run stays RUNNING forever.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,9 +20,10 @@ import math
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from calibrate.config import TrackingConfig
 
@@ -62,8 +64,11 @@ class Tracker:
         self._mlflow = mlflow
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = (found.experiment_id if found is not None else
-                              self.client.create_experiment(experiment, artifact_location=artifact_location))
+        self.experiment_id = (
+            found.experiment_id
+            if found is not None
+            else self.client.create_experiment(experiment, artifact_location=artifact_location)
+        )
         self.parent_id: str | None = None
 
     # -- runs -------------------------------------------------------------------------------
@@ -72,8 +77,9 @@ class Tracker:
         commit/branch/repo URL of the entry script) from MLflow's own context providers."""
         from mlflow.tracking.context.registry import resolve_tags
 
-        run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags=resolve_tags({k: str(v) for k, v in tags.items()}))
+        run = self.client.create_run(
+            self.experiment_id, run_name=name, tags=resolve_tags({k: str(v) for k, v in tags.items()})
+        )
         return run.info.run_id
 
     def start_parent(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> str:
@@ -121,8 +127,11 @@ class Tracker:
         `running_trials()`: their process died. The runs are listed first and the study's running
         trials read after, so a trial that starts in between (its child run comes after it) is
         not taken for dead."""
-        runs = self.client.search_runs([self.experiment_id], max_results=10000, filter_string=(
-            f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"))
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            max_results=10000,
+            filter_string=(f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"),
+        )
         running = set(running_trials())
         # A run without its `trial` param yet is being created right now: not dead.
         dead = [r.info.run_id for r in runs if "trial" in r.data.params and int(r.data.params["trial"]) not in running]
@@ -140,17 +149,21 @@ class Tracker:
 
         items = [Param(str(k), str(v)[:_MAX_PARAM_CHARS]) for k, v in _flatten(params).items()]
         for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-            self.client.log_batch(run_id, params=items[start:start + 100])
+            self.client.log_batch(run_id, params=items[start : start + 100])
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
         import time
 
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
-        items = [Metric(str(k), float(v), now, step) for k, v in _flatten(metrics).items()
-                 if isinstance(v, (int, float)) and math.isfinite(float(v))]
+        items = [
+            Metric(str(k), float(v), now, step)
+            for k, v in _flatten(metrics).items()
+            if isinstance(v, (int, float)) and math.isfinite(float(v))
+        ]
         for start in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[start:start + 1000])
+            self.client.log_batch(run_id, metrics=items[start : start + 1000])
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
@@ -240,8 +253,12 @@ def open_tracker(cfg: TrackingConfig, run_dir: Path, launch_dir: Path | None = N
         return Tracker(uri, cfg.experiment, artifacts)
     if cfg.uri.startswith(("http://", "https://")) and not server_answers(cfg.uri, cfg.probe_timeout_s):
         uri, artifacts = _local_store(run_dir)
-        log.warning("MLflow server %s did not answer within %.1f s; tracking locally in %s instead",
-                    cfg.uri, cfg.probe_timeout_s, uri)
+        log.warning(
+            "MLflow server %s did not answer within %.1f s; tracking locally in %s instead",
+            cfg.uri,
+            cfg.probe_timeout_s,
+            uri,
+        )
         return Tracker(uri, cfg.experiment, artifacts)
     return Tracker(cfg.uri, cfg.experiment, _artifacts_beside(cfg.uri))
 
@@ -249,5 +266,5 @@ def open_tracker(cfg: TrackingConfig, run_dir: Path, launch_dir: Path | None = N
 def _artifacts_beside(uri: str) -> str | None:
     """Artifacts of a local SQLite store go next to its file (MLflow's default is ./mlruns of the cwd)."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:///:memory:"):
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
+        return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri()
     return None

@@ -19,6 +19,7 @@ each worker marks its running trial `interrupted` and ends its MLflow child run.
 outright leaves its trial RUNNING; the next worker that looks fails it and queues it again
 (calibrate.search.reclaim), and a warning here names the worker.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,9 +31,10 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -42,7 +44,7 @@ from toprovar.errors import UserError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
-STOP_TIMEOUT_S = 120.0   # after Ctrl-C, how long a worker may take to record its interrupted trial
+STOP_TIMEOUT_S = 120.0  # after Ctrl-C, how long a worker may take to record its interrupted trial
 
 
 def worker_devices(device: torch.device, workers: int) -> list[torch.device]:
@@ -51,8 +53,10 @@ def worker_devices(device: torch.device, workers: int) -> list[torch.device]:
         return [device] * workers
     first, visible = device.index or 0, torch.cuda.device_count()
     if first + workers > visible:
-        raise UserError(f"search.workers={workers} needs GPUs cuda:{first}..cuda:{first + workers - 1} but "
-                        f"{visible} are visible; lower search.workers or set CUDA_VISIBLE_DEVICES")
+        raise UserError(
+            f"search.workers={workers} needs GPUs cuda:{first}..cuda:{first + workers - 1} but "
+            f"{visible} are visible; lower search.workers or set CUDA_VISIBLE_DEVICES"
+        )
     return [torch.device("cuda", first + i) for i in range(workers)]
 
 
@@ -111,17 +115,22 @@ class WorkerPool:
     def __init__(self, specs: list[WorkerSpec], work: WorkerBody):
         context = multiprocessing.get_context("spawn")
         self._go = context.Event()
-        self.processes = [context.Process(target=_child_main, args=(spec, self._go, work),
-                                          name=f"calibrate-worker-{spec.index}") for spec in specs]
+        self.processes = [
+            context.Process(target=_child_main, args=(spec, self._go, work), name=f"calibrate-worker-{spec.index}")
+            for spec in specs
+        ]
         self.indices = [spec.index for spec in specs]
         self._watcher: threading.Thread | None = None
 
-    def __enter__(self) -> "WorkerPool":
+    def __enter__(self) -> WorkerPool:
         with _environment(TQDM_DISABLE="1"):  # one progress bar (this process's) for the whole study
             for process in self.processes:
                 process.start()
-        log.info("started %d more search worker(s): %s", len(self.processes),
-                 ", ".join(f"{i} (pid {p.pid})" for i, p in zip(self.indices, self.processes)))
+        log.info(
+            "started %d more search worker(s): %s",
+            len(self.processes),
+            ", ".join(f"{i} (pid {p.pid})" for i, p in zip(self.indices, self.processes)),
+        )
         self._watcher = threading.Thread(target=self._watch, daemon=True)
         self._watcher.start()
         return self
@@ -139,10 +148,17 @@ class WorkerPool:
                 if process.exitcode == 130:
                     log.info("search worker %d (pid %d) stopped after an interruption", index, process.pid)
                 elif process.exitcode not in (0, None):
-                    how = (f"was killed by {signal.Signals(-process.exitcode).name}" if process.exitcode < 0
-                           else f"exited with status {process.exitcode}")
-                    log.warning("search worker %d (pid %d) %s; a trial it was running is queued again "
-                                "by the other workers", index, process.pid, how)
+                    how = (
+                        f"was killed by {signal.Signals(-process.exitcode).name}"
+                        if process.exitcode < 0
+                        else f"exited with status {process.exitcode}"
+                    )
+                    log.warning(
+                        "search worker %d (pid %d) %s; a trial it was running is queued again by the other workers",
+                        index,
+                        process.pid,
+                        how,
+                    )
 
     def finish(self) -> None:
         """Wait for the workers: they stop by themselves once the study is complete (or at
@@ -164,8 +180,7 @@ class WorkerPool:
         for process in self.processes:
             process.join(STOP_TIMEOUT_S)
             if process.is_alive():
-                log.warning("search worker pid %d did not stop within %.0f s; killing it", process.pid,
-                            STOP_TIMEOUT_S)
+                log.warning("search worker pid %d did not stop within %.0f s; killing it", process.pid, STOP_TIMEOUT_S)
                 process.kill()
                 process.join()
         if self._watcher is not None:
@@ -175,7 +190,7 @@ class WorkerPool:
 class NoPool:
     """`search.workers=1`: this process is the only worker."""
 
-    def __enter__(self) -> "NoPool":
+    def __enter__(self) -> NoPool:
         return self
 
     def go(self) -> None: ...
@@ -185,16 +200,30 @@ class NoPool:
     def __exit__(self, *exc: Any) -> None: ...
 
 
-def start_workers(cfg: CalibrationConfig, devices: list[torch.device], run_dir: Path, launch_dir: Path,
-                  overrides: list[str], tracking: TrackerAddress | None, work: WorkerBody) -> WorkerPool | NoPool:
+def start_workers(
+    cfg: CalibrationConfig,
+    devices: list[torch.device],
+    run_dir: Path,
+    launch_dir: Path,
+    overrides: list[str],
+    tracking: TrackerAddress | None,
+    work: WorkerBody,
+) -> WorkerPool | NoPool:
     """The pool of child workers 1..N-1 (a context manager); worker 0 is the calling process. `work` is
     what a child runs (a module-level function, so the spawned process can import it)."""
     if len(devices) == 1:
         return NoPool()
     threads = cpu_threads(devices[0], len(devices))
-    return WorkerPool([WorkerSpec(dataclasses.replace(cfg, device=str(device)), run_dir, launch_dir, overrides,
-                                  index, threads, tracking)
-                       for index, device in enumerate(devices) if index > 0], work)
+    return WorkerPool(
+        [
+            WorkerSpec(
+                dataclasses.replace(cfg, device=str(device)), run_dir, launch_dir, overrides, index, threads, tracking
+            )
+            for index, device in enumerate(devices)
+            if index > 0
+        ],
+        work,
+    )
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ no mask, Lq ≤ Lk allowed; `entropy` (B, H, Lq) float32 in nats. Dispatch: the 
 CUDA tensors (power-of-two head dims 16..256, fp16/bf16/fp32), the chunked PyTorch reference
 everywhere else. `flash_attn` is the same kernel without entropy (for fair timing).
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,9 @@ def _triton_ok(q: Tensor) -> bool:
 
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"expected q (B,H,Lq,D), k and v (B,H,Lk,D); got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"expected q (B,H,Lq,D), k and v (B,H,Lk,D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
 
 
 def flash_attn_entropy(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> tuple[Tensor, Tensor]:

@@ -23,6 +23,7 @@ references are the exact op sequences of `toprovar.models.transformer.CrossAttnB
 the kernels differ from the eager ops by float32 rounding inside a row (reduction order, fused
 multiply-add) before the bf16 rounding of their outputs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -51,10 +52,23 @@ def scatter_rows(dst: Tensor, index: Tensor, rows: Tensor) -> Tensor:
     return dst.scatter_(1, index[..., None].expand(-1, -1, dst.shape[-1]), rows)
 
 
-def add_ln_reference(x: Tensor, y: Tensor | None, gamma: Tensor | None, *, round_yg: bool, ln: int,
-                     weight: Tensor | None, bias: Tensor | None, scale: Tensor | None, shift: Tensor | None,
-                     eps: float, out_dtype: torch.dtype, src_index: Tensor | None = None, dst: Tensor | None = None,
-                     dst_index: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+def add_ln_reference(
+    x: Tensor,
+    y: Tensor | None,
+    gamma: Tensor | None,
+    *,
+    round_yg: bool,
+    ln: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    eps: float,
+    out_dtype: torch.dtype,
+    src_index: Tensor | None = None,
+    dst: Tensor | None = None,
+    dst_index: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """The eager ops of the block; x `(B, n, C)`, gamma/scale/shift `(B, 1, C)`; rows through
     `src_index` / into `dst` at `dst_index` as `add_ln` documents."""
     if src_index is not None:
@@ -85,9 +99,17 @@ def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).reshape(x.shape)
 
 
-def qk_norm_rope_reference(qkv: Tensor, num_heads: int, head_scale: Tensor, cos: Tensor, sin: Tensor,
-                           k_dst: Tensor, v_dst: Tensor, eps: float = 1e-12,
-                           rope_index: Tensor | None = None) -> Tensor:
+def qk_norm_rope_reference(
+    qkv: Tensor,
+    num_heads: int,
+    head_scale: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_dst: Tensor,
+    v_dst: Tensor,
+    eps: float = 1e-12,
+    rope_index: Tensor | None = None,
+) -> Tensor:
     """qkv `(B, n, 3C)`; head_scale `(1, H, 1, 1)`; cos/sin `(n, D/2)` or per row `(B, n, D/2)`
     (with rope_index `(B, n)`: the rows `cos[rope_index]` of a `(N, D/2)` table); k_dst/v_dst `(B, H, n, D)`."""
     if rope_index is not None:
@@ -109,10 +131,37 @@ def qk_norm_rope_reference(qkv: Tensor, num_heads: int, head_scale: Tensor, cos:
 if triton is not None:
 
     @triton.jit
-    def _add_ln_kernel(X, Y, G, XO, H, W, BV, S, T, SRC, DST, n_per_b, x_rows, xo_rows, C, eps, g_sb, s_sb, t_sb,
-                       src_sb, dst_sb, HAS_Y: tl.constexpr, HAS_G: tl.constexpr, ROUND_YG: tl.constexpr,
-                       LN: tl.constexpr, GATHER: tl.constexpr, SCATTER: tl.constexpr, WRITE_X: tl.constexpr,
-                       BLOCK: tl.constexpr):
+    def _add_ln_kernel(
+        X,
+        Y,
+        G,
+        XO,
+        H,
+        W,
+        BV,
+        S,
+        T,
+        SRC,
+        DST,
+        n_per_b,
+        x_rows,
+        xo_rows,
+        C,
+        eps,
+        g_sb,
+        s_sb,
+        t_sb,
+        src_sb,
+        dst_sb,
+        HAS_Y: tl.constexpr,
+        HAS_G: tl.constexpr,
+        ROUND_YG: tl.constexpr,
+        LN: tl.constexpr,
+        GATHER: tl.constexpr,
+        SCATTER: tl.constexpr,
+        WRITE_X: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         # One row per program: row i of image b; x's row comes through SRC (gather) and the new
         # residual goes through DST (scatter) when given, y and h are always compact.
         r = tl.program_id(0).to(tl.int64)
@@ -157,9 +206,31 @@ if triton is not None:
             tl.store(H + r * C + cols, h.to(H.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _qk_norm_rope_kernel(QKV, HS, COS, SIN, RIDX, QO, KD, VD, n, NH, C, eps, cs_sb, ridx_sb,
-                             k_sb, k_sh, k_sl, v_sb, v_sh, v_sl,
-                             HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, ROPE_INDEX: tl.constexpr):
+    def _qk_norm_rope_kernel(
+        QKV,
+        HS,
+        COS,
+        SIN,
+        RIDX,
+        QO,
+        KD,
+        VD,
+        n,
+        NH,
+        C,
+        eps,
+        cs_sb,
+        ridx_sb,
+        k_sb,
+        k_sh,
+        k_sl,
+        v_sb,
+        v_sh,
+        v_sl,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        ROPE_INDEX: tl.constexpr,
+    ):
         # One token row (all heads) per program. Every load and store is contiguous along the head
         # dim: RoPE's pair partner comes from a second load at the pair-swapped offsets (d ^ 1),
         # y[d] = cos[d // 2] * x[d] + sign(d) * sin[d // 2] * x[d ^ 1], sign = -1 for even d.
@@ -224,11 +295,24 @@ def _index_rows(index: Tensor | None, rows: int, dummy: Tensor) -> tuple[Tensor,
     return index, (index.stride(0) if rows > 1 else 0)
 
 
-def add_ln(x: Tensor, y: Tensor | None = None, gamma: Tensor | None = None, *, round_yg: bool = False,
-           ln: int = LN_NONE, weight: Tensor | None = None, bias: Tensor | None = None,
-           scale: Tensor | None = None, shift: Tensor | None = None, eps: float = 1e-6,
-           out_dtype: torch.dtype = torch.float32, src_index: Tensor | None = None, dst: Tensor | None = None,
-           dst_index: Tensor | None = None, use_triton: bool | None = None) -> tuple[Tensor, Tensor | None]:
+def add_ln(
+    x: Tensor,
+    y: Tensor | None = None,
+    gamma: Tensor | None = None,
+    *,
+    round_yg: bool = False,
+    ln: int = LN_NONE,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    eps: float = 1e-6,
+    out_dtype: torch.dtype = torch.float32,
+    src_index: Tensor | None = None,
+    dst: Tensor | None = None,
+    dst_index: Tensor | None = None,
+    use_triton: bool | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """x `(B, n, C)` (float32 or bf16), y `(B, n, C)` or None; gamma/scale/shift `(B, 1, C)`.
 
     Returns `(x + y*gamma` (float32, or bf16 where the eager ops keep bf16: bf16 x plus a rounded
@@ -244,9 +328,22 @@ def add_ln(x: Tensor, y: Tensor | None = None, gamma: Tensor | None = None, *, r
     if use_triton is None:
         use_triton = triton_available(x)
     if not use_triton:
-        return add_ln_reference(x, y, gamma, round_yg=round_yg, ln=ln, weight=weight, bias=bias,
-                                scale=scale, shift=shift, eps=eps, out_dtype=out_dtype, src_index=src_index,
-                                dst=dst, dst_index=dst_index)
+        return add_ln_reference(
+            x,
+            y,
+            gamma,
+            round_yg=round_yg,
+            ln=ln,
+            weight=weight,
+            bias=bias,
+            scale=scale,
+            shift=shift,
+            eps=eps,
+            out_dtype=out_dtype,
+            src_index=src_index,
+            dst=dst,
+            dst_index=dst_index,
+        )
     b, x_rows, c = x.shape
     n = x_rows if src_index is None else src_index.shape[1]
     x = x.contiguous()
@@ -271,17 +368,52 @@ def add_ln(x: Tensor, y: Tensor | None = None, gamma: Tensor | None = None, *, r
     dsti, dst_sb = _index_rows(dst_index, b, dummy)
     if b * n:
         _add_ln_kernel[(b * n,)](
-            x, y.contiguous() if y is not None else dummy, g, xo, h if h is not None else dummy,
-            weight if weight is not None else dummy, bias if bias is not None else dummy, sc, sh, src, dsti,
-            n, x_rows, xo.shape[1], c, eps, g_sb, s_sb, t_sb, src_sb, dst_sb,
-            HAS_Y=y is not None, HAS_G=gamma is not None, ROUND_YG=round_yg, LN=ln, GATHER=src_index is not None,
-            SCATTER=dst is not None, WRITE_X=write_x, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+            x,
+            y.contiguous() if y is not None else dummy,
+            g,
+            xo,
+            h if h is not None else dummy,
+            weight if weight is not None else dummy,
+            bias if bias is not None else dummy,
+            sc,
+            sh,
+            src,
+            dsti,
+            n,
+            x_rows,
+            xo.shape[1],
+            c,
+            eps,
+            g_sb,
+            s_sb,
+            t_sb,
+            src_sb,
+            dst_sb,
+            HAS_Y=y is not None,
+            HAS_G=gamma is not None,
+            ROUND_YG=round_yg,
+            LN=ln,
+            GATHER=src_index is not None,
+            SCATTER=dst is not None,
+            WRITE_X=write_x,
+            BLOCK=block,
+            num_warps=8 if block >= 2048 else 4,
+        )
     return xo, h
 
 
-def qk_norm_rope(qkv: Tensor, num_heads: int, head_scale: Tensor, cos: Tensor, sin: Tensor,
-                 k_dst: Tensor, v_dst: Tensor, eps: float = 1e-12, rope_index: Tensor | None = None,
-                 use_triton: bool | None = None) -> Tensor:
+def qk_norm_rope(
+    qkv: Tensor,
+    num_heads: int,
+    head_scale: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_dst: Tensor,
+    v_dst: Tensor,
+    eps: float = 1e-12,
+    rope_index: Tensor | None = None,
+    use_triton: bool | None = None,
+) -> Tensor:
     """qkv `(B, n, 3C)` -> q `(B, H, n, D)` in k_dst's dtype; k, v written into `k_dst`/`v_dst`.
 
     head_scale: `(1, H, 1, 1)` per-head temperature (already exp'ed; float32 spares the kernel
@@ -308,14 +440,43 @@ def qk_norm_rope(qkv: Tensor, num_heads: int, head_scale: Tensor, cos: Tensor, s
     q = torch.empty((b, n, num_heads, d), dtype=k_dst.dtype, device=qkv.device)
     if b * n:
         _qk_norm_rope_kernel[(b * n,)](
-            qkv, head_scale.reshape(num_heads).float().contiguous(), cos, sin, ridx, q, k_dst, v_dst, n, num_heads,
-            c, eps, cs_rows, ridx_sb,
-            k_dst.stride(0), k_dst.stride(1), k_dst.stride(2), v_dst.stride(0), v_dst.stride(1), v_dst.stride(2),
-            HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(num_heads), ROPE_INDEX=rope_index is not None,
-            num_warps=8 if num_heads * d >= 4096 else 4)
+            qkv,
+            head_scale.reshape(num_heads).float().contiguous(),
+            cos,
+            sin,
+            ridx,
+            q,
+            k_dst,
+            v_dst,
+            n,
+            num_heads,
+            c,
+            eps,
+            cs_rows,
+            ridx_sb,
+            k_dst.stride(0),
+            k_dst.stride(1),
+            k_dst.stride(2),
+            v_dst.stride(0),
+            v_dst.stride(1),
+            v_dst.stride(2),
+            HEAD_DIM=d,
+            BLOCK_H=triton.next_power_of_2(num_heads),
+            ROPE_INDEX=rope_index is not None,
+            num_warps=8 if num_heads * d >= 4096 else 4,
+        )
     return q.transpose(1, 2)
 
 
-__all__ = ["add_ln", "qk_norm_rope", "add_ln_reference", "qk_norm_rope_reference", "gather_rows", "scatter_rows",
-           "triton_available",
-           "LN_NONE", "LN_AFFINE", "LN_MODULATE"]
+__all__ = [
+    "add_ln",
+    "qk_norm_rope",
+    "add_ln_reference",
+    "qk_norm_rope_reference",
+    "gather_rows",
+    "scatter_rows",
+    "triton_available",
+    "LN_NONE",
+    "LN_AFFINE",
+    "LN_MODULATE",
+]

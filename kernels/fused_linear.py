@@ -23,6 +23,7 @@ TF32); so does the Triton interpreter for bf16 (its bf16 dot is wrong). The refe
 exact eager op sequences (`F.layer_norm`, `F.linear`, `F.gelu`), so on CPU a block built from
 these is bit-identical to `CrossAttnBlock.forward`.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,34 +41,92 @@ except ImportError:  # pragma: no cover - exercised only without triton
     triton = None
 
 
-def ln_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, *, ln: int = LN_NONE,
-                        ln_weight: Tensor | None = None, ln_bias: Tensor | None = None, scale: Tensor | None = None,
-                        shift: Tensor | None = None, eps: float = 1e-6, gelu: bool = False,
-                        residual: Tensor | None = None, gamma: Tensor | None = None,
-                        round_yg: bool = False) -> Tensor:
+def ln_linear_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    *,
+    ln: int = LN_NONE,
+    ln_weight: Tensor | None = None,
+    ln_bias: Tensor | None = None,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    eps: float = 1e-6,
+    gelu: bool = False,
+    residual: Tensor | None = None,
+    gamma: Tensor | None = None,
+    round_yg: bool = False,
+) -> Tensor:
     """The eager ops (see the module docstring); x `(B, n, K)`, scale/shift/gamma `(B, 1, ·)`."""
     a = x
     if ln != LN_NONE:
-        _, a = add_ln_reference(x, None, None, round_yg=False, ln=ln, weight=ln_weight, bias=ln_bias, scale=scale,
-                                shift=shift, eps=eps, out_dtype=weight.dtype)
+        _, a = add_ln_reference(
+            x,
+            None,
+            None,
+            round_yg=False,
+            ln=ln,
+            weight=ln_weight,
+            bias=ln_bias,
+            scale=scale,
+            shift=shift,
+            eps=eps,
+            out_dtype=weight.dtype,
+        )
     y = F.linear(a, weight, bias)
     if gelu:
         y = F.gelu(y, approximate="tanh")
     if residual is None:
         return y
-    out, _ = add_ln_reference(residual, y, gamma, round_yg=round_yg, ln=LN_NONE, weight=None, bias=None,
-                              scale=None, shift=None, eps=eps, out_dtype=torch.float32)
+    out, _ = add_ln_reference(
+        residual,
+        y,
+        gamma,
+        round_yg=round_yg,
+        ln=LN_NONE,
+        weight=None,
+        bias=None,
+        scale=None,
+        shift=None,
+        eps=eps,
+        out_dtype=torch.float32,
+    )
     return out
 
 
 if triton is not None:
-
     # Rows and tokens per image change with every scale: no recompilation for their values.
     @triton.jit(do_not_specialize=["M", "n_per_b"])
-    def _ln_linear_kernel(X, W, BIAS, LW, LB, S, T, R, G, OUT, M, N, K, n_per_b, eps, s_sb, t_sb, g_sb,
-                          LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, RESIDUAL: tl.constexpr,
-                          HAS_G: tl.constexpr, ROUND_YG: tl.constexpr, IEEE: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _ln_linear_kernel(
+        X,
+        W,
+        BIAS,
+        LW,
+        LB,
+        S,
+        T,
+        R,
+        G,
+        OUT,
+        M,
+        N,
+        K,
+        n_per_b,
+        eps,
+        s_sb,
+        t_sb,
+        g_sb,
+        LN: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        GELU: tl.constexpr,
+        RESIDUAL: tl.constexpr,
+        HAS_G: tl.constexpr,
+        ROUND_YG: tl.constexpr,
+        IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -153,10 +212,23 @@ def launch_config(m: int, n: int) -> dict[str, int]:
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 
 
-def ln_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, ln: int = LN_NONE,
-              ln_weight: Tensor | None = None, ln_bias: Tensor | None = None, scale: Tensor | None = None,
-              shift: Tensor | None = None, eps: float = 1e-6, gelu: bool = False, residual: Tensor | None = None,
-              gamma: Tensor | None = None, round_yg: bool = False, use_triton: bool | None = None) -> Tensor:
+def ln_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    ln: int = LN_NONE,
+    ln_weight: Tensor | None = None,
+    ln_bias: Tensor | None = None,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    eps: float = 1e-6,
+    gelu: bool = False,
+    residual: Tensor | None = None,
+    gamma: Tensor | None = None,
+    round_yg: bool = False,
+    use_triton: bool | None = None,
+) -> Tensor:
     """x `(B, n, K)`, weight `(N, K)` (nn.Linear's), bias `(N,)`; LayerNorm parameters `(K,)`
     (affine) or scale/shift `(B, 1, K)` (AdaLN); residual `(B, n, N)`, gamma `(B, 1, N)`.
 
@@ -167,8 +239,21 @@ def ln_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, ln: int 
     if use_triton is None:
         use_triton = triton_available(x)
     if not use_triton:
-        return ln_linear_reference(x, weight, bias, ln=ln, ln_weight=ln_weight, ln_bias=ln_bias, scale=scale,
-                                   shift=shift, eps=eps, gelu=gelu, residual=residual, gamma=gamma, round_yg=round_yg)
+        return ln_linear_reference(
+            x,
+            weight,
+            bias,
+            ln=ln,
+            ln_weight=ln_weight,
+            ln_bias=ln_bias,
+            scale=scale,
+            shift=shift,
+            eps=eps,
+            gelu=gelu,
+            residual=residual,
+            gamma=gamma,
+            round_yg=round_yg,
+        )
     b, n, k = x.shape
     n_out = weight.shape[0]
     m = b * n
@@ -181,8 +266,9 @@ def ln_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, ln: int 
     t, t_sb = _per_row(shift, b, dummy)
     g, g_sb = _per_row(gamma, b, dummy)
     if residual is not None:
-        res_dtype = residual.dtype if (round_yg and gamma is not None and residual.dtype == weight.dtype) \
-            else torch.float32
+        res_dtype = (
+            residual.dtype if (round_yg and gamma is not None and residual.dtype == weight.dtype) else torch.float32
+        )
         out = torch.empty((b, n, n_out), dtype=res_dtype, device=x.device)
         residual = residual.contiguous()
     else:
@@ -192,11 +278,33 @@ def ln_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, ln: int 
     cfg = launch_config(m, n_out)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n_out, cfg["BLOCK_N"]))
     _ln_linear_kernel[grid](
-        x, weight, bias if bias is not None else dummy, ln_weight if ln_weight is not None else dummy,
-        ln_bias if ln_bias is not None else dummy, s, t, residual if residual is not None else dummy, g, out,
-        m, n_out, k, n, eps, s_sb, t_sb, g_sb,
-        LN=ln, HAS_BIAS=bias is not None, GELU=gelu, RESIDUAL=residual is not None, HAS_G=gamma is not None,
-        ROUND_YG=round_yg, IEEE=weight.dtype == torch.float32 or _INTERPRETER, **cfg)
+        x,
+        weight,
+        bias if bias is not None else dummy,
+        ln_weight if ln_weight is not None else dummy,
+        ln_bias if ln_bias is not None else dummy,
+        s,
+        t,
+        residual if residual is not None else dummy,
+        g,
+        out,
+        m,
+        n_out,
+        k,
+        n,
+        eps,
+        s_sb,
+        t_sb,
+        g_sb,
+        LN=ln,
+        HAS_BIAS=bias is not None,
+        GELU=gelu,
+        RESIDUAL=residual is not None,
+        HAS_G=gamma is not None,
+        ROUND_YG=round_yg,
+        IEEE=weight.dtype == torch.float32 or _INTERPRETER,
+        **cfg,
+    )
     return out
 
 

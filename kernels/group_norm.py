@@ -11,6 +11,7 @@ on CUDA runs the Triton kernels; anything else runs the reference `F.group_norm`
 The kernels differ from the reference by float32 rounding in the statistics and by rounding
 once (after the SiLU) instead of twice.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,9 @@ except ImportError:  # pragma: no cover
     triton = None
 
 
-def group_norm_silu_reference(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float,
-                              silu: bool = True) -> Tensor:
+def group_norm_silu_reference(
+    x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float, silu: bool = True
+) -> Tensor:
     h = F.group_norm(x, groups, weight, bias, eps)
     return F.silu(h) if silu else h
 
@@ -53,8 +55,9 @@ if triton is not None:
         tl.store(base + C + cols, tl.sum(acc2, axis=0), mask=mc)
 
     @triton.jit
-    def _gn_apply_kernel(X, Y, MEAN, RSTD, W, B, HW, C, CG, G,
-                         SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _gn_apply_kernel(
+        X, Y, MEAN, RSTD, W, B, HW, C, CG, G, SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr
+    ):
         pb = tl.program_id(0)  # pixel blocks on axis 0: 2^31 - 1 blocks (axis 1 stops at 65535)
         n = tl.program_id(1).to(tl.int64)
         rows = pb * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -88,17 +91,22 @@ def launch_config(n: int, c: int, hw: int, sms: int = 132) -> dict:
     nk = max(1, min(_cdiv(hw, block_p), 4 * sms // max(n, 1)))
     chunk = _cdiv(_cdiv(hw, nk), block_p) * block_p
     nk = _cdiv(hw, chunk)
-    return {"block_c": block_c, "block_p": block_p, "chunk": chunk, "stats_grid": (nk, n),
-            "apply_grid": (_cdiv(hw, block_p), n)}
+    return {
+        "block_c": block_c,
+        "block_p": block_p,
+        "chunk": chunk,
+        "stats_grid": (nk, n),
+        "apply_grid": (_cdiv(hw, block_p), n),
+    }
 
 
 def _supported(x: Tensor) -> bool:
-    return (triton is not None and x.is_cuda and x.dim() == 4
-            and x.is_contiguous(memory_format=torch.channels_last))
+    return triton is not None and x.is_cuda and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def group_norm_silu(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float, silu: bool = True,
-                    use_triton: bool | None = None) -> Tensor:
+def group_norm_silu(
+    x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float, silu: bool = True, use_triton: bool | None = None
+) -> Tensor:
     """GroupNorm of `(N, C, H, W)` (+ SiLU); channels-last CUDA input takes the Triton kernels."""
     if use_triton is None:
         use_triton = _supported(x)
@@ -120,8 +128,8 @@ def group_norm_silu(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: f
     mean = mean.float().contiguous()
     y = torch.empty_like(x)  # keeps the channels-last strides
     _gn_apply_kernel[cfg["apply_grid"]](
-        x, y, mean, rstd, weight, bias, hw, c, cg, groups,
-        SILU=silu, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=8)
+        x, y, mean, rstd, weight, bias, hw, c, cg, groups, SILU=silu, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=8
+    )
     return y
 
 

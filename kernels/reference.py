@@ -10,14 +10,16 @@ The shifted sum Σ p̃ (s - m) ≤ 0 keeps sharp rows (H → 0) accurate; when m
 to m_new the old sums rescale by α = exp(m_old - m_new) and the shifted sum also gains
 l_old · (m_old - m_new). Computes in float32 (float64 inputs stay float64).
 """
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
 
-def attention_entropy_reference(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
-                                chunk: int = 1024) -> tuple[Tensor, Tensor]:
+def attention_entropy_reference(
+    q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, chunk: int = 1024
+) -> tuple[Tensor, Tensor]:
     """`(out like q, entropy (B, H, Lq) float32)`; `q (B,H,Lq,D)`, `k, v (B,H,Lk,D)`, no mask."""
     with torch.autocast(q.device.type, enabled=False):  # a reference: never lowered by autocast
         return _reference(q, k, v, q.shape[-1] ** -0.5 if scale is None else float(scale), chunk)
@@ -32,8 +34,8 @@ def _reference(q: Tensor, k: Tensor, v: Tensor, scale: float, chunk: int) -> tup
     e = torch.zeros(shape, dtype=work, device=q.device)  # Σ p̃ (s - m)
     acc = torch.zeros(*shape, v.shape[-1], dtype=work, device=q.device)
     for start in range(0, k.shape[-2], chunk):
-        kc = k[..., start:start + chunk, :].to(work)
-        vc = v[..., start:start + chunk, :].to(work)
+        kc = k[..., start : start + chunk, :].to(work)
+        vc = v[..., start : start + chunk, :].to(work)
         s = qf @ kc.transpose(-1, -2)
         m_new = torch.maximum(m, s.amax(-1))
         alpha = torch.exp(m - m_new)

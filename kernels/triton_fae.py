@@ -13,6 +13,7 @@ Lq are loaded as zeros and never stored. On Hopper, K and V blocks can come thro
 memory accelerator (`USE_TMA`, host-side descriptors over the (B, H, L, D) tensors: rows past
 Lk come back as zeros, never another head's keys).
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,9 +31,21 @@ NEG_BIG = tl.constexpr(-1.0e30)  # finite "-inf": keeps 0 · (-big) = 0 in the e
 
 
 @triton.jit
-def _softmax_update(acc, m_i, l_i, e_i, qk, v, offs_n, Lk, qk_scale,
-                    MASKED: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    ENTROPY_AFTER_PV: tl.constexpr):
+def _softmax_update(
+    acc,
+    m_i,
+    l_i,
+    e_i,
+    qk,
+    v,
+    offs_n,
+    Lk,
+    qk_scale,
+    MASKED: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ENTROPY_AFTER_PV: tl.constexpr,
+):
     """Fold one block of raw scores qk = q·kᵀ (BLOCK_M, BLOCK_N) and its values v into the state."""
     if MASKED:
         qk = tl.where(offs_n[None, :] < Lk, qk, NEG_BIG)
@@ -55,8 +68,23 @@ def _softmax_update(acc, m_i, l_i, e_i, qk, v, offs_n, Lk, qk_scale,
 
 
 @triton.jit
-def _load_kv(K, V, k_ptrs, v_ptrs, b, h, start_n, skn, svn, Lk, offs_n,
-             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+def _load_kv(
+    K,
+    V,
+    k_ptrs,
+    v_ptrs,
+    b,
+    h,
+    start_n,
+    skn,
+    svn,
+    Lk,
+    offs_n,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
     """k as (HEAD_DIM, BLOCK_N), v as (BLOCK_N, HEAD_DIM) for keys start_n + [0, BLOCK_N)."""
     if USE_TMA:  # the copy engine zero-fills rows past Lk: no mask needed
         k = K.load([b, h, start_n, 0]).reshape(BLOCK_N, HEAD_DIM).T
@@ -71,13 +99,43 @@ def _load_kv(K, V, k_ptrs, v_ptrs, b, h, start_n, skn, svn, Lk, offs_n,
 
 
 @triton.jit(do_not_specialize=["H", "Lq", "Lk"])  # one binary for every shape of a head dim
-def fae_kernel(Q, K, V, O, E, qk_scale,
-             sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-             seb, seh, sem,
-             H, Lq, Lk,
-             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             WITH_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-             ENTROPY_AFTER_PV: tl.constexpr):
+def fae_kernel(
+    Q,
+    K,
+    V,
+    O,
+    E,
+    qk_scale,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sob,
+    soh,
+    som,
+    sod,
+    seb,
+    seh,
+    sem,
+    H,
+    Lq,
+    Lk,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    ENTROPY_AFTER_PV: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -102,13 +160,39 @@ def fae_kernel(Q, K, V, O, E, qk_scale,
     for start_n in range(0, n_full, BLOCK_N):  # full key blocks: no masks
         k, v = _load_kv(K, V, k_ptrs, v_ptrs, b, h, start_n, skn, svn, Lk, offs_n, BLOCK_N, HEAD_DIM, False, USE_TMA)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-        acc, m_i, l_i, e_i = _softmax_update(acc, m_i, l_i, e_i, qk, v, start_n + offs_n, Lk, qk_scale,
-                                             False, WITH_ENTROPY, DOT_PRECISION, ENTROPY_AFTER_PV)
+        acc, m_i, l_i, e_i = _softmax_update(
+            acc,
+            m_i,
+            l_i,
+            e_i,
+            qk,
+            v,
+            start_n + offs_n,
+            Lk,
+            qk_scale,
+            False,
+            WITH_ENTROPY,
+            DOT_PRECISION,
+            ENTROPY_AFTER_PV,
+        )
     if n_full < Lk:  # the ragged last key block, masked
         k, v = _load_kv(K, V, k_ptrs, v_ptrs, b, h, n_full, skn, svn, Lk, offs_n, BLOCK_N, HEAD_DIM, True, USE_TMA)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION)
-        acc, m_i, l_i, e_i = _softmax_update(acc, m_i, l_i, e_i, qk, v, n_full + offs_n, Lk, qk_scale,
-                                             True, WITH_ENTROPY, DOT_PRECISION, ENTROPY_AFTER_PV)
+        acc, m_i, l_i, e_i = _softmax_update(
+            acc,
+            m_i,
+            l_i,
+            e_i,
+            qk,
+            v,
+            n_full + offs_n,
+            Lk,
+            qk_scale,
+            True,
+            WITH_ENTROPY,
+            DOT_PRECISION,
+            ENTROPY_AFTER_PV,
+        )
 
     out = acc / l_i[:, None]
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
@@ -166,13 +250,20 @@ def pick_config(B: int, H: int, Lq: int, D: int, itemsize: int = 2, n_sm: int = 
     return (16, 16, 4, 1, True)
 
 
-def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, with_entropy: bool,
-           config: tuple | None = None, use_tma: bool | None = None):
+def launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None,
+    with_entropy: bool,
+    config: tuple | None = None,
+    use_tma: bool | None = None,
+):
     """`fae_forward`, also returning the compiled kernel (registers, spills) for the tuner.
     `config`: (BLOCK_M, BLOCK_N, num_warps, num_stages[, ENTROPY_AFTER_PV])."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = D**-0.5 if scale is None else float(scale)
     if scale < 0:  # the kernel folds the scale into an FMA after the row max, which needs scale >= 0
         q, scale = -q, -scale
     if config is None:
@@ -188,18 +279,48 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | Non
     if use_tma:
         kk = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, bn, D])
         vv = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, bn, D])
-    args = (q, kk, vv, out, ent, scale * LOG2E,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *e_strides, H, Lq, Lk)
+    args = (
+        q,
+        kk,
+        vv,
+        out,
+        ent,
+        scale * LOG2E,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        *e_strides,
+        H,
+        Lq,
+        Lk,
+    )
     # fp32 operands: full-precision dots (Triton's default for fp32 would be tf32, ~3e-4 error).
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     kernel = fae_kernel[(triton.cdiv(Lq, bm), B * H)](
-        *args, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, WITH_ENTROPY=with_entropy, DOT_PRECISION=precision,
-        USE_TMA=use_tma, ENTROPY_AFTER_PV=after_pv, num_warps=warps, num_stages=stages)
+        *args,
+        HEAD_DIM=D,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        WITH_ENTROPY=with_entropy,
+        DOT_PRECISION=precision,
+        USE_TMA=use_tma,
+        ENTROPY_AFTER_PV=after_pv,
+        num_warps=warps,
+        num_stages=stages,
+    )
     return out, (ent if with_entropy else None), kernel
 
 
-def fae_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, with_entropy: bool,
-                config: tuple | None = None, use_tma: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fae_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None,
+    with_entropy: bool,
+    config: tuple | None = None,
+    use_tma: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the kernel: `(out, entropy or None)`. `config=(BLOCK_M, BLOCK_N, num_warps, num_stages)`
     pins the tiling (the interpreter tests use small ones); None picks one by shape (`pick_config`).
     `use_tma` None: TMA where the hardware and the strides allow."""

@@ -1,5 +1,6 @@
 """Run by tests/test_kernels_fae.py in a subprocess with TRITON_INTERPRET=1 (set before triton
 is imported): the Triton kernel on CPU against the float64 reference. Exits non-zero on failure."""
+
 import math
 import os
 import sys

@@ -1,5 +1,6 @@
 """Run by tests/test_fused_block.py in a subprocess with TRITON_INTERPRET=1 (set before triton is
 imported): the fused block kernels on CPU against their PyTorch references. Exits non-zero on failure."""
+
 import os
 import sys
 
@@ -31,18 +32,23 @@ def check(name, a, b, tol):
 
 
 for B, n, C in [(2, 5, 48), (1, 7, 40), (3, 1, 64)]:
-    for xdt, ydt, out in [(torch.float32, torch.float32, torch.float32), (torch.float32, torch.bfloat16, torch.bfloat16),
-                          (torch.bfloat16, torch.bfloat16, torch.bfloat16)]:
+    for xdt, ydt, out in [
+        (torch.float32, torch.float32, torch.float32),
+        (torch.float32, torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    ]:
         x = torch.randn(B, n, C).to(xdt)
         y = torch.randn(B, n, C).to(ydt)
         ada = torch.randn(B, 1, 6, C)  # gamma/scale/shift as strided slices, as the block passes them
         g, s, t = ada[:, :, 0], ada[:, :, 3] * 0.1, ada[:, :, 5]
         w, bv = 1 + 0.1 * torch.randn(C), torch.randn(C)
         tol = 1e-5 if out == torch.float32 else 1e-2
-        cases = [dict(y=y, gamma=g, round_yg=True, ln=LN_AFFINE, weight=w, bias=bv),
-                 dict(y=y, gamma=None, ln=LN_MODULATE, scale=s, shift=t),
-                 dict(y=y, gamma=g, round_yg=False, ln=LN_NONE),
-                 dict(y=None, ln=LN_MODULATE, scale=s, shift=t)]
+        cases = [
+            dict(y=y, gamma=g, round_yg=True, ln=LN_AFFINE, weight=w, bias=bv),
+            dict(y=y, gamma=None, ln=LN_MODULATE, scale=s, shift=t),
+            dict(y=y, gamma=g, round_yg=False, ln=LN_NONE),
+            dict(y=None, ln=LN_MODULATE, scale=s, shift=t),
+        ]
         for i, kw in enumerate(cases):
             tag = f"add_ln case {i} {(B, n, C)} {xdt} {ydt}"
             xa, ha = add_ln(x, eps=1e-6, out_dtype=out, use_triton=True, **kw)
@@ -65,16 +71,15 @@ for B, n, H, D in [(2, 6, 3, 16), (1, 9, 2, 32), (2, 1, 4, 8)]:
         cache_k = torch.full((B, H, n + 5, D), float("nan"), dtype=dt)
         cache_v = torch.full((B, H, n + 5, D), float("nan"), dtype=dt)
         ref_k, ref_v = cache_k.clone(), cache_v.clone()
-        qa = qk_norm_rope(qkv, H, hs, cos, sin, cache_k[:, :, 3:3 + n], cache_v[:, :, 3:3 + n], use_triton=True)
-        qb = qk_norm_rope(qkv, H, hs, cos, sin, ref_k[:, :, 3:3 + n], ref_v[:, :, 3:3 + n], use_triton=False)
+        qa = qk_norm_rope(qkv, H, hs, cos, sin, cache_k[:, :, 3 : 3 + n], cache_v[:, :, 3 : 3 + n], use_triton=True)
+        qb = qk_norm_rope(qkv, H, hs, cos, sin, ref_k[:, :, 3 : 3 + n], ref_v[:, :, 3 : 3 + n], use_triton=False)
         tol = 1e-5 if dt == torch.float32 else 1e-2
         tag = f"qk_norm_rope {(B, n, H, D)} {dt} cos {tuple(cos.shape)}"
         check(tag + " q", qa, qb, tol)
-        check(tag + " k", cache_k[:, :, 3:3 + n], ref_k[:, :, 3:3 + n], tol)
-        check(tag + " v", cache_v[:, :, 3:3 + n], ref_v[:, :, 3:3 + n], 0.0)
-        if not (cache_k[:, :, :3].isnan().all() and cache_k[:, :, 3 + n:].isnan().all()):
+        check(tag + " k", cache_k[:, :, 3 : 3 + n], ref_k[:, :, 3 : 3 + n], tol)
+        check(tag + " v", cache_v[:, :, 3 : 3 + n], ref_v[:, :, 3 : 3 + n], 0.0)
+        if not (cache_k[:, :, :3].isnan().all() and cache_k[:, :, 3 + n :].isnan().all()):
             failures.append(tag + ": wrote outside the cache slot")
-
 
 
 def fa_check(name, out, ref, truth, atol=1e-6, bf16=False):
@@ -110,16 +115,17 @@ def truth_add_ln(x, y, gamma, ln_kw, **rows):
     """add_ln's reference in float64 (no intermediate rounding)."""
     kw = dict(ln=LN_NONE, weight=None, bias=None, scale=None, shift=None)
     kw.update({k: f64(v) for k, v in ln_kw.items()})
-    return add_ln_reference(f64(x), f64(y), f64(gamma), round_yg=False, eps=1e-6, out_dtype=torch.float64,
-                            **kw, **rows)
+    return add_ln_reference(f64(x), f64(y), f64(gamma), round_yg=False, eps=1e-6, out_dtype=torch.float64, **kw, **rows)
 
 
 # Rows through an index: the gather of a pruned block's kept tokens in its first stage, the scatter
 # of its new residual rows in its last (index rows differ per image, as under a per-image plan).
 for B, N, K, C in [(2, 9, 4, 48), (3, 5, 5, 40), (1, 16, 1, 64), (2, 7, 0, 32)]:
-    for xdt, ydt, out in [(torch.float32, torch.float32, torch.float32),
-                          (torch.float32, torch.bfloat16, torch.bfloat16),
-                          (torch.bfloat16, torch.bfloat16, torch.bfloat16)]:
+    for xdt, ydt, out in [
+        (torch.float32, torch.float32, torch.float32),
+        (torch.float32, torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    ]:
         idx = torch.stack([torch.sort(torch.randperm(N)[:K]).values for _ in range(B)])
         xf = torch.randn(B, N, C).to(xdt)  # a scale's full hidden states
         y = torch.randn(B, K, C).to(ydt)
@@ -163,16 +169,29 @@ for B, N, K, H, D in [(2, 12, 5, 3, 16), (1, 9, 9, 2, 32), (3, 4, 1, 4, 8)]:
         cos, sin = ang.cos(), ang.sin()
         caches = [torch.full((B, H, K + 4, D), float("nan"), dtype=d) for d in (dt, dt, torch.float64)]
         vcaches = [torch.full((B, H, K + 4, D), float("nan"), dtype=d) for d in (dt, dt, torch.float64)]
-        qs = [qk_norm_rope(q_in, H, h_in, cos_in, sin_in, c[:, :, 2:2 + K], v[:, :, 2:2 + K], rope_index=idx,
-                           use_triton=u)
-              for q_in, h_in, cos_in, sin_in, c, v, u in zip((qkv, qkv, qkv.double()), (hs, hs, hs.double()),
-                                                           (cos, cos, cos.double()), (sin, sin, sin.double()),
-                                                           caches, vcaches, (True, False, False))]
+        qs = [
+            qk_norm_rope(
+                q_in, H, h_in, cos_in, sin_in, c[:, :, 2 : 2 + K], v[:, :, 2 : 2 + K], rope_index=idx, use_triton=u
+            )
+            for q_in, h_in, cos_in, sin_in, c, v, u in zip(
+                (qkv, qkv, qkv.double()),
+                (hs, hs, hs.double()),
+                (cos, cos, cos.double()),
+                (sin, sin, sin.double()),
+                caches,
+                vcaches,
+                (True, False, False),
+            )
+        ]
         tag = f"qk_norm_rope rope_index {(B, N, K, H, D)} {dt}"
         fa_check(tag + " q", qs[0], qs[1], qs[2], atol=1e-5)
-        fa_check(tag + " k", caches[0][:, :, 2:2 + K], caches[1][:, :, 2:2 + K], caches[2][:, :, 2:2 + K], atol=1e-5)
-        fa_check(tag + " v", vcaches[0][:, :, 2:2 + K], vcaches[1][:, :, 2:2 + K], vcaches[2][:, :, 2:2 + K], atol=0.0)
-        if not (caches[0][:, :, :2].isnan().all() and caches[0][:, :, 2 + K:].isnan().all()):
+        fa_check(
+            tag + " k", caches[0][:, :, 2 : 2 + K], caches[1][:, :, 2 : 2 + K], caches[2][:, :, 2 : 2 + K], atol=1e-5
+        )
+        fa_check(
+            tag + " v", vcaches[0][:, :, 2 : 2 + K], vcaches[1][:, :, 2 : 2 + K], vcaches[2][:, :, 2 : 2 + K], atol=0.0
+        )
+        if not (caches[0][:, :, :2].isnan().all() and caches[0][:, :, 2 + K :].isnan().all()):
             failures.append(tag + ": wrote outside the cache slot")
 
 # A linear layer for few rows with LayerNorm before and GELU / residual after (kernels.fused_linear).
@@ -181,24 +200,37 @@ from kernels.fused_linear import ln_linear, ln_linear_reference  # noqa: E402
 for B, n, K, N in [(2, 5, 64, 40), (3, 3, 40, 136)]:  # N past a tile, rows of several images
     for wdt in (torch.float32, torch.bfloat16):
         x = torch.randn(B, n, K) * 2 + 0.3
-        weight = (torch.randn(N, K) / K ** 0.5).to(wdt)
+        weight = (torch.randn(N, K) / K**0.5).to(wdt)
         bias = (torch.randn(N) * 0.1).to(wdt)
         ada = torch.randn(B, 1, 6, max(K, N))
         lw, lb = 1 + 0.1 * torch.randn(K), 0.1 * torch.randn(K)
-        lns = [dict(), dict(ln=LN_AFFINE, ln_weight=lw.to(wdt), ln_bias=lb.to(wdt)),
-               dict(ln=LN_MODULATE, scale=ada[:, :, 1, :K] * 0.1, shift=ada[:, :, 2, :K])]
+        lns = [
+            dict(),
+            dict(ln=LN_AFFINE, ln_weight=lw.to(wdt), ln_bias=lb.to(wdt)),
+            dict(ln=LN_MODULATE, scale=ada[:, :, 1, :K] * 0.1, shift=ada[:, :, 2, :K]),
+        ]
         residual = torch.randn(B, n, N)
         gamma = ada[:, :, 0, :N]
-        ends = [dict(), dict(gelu=True), dict(residual=residual, gamma=gamma, round_yg=True),
-                dict(residual=residual, gamma=gamma), dict(residual=residual)]
+        ends = [
+            dict(),
+            dict(gelu=True),
+            dict(residual=residual, gamma=gamma, round_yg=True),
+            dict(residual=residual, gamma=gamma),
+            dict(residual=residual),
+        ]
         for li, lk in enumerate(lns):
             for ei, ek in enumerate(ends):
                 xin = x if lk else x.to(wdt)  # without a LayerNorm the input comes in the weight dtype
                 tag = f"ln_linear ln{li} end{ei} {(B, n, K, N)} {wdt}"
                 a = ln_linear(xin, weight, bias, use_triton=True, **lk, **ek)
                 r = ln_linear(xin, weight, bias, use_triton=False, **lk, **ek)
-                t = ln_linear_reference(xin.double(), weight.double(), bias.double(),
-                                        **{k: f64(v) for k, v in lk.items()}, **{k: f64(v) for k, v in ek.items()})
+                t = ln_linear_reference(
+                    xin.double(),
+                    weight.double(),
+                    bias.double(),
+                    **{k: f64(v) for k, v in lk.items()},
+                    **{k: f64(v) for k, v in ek.items()},
+                )
                 fa_check(tag, a, r, t, atol=1e-5, bf16=wdt == torch.bfloat16)
 
 for N, C, H, W, G in [(1, 32, 7, 9, 8), (2, 48, 5, 4, 4), (1, 64, 11, 13, 32)]:

@@ -1,5 +1,6 @@
 """Shared fixtures: the small random-weight test backbones (no files needed) and the Hydra configs
 of toprovar/conf/ composed as the apps compose them (the YAML is the one source of default values)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

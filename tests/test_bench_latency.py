@@ -1,4 +1,5 @@
 """`python -m benchmarks.latency --smoke`: the latency benchmark's code path on CPU."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,10 @@ def test_batch_benchmark_smoke_writes_one_row_per_batch(tmp_path, monkeypatch) -
     from tools import bench_batch
 
     out = tmp_path / "batch.json"
-    monkeypatch.setattr("sys.argv", ["bench_batch", "--smoke", "--batches", "1,2", "--warmup", "0", "--reps", "1",
-                                     "--json-out", str(out)])
+    monkeypatch.setattr(
+        "sys.argv",
+        ["bench_batch", "--smoke", "--batches", "1,2", "--warmup", "0", "--reps", "1", "--json-out", str(out)],
+    )
     bench_batch.main()
     record = json.loads(out.read_text())
     assert [r["batch"] for r in record["rows"]] == [1, 2]

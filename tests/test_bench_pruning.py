@@ -1,5 +1,6 @@
 """`python -m benchmarks.pruning`: the whole path on CPU (--smoke), the policy built to a FLOP
 target, and the one-line refusal without CUDA. Numbers on CPU are not benchmarks."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "benchmarks.pruning", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.pruning", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def test_smoke_runs_the_whole_path_on_cpu() -> None:
@@ -29,8 +36,20 @@ def test_smoke_runs_the_whole_path_on_cpu() -> None:
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     result = json.loads(lines[-1])
-    for key in ("device", "torch", "triton", "date", "command", "unpruned_ms", "pruned_ms", "replay_ms",
-                "ideal_speedup", "measured_speedup", "measured_over_ideal", "decision_overhead_share"):
+    for key in (
+        "device",
+        "torch",
+        "triton",
+        "date",
+        "command",
+        "unpruned_ms",
+        "pruned_ms",
+        "replay_ms",
+        "ideal_speedup",
+        "measured_speedup",
+        "measured_over_ideal",
+        "decision_overhead_share",
+    ):
         assert key in result, key
     assert result["backbone"] == "test-small" and result["command"].endswith("--smoke")
     assert result["guidance_scale"] == 3.0 and "guidance scale 3.0" in proc.stdout

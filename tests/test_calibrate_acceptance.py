@@ -1,5 +1,6 @@
 """Acceptance: the bounds are scipy's, the sequential rule keeps its error rate, and on `tiny` a null
 policy is accepted while a clearly bad one is rejected after one batch."""
+
 from __future__ import annotations
 
 import math
@@ -54,7 +55,7 @@ def test_whole_prompt_floor_is_the_wilson_bound_and_never_tighter_than_t():
     for _ in range(20):
         n, alpha = int(rng.integers(20, 600)), float(rng.uniform(0.005, 0.1))
         lost = int(rng.integers(0, max(1, n // 10)))
-        values = np.r_[np.ones(lost), np.zeros(n - lost)]   # pure losses: Wilson's own setting
+        values = np.r_[np.ones(lost), np.zeros(n - lost)]  # pure losses: Wilson's own setting
         wilson = stats.binomtest(lost, n).proportion_ci(1 - 2 * alpha, method="wilson")
         low, high = mean_bounds(values, alpha, whole_prompts=True)
         t_low, t_high = mean_bounds(values, alpha)
@@ -98,7 +99,7 @@ def test_false_acceptance_at_the_margin_stays_below_alpha(budget, batch):
     rows = 4000
     test = SequentialTest(GENEVAL, 0.95, batch, budget)
     for name, (won, size) in AT_MARGIN.items():
-        lost = won + MARGIN / float(np.mean(size))     # mean drop = (lost - won) * mean magnitude = margin
+        lost = won + MARGIN / float(np.mean(size))  # mean drop = (lost - won) * mean magnitude = margin
         decision, _ = test.simulate({"geneval_drop": _paired(rng, rows, budget, lost, won, size)})
         rate = (decision == ACCEPT).mean()
         assert rate <= test.alpha, (SEED, name, budget, batch, rate)
@@ -115,16 +116,16 @@ def test_the_t_bound_alone_would_not_keep_the_promise():
 
 def test_clear_cases_stop_after_one_batch_and_close_ones_spend_the_budget():
     rng = np.random.default_rng(SEED)
-    bad = _paired(rng, 1000, 384, 0.22, 0.02)            # drop 0.2, ten times the margin
+    bad = _paired(rng, 1000, 384, 0.22, 0.02)  # drop 0.2, ten times the margin
     decision, used = SequentialTest(GENEVAL, 0.95, 96, 384).simulate({"geneval_drop": bad})
     assert (decision == REJECT).all() and (used == 96).mean() >= 0.95, SEED
-    null = _paired(rng, 1000, 768, 0.01, 0.02, 1 / 3)     # a few checks either way: clear once a batch can show it
+    null = _paired(rng, 1000, 768, 0.01, 0.02, 1 / 3)  # a few checks either way: clear once a batch can show it
     decision, used = SequentialTest(GENEVAL, 0.95, 256, 768).simulate({"geneval_drop": null})
     assert (decision == ACCEPT).mean() >= 0.95 and (used == 256).mean() >= 0.8, SEED
-    ssim = np.clip(rng.normal(0.95, 0.03, (1000, 192)), -1, 1)   # SSIM far above its floor
+    ssim = np.clip(rng.normal(0.95, 0.03, (1000, 192)), -1, 1)  # SSIM far above its floor
     decision, used = SequentialTest((Criterion("ssim", 0.8, floor=True),), 0.95, 48, 192).simulate({"ssim": ssim})
     assert (decision == ACCEPT).all() and (used == 48).all()
-    close = _paired(rng, 1000, 288, 0.03, 0.01)           # at the margin: mostly undecided, never cheap
+    close = _paired(rng, 1000, 288, 0.03, 0.01)  # at the margin: mostly undecided, never cheap
     decision, used = SequentialTest(GENEVAL, 0.95, 96, 288).simulate({"geneval_drop": close})
     assert (decision == UNDECIDED).mean() > 0.8 and used.mean() > 250, SEED
 
@@ -137,8 +138,10 @@ def test_decide_combines_metrics_and_matches_simulate():
     verdict = test.decide({"geneval_drop": np.zeros(96), "ssim": bad_ssim}, 1)
     assert verdict.decision == REJECT and verdict.bounds["ssim"].upper < 0.8 and verdict.bounds["ssim"].floor
     assert test.decide({"geneval_drop": np.zeros(288), "ssim": np.full(288, 0.97)}, 3).decision == ACCEPT
-    assert test.decide({"geneval_drop": np.r_[np.ones(4), np.zeros(284)], "ssim": np.full(288, 0.97)},
-                       3).decision == UNDECIDED
+    assert (
+        test.decide({"geneval_drop": np.r_[np.ones(4), np.zeros(284)], "ssim": np.full(288, 0.97)}, 3).decision
+        == UNDECIDED
+    )
     drops = _paired(rng, 50, 288, 0.05, 0.03)
     ssim = np.clip(rng.normal(0.9, 0.05, (50, 288)), -1, 1)
     decision, used = test.simulate({"geneval_drop": drops, "ssim": ssim})
@@ -159,8 +162,9 @@ def test_decide_combines_metrics_and_matches_simulate():
 
 
 def test_sequential_test_from_config_has_geneval_only_with_an_evaluator():
-    cfg = AcceptanceConfig(confidence=0.9, score="share", max_geneval_drop=0.03, min_ssim=0.7, max_clip_drop=1.0,
-                           batch=50)
+    cfg = AcceptanceConfig(
+        confidence=0.9, score="share", max_geneval_drop=0.03, min_ssim=0.7, max_clip_drop=1.0, batch=50
+    )
     with_eval, without = sequential_test(cfg, 120, True), sequential_test(cfg, 120, False)
     assert [c.metric for c in with_eval.criteria] == ["geneval_drop", "ssim"] and with_eval.looks == 3
     assert [c.metric for c in without.criteria] == ["ssim"] and without.confidence == 0.9
@@ -185,9 +189,16 @@ def tiny_validator():
     backend = load_backend({"name": "tiny", "weights": {}}, torch.device("cpu"), None, batch_size=8)
     scenes = sample_scenes(48, seed=SEED)
     prompts = PromptSet("validate", [s.caption for s in scenes], [SEED + i for i in range(48)], scenes)
-    return PolicyScorer(backend, prompts, lambda params: params, cost="flops",
-                        latency=LatencyConfig(warmup=0, repeats=1), evaluator=geneval_scorer("tiny"),
-                        geneval_score="binary", desc="test")
+    return PolicyScorer(
+        backend,
+        prompts,
+        lambda params: params,
+        cost="flops",
+        latency=LatencyConfig(warmup=0, repeats=1),
+        evaluator=geneval_scorer("tiny"),
+        geneval_score="binary",
+        desc="test",
+    )
 
 
 def test_tiny_null_policy_accepted_and_an_early_exit_rejected_after_one_batch(tiny_validator):
@@ -195,15 +206,17 @@ def test_tiny_null_policy_accepted_and_an_early_exit_rejected_after_one_batch(ti
     for a policy that changes nothing: with none lost in n, about z²/n of drop stays possible)."""
     from toprovar.policy import policy_from_dict
 
-    cfg = AcceptanceConfig(confidence=0.95, score="binary", max_geneval_drop=0.1, min_ssim=0.8, max_clip_drop=1.0,
-                           batch=24)
+    cfg = AcceptanceConfig(
+        confidence=0.95, score="binary", max_geneval_drop=0.1, min_ssim=0.8, max_clip_drop=1.0, batch=24
+    )
     test = sequential_test(cfg, 48, geneval=True)
     null = tiny_validator.validate(None, test)
     assert null.verdict.decision == ACCEPT and null.verdict.prompts == 48, null.verdict.record()
     # Generated again: the same images up to CPU float noise (SSIM 0.9999 seen under heavy load).
     assert null.scores.geneval_drop == 0 and null.scores.ssim > 0.999
-    exit_early = policy_from_dict({"version": 1, "method": "fixed_exit", "backbone": "tiny",
-                                   "fixed_exit": {"exit_scale": 6}})
+    exit_early = policy_from_dict(
+        {"version": 1, "method": "fixed_exit", "backbone": "tiny", "fixed_exit": {"exit_scale": 6}}
+    )
     bad = tiny_validator.validate(exit_early, test)
     assert bad.verdict.decision == REJECT and bad.verdict.prompts == 24, (SEED, bad.verdict.record())
     assert bad.scores.geneval_drop >= 0.1 and bad.verdict.bounds["geneval_drop"].lower > 0.1

@@ -1,4 +1,5 @@
 """`python -m calibrate`: one-line errors, config typing, and the pre-sampling statistics."""
+
 from __future__ import annotations
 
 import os
@@ -25,27 +26,47 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _calibrate(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "calibrate", *overrides], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)  # a hang guard, not a speed claim
+    return subprocess.run(
+        [sys.executable, "-m", "calibrate", *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # a hang guard, not a speed claim
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["backbone=test-small", "search.no_such_key=1"], "no_such_key"),
-    (["backbone=no-such-backbone"], "no-such-backbone"),
-    (["search.n_trials=[1"], "bad override"),
-    (["backbone=test-small", "search.n_trials=many"], "n_trials"),
-    (["backbone=test-small", "search.sampler=grid"], "search.sampler"),
-    (["backbone=test-small", "stages=[evaluate]"], "evaluate=["),
-    (["backbone=test-small", "tracking=off", "storage=memory", "stages=[evaluate]", "evaluate=[no_such_policy]"],
-     "no_such_policy"),
-    (["backbone=infinity-2b", "tracking=off", "storage=memory",
-      "backbone.weights.transformer=/nonexistent/infinity_2b_reg.pth"], "/nonexistent/infinity_2b_reg.pth"),
-    (["backbone=test-small", "tracking=off", "storage=memory", "search.workers=2"], "storage=memory"),
-    # checked from the folder's files before the backbone (2B's missing weights) is even looked at
-    (["backbone=infinity-2b", "tracking=off", "storage=memory", "quality.clip=/nonexistent/clip"],
-     "quality.clip=/nonexistent/clip: no such folder"),
-    (["backbone=test-small", "search.constraints.max_clip_drop=0"], "max_clip_drop"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["backbone=test-small", "search.no_such_key=1"], "no_such_key"),
+        (["backbone=no-such-backbone"], "no-such-backbone"),
+        (["search.n_trials=[1"], "bad override"),
+        (["backbone=test-small", "search.n_trials=many"], "n_trials"),
+        (["backbone=test-small", "search.sampler=grid"], "search.sampler"),
+        (["backbone=test-small", "stages=[evaluate]"], "evaluate=["),
+        (
+            ["backbone=test-small", "tracking=off", "storage=memory", "stages=[evaluate]", "evaluate=[no_such_policy]"],
+            "no_such_policy",
+        ),
+        (
+            [
+                "backbone=infinity-2b",
+                "tracking=off",
+                "storage=memory",
+                "backbone.weights.transformer=/nonexistent/infinity_2b_reg.pth",
+            ],
+            "/nonexistent/infinity_2b_reg.pth",
+        ),
+        (["backbone=test-small", "tracking=off", "storage=memory", "search.workers=2"], "storage=memory"),
+        # checked from the folder's files before the backbone (2B's missing weights) is even looked at
+        (
+            ["backbone=infinity-2b", "tracking=off", "storage=memory", "quality.clip=/nonexistent/clip"],
+            "quality.clip=/nonexistent/clip: no such folder",
+        ),
+        (["backbone=test-small", "search.constraints.max_clip_drop=0"], "max_clip_drop"),
+    ],
+)
 def test_user_mistakes_are_one_line_errors(tmp_path, overrides, expected):
     result = _calibrate(tmp_path, *overrides)
     assert result.returncode == 2, result.stderr
@@ -71,8 +92,10 @@ def test_run_folders_of_two_processes_differ_within_one_second(tmp_path):
     """The run folder's name ends in the process id: two calibrations started in the same second
     (same date and time stamp) get their own folders."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    started = [subprocess.Popen([sys.executable, "-c", _RUN_DIR_SCRIPT], cwd=REPO, env=env, text=True,
-                                stdout=subprocess.PIPE) for _ in range(2)]
+    started = [
+        subprocess.Popen([sys.executable, "-c", _RUN_DIR_SCRIPT], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE)
+        for _ in range(2)
+    ]
     folders = {}
     for process in started:
         out, _ = process.communicate(timeout=600)
@@ -91,9 +114,17 @@ def test_exported_policy_that_did_not_validate_exits_3(tmp_path, calibrate_confi
 
     validate = app.select_and_validate
     monkeypatch.setattr(app, "select_and_validate", lambda *args: dataclasses.replace(validate(*args), passed=False))
-    cfg = calibrate_config("backbone=test-small", "storage=memory", "tracking=off", "search.n_trials=2",
-                           "prompts.presample=1", "prompts.search=1", "prompts.validate=1",
-                           "search.validate_candidates=1", "search.constraints.min_ssim=0.0")
+    cfg = calibrate_config(
+        "backbone=test-small",
+        "storage=memory",
+        "tracking=off",
+        "search.n_trials=2",
+        "prompts.presample=1",
+        "prompts.search=1",
+        "prompts.validate=1",
+        "search.validate_candidates=1",
+        "search.constraints.min_ssim=0.0",
+    )
     calibration = Calibration(cfg, tmp_path / "run", tmp_path, [])
     path = calibration.run()
     assert calibration.exit_status == EXIT_NOT_VALIDATED == 3
@@ -134,8 +165,21 @@ def test_layer_score_crossing_and_ranges():
     lo, hi = quantile_range(values, 0.1, 0.9, 0.05)
     assert 0.25 <= lo < hi <= 0.55
     assert quantile_range(np.array([np.nan]), 0.1, 0.9, 0.05) is None
-    grids = [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16), (20, 20), (24, 24), (32, 32),
-             (40, 40), (48, 48), (64, 64)]
+    grids = [
+        (1, 1),
+        (2, 2),
+        (4, 4),
+        (6, 6),
+        (8, 8),
+        (12, 12),
+        (16, 16),
+        (20, 20),
+        (24, 24),
+        (32, 32),
+        (40, 40),
+        (48, 48),
+        (64, 64),
+    ]
     assert representative_scale(grids) == 6  # the paper's scale 6 of 13
     assert min(grids[representative_scale(grids[:3])]) >= 2
 
@@ -154,9 +198,14 @@ def test_mini_calibration_end_to_end_and_resume(tmp_path):
     from toprovar.policy import load_policy
 
     run_dir, shipped = tmp_path / "run", tmp_path / "policies"
-    common = ["backbone=test-small", "search.n_trials=4", "search.validate_candidates=2",
-              f"search.constraints.min_ssim={random.uniform(0.0, 0.3):.3f}", f"hydra.run.dir={run_dir}",
-              f"seed={random.randrange(1000)}"]
+    common = [
+        "backbone=test-small",
+        "search.n_trials=4",
+        "search.validate_candidates=2",
+        f"search.constraints.min_ssim={random.uniform(0.0, 0.3):.3f}",
+        f"hydra.run.dir={run_dir}",
+        f"seed={random.randrange(1000)}",
+    ]
     result = _calibrate(tmp_path, *common, "tracking=local", f"export_to={shipped}")
     assert result.returncode == 0, result.stderr[-3000:]
     _check_tracked_run(tmp_path / "mlflow.db", trials=4)
@@ -170,7 +219,10 @@ def test_mini_calibration_end_to_end_and_resume(tmp_path):
     assert acceptance["decision"] in ("accept", "reject", "undecided") and acceptance["confidence"] == 0.95
     assert provenance["validated"] == (acceptance["decision"] == "accept")
     ssim_bound = acceptance["metrics"]["ssim"]
-    assert ssim_bound["lower"] <= ssim_bound["mean"] <= ssim_bound["upper"] and ssim_bound["n"] == acceptance["prompts_used"]
+    assert (
+        ssim_bound["lower"] <= ssim_bound["mean"] <= ssim_bound["upper"]
+        and ssim_bound["n"] == acceptance["prompts_used"]
+    )
     assert len(pd.read_csv(run_dir / "validation" / "per_prompt.csv")) >= acceptance["prompts_used"]
     assert load_policy(str(policy_path)) is not None
     trials = pd.read_csv(run_dir / "search" / "trials.csv")
@@ -187,8 +239,15 @@ def test_mini_calibration_end_to_end_and_resume(tmp_path):
     # The evaluate stage measures policies on the held-out prompts the way validation did: the
     # exported policy's FLOP speedup and SSIM come out the same (same prompts, seeds, CPU FLOPs).
     eval_dir = tmp_path / "evaluate_run"
-    measured = _calibrate(tmp_path, "backbone=test-small", "tracking=off", "storage=memory", "stages=[evaluate]",
-                          f"evaluate=[none,{policy_path}]", f"hydra.run.dir={eval_dir}")
+    measured = _calibrate(
+        tmp_path,
+        "backbone=test-small",
+        "tracking=off",
+        "storage=memory",
+        "stages=[evaluate]",
+        f"evaluate=[none,{policy_path}]",
+        f"hydra.run.dir={eval_dir}",
+    )
     assert measured.returncode == 0, measured.stderr[-3000:]
     table = pd.read_csv(eval_dir / "evaluate" / "policies.csv").set_index("policy")
     assert list(table.index) == ["none", str(policy_path)]
@@ -196,7 +255,9 @@ def test_mini_calibration_end_to_end_and_resume(tmp_path):
     validation = provenance["measured"]["validation"]
     assert table.loc[str(policy_path), "speedup"] == pytest.approx(validation["speedup"], rel=1e-6)
     assert table.loc[str(policy_path), "ssim"] == pytest.approx(validation["ssim"], abs=1e-4)
-    assert table.loc["none", "decision"] == "accept" and table.loc["none", "acceptance.ssim.lower"] == pytest.approx(1.0)
+    assert table.loc["none", "decision"] == "accept" and table.loc["none", "acceptance.ssim.lower"] == pytest.approx(
+        1.0
+    )
     assert (eval_dir / "evaluate" / "unpruned_vs_policies.png").exists()
 
 
@@ -242,8 +303,9 @@ def test_weight_paths_in_provenance_are_package_relative(tmp_path):
         assert (package.parent / path).is_file() and shipped["weight_hashes"][part].startswith("sha256:")
 
 
-def test_a_resumed_study_keeps_its_presample_summary_and_says_so_only_when_it_differs(tmp_path, calibrate_config,
-                                                                                     caplog):
+def test_a_resumed_study_keeps_its_presample_summary_and_says_so_only_when_it_differs(
+    tmp_path, calibrate_config, caplog
+):
     """The stored summary comes back from the storage as JSON (lists where the summary has tuples):
     an equal fresh summary is not reported as different (it was, before)."""
     import dataclasses
@@ -256,8 +318,15 @@ def test_a_resumed_study_keeps_its_presample_summary_and_says_so_only_when_it_di
     cfg = calibrate_config("backbone=test-small", "tracking=off")
     storage = dataclasses.replace(cfg.storage, url=f"journal:{tmp_path}/study.journal")
     calibration = Calibration(cfg, tmp_path, tmp_path, [])
-    summary = PresampleSummary(crossing="below", tau_range=(random.random(), 1.0), representative_scale=3,
-                               layer_ratios=[random.uniform(1, 3) for _ in range(2)], band_points=4, prompts=4, scales=7)
+    summary = PresampleSummary(
+        crossing="below",
+        tau_range=(random.random(), 1.0),
+        representative_scale=3,
+        layer_ratios=[random.uniform(1, 3) for _ in range(2)],
+        band_points=4,
+        prompts=4,
+        scales=7,
+    )
     assert calibration.shared_summary(open_study("s", storage, "tpe", 0, 4), summary) == summary
 
     def said():

@@ -8,6 +8,7 @@ One run folder goes through the four kills in turn (each rerun is killed at the 
 last one finishes), which checks every resume without paying for four separate calibrations. The
 kills land deterministically (calibrate.search.hold_for_crash_test).
 """
+
 from __future__ import annotations
 
 import random
@@ -23,8 +24,13 @@ POINTS = ("presample", "trial", "validate", "export")
 def test_sigkill_at_every_stage_then_the_same_command_finishes(tmp_path):
     n_trials = random.randint(2, 3)
     run_dir, shipped, hold = tmp_path / "run", tmp_path / "policies", tmp_path / "hold"
-    command = [*SMALL, f"search.n_trials={n_trials}", f"seed={random.randrange(1000)}", f"hydra.run.dir={run_dir}",
-               f"export_to={shipped}"]
+    command = [
+        *SMALL,
+        f"search.n_trials={n_trials}",
+        f"seed={random.randrange(1000)}",
+        f"hydra.run.dir={run_dir}",
+        f"export_to={shipped}",
+    ]
     journal = f"journal:{run_dir / 'optuna.journal'}"
     killed_trial = None
     for point in POINTS:

@@ -3,6 +3,7 @@ reviewer can read (labels and marks read back from the drawn figures), the CLIPS
 a small random CLIP saved to a folder (the real code path, unreal weights), text padding for the
 CUDA graphs' key, and the whole `python -m calibrate` → `python -m toprovar generate` path from
 checkpoint files in the official layout."""
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,10 @@ def test_padded_chunk_runs_at_the_common_size_and_drops_its_copies():
 
     clock = Clock(torch.device("cpu"))
     backend = load_backend({"name": "test-small"}, torch.device("cpu"), None, batch_size=2, clock=clock)
-    prompts, seeds = ["a red cube", "two dogs on a mat", "a green ball left of a blue cube"], random.sample(range(999), 3)
+    prompts, seeds = (
+        ["a red cube", "two dogs on a mat", "a green ball left of a blue cube"],
+        random.sample(range(999), 3),
+    )
     gen = backend.generate(prompts, seeds)
     assert gen.chunks == [2, 1] and gen.sizes == [2, 2] and [t.batch for t in gen.traces] == [2, 2]
     assert gen.images.shape[0] == 3 and len(gen.latency_ms) == 2 and all(v > 0 for v in gen.latency_ms)
@@ -90,16 +94,24 @@ def test_latency_scorer_warms_up_once_before_its_first_policy(calibrate_config):
     clock = Clock(torch.device("cpu"))
     backend = load_backend({"name": "test-small"}, torch.device("cpu"), None, batch_size=2, clock=clock)
     texts = ["a red cube", "a blue ball", "two trees"]
-    scorer = PolicyScorer(backend, PromptSet("search", texts, [1, 2, 3], texts), lambda p: p, cost="latency",
-                          latency=config.search.latency, evaluator=None)
-    policy = policy_from_dict({"version": 1, "method": "fixed_exit", "backbone": "test-small",
-                               "fixed_exit": {"exit_scale": 3}})
+    scorer = PolicyScorer(
+        backend,
+        PromptSet("search", texts, [1, 2, 3], texts),
+        lambda p: p,
+        cost="latency",
+        latency=config.search.latency,
+        evaluator=None,
+    )
+    policy = policy_from_dict(
+        {"version": 1, "method": "fixed_exit", "backbone": "test-small", "fixed_exit": {"exit_scale": 3}}
+    )
     first = scorer.score_policy(policy)
     assert clock.counts["timing_only_images"] == 2  # one untimed batch of the common size, once
     scorer.score_policy(policy)
     assert clock.counts["timing_only_images"] == 2 and clock.counts["images"] == 9  # 3 unpruned + 2 x 3
     assert first.extra["latency_ms"] > 0 and first.speedup == pytest.approx(
-        first.extra["latency_unpruned_ms"] / first.extra["latency_ms"])
+        first.extra["latency_unpruned_ms"] / first.extra["latency_ms"]
+    )
 
 
 def test_clock_records_stage_shares():
@@ -128,18 +140,36 @@ def test_policy_grid_labels_rows_columns_and_marks_lost_and_won_prompts(tmp_path
 
     n = random.randint(3, 6)
     prompts = [f"prompt number {i} about a {random.choice(['cat', 'dog', 'cube'])}" for i in range(n)]
-    paired = {"ssim": np.random.uniform(0.5, 1.0, n), "clip_drop": np.array([0.7, -0.4, 0.0] + [0.2] * (n - 3)),
-              "geneval_drop.share": np.array([0.0, 0.5, -0.25] + [0.0] * (n - 3))}
-    layout = plot_policy_grid(_images(n, 1024), _images(n, 1024), prompts, paired, tmp_path / "grid.png",
-                              "Search prompts", policy_label="policy (trial 7)", mark_key="clip_drop")
+    paired = {
+        "ssim": np.random.uniform(0.5, 1.0, n),
+        "clip_drop": np.array([0.7, -0.4, 0.0] + [0.2] * (n - 3)),
+        "geneval_drop.share": np.array([0.0, 0.5, -0.25] + [0.0] * (n - 3)),
+    }
+    layout = plot_policy_grid(
+        _images(n, 1024),
+        _images(n, 1024),
+        prompts,
+        paired,
+        tmp_path / "grid.png",
+        "Search prompts",
+        policy_label="policy (trial 7)",
+        mark_key="clip_drop",
+    )
     assert layout.row_labels == ["unpruned", "policy (trial 7)"] and layout.column_labels == prompts
     assert layout.marks[0] == [None] * n
     assert layout.marks[1][:3] == ["lost", "won", None]  # by the sign of each prompt's CLIPScore drop
     for i, note in enumerate(layout.notes[1]):
         assert f"SSIM {paired['ssim'][i]:.3f}" in note and f"CLIP {-paired['clip_drop'][i]:+.2f}" in note
         assert f"share {-paired['geneval_drop.share'][i]:+.2f}" in note
-    by_share = plot_policy_grid(_images(n, 64), _images(n, 64), prompts, paired, tmp_path / "share.png", "Held-out",
-                                mark_key="geneval_drop.share")
+    by_share = plot_policy_grid(
+        _images(n, 64),
+        _images(n, 64),
+        prompts,
+        paired,
+        tmp_path / "share.png",
+        "Held-out",
+        mark_key="geneval_drop.share",
+    )
     assert by_share.marks[1][:3] == [None, "lost", "won"]  # the score acceptance bounds decides the frame
     plain = plot_policy_grid(_images(n, 64), _images(n, 64), prompts, {"ssim": paired["ssim"]}, tmp_path / "p.png", "x")
     assert plain.marks[1] == [None] * n and plain.notes[1][0] == f"SSIM {paired['ssim'][0]:.3f}"
@@ -155,23 +185,42 @@ def test_early_exit_grid_labels_scales_and_prompts(tmp_path):
     exits = {s: _images(3, 64) for s in range(3)}
     ssim = np.random.uniform(0, 1, (3, 4))
     layout = plot_early_exits(exits, _images(3, 64), schedule, ssim, ["a", "b", "c"], tmp_path / "exits.png")
-    assert layout.row_labels == ["exit after scale 0 (1×1)", "exit after scale 1 (2×2)", "exit after scale 2 (4×4)",
-                                 "full (4 scales)"]
+    assert layout.row_labels == [
+        "exit after scale 0 (1×1)",
+        "exit after scale 1 (2×2)",
+        "exit after scale 2 (4×4)",
+        "full (4 scales)",
+    ]
     assert layout.column_labels == ["a", "b", "c"] and layout.notes[1][2] == f"SSIM {ssim[2, 1]:.3f}"
 
 
 def test_pareto_plot_names_the_violated_constraint_and_shows_held_out_results(tmp_path):
     from calibrate.plots import plot_pareto
 
-    trials = pd.DataFrame({"number": range(5), "state": ["COMPLETE"] * 4 + ["FAIL"],
-                           "metric.speedup": [1.0, 1.5, 2.0, 3.0, np.nan], "metric.ssim": [1.0, 0.9, 0.6, 0.85, np.nan],
-                           "feasible": [True, True, False, False, False],
-                           "violated": ["", "", "ssim", "clip_drop,geneval_drop", ""]})
-    validated = [{"number": 1, "speedup": 1.4, "ssim": 0.88, "decision": "accept"},
-                 {"number": 0, "speedup": 1.0, "ssim": 1.0, "decision": "undecided"}]
+    trials = pd.DataFrame(
+        {
+            "number": range(5),
+            "state": ["COMPLETE"] * 4 + ["FAIL"],
+            "metric.speedup": [1.0, 1.5, 2.0, 3.0, np.nan],
+            "metric.ssim": [1.0, 0.9, 0.6, 0.85, np.nan],
+            "feasible": [True, True, False, False, False],
+            "violated": ["", "", "ssim", "clip_drop,geneval_drop", ""],
+        }
+    )
+    validated = [
+        {"number": 1, "speedup": 1.4, "ssim": 0.88, "decision": "accept"},
+        {"number": 0, "speedup": 1.0, "ssim": 1.0, "decision": "undecided"},
+    ]
     plot = plot_pareto(trials, [0, 1], 0.8, tmp_path / "pareto.png", chosen=1, validated=validated)
-    assert {"infeasible: ssim (1)", "infeasible: clip_drop (1)", "feasible (2)", "Pareto front of feasible trials",
-            "held-out: accept (1)", "held-out: undecided (1)", "selected (trial 1, search)"} <= set(plot.legend)
+    assert {
+        "infeasible: ssim (1)",
+        "infeasible: clip_drop (1)",
+        "feasible (2)",
+        "Pareto front of feasible trials",
+        "held-out: accept (1)",
+        "held-out: undecided (1)",
+        "selected (trial 1, search)",
+    } <= set(plot.legend)
     assert plot.front == [0, 1] and plot.path.exists()
 
 
@@ -219,8 +268,12 @@ def test_clip_folder_mistakes_are_one_line_errors(clip_folder, tmp_path):
     no_tokenizer.mkdir()
     for name in ("config.json", "preprocessor_config.json"):
         (no_tokenizer / name).write_text((clip_folder / name).read_text())
-    for folder, message in ((tmp_path / "missing", "no such folder"), (t5, "not a CLIP model (config.json model_type"),
-                            (tmp_path, "config.json, its config, is missing"), (no_tokenizer, "no tokenizer")):
+    for folder, message in (
+        (tmp_path / "missing", "no such folder"),
+        (t5, "not a CLIP model (config.json model_type"),
+        (tmp_path, "config.json, its config, is missing"),
+        (no_tokenizer, "no tokenizer"),
+    ):
         with pytest.raises(UserError) as caught:
             check_clip_folder(folder)
         assert message in str(caught.value) and "\n" not in str(caught.value) and "quality.clip=" in str(caught.value)
@@ -238,10 +291,18 @@ def test_scorer_pairs_clipscores_and_bounds_their_drop(clip_folder, calibrate_co
     backend = load_backend({"name": "test-small"}, torch.device("cpu"), None, batch_size=4)
     texts = ["a red cube", "a blue ball on grass", "two trees", "a cat left of a dog"]
     prompts = PromptSet("validate", texts, random.sample(range(10**6), 4), texts)
-    scorer = PolicyScorer(backend, prompts, lambda p: p, cost="flops", latency=config.search.latency, evaluator=None,
-                          clip=ClipScorer(clip_folder, "cpu"))
-    exit_early = policy_from_dict({"version": 1, "method": "fixed_exit", "backbone": "test-small",
-                                   "fixed_exit": {"exit_scale": 2}})
+    scorer = PolicyScorer(
+        backend,
+        prompts,
+        lambda p: p,
+        cost="flops",
+        latency=config.search.latency,
+        evaluator=None,
+        clip=ClipScorer(clip_folder, "cpu"),
+    )
+    exit_early = policy_from_dict(
+        {"version": 1, "method": "fixed_exit", "backbone": "test-small", "fixed_exit": {"exit_scale": 2}}
+    )
     scores = scorer.score_policy(exit_early)
     ref = scorer.reference()
     assert ref.scores["clip"].shape == (4,)
@@ -269,7 +330,7 @@ def test_padded_text_gives_the_same_condition(small):
         features, lengths = encode_prompts(small.text_encoder, prompts, model.config.text_maxlen)
         padded = _pad_text(features, model.config.text_maxlen, bucket=random.choice([4, 8, 32]))
         assert padded.shape[1] % 4 == 0 or padded.shape[1] == model.config.text_maxlen
-        assert padded.shape[1] >= features.shape[1] and torch.equal(padded[:, :features.shape[1]], features)
+        assert padded.shape[1] >= features.shape[1] and torch.equal(padded[:, : features.shape[1]], features)
         a = model.encode_condition(features, lengths, with_uncond=True)
         b = model.encode_condition(padded, lengths, with_uncond=True)
         torch.testing.assert_close(b.cond_BD, a.cond_BD, rtol=1e-5, atol=1e-5)
@@ -294,6 +355,7 @@ def test_prompts_of_other_lengths_reuse_the_cuda_graphs():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_captured_units_beyond_the_bound_are_evicted_and_replays_stay_exact():
     from toprovar.bench_pruning import fixed_policy
+
     from toprovar.models.registry import build_backbone
     from toprovar.pipeline import FastOptions, generate, release_fast_state
 
@@ -314,8 +376,9 @@ def test_captured_units_beyond_the_bound_are_evicted_and_replays_stay_exact():
 # -- the whole path from files in the official layout ----------------------------------------------
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=900)  # a hang guard, not a speed claim
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )  # a hang guard, not a speed claim
 
 
 def test_calibrate_from_official_files_then_generate_with_the_policy(tmp_path):
@@ -325,14 +388,30 @@ def test_calibrate_from_official_files_then_generate_with_the_policy(tmp_path):
     full-scale command."""
     from mlflow.tracking import MlflowClient
 
-    synth = _run("-m", "toprovar.checkpoints", "synth", "backbone=infinity-2b", "preset=small",
-                 f"out={tmp_path / 'weights'}", cwd=tmp_path)
+    synth = _run(
+        "-m",
+        "toprovar.checkpoints",
+        "synth",
+        "backbone=infinity-2b",
+        "preset=small",
+        f"out={tmp_path / 'weights'}",
+        cwd=tmp_path,
+    )
     assert synth.returncode == 0, synth.stderr[-2000:]
     weights = synth.stdout.strip().splitlines()[-1].split()
     assert weights[0] == "backbone=test-small-t5"
     run_dir = tmp_path / "run"
-    result = _run("-m", "calibrate", *weights, "search.n_trials=3", "search.validate_candidates=1",
-                  "search.constraints.min_ssim=0.3", f"hydra.run.dir={run_dir}", "tracking=local", cwd=tmp_path)
+    result = _run(
+        "-m",
+        "calibrate",
+        *weights,
+        "search.n_trials=3",
+        "search.validate_candidates=1",
+        "search.constraints.min_ssim=0.3",
+        f"hydra.run.dir={run_dir}",
+        "tracking=local",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     timings = json.loads((run_dir / "timings.json").read_text())
     assert timings["backbone"] == "test-small-t5" and timings["peak_allocated_gib"] is None  # CPU: no GPU memory
@@ -356,7 +435,15 @@ def test_calibrate_from_official_files_then_generate_with_the_policy(tmp_path):
     assert any(name.startswith("grid_search+step+") for name in images), images  # MLflow: key+step+<n>+...
 
     out = tmp_path / "generated"
-    generated = _run("-m", "toprovar", "generate", *weights, f"policy={run_dir / 'policy.yaml'}", f"out_dir={out}",
-                     "prompts=[\"a red fox in the snow\", \"a lighthouse\"]", cwd=tmp_path)
+    generated = _run(
+        "-m",
+        "toprovar",
+        "generate",
+        *weights,
+        f"policy={run_dir / 'policy.yaml'}",
+        f"out_dir={out}",
+        'prompts=["a red fox in the snow", "a lighthouse"]',
+        cwd=tmp_path,
+    )
     assert generated.returncode == 0, generated.stderr[-2000:]
     assert len(list(out.glob("*.png"))) == 2 and (out / "trace.csv").exists()

@@ -1,4 +1,5 @@
 """Pre-sampling on real generations of the random-weight test-small backbone."""
+
 from __future__ import annotations
 
 import json
@@ -55,9 +56,12 @@ def test_tables_round_trip(result, tmp_path):
     _, res = result
     write_tables(res, tmp_path)
     for name, frame in (("scales", res.scales), ("images", res.images), ("layers", res.layers)):
-        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / f"presample_{name}.parquet"), frame.reset_index(drop=True))
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(tmp_path / f"presample_{name}.parquet"), frame.reset_index(drop=True)
+        )
         csv = pd.read_csv(tmp_path / f"presample_{name}.csv")
-        np.testing.assert_allclose(csv.select_dtypes("number").to_numpy(),
-                                   frame.select_dtypes("number").to_numpy(dtype=float), rtol=1e-9)
+        np.testing.assert_allclose(
+            csv.select_dtypes("number").to_numpy(), frame.select_dtypes("number").to_numpy(dtype=float), rtol=1e-9
+        )
     summary = PresampleSummary.from_json(json.loads((tmp_path / "presample_summary.json").read_text()))
     assert summary == res.summary

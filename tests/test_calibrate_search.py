@@ -6,6 +6,7 @@ The objective is real: generations of the random-weight `test-small` backbone th
 pruned by the ToProVAR policy of each trial's parameters, scored by FLOP ratio and SSIM against
 the unpruned images. Configs are toprovar/conf/ composed by Hydra (`calibrate_config`), never hand-built.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,15 +27,34 @@ from calibrate.knobs import CATEGORICAL, INT, KNOBS, PolicyFactory, SearchSpace,
 from calibrate.objective import PolicyScorer
 from calibrate.presample import PresampleSummary
 from calibrate.prompts import PromptSet
-from calibrate.search import (MAX_RETRIES, Scores, completed, feasible_front, open_study, pareto_front,
-                              prepare_study, reclaim, run_search, this_worker, violations, worker_alive, worker_seed)
+from calibrate.search import (
+    MAX_RETRIES,
+    Scores,
+    completed,
+    feasible_front,
+    open_study,
+    pareto_front,
+    prepare_study,
+    reclaim,
+    run_search,
+    this_worker,
+    violations,
+    worker_alive,
+    worker_seed,
+)
 from toprovar.errors import UserError
 from toprovar.policy import Policy
 
 # A pre-sampling summary for the 2-layer, 7-scale test-small backbone: any valid ratios (>= 1) work.
-SUMMARY = PresampleSummary(crossing="below", tau_range=(0.0, 1.0), representative_scale=3,
-                           layer_ratios=[random.uniform(1.0, 3.0) for _ in range(2)], band_points=0,
-                           prompts=0, scales=7)
+SUMMARY = PresampleSummary(
+    crossing="below",
+    tau_range=(0.0, 1.0),
+    representative_scale=3,
+    layer_ratios=[random.uniform(1.0, 3.0) for _ in range(2)],
+    band_points=0,
+    prompts=0,
+    scales=7,
+)
 build_test_policy = PolicyFactory(SUMMARY, "test-small")
 NO_PRUNING = {"tau": 0.5, "beta": 1.0, "alpha_min": 0.0, "alpha_span": 0.0, "min_keep": 0.1, "min_scale": 1}
 STRONG = {"tau": 1.0, "beta": 0.01, "alpha_min": 0.9, "alpha_span": 1.0, "min_keep": 0.05, "min_scale": 1}
@@ -43,8 +63,13 @@ DEFAULTS = paper_defaults()
 
 @pytest.fixture(scope="module")
 def config(calibrate_config):
-    return calibrate_config("backbone=test-small", "storage=memory", "tracking=off",
-                            "search.space.alpha_min=[0.0,0.9]", "search.constraints.min_ssim=0.5")
+    return calibrate_config(
+        "backbone=test-small",
+        "storage=memory",
+        "tracking=off",
+        "search.space.alpha_min=[0.0,0.9]",
+        "search.constraints.min_ssim=0.5",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +83,14 @@ def scorer(backend, config):
     words = ["red", "blue", "cube", "ball", "two", "left", "tree", "cat"]
     texts = [" ".join(rng.sample(words, 3)) for _ in range(2)]
     seeds = [rng.randrange(10**6) for _ in texts]
-    return PolicyScorer(backend, PromptSet("search", texts, seeds, texts), build_test_policy, cost="flops",
-                        latency=config.search.latency, evaluator=None)
+    return PolicyScorer(
+        backend,
+        PromptSet("search", texts, seeds, texts),
+        build_test_policy,
+        cost="flops",
+        latency=config.search.latency,
+        evaluator=None,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -151,28 +182,39 @@ def test_warm_start_constraints_and_ranking(scorer, config, space, limits):
     on_front = {t.number for t in front}
     assert on_front <= {t.number for t in feasible}
     for t in feasible:  # every feasible trial left out is matched or beaten on both objectives
-        assert t.number in on_front or any(f.values[0] >= t.values[0] and f.values[1] >= t.values[1]
-                                           for f in front)
+        assert t.number in on_front or any(f.values[0] >= t.values[0] and f.values[1] >= t.values[1] for f in front)
 
 
 def test_feasible_front_is_fastest_first_without_dominated_or_infeasible_trials():
     study = optuna.create_study(directions=["maximize", "maximize"])
     rows = [  # (speedup, ssim, feasible)
-        (2.5, 0.95, False), (2.1, 0.90, True), (2.0, 0.93, True), (1.9, 0.92, True),
-        (1.8, 0.96, True), (1.8, 0.91, True), (1.2, 0.99, True)]
+        (2.5, 0.95, False),
+        (2.1, 0.90, True),
+        (2.0, 0.93, True),
+        (1.9, 0.92, True),
+        (1.8, 0.96, True),
+        (1.8, 0.91, True),
+        (1.2, 0.99, True),
+    ]
     for speedup, ssim, ok in rows:
-        study.add_trial(optuna.trial.create_trial(values=[speedup, ssim],
-                                                  constraints={"geneval_drop": -0.01 if ok else 0.05}))
+        study.add_trial(
+            optuna.trial.create_trial(values=[speedup, ssim], constraints={"geneval_drop": -0.01 if ok else 0.05})
+        )
     order = [(t.values[0], t.values[1]) for t in feasible_front(study)]
     assert order == [(2.1, 0.90), (2.0, 0.93), (1.8, 0.96), (1.2, 0.99)]  # slower only for better SSIM
 
 
 def test_space_keeps_alpha_order_fixed_distributions_and_clips(calibrate_config):
-    cfg = calibrate_config("backbone=test-small", "search.space.alpha_min=[0.1,0.5]", "search.space.alpha_span=[0.2,0.9]",
-                           "search.space.order=[entropy,edge]")
+    cfg = calibrate_config(
+        "backbone=test-small",
+        "search.space.alpha_min=[0.1,0.5]",
+        "search.space.alpha_span=[0.2,0.9]",
+        "search.space.order=[entropy,edge]",
+    )
     space = SearchSpace.from_config(cfg.search.space, dataclasses.replace(SUMMARY, tau_range=(0.3, 0.5), scales=5))
-    study = optuna.create_study(directions=["maximize", "maximize"],
-                                sampler=optuna.samplers.RandomSampler(seed=random.randrange(1000)))
+    study = optuna.create_study(
+        directions=["maximize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=random.randrange(1000))
+    )
     distributions = None
     for _ in range(30):
         trial = study.ask()
@@ -181,15 +223,37 @@ def test_space_keeps_alpha_order_fixed_distributions_and_clips(calibrate_config)
         alpha_max = policy_values(params)["token.alpha_max"]
         assert alpha_max == pytest.approx(params["alpha_min"] + params["alpha_span"] * (1 - params["alpha_min"]))
         assert params["alpha_min"] <= alpha_max <= 1.0 and build_test_policy(params).token.alpha_max == alpha_max
-        assert 0.3 <= params["tau"] <= 0.5 and params["min_scale"] in range(1, 5) and params["order"] in ("entropy", "edge")
+        assert (
+            0.3 <= params["tau"] <= 0.5
+            and params["min_scale"] in range(1, 5)
+            and params["order"] in ("entropy", "edge")
+        )
         # One fixed distribution per knob: a sampler that models the knobs jointly sees one space.
         assert distributions is None or trial.distributions == distributions
         distributions = trial.distributions
         study.tell(trial, [0.0, 0.0])
-    clipped = space.clip({**DEFAULTS, "tau": 0.9, "beta": 1e3, "alpha_min": 0.6, "alpha_span": 0.0, "min_keep": 0.0,
-                          "min_scale": 0, "order": "frequency"})
-    assert clipped == {**clipped, "tau": 0.5, "beta": cfg.search.space["beta"][1], "alpha_min": 0.5, "alpha_span": 0.2,
-                       "min_keep": cfg.search.space["min_keep"][0], "min_scale": 1, "order": "entropy"}
+    clipped = space.clip(
+        {
+            **DEFAULTS,
+            "tau": 0.9,
+            "beta": 1e3,
+            "alpha_min": 0.6,
+            "alpha_span": 0.0,
+            "min_keep": 0.0,
+            "min_scale": 0,
+            "order": "frequency",
+        }
+    )
+    assert clipped == {
+        **clipped,
+        "tau": 0.5,
+        "beta": cfg.search.space["beta"][1],
+        "alpha_min": 0.5,
+        "alpha_span": 0.2,
+        "min_keep": cfg.search.space["min_keep"][0],
+        "min_scale": 1,
+        "order": "entropy",
+    }
     with pytest.raises(UserError, match="search.space.min_scale"):  # past the last of 5 scales
         SearchSpace.from_config({**cfg.search.space, "min_scale": [1, 5]}, dataclasses.replace(SUMMARY, scales=5))
 
@@ -236,12 +300,14 @@ def test_params_of_studies_before_the_span_still_make_their_policy():
 
     shipped = yaml.safe_load((POLICY_DIR / "tiny.yaml").read_text())
     summary = PresampleSummary.from_json(shipped["provenance"]["presample"])
-    old_params = {**{k.name: shipped[k.section][k.field] for k in KNOBS
-                     if k.name != "alpha_span" and k.section in shipped},
-                  "alpha_max": shipped["token"]["alpha_max"]}
+    old_params = {
+        **{k.name: shipped[k.section][k.field] for k in KNOBS if k.name != "alpha_span" and k.section in shipped},
+        "alpha_max": shipped["token"]["alpha_max"],
+    }
     document = PolicyFactory(summary, "tiny").document(old_params)
-    assert {section: document[section] for section in ("scale", "layer", "token")} == \
-        {section: shipped[section] for section in ("scale", "layer", "token")}
+    assert {section: document[section] for section in ("scale", "layer", "token")} == {
+        section: shipped[section] for section in ("scale", "layer", "token")
+    }
     alpha_min, alpha_max = shipped["token"]["alpha_min"], shipped["token"]["alpha_max"]
     new_params = {**old_params, "alpha_span": (alpha_max - alpha_min) / (1 - alpha_min)}
     assert policy_values(new_params)["token.alpha_max"] == pytest.approx(alpha_max)  # the span wins over alpha_max
@@ -253,7 +319,7 @@ def _tradeoff(params):
     """A smooth synthetic objective (no model): a stronger token gate is faster and loses quality."""
     values = policy_values(params)
     strength = (values["token.alpha_min"] + values["token.alpha_max"]) / 2
-    return Scores(speedup=1.0 + strength + 0.1 * values["scale.tau"], ssim=1.0 - 0.6 * strength ** 2)
+    return Scores(speedup=1.0 + strength + 0.1 * values["scale.tau"], ssim=1.0 - 0.6 * strength**2)
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -287,11 +353,13 @@ def test_violations_include_geneval_only_when_scored():
     ssim, drop = random.uniform(0.5, 1.0), random.uniform(-0.05, 0.05)
     limits = ConstraintsConfig(min_ssim=0.8, max_geneval_drop=0.01, max_clip_drop=1.5)
     assert violations(Scores(2.0, ssim), limits) == pytest.approx({"ssim": 0.8 - ssim})
-    assert violations(Scores(2.0, ssim, drop), limits) == pytest.approx({"ssim": 0.8 - ssim,
-                                                                          "geneval_drop": drop - 0.01})
+    assert violations(Scores(2.0, ssim, drop), limits) == pytest.approx(
+        {"ssim": 0.8 - ssim, "geneval_drop": drop - 0.01}
+    )
     clip_drop = random.uniform(-3.0, 3.0)  # CLIPScore points, with quality.clip
     assert violations(Scores(2.0, ssim, extra={"clip_drop": clip_drop}), limits) == pytest.approx(
-        {"ssim": 0.8 - ssim, "clip_drop": clip_drop - 1.5})
+        {"ssim": 0.8 - ssim, "clip_drop": clip_drop - 1.5}
+    )
 
 
 # --- several workers on one study ----------------------------------------------------------------
@@ -317,8 +385,9 @@ def test_workers_sharing_a_journal_study_end_with_exactly_n_trials(tmp_path, con
     def work(index):
         try:
             study = open_study("shared", storage, sampler, seed, n_trials, worker=index)
-            ran[index] = run_search(study, space, slow_tradeoff, n_trials=n_trials, limits=limits, worker=index,
-                                    progress=False)
+            ran[index] = run_search(
+                study, space, slow_tradeoff, n_trials=n_trials, limits=limits, worker=index, progress=False
+            )
         except BaseException as err:  # reported below
             errors.append(err)
 
@@ -357,7 +426,9 @@ def test_two_processes_opening_one_new_study_draw_different_trials(tmp_path, con
     storage = dataclasses.replace(config.storage, url=f"journal:{tmp_path}/a.journal")
     creator, joiner = (open_study("one", storage, sampler, seed, 10) for _ in range(2))
     assert first_params(creator) != first_params(joiner)
-    again = open_study("one", dataclasses.replace(config.storage, url=f"journal:{tmp_path}/b.journal"), sampler, seed, 10)
+    again = open_study(
+        "one", dataclasses.replace(config.storage, url=f"journal:{tmp_path}/b.journal"), sampler, seed, 10
+    )
     assert first_params(again) == creator.trials[0].params  # the creator's draws follow the seed
 
 
@@ -371,8 +442,12 @@ def _dead_worker():
 def test_trials_of_dead_workers_are_failed_and_queued_once(tmp_path, config, space):
     storage = dataclasses.replace(config.storage, url=f"journal:{tmp_path}/study.journal")
     study = open_study("reclaim", storage, "random", random.randrange(1000), 5)
-    owners = {"dead": _dead_worker(), "alive": this_worker(), "other host": {**this_worker(), "host": "elsewhere"},
-              "none": None}
+    owners = {
+        "dead": _dead_worker(),
+        "alive": this_worker(),
+        "other host": {**this_worker(), "host": "elsewhere"},
+        "none": None,
+    }
     assert worker_alive(owners["dead"]) is False and worker_alive(owners["alive"]) is True
     assert worker_alive(owners["other host"]) is None
     running = {}
@@ -383,8 +458,12 @@ def test_trials_of_dead_workers_are_failed_and_queued_once(tmp_path, config, spa
         running[name] = (trial.number, space.suggest(trial))
     assert reclaim(study, grace_s=60) == 1  # the dead worker's; the unowned trial is younger than the grace
     states = {name: study.trials[number].state for name, (number, _) in running.items()}
-    assert states == {"dead": TrialState.FAIL, "alive": TrialState.RUNNING, "other host": TrialState.RUNNING,
-                      "none": TrialState.RUNNING}
+    assert states == {
+        "dead": TrialState.FAIL,
+        "alive": TrialState.RUNNING,
+        "other host": TrialState.RUNNING,
+        "none": TrialState.RUNNING,
+    }
     time.sleep(1.1)
     assert reclaim(study, grace_s=1) == 1  # a trial that named no worker for the grace period
     assert study.trials[running["none"][0]].state == TrialState.FAIL
@@ -395,7 +474,6 @@ def test_trials_of_dead_workers_are_failed_and_queued_once(tmp_path, config, spa
         number, params = running[name]
         assert retries[number].system_attrs["fixed_params"] == params
         assert retries[number].system_attrs["retry_of"] == number
-
 
 
 def test_a_retry_whose_worker_dies_too_is_queued_at_most_max_retries_times(tmp_path, config, space):
@@ -416,8 +494,9 @@ def test_a_retry_whose_worker_dies_too_is_queued_at_most_max_retries_times(tmp_p
     assert [t.state for t in study.trials] == [TrialState.FAIL] * (MAX_RETRIES + 1)
 
 
-def test_a_trial_that_loses_the_race_for_the_last_place_is_pruned_unsampled(tmp_path, config, space, limits,
-                                                                            monkeypatch):
+def test_a_trial_that_loses_the_race_for_the_last_place_is_pruned_unsampled(
+    tmp_path, config, space, limits, monkeypatch
+):
     """Two workers counted n_trials - 1 at the same moment and both asked: the later trial (higher
     number) finds the target met by the trials ahead of it and is pruned before drawing parameters."""
     import calibrate.search as search

@@ -1,4 +1,5 @@
 """Selection: bisect the feasible Pareto front by speedup with held-out validations."""
+
 from __future__ import annotations
 
 import random
@@ -18,8 +19,14 @@ def _study(rows):
     study = optuna.create_study(directions=["maximize", "maximize"])
     dist = {"row": optuna.distributions.IntDistribution(0, 1000)}
     for i, (speedup, ssim, ok) in enumerate(rows):
-        study.add_trial(optuna.trial.create_trial(values=[speedup, ssim], params={"row": i}, distributions=dist,
-                                                  constraints={"geneval_drop": -0.01 if ok else 0.05}))
+        study.add_trial(
+            optuna.trial.create_trial(
+                values=[speedup, ssim],
+                params={"row": i},
+                distributions=dist,
+                constraints={"geneval_drop": -0.01 if ok else 0.05},
+            )
+        )
     return study
 
 
@@ -34,8 +41,11 @@ class HeldOut:
         speedup, ssim, _ = self.rows[params["row"]]
         self.calls.append(params["row"])
         decision = ACCEPT if speedup <= self.limit else self.above
-        return Validation(Scores(speedup=speedup, ssim=ssim - 0.01, geneval_drop=0.0 if decision == ACCEPT else 0.1),
-                          Verdict(decision, 1, 1, 96, 96, 0.95, 0.05), {})
+        return Validation(
+            Scores(speedup=speedup, ssim=ssim - 0.01, geneval_drop=0.0 if decision == ACCEPT else 0.1),
+            Verdict(decision, 1, 1, 96, 96, 0.95, 0.05),
+            {},
+        )
 
 
 def _front_rows(n):

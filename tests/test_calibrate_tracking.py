@@ -1,4 +1,5 @@
 """MLflow tracking of a calibration: a real `mlflow server` on loopback, and the local fallback."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,9 @@ def _free_port() -> int:
 
 
 def _post(uri: str, endpoint: str, body: dict) -> dict:
-    request = urllib.request.Request(f"{uri}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{uri}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=10) as reply:
         return json.loads(reply.read())
 
@@ -52,10 +54,23 @@ class Server:
         self.uri = f"http://127.0.0.1:{_free_port()}"
         self.log = folder / "server.log"
         self.process = subprocess.Popen(
-            [MLFLOW, "server", "--host", "127.0.0.1", "--port", self.uri.rsplit(":", 1)[1], "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-             "--artifacts-destination", str(folder / "artifacts")],
-            stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
+            [
+                MLFLOW,
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                self.uri.rsplit(":", 1)[1],
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{folder / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(folder / "artifacts"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("w"),
+        )
 
     def wait(self, timeout_s: float = 90.0) -> str:
         deadline = time.monotonic() + timeout_s
@@ -87,8 +102,13 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def config(calibrate_config):
-    return calibrate_config("backbone=test-small", "storage=memory", "tracking=server",
-                            "search.space.alpha_min=[0.0,0.8]", "search.constraints.min_ssim=0.5")
+    return calibrate_config(
+        "backbone=test-small",
+        "storage=memory",
+        "tracking=server",
+        "search.space.alpha_min=[0.0,0.8]",
+        "search.constraints.min_ssim=0.5",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +116,14 @@ def scorer(config):
     backend = load_backend({"name": "test-small"}, torch.device("cpu"), None, batch_size=4)
     texts = [f"{random.choice(['red', 'blue'])} cube {i}" for i in range(2)]
     seeds = [random.randrange(10**6) for _ in texts]
-    return PolicyScorer(backend, PromptSet("search", texts, seeds, texts), build_test_policy, cost="flops",
-                        latency=config.search.latency, evaluator=None)
+    return PolicyScorer(
+        backend,
+        PromptSet("search", texts, seeds, texts),
+        build_test_policy,
+        cost="flops",
+        latency=config.search.latency,
+        evaluator=None,
+    )
 
 
 def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -148,13 +174,15 @@ def test_calibration_runs_reach_the_server(mlflow_server, scorer, config, tmp_pa
     # The search's progress: after each trial, the best speedup among the feasible trials so far.
     expected = []
     for trial in study.trials:
-        feasible = [t.values[0] for t in study.trials[:trial.number + 1]
-                    if all(v <= 0 for v in t.constraints.values())]
+        feasible = [
+            t.values[0] for t in study.trials[: trial.number + 1] if all(v <= 0 for v in t.constraints.values())
+        ]
         if feasible:
             expected.append((trial.number, pytest.approx(max(feasible))))
     assert _history(uri, parent, "best_feasible_speedup") == expected
     assert {m["key"] for m in parent_run["metrics"]} == {"validation.speedup"} | (
-        {"best_feasible_speedup"} if expected else set())
+        {"best_feasible_speedup"} if expected else set()
+    )
     listed = _get(uri, f"artifacts/list?run_id={parent}&path=policy")["files"]
     assert [f["path"] for f in listed] == ["policy/policy.yaml"]
 

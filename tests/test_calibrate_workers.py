@@ -7,6 +7,7 @@ first trial (after drawing the parameters and opening its MLflow child run) and 
 $CALIBRATE_TEST_HOLD_DIR/trial-<worker>.pid; the test kills one and lets the others go on by
 deleting their files (calibrate.search.hold_for_crash_test).
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,15 @@ HANG_GUARD_S = 600  # a guard against a hung process, not a speed claim
 
 # A small calibration of the random-weight test backbone; min_ssim 0 so every trial is feasible. One
 # held-out prompt cannot decide the acceptance bound, so the export is marked not validated (exit 3).
-SMALL = ["backbone=test-small", "prompts.presample=1", "prompts.search=1", "prompts.validate=1",
-         "search.validate_candidates=1", "search.constraints.min_ssim=0.0", "tracking=local"]
+SMALL = [
+    "backbone=test-small",
+    "prompts.presample=1",
+    "prompts.search=1",
+    "prompts.validate=1",
+    "search.validate_candidates=1",
+    "search.constraints.min_ssim=0.0",
+    "tracking=local",
+]
 
 
 class Calibrate:
@@ -44,8 +52,9 @@ class Calibrate:
         self.hold_dir = hold_dir
         self.log = Path(tempfile.mkstemp(dir=cwd, prefix="calibrate-", suffix=".log")[1])
         with self.log.open("w") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "calibrate", *overrides], cwd=cwd, env=env,
-                                            stdout=out, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "calibrate", *overrides], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
 
     def output(self) -> str:
         return self.log.read_text()
@@ -56,8 +65,9 @@ class Calibrate:
         deadline = time.monotonic() + HANG_GUARD_S
         while not (marker.exists() and marker.read_text()):
             if self.process.poll() is not None:
-                pytest.fail(f"calibrate exited ({self.process.returncode}) before holding at {name}:\n"
-                            f"{self.output()[-4000:]}")
+                pytest.fail(
+                    f"calibrate exited ({self.process.returncode}) before holding at {name}:\n{self.output()[-4000:]}"
+                )
             assert time.monotonic() < deadline, f"nothing held at {name}:\n{self.output()[-4000:]}"
             time.sleep(0.1)
         return int(marker.read_text())
@@ -87,7 +97,7 @@ def study_trials(storage: str | optuna.storages.BaseStorage, name: str = "test-s
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        storage = JournalStorage(JournalFileBackend(storage[len("journal:"):]))
+        storage = JournalStorage(JournalFileBackend(storage[len("journal:") :]))
     return optuna.load_study(study_name=name, storage=storage).trials
 
 
@@ -134,8 +144,16 @@ def test_workers_share_one_journal_study_and_survive_a_killed_worker(tmp_path):
     """search.workers=3 on CPU: worker 2 is killed in its first trial; workers 0 and 1 finish the study."""
     n_trials = random.randint(5, 7)
     run_dir, hold = tmp_path / "run", tmp_path / "hold"
-    calibrate = Calibrate(tmp_path, *SMALL, f"search.n_trials={n_trials}", "search.workers=3",
-                          f"seed={random.randrange(1000)}", f"hydra.run.dir={run_dir}", hold="trial", hold_dir=hold)
+    calibrate = Calibrate(
+        tmp_path,
+        *SMALL,
+        f"search.n_trials={n_trials}",
+        "search.workers=3",
+        f"seed={random.randrange(1000)}",
+        f"hydra.run.dir={run_dir}",
+        hold="trial",
+        hold_dir=hold,
+    )
     pids = {worker: calibrate.held(f"trial-{worker}") for worker in range(3)}  # three trials running at once
     kill(pids[2])
     calibrate.release("trial-0")
@@ -196,11 +214,23 @@ def postgres():
         os.chown(folder, user.pw_uid, user.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
     data, port = folder / "data", _free_port()
-    run = lambda *args: subprocess.run([*as_user, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+    def run(*args):
+        return subprocess.run([*as_user, *map(str, args)], capture_output=True, text=True, timeout=120)
+
     init = run(bin_dir / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync")
     assert init.returncode == 0, init.stderr
-    start = run(bin_dir / "pg_ctl", "-D", data, "-l", folder / "server.log", "-w", "-o",
-                f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    start = run(
+        bin_dir / "pg_ctl",
+        "-D",
+        data,
+        "-l",
+        folder / "server.log",
+        "-w",
+        "-o",
+        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off",
+        "start",
+    )
     assert start.returncode == 0, start.stderr + (folder / "server.log").read_text()
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
@@ -214,12 +244,24 @@ def test_two_machines_share_a_study_through_postgresql(tmp_path, postgres):
     separate processes and run folders, one PostgreSQL study; the joining worker waits for the
     pre-sampling summary, both add trials, the first selects and exports."""
     n_trials = random.randint(4, 6)
-    common = [*SMALL, f"search.n_trials={n_trials}", f"storage.url={postgres}", "study_name=two-hosts",
-              f"seed={random.randrange(1000)}"]
-    joiner = Calibrate(tmp_path, *common, "stages=[search]", f"hydra.run.dir={tmp_path / 'joiner'}",
-                       hold="trial", hold_dir=tmp_path / "hold-joiner")  # started first: it waits
-    main = Calibrate(tmp_path, *common, f"hydra.run.dir={tmp_path / 'main'}", hold="trial",
-                     hold_dir=tmp_path / "hold-main")
+    common = [
+        *SMALL,
+        f"search.n_trials={n_trials}",
+        f"storage.url={postgres}",
+        "study_name=two-hosts",
+        f"seed={random.randrange(1000)}",
+    ]
+    joiner = Calibrate(
+        tmp_path,
+        *common,
+        "stages=[search]",
+        f"hydra.run.dir={tmp_path / 'joiner'}",
+        hold="trial",
+        hold_dir=tmp_path / "hold-joiner",
+    )  # started first: it waits
+    main = Calibrate(
+        tmp_path, *common, f"hydra.run.dir={tmp_path / 'main'}", hold="trial", hold_dir=tmp_path / "hold-main"
+    )
     pids = [main.held("trial-0"), joiner.held("trial-0")]  # both in a trial at once
     main.release("trial-0")
     joiner.release("trial-0")

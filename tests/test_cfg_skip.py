@@ -5,6 +5,7 @@ From the skip's scale on only the conditional rows run. Those rows never read th
 ones, so a skip from s must give exactly what guidance scale 1 from s on gives with every row
 still running (on CPU, bit for bit), while the trace and the FLOP count show half the rows.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -118,15 +119,22 @@ def _fixed_toprovar(depth: int, **token) -> Policy:
 
 
 def _fastvar(**fields) -> Policy:
-    return policy_from_dict({"method": "fastvar", "fastvar": {"ratios": {4: 0.4, 5: 0.6}, "layers": [1, 2],
-                                                              "cache_scale": 3, **fields}})
+    return policy_from_dict(
+        {"method": "fastvar", "fastvar": {"ratios": {4: 0.4, 5: 0.6}, "layers": [1, 2], "cache_scale": 3, **fields}}
+    )
 
 
 def _policies(depth: int) -> list[Policy]:
-    return [_cfg_skip(None), _fixed_toprovar(depth), _fixed_toprovar(depth, restore="cached", order="edge"),
-            _fixed_toprovar(depth, restore="cached_layer"), _fastvar(), _fastvar(plan="per_scale"),
-            _fastvar(plan="per_scale", exit_after_scale=5),
-            policy_from_dict({"method": "fixed_exit", "fixed_exit": {"exit_scale": 5}})]
+    return [
+        _cfg_skip(None),
+        _fixed_toprovar(depth),
+        _fixed_toprovar(depth, restore="cached", order="edge"),
+        _fixed_toprovar(depth, restore="cached_layer"),
+        _fastvar(),
+        _fastvar(plan="per_scale"),
+        _fastvar(plan="per_scale", exit_after_scale=5),
+        policy_from_dict({"method": "fixed_exit", "fixed_exit": {"exit_scale": 5}}),
+    ]
 
 
 @pytest.mark.parametrize(("kv_policy", "fast_opts"), [("kept", True), ("all", True), ("kept", MECHANICS)])
@@ -170,8 +178,15 @@ def test_search_knob_covers_never_and_is_fixed_without_guidance(calibrate_config
     from calibrate.knobs import BY_NAME, PolicyFactory, SearchSpace, paper_defaults
     from calibrate.presample import PresampleSummary
 
-    summary = PresampleSummary(crossing="below", tau_range=(0.2, 0.6), representative_scale=3, layer_ratios=[2.0, 1.5],
-                               band_points=0, prompts=0, scales=N_SCALES)
+    summary = PresampleSummary(
+        crossing="below",
+        tau_range=(0.2, 0.6),
+        representative_scale=3,
+        layer_ratios=[2.0, 1.5],
+        band_points=0,
+        prompts=0,
+        scales=N_SCALES,
+    )
     assert summary.guided and PresampleSummary.from_json({**summary.to_json(), "guided": False}).guided is False
     old_study = {k: v for k, v in summary.to_json().items() if k != "guided"}
     assert PresampleSummary.from_json(old_study).guided
@@ -189,8 +204,9 @@ def test_search_knob_covers_never_and_is_fixed_without_guidance(calibrate_config
     factory = PolicyFactory(summary, "test-small")
     assert factory.document({"skip_uncond_from_scale": N_SCALES})["guidance"] == {"skip_uncond_from_scale": None}
     assert factory(paper_defaults()).guidance.skip_uncond_from_scale is None
-    study = optuna.create_study(directions=["maximize", "maximize"],
-                                sampler=optuna.samplers.RandomSampler(seed=random.randrange(1000)))
+    study = optuna.create_study(
+        directions=["maximize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=random.randrange(1000))
+    )
     seen = set()
     for _ in range(40):
         params = {**space.suggest(study.ask()), "protect_layers": 1}  # test-small has 2 layers

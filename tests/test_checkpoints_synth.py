@@ -1,6 +1,7 @@
 """`python -m toprovar.checkpoints synth`: random-weight files in the official layouts, read by the real
 loaders, reproducible from a seed. Full-size layouts are checked as tables (nothing allocated); the files
 themselves are written at the small preset."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,10 @@ from toprovar.pipeline import generate
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent.parent / "shared" / "reference"
-MANIFESTS = {"infinity-2b": ("infinity_2b.keys.json", "vae_d32.keys.json"),
-             "infinity-8b": ("infinity_8b.keys.json", "vae_d14_patchify.keys.json")}
+MANIFESTS = {
+    "infinity-2b": ("infinity_2b.keys.json", "vae_d32.keys.json"),
+    "infinity-8b": ("infinity_8b.keys.json", "vae_d14_patchify.keys.json"),
+}
 SHARD_LIMIT = 5 * 10**9  # huggingface_hub's default max_shard_size, which the official 8B shards keep
 
 
@@ -39,8 +42,11 @@ def _manifest(name: str) -> dict[str, list[int]]:
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("backbone", sorted(MANIFESTS))
@@ -88,9 +94,11 @@ def test_drawn_values_follow_the_spec() -> None:
     spec = TensorSpec("w", (512, 512), torch.float32, std=random.uniform(0.01, 2.0), mean=random.uniform(-1, 1))
     x = draw(spec, random.randrange(2**31), "part")
     n = x.numel()
-    assert abs(x.mean().item() - spec.mean) < 6 * spec.std / n ** 0.5
+    assert abs(x.mean().item() - spec.mean) < 6 * spec.std / n**0.5
     assert abs(x.std().item() / spec.std - 1) < 6 / (2 * n) ** 0.5
-    assert torch.equal(draw(TensorSpec("m", (4,), torch.int64, values=(8, 4, 2, 1)), 0, "p"), torch.tensor([8, 4, 2, 1]))
+    assert torch.equal(
+        draw(TensorSpec("m", (4,), torch.int64, values=(8, 4, 2, 1)), 0, "p"), torch.tensor([8, 4, 2, 1])
+    )
     assert draw(TensorSpec("b", (3,), torch.bfloat16), 0, "p").eq(0).all()
 
 
@@ -119,8 +127,13 @@ def test_t5_folder_has_t5s_tokenizer_and_encoder(tmp_path: Path) -> None:
 
     plan = release_plan("infinity-8b", "small")
     folder = synthesize(plan, tmp_path, seed=random.randrange(2**31), progress=False).text_encoder
-    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", "special_tokens_map.json",
-                                          "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(os.listdir(folder)) == [
+        "config.json",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, legacy=True)
     assert len(tok) == 32000 + EXTRA_IDS
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
@@ -157,9 +170,23 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
 def test_cli_writes_the_8b_layout_and_generate_reads_it(tmp_path: Path) -> None:
     out = tmp_path / "weights"
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    synth = subprocess.run([sys.executable, "-m", "toprovar.checkpoints", "synth", "backbone=infinity-8b",
-                            f"out={out}", "preset=small", f"seed={random.randrange(2**31)}"], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=300)
+    synth = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "toprovar.checkpoints",
+            "synth",
+            "backbone=infinity-8b",
+            f"out={out}",
+            "preset=small",
+            f"seed={random.randrange(2**31)}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert synth.returncode == 0, synth.stderr
     overrides = synth.stdout.strip().splitlines()[-1].split()
     assert overrides[0] == "backbone=test-small-patchify-t5"
@@ -169,9 +196,24 @@ def test_cli_writes_the_8b_layout_and_generate_reads_it(tmp_path: Path) -> None:
     assert sorted(p.name for p in (out / "infinity_8b_weights").iterdir()) == [*shards, "model.safetensors.index.json"]
     assert index["metadata"]["total_size"] == release_plan("infinity-8b", "small").parts[0].nbytes
     pngs = tmp_path / "pngs"
-    gen = subprocess.run([sys.executable, "-m", "toprovar", "generate", *overrides, 'prompts=["a red cube"]',
-                          "device=cpu", f"out_dir={pngs}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+    gen = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "toprovar",
+            "generate",
+            *overrides,
+            'prompts=["a red cube"]',
+            "device=cpu",
+            f"out_dir={pngs}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert gen.returncode == 0, gen.stderr
     assert Image.open(pngs / "000_seed0.png").mode == "RGB"
 
@@ -180,22 +222,27 @@ def test_cli_writes_the_8b_layout_and_generate_reads_it(tmp_path: Path) -> None:
 def no_drawing(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("a tensor was drawn before the arguments were checked")
+
     monkeypatch.setattr(tensors_lib, "draw", refuse)
 
 
-@pytest.mark.parametrize("args, match", [
-    (["synth", "backbone=infinity-20b", "out={tmp}"], "backbone='infinity-20b'"),
-    (["synth", "backbone=test-small", "out={tmp}"], "no official release layout"),
-    (["synth", "backbone=infinity-2b"], "out= is required"),
-    (["synth", "backbone=infinity-2b", "out={tmp}", "size=big"], "unknown argument 'size=big'"),
-    (["synth", "backbone=infinity-2b", "out={tmp}", "seed=-1"], "seed='-1'"),
-    (["synth", "backbone=infinity-2b", "out={tmp}", "preset=tiny"], "preset='tiny'"),
-    (["make", "backbone=infinity-2b"], "usage"),
-    (["synth", "backbone=infinity-2b", "out={tmp}/file"], "not a folder"),
-    (["synth", "backbone=infinity-2b", "out={tmp}/file/below"], "cannot write there"),
-])
-def test_mistakes_are_one_line_exit_2_before_any_tensor(args: list[str], match: str, tmp_path: Path, no_drawing,
-                                                         capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["synth", "backbone=infinity-20b", "out={tmp}"], "backbone='infinity-20b'"),
+        (["synth", "backbone=test-small", "out={tmp}"], "no official release layout"),
+        (["synth", "backbone=infinity-2b"], "out= is required"),
+        (["synth", "backbone=infinity-2b", "out={tmp}", "size=big"], "unknown argument 'size=big'"),
+        (["synth", "backbone=infinity-2b", "out={tmp}", "seed=-1"], "seed='-1'"),
+        (["synth", "backbone=infinity-2b", "out={tmp}", "preset=tiny"], "preset='tiny'"),
+        (["make", "backbone=infinity-2b"], "usage"),
+        (["synth", "backbone=infinity-2b", "out={tmp}/file"], "not a folder"),
+        (["synth", "backbone=infinity-2b", "out={tmp}/file/below"], "cannot write there"),
+    ],
+)
+def test_mistakes_are_one_line_exit_2_before_any_tensor(
+    args: list[str], match: str, tmp_path: Path, no_drawing, capsys: pytest.CaptureFixture
+) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as info:
         main([a.replace("{tmp}", str(tmp_path)) for a in args])
@@ -205,8 +252,9 @@ def test_mistakes_are_one_line_exit_2_before_any_tensor(args: list[str], match: 
     assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
-def test_too_little_disk_is_refused_before_any_tensor(tmp_path: Path, no_drawing, monkeypatch: pytest.MonkeyPatch,
-                                                       capsys: pytest.CaptureFixture) -> None:
+def test_too_little_disk_is_refused_before_any_tensor(
+    tmp_path: Path, no_drawing, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     from collections import namedtuple
 
     from toprovar.checkpoints import synth
@@ -220,8 +268,9 @@ def test_too_little_disk_is_refused_before_any_tensor(tmp_path: Path, no_drawing
     assert os.listdir(tmp_path) == []
 
 
-def test_interrupted_run_leaves_no_partial_file_and_the_next_run_recovers(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_run_leaves_no_partial_file_and_the_next_run_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     plan = release_plan("infinity-2b", "small")
     calls = {"n": 0}
     real_draw = tensors_lib.draw
@@ -239,5 +288,9 @@ def test_interrupted_run_leaves_no_partial_file_and_the_next_run_recovers(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == [STAGING, "infinity_2b_reg.pth"]
     monkeypatch.setattr(tensors_lib, "draw", real_draw)
     weights = synthesize(plan, tmp_path, seed=1, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["flan-t5-xl", "infinity_2b_reg.pth", "infinity_vae_d32_reg.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "flan-t5-xl",
+        "infinity_2b_reg.pth",
+        "infinity_vae_d32_reg.pth",
+    ]
     build_backbone(plan.backbone, weights, device="cpu")

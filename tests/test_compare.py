@@ -1,5 +1,6 @@
 """`python -m toprovar compare` end to end on test-small, its method resolution, one-line errors,
 and the pruned-token map (Fig. 9) against the trace."""
+
 from __future__ import annotations
 
 import csv
@@ -31,27 +32,59 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _write_policy(path: Path) -> Path:
     # Layer 1 scores as a Detail layer (ϱ = 1.2 -> R ≈ 0.82 ≥ 0.5): the scale+layer variant skips it.
-    path.write_text("method: toprovar\nscale: {tau: 0.4, crossing: above, min_scale: 3}\n"
-                    "layer: {mode: static, ratios: [5.0, 1.2]}\n")
+    path.write_text(
+        "method: toprovar\nscale: {tau: 0.4, crossing: above, min_scale: 3}\n"
+        "layer: {mode: static, ratios: [5.0, 1.2]}\n"
+    )
     return path
 
 
 def test_compare_command_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     policy = _write_policy(tmp_path / "detail.yaml")
-    methods = ["none", "fastvar", "fixed_exit", "toprovar-scale", "toprovar-scale_token", f"'{policy}@scale_layer'",
-               "toprovar-full"]
+    methods = [
+        "none",
+        "fastvar",
+        "fixed_exit",
+        "toprovar-scale",
+        "toprovar-scale_token",
+        f"'{policy}@scale_layer'",
+        "toprovar-full",
+    ]
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run([sys.executable, "-m", "toprovar", "compare", "backbone=test-small",
-                           f"methods=[{','.join(methods)}]",
-                           'prompts=["a red cube", "two blue balls"]', "seeds=[3, 8]", "batch_size=2", "warmup=0",
-                           f"out_dir={out}", f"hydra.run.dir={tmp_path / 'run'}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "toprovar",
+            "compare",
+            "backbone=test-small",
+            f"methods=[{','.join(methods)}]",
+            'prompts=["a red cube", "two blue balls"]',
+            "seeds=[3, 8]",
+            "batch_size=2",
+            "warmup=0",
+            f"out_dir={out}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     with open(out / "compare.csv") as handle:
         rows = {r["method"]: r for r in csv.DictReader(handle)}
-    labels = ["none", "fastvar", "fixed_exit", "toprovar-scale", "toprovar-scale_token", "detail@scale_layer",
-              "toprovar-full"]
+    labels = [
+        "none",
+        "fastvar",
+        "fixed_exit",
+        "toprovar-scale",
+        "toprovar-scale_token",
+        "detail@scale_layer",
+        "toprovar-full",
+    ]
     assert list(rows) == labels
     base = rows["none"]
     assert float(base["speedup"]) == 1.0 and float(base["flop_ratio"]) == 1.0
@@ -72,15 +105,19 @@ def test_compare_command_end_to_end(tmp_path: Path) -> None:
     assert len((out / "compare_per_image.csv").read_text().splitlines()) == 1 + 2 * len(labels)
 
 
-@pytest.mark.parametrize("override, match", [
-    ("foo=1", "bad override"),
-    ("methods=[none,no-such-policy]", "unknown policy 'no-such-policy'"),
-    ("methods=[fastvar-infinity-2b]", "made for backbone 'infinity-2b', not 'tiny'"),
-    ("methods=[fastvar@full]", "only toprovar policies"),
-    ("methods=[fastvar,fastvar]", "twice"),
-])
-def test_compare_errors_are_one_line_exit_2(override: str, match: str, tmp_path: Path,
-                                            capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("foo=1", "bad override"),
+        ("methods=[none,no-such-policy]", "unknown policy 'no-such-policy'"),
+        ("methods=[fastvar-infinity-2b]", "made for backbone 'infinity-2b', not 'tiny'"),
+        ("methods=[fastvar@full]", "only toprovar policies"),
+        ("methods=[fastvar,fastvar]", "twice"),
+    ],
+)
+def test_compare_errors_are_one_line_exit_2(
+    override: str, match: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     with pytest.raises(SystemExit) as info:
         main(["compare", override, f"out_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"])
     assert info.value.code == 2
@@ -99,8 +136,12 @@ def test_default_methods_are_scaled_to_the_backbone() -> None:
     assert dict(authors.ratios) == {3: 0.4, 4: 0.5} and authors.exit_after_scale == 4 and authors.cache_scale == 2
     assert by_label["fixed_exit"].fixed_exit.exit_scale == 5
     assert dict(by_label["fastvar"].fastvar.ratios) == {5: 0.4, 6: 0.6} and by_label["fastvar"].fastvar.layers == (1, 2)
-    assert [by_label[f"toprovar-{v}"].variant for v in ("scale", "scale_token", "scale_layer", "full")] == \
-        ["scale", "scale_token", "scale_layer", "full"]
+    assert [by_label[f"toprovar-{v}"].variant for v in ("scale", "scale_token", "scale_layer", "full")] == [
+        "scale",
+        "scale_token",
+        "scale_layer",
+        "full",
+    ]
     assert by_label["toprovar-scale"].scale.action == "exit" and by_label["toprovar-full"].scale.min_scale == 3
     # Infinity-2B ships its ToProVAR and FastVAR policies; fixed exit falls back to the defaults.
     entries = ["fastvar", "fixed_exit", "toprovar-scale_layer"]
@@ -142,8 +183,9 @@ def test_pruned_token_map_matches_the_trace(method: str, small, tmp_path: Path) 
         assert pruned and all(np.isin(maps[s], range(depth + 1)).all() for s in pruned)
     assert pruned_token_maps(recorded.trace).keys() == maps.keys()
     if method == "fixed_exit":  # whole scales only: the counts alone place every token
-        assert all(torch.equal(a, b) for a, b in zip(plain.trace.kept_maps().values(),
-                                                     recorded.trace.kept_maps().values()))
+        assert all(
+            torch.equal(a, b) for a, b in zip(plain.trace.kept_maps().values(), recorded.trace.kept_maps().values())
+        )
     else:
         with pytest.raises(ValueError, match="record_kept_tokens"):
             plain.trace.kept_maps()
@@ -167,23 +209,47 @@ def test_geneval_lite_only_on_tiny() -> None:
 
 def test_cfg_skip_entries() -> None:
     """`cfg_skip[:s]` alone is the baseline with the skip; `<method>+cfg_skip[:s]` adds it to a method."""
-    methods = {m.label: m for m in resolve_methods(["cfg_skip:3", "toprovar-full+cfg_skip", "fastvar+cfg_skip:6",
-                                                     "toprovar@scale+cfg_skip:2", "cfg_skip"], "test-small", 7, 2)}
-    assert list(methods) == ["none", "cfg_skip:3", "toprovar-full+cfg_skip", "fastvar+cfg_skip:6",
-                             "toprovar@scale+cfg_skip:2", "cfg_skip"]
+    methods = {
+        m.label: m
+        for m in resolve_methods(
+            ["cfg_skip:3", "toprovar-full+cfg_skip", "fastvar+cfg_skip:6", "toprovar@scale+cfg_skip:2", "cfg_skip"],
+            "test-small",
+            7,
+            2,
+        )
+    }
+    assert list(methods) == [
+        "none",
+        "cfg_skip:3",
+        "toprovar-full+cfg_skip",
+        "fastvar+cfg_skip:6",
+        "toprovar@scale+cfg_skip:2",
+        "cfg_skip",
+    ]
     skips = {label: m.policy.guidance.skip_uncond_from_scale for label, m in methods.items()}
-    assert skips == {"none": None, "cfg_skip:3": 3, "toprovar-full+cfg_skip": default_cfg_skip(7),
-                     "fastvar+cfg_skip:6": 6, "toprovar@scale+cfg_skip:2": 2, "cfg_skip": 5}
+    assert skips == {
+        "none": None,
+        "cfg_skip:3": 3,
+        "toprovar-full+cfg_skip": default_cfg_skip(7),
+        "fastvar+cfg_skip:6": 6,
+        "toprovar@scale+cfg_skip:2": 2,
+        "cfg_skip": 5,
+    }
     assert methods["toprovar-full+cfg_skip"].policy.variant == "full"
     assert methods["toprovar@scale+cfg_skip:2"].policy.scale.action == "exit"
     assert methods["fastvar+cfg_skip:6"].policy.fastvar == default_policies(7, 2)["fastvar"].fastvar
     assert "CFG skip" in methods["cfg_skip:3"].source and all(m.prunes for m in list(methods.values())[1:])
 
 
-@pytest.mark.parametrize("entry, match", [
-    ("cfg_skip:7", r"integer in \[0, 6\]"), ("cfg_skip:x", "integer"), ("cfg_skip:-1", "integer"),
-    ("nope+cfg_skip", "unknown policy 'nope'"),
-])
+@pytest.mark.parametrize(
+    "entry, match",
+    [
+        ("cfg_skip:7", r"integer in \[0, 6\]"),
+        ("cfg_skip:x", "integer"),
+        ("cfg_skip:-1", "integer"),
+        ("nope+cfg_skip", "unknown policy 'nope'"),
+    ],
+)
 def test_cfg_skip_entry_errors(entry: str, match: str) -> None:
     from toprovar.errors import UserError
 
@@ -196,8 +262,18 @@ def test_compare_runs_every_builtin_method_on_cpu(tmp_path: Path, capsys: pytest
     """The CPU smoke of `compare backbone=test-small` with every built-in (the GPU run uses infinity-2b)."""
     out = tmp_path / "cmp"
     methods = [*DEFAULT_METHODS, "toprovar-full+cfg_skip:4"]
-    main(["compare", "backbone=test-small", "methods=[" + ",".join(methods) + "]",
-          "n_prompts=2", "batch_size=2", "warmup=0", f"out_dir={out}", f"hydra.run.dir={tmp_path / 'run'}"])
+    main(
+        [
+            "compare",
+            "backbone=test-small",
+            "methods=[" + ",".join(methods) + "]",
+            "n_prompts=2",
+            "batch_size=2",
+            "warmup=0",
+            f"out_dir={out}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
     with open(out / "compare.csv") as handle:
         rows = {r["method"]: r for r in csv.DictReader(handle)}
     assert list(rows) == [*DEFAULT_METHODS, "toprovar-full+cfg_skip:4"]

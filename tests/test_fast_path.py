@@ -1,5 +1,6 @@
 """The fast generation path (fused block stages, per-scale static step / CUDA graphs, sync-free
 sampling) on CPU: the same function as the plain loop, bit for bit, with and without pruners."""
+
 from __future__ import annotations
 
 import pytest
@@ -36,19 +37,21 @@ def test_fast_path_is_bit_identical_on_cpu(name, request) -> None:
     again = generate(backbone, prompts, s, fast=True)  # static buffers reused for the same key
     assert again.runtime["graphs_captured"] is False
     _same(plain, again)
-    for opts in (FastOptions(graphs=False), FastOptions(fused=False), FastOptions(sync_free_sampling=False),
-                 MECHANICS):
+    for opts in (FastOptions(graphs=False), FastOptions(fused=False), FastOptions(sync_free_sampling=False), MECHANICS):
         _same(plain, generate(backbone, prompts, s, fast=opts))
     release_fast_state(backbone.transformer)
 
 
 def test_fast_path_with_guidance_scale_one_and_per_scale_values(small) -> None:
     s = _seeds(1)
-    kw = dict(guidance_scale=[1.0] * 3 + [2.0, 3.0, 3.0, 4.0], temperature=[1.0, 0.5, 0.5, 0.7, 1.0, 1.0, 0.9],
-              top_p=0.9)
+    kw = dict(
+        guidance_scale=[1.0] * 3 + [2.0, 3.0, 3.0, 4.0], temperature=[1.0, 0.5, 0.5, 0.7, 1.0, 1.0, 0.9], top_p=0.9
+    )
     _same(generate(small, ["a cube"], s, fast=False, **kw), generate(small, ["a cube"], s, fast=True, **kw))
-    _same(generate(small, ["a cube"], s, fast=False, guidance_scale=1.0),
-          generate(small, ["a cube"], s, fast=True, guidance_scale=1.0))
+    _same(
+        generate(small, ["a cube"], s, fast=False, guidance_scale=1.0),
+        generate(small, ["a cube"], s, fast=True, guidance_scale=1.0),
+    )
 
 
 class HalfTokens(NoPruner):
@@ -64,10 +67,12 @@ class HalfTokens(NoPruner):
 @pytest.mark.parametrize("kv_policy", ["kept", "all"])
 def test_pruner_runs_eager_with_fused_full_layers(small, kv_policy: str) -> None:
     s = _seeds(2)
-    plain = generate(small, ["a red cube", "a cat"], s, policy=HalfTokens(), kv_policy=kv_policy, fast=False,
-                     record_entropy=True)
-    fast = generate(small, ["a red cube", "a cat"], s, policy=HalfTokens(), kv_policy=kv_policy, fast=True,
-                    record_entropy=True)
+    plain = generate(
+        small, ["a red cube", "a cat"], s, policy=HalfTokens(), kv_policy=kv_policy, fast=False, record_entropy=True
+    )
+    fast = generate(
+        small, ["a red cube", "a cat"], s, policy=HalfTokens(), kv_policy=kv_policy, fast=True, record_entropy=True
+    )
     assert not fast.runtime["graph_loop"]
     _same(plain, fast)
     a, b = plain.trace.layers_frame(), fast.trace.layers_frame()
@@ -114,8 +119,13 @@ def test_planned_pruners_run_as_units_bit_identical(small, kv_policy: str) -> No
     s = _seeds(2)
     prompts = ["a red cube", "a cat on a mat"]
     depth = small.transformer.depth
-    for policy in (PlannedRows(), _fixed_toprovar(depth), _fixed_toprovar(depth, restore="cached", order="frequency"),
-                   _fixed_toprovar(depth, restore="cached", order="edge"), policy_from_dict({"method": "fixed_exit", "fixed_exit": {"exit_scale": 4}})):
+    for policy in (
+        PlannedRows(),
+        _fixed_toprovar(depth),
+        _fixed_toprovar(depth, restore="cached", order="frequency"),
+        _fixed_toprovar(depth, restore="cached", order="edge"),
+        policy_from_dict({"method": "fixed_exit", "fixed_exit": {"exit_scale": 4}}),
+    ):
         plain = generate(small, prompts, s, policy=policy, kv_policy=kv_policy, fast=False)
         for opts in (True, MECHANICS):
             fast = generate(small, prompts, s, policy=policy, kv_policy=kv_policy, fast=opts)
@@ -171,7 +181,7 @@ def test_forward_fast_equals_forward_block() -> None:
         off = 0
         for n in (1, 4, 16):
             x = torch.randn(4, n, cfg.embed_dim)
-            rs = RopeSlice(rope[0, off:off + n], rope[1, off:off + n])
+            rs = RopeSlice(rope[0, off : off + n], rope[1, off : off + n])
             for li, block in enumerate(model.blocks):
                 ref, _ = block(x, cond.gss, cond.text[li], rs, caches[0][li])
                 out, _ = block.forward_fast(x, block.ada(cond.gss), cond.text[li], rs, caches[1][li])
@@ -188,19 +198,31 @@ def test_block_chain_equals_blocks_one_by_one() -> None:
     gathered between them), other kept tokens per block, a skipped block, entropy where asked."""
     from toprovar.models.transformer import FastStep, TransformerConfig, run_fast_blocks
 
-    cfg = TransformerConfig(depth=6, embed_dim=64, num_heads=2, codebook_dim=6, text_channels=32, text_maxlen=16,
-                            pool_head_dim=16, block_chunks=1)
+    cfg = TransformerConfig(
+        depth=6,
+        embed_dim=64,
+        num_heads=2,
+        codebook_dim=6,
+        text_channels=32,
+        text_maxlen=16,
+        pool_head_dim=16,
+        block_chunks=1,
+    )
     model = InfinityTransformer(cfg).eval()
     model.load_state_dict(random_state_dict(cfg, seed=int(torch.randint(0, 1000, ()).item())))
     rope = model.rope_table(scale_schedule(1.0, "0.06M"), "cpu")
     n, rows = 16, 4
     same = torch.stack([torch.sort(torch.randperm(n)[:9]).values for _ in range(rows)])
     other = torch.stack([torch.sort(torch.randperm(n)[:5]).values for _ in range(rows)])
-    patterns = [[None] * 6, [same] * 6, [None, same, same, other, other[:, :0], same],
-                [same, same[:, :0], same, None, None, other]]
+    patterns = [
+        [None] * 6,
+        [same] * 6,
+        [None, same, same, other, other[:, :0], same],
+        [same, same[:, :0], same, None, None, other],
+    ]
     with torch.inference_mode():
         cond = model.encode_condition(torch.randn(2, 5, cfg.text_channels), [5, 3], with_uncond=True)
-        rs = RopeSlice(rope[0, 5:5 + n], rope[1, 5:5 + n])
+        rs = RopeSlice(rope[0, 5 : 5 + n], rope[1, 5 : 5 + n])
         for keeps in patterns:
             entropy = [j % 3 == 0 for j in range(6)]
             x0 = torch.randn(rows, n, cfg.embed_dim)
@@ -217,8 +239,10 @@ def test_block_chain_equals_blocks_one_by_one() -> None:
                     ref, ent = block(ref, cond.gss, cond.text[li], rs, caches[0][li], keep=keep, entropy=entropy[li])
                 ref_ents.append(ent)
             for c, (index_io, chain, small) in zip(caches[1:], ((True, True, 0), (False, True, 0), (True, True, 64))):
-                steps = [FastStep(b, b.ada(cond.gss), cond.text[li], c[li], keeps[li], entropy[li])
-                         for li, b in enumerate(model.blocks)]
+                steps = [
+                    FastStep(b, b.ada(cond.gss), cond.text[li], c[li], keeps[li], entropy[li])
+                    for li, b in enumerate(model.blocks)
+                ]
                 out, ents = run_fast_blocks(steps, x0.clone(), rs, index_io=index_io, chain=chain, small_m_rows=small)
                 assert torch.equal(out, ref)
                 assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(ents, ref_ents))

@@ -1,5 +1,6 @@
 """FastVAR as its authors ship it for Infinity (issue 16 item 2): the exit after the 40×40 scale,
 the per-scale plan that runs on the fast path's planned units, and the shipped policies."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,16 +17,20 @@ def _seeds(n: int) -> list[int]:
 
 
 def _fastvar(**fields):
-    return policy_from_dict({"method": "fastvar", "fastvar": {"ratios": {4: 0.4, 5: 0.5}, "layers": [1, 2],
-                                                              "cache_scale": 3, **fields}})
+    return policy_from_dict(
+        {"method": "fastvar", "fastvar": {"ratios": {4: 0.4, 5: 0.5}, "layers": [1, 2], "cache_scale": 3, **fields}}
+    )
 
 
-@pytest.mark.parametrize("fields, where", [
-    ({"exit_after_scale": 4}, "fastvar.exit_after_scale: got 4, expected an integer >= 5"),
-    ({"exit_after_scale": -1}, "fastvar.exit_after_scale"),
-    ({"exit_after_scale": 5.5}, "fastvar.exit_after_scale"),
-    ({"plan": "per_layer"}, "fastvar.plan: got 'per_layer', expected one of per_block, per_scale"),
-])
+@pytest.mark.parametrize(
+    "fields, where",
+    [
+        ({"exit_after_scale": 4}, "fastvar.exit_after_scale: got 4, expected an integer >= 5"),
+        ({"exit_after_scale": -1}, "fastvar.exit_after_scale"),
+        ({"exit_after_scale": 5.5}, "fastvar.exit_after_scale"),
+        ({"plan": "per_layer"}, "fastvar.plan: got 'per_layer', expected one of per_block, per_scale"),
+    ],
+)
 def test_bad_fastvar_fields_are_one_line_errors(fields, where) -> None:
     with pytest.raises(UserError) as err:
         _fastvar(**fields)
@@ -84,8 +89,11 @@ def test_per_scale_plan_keeps_one_set_and_equals_per_block_with_one_pruned_block
 def test_per_scale_plan_runs_as_planned_units_bit_identical(small, layers) -> None:
     seeds = _seeds(2)
     prompts = ["a red cube", "two blue balls"]
-    for fields in ({"plan": "per_scale"}, {"plan": "per_scale", "exit_after_scale": 5},
-                   {"plan": "per_block", "exit_after_scale": 6}):
+    for fields in (
+        {"plan": "per_scale"},
+        {"plan": "per_scale", "exit_after_scale": 5},
+        {"plan": "per_block", "exit_after_scale": 6},
+    ):
         policy = _fastvar(layers=layers, **fields)
         plain = generate(small, prompts, seeds, policy=policy, fast=False)
         fast = generate(small, prompts, seeds, policy=policy, fast=True)

@@ -1,4 +1,5 @@
 """Fused block stages: the Triton kernels (interpreter on CPU) against their PyTorch references."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-INTERPRETER_ON_GPU = ("the Triton interpreter is the CPU stand-in for the GPU; with a GPU the compiled kernels are "
-                      "tested instead (and triton 3.6's interpreter cannot take runtime loop bounds with new NumPy)")
+INTERPRETER_ON_GPU = (
+    "the Triton interpreter is the CPU stand-in for the GPU; with a GPU the compiled kernels are "
+    "tested instead (and triton 3.6's interpreter cannot take runtime loop bounds with new NumPy)"
+)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason=INTERPRETER_ON_GPU)
@@ -21,8 +24,13 @@ def test_fused_kernels_in_the_interpreter() -> None:
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     seed = str(int(torch.randint(0, 2**31 - 1, ()).item()))
-    run = subprocess.run([sys.executable, str(ROOT / "tests" / "_fused_interpreter_check.py"), seed],
-                         env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "_fused_interpreter_check.py"), seed],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
 
 
@@ -35,8 +43,16 @@ def test_fused_kernels_on_cuda() -> None:
     x, y = torch.randn(B, n, C, device="cuda"), torch.randn(B, n, C, device="cuda", dtype=torch.bfloat16)
     ada = torch.randn(B, 1, 6, C, device="cuda")
     for use in (True, False):
-        out = add_ln(x, y, ada[:, :, 0], ln=LN_MODULATE, scale=ada[:, :, 1], shift=ada[:, :, 2],
-                     out_dtype=torch.bfloat16, use_triton=use)
+        out = add_ln(
+            x,
+            y,
+            ada[:, :, 0],
+            ln=LN_MODULATE,
+            scale=ada[:, :, 1],
+            shift=ada[:, :, 2],
+            out_dtype=torch.bfloat16,
+            use_triton=use,
+        )
         if use:
             fused = out
     torch.testing.assert_close(fused[0], out[0], rtol=1e-5, atol=1e-5)
@@ -45,8 +61,10 @@ def test_fused_kernels_on_cuda() -> None:
     ang = torch.rand(n, D // 2, device="cuda") * 6
     hs = torch.rand(1, H, 1, 1, device="cuda") + 1
     caches = [torch.zeros(2, B, H, n + 3, D, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-    qs = [qk_norm_rope(qkv, H, hs, ang.cos(), ang.sin(), c[0][:, :, 3:], c[1][:, :, 3:], use_triton=u)
-          for c, u in zip(caches, (True, False))]
+    qs = [
+        qk_norm_rope(qkv, H, hs, ang.cos(), ang.sin(), c[0][:, :, 3:], c[1][:, :, 3:], use_triton=u)
+        for c, u in zip(caches, (True, False))
+    ]
     torch.testing.assert_close(qs[0].float(), qs[1].float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(caches[0].float(), caches[1].float(), rtol=2e-2, atol=2e-2)
 
@@ -73,8 +91,9 @@ def test_fused_rows_through_an_index_on_cuda(xdt: torch.dtype) -> None:
     rest = dict(weight=None, bias=None)
     xa, ha = add_ln(x, src_index=idx, out_dtype=torch.bfloat16, **mod)
     xb, hb = add_ln(x, src_index=idx, out_dtype=torch.bfloat16, use_triton=False, **mod)
-    xt, ht = add_ln_reference(x.double(), None, None, round_yg=False, eps=1e-6, out_dtype=torch.float64,
-                              src_index=idx, **rest, **f64)
+    xt, ht = add_ln_reference(
+        x.double(), None, None, round_yg=False, eps=1e-6, out_dtype=torch.float64, src_index=idx, **rest, **f64
+    )
     assert torch.equal(xa, xb) and _fa_ok(ha, hb, ht, 1e-5)
     y = torch.randn(B, K, C, device="cuda", dtype=torch.bfloat16)
     dst = [torch.randn(B, N, C, device="cuda") for _ in range(2)]
@@ -82,19 +101,35 @@ def test_fused_rows_through_an_index_on_cuda(xdt: torch.dtype) -> None:
     truth = dst[0].double()
     ra, _ = add_ln(xa.float(), y, ada[:, :, 0], dst=dst[0], dst_index=idx)
     rb, _ = add_ln(xa.float(), y, ada[:, :, 0], dst=dst[1], dst_index=idx, use_triton=False)
-    rt, _ = add_ln_reference(xa.double(), y.double(), ada[:, :, 0].double(), round_yg=False, ln=0, scale=None,
-                             shift=None, eps=1e-6, out_dtype=torch.float64, dst=truth, dst_index=idx, **rest)
+    rt, _ = add_ln_reference(
+        xa.double(),
+        y.double(),
+        ada[:, :, 0].double(),
+        round_yg=False,
+        ln=0,
+        scale=None,
+        shift=None,
+        eps=1e-6,
+        out_dtype=torch.float64,
+        dst=truth,
+        dst_index=idx,
+        **rest,
+    )
     assert ra is dst[0] and _fa_ok(ra, rb, rt, 1e-6)
     qkv = torch.randn(B, K, 3 * C, device="cuda", dtype=torch.bfloat16)
     ang = torch.rand(N, D // 2, device="cuda") * 6
     hs = torch.rand(1, H, 1, 1, device="cuda") + 1
-    caches = [torch.zeros(2, B, H, K, D, device="cuda", dtype=dt) for dt in (torch.bfloat16, torch.bfloat16,
-                                                                                torch.float64)]
+    caches = [
+        torch.zeros(2, B, H, K, D, device="cuda", dtype=dt) for dt in (torch.bfloat16, torch.bfloat16, torch.float64)
+    ]
     cos = (ang.cos(), ang.cos(), ang.double().cos())
     sin = (ang.sin(), ang.sin(), ang.double().sin())
-    qs = [qk_norm_rope(q_in, H, hs_in, c_, s_, c[0], c[1], rope_index=idx, use_triton=u)
-          for q_in, hs_in, c_, s_, c, u in zip((qkv, qkv, qkv.double()), (hs, hs, hs.double()), cos, sin, caches,
-                                               (True, False, False))]
+    qs = [
+        qk_norm_rope(q_in, H, hs_in, c_, s_, c[0], c[1], rope_index=idx, use_triton=u)
+        for q_in, hs_in, c_, s_, c, u in zip(
+            (qkv, qkv, qkv.double()), (hs, hs, hs.double()), cos, sin, caches, (True, False, False)
+        )
+    ]
     assert _fa_ok(qs[0], qs[1], qs[2], 1e-5)
     assert _fa_ok(caches[0][0], caches[1][0], caches[2][0], 1e-5) and torch.equal(caches[0][1], caches[1][1])
 
@@ -113,20 +148,25 @@ def test_ln_linear_on_cuda(rows: int) -> None:
     ada = torch.randn(2, 1, 6, F, device="cuda", generator=gen) * 0.3
     mod = dict(ln=LN_MODULATE, scale=ada[:, :, 1, :C], shift=ada[:, :, 2, :C])
     for n_out, kw in ((3 * C, dict(mod)), (F, dict(mod, gelu=True))):
-        w = (torch.randn(n_out, C, device="cuda", generator=gen) / C ** 0.5).bfloat16()
+        w = (torch.randn(n_out, C, device="cuda", generator=gen) / C**0.5).bfloat16()
         b = (torch.randn(n_out, device="cuda", generator=gen) * 0.1).bfloat16()
         out, ref = ln_linear(x, w, b, **kw), ln_linear(x, w, b, use_triton=False, **kw)
-        truth = ln_linear_reference(x.double(), w.double(), b.double(),
-                                    **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+        truth = ln_linear_reference(
+            x.double(),
+            w.double(),
+            b.double(),
+            **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()},
+        )
         assert out.dtype == ref.dtype and _fa_ok(out, ref, truth, 1e-3)
     h = torch.randn(2, rows // 2 or 1, C, device="cuda", generator=gen).bfloat16()
-    w = (torch.randn(C, C, device="cuda", generator=gen) / C ** 0.5).bfloat16()
+    w = (torch.randn(C, C, device="cuda", generator=gen) / C**0.5).bfloat16()
     b = (torch.randn(C, device="cuda", generator=gen) * 0.1).bfloat16()
     for res in (x, x.bfloat16()):
         kw = dict(residual=res, gamma=ada[:, :, 0, :C], round_yg=True)
         out, ref = ln_linear(h, w, b, **kw), ln_linear(h, w, b, use_triton=False, **kw)
-        truth = ln_linear_reference(h.double(), w.double(), b.double(), residual=res.double(),
-                                    gamma=ada[:, :, 0, :C].double())
+        truth = ln_linear_reference(
+            h.double(), w.double(), b.double(), residual=res.double(), gamma=ada[:, :, 0, :C].double()
+        )
         assert out.dtype == ref.dtype == res.dtype and _fa_ok(out, ref, truth, 1e-3)
 
 
@@ -142,8 +182,16 @@ def test_small_block_matches_forward_on_cuda() -> None:
         run_fast_blocks,
     )
 
-    cfg = TransformerConfig(depth=1, embed_dim=256, num_heads=2, codebook_dim=8, text_channels=64,
-                            text_maxlen=8, pool_head_dim=32, block_chunks=1)
+    cfg = TransformerConfig(
+        depth=1,
+        embed_dim=256,
+        num_heads=2,
+        codebook_dim=8,
+        text_channels=64,
+        text_maxlen=8,
+        pool_head_dim=32,
+        block_chunks=1,
+    )
     model = InfinityTransformer(cfg)
     model.load_state_dict(random_state_dict(cfg, seed=3))
     model = model.cuda().eval()
@@ -154,8 +202,9 @@ def test_small_block_matches_forward_on_cuda() -> None:
         caches = [model.new_cache(2, 17, torch.bfloat16, "cuda") for _ in range(2)]
         block, x, rs = model.blocks[0], torch.randn(2, 1, 256, device="cuda"), RopeSlice(rope[0, :1], rope[1, :1])
         ref, _ = block(x, cond.gss, cond.text[0], rs, caches[0][0])
-        out, _ = run_fast_blocks([FastStep(block, block.ada(cond.gss), cond.text[0], caches[1][0])], x, rs,
-                                 small_m_rows=64)
+        out, _ = run_fast_blocks(
+            [FastStep(block, block.ada(cond.gss), cond.text[0], caches[1][0])], x, rs, small_m_rows=64
+        )
     assert ((out - ref).norm() / ref.norm()).item() < 1e-2
 
 
@@ -191,8 +240,16 @@ def test_forward_fast_matches_forward_on_cuda(gelu_epilogue: bool) -> None:
     """One bf16 block under autocast: fused stages (+ GELU epilogue) vs the reference block."""
     from toprovar.models.transformer import InfinityTransformer, RopeSlice, TransformerConfig, random_state_dict
 
-    cfg = TransformerConfig(depth=1, embed_dim=256, num_heads=2, codebook_dim=8, text_channels=64,
-                            text_maxlen=8, pool_head_dim=32, block_chunks=1)
+    cfg = TransformerConfig(
+        depth=1,
+        embed_dim=256,
+        num_heads=2,
+        codebook_dim=8,
+        text_channels=64,
+        text_maxlen=8,
+        pool_head_dim=32,
+        block_chunks=1,
+    )
     model = InfinityTransformer(cfg)
     model.load_state_dict(random_state_dict(cfg, seed=3))
     model = model.cuda().eval()

@@ -1,6 +1,7 @@
 """The module graph stays clean: no module imports another module's private (`_name`) names, the
 imports between the project's modules form no cycle (lazy imports inside functions included;
 `if TYPE_CHECKING:` blocks excluded), and every module imports, a fresh interpreter per package."""
+
 from __future__ import annotations
 
 import ast
@@ -34,8 +35,13 @@ def _owner(name: str) -> str | None:
 def _imports(module: str) -> list[tuple[str, str | None]]:
     """(imported module, imported name or None) of every import statement outside TYPE_CHECKING."""
     tree = ast.parse(MODULES[module].read_text())
-    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-                   and getattr(node.test, "id", None) == "TYPE_CHECKING" for sub in node.body for n in ast.walk(sub)}
+    typing_only = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+        for sub in node.body
+        for n in ast.walk(sub)
+    }
     out = []
     for node in ast.walk(tree):
         if id(node) in typing_only:
@@ -58,8 +64,12 @@ def _edges() -> dict[str, set[str]]:
 
 
 def test_no_private_imports_across_modules() -> None:
-    private = [f"{module}: from {base} import {name}" for module in MODULES for base, name in _imports(module)
-               if name and name.startswith("_") and not name.startswith("__") and _owner(base) not in (None, module)]
+    private = [
+        f"{module}: from {base} import {name}"
+        for module in MODULES
+        for base, name in _imports(module)
+        if name and name.startswith("_") and not name.startswith("__") and _owner(base) not in (None, module)
+    ]
     assert private == []
 
 
@@ -93,6 +103,7 @@ def test_every_module_imports() -> None:
     for package in PACKAGES:
         names = [m for m in MODULES if m == package or m.startswith(package + ".")]
         code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
-        proc = subprocess.run([sys.executable, "-c", code, *names], cwd=REPO, capture_output=True, text=True,
-                              timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *names], cwd=REPO, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]

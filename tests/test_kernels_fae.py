@@ -1,5 +1,6 @@
 """Flash Attention Entropy: the chunked reference and the Triton kernel (interpreter on CPU)
 against float64 attention; sharp and flat rows; the runtime's attention entry point."""
+
 from __future__ import annotations
 
 import math
@@ -31,7 +32,7 @@ def _exact(q, k, v, scale):
 @pytest.mark.parametrize("Lq, Lk, D", [(13, 50, 16), (31, 31, 64), (9, 77, 128)])
 def test_reference_streams_keys_exactly(Lq, Lk, D) -> None:
     q, k, v = torch.randn(2, 3, Lq, D), torch.randn(2, 3, Lk, D), torch.randn(2, 3, Lk, D)
-    scale = D ** -0.5 * float(torch.rand(()) + 0.5)
+    scale = D**-0.5 * float(torch.rand(()) + 0.5)
     out, ent = attention_entropy_reference(q, k, v, scale, chunk=7)  # many ragged chunks
     ref_out, ref_ent = _exact(q, k, v, scale)
     assert ent.dtype == torch.float32 and ent.shape == (2, 3, Lq) and out.shape == q.shape
@@ -50,15 +51,23 @@ def test_reference_flat_and_sharp_rows() -> None:
     assert sharp.max() < 1e-4 and sharp.min() >= -1e-6
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter is the CPU stand-in for the GPU; with a "
-                    "GPU the compiled kernel is tested (test_triton_on_gpu), and triton 3.6's interpreter "
-                    "cannot take runtime loop bounds with new NumPy")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="the Triton interpreter is the CPU stand-in for the GPU; with a "
+    "GPU the compiled kernel is tested (test_triton_on_gpu), and triton 3.6's interpreter "
+    "cannot take runtime loop bounds with new NumPy",
+)
 def test_triton_kernel_in_the_interpreter() -> None:
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     seed = str(int(torch.randint(0, 2**31 - 1, ()).item()))
-    run = subprocess.run([sys.executable, str(ROOT / "tests" / "_fae_interpreter_check.py"), seed],
-                         env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "_fae_interpreter_check.py"), seed],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
 
 
@@ -82,6 +91,6 @@ def test_bad_shapes_are_rejected() -> None:
 def test_triton_on_gpu(dtype) -> None:
     q, k, v = [torch.randn(2, 4, L, 128, device="cuda", dtype=dtype) for L in (300, 1000, 1000)]
     out, ent = flash_attn_entropy(q, k, v)
-    ref_out, ref_ent = _exact(q, k, v, 128 ** -0.5)
+    ref_out, ref_ent = _exact(q, k, v, 128**-0.5)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert _rel(out, ref_out) <= tol and _rel(ent, ref_ent) <= tol

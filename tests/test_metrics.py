@@ -1,5 +1,6 @@
 """toprovar.metrics: PSNR (per image, mean, pooled) and SSIM through torchmetrics, checked against
 the definitions on fresh random images."""
+
 from __future__ import annotations
 
 import math

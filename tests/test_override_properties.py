@@ -6,6 +6,7 @@ numbers, broken brackets, interpolations, junk), that check returns or exits wit
 one `<prog>: error: ...` line on stderr, never a traceback. What the composed values then mean
 (a policy path, a device) is checked by each command before weights load (toprovar.policy).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,9 +20,15 @@ from tests.strategies import config_keys, override_strings, override_values, pro
 from toprovar.cli import CONF_DIR, check_overrides
 
 # program as it prints itself -> (config name, check function taking the override list)
-CLIS = {prog: (config, lambda overrides, prog=prog, config=config: check_overrides(prog, config, overrides))
-        for prog, config in (("toprovar generate", "generate"), ("toprovar compare", "compare"),
-                             ("calibrate", "calibrate"), ("toprovar.tiny.train", "train_tiny"))}
+CLIS = {
+    prog: (config, lambda overrides, prog=prog, config=config: check_overrides(prog, config, overrides))
+    for prog, config in (
+        ("toprovar generate", "generate"),
+        ("toprovar compare", "compare"),
+        ("calibrate", "calibrate"),
+        ("toprovar.tiny.train", "train_tiny"),
+    )
+}
 
 
 def _conf_dir():
@@ -73,8 +80,9 @@ def test_any_policy_override_value_loads_or_fails_in_one_line(value: str) -> Non
 
     try:
         with initialize_config_dir(config_dir=str(_conf_dir()), version_base=None, job_name="generate"):
-            given_value = OmegaConf.to_container(compose("generate", overrides=[f"policy={value}"]),
-                                                 resolve=True)["policy"]
+            given_value = OmegaConf.to_container(compose("generate", overrides=[f"policy={value}"]), resolve=True)[
+                "policy"
+            ]
     except (HydraException, OmegaConfBaseException, ValueError):
         return  # refused while composing: test_override_checks_compose_or_fail_in_one_line covers it
     try:

@@ -1,4 +1,5 @@
 """`python -m toprovar generate`: PNGs from the command line, one-line errors with exit status 2."""
+
 from __future__ import annotations
 
 import os
@@ -16,14 +17,26 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", "toprovar", "generate", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "toprovar", "generate", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_generate_writes_pngs(tmp_path: Path) -> None:
     out = tmp_path / "pngs"
-    proc = _cli("backbone=test-small", 'prompts=["a red cube", "two blue balls"]', "seeds=[5, 9]",
-                f"out_dir={out}", "batch_size=1", f"hydra.run.dir={tmp_path / 'run'}")
+    proc = _cli(
+        "backbone=test-small",
+        'prompts=["a red cube", "two blue balls"]',
+        "seeds=[5, 9]",
+        f"out_dir={out}",
+        "batch_size=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert proc.returncode == 0, proc.stderr
     pngs = sorted(out.glob("*.png"))
     assert [p.name for p in pngs] == ["000_seed5.png", "001_seed9.png"]
@@ -33,8 +46,12 @@ def test_generate_writes_pngs(tmp_path: Path) -> None:
 
 def test_missing_weights_is_one_line_exit_2(tmp_path: Path) -> None:
     missing = tmp_path / "infinity_2b_reg.pth"
-    proc = _cli("backbone=infinity-2b", f"backbone.weights.transformer={missing}", f"out_dir={tmp_path}",
-                f"hydra.run.dir={tmp_path / 'run'}")
+    proc = _cli(
+        "backbone=infinity-2b",
+        f"backbone.weights.transformer={missing}",
+        f"out_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("toprovar generate: error:") and str(missing) in lines[-1]

@@ -1,4 +1,5 @@
 """The generation loop on the small test backbones: outputs, seeds, CFG, pruner hooks, errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -107,13 +108,14 @@ class HalfTokensSkipLayer(NoPruner):
 def test_pruning_hooks_shape_the_run(small, kv_policy: str) -> None:
     s = _seeds(1)
     base = generate(small, ["a red cube"], s)
-    res = generate(small, ["a red cube"], s, policy=HalfTokensSkipLayer(), kv_policy=kv_policy,
-                   record_entropy=True)
+    res = generate(small, ["a red cube"], s, policy=HalfTokensSkipLayer(), kv_policy=kv_policy, record_entropy=True)
     assert len(res.bits) == 6 and res.trace.to_frame()["exited"].tolist() == [False] * 6 + [True]
     assert all(torch.equal(a, b) for a, b in zip(base.bits[:3], res.bits[:3]))
     layers = res.trace.layers_frame()
     assert layers.query("scale >= 3 and layer == 0")["kept"].eq(0).all()
-    assert (layers.query("scale >= 3 and layer == 1")["kept"] == layers.query("scale >= 3 and layer == 1")["tokens"] // 2).all()
+    assert (
+        layers.query("scale >= 3 and layer == 1")["kept"] == layers.query("scale >= 3 and layer == 1")["tokens"] // 2
+    ).all()
     ran = layers[layers["kept"] > 0]
     assert ran["entropy_mean"].notna().all()
     assert (ran.query("scale == 0")["entropy_mean"] == 0).all()  # one key: a certain softmax
@@ -158,8 +160,7 @@ def test_bf16_blocks_under_autocast(monkeypatch: pytest.MonkeyPatch, kv_policy: 
     assert bf16.transformer.blocks[0].sa.mat_qkv.weight.dtype == torch.bfloat16
     assert bf16.transformer.head.weight.dtype == torch.float32
     s = _seeds(2)
-    res = generate(bf16, ["a red cube", "a dog"], s, policy=EveryOtherToken(), kv_policy=kv_policy,
-                   record_entropy=True)
+    res = generate(bf16, ["a red cube", "a dog"], s, policy=EveryOtherToken(), kv_policy=kv_policy, record_entropy=True)
     ref = generate(build_backbone("test-small", device="cpu"), ["a red cube", "a dog"], s)
     agree = torch.cat([(a == b).flatten() for a, b in zip(res.bits[:2], ref.bits[:2])]).float().mean()
     assert res.images.shape == ref.images.shape and agree > 0.9  # unpruned scales: bf16 ~ fp32

@@ -1,4 +1,5 @@
 """Policy schema: shipped files load, round trip, and every kind of bad input is a one-line error."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,12 +24,23 @@ def test_shipped_policies_load_and_refuse_other_backbones() -> None:
 
 
 def test_round_trip_through_yaml(tmp_path) -> None:
-    doc = {"method": "toprovar", "variant": "scale_layer", "backbone": "tiny",
-           "scale": {"tau": 0.35, "crossing": "above", "action": "exit", "min_scale": 3},
-           "layer": {"mode": "static", "beta": 2.5, "ratios": [1.5, 3.0, 1.1], "skip_above": 0.7},
-           "token": {"alpha_min": 0.05, "alpha_max": 0.9, "min_keep": 0.2, "normalize": "rank",
-                     "restore": "cached", "cache_scale": 2},
-           "fastvar": {"ratios": {8: 0.5}}, "provenance": {"trials": 12}}
+    doc = {
+        "method": "toprovar",
+        "variant": "scale_layer",
+        "backbone": "tiny",
+        "scale": {"tau": 0.35, "crossing": "above", "action": "exit", "min_scale": 3},
+        "layer": {"mode": "static", "beta": 2.5, "ratios": [1.5, 3.0, 1.1], "skip_above": 0.7},
+        "token": {
+            "alpha_min": 0.05,
+            "alpha_max": 0.9,
+            "min_keep": 0.2,
+            "normalize": "rank",
+            "restore": "cached",
+            "cache_scale": 2,
+        },
+        "fastvar": {"ratios": {8: 0.5}},
+        "provenance": {"trials": 12},
+    }
     policy = policy_from_dict(doc)
     again = load_policy(save_policy(policy, tmp_path / "p.yaml"))
     assert again.to_dict() == policy.to_dict()
@@ -38,24 +50,27 @@ def test_round_trip_through_yaml(tmp_path) -> None:
     assert policy_from_dict({"method": "toprovar"}).token.restore == "none"  # default: pass-through
 
 
-@pytest.mark.parametrize("doc, where", [
-    ({"method": "toprovar", "colour": 1}, "colour"),
-    ({"method": "toprovar", "scale": {"tua": 0.4}}, "scale.tua"),
-    ({"method": "prune-everything"}, "method"),
-    ({"scale": {"tau": 0.4}}, "method"),
-    ({"method": "toprovar", "scale": {"tau": 1.5}}, "scale.tau"),
-    ({"method": "toprovar", "scale": {"tau": "low"}}, "scale.tau"),
-    ({"method": "toprovar", "scale": {"crossing": "sideways"}}, "scale.crossing"),
-    ({"method": "toprovar", "token": {"alpha_min": 0.7, "alpha_max": 0.2}}, "token.alpha_max"),
-    ({"method": "toprovar", "token": {"protect_layers": 0}}, "token.protect_layers"),
-    ({"method": "toprovar", "token": {"restore": "interpolate"}}, "token.restore"),
-    ({"method": "toprovar", "token": {"cache_scale": -1}}, "token.cache_scale"),
-    ({"method": "toprovar", "layer": {"ratios": [0.5]}}, "layer.ratios"),
-    ({"method": "toprovar", "layer": {"beta": True}}, "layer.beta"),
-    ({"method": "fastvar", "fastvar": {"ratios": {"x": 0.4}}}, "fastvar.ratios"),
-    ({"method": "fixed_exit", "fixed_exit": {"exit_scale": 2.5}}, "fixed_exit.exit_scale"),
-    ({"method": "toprovar", "version": 7}, "version"),
-])
+@pytest.mark.parametrize(
+    "doc, where",
+    [
+        ({"method": "toprovar", "colour": 1}, "colour"),
+        ({"method": "toprovar", "scale": {"tua": 0.4}}, "scale.tua"),
+        ({"method": "prune-everything"}, "method"),
+        ({"scale": {"tau": 0.4}}, "method"),
+        ({"method": "toprovar", "scale": {"tau": 1.5}}, "scale.tau"),
+        ({"method": "toprovar", "scale": {"tau": "low"}}, "scale.tau"),
+        ({"method": "toprovar", "scale": {"crossing": "sideways"}}, "scale.crossing"),
+        ({"method": "toprovar", "token": {"alpha_min": 0.7, "alpha_max": 0.2}}, "token.alpha_max"),
+        ({"method": "toprovar", "token": {"protect_layers": 0}}, "token.protect_layers"),
+        ({"method": "toprovar", "token": {"restore": "interpolate"}}, "token.restore"),
+        ({"method": "toprovar", "token": {"cache_scale": -1}}, "token.cache_scale"),
+        ({"method": "toprovar", "layer": {"ratios": [0.5]}}, "layer.ratios"),
+        ({"method": "toprovar", "layer": {"beta": True}}, "layer.beta"),
+        ({"method": "fastvar", "fastvar": {"ratios": {"x": 0.4}}}, "fastvar.ratios"),
+        ({"method": "fixed_exit", "fixed_exit": {"exit_scale": 2.5}}, "fixed_exit.exit_scale"),
+        ({"method": "toprovar", "version": 7}, "version"),
+    ],
+)
 def test_bad_documents_are_one_line_errors(tmp_path, doc, where) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -78,6 +93,7 @@ def test_missing_and_malformed_files(tmp_path) -> None:
 
 # -- issue 15: every value checked, before any weights load -----------------------------------------
 
+
 def _one_line_error(doc_or_text, tmp_path, backbone=None, **options) -> str:
     path = tmp_path / "p.yaml"
     if isinstance(doc_or_text, bytes):
@@ -91,10 +107,17 @@ def _one_line_error(doc_or_text, tmp_path, backbone=None, **options) -> str:
     return message
 
 
-@pytest.mark.parametrize("section, key, lo, hi", [
-    ("scale", "tau", "0", "1"), ("layer", "beta", "0", "100"), ("layer", "skip_above", "0", "1"),
-    ("token", "alpha_min", "0", "1"), ("token", "alpha_max", "0", "1"), ("token", "min_keep", "0", "1"),
-])
+@pytest.mark.parametrize(
+    "section, key, lo, hi",
+    [
+        ("scale", "tau", "0", "1"),
+        ("layer", "beta", "0", "100"),
+        ("layer", "skip_above", "0", "1"),
+        ("token", "alpha_min", "0", "1"),
+        ("token", "alpha_max", "0", "1"),
+        ("token", "min_keep", "0", "1"),
+    ],
+)
 @pytest.mark.parametrize("bad", [".nan", ".inf", "-.inf", "1.0e+400"])
 def test_non_finite_numbers_name_key_value_and_range(tmp_path, section, key, lo, hi, bad) -> None:
     text = f"method: toprovar\n{section}:\n  {key}: {bad}\n"
@@ -103,30 +126,33 @@ def test_non_finite_numbers_name_key_value_and_range(tmp_path, section, key, lo,
     assert ("nan" if "nan" in bad else "inf") in message
 
 
-@pytest.mark.parametrize("text, where", [
-    ("method: toprovar\nlayer: {ratios: [1.5, .inf, 2.0]}\n", "layer.ratios[1]"),
-    ("method: toprovar\nlayer: {ratios: [1.5, .nan]}\n", "layer.ratios[1]"),
-    ("method: toprovar\nlayer: {ratios: [1" + "0" * 400 + "]}\n", "layer.ratios[0]"),  # beyond float range
-    ("method: fastvar\nfastvar: {ratios: {9: .nan}}\n", "fastvar.ratios[9]"),
-    ("method: fastvar\nfastvar: {ratios: {9.5: 0.4}}\n", "fastvar.ratios: got key 9.5"),
-    ("method: fastvar\nfastvar: {ratios: {9: 0.4, '9': 0.5}}\n", "fastvar.ratios"),
-    ("method: fastvar\nfastvar: {ratios: {}}\n", "fastvar.ratios"),
-    ("method: fastvar\nfastvar: {ratios: {9: 0.4}, layers: [5, 5]}\n", "fastvar.layers[1]"),
-    ("method: fastvar\nfastvar: {ratios: {9: 0.4}, cache_scale: 9}\n", "fastvar.cache_scale"),
-    ("method: toprovar\nscale: {min_scale: 4}\ntoken: {cache_scale: 4}\n", "token.cache_scale"),
-    ("method: toprovar\nscale: {min_scale: 2.0}\n", "scale.min_scale"),
-    ("method: toprovar\nname: mine\n", "name"),
-    ("method: toprovar\nversion: true\n", "version"),
-    ("method: toprovar\nbackbone: ''\n", "backbone"),
-    ("method: toprovar\nprovenance: [a]\n", "provenance"),
-    ("method: toprovar\nscale: {1: 2, null: 3}\n", "scale.1"),
-    ("[method, toprovar]\n", "document"),
-    ("", "empty"),
-    ("method: [toprovar\n", "not valid YAML"),
-    ("method: toprovar\nscale: {tau: 0.4\n", "line 3"),
-    ("method: toprovar\n---\nmethod: none\n", "not valid YAML"),
-    ("method: toprovar\nprovenance: " + "[" * 5000 + "]" * 5000 + "\n", "policy"),
-])
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("method: toprovar\nlayer: {ratios: [1.5, .inf, 2.0]}\n", "layer.ratios[1]"),
+        ("method: toprovar\nlayer: {ratios: [1.5, .nan]}\n", "layer.ratios[1]"),
+        ("method: toprovar\nlayer: {ratios: [1" + "0" * 400 + "]}\n", "layer.ratios[0]"),  # beyond float range
+        ("method: fastvar\nfastvar: {ratios: {9: .nan}}\n", "fastvar.ratios[9]"),
+        ("method: fastvar\nfastvar: {ratios: {9.5: 0.4}}\n", "fastvar.ratios: got key 9.5"),
+        ("method: fastvar\nfastvar: {ratios: {9: 0.4, '9': 0.5}}\n", "fastvar.ratios"),
+        ("method: fastvar\nfastvar: {ratios: {}}\n", "fastvar.ratios"),
+        ("method: fastvar\nfastvar: {ratios: {9: 0.4}, layers: [5, 5]}\n", "fastvar.layers[1]"),
+        ("method: fastvar\nfastvar: {ratios: {9: 0.4}, cache_scale: 9}\n", "fastvar.cache_scale"),
+        ("method: toprovar\nscale: {min_scale: 4}\ntoken: {cache_scale: 4}\n", "token.cache_scale"),
+        ("method: toprovar\nscale: {min_scale: 2.0}\n", "scale.min_scale"),
+        ("method: toprovar\nname: mine\n", "name"),
+        ("method: toprovar\nversion: true\n", "version"),
+        ("method: toprovar\nbackbone: ''\n", "backbone"),
+        ("method: toprovar\nprovenance: [a]\n", "provenance"),
+        ("method: toprovar\nscale: {1: 2, null: 3}\n", "scale.1"),
+        ("[method, toprovar]\n", "document"),
+        ("", "empty"),
+        ("method: [toprovar\n", "not valid YAML"),
+        ("method: toprovar\nscale: {tau: 0.4\n", "line 3"),
+        ("method: toprovar\n---\nmethod: none\n", "not valid YAML"),
+        ("method: toprovar\nprovenance: " + "[" * 5000 + "]" * 5000 + "\n", "policy"),
+    ],
+)
 def test_bad_values_and_files_are_one_line_errors(tmp_path, text, where) -> None:
     assert where in _one_line_error(text, tmp_path)
 
@@ -158,6 +184,7 @@ def test_saved_policy_loads_back_equal_and_invalid_ones_are_not_written(tmp_path
 
 # -- the backbone in use ----------------------------------------------------------------------------
 
+
 def test_every_shipped_and_documented_policy_fits_its_backbone() -> None:
     from pathlib import Path
 
@@ -170,22 +197,41 @@ def test_every_shipped_and_documented_policy_fits_its_backbone() -> None:
         assert load_policy(given, get_backbone(policy.backbone)) == policy
 
 
-@pytest.mark.parametrize("doc, backbone, options, where, allowed", [
-    ({"method": "toprovar", "scale": {"min_scale": 11}}, "tiny", {}, "scale.min_scale", "[0, 10]"),
-    ({"method": "toprovar", "layer": {"mode": "online", "representative_scale": 11}}, "tiny", {},
-     "layer.representative_scale", "[0, 10]"),
-    ({"method": "toprovar", "layer": {"ratios": [1.5] * 13}}, "tiny", {}, "layer.ratios", "12, one per layer"),
-    ({"method": "toprovar", "token": {"protect_layers": 2}}, "test-small", {}, "token.protect_layers", "[1, 1]"),
-    ({"method": "fixed_exit", "fixed_exit": {"exit_scale": 11}}, "tiny", {}, "fixed_exit.exit_scale", "[0, 10]"),
-    ({"method": "fastvar", "fastvar": {"ratios": {11: 0.5}, "layers": [1, 10]}}, "tiny", {},
-     "fastvar.ratios: got key 11", "[0, 10]"),
-    ({"method": "fastvar", "fastvar": {"ratios": {9: 0.5}}}, "tiny", {}, "fastvar.layers", "end <= 12"),
-    ({"method": "fastvar", "fastvar": {"ratios": {9: 0.4, 10: 0.6}}}, "infinity-2b", {"pixels": "0.06M"},
-     "fastvar.ratios: got key 9", "[0, 6]"),
-    ({"method": "toprovar", "backbone": "infinity-2b"}, "tiny", {}, "made for backbone 'infinity-2b'", "'tiny'"),
-])
-def test_policies_that_do_not_fit_the_run_are_refused_before_weights_load(tmp_path, doc, backbone, options, where,
-                                                                          allowed) -> None:
+@pytest.mark.parametrize(
+    "doc, backbone, options, where, allowed",
+    [
+        ({"method": "toprovar", "scale": {"min_scale": 11}}, "tiny", {}, "scale.min_scale", "[0, 10]"),
+        (
+            {"method": "toprovar", "layer": {"mode": "online", "representative_scale": 11}},
+            "tiny",
+            {},
+            "layer.representative_scale",
+            "[0, 10]",
+        ),
+        ({"method": "toprovar", "layer": {"ratios": [1.5] * 13}}, "tiny", {}, "layer.ratios", "12, one per layer"),
+        ({"method": "toprovar", "token": {"protect_layers": 2}}, "test-small", {}, "token.protect_layers", "[1, 1]"),
+        ({"method": "fixed_exit", "fixed_exit": {"exit_scale": 11}}, "tiny", {}, "fixed_exit.exit_scale", "[0, 10]"),
+        (
+            {"method": "fastvar", "fastvar": {"ratios": {11: 0.5}, "layers": [1, 10]}},
+            "tiny",
+            {},
+            "fastvar.ratios: got key 11",
+            "[0, 10]",
+        ),
+        ({"method": "fastvar", "fastvar": {"ratios": {9: 0.5}}}, "tiny", {}, "fastvar.layers", "end <= 12"),
+        (
+            {"method": "fastvar", "fastvar": {"ratios": {9: 0.4, 10: 0.6}}},
+            "infinity-2b",
+            {"pixels": "0.06M"},
+            "fastvar.ratios: got key 9",
+            "[0, 6]",
+        ),
+        ({"method": "toprovar", "backbone": "infinity-2b"}, "tiny", {}, "made for backbone 'infinity-2b'", "'tiny'"),
+    ],
+)
+def test_policies_that_do_not_fit_the_run_are_refused_before_weights_load(
+    tmp_path, doc, backbone, options, where, allowed
+) -> None:
     from toprovar.models.registry import get_backbone
 
     message = _one_line_error(doc, tmp_path, get_backbone(backbone), **options)

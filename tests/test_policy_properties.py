@@ -7,6 +7,7 @@ input, the only exception allowed is `UserError` with a one-line message; what l
 loaded again unchanged. Derandomized for CI (tests/strategies.py: TOPROVAR_HYPOTHESIS=explore
 draws fresh examples).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,13 +78,22 @@ def test_policy_files_load_or_fail_in_one_line(content: bytes) -> None:
 
 
 @property_settings(ci_examples=200)
-@given(valid_policy_documents(), st.integers(1, 14), st.integers(1, 41), st.sampled_from(["tiny", "infinity-2b"]),
-       st.booleans())
+@given(
+    valid_policy_documents(),
+    st.integers(1, 14),
+    st.integers(1, 41),
+    st.sampled_from(["tiny", "infinity-2b"]),
+    st.booleans(),
+)
 def test_backbone_check_accepts_or_fails_in_one_line(doc, n_scales, depth, backbone, allow_other) -> None:
     policy = policy_from_dict(doc)
     try:
-        assert check_policy_for_backbone(policy, backbone=backbone, n_scales=n_scales, depth=depth,
-                                         allow_other_backbone=allow_other) is policy
+        assert (
+            check_policy_for_backbone(
+                policy, backbone=backbone, n_scales=n_scales, depth=depth, allow_other_backbone=allow_other
+            )
+            is policy
+        )
     except UserError as err:
         message = _one_line(err)
         if "made for backbone" not in message:  # a fit error names the run it does not fit

@@ -4,6 +4,7 @@ A host sync on the GPU is a device value read on the host (`tolist`, `item`, `fl
 `int(t)`); on CPU the same reads happen, so counting them in the pruner's hooks counts the syncs
 the GPU would make.
 """
+
 from __future__ import annotations
 
 import math
@@ -81,8 +82,10 @@ def test_host_plan_reads_the_device_only_for_decisions(small, monkeypatch: pytes
     runs = {}
     for host_plan in (False, True):
         spy = HostReads(ToProVARPruner(policy), monkeypatch)
-        runs[host_plan] = (generate(small, ["a red cube"], [3], policy=spy, fast=FastOptions(host_plan=host_plan)),
-                           spy.reads)
+        runs[host_plan] = (
+            generate(small, ["a red cube"], [3], policy=spy, fast=FastOptions(host_plan=host_plan)),
+            spy.reads,
+        )
     assert runs[False][1] == {si: 1 for si in range(n_scales)}
     assert runs[True][1] == {3: 1, n_scales - 1: 1}
     (a, _), (b, _) = runs[False], runs[True]

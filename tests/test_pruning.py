@@ -1,4 +1,5 @@
 """Pruning stages (pure math) and pruners running inside the generation loop on test-small."""
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,11 @@ def test_fastvar_keeps_tokens_far_from_the_mean() -> None:
 
 
 def _toprovar(**over):
-    doc = {"method": "toprovar", "scale": {"tau": 0.55, "crossing": "below", "min_scale": 4},
-           "token": {"alpha_min": 0.2, "alpha_max": 0.8}}
+    doc = {
+        "method": "toprovar",
+        "scale": {"tau": 0.55, "crossing": "below", "min_scale": 4},
+        "token": {"alpha_min": 0.2, "alpha_max": 0.8},
+    }
     doc.update(over)
     return policy_from_dict(doc)
 
@@ -78,8 +82,11 @@ def test_policy_none_is_bit_identical(small, policy: str, monkeypatch: pytest.Mo
     from tests.test_pipeline_pinning import PINNED, record_logits
     from toprovar.policy import load_policy
 
-    given = {"none": "none", "policy_none": policy_from_dict({"method": "none"}),
-             "loaded_none": load_policy("none", "test-small")}[policy]
+    given = {
+        "none": "none",
+        "policy_none": policy_from_dict({"method": "none"}),
+        "loaded_none": load_policy("none", "test-small"),
+    }[policy]
     seeds = torch.randint(0, 2**31 - 1, (2,)).tolist()
     plain = generate(small, ["a red cube", "a blue ball"], seeds)  # no policy argument at all
     none = generate(small, ["a red cube", "a blue ball"], seeds, policy=given)
@@ -96,8 +103,12 @@ def test_policy_none_is_bit_identical(small, policy: str, monkeypatch: pytest.Mo
     pinned = generate(small, ["a red cube on the grass"], [7], policy=given)
     pin = PINNED["test-small"]
     assert [int(b.sum()) for b in pinned.bits] == pin["bits_sum"]
-    torch.testing.assert_close(torch.tensor([float(logits.abs().mean()) for logits in seen]), torch.tensor(pin["abs_mean"]),
-                               rtol=1e-4, atol=2e-6)
+    torch.testing.assert_close(
+        torch.tensor([float(logits.abs().mean()) for logits in seen]),
+        torch.tensor(pin["abs_mean"]),
+        rtol=1e-4,
+        atol=2e-6,
+    )
 
 
 def test_toprovar_prunes_from_D_on_deterministically(small) -> None:
@@ -121,14 +132,24 @@ def test_toprovar_prunes_from_D_on_deterministically(small) -> None:
 
 
 def test_scale_exit_and_fixed_exit_stop_refining(small) -> None:
-    scale_only = generate(small, ["a cube"], [3], pixels="0.25M",
-                          policy=_toprovar(variant="scale", scale={"tau": 0.55, "action": "exit", "min_scale": 4}))
+    scale_only = generate(
+        small,
+        ["a cube"],
+        [3],
+        pixels="0.25M",
+        policy=_toprovar(variant="scale", scale={"tau": 0.55, "action": "exit", "min_scale": 4}),
+    )
     D = scale_only.trace.pruning["D"]
     frame = scale_only.trace.to_frame()
-    assert D is not None and frame.exited[D + 1:].all() and not frame.exited[:D + 1].any()
+    assert D is not None and frame.exited[D + 1 :].all() and not frame.exited[: D + 1].any()
     assert len(scale_only.bits) == D + 1
-    fixed = generate(small, ["a cube"], [3], pixels="0.25M",
-                     policy=policy_from_dict({"method": "fixed_exit", "fixed_exit": {"exit_scale": 5}}))
+    fixed = generate(
+        small,
+        ["a cube"],
+        [3],
+        pixels="0.25M",
+        policy=policy_from_dict({"method": "fixed_exit", "fixed_exit": {"exit_scale": 5}}),
+    )
     assert len(fixed.bits) == 6 and fixed.images.shape == scale_only.images.shape
 
 
@@ -151,8 +172,10 @@ def test_flops_of_an_unpruned_run_follow_the_formula(small) -> None:
     assert executed == unpruned
     tokens = [s.tokens for s in res.trace.scales]
     prefix = [sum(tokens[: i + 1]) for i in range(len(tokens))]
-    per_layer = sum(linear_flops_per_token(cfg.embed_dim, cfg.ffn_hidden) * n + 4 * cfg.embed_dim * n * p
-                    for n, p in zip(tokens, prefix))
+    per_layer = sum(
+        linear_flops_per_token(cfg.embed_dim, cfg.ffn_hidden) * n + 4 * cfg.embed_dim * n * p
+        for n, p in zip(tokens, prefix)
+    )
     assert unpruned == pytest.approx(2 * small.transformer.depth * per_layer)
 
 
@@ -235,8 +258,10 @@ def test_cached_restore_adds_the_skipped_layers_updates_of_the_cache_scale(small
     D = res.trace.pruning["D"]
     assert D is not None and D == ref.trace.pruning["D"] and D >= 4
     # Same decisions (restoring does not feed back into this scale's plan or its blocks).
-    assert res.trace.layers_frame().kept.tolist()[: (D + 1) * small.transformer.depth] == \
-        ref.trace.layers_frame().kept.tolist()[: (D + 1) * small.transformer.depth]
+    assert (
+        res.trace.layers_frame().kept.tolist()[: (D + 1) * small.transformer.depth]
+        == ref.trace.layers_frame().kept.tolist()[: (D + 1) * small.transformer.depth]
+    )
     torch.testing.assert_close(cap.before[D], plain.before[D], rtol=0, atol=0)
     assert torch.equal(plain.after[D], plain.before[D])  # restore none: end_scale changes nothing
 
@@ -311,13 +336,16 @@ def _edge_scores_loop(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     own = torch.zeros(b, h, w)
     for i in range(h):
         for j in range(w):
-            window = [grid[:, min(max(i + di, 0), h - 1), min(max(j + dj, 0), w - 1)]
-                      for di in (-1, 0, 1) for dj in (-1, 0, 1)]
+            window = [
+                grid[:, min(max(i + di, 0), h - 1), min(max(j + dj, 0), w - 1)]
+                for di in (-1, 0, 1)
+                for dj in (-1, 0, 1)
+            ]
             own[:, i, j] = (grid[:, i, j] - torch.stack(window).mean(0)).pow(2).sum(-1)
     spread = torch.zeros(b, h, w)
     for i in range(h):
         for j in range(w):
-            spread[:, i, j] = own[:, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].amax(dim=(1, 2))
+            spread[:, i, j] = own[:, max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2].amax(dim=(1, 2))
     return (spread + 1e-3 * own).reshape(b, n)
 
 

@@ -1,5 +1,6 @@
 """The guidance scale is `guidance_scale` and the sampling temperature `temperature` everywhere; the
 old names `cfg` / `tau` still work for one release, each use reported with the new name."""
+
 from __future__ import annotations
 
 import os
@@ -84,18 +85,30 @@ def test_overrides_are_renamed_with_one_line_each(capsys: pytest.CaptureFixture)
     assert set(renames) == {"cfg", "tau", "backbone.cfg", "backbone.tau"}
     args = ["cfg=4", "backbone.tau=0.5", "search.space.tau=[0.3,0.5]", "--cfg", "job", "tau", "pixels=1M"]
     out = renamed_overrides(args, renames, "prog")
-    assert out == ["guidance_scale=4", "backbone.temperature=0.5", "search.space.tau=[0.3,0.5]", "--cfg", "job",
-                   "tau", "pixels=1M"]
+    assert out == [
+        "guidance_scale=4",
+        "backbone.temperature=0.5",
+        "search.space.tau=[0.3,0.5]",
+        "--cfg",
+        "job",
+        "tau",
+        "pixels=1M",
+    ]
     err = capsys.readouterr().err.splitlines()
-    assert err == ["prog: warning: `cfg=` is deprecated, use `guidance_scale=` (the old name goes in the next release)",
-                   "prog: warning: `backbone.tau=` is deprecated, use `backbone.temperature=` "
-                   "(the old name goes in the next release)"]
+    assert err == [
+        "prog: warning: `cfg=` is deprecated, use `guidance_scale=` (the old name goes in the next release)",
+        "prog: warning: `backbone.tau=` is deprecated, use `backbone.temperature=` "
+        "(the old name goes in the next release)",
+    ]
 
 
 @pytest.mark.parametrize("command", ["generate", "compare"])
 def test_generate_and_compare_configs_take_new_and_old_keys(command: str, capsys: pytest.CaptureFixture) -> None:
-    check_overrides(command, command, ["guidance_scale=[1,2,3]", "temperature=0.5", "backbone.guidance_scale=2",
-                                       "backbone.temperature=0.9"])
+    check_overrides(
+        command,
+        command,
+        ["guidance_scale=[1,2,3]", "temperature=0.5", "backbone.guidance_scale=2", "backbone.temperature=0.9"],
+    )
     for old in ("cfg=2", "tau=0.5", "backbone.cfg=2", "backbone.tau=0.5"):
         with pytest.raises(SystemExit):  # the old keys are gone from the configs ...
             check_overrides(command, command, [old])
@@ -119,8 +132,9 @@ def test_calibration_backend_maps_old_group_keys() -> None:
     from calibrate.backend import load_backend
 
     assert not set(RENAMED) & set(GENERATION_KEYS) and set(RENAMED.values()) <= set(GENERATION_KEYS)
-    backend = load_backend({"name": "test-small", "guidance_scale": 2.0, "temperature": None}, torch.device("cpu"),
-                           None, 2)
+    backend = load_backend(
+        {"name": "test-small", "guidance_scale": 2.0, "temperature": None}, torch.device("cpu"), None, 2
+    )
     assert backend.settings == {"guidance_scale": 2.0}
     with pytest.warns(FutureWarning, match="backbone config: `tau` is deprecated, use `temperature`"):
         backend = load_backend({"name": "test-small", "tau": 0.5}, torch.device("cpu"), None, 2)
@@ -128,10 +142,16 @@ def test_calibration_backend_maps_old_group_keys() -> None:
 
 
 def test_calibrate_command_line_maps_backbone_keys(capsys: pytest.CaptureFixture) -> None:
-    check_overrides("calibrate", "calibrate", ["backbone.guidance_scale=2", "backbone.temperature=0.5",
-                                               "search.space.tau=[0.3,0.5]"])
-    check_overrides("calibrate", "calibrate",
-                    renamed_overrides(["backbone.cfg=2", "backbone.tau=0.5"], override_renames("backbone."), "x"))
+    check_overrides(
+        "calibrate",
+        "calibrate",
+        ["backbone.guidance_scale=2", "backbone.temperature=0.5", "search.space.tau=[0.3,0.5]"],
+    )
+    check_overrides(
+        "calibrate",
+        "calibrate",
+        renamed_overrides(["backbone.cfg=2", "backbone.tau=0.5"], override_renames("backbone."), "x"),
+    )
     assert "backbone.temperature=" in capsys.readouterr().err
 
 
@@ -159,16 +179,34 @@ def test_tiny_eval_config_uses_guidance_scales() -> None:
 def test_generate_command_with_old_keys_matches_new_keys(small, tmp_path: Path) -> None:
     seed = _seed()
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run([sys.executable, "-m", "toprovar", "generate", "backbone=test-small", "cfg=1",
-                           "backbone.tau=0.5", 'prompts=["a red cube"]', f"seeds=[{seed}]", f"out_dir={tmp_path}",
-                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "toprovar",
+            "generate",
+            "backbone=test-small",
+            "cfg=1",
+            "backbone.tau=0.5",
+            'prompts=["a red cube"]',
+            f"seeds=[{seed}]",
+            f"out_dir={tmp_path}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     warned = [line for line in proc.stderr.splitlines() if "deprecated" in line]
-    assert warned == ["toprovar generate: warning: `cfg=` is deprecated, use `guidance_scale=` "
-                      "(the old name goes in the next release)",
-                      "toprovar generate: warning: `backbone.tau=` is deprecated, use `backbone.temperature=` "
-                      "(the old name goes in the next release)"]
+    assert warned == [
+        "toprovar generate: warning: `cfg=` is deprecated, use `guidance_scale=` "
+        "(the old name goes in the next release)",
+        "toprovar generate: warning: `backbone.tau=` is deprecated, use `backbone.temperature=` "
+        "(the old name goes in the next release)",
+    ]
     image = np.asarray(Image.open(tmp_path / f"000_seed{seed}.png"))
     expected = generate(small, ["a red cube"], [seed], guidance_scale=1.0, temperature=0.5).images[0].numpy()
     assert np.array_equal(image, expected)

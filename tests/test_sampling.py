@@ -1,4 +1,5 @@
 """Temperature and guidance on the logits, bitwise top-k/top-p sampling with one seeded generator per image."""
+
 from __future__ import annotations
 
 import pytest

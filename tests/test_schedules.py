@@ -1,4 +1,5 @@
 """Official scale schedules per aspect-ratio template and pixel budget."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """T5 text encoder wrapper on a tiny random T5 saved to a temp folder (offline: the tokenizer is a
 small unigram model built with the `tokenizers` library)."""
+
 from __future__ import annotations
 
 import random
@@ -27,8 +28,9 @@ def _save_tokenizer(folder: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,17 @@ def t5_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny_t5")
     _save_tokenizer(folder)
     torch.manual_seed(random.randrange(2**31))
-    config = T5Config(vocab_size=64, d_model=16, d_kv=4, num_heads=2, num_layers=2, d_ff=32,
-                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    config = T5Config(
+        vocab_size=64,
+        d_model=16,
+        d_kv=4,
+        num_heads=2,
+        num_layers=2,
+        d_ff=32,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     T5EncoderModel(config).save_pretrained(folder)
     return folder
 
@@ -78,8 +89,9 @@ def test_same_features_alone_in_batch_and_with_official_padding(encoder):
         n = int(batch.lens[i])
         alone = encoder.encode([prompt])
         torch.testing.assert_close(batch.features[i, :n], alone.features[0, :n], rtol=1e-5, atol=1e-5)
-        tok = encoder.tokenizer([prompt], max_length=encoder.max_length, padding="max_length",
-                                truncation=True, return_tensors="pt")
+        tok = encoder.tokenizer(
+            [prompt], max_length=encoder.max_length, padding="max_length", truncation=True, return_tensors="pt"
+        )
         with torch.no_grad():
             official = encoder.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
         torch.testing.assert_close(batch.features[i, :n], official[0, :n].float(), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
 """The shipped `tiny` backbone: loads strictly from the package, follows its prompts, one-line errors."""
+
 from __future__ import annotations
 
 import pytest

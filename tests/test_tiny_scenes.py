@@ -81,7 +81,7 @@ def test_scene_geometry_and_kind_rules(pools):
             assert e + S.MARGIN - 1e-9 <= o.cx <= 1 - e - S.MARGIN + 1e-9, (SEED, s)
             assert e + S.MARGIN - 1e-9 <= o.cy <= 1 - e - S.MARGIN + 1e-9, (SEED, s)
         for i, a in enumerate(objs):
-            for b in objs[i + 1:]:
+            for b in objs[i + 1 :]:
                 assert math.hypot(a.cx - b.cx, a.cy - b.cy) >= _extent(a) + _extent(b) + S.GAP - 1e-9, (SEED, s)
         if s.kind in ("single_object", "colors"):
             assert len(objs) == 1 and s.mention_color == (s.kind == "colors")
@@ -102,8 +102,13 @@ def test_scene_geometry_and_kind_rules(pools):
             assert main[s.relation] >= S.RELATION_MARGIN, (SEED, s)
         if s.location is not None:
             o = objs[0]
-            assert {"left": o.cx <= 0.3 + 1e-9, "right": o.cx >= 0.7 - 1e-9, "top": o.cy <= 0.3 + 1e-9,
-                    "bottom": o.cy >= 0.7 - 1e-9, "center": abs(o.cx - 0.5) < 0.1 and abs(o.cy - 0.5) < 0.1}[s.location]
+            assert {
+                "left": o.cx <= 0.3 + 1e-9,
+                "right": o.cx >= 0.7 - 1e-9,
+                "top": o.cy <= 0.3 + 1e-9,
+                "bottom": o.cy >= 0.7 - 1e-9,
+                "center": abs(o.cx - 0.5) < 0.1 and abs(o.cy - 0.5) < 0.1,
+            }[s.location]
 
 
 def test_captions_use_the_vocabulary(pools):
@@ -114,19 +119,28 @@ def test_captions_use_the_vocabulary(pools):
         lengths.append(len(words))
     assert max(lengths) <= MAX_CAPTION_WORDS
     longest = Scene(
-        objects=(SceneObject("circle", "red", "large", "striped", 0.2, 0.5),
-                 SceneObject("square", "blue", "large", "dotted", 0.8, 0.5)),
-        background="gradient", bg_seed=1, kind="position", relation="right_of", mention_color=True,
-        mention_size=True, mention_texture=True, mention_background=True)
+        objects=(
+            SceneObject("circle", "red", "large", "striped", 0.2, 0.5),
+            SceneObject("square", "blue", "large", "dotted", 0.8, 0.5),
+        ),
+        background="gradient",
+        bg_seed=1,
+        kind="position",
+        relation="right_of",
+        mention_color=True,
+        mention_size=True,
+        mention_texture=True,
+        mention_background=True,
+    )
     assert len(longest.caption.split()) == MAX_CAPTION_WORDS
-    assert longest.caption == ("a large red striped circle to the right of a large blue dotted square "
-                               "on a gradient background")
+    assert longest.caption == (
+        "a large red striped circle to the right of a large blue dotted square on a gradient background"
+    )
     assert len(VOCABULARY) == len(set(VOCABULARY))
 
 
 def test_plain_english_articles():
-    s = Scene((SceneObject("circle", "orange", "small", "plain", 0.5, 0.5),), "flat", 0, "colors",
-              mention_color=True)
+    s = Scene((SceneObject("circle", "orange", "small", "plain", 0.5, 0.5),), "flat", 0, "colors", mention_color=True)
     assert s.caption == "an orange circle"
 
 
@@ -152,11 +166,25 @@ def test_parse_caption_round_trips(pools):
                 assert o.texture == (t.texture if s.mention_texture else None)
 
 
-@pytest.mark.parametrize("text", [
-    "", "a", "a dog", "three", "three circle", "a circle and", "a circle and a circle",
-    "a red circle and a square", "a circle to the left of", "a circle on a blue background",
-    "a circle on the moon", "two red stars please", "5 circles", "a circle near a square",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "a",
+        "a dog",
+        "three",
+        "three circle",
+        "a circle and",
+        "a circle and a circle",
+        "a red circle and a square",
+        "a circle to the left of",
+        "a circle on a blue background",
+        "a circle on the moon",
+        "two red stars please",
+        "5 circles",
+        "a circle near a square",
+    ],
+)
 def test_parse_caption_rejects_text_outside_the_grammar(text):
     with pytest.raises(ValueError, match="not a tiny-scene caption"):
         parse_caption(text)

@@ -1,5 +1,6 @@
 """Training of the tiny backbone on CPU: the losses learn, the text encoder file round-trips,
 an interrupted stage resumes where it stopped."""
+
 from __future__ import annotations
 
 import warnings
@@ -69,8 +70,10 @@ def test_vae_and_transformer_losses_learn_a_batch() -> None:
     captions = [s.caption for s in scenes]
 
     def loss():
-        return T.transformer_loss(model, pair.text_encoder, vae, images, captions, c, weights, rope,
-                                  torch.Generator().manual_seed(0))
+        return T.transformer_loss(
+            model, pair.text_encoder, vae, images, captions, c, weights, rope, torch.Generator().manual_seed(0)
+        )
+
     losses = _fit(loss, pair.parameters(), 4)
     assert losses[0] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=0.1)  # chance at init
     assert losses[-1] < losses[0] - 0.01
@@ -104,8 +107,13 @@ def test_contrast_batches_pair_each_position_scene_with_its_mirror() -> None:
     assert len(batch) == 64 and batch == batch_scenes(seed, 3, 64, kind_weights={"position": 3.0}, contrast=True)
     plain = batch_scenes(seed, 3, 64, kind_weights={"position": 3.0})
     assert batch[0] == plain[0]
-    pairs = sum(1 for a, b in zip(batch, batch[1:]) if a.kind == b.kind == "position"
-                and {o.shape for o in a.objects} == {o.shape for o in b.objects} and a.caption != b.caption)
+    pairs = sum(
+        1
+        for a, b in zip(batch, batch[1:])
+        if a.kind == b.kind == "position"
+        and {o.shape for o in a.objects} == {o.shape for o in b.objects}
+        and a.caption != b.caption
+    )
     assert pairs >= 10, [s.caption for s in batch]
 
 
@@ -124,7 +132,13 @@ def test_all_zero_kind_weights_are_a_user_error(tmp_path) -> None:
     from toprovar.tiny.train import TrainConfig, run
 
     cfg = TrainConfig(stage="transformer", out_dir=str(tmp_path))
-    cfg.transformer.kind_weights = {"single_object": 0.0, "two_objects": 0.0, "counting": 0.0, "colors": 0.0,
-                                    "position": 0.0, "attribute_binding": 0.0}
+    cfg.transformer.kind_weights = {
+        "single_object": 0.0,
+        "two_objects": 0.0,
+        "counting": 0.0,
+        "colors": 0.0,
+        "position": 0.0,
+        "attribute_binding": 0.0,
+    }
     with pytest.raises(UserError, match="positive sum"):
         run(cfg)

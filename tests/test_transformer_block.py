@@ -1,4 +1,5 @@
 """Transformer block: the keep (token pruning) path, KV cache policies, entropy, RoPE."""
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,7 @@ def setup():
     text = torch.randn(rows // 2, lt, CFG.text_channels)
     cond = model.encode_condition(text, [lt, 3], with_uncond=True)
     table = rope2d_table(full_schedule(1.0), CFG.head_dim)
-    rope = RopeSlice(table[0, prefix:prefix + n], table[1, prefix:prefix + n])
+    rope = RopeSlice(table[0, prefix : prefix + n], table[1, prefix : prefix + n])
     x = torch.randn(rows, n, CFG.embed_dim)
     prefix_k = F.normalize(torch.randn(rows, CFG.num_heads, prefix, CFG.head_dim), dim=-1)
     prefix_v = torch.randn(rows, CFG.num_heads, prefix, CFG.head_dim)
@@ -71,9 +72,9 @@ def _reference_block(block, x, gss, text, rope, prefix_k, prefix_v, keep, kv_pol
         q = _rotate(F.normalize(q, dim=-1) * temp, rope.cos[idx], rope.sin[idx])
         src = idx if kv_policy == "kept" else torch.arange(x.shape[1])
         hk = F.layer_norm(x[b, src], (c,), eps=1e-6) * (1 + s1[b]) + b1[b]
-        k = F.normalize((hk @ w[c:2 * c].T).view(-1, heads, hd).transpose(0, 1), dim=-1)
+        k = F.normalize((hk @ w[c : 2 * c].T).view(-1, heads, hd).transpose(0, 1), dim=-1)
         k = _rotate(k, rope.cos[src], rope.sin[src])
-        v = (hk @ w[2 * c:].T + sa.v_bias).view(-1, heads, hd).transpose(0, 1)
+        v = (hk @ w[2 * c :].T + sa.v_bias).view(-1, heads, hd).transpose(0, 1)
         keys, values = torch.cat([prefix_k[b], k], 1), torch.cat([prefix_v[b], v], 1)
         p = (q @ keys.transpose(-1, -2)).softmax(-1)
         entropies.append(-(p * p.log()).sum(-1))
@@ -101,7 +102,7 @@ def test_keep_all_is_bit_identical_to_no_keep(setup) -> None:
         keep = torch.arange(n).expand(x.shape[0], n)
         kept, e2 = block(x, cond.gss, cond.text[1], rope, c2, keep=keep, entropy=True)
     assert torch.equal(full, kept) and torch.equal(e1, e2)
-    assert c1.fill == c2.fill and torch.equal(c1.k[:, :, :c1.fill], c2.k[:, :, :c2.fill])
+    assert c1.fill == c2.fill and torch.equal(c1.k[:, :, : c1.fill], c2.k[:, :, : c2.fill])
 
 
 @pytest.mark.parametrize("kv_policy", ["kept", "all"])
@@ -117,7 +118,7 @@ def test_keep_subset_matches_reference(setup, kv_policy: str) -> None:
     appended = k if kv_policy == "kept" else n
     assert cache.fill == pk.shape[2] + appended
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cache.k[:, :, pk.shape[2]:cache.fill], ref_k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.k[:, :, pk.shape[2] : cache.fill], ref_k, rtol=1e-5, atol=1e-5)
     assert ent.shape == (rows, CFG.num_heads, k)
     torch.testing.assert_close(ent, ref_ent, rtol=1e-4, atol=1e-5)
     unkept = torch.ones(rows, n, dtype=torch.bool).scatter(1, keep, False)
@@ -129,8 +130,9 @@ def test_full_block_matches_reference(setup) -> None:
     block, rows, n = model.blocks[1], x.shape[0], x.shape[1]
     with torch.no_grad():
         out, ent = block(x, cond.gss, cond.text[1], rope, _cache(pk, pv, n))
-        ref, _, _ = _reference_block(block, x, cond.gss, cond.text[1], rope, pk, pv,
-                                     torch.arange(n).expand(rows, n), "kept")
+        ref, _, _ = _reference_block(
+            block, x, cond.gss, cond.text[1], rope, pk, pv, torch.arange(n).expand(rows, n), "kept"
+        )
     assert ent is None
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 

@@ -1,4 +1,5 @@
 """Checkpoint layout of the Infinity transformer: official manifests, rename map, strict loading."""
+
 from __future__ import annotations
 
 import json
@@ -68,16 +69,16 @@ def test_loads_official_layout_file(small_checkpoint) -> None:
 
 
 def test_loads_sharded_folder(tmp_path: Path) -> None:
-    state = _official_layout(random_state_dict(TRANSFORMER_PRESETS["test-small-patchify"], seed=3),
-                             "test-small-patchify")
+    state = _official_layout(
+        random_state_dict(TRANSFORMER_PRESETS["test-small-patchify"], seed=3), "test-small-patchify"
+    )
     keys = sorted(state)
-    shards = {"part-1.bin": keys[: len(keys) // 2], "part-2.bin": keys[len(keys) // 2:]}
+    shards = {"part-1.bin": keys[: len(keys) // 2], "part-2.bin": keys[len(keys) // 2 :]}
     for fname, ks in shards.items():
         torch.save({k: state[k] for k in ks}, tmp_path / fname)
     weight_map = {k: fname for fname, ks in shards.items() for k in ks}
     (tmp_path / "model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    model = build_transformer(get_backbone("test-small-patchify"), str(tmp_path), torch.device("cpu"),
-                              torch.float32)
+    model = build_transformer(get_backbone("test-small-patchify"), str(tmp_path), torch.device("cpu"), torch.float32)
     assert torch.equal(model.blocks[1].sa.mat_qkv.weight, state["block_chunks.1.module.0.sa.mat_qkv.weight"])
 
 

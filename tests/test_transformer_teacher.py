@@ -1,4 +1,5 @@
 """Teacher forcing (training) pass == the generation loop's scale-by-scale pass with a KV cache."""
+
 from __future__ import annotations
 
 import torch
@@ -27,9 +28,9 @@ def test_teacher_forcing_matches_the_cached_loop() -> None:
     x, offset, per_scale = model.first_tokens(cond), 0, []
     for si, n in enumerate(sizes):
         if si:
-            x = model.embed_codes(inputs[:, offset - 1:offset - 1 + n])
+            x = model.embed_codes(inputs[:, offset - 1 : offset - 1 + n])
         x = model.add_level(x.clone(), si)
-        rope_si = RopeSlice(rope[0, offset:offset + n], rope[1, offset:offset + n])
+        rope_si = RopeSlice(rope[0, offset : offset + n], rope[1, offset : offset + n])
         for li, block in enumerate(model.blocks):
             x, _ = block(x, cond.gss, cond.text[li], rope_si, cache[li])
         per_scale.append(model.logits(x, cond.cond_BD))
@@ -47,8 +48,9 @@ def test_teacher_forcing_trains() -> None:
     schedule = scale_schedule(1.0, "0.06M")[:4]
     total = sum(h * w for _, h, w in schedule)
     cond = model.encode_condition(torch.randn(2, 4, CFG.text_channels), [4, 2], with_uncond=False)
-    logits = model.forward_teacher(cond, torch.randn(2, total - 1, CFG.codebook_dim), schedule,
-                                   model.rope_table(schedule, "cpu"))
+    logits = model.forward_teacher(
+        cond, torch.randn(2, total - 1, CFG.codebook_dim), schedule, model.rope_table(schedule, "cpu")
+    )
     logits.logsumexp(-1).mean().backward()
     unused = {"cfg_uncond"}
     for name, p in model.named_parameters():

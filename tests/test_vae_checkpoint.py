@@ -1,4 +1,5 @@
 """VAE checkpoints: official key manifests map 1:1 onto our modules, strict loading, one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,10 @@ def test_official_manifest_is_consumed_exactly(preset):
     vae = build_vae(preset, device="meta")
     assert expected_shapes(vae) == manifest  # every key, exact shapes, nothing extra
     # A state dict shaped like the manifest passes the strict check and loads (no renames).
-    state = {k: torch.empty(s, device="meta", dtype=torch.int64 if k.endswith("lfq.mask") else torch.float32)
-             for k, s in manifest.items()}
+    state = {
+        k: torch.empty(s, device="meta", dtype=torch.int64 if k.endswith("lfq.mask") else torch.float32)
+        for k, s in manifest.items()
+    }
     check_state_dict(expected_shapes(vae), state, path)
     vae.load_state_dict(state, strict=True, assign=True)
 

@@ -1,5 +1,6 @@
 """BSQ VAE behaviour on the small `test` preset: quantizer maths, token layout, and a pin against
 an independent functional re-implementation of the official formulas (fresh random weights)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,8 +79,9 @@ def _ref_decode(sd, cfg, z):
         for i in range(cfg.num_res_blocks + 1):
             h = _res_block(sd, f"decoder.up.{level}.block.{i}.", h, g)
         if f"decoder.up.{level}.upsample.conv.conv.weight" in sd:
-            h = _conv(sd, f"decoder.up.{level}.upsample.conv", F.interpolate(h, scale_factor=2, mode="nearest"),
-                      padding=1)
+            h = _conv(
+                sd, f"decoder.up.{level}.upsample.conv", F.interpolate(h, scale_factor=2, mode="nearest"), padding=1
+            )
     h = F.group_norm(h, g, sd["decoder.norm_out.norm.weight"], sd["decoder.norm_out.norm.bias"], eps=1e-6)
     return _conv(sd, "decoder.conv_out", h * torch.sigmoid(h), padding=1).clamp(-1, 1)
 
@@ -115,8 +117,9 @@ def test_matches_functional_reference(vae):
         for ours, ref in zip(ms.next_inputs, inputs, strict=True):
             torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(ms.summed_codes, summed, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(vae.decode(ms.summed_codes), _ref_decode(sd, CFG, summed.squeeze(2)),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            vae.decode(ms.summed_codes), _ref_decode(sd, CFG, summed.squeeze(2)), rtol=1e-5, atol=1e-5
+        )
 
 
 # ----------------------------------------------------------------------------- quantizer maths
@@ -149,10 +152,12 @@ def test_generation_loop_reproduces_teacher_forcing(vae):
 
 def test_resize_modes_follow_config(vae):
     codes = torch.randn(2, CFG.codebook_dim, 1, 4, 4)
-    torch.testing.assert_close(vae.downsample_codes(codes, (2, 2)),
-                               F.avg_pool3d(codes, (1, 2, 2)))  # area == average pooling here
-    torch.testing.assert_close(vae.upsample_codes(codes, (1, 8, 8)),
-                               F.interpolate(codes, size=(1, 8, 8), mode="trilinear"))
+    torch.testing.assert_close(
+        vae.downsample_codes(codes, (2, 2)), F.avg_pool3d(codes, (1, 2, 2))
+    )  # area == average pooling here
+    torch.testing.assert_close(
+        vae.upsample_codes(codes, (1, 8, 8)), F.interpolate(codes, size=(1, 8, 8), mode="trilinear")
+    )
 
 
 def test_schedule_must_end_at_latent_size(vae):
@@ -167,8 +172,9 @@ def test_bit_flip_noise_is_seeded_and_corrects_later_scales(vae):
     z = vae.encode(_images()).detach()
     clean = vae.quantize_multiscale(z, SCHEDULE)
     noise = BitFlipNoise(layers=2, strength=0.5)
-    runs = [vae.quantize_multiscale(z, SCHEDULE, noise=noise, generator=torch.Generator().manual_seed(s))
-            for s in (7, 7, 8)]
+    runs = [
+        vae.quantize_multiscale(z, SCHEDULE, noise=noise, generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8)
+    ]
     for a, b in zip(runs[0].bits, runs[1].bits):
         assert torch.equal(a, b)  # same seed, same result
     # Targets stay unflipped (scale 0 is clean); requantized flips change what later scales must
@@ -176,8 +182,9 @@ def test_bit_flip_noise_is_seeded_and_corrects_later_scales(vae):
     for noisy in runs:
         assert torch.equal(noisy.bits[0], clean.bits[0])
     assert any(not torch.equal(r.bits[si], clean.bits[si]) for r in runs for si in range(1, len(SCHEDULE)))
-    no_requant = vae.quantize_multiscale(z, SCHEDULE, noise=BitFlipNoise(2, 0.5, requant=False),
-                                         generator=torch.Generator().manual_seed(7))
+    no_requant = vae.quantize_multiscale(
+        z, SCHEDULE, noise=BitFlipNoise(2, 0.5, requant=False), generator=torch.Generator().manual_seed(7)
+    )
     for a, b in zip(no_requant.bits, clean.bits):
         assert torch.equal(a, b)
 

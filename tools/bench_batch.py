@@ -13,6 +13,7 @@ KV cache's share of it, and the memory still allocated after `release_fast_state
 static buffers of the batch size freed before the next one). A batch size that runs out of memory
 is recorded as such and the next one still runs. `--smoke`: the same code on CPU with `test-small`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,10 @@ def measure(backbone, batch: int, warmup: int, reps: int, rate: float) -> dict:
         return row
     finally:
         if cuda:
-            row.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated(device) / GIB, 2),
-                       peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / GIB, 2))
+            row.update(
+                peak_allocated_gib=round(torch.cuda.max_memory_allocated(device) / GIB, 2),
+                peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / GIB, 2),
+            )
         release_fast_state(backbone.transformer)
         if cuda:
             row["allocated_after_release_gib"] = round(torch.cuda.memory_allocated(device) / GIB, 2)
@@ -74,20 +77,37 @@ def measure(backbone, batch: int, warmup: int, reps: int, rate: float) -> dict:
     scales = [statistics.median(t.scales[si].time_ms for t in traces) for si in range(len(trace.scales))]
     decode = statistics.median(t.decode_ms for t in traces)
     ms = wall * 1e3 / batch
-    row.update(ms_per_image=round(ms, 1), images_per_s=round(batch / wall, 3),
-               scale_loop_ms_per_image=round(sum(scales) / batch, 1),
-               last3_scales_ms_per_image=round(sum(scales[-3:]) / batch, 1),
-               decode_ms_per_image=round(decode / batch, 1),
-               host_gap_ms_per_image=round(ms - (sum(scales) + decode) / batch, 1),
-               floor_ms_per_image=round(floor_ms, 1), floor_fraction=round(floor_ms / ms, 3),
-               runs_s=[round(w, 4) for w in walls])
+    row.update(
+        ms_per_image=round(ms, 1),
+        images_per_s=round(batch / wall, 3),
+        scale_loop_ms_per_image=round(sum(scales) / batch, 1),
+        last3_scales_ms_per_image=round(sum(scales[-3:]) / batch, 1),
+        decode_ms_per_image=round(decode / batch, 1),
+        host_gap_ms_per_image=round(ms - (sum(scales) + decode) / batch, 1),
+        floor_ms_per_image=round(floor_ms, 1),
+        floor_fraction=round(floor_ms / ms, 3),
+        runs_s=[round(w, 4) for w in walls],
+    )
     return row
 
 
 def markdown(name: str, rows: list[dict]) -> str:
-    keys = ["batch", "ms_per_image", "images_per_s", "scale_loop_ms_per_image", "last3_scales_ms_per_image",
-            "decode_ms_per_image", "host_gap_ms_per_image", "floor_ms_per_image", "floor_fraction",
-            "peak_allocated_gib", "peak_reserved_gib", "kv_cache_gib", "allocated_after_release_gib", "error"]
+    keys = [
+        "batch",
+        "ms_per_image",
+        "images_per_s",
+        "scale_loop_ms_per_image",
+        "last3_scales_ms_per_image",
+        "decode_ms_per_image",
+        "host_gap_ms_per_image",
+        "floor_ms_per_image",
+        "floor_fraction",
+        "peak_allocated_gib",
+        "peak_reserved_gib",
+        "kv_cache_gib",
+        "allocated_after_release_gib",
+        "error",
+    ]
     shown = [k for k in keys if any(k in r for r in rows)]
     lines = [f"### {name}", "", "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(str(r.get(k, "")) for k in shown) + " |" for r in rows]
@@ -116,9 +136,15 @@ def main() -> None:
     for batch in [int(b) for b in args.batches.split(",")]:
         rows.append(measure(backbone, batch, args.warmup, args.reps, rate))
         print(json.dumps(rows[-1]), flush=True)
-    record = {"backbone": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "python": platform.python_version(), "matmul_tflops": round(rate / 1e12, 1),
-              "date": dt.date.today().isoformat(), "rows": rows}
+    record = {
+        "backbone": name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "matmul_tflops": round(rate / 1e12, 1),
+        "date": dt.date.today().isoformat(),
+        "rows": rows,
+    }
     table = markdown(f"{name}: batch size vs time per image (random weights, fast path, unpruned)", rows)
     print(table)
     if args.json_out:

@@ -16,6 +16,7 @@ Prints one markdown row per N and the speedup of each against the first N. The s
 and each worker's log stay in the run folders (`--out`); a folder whose study is finished is read
 again instead of rerun, so `--workers 1` and `--workers 1 2` can be two commands.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,11 +35,25 @@ def run(workers: int, n_trials: int, overrides: list[str], out: Path) -> Path:
     if (run_dir / "optuna.journal").exists() and rates(run_dir)["trials"] >= n_trials:
         print(f"  {workers} worker(s): reusing the finished study in {run_dir}", file=sys.stderr)
         return run_dir
-    command = [sys.executable, "-m", "calibrate", "stages=[presample,search]", f"search.workers={workers}",
-               f"search.n_trials={n_trials}", "tracking=off", f"hydra.run.dir={run_dir}", *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "calibrate",
+        "stages=[presample,search]",
+        f"search.workers={workers}",
+        f"search.n_trials={n_trials}",
+        "tracking=off",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    ]
     print("$", " ".join(command[1:]), file=sys.stderr, flush=True)
     started = time.perf_counter()
-    subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+    subprocess.run(
+        command,
+        check=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
+    )
     print(f"  {workers} worker(s): {time.perf_counter() - started:.0f} s in all", file=sys.stderr)
     return run_dir
 
@@ -60,10 +75,14 @@ def rates(run_dir: Path) -> dict[str, float]:
     end = max(t.datetime_complete.timestamp() for t in done)
     all_started = max(first_start.values())
     steady = sorted(t.datetime_complete.timestamp() for t in done if t.datetime_complete.timestamp() > all_started)
-    return {"workers_seen": len(first_start), "trials": len(done), "span_s": end - start,
-            "per_min": 60 * len(done) / (end - start), "startup_s": all_started - start,
-            "steady_per_min": (60 * (len(steady) - 1) / (steady[-1] - steady[0]) if len(steady) > 2
-                               else float("nan"))}
+    return {
+        "workers_seen": len(first_start),
+        "trials": len(done),
+        "span_s": end - start,
+        "per_min": 60 * len(done) / (end - start),
+        "startup_s": all_started - start,
+        "steady_per_min": (60 * (len(steady) - 1) / (steady[-1] - steady[0]) if len(steady) > 2 else float("nan")),
+    }
 
 
 def main() -> None:
@@ -78,13 +97,17 @@ def main() -> None:
     n_trials = 8 if args.smoke else args.n_trials
     rows = [(n, rates(run(n, n_trials, overrides, args.out))) for n in args.workers]
     base = rows[0][1]
-    print("| workers | trials | span s | trials/min | worker start-up s | steady trials/min | speedup (span) "
-          "| speedup (steady) |")
+    print(
+        "| workers | trials | span s | trials/min | worker start-up s | steady trials/min | speedup (span) "
+        "| speedup (steady) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for n, r in rows:
-        print(f"| {n} ({r['workers_seen']} ran trials) | {r['trials']} | {r['span_s']:.1f} | {r['per_min']:.2f} "
-              f"| {r['startup_s']:.1f} | {r['steady_per_min']:.2f} | {r['per_min'] / base['per_min']:.2f}x "
-              f"| {r['steady_per_min'] / base['steady_per_min']:.2f}x |")
+        print(
+            f"| {n} ({r['workers_seen']} ran trials) | {r['trials']} | {r['span_s']:.1f} | {r['per_min']:.2f} "
+            f"| {r['startup_s']:.1f} | {r['steady_per_min']:.2f} | {r['per_min'] / base['per_min']:.2f}x "
+            f"| {r['steady_per_min'] / base['steady_per_min']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ kernels inside cuDNN's graph; both are the same for every variant here.
 
 Shapes are small (C = 64, 2 heads, 2 rows, 16 tokens) and do not change the count.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,38 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 # ATen ops that launch nothing on CUDA (views, metadata, allocation).
-NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "slice", "select", "unsqueeze",
-             "squeeze", "as_strided", "alias", "detach", "unbind", "split", "split_with_sizes", "_reshape_alias",
-             "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "lift_fresh_copy",
-             "_to_copy_noop", "is_same_size", "sym_size", "sym_stride", "sym_numel", "_local_scalar_dense_noop"}
+NO_KERNEL = {
+    "view",
+    "_unsafe_view",
+    "t",
+    "transpose",
+    "permute",
+    "expand",
+    "slice",
+    "select",
+    "unsqueeze",
+    "squeeze",
+    "as_strided",
+    "alias",
+    "detach",
+    "unbind",
+    "split",
+    "split_with_sizes",
+    "_reshape_alias",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "lift_fresh",
+    "lift_fresh_copy",
+    "_to_copy_noop",
+    "is_same_size",
+    "sym_size",
+    "sym_stride",
+    "sym_numel",
+    "_local_scalar_dense_noop",
+}
 
 
 class _Counter(TorchDispatchMode):
@@ -78,9 +107,13 @@ def counting():
         finally:
             counter.paused -= 1
 
-    patches = [(interp.InterpretedFunction, "run", counted_run), (fb, "triton_available", lambda t: True),
-               (fl, "triton_available", lambda t: True),
-               (tr, "_gpu_recipe", lambda t: True), (att, "flash_attn_entropy", counted_fae)]
+    patches = [
+        (interp.InterpretedFunction, "run", counted_run),
+        (fb, "triton_available", lambda t: True),
+        (fl, "triton_available", lambda t: True),
+        (tr, "_gpu_recipe", lambda t: True),
+        (att, "flash_attn_entropy", counted_fae),
+    ]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     for obj, name, value in patches:
         setattr(obj, name, value)
@@ -96,8 +129,16 @@ def build(depth: int = 3, rows: int = 2, n: int = 16, c: int = 64, heads: int = 
     """Blocks of a small config in bf16 on CPU, with their inputs (the GPU recipe's dtypes)."""
     from toprovar.models.transformer import InfinityTransformer, RopeSlice, TextKV, TransformerConfig, random_state_dict
 
-    cfg = TransformerConfig(depth=depth, embed_dim=c, num_heads=heads, codebook_dim=8, text_channels=32,
-                            text_maxlen=8, pool_head_dim=16, block_chunks=1)
+    cfg = TransformerConfig(
+        depth=depth,
+        embed_dim=c,
+        num_heads=heads,
+        codebook_dim=8,
+        text_channels=32,
+        text_maxlen=8,
+        pool_head_dim=16,
+        block_chunks=1,
+    )
     model = InfinityTransformer(cfg)
     model.load_state_dict(random_state_dict(cfg, seed=0))
     model.eval().requires_grad_(False)
@@ -105,11 +146,24 @@ def build(depth: int = 3, rows: int = 2, n: int = 16, c: int = 64, heads: int = 
     gen = torch.Generator().manual_seed(0)
     d = c // heads
     gss = torch.randn(rows, 1, 6, c, generator=gen) * 0.1
-    texts = [TextKV(torch.randn(rows, heads, text, d, generator=gen).bfloat16(),
-                    torch.randn(rows, heads, text, d, generator=gen).bfloat16(), None) for _ in range(depth)]
+    texts = [
+        TextKV(
+            torch.randn(rows, heads, text, d, generator=gen).bfloat16(),
+            torch.randn(rows, heads, text, d, generator=gen).bfloat16(),
+            None,
+        )
+        for _ in range(depth)
+    ]
     rope = model.rope_table([(1, 1, 1), (1, 4, 4)], "cpu")
-    return {"model": model, "x": torch.randn(rows, n, c, generator=gen), "ada": [b.ada(gss) for b in model.blocks],
-            "text": texts, "rope": RopeSlice(rope[0, 1:1 + n], rope[1, 1:1 + n]), "n": n, "rows": rows}
+    return {
+        "model": model,
+        "x": torch.randn(rows, n, c, generator=gen),
+        "ada": [b.ada(gss) for b in model.blocks],
+        "text": texts,
+        "rope": RopeSlice(rope[0, 1 : 1 + n], rope[1, 1 : 1 + n]),
+        "n": n,
+        "rows": rows,
+    }
 
 
 def launches(fn: Callable[[], Callable[[], object]]) -> list[str]:
@@ -123,9 +177,13 @@ def launches(fn: Callable[[], Callable[[], object]]) -> list[str]:
     return list(sites)
 
 
-VARIANTS = {"fused stages (defaults)": {}, "+ index_io": {"index_io": True}, "+ chain_blocks": {"chain": True},
-            "+ index_io + chain_blocks": {"index_io": True, "chain": True},
-            "+ index_io + chain_blocks + small_m_rows": {"index_io": True, "chain": True, "small_m_rows": 10 ** 6}}
+VARIANTS = {
+    "fused stages (defaults)": {},
+    "+ index_io": {"index_io": True},
+    "+ chain_blocks": {"chain": True},
+    "+ index_io + chain_blocks": {"index_io": True, "chain": True},
+    "+ index_io + chain_blocks + small_m_rows": {"index_io": True, "chain": True, "small_m_rows": 10**6},
+}
 
 
 def scenarios(env: dict, index_io: bool = False, chain: bool = False, small_m_rows: int = 0) -> dict[str, list[str]]:
@@ -147,18 +205,24 @@ def scenarios(env: dict, index_io: bool = False, chain: bool = False, small_m_ro
         def prepare():
             cache, xs = model.new_cache(rows, 4 * n, torch.bfloat16, "cpu"), x.clone()
             cache.set_fill(0)
-            steps = [FastStep(model.blocks[li], env["ada"][li], env["text"][li], cache[li], keeps[j], j in entropy)
-                     for j, li in enumerate(blocks)]
-            return lambda: run_fast_blocks(steps, xs, env["rope"], gelu_epilogue=True, index_io=index_io, chain=chain,
-                                           small_m_rows=small)
+            steps = [
+                FastStep(model.blocks[li], env["ada"][li], env["text"][li], cache[li], keeps[j], j in entropy)
+                for j, li in enumerate(blocks)
+            ]
+            return lambda: run_fast_blocks(
+                steps, xs, env["rope"], gelu_epilogue=True, index_io=index_io, chain=chain, small_m_rows=small
+            )
+
         return prepare
 
-    return {"unpruned block": launches(run([None], blocks=[0])),
-            "probe block (entropy)": launches(run([None], entropy={0}, blocks=[0])),
-            "pruned block": launches(run([half], blocks=[0])),
-            f"{depth} unpruned blocks": launches(run([None] * depth)),
-            f"{depth} pruned blocks, same tokens": launches(run([half] * depth)),
-            f"{depth} pruned blocks, other tokens each": launches(run(other))}
+    return {
+        "unpruned block": launches(run([None], blocks=[0])),
+        "probe block (entropy)": launches(run([None], entropy={0}, blocks=[0])),
+        "pruned block": launches(run([half], blocks=[0])),
+        f"{depth} unpruned blocks": launches(run([None] * depth)),
+        f"{depth} pruned blocks, same tokens": launches(run([half] * depth)),
+        f"{depth} pruned blocks, other tokens each": launches(run(other)),
+    }
 
 
 def head_launches(env: dict) -> list[str]:
@@ -168,7 +232,7 @@ def head_launches(env: dict) -> list[str]:
     model, x, rows = env["model"], env["x"], env["rows"]
     sampling = GuidedSampling.per_scale(3.0, 1.0, 2, 900, 0.97)
     cond = torch.randn(rows, x.shape[-1])
-    return launches(lambda: (lambda: sampling.probs(model.logits(x, cond), 1, rows // 2)))
+    return launches(lambda: lambda: sampling.probs(model.logits(x, cond), 1, rows // 2))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,11 +244,15 @@ def main(argv: list[str] | None = None) -> None:
     head = head_launches(env)
     results = {name: scenarios(env, **kw) for name, kw in VARIANTS.items()}
     cases = list(next(iter(results.values())))
-    print("Launches (kernels on CUDA) per case; chains of 4 blocks as a planned unit runs them, with the per-block "
-          f"mean in brackets. Head unit of a scale: {len(head)}. small_m_rows applies to unpruned blocks of few rows "
-          "(the small scales); the 'unpruned scale' column is then such a scale.\n")
-    print("| variant | " + " | ".join(cases) + f" | unpruned scale, depth {args.depth} + head "
-          f"| pruned scale (probe + {args.depth - 1} pruned, same tokens) + head |")
+    print(
+        "Launches (kernels on CUDA) per case; chains of 4 blocks as a planned unit runs them, with the per-block "
+        f"mean in brackets. Head unit of a scale: {len(head)}. small_m_rows applies to unpruned blocks of few rows "
+        "(the small scales); the 'unpruned scale' column is then such a scale.\n"
+    )
+    print(
+        "| variant | " + " | ".join(cases) + f" | unpruned scale, depth {args.depth} + head "
+        f"| pruned scale (probe + {args.depth - 1} pruned, same tokens) + head |"
+    )
     print("|---|" + "---:|" * (len(cases) + 2))
     for name, res in results.items():
         cells = []

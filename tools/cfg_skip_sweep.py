@@ -15,6 +15,7 @@ down). Images of each setting are
 kept in `--out` (`images_<s>.pt`), so an interrupted sweep resumes where it stopped. Prints a
 markdown table and writes it with the per-prompt rows (CSV) and a JSON summary into `--out`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,13 +76,16 @@ def run(args: argparse.Namespace) -> dict:
         policy = policy_from_dict({"method": "none", "guidance": {"skip_uncond_from_scale": skip}})
         images, executed, unpruned = [], 0.0, 0.0
         for start in tqdm(range(0, len(prompts), args.batch), desc=f"skip from {skip}", leave=False):
-            res = generate(backbone, prompts[start:start + args.batch], seeds[start:start + args.batch], policy=policy)
+            res = generate(
+                backbone, prompts[start : start + args.batch], seeds[start : start + args.batch], policy=policy
+            )
             images.append(res.images)
             e, u = trace_flops(res.trace)
             executed, unpruned = executed + e, unpruned + u
         images = torch.cat(images)
-        torch.save({"prompts": prompts, "seeds": seeds, "images": images, "executed": executed,
-                    "unpruned": unpruned}, path)
+        torch.save(
+            {"prompts": prompts, "seeds": seeds, "images": images, "executed": executed, "unpruned": unpruned}, path
+        )
         return images, executed, unpruned
 
     score = geneval_scorer("tiny")
@@ -101,23 +105,44 @@ def run(args: argparse.Namespace) -> dict:
             if kind == "binary":
                 row["up"], row["down"] = sum(d > 0 for d in diff), sum(d < 0 for d in diff)
         rows.append(row)
-        per_prompt += [{"skip_uncond_from_scale": row["skip_uncond_from_scale"], "prompt": p, "seed": sd, "ssim": a,
-                        **{kind: g[kind][i] for kind in g}} for i, (p, sd, a) in enumerate(zip(prompts, seeds, s))]
-    return {"date": _dt.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-            "command": " ".join(["python -m tools.cfg_skip_sweep", *sys.argv[1:]]), "backbone": "tiny",
-            "scales": n_scales, "guidance_scale": backbone.spec.guidance_scale, "prompts": len(prompts),
-            "prompt_seed": args.prompt_seed, "seeds": f"0..{len(prompts) - 1}", "rows": rows, "per_prompt": per_prompt}
+        per_prompt += [
+            {
+                "skip_uncond_from_scale": row["skip_uncond_from_scale"],
+                "prompt": p,
+                "seed": sd,
+                "ssim": a,
+                **{kind: g[kind][i] for kind in g},
+            }
+            for i, (p, sd, a) in enumerate(zip(prompts, seeds, s))
+        ]
+    return {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "command": " ".join(["python -m tools.cfg_skip_sweep", *sys.argv[1:]]),
+        "backbone": "tiny",
+        "scales": n_scales,
+        "guidance_scale": backbone.spec.guidance_scale,
+        "prompts": len(prompts),
+        "prompt_seed": args.prompt_seed,
+        "seeds": f"0..{len(prompts) - 1}",
+        "rows": rows,
+        "per_prompt": per_prompt,
+    }
 
 
 def markdown(result: dict) -> str:
-    lines = ["| CFG skip from scale | FLOP speedup | SSIM vs unpruned (± SE) | geneval-lite binary "
-             "| Δ binary (± SE) | prompts +/− | geneval-lite share | Δ share (± SE) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| CFG skip from scale | FLOP speedup | SSIM vs unpruned (± SE) | geneval-lite binary "
+        "| Δ binary (± SE) | prompts +/− | geneval-lite share | Δ share (± SE) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['skip_uncond_from_scale']} | {r['flop_speedup']:.3f} "
-                     f"| {r['ssim']:.3f} ± {r['ssim_se']:.3f} | {r['binary']:.3f} "
-                     f"| {r['binary_diff']:+.3f} ± {r['binary_diff_se']:.3f} | {r['up']}/{r['down']} "
-                     f"| {r['share']:.3f} | {r['share_diff']:+.3f} ± {r['share_diff_se']:.3f} |")
+        lines.append(
+            f"| {r['skip_uncond_from_scale']} | {r['flop_speedup']:.3f} "
+            f"| {r['ssim']:.3f} ± {r['ssim_se']:.3f} | {r['binary']:.3f} "
+            f"| {r['binary_diff']:+.3f} ± {r['binary_diff_se']:.3f} | {r['up']}/{r['down']} "
+            f"| {r['share']:.3f} | {r['share_diff']:+.3f} ± {r['share_diff_se']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -130,9 +155,11 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     (out / "cfg_skip_sweep.md").write_text(
         f"{table}\n\n{result['prompts']} prompts (tiny scenes, sampler seed {result['prompt_seed']}), seeds "
-        f"{result['seeds']}, guidance scale {result['guidance_scale']}, {result['date']}, torch {result['torch']}\n")
-    (out / "cfg_skip_sweep.json").write_text(json.dumps({k: v for k, v in result.items() if k != "per_prompt"},
-                                                        indent=1))
+        f"{result['seeds']}, guidance scale {result['guidance_scale']}, {result['date']}, torch {result['torch']}\n"
+    )
+    (out / "cfg_skip_sweep.json").write_text(
+        json.dumps({k: v for k, v in result.items() if k != "per_prompt"}, indent=1)
+    )
     import pandas as pd
 
     pd.DataFrame(result["per_prompt"]).to_csv(out / "cfg_skip_sweep_per_prompt.csv", index=False)

@@ -14,6 +14,7 @@ over prompts), each plan's SSIM against the unpruned image, geneval-lite (binary
 (± SE; prompts whose binary score went up/down), FLOP speedups. Images are kept in
 `--out`, shared with tools/cfg_skip_sweep.py (same prompts: the unpruned images are reused).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,24 +65,28 @@ def main(argv: list[str] | None = None) -> None:
                 return saved["images"], saved["unpruned"] / saved["executed"]
         images, executed, unpruned = [], 0.0, 0.0
         for start in tqdm(range(0, len(prompts), args.batch), desc=name, leave=False):
-            res = generate(backbone, prompts[start:start + args.batch], seeds[start:start + args.batch], policy=policy)
+            res = generate(
+                backbone, prompts[start : start + args.batch], seeds[start : start + args.batch], policy=policy
+            )
             images.append(res.images)
             e, u = trace_flops(res.trace)
             executed, unpruned = executed + e, unpruned + u
         images = torch.cat(images)
-        torch.save({"prompts": prompts, "seeds": seeds, "images": images, "executed": executed,
-                    "unpruned": unpruned}, path)
+        torch.save(
+            {"prompts": prompts, "seeds": seeds, "images": images, "executed": executed, "unpruned": unpruned}, path
+        )
         return images, unpruned / executed
 
     score = geneval_scorer("tiny")
     base, _ = images_of("never", None)
     base_g = score(base, scenes)
-    lines = ["| FastVAR | plan | FLOP speedup | SSIM vs unpruned (± SE) | geneval-lite binary / share "
-             "| SSIM per_scale vs per_block (± SE) | Δ binary per_scale − per_block (± SE) | prompts +/− "
-             "| Δ share (± SE) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    lines.append(f"| unpruned | – | 1.000 | 1 | {base_g['binary'].mean():.3f} / {base_g['share'].mean():.3f} "
-                 "| | | | |")
+    lines = [
+        "| FastVAR | plan | FLOP speedup | SSIM vs unpruned (± SE) | geneval-lite binary / share "
+        "| SSIM per_scale vs per_block (± SE) | Δ binary per_scale − per_block (± SE) | prompts +/− "
+        "| Δ share (± SE) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines.append(f"| unpruned | – | 1.000 | 1 | {base_g['binary'].mean():.3f} / {base_g['share'].mean():.3f} | | | | |")
     policies = default_policies(n_scales, backbone.transformer.depth)
     for name in ("fastvar", "fastvar_authors"):
         runs = {}
@@ -95,16 +100,26 @@ def main(argv: list[str] | None = None) -> None:
         (b_mean, b_se), (s_mean_d, s_se_d) = mean_se(diff["binary"]), mean_se(diff["share"])
         for plan, (images, speedup) in runs.items():
             s_mean, s_se = mean_se(ssim(images, base).tolist())
-            extra = (f"{between[0]:.3f} ± {between[1]:.3f} | {b_mean:+.3f} ± {b_se:.3f} | "
-                     f"{sum(d > 0 for d in diff['binary'])}/{sum(d < 0 for d in diff['binary'])} | "
-                     f"{s_mean_d:+.3f} ± {s_se_d:.3f}") if plan == "per_scale" else " | | |"
-            lines.append(f"| {name} {dict(policies[name].fastvar.ratios)} | {plan} | {speedup:.3f} | "
-                         f"{s_mean:.3f} ± {s_se:.3f} | {scores[plan]['binary'].mean():.3f} / "
-                         f"{scores[plan]['share'].mean():.3f} | {extra} |")
+            extra = (
+                (
+                    f"{between[0]:.3f} ± {between[1]:.3f} | {b_mean:+.3f} ± {b_se:.3f} | "
+                    f"{sum(d > 0 for d in diff['binary'])}/{sum(d < 0 for d in diff['binary'])} | "
+                    f"{s_mean_d:+.3f} ± {s_se_d:.3f}"
+                )
+                if plan == "per_scale"
+                else " | | |"
+            )
+            lines.append(
+                f"| {name} {dict(policies[name].fastvar.ratios)} | {plan} | {speedup:.3f} | "
+                f"{s_mean:.3f} ± {s_se:.3f} | {scores[plan]['binary'].mean():.3f} / "
+                f"{scores[plan]['share'].mean():.3f} | {extra} |"
+            )
     table = "\n".join(lines)
-    (out / "fastvar_plans.md").write_text(f"{table}\n\n{len(prompts)} prompts (tiny scenes, sampler seed "
-                                          f"{args.prompt_seed}), seeds 0..{len(prompts) - 1}, "
-                                          f"torch {torch.__version__}\n")
+    (out / "fastvar_plans.md").write_text(
+        f"{table}\n\n{len(prompts)} prompts (tiny scenes, sampler seed "
+        f"{args.prompt_seed}), seeds 0..{len(prompts) - 1}, "
+        f"torch {torch.__version__}\n"
+    )
     print(table)
 
 

@@ -17,6 +17,7 @@ image is reported beside them. The per-prompt values land in
 measured and a rerun with the same arguments skips finished conditions), the table in `<out>/null_noise.md`.
 A measurement command, not a test (docs/benchmarks.md, "Null noise of the geneval-lite scores").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,9 @@ def _conditions(args: argparse.Namespace) -> list[tuple[str, dict, int, str | No
     return rows
 
 
-def _measure(backend: CalibrationBackend, scenes, seeds: list[int], settings: dict,
-             policy) -> tuple[torch.Tensor, dict]:
+def _measure(
+    backend: CalibrationBackend, scenes, seeds: list[int], settings: dict, policy
+) -> tuple[torch.Tensor, dict]:
     run = dataclasses.replace(backend, settings={**backend.settings, **settings})
     gen = run.generate([s.caption for s in scenes], seeds, policy=policy, desc="generate")
     binary, share = geneval_lite_scores(gen.images, scenes)
@@ -67,13 +69,23 @@ def _summary(frame: pd.DataFrame) -> pd.DataFrame:
         for name in SCORES:
             diff = ref.loc[part.index, name].to_numpy() - part[name].to_numpy()  # > 0: the condition lost
             sd = float(diff.std(ddof=1))
-            rows.append({"condition": condition, "score": name, "n": n, "mean": float(part[name].mean()),
-                         "drop": float(diff.mean()), "sd": sd, "se": sd / math.sqrt(n),
-                         "lost": int((diff > 0).sum()), "won": int((diff < 0).sum()),
-                         "n_for_0.01": math.ceil((1.645 * sd / 0.01) ** 2),
-                         # The acceptance bound this one sample would give (one look, 95 %).
-                         "upper_95": float(mean_bounds(diff, 0.05, whole_prompts=True)[1]),
-                         "ssim": float(part.ssim.mean())})
+            rows.append(
+                {
+                    "condition": condition,
+                    "score": name,
+                    "n": n,
+                    "mean": float(part[name].mean()),
+                    "drop": float(diff.mean()),
+                    "sd": sd,
+                    "se": sd / math.sqrt(n),
+                    "lost": int((diff > 0).sum()),
+                    "won": int((diff < 0).sum()),
+                    "n_for_0.01": math.ceil((1.645 * sd / 0.01) ** 2),
+                    # The acceptance bound this one sample would give (one look, 95 %).
+                    "upper_95": float(mean_bounds(diff, 0.05, whole_prompts=True)[1]),
+                    "ssim": float(part.ssim.mean()),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -111,8 +123,12 @@ def main() -> None:
     parser.add_argument("--policies", nargs="*", default=[], help="policy names or YAML paths to compare")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--margin", type=float, default=0.02, help="acceptance margin for the power table")
-    parser.add_argument("--plans", nargs="*", default=["288:96", "384:128", "384:192", "576:192"],
-                        help="budget:batch of the sequential plans in the power table")
+    parser.add_argument(
+        "--plans",
+        nargs="*",
+        default=["288:96", "384:128", "384:192", "576:192"],
+        help="budget:batch of the sequential plans in the power table",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/null_noise"))
     args = parser.parse_args()
 
@@ -133,21 +149,32 @@ def main() -> None:
                 reference = torch.from_numpy(np.load(ref_path))
             continue
         print(f"{label}: generating {args.prompts} images")
-        images, scores = _measure(backend, scenes, [s + offset for s in seeds], settings,
-                                  None if policy is None else policies[policy])
+        images, scores = _measure(
+            backend, scenes, [s + offset for s in seeds], settings, None if policy is None else policies[policy]
+        )
         if index == 0:
             reference = images
             np.save(ref_path, images.numpy())
-        part = pd.DataFrame({"condition": label, "prompt": range(args.prompts), "seed": [s + offset for s in seeds],
-                             "category": [s.kind for s in scenes], "caption": [s.caption for s in scenes],
-                             **scores, "ssim": ssim_per_image(images, reference).numpy()})
+        part = pd.DataFrame(
+            {
+                "condition": label,
+                "prompt": range(args.prompts),
+                "seed": [s + offset for s in seeds],
+                "category": [s.kind for s in scenes],
+                "caption": [s.caption for s in scenes],
+                **scores,
+                "ssim": ssim_per_image(images, reference).numpy(),
+            }
+        )
         part.to_csv(path, index=False)
         parts.append(part)
     frame = pd.concat(parts, ignore_index=True)
     frame.to_csv(args.out / "per_prompt.csv", index=False)
     table = _summary(frame)
-    header = (f"{dt.date.today()}, {args.prompts} prompts (scene seed {args.seed}), torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n\n")
+    header = (
+        f"{dt.date.today()}, {args.prompts} prompts (scene seed {args.seed}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n\n"
+    )
     power = _power(frame, [tuple(int(x) for x in plan.split(":")) for plan in args.plans], args.margin)
     (args.out / "null_noise.md").write_text(header + _markdown(table) + "\n" + _markdown(power))
     print(header + table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))

@@ -13,6 +13,7 @@ around every text (the end token also pads). Its vocabulary is the 256 byte symb
 Presets: `test` (2 layers of width 32, 32 px images: seconds on a CPU) and `vit-l-14` (the shapes of
 openai/clip-vit-large-patch14, 0.43 B parameters: what a real CLIPScore costs on the GPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,14 +24,30 @@ import torch
 
 START, END = "<|startoftext|>", "<|endoftext|>"
 PRESETS = {
-    "test": {"text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-             "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                            image_size=32, patch_size=8),
-             "projection_dim": 16},
-    "vit-l-14": {"text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-                 "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                                image_size=224, patch_size=14),
-                 "projection_dim": 768},
+    "test": {
+        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        "vision": dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        "projection_dim": 16,
+    },
+    "vit-l-14": {
+        "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        "vision": dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+        ),
+        "projection_dim": 768,
+    },
 }
 
 
@@ -46,8 +63,9 @@ def build_tokenizer():
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.TemplateProcessing(single=f"{START} $A {END}",
-                                                             special_tokens=[(START, 0), (END, 1)])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{START} $A {END}", special_tokens=[(START, 0), (END, 1)]
+    )
     return tokenizer
 
 
@@ -62,12 +80,32 @@ def write_random_clip(out: str | Path, preset: str = "test", seed: int = 0) -> P
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     tokenizer.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": START, "eos_token": END,
-         "unk_token": END, "pad_token": END}, indent=2) + "\n")
-    config = CLIPConfig(text_config=dict(vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=77,
-                                         bos_token_id=0, eos_token_id=1, pad_token_id=1, **shapes["text"]),
-                        vision_config=shapes["vision"], projection_dim=shapes["projection_dim"])
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": 77,
+                "bos_token": START,
+                "eos_token": END,
+                "unk_token": END,
+                "pad_token": END,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=tokenizer.get_vocab_size(),
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            **shapes["text"],
+        ),
+        vision_config=shapes["vision"],
+        projection_dim=shapes["projection_dim"],
+    )
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(out)
     side = shapes["vision"]["image_size"]

@@ -8,6 +8,7 @@ and pruning methods side by side; its run folder is outputs/compare/<date>/<time
 Mistakes (bad override, unknown backbone, missing weights, a policy that does not fit) are one line
 on stderr, exit status 2, before any weights load (toprovar.cli).
 """
+
 from __future__ import annotations
 
 import sys
@@ -39,9 +40,17 @@ def run_generate(cfg: dict[str, Any], out_dir: Path) -> list[Path]:
     spec = get_backbone(group["name"])
     settings = generation_settings(group, cfg, prog="toprovar generate")
     # A policy must fit this run: its backbone (unless allow_other_backbone), the schedule's scales, the depth.
-    policy = None if cfg["policy"] in (None, "none") else load_policy(
-        cfg["policy"], spec, pixels=settings.get("pixels"), h_div_w=settings.get("h_div_w"),
-        allow_other_backbone=bool(cfg["allow_other_backbone"]))
+    policy = (
+        None
+        if cfg["policy"] in (None, "none")
+        else load_policy(
+            cfg["policy"],
+            spec,
+            pixels=settings.get("pixels"),
+            h_div_w=settings.get("h_div_w"),
+            allow_other_backbone=bool(cfg["allow_other_backbone"]),
+        )
+    )
     device, dtype = resolve_device(cfg["device"]), resolve_dtype(cfg["dtype"])
     batch = max(1, int(cfg["batch_size"]))
 
@@ -49,14 +58,18 @@ def run_generate(cfg: dict[str, Any], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written, frames = [], []
     for start in tqdm(range(0, len(prompts), batch), desc="batches", unit="batch"):
-        chunk, chunk_seeds = prompts[start:start + batch], seeds[start:start + batch]
+        chunk, chunk_seeds = prompts[start : start + batch], seeds[start : start + batch]
         result = generate(backbone, chunk, chunk_seeds, policy=policy, **settings)
         for i, (image, seed) in enumerate(zip(result.images, chunk_seeds)):
             path = out_dir / f"{start + i:03d}_seed{seed}.png"
             Image.fromarray(image.numpy()).save(path)
             written.append(path)
-        frame = result.trace.to_frame().assign(batch=start // batch, text_encode_ms=result.trace.text_encode_ms,
-                                               decode_ms=result.trace.decode_ms, total_ms=result.trace.total_ms)
+        frame = result.trace.to_frame().assign(
+            batch=start // batch,
+            text_encode_ms=result.trace.text_encode_ms,
+            decode_ms=result.trace.decode_ms,
+            total_ms=result.trace.total_ms,
+        )
         frames.append(frame)
     pd.concat(frames).to_csv(out_dir / "trace.csv", index=False)
     (out_dir / "prompts.txt").write_text("".join(f"{p.name}\t{t}\n" for p, t in zip(written, prompts)))
@@ -95,8 +108,9 @@ def main(argv: list[str] | None = None) -> None:
         out_dir = Path(plain["out_dir"]) if plain.get("out_dir") else Path(HydraConfig.get().runtime.output_dir)
         RUNNERS[command](plain, out_dir)
 
-    run_hydra_app(f"toprovar {command}", command, app, argv[1:], renames=override_renames("", "backbone."),
-                  aliases=PROMPTS_ALIAS)
+    run_hydra_app(
+        f"toprovar {command}", command, app, argv[1:], renames=override_renames("", "backbone."), aliases=PROMPTS_ALIAS
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Flash Attention Entropy kernel on CUDA, its chunked PyTorch reference (float32) 
 an H100 at Infinity's shapes, see ../shared/reference/anchors.md); SDPA still falls back to flash /
 efficient / math for inputs cuDNN does not take.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,16 +24,18 @@ from torch import Tensor
 from kernels import flash_attn_entropy
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, entropy: bool,
-              scale: float | None = None) -> tuple[Tensor, Tensor | None]:
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, *, entropy: bool, scale: float | None = None
+) -> tuple[Tensor, Tensor | None]:
     """Softmax attention of every query over every key (no mask): `(out, entropy_or_None)`."""
     if entropy:
         return flash_attn_entropy(q, k, v, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, scale=scale), None
 
 
-def cross_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
-                    scale: float | None = None) -> Tensor:
+def cross_attention(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, scale: float | None = None
+) -> Tensor:
     """Queries `(B, H, Lq, D)` over text keys `(B, H, Lt, D)`; mask `(B, Lt)` True = real token."""
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -46,8 +49,7 @@ def prefer_cudnn_attention(enabled: bool = True) -> Iterator[None]:
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-             SDPBackend.MATH]
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     try:
         ctx = sdpa_kernel(order, set_priority=True)
     except TypeError:  # older torch: no priority order, cuDNN only where it is chosen anyway

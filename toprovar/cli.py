@@ -8,6 +8,7 @@ is composed and resolved once without running, so a bad override is one line on 
 status 2, then Hydra runs the app, where a `UserError` is one line and exit status 2 as well.
 Importing this module does not import torch, which keeps the override check fast.
 """
+
 from __future__ import annotations
 
 import os
@@ -69,8 +70,14 @@ def check_overrides(prog: str, config_name: str, overrides: Sequence[str]) -> No
         fail(prog, f"bad override: Hydra cannot parse {' '.join(overrides)}")
 
 
-def run_hydra_app(prog: str, config_name: str, app: Callable[[Any], None], argv: Sequence[str] | None = None,
-                  renames: Mapping[str, str] | None = None, aliases: Mapping[str, str] | None = None) -> None:
+def run_hydra_app(
+    prog: str,
+    config_name: str,
+    app: Callable[[Any], None],
+    argv: Sequence[str] | None = None,
+    renames: Mapping[str, str] | None = None,
+    aliases: Mapping[str, str] | None = None,
+) -> None:
     """Run `app(cfg)` as the Hydra app of `CONF_DIR/<config_name>.yaml` with the command line `argv`
     (default: sys.argv[1:]). Override keys are mapped before anything else: `renames` (old -> new, a
     deprecated key, one warning line each; toprovar.renames) and `aliases` (short -> config key, no
@@ -97,8 +104,9 @@ def run_hydra_app(prog: str, config_name: str, app: Callable[[Any], None], argv:
     main()
 
 
-def generation_settings(group: Mapping[str, Any], command: Mapping[str, Any] | None = None,
-                        prog: str | None = None) -> dict[str, Any]:
+def generation_settings(
+    group: Mapping[str, Any], command: Mapping[str, Any] | None = None, prog: str | None = None
+) -> dict[str, Any]:
     """The `toprovar.pipeline.generate` keywords a config sets: each of `GENERATION_KEYS` from the
     command's config `command`, else from the backbone group `group`; unset ones are left out. The old
     names `cfg` / `tau` (e.g. in a backbone group file of one's own) still work, each reported as
@@ -121,7 +129,7 @@ def generation_settings(group: Mapping[str, Any], command: Mapping[str, Any] | N
 def prompts_and_seeds(prompts: Any, seeds: Any) -> tuple[list[str], list[int]]:
     """The `prompts=` and `seeds=` of a command as lists: one prompt (text, not empty) per image and
     one integer seed per prompt (None: 0, 1, 2, ...). UserError for anything else."""
-    example = "e.g. prompts='[\"a cat\", \"a dog\"]'"
+    example = 'e.g. prompts=\'["a cat", "a dog"]\''
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -133,7 +141,10 @@ def prompts_and_seeds(prompts: Any, seeds: Any) -> tuple[list[str], list[int]]:
         seeds = list(range(len(prompts)))
     elif isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds]
-    if (not isinstance(seeds, (list, tuple)) or len(seeds) != len(prompts)
-            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+    if (
+        not isinstance(seeds, (list, tuple))
+        or len(seeds) != len(prompts)
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
         raise UserError(f"give one integer seed per prompt: {len(prompts)} prompt(s), seeds={seeds}")
     return list(prompts), list(seeds)

@@ -37,6 +37,7 @@ figure, so no timed call carries the recorder); timed calls go batch by batch wi
 interleaved, so slow drift of the machine hits every method alike. FLOPs: `toprovar.flops.trace_flops`, executed /
 unpruned, summed over the prompts. PSNR: from the mean squared error pooled over the prompts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,8 +63,17 @@ from toprovar.policy import (
 
 BUILTIN_BASES = ("fastvar", "fastvar_authors", "fixed_exit", "toprovar")
 CFG_SKIP = "cfg_skip"
-DEFAULT_METHODS = ("none", "fastvar", "fastvar_authors", "fixed_exit", "toprovar-scale", "toprovar-scale_token",
-                   "toprovar-scale_layer", "toprovar-full", CFG_SKIP)
+DEFAULT_METHODS = (
+    "none",
+    "fastvar",
+    "fastvar_authors",
+    "fixed_exit",
+    "toprovar-scale",
+    "toprovar-scale_token",
+    "toprovar-scale_layer",
+    "toprovar-full",
+    CFG_SKIP,
+)
 DEFAULT_PROMPTS = (
     "a red fox sitting in fresh snow, morning light",
     "an old lighthouse on a rocky coast during a storm",
@@ -134,22 +144,53 @@ def default_policies(n_scales: int, depth: int) -> dict[str, Policy]:
     fastvar_ratios = {last - 1: 0.4, last: 0.6} if n_scales >= 3 else {last: 0.6}
     authors_ratios = {last - 3: 0.4, last - 2: 0.5} if n_scales >= 5 else {last: 0.5}
     return {
-        "fixed_exit": policy_from_dict({"method": "fixed_exit", "fixed_exit": {"exit_scale": max(last - 1, 0)},
-                                        "provenance": source}, name="fixed_exit"),
-        "fastvar": policy_from_dict({"method": "fastvar", "provenance": source,
-                                     "fastvar": {"ratios": fastvar_ratios, "layers": [start, end],
-                                                 "cache_scale": max(min(fastvar_ratios) - 1, 0)}}, name="fastvar"),
-        "fastvar_authors": policy_from_dict({
-            "method": "fastvar", "provenance": source,
-            "fastvar": {"ratios": authors_ratios, "layers": [start, end], "plan": "per_scale",
-                        "cache_scale": min(authors_ratios) - 1 if min(authors_ratios) > 0 else None,
-                        "exit_after_scale": max(authors_ratios)}}, name="fastvar_authors"),
-        "toprovar": policy_from_dict({"method": "toprovar", "variant": "full", "provenance": source,
-                                      "scale": {"tau": 0.4, "crossing": "above", "action": "start_pruning",
-                                                "min_scale": n_scales // 2},
-                                      "layer": {"mode": "online", "beta": 1.0},
-                                      "token": {"alpha_min": 0.1, "alpha_max": 0.6, "min_keep": 0.1,
-                                                "normalize": "mean", "protect_layers": 1}}, name="toprovar"),
+        "fixed_exit": policy_from_dict(
+            {"method": "fixed_exit", "fixed_exit": {"exit_scale": max(last - 1, 0)}, "provenance": source},
+            name="fixed_exit",
+        ),
+        "fastvar": policy_from_dict(
+            {
+                "method": "fastvar",
+                "provenance": source,
+                "fastvar": {
+                    "ratios": fastvar_ratios,
+                    "layers": [start, end],
+                    "cache_scale": max(min(fastvar_ratios) - 1, 0),
+                },
+            },
+            name="fastvar",
+        ),
+        "fastvar_authors": policy_from_dict(
+            {
+                "method": "fastvar",
+                "provenance": source,
+                "fastvar": {
+                    "ratios": authors_ratios,
+                    "layers": [start, end],
+                    "plan": "per_scale",
+                    "cache_scale": min(authors_ratios) - 1 if min(authors_ratios) > 0 else None,
+                    "exit_after_scale": max(authors_ratios),
+                },
+            },
+            name="fastvar_authors",
+        ),
+        "toprovar": policy_from_dict(
+            {
+                "method": "toprovar",
+                "variant": "full",
+                "provenance": source,
+                "scale": {"tau": 0.4, "crossing": "above", "action": "start_pruning", "min_scale": n_scales // 2},
+                "layer": {"mode": "online", "beta": 1.0},
+                "token": {
+                    "alpha_min": 0.1,
+                    "alpha_max": 0.6,
+                    "min_keep": 0.1,
+                    "normalize": "mean",
+                    "protect_layers": 1,
+                },
+            },
+            name="toprovar",
+        ),
     }
 
 
@@ -158,8 +199,10 @@ def with_variant(policy: Policy, variant: str) -> Policy:
     if variant not in VARIANTS:
         raise UserError(f"variant '{variant}' is not one of {', '.join(VARIANTS)}")
     if policy.method != "toprovar":
-        raise UserError(f"policy {policy.name or ''} is a {policy.method} policy; only toprovar policies "
-                        f"have the variants {', '.join(VARIANTS)}")
+        raise UserError(
+            f"policy {policy.name or ''} is a {policy.method} policy; only toprovar policies "
+            f"have the variants {', '.join(VARIANTS)}"
+        )
     scale = dataclasses.replace(policy.scale, action="exit") if variant == "scale" else policy.scale
     return dataclasses.replace(policy, variant=variant, scale=scale)
 
@@ -179,13 +222,22 @@ def _cfg_skip_suffix(text: str, n_scales: int) -> tuple[str, int | None]:
     if not colon:
         return entry, default_cfg_skip(n_scales)
     if not scale.isdigit() or int(scale) >= n_scales:
-        raise UserError(f"methods: {text}: the CFG skip's scale must be an integer in [0, {n_scales - 1}] (the "
-                        f"first scale that runs only the conditional rows), e.g. {CFG_SKIP}:{default_cfg_skip(n_scales)}")
+        raise UserError(
+            f"methods: {text}: the CFG skip's scale must be an integer in [0, {n_scales - 1}] (the "
+            f"first scale that runs only the conditional rows), e.g. {CFG_SKIP}:{default_cfg_skip(n_scales)}"
+        )
     return entry, int(scale)
 
 
-def resolve_method(entry: Any, backbone: str, n_scales: int, depth: int, *, pixels: str | None = None,
-                   allow_other_backbone: bool = False) -> Method:
+def resolve_method(
+    entry: Any,
+    backbone: str,
+    n_scales: int,
+    depth: int,
+    *,
+    pixels: str | None = None,
+    allow_other_backbone: bool = False,
+) -> Method:
     """One entry of `methods` -> Method. One-line UserErrors, before any weights load, for unknown
     names and for policies that do not fit the run: made for another backbone (unless
     `allow_other_backbone`), scales past the schedule of `n_scales`, layers past `depth`
@@ -193,18 +245,23 @@ def resolve_method(entry: Any, backbone: str, n_scales: int, depth: int, *, pixe
     text = str(entry).strip()
     inner, skip = _cfg_skip_suffix(text, n_scales)
     if skip is not None:
-        method = resolve_method(inner, backbone, n_scales, depth, pixels=pixels,
-                                allow_other_backbone=allow_other_backbone)
+        method = resolve_method(
+            inner, backbone, n_scales, depth, pixels=pixels, allow_other_backbone=allow_other_backbone
+        )
         policy = dataclasses.replace(method.policy, guidance=GuidanceStage(skip_uncond_from_scale=skip))
         return Method(text, policy, f"{method.source}; conditional rows only from scale {skip} (CFG skip)")
     if text in ("none", "baseline"):
         return Method("none", Policy(method="none", name="none"), "baseline (no pruning)")
     base, _, variant = text.partition("@")
-    if base.startswith("toprovar-") and base[len("toprovar-"):] in VARIANTS and not variant:
-        base, variant = "toprovar", base[len("toprovar-"):]
+    if base.startswith("toprovar-") and base[len("toprovar-") :] in VARIANTS and not variant:
+        base, variant = "toprovar", base[len("toprovar-") :]
     if base in BUILTIN_BASES:
-        shipped = {"fastvar": f"fastvar-{backbone}", "fastvar_authors": f"fastvar_authors-{backbone}",
-                   "fixed_exit": f"fixed_exit-{backbone}", "toprovar": backbone}[base]
+        shipped = {
+            "fastvar": f"fastvar-{backbone}",
+            "fastvar_authors": f"fastvar_authors-{backbone}",
+            "fixed_exit": f"fixed_exit-{backbone}",
+            "toprovar": backbone,
+        }[base]
         method = "fastvar" if base == "fastvar_authors" else base
         if shipped in shipped_policies() and load_policy(shipped).method == method:
             policy = load_policy(shipped)
@@ -217,25 +274,40 @@ def resolve_method(entry: Any, backbone: str, n_scales: int, depth: int, *, pixe
             policy = load_policy(base)
         except UserError as err:
             if str(err).startswith("unknown policy"):
-                raise UserError(f"methods: {err}; or a built-in: none, {', '.join(BUILTIN_BASES)}, "
-                                f"{', '.join('toprovar-' + v for v in VARIANTS)}, {CFG_SKIP}[:<scale>], "
-                                f"<method>+{CFG_SKIP}[:<scale>]") from None
+                raise UserError(
+                    f"methods: {err}; or a built-in: none, {', '.join(BUILTIN_BASES)}, "
+                    f"{', '.join('toprovar-' + v for v in VARIANTS)}, {CFG_SKIP}[:<scale>], "
+                    f"<method>+{CFG_SKIP}[:<scale>]"
+                ) from None
             raise UserError(f"methods: {err}") from None
         where = "file" if Path(base).suffix or Path(base).exists() else "shipped"
         source = f"{where} {base}, {_provenance(policy)}"
     if variant:
         policy = with_variant(policy, variant)
     try:
-        check_policy_for_backbone(policy, backbone=backbone, n_scales=n_scales, depth=depth, pixels=pixels,
-                                  allow_other_backbone=allow_other_backbone)
+        check_policy_for_backbone(
+            policy,
+            backbone=backbone,
+            n_scales=n_scales,
+            depth=depth,
+            pixels=pixels,
+            allow_other_backbone=allow_other_backbone,
+        )
     except UserError as err:
         raise UserError(f"methods: {text}: {err}") from None
     label = text if not Path(base).suffix else Path(base).stem + (f"@{variant}" if variant else "")
     return Method(label, policy, source)
 
 
-def resolve_methods(entries: Sequence[Any] | None, backbone: str, n_scales: int, depth: int, *,
-                    pixels: str | None = None, allow_other_backbone: bool = False) -> list[Method]:
+def resolve_methods(
+    entries: Sequence[Any] | None,
+    backbone: str,
+    n_scales: int,
+    depth: int,
+    *,
+    pixels: str | None = None,
+    allow_other_backbone: bool = False,
+) -> list[Method]:
     """The baseline first, then every other entry once (duplicate labels are an error); each entry
     as `resolve_method` checks it."""
     if entries is None:
@@ -244,8 +316,10 @@ def resolve_methods(entries: Sequence[Any] | None, backbone: str, n_scales: int,
         entries = [entries]
     if not isinstance(entries, (list, tuple)) or not entries:
         raise UserError("methods must be a non-empty list, e.g. methods='[none,fastvar,fixed_exit,toprovar-full]'")
-    methods = [resolve_method(e, backbone, n_scales, depth, pixels=pixels, allow_other_backbone=allow_other_backbone)
-               for e in entries]
+    methods = [
+        resolve_method(e, backbone, n_scales, depth, pixels=pixels, allow_other_backbone=allow_other_backbone)
+        for e in entries
+    ]
     seen: set[str] = set()
     for m in methods:
         if m.label in seen and m.label != "none":
@@ -260,15 +334,21 @@ def schedule_notes(method: Method, n_scales: int, guided: bool = True) -> list[s
     fit was refused by `resolve_method`). `guided`: the run has classifier-free guidance."""
     p, notes = method.policy, []
     if p.method == "fixed_exit" and p.fixed_exit.exit_scale == n_scales - 1:
-        notes.append(f"{method.label}: fixed_exit.exit_scale={p.fixed_exit.exit_scale} is the last scale of "
-                     f"{n_scales}: it exits nothing")
+        notes.append(
+            f"{method.label}: fixed_exit.exit_scale={p.fixed_exit.exit_scale} is the last scale of "
+            f"{n_scales}: it exits nothing"
+        )
     if p.method == "fastvar" and p.fastvar.exit_after_scale == n_scales - 1:
-        notes.append(f"{method.label}: fastvar.exit_after_scale={p.fastvar.exit_after_scale} is the last scale of "
-                     f"{n_scales}: it exits nothing")
+        notes.append(
+            f"{method.label}: fastvar.exit_after_scale={p.fastvar.exit_after_scale} is the last scale of "
+            f"{n_scales}: it exits nothing"
+        )
     skip = p.guidance.skip_uncond_from_scale
     if skip is not None and not guided:
-        notes.append(f"{method.label}: guidance.skip_uncond_from_scale={skip} saves nothing: the run has no "
-                     "classifier-free guidance (guidance_scale 1)")
+        notes.append(
+            f"{method.label}: guidance.skip_uncond_from_scale={skip} saves nothing: the run has no "
+            "classifier-free guidance (guidance_scale 1)"
+        )
     return notes
 
 
@@ -323,8 +403,11 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def policy_sections(policy: Policy) -> dict[str, Any]:
     """The policy as a dict with only the sections its method reads."""
-    used = {"toprovar": ("variant", "scale", "layer", "token"), "fastvar": ("fastvar",),
-            "fixed_exit": ("fixed_exit",)}.get(policy.method, ())
+    used = {
+        "toprovar": ("variant", "scale", "layer", "token"),
+        "fastvar": ("fastvar",),
+        "fixed_exit": ("fixed_exit",),
+    }.get(policy.method, ())
     if policy.guidance.skip_uncond_from_scale is not None:
         used = (*used, "guidance")
     full = policy.to_dict()
@@ -375,8 +458,14 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
     settings = generation_settings(group, cfg, prog="toprovar compare")
     schedule = spec.schedules.scale_schedule(settings.get("h_div_w", 1.0), settings.get("pixels") or spec.pixels)
     n_scales, depth = len(schedule), spec.transformer.depth
-    methods = resolve_methods(cfg.get("methods"), name, n_scales, depth, pixels=settings.get("pixels"),
-                              allow_other_backbone=bool(cfg.get("allow_other_backbone")))
+    methods = resolve_methods(
+        cfg.get("methods"),
+        name,
+        n_scales,
+        depth,
+        pixels=settings.get("pixels"),
+        allow_other_backbone=bool(cfg.get("allow_other_backbone")),
+    )
     with_cfg = guided(settings.get("guidance_scale", spec.guidance_scale))
     notes = [n for m in methods for n in schedule_notes(m, n_scales, with_cfg)]
     for note in notes:
@@ -390,16 +479,19 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
     device, dtype = registry.resolve_device(cfg.get("device", "auto")), registry.resolve_dtype(cfg.get("dtype", "auto"))
 
     backbone = registry.build_backbone(spec, group.get("weights"), device=device, dtype=dtype)
-    chunks = [(s, prompts[s:s + batch], seeds[s:s + batch]) for s in range(0, len(prompts), batch)]
-    runs: dict[str, dict[str, Any]] = {m.label: {"images": [], "latency": [], "executed": 0.0, "unpruned": 0.0,
-                                                 "first": None} for m in methods}
-    bar = tqdm(total=len(methods) * (len(chunks) + (1 if warmup else 0)), desc="compare", unit="batch",
-               disable=not progress)
+    chunks = [(s, prompts[s : s + batch], seeds[s : s + batch]) for s in range(0, len(prompts), batch)]
+    runs: dict[str, dict[str, Any]] = {
+        m.label: {"images": [], "latency": [], "executed": 0.0, "unpruned": 0.0, "first": None} for m in methods
+    }
+    bar = tqdm(
+        total=len(methods) * (len(chunks) + (1 if warmup else 0)), desc="compare", unit="batch", disable=not progress
+    )
 
     def call(method: Method, chunk: list[str], chunk_seeds: list[int], record: bool):
         policy = method.policy if method.prunes else None
-        res = generate(backbone, chunk, chunk_seeds, policy=record_kept_tokens(policy) if record else policy,
-                       **settings)
+        res = generate(
+            backbone, chunk, chunk_seeds, policy=record_kept_tokens(policy) if record else policy, **settings
+        )
         run = runs[method.label]
         run["first"] = run["first"] or res
         return res
@@ -435,21 +527,48 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
         g = scorer(run["images"], specs)["binary"].tolist() if scorer is not None else [None] * len(prompts)
         ms = float(torch.tensor(run["latency"]).median())
         ratio = run["executed"] / run["unpruned"]
-        rows.append({"method": method.label, "policy": method.source, "latency_ms": ms, "speedup": base_ms / ms,
-                     "flop_ratio": ratio, "flop_speedup": 1 / ratio if ratio > 0 else math.inf,
-                     "ssim": sum(s) / len(s), "psnr_db": float(psnr(run["images"], base["images"], "pooled")),
-                     "geneval_lite": (sum(g) / len(g)) if scorer is not None else None})
+        rows.append(
+            {
+                "method": method.label,
+                "policy": method.source,
+                "latency_ms": ms,
+                "speedup": base_ms / ms,
+                "flop_ratio": ratio,
+                "flop_speedup": 1 / ratio if ratio > 0 else math.inf,
+                "ssim": sum(s) / len(s),
+                "psnr_db": float(psnr(run["images"], base["images"], "pooled")),
+                "geneval_lite": (sum(g) / len(g)) if scorer is not None else None,
+            }
+        )
         for i, prompt in enumerate(prompts):
-            per_image.append({"method": method.label, "prompt": prompt, "seed": seeds[i],
-                              "latency_ms": run["latency"][i], "ssim": s[i], "psnr_db": p[i], "geneval_lite": g[i]})
+            per_image.append(
+                {
+                    "method": method.label,
+                    "prompt": prompt,
+                    "seed": seeds[i],
+                    "latency_ms": run["latency"][i],
+                    "ssim": s[i],
+                    "psnr_db": p[i],
+                    "geneval_lite": g[i],
+                }
+            )
         if method.prunes and run["executed"] >= run["unpruned"]:
             decisions = {k: v for k, v in run["first"].trace.pruning.items() if k in ("D", "R", "exit_scale")}
-            notes.append(f"{method.label} pruned nothing on these prompts (FLOP ratio 1; first prompt's "
-                         f"decisions: {_short(decisions)})")
+            notes.append(
+                f"{method.label} pruned nothing on these prompts (FLOP ratio 1; first prompt's "
+                f"decisions: {_short(decisions)})"
+            )
     table, per_image_frame = pd.DataFrame(rows), pd.DataFrame(per_image)
-    columns = {"method": ("method", 0), "policy": ("policy", 0), "latency_ms": ("latency ms/image", 1),
-               "speedup": ("speedup", 2), "flop_ratio": ("FLOP ratio", 3), "flop_speedup": ("FLOP speedup", 2),
-               "ssim": ("SSIM", 3), "psnr_db": ("PSNR dB", 2)}
+    columns = {
+        "method": ("method", 0),
+        "policy": ("policy", 0),
+        "latency_ms": ("latency ms/image", 1),
+        "speedup": ("speedup", 2),
+        "flop_ratio": ("FLOP ratio", 3),
+        "flop_speedup": ("FLOP speedup", 2),
+        "ssim": ("SSIM", 3),
+        "psnr_db": ("PSNR dB", 2),
+    }
     if scorer is not None:
         columns["geneval_lite"] = ("geneval-lite", 3)
     else:
@@ -459,19 +578,32 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
 
     # -- files
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"markdown": out_dir / "compare.md", "csv": out_dir / "compare.csv",
-             "per_image": out_dir / "compare_per_image.csv", "grid": out_dir / "compare_grid.png"}
+    files = {
+        "markdown": out_dir / "compare.md",
+        "csv": out_dir / "compare.csv",
+        "per_image": out_dir / "compare_per_image.csv",
+        "grid": out_dir / "compare_grid.png",
+    }
     table.to_csv(files["csv"], index=False)
     per_image_frame.to_csv(files["per_image"], index=False)
     notes_ssim = [[f"SSIM {v:.2f}" for v in per_image_frame[per_image_frame.method == m.label].ssim] for m in methods]
-    save_labelled_grid([runs[m.label]["images"] for m in methods], [m.label for m in methods], prompts,
-                       files["grid"], cell_notes=notes_ssim)
+    save_labelled_grid(
+        [runs[m.label]["images"] for m in methods],
+        [m.label for m in methods],
+        prompts,
+        files["grid"],
+        cell_notes=notes_ssim,
+    )
     for method in methods:
         if method.prunes:
             first = runs[method.label]["first"]
             path = out_dir / f"pruned_tokens_{slug(method.label)}.png"
-            plot_pruned_tokens(first.trace, first.images[0], path,
-                               title=f"{method.label}: kept tokens per scale, prompt 0 ({prompts[0][:60]})")
+            plot_pruned_tokens(
+                first.trace,
+                first.images[0],
+                path,
+                title=f"{method.label}: kept tokens per scale, prompt 0 ({prompts[0][:60]})",
+            )
             files[f"pruned_tokens:{method.label}"] = path
     device = backbone.device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -489,17 +621,29 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
         "- FLOP ratio: executed / unpruned transformer FLOPs (toprovar.flops), summed over prompts; "
         "FLOP speedup = 1 / ratio",
         "- SSIM / PSNR: against the baseline image of the same prompt and seed (mean SSIM; PSNR of the pooled MSE)",
-        "- geneval-lite: " + ("share of prompts whose every check holds (binary score)" if scorer is not None
-                              else "not available for this backbone"),
+        "- geneval-lite: "
+        + (
+            "share of prompts whose every check holds (binary score)"
+            if scorer is not None
+            else "not available for this backbone"
+        ),
     ]
     policies = "\n\n".join(
         f"### {m.label} ({m.source})\n\n```yaml\n{yaml.safe_dump(policy_sections(m.policy), sort_keys=False)}```"
-        for m in methods if m.prunes)
+        for m in methods
+        if m.prunes
+    )
     prompt_lines = "\n".join(f"{i}. seed {s}: {p}" for i, (p, s) in enumerate(zip(prompts, seeds)))
     note_lines = "".join(f"- {n}\n" for n in notes)
     files["markdown"].write_text(
         f"# Pruning methods compared on {name}\n\n{markdown}\n\n"
         + (f"Notes:\n{note_lines}\n" if notes else "")
-        + "## Settings\n\n" + "\n".join(setting_lines) + "\n\n## Prompts\n\n" + prompt_lines
-        + "\n\n## Policies\n\n" + (policies or "(baseline only)") + "\n")
+        + "## Settings\n\n"
+        + "\n".join(setting_lines)
+        + "\n\n## Prompts\n\n"
+        + prompt_lines
+        + "\n\n## Policies\n\n"
+        + (policies or "(baseline only)")
+        + "\n"
+    )
     return CompareResult(table, per_image_frame, markdown, files, notes)

@@ -4,6 +4,7 @@ Every user mistake (bad override, missing file, malformed policy, unknown backbo
 `UserError`. Command-line entry points catch it, print the message on one line and exit non-zero;
 anything else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import sys

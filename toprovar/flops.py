@@ -11,6 +11,7 @@ Not counted (identical for every policy or negligible): text encoding, cross-att
 against the text (≤ 512 keys), the text K/V projections, embeddings, the head and sampling, and
 the VAE decode. Scales a policy exited before are counted as unpruned work that did not run.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -49,8 +50,16 @@ def layer_flops(trace: Any, spec: Any | None = None) -> list[dict]:
             ran_rows = getattr(s, "rows", 0) or rows
             executed = ran_rows * (per_token * kept + (4.0 * c * kept * fill_exec[li] if kept else 0.0))
             unpruned = rows * (per_token * n + 4.0 * c * n * fill_full[li])
-            out.append({"scale": s.scale, "layer": li, "tokens": n, "kept": kept,
-                        "flops_executed": executed, "flops_unpruned": unpruned})
+            out.append(
+                {
+                    "scale": s.scale,
+                    "layer": li,
+                    "tokens": n,
+                    "kept": kept,
+                    "flops_executed": executed,
+                    "flops_unpruned": unpruned,
+                }
+            )
     return out
 
 

@@ -4,6 +4,7 @@ RGB, and the backbone's automatic prompt evaluator where it has one (`geneval_sc
 SSIM and PSNR are torchmetrics' implementations on images scaled to [0, 1] (data range 1). SSIM:
 11×11 Gaussian window, σ = 1.5, K1 = 0.01, K2 = 0.03, per image over the three channels.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -29,8 +30,9 @@ def ssim(images: Tensor, references: Tensor, reduction: str = "none") -> Tensor:
     """SSIM of each image against its reference: (N,) in [-1, 1] (or the mean with reduction='mean')."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    values = structural_similarity_index_measure(_as_float(images), _as_float(references), data_range=1.0,
-                                                 reduction="none").reshape(-1)
+    values = structural_similarity_index_measure(
+        _as_float(images), _as_float(references), data_range=1.0, reduction="none"
+    ).reshape(-1)
     return values.mean() if reduction == "mean" else values
 
 

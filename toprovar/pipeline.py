@@ -39,6 +39,7 @@ eagerly, fused where `kv_policy='kept'`. On CPU every switch keeps the
 eager float32 arithmetic: the fused stages fall back to the block's own ops and the per-scale
 graph is a direct call on the static buffers, so `fast=True` is bit-identical to `fast=False`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,16 @@ from torch import Tensor
 from toprovar.attention import prefer_cudnn_attention
 from toprovar.errors import UserError
 from toprovar.models.registry import Backbone
-from toprovar.models.transformer import (KV_POLICIES, Condition, FastStep, InfinityTransformer, KVCache, RopeSlice,
-                                         TextKV, run_fast_blocks)
+from toprovar.models.transformer import (
+    KV_POLICIES,
+    Condition,
+    FastStep,
+    InfinityTransformer,
+    KVCache,
+    RopeSlice,
+    TextKV,
+    run_fast_blocks,
+)
 from toprovar.models.vae import BSQVAE
 from toprovar.pruning import NoPruner, Pruner, PrunerContext, as_pruner
 from toprovar.renames import RENAMED, renamed_settings
@@ -139,8 +148,11 @@ class _Rows:
     def first_rows(self, rows: int) -> _Rows:
         if rows == self.cond.rows:
             return self
-        return _Rows(self.cond.first_rows(rows), None if self.ada is None else [a[:rows] for a in self.ada],
-                     self.cache.first_rows(rows))
+        return _Rows(
+            self.cond.first_rows(rows),
+            None if self.ada is None else [a[:rows] for a in self.ada],
+            self.cache.first_rows(rows),
+        )
 
 
 def _views(full: _Rows, scale_rows: Sequence[int]) -> dict[int, _Rows]:
@@ -153,10 +165,24 @@ class _ScaleGraphs:
     CUDA graph per scale for one key. On CPU the per-scale step is a direct call on the buffers.
     A scale after a CFG skip runs on views of the first `batch` rows of the buffers."""
 
-    def __init__(self, model: InfinityTransformer, key: tuple, *, schedule, batch: int,
-                 cond, rope: Tensor, dtype: torch.dtype, device: torch.device, sampling: GuidedSampling,
-                 fused: bool, gelu_epilogue: bool = False, index_io: bool = False, chain: bool = False,
-                 small_m_rows: int = 0):
+    def __init__(
+        self,
+        model: InfinityTransformer,
+        key: tuple,
+        *,
+        schedule,
+        batch: int,
+        cond,
+        rope: Tensor,
+        dtype: torch.dtype,
+        device: torch.device,
+        sampling: GuidedSampling,
+        fused: bool,
+        gelu_epilogue: bool = False,
+        index_io: bool = False,
+        chain: bool = False,
+        small_m_rows: int = 0,
+    ):
         self.model, self.key, self.batch = model, key, batch
         self.sampling, self.fused = sampling, fused
         self.gelu_epilogue, self.index_io, self.chain, self.small_m_rows = gelu_epilogue, index_io, chain, small_m_rows
@@ -165,9 +191,16 @@ class _ScaleGraphs:
         self.cuda = device.type == "cuda"
         self.cache = model.new_cache(cond.rows, sum(self.tokens), dtype, device)
         self.rope = rope
-        self.cond = Condition(torch.empty_like(cond.cond_BD), torch.empty_like(cond.gss),
-                              [TextKV(torch.empty_like(t.k), torch.empty_like(t.v),
-                                      None if t.mask is None else torch.empty_like(t.mask)) for t in cond.text])
+        self.cond = Condition(
+            torch.empty_like(cond.cond_BD),
+            torch.empty_like(cond.gss),
+            [
+                TextKV(
+                    torch.empty_like(t.k), torch.empty_like(t.v), None if t.mask is None else torch.empty_like(t.mask)
+                )
+                for t in cond.text
+            ],
+        )
         self.ada = torch.empty((model.depth, *cond.gss.shape), dtype=torch.float32, device=device)
         # Every row count a call may run: all rows, and the conditional ones after a CFG skip. One
         # state serves calls with and without a skip (compare alternates them), graphs per row count.
@@ -212,11 +245,12 @@ class _ScaleGraphs:
         model, x, n, off = self.model, self.x_in[(si, rows)], self.tokens[si], self.offsets[si]
         r = self.at(x)
         self.cache.set_fill(off)
-        rope_si = RopeSlice(self.rope[0, off:off + n], self.rope[1, off:off + n])
+        rope_si = RopeSlice(self.rope[0, off : off + n], self.rope[1, off : off + n])
         if self.fused:
             steps = [FastStep(block, r.ada[li], r.cond.text[li], r.cache[li]) for li, block in enumerate(model.blocks)]
-            x, _ = run_fast_blocks(steps, x, rope_si, gelu_epilogue=self.gelu_epilogue, chain=self.chain,
-                                   small_m_rows=self.small_m_rows)
+            x, _ = run_fast_blocks(
+                steps, x, rope_si, gelu_epilogue=self.gelu_epilogue, chain=self.chain, small_m_rows=self.small_m_rows
+            )
         else:
             for li, block in enumerate(model.blocks):
                 x, _ = block(x, r.cond.gss, r.cond.text[li], rope_si, r.cache[li])
@@ -289,8 +323,9 @@ class _ScaleGraphs:
         graph.replay()
         return out
 
-    def run_layers(self, si: int, x: Tensor, layers: range, keeps: list[Tensor | None], wants: list[bool],
-                   kv_policy: str) -> tuple[Tensor, list[Tensor | None]]:
+    def run_layers(
+        self, si: int, x: Tensor, layers: range, keeps: list[Tensor | None], wants: list[bool], kv_policy: str
+    ) -> tuple[Tensor, list[Tensor | None]]:
         """Blocks `layers` of scale si, block j on the tokens `keeps[j]` (None: all; zero kept:
         skipped), entropy where `wants[j]`. Returns the hidden states and the entropies."""
         n, off = self.tokens[si], self.offsets[si]
@@ -313,10 +348,21 @@ class _ScaleGraphs:
                 slot = len(bases)
                 bases.append(base)
             geometry.append((slot, tuple(keep.shape), keep.stride(), keep.storage_offset() - base.storage_offset()))
-        key = ("layers", si, layers.start, layers.stop, tuple(None if k is None else c for k, c in zip(keeps, counts)),
-               tuple(wants), tuple(fills), kv_policy, tuple(x.shape), x.dtype, tuple(tuple(b.shape) for b in bases),
-               tuple(geometry))
-        rope_si = RopeSlice(self.rope[0, off:off + n], self.rope[1, off:off + n])
+        key = (
+            "layers",
+            si,
+            layers.start,
+            layers.stop,
+            tuple(None if k is None else c for k, c in zip(keeps, counts)),
+            tuple(wants),
+            tuple(fills),
+            kv_policy,
+            tuple(x.shape),
+            x.dtype,
+            tuple(tuple(b.shape) for b in bases),
+            tuple(geometry),
+        )
+        rope_si = RopeSlice(self.rope[0, off : off + n], self.rope[1, off : off + n])
         model, r = self.model, self.at(x)
 
         def prepare() -> None:
@@ -324,15 +370,32 @@ class _ScaleGraphs:
                 self.cache[li].fill = fill
 
         def fn(x: Tensor, *base: Tensor) -> tuple[Tensor, list[Tensor | None]]:
-            given = {j: base[b].as_strided(size, stride, base[b].storage_offset() + offset)
-                     for j, (b, size, stride, offset) in zip(gathered, geometry)}
+            given = {
+                j: base[b].as_strided(size, stride, base[b].storage_offset() + offset)
+                for j, (b, size, stride, offset) in zip(gathered, geometry)
+            }
             if self.fused and kv_policy == "kept":  # the fused chain (equal keeps are views of one base slot)
                 live = [j for j in range(len(layers)) if counts[j]]
-                steps = [FastStep(model.blocks[layers[j]], r.ada[layers[j]], r.cond.text[layers[j]],
-                                  r.cache[layers[j]], given.get(j), wants[j]) for j in live]
-                x, live_ents = run_fast_blocks(steps, x, rope_si, gelu_epilogue=self.gelu_epilogue,
-                                               index_io=self.index_io, chain=self.chain,
-                                               small_m_rows=self.small_m_rows)
+                steps = [
+                    FastStep(
+                        model.blocks[layers[j]],
+                        r.ada[layers[j]],
+                        r.cond.text[layers[j]],
+                        r.cache[layers[j]],
+                        given.get(j),
+                        wants[j],
+                    )
+                    for j in live
+                ]
+                x, live_ents = run_fast_blocks(
+                    steps,
+                    x,
+                    rope_si,
+                    gelu_epilogue=self.gelu_epilogue,
+                    index_io=self.index_io,
+                    chain=self.chain,
+                    small_m_rows=self.small_m_rows,
+                )
                 ents = [None] * len(layers)
                 for j, ent in zip(live, live_ents):
                     ents[j] = ent
@@ -341,9 +404,20 @@ class _ScaleGraphs:
             for j, li in enumerate(layers):
                 keep, ent = given.get(j), None
                 if counts[j]:
-                    x, ent = _run_block(model.blocks[li], x, r.ada[li], r.cond.gss, r.cond.text[li], rope_si,
-                                        r.cache[li], keep=keep, entropy=wants[j], kv_policy=kv_policy,
-                                        fused=self.fused, gelu_epilogue=self.gelu_epilogue)
+                    x, ent = _run_block(
+                        model.blocks[li],
+                        x,
+                        r.ada[li],
+                        r.cond.gss,
+                        r.cond.text[li],
+                        rope_si,
+                        r.cache[li],
+                        keep=keep,
+                        entropy=wants[j],
+                        kv_policy=kv_policy,
+                        fused=self.fused,
+                        gelu_epilogue=self.gelu_epilogue,
+                    )
                 ents.append(ent)
             return x, ents
 
@@ -384,14 +458,28 @@ def _scale_graphs(model: InfinityTransformer, key: tuple, **kw) -> tuple[_ScaleG
     return state, True
 
 
-def _run_block(block, x: Tensor, ada: Tensor | None, gss: Tensor, text: TextKV, rope: RopeSlice, cache, *,
-               keep: Tensor | None, entropy: bool, kv_policy: str, fused: bool,
-               gelu_epilogue: bool, index_io: bool = False) -> tuple[Tensor, Tensor | None]:
+def _run_block(
+    block,
+    x: Tensor,
+    ada: Tensor | None,
+    gss: Tensor,
+    text: TextKV,
+    rope: RopeSlice,
+    cache,
+    *,
+    keep: Tensor | None,
+    entropy: bool,
+    kv_policy: str,
+    fused: bool,
+    gelu_epilogue: bool,
+    index_io: bool = False,
+) -> tuple[Tensor, Tensor | None]:
     """One block on the tokens `keep` (None: all): the fused stages where they apply (every token,
     or kept tokens whose K/V alone enter the cache), the reference block otherwise."""
     if fused and (keep is None or kv_policy == "kept"):
-        return block.forward_fast(x, ada, text, rope, cache, keep=keep, entropy=entropy, gelu_epilogue=gelu_epilogue,
-                                  index_io=index_io)
+        return block.forward_fast(
+            x, ada, text, rope, cache, keep=keep, entropy=entropy, gelu_epilogue=gelu_epilogue, index_io=index_io
+        )
     return block(x, gss, text, rope, cache, keep=keep, entropy=entropy, kv_policy=kv_policy)
 
 
@@ -407,10 +495,11 @@ def encode_prompts(text_encoder: Any, prompts: list[str], max_len: int) -> tuple
     out = text_encoder.encode(prompts)
     features, lengths = out.features, [int(n) for n in out.lens.tolist()]
     if features.shape[1] > max_len:
-        warnings.warn(f"text features of {features.shape[1]} tokens truncated to the model's limit of {max_len}",
-                      stacklevel=2)
+        warnings.warn(
+            f"text features of {features.shape[1]} tokens truncated to the model's limit of {max_len}", stacklevel=2
+        )
         features, lengths = features[:, :max_len], [min(n, max_len) for n in lengths]
-    return features[:, :max(lengths)].float(), lengths
+    return features[:, : max(lengths)].float(), lengths
 
 
 def _pad_text(features: Tensor, max_len: int, bucket: int = TEXT_BUCKET) -> Tensor:
@@ -496,9 +585,22 @@ class _Call:
         return self.opts is not None and self.opts.sync_free_sampling
 
 
-def _prepare(backbone: Backbone, prompts: list[str], seeds: list[int], *, guidance_scale, temperature,
-             top_k: int, top_p: float, h_div_w: float, pixels: str | None, policy: Any, record_entropy: bool,
-             kv_policy: str, fast: bool | FastOptions | None) -> _Call:
+def _prepare(
+    backbone: Backbone,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    guidance_scale,
+    temperature,
+    top_k: int,
+    top_p: float,
+    h_div_w: float,
+    pixels: str | None,
+    policy: Any,
+    record_entropy: bool,
+    kv_policy: str,
+    fast: bool | FastOptions | None,
+) -> _Call:
     """Check the arguments, resolve the settings and the path the scales take, start the trace."""
     if not prompts or len(prompts) != len(seeds):
         raise UserError(f"give one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
@@ -512,8 +614,9 @@ def _prepare(backbone: Backbone, prompts: list[str], seeds: list[int], *, guidan
     skip = getattr(pruner, "skip_uncond_from_scale", None)
     if skip is not None:  # CFG skip: guidance scale 1 from there on, so those scales need no unconditional rows
         guidance = [g if si < skip else 1.0 for si, g in enumerate(reference.guidance_scale)]
-    sampling = GuidedSampling.per_scale(guidance, spec.temperature if temperature is None else temperature,
-                                        len(schedule), top_k, top_p)
+    sampling = GuidedSampling.per_scale(
+        guidance, spec.temperature if temperature is None else temperature, len(schedule), top_k, top_p
+    )
     batch = len(prompts)
     rows = 2 * batch if sampling.guided else batch
     scale_rows = tuple(rows if skip is None or si < skip else batch for si in range(len(schedule)))
@@ -524,16 +627,42 @@ def _prepare(backbone: Backbone, prompts: list[str], seeds: list[int], *, guidan
     plans = type(pruner) is not NoPruner and callable(getattr(pruner, "static_plan", None))
     static = opts is not None and opts.graphs and not record_entropy and (type(pruner) is NoPruner or plans)
     whole_scale, planned = static and type(pruner) is NoPruner, static and plans
-    runtime = {"fast": None if opts is None else vars(opts).copy(), "graph_loop": whole_scale,
-               "planned_units": planned, "device": str(backbone.device)}
+    runtime = {
+        "fast": None if opts is None else vars(opts).copy(),
+        "graph_loop": whole_scale,
+        "planned_units": planned,
+        "device": str(backbone.device),
+    }
     tokens = tokens_per_scale(schedule)
     # The trace's rows are the unpruned reference's (2B under guidance): FLOPs count a CFG skip as saved work.
-    trace = Trace(backbone=spec.name, batch=batch, schedule=schedule, rows=2 * batch if reference.guided else batch,
-                  kv_policy=kv_policy, embed_dim=model.config.embed_dim, ffn_hidden=model.config.ffn_hidden,
-                  depth=model.depth, scales=[ScaleRecord(si, h, w, tokens[si], rows=scale_rows[si])
-                                             for si, (_, h, w) in enumerate(schedule)])
-    return _Call(backbone, h_div_w, schedule, batch, rows, scale_rows, sampling, pruner, opts, whole_scale, planned,
-                 record_entropy, kv_policy, trace, runtime)
+    trace = Trace(
+        backbone=spec.name,
+        batch=batch,
+        schedule=schedule,
+        rows=2 * batch if reference.guided else batch,
+        kv_policy=kv_policy,
+        embed_dim=model.config.embed_dim,
+        ffn_hidden=model.config.ffn_hidden,
+        depth=model.depth,
+        scales=[ScaleRecord(si, h, w, tokens[si], rows=scale_rows[si]) for si, (_, h, w) in enumerate(schedule)],
+    )
+    return _Call(
+        backbone,
+        h_div_w,
+        schedule,
+        batch,
+        rows,
+        scale_rows,
+        sampling,
+        pruner,
+        opts,
+        whole_scale,
+        planned,
+        record_entropy,
+        kv_policy,
+        trace,
+        runtime,
+    )
 
 
 def _encode_text(call: _Call, prompts: list[str]) -> tuple[Tensor, list[int]]:
@@ -556,28 +685,65 @@ def _condition(call: _Call, features: Tensor, lengths: list[int], seeds: list[in
     call.rope = model.rope_table(bb.spec.schedules.full_schedule(call.h_div_w), bb.device)
     if call.static:
         text = cond.text[0]
-        key = (tuple(call.schedule), call.rows, call.batch, tuple(text.k.shape), text.mask is not None,
-               call.fused, call.opts.cudnn_attention, call.opts.gelu_epilogue, call.opts.index_io,
-               call.opts.chain_blocks, call.opts.small_m_rows, bb.dtype, str(bb.device))
-        call.graphs, fresh = _scale_graphs(model, key, schedule=call.schedule, batch=call.batch, cond=cond, rope=call.rope, dtype=bb.dtype,
-                                           device=bb.device, sampling=call.sampling, fused=call.fused,
-                                           gelu_epilogue=call.opts.gelu_epilogue, index_io=call.opts.index_io,
-                                           chain=call.opts.chain_blocks, small_m_rows=call.opts.small_m_rows)
+        key = (
+            tuple(call.schedule),
+            call.rows,
+            call.batch,
+            tuple(text.k.shape),
+            text.mask is not None,
+            call.fused,
+            call.opts.cudnn_attention,
+            call.opts.gelu_epilogue,
+            call.opts.index_io,
+            call.opts.chain_blocks,
+            call.opts.small_m_rows,
+            bb.dtype,
+            str(bb.device),
+        )
+        call.graphs, fresh = _scale_graphs(
+            model,
+            key,
+            schedule=call.schedule,
+            batch=call.batch,
+            cond=cond,
+            rope=call.rope,
+            dtype=bb.dtype,
+            device=bb.device,
+            sampling=call.sampling,
+            fused=call.fused,
+            gelu_epilogue=call.opts.gelu_epilogue,
+            index_io=call.opts.index_io,
+            chain=call.opts.chain_blocks,
+            small_m_rows=call.opts.small_m_rows,
+        )
         call.graphs.load(cond, call.sampling)
         call.graphs.cache.set_fill(0)
         call.units_before = dict(call.graphs.unit_counts)
         call.runtime["graphs_captured"] = fresh and bb.device.type == "cuda"
         call.captures_before = call.graphs.captures
     # The eager blocks read the call's own condition (the static buffers hold a copy of it).
-    cache = call.graphs.cache if call.static else model.new_cache(call.rows, sum(tokens_per_scale(call.schedule)),
-                                                                   bb.dtype, bb.device)
+    cache = (
+        call.graphs.cache
+        if call.static
+        else model.new_cache(call.rows, sum(tokens_per_scale(call.schedule)), bb.dtype, bb.device)
+    )
     ada = [block.ada(cond.gss) for block in model.blocks] if call.fused and not call.whole_scale else None
     call.views = _views(_Rows(cond, ada, cache), call.scale_rows)
     call.generators = make_generators(seeds, bb.device)
     call.vae_schedule = bb.vae.vae_schedule(call.schedule)
-    call.pruner.begin(PrunerContext(call.schedule, model.depth, model.config.num_heads, call.batch, call.rows,
-                                    bb.device, call.trace, call.scale_rows,
-                                    host_plan=call.opts is not None and call.opts.host_plan))
+    call.pruner.begin(
+        PrunerContext(
+            call.schedule,
+            model.depth,
+            model.config.num_heads,
+            call.batch,
+            call.rows,
+            bb.device,
+            call.trace,
+            call.scale_rows,
+            host_plan=call.opts is not None and call.opts.host_plan,
+        )
+    )
     return model.first_tokens(cond)
 
 
@@ -597,8 +763,10 @@ def _scale_planned(call: _Call, si: int, x: Tensor, probe: int) -> Tensor:
     depth, n = call.model.depth, trace.scales[si].tokens
     probes = range(min(probe, depth))
     if len(probes) and pruner.keep_tokens(si, 0, x) is not None:  # block 0 sees the scale's input
-        raise RuntimeError(f"{type(pruner).__name__}.static_plan({si}) = {probe} probe layers, "
-                           "but keep_tokens returned indices for block 0: probe layers run every token")
+        raise RuntimeError(
+            f"{type(pruner).__name__}.static_plan({si}) = {probe} probe layers, "
+            "but keep_tokens returned indices for block 0: probe layers run every token"
+        )
     wants = [pruner.wants_entropy(si, li) for li in probes]
     ents: list[Tensor | None] = []
     if len(probes):
@@ -609,8 +777,9 @@ def _scale_planned(call: _Call, si: int, x: Tensor, probe: int) -> Tensor:
             pruner.observe(si, li, ent)
     planned = range(len(probes), depth)
     keeps = [pruner.keep_tokens(si, li, x) for li in planned]  # (block 0 included when there is no probe)
-    trace.layers.extend(LayerRecord(si, li, n, n if keep is None else int(keep.shape[1]))
-                        for li, keep in zip(planned, keeps))
+    trace.layers.extend(
+        LayerRecord(si, li, n, n if keep is None else int(keep.shape[1])) for li, keep in zip(planned, keeps)
+    )
     if len(planned):
         x, _ = graphs.run_layers(si, x, planned, keeps, [False] * len(planned), call.kv_policy)
     pruner.end_scale(si, x)
@@ -622,7 +791,7 @@ def _scale_eager(call: _Call, si: int, x: Tensor) -> Tensor:
     sees, entropy where it (or `record_entropy`) asks. Returns the sampled bits."""
     model, pruner, n, r = call.model, call.pruner, call.trace.scales[si].tokens, call.at(si)
     offset = sum(rec.tokens for rec in call.trace.scales[:si])
-    rope_si = RopeSlice(call.rope[0, offset:offset + n], call.rope[1, offset:offset + n])
+    rope_si = RopeSlice(call.rope[0, offset : offset + n], call.rope[1, offset : offset + n])
     gelu_epilogue = call.fused and call.opts.gelu_epilogue
     for li, block in enumerate(model.blocks):
         keep = pruner.keep_tokens(si, li, x)
@@ -631,9 +800,21 @@ def _scale_eager(call: _Call, si: int, x: Tensor) -> Tensor:
         if record.kept == 0:
             continue
         want = call.record_entropy or pruner.wants_entropy(si, li)
-        x, ent = _run_block(block, x, r.ada[li] if call.fused else None, r.cond.gss, r.cond.text[li], rope_si,
-                            r.cache[li], keep=keep, entropy=want, kv_policy=call.kv_policy, fused=call.fused,
-                            gelu_epilogue=gelu_epilogue, index_io=call.fused and call.opts.index_io)
+        x, ent = _run_block(
+            block,
+            x,
+            r.ada[li] if call.fused else None,
+            r.cond.gss,
+            r.cond.text[li],
+            rope_si,
+            r.cache[li],
+            keep=keep,
+            entropy=want,
+            kv_policy=call.kv_policy,
+            fused=call.fused,
+            gelu_epilogue=gelu_epilogue,
+            index_io=call.fused and call.opts.index_io,
+        )
         if ent is not None:
             pruner.observe(si, li, ent)
             if call.record_entropy:
@@ -669,13 +850,25 @@ def _decode(call: _Call, summed: Tensor | None) -> Tensor:
         _, fh, fw = call.vae_schedule[-1]
         summed = torch.zeros(call.batch, vae.codebook_dim, 1, fh, fw, device=device)
     if opts is not None and device.type == "cuda" and isinstance(vae, BSQVAE):
-        return vae.decode(summed, channels_last=opts.vae_channels_last, fused_norm=opts.vae_fused_norm,
-                          cudnn_benchmark=opts.vae_cudnn_benchmark)
+        return vae.decode(
+            summed,
+            channels_last=opts.vae_channels_last,
+            fused_norm=opts.vae_fused_norm,
+            cudnn_benchmark=opts.vae_cudnn_benchmark,
+        )
     return vae.decode(summed)
 
 
-def _result(call: _Call, timer: Timer, scale_marks: list[tuple[int, int]], start: int, decode_start: int,
-            end: int, images: Tensor, bits: list[Tensor]) -> GenerationResult:
+def _result(
+    call: _Call,
+    timer: Timer,
+    scale_marks: list[tuple[int, int]],
+    start: int,
+    decode_start: int,
+    end: int,
+    images: Tensor,
+    bits: list[Tensor],
+) -> GenerationResult:
     """Times and entropy means into the trace (read once, after the loop), runtime counters, the result."""
     trace = call.trace
     for si, (a, b) in enumerate(scale_marks):
@@ -689,8 +882,7 @@ def _result(call: _Call, timer: Timer, scale_marks: list[tuple[int, int]], start
         call.runtime["captures"] = call.graphs.captures - call.captures_before  # this call's: its time includes them
         if call.planned:
             call.runtime["units"] = {k: v - call.units_before[k] for k, v in call.graphs.unit_counts.items()}
-    return GenerationResult(images=_to_uint8(images), trace=trace, bits=[b.cpu() for b in bits],
-                            runtime=call.runtime)
+    return GenerationResult(images=_to_uint8(images), trace=trace, bits=[b.cpu() for b in bits], runtime=call.runtime)
 
 
 def _progress(scales: range, progress: bool):
@@ -701,12 +893,24 @@ def _progress(scales: range, progress: bool):
     return tqdm(scales, desc="scales", leave=False)
 
 
-def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *,
-             guidance_scale: float | Sequence[float] | None = None,
-             temperature: float | Sequence[float] | None = None, top_k: int = DEFAULT_TOP_K,
-             top_p: float = DEFAULT_TOP_P, h_div_w: float = 1.0, pixels: str | None = None, policy: Any = None,
-             record_entropy: bool = False, kv_policy: str = "kept", progress: bool = False,
-             fast: bool | FastOptions | None = None, **renamed: Any) -> GenerationResult:
+def generate(
+    backbone: Backbone,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    guidance_scale: float | Sequence[float] | None = None,
+    temperature: float | Sequence[float] | None = None,
+    top_k: int = DEFAULT_TOP_K,
+    top_p: float = DEFAULT_TOP_P,
+    h_div_w: float = 1.0,
+    pixels: str | None = None,
+    policy: Any = None,
+    record_entropy: bool = False,
+    kv_policy: str = "kept",
+    progress: bool = False,
+    fast: bool | FastOptions | None = None,
+    **renamed: Any,
+) -> GenerationResult:
     """Generate one image per (prompt, seed).
 
     guidance_scale / temperature: one value or one per scale (defaults: the backbone's); their old
@@ -718,8 +922,20 @@ def generate(backbone: Backbone, prompts: Sequence[str], seeds: Sequence[int], *
     """
     settings = _renamed_keywords(renamed, guidance_scale=guidance_scale, temperature=temperature)
     prompts, seeds = list(prompts), [int(s) for s in seeds]
-    call = _prepare(backbone, prompts, seeds, **settings, top_k=top_k, top_p=top_p, h_div_w=h_div_w, pixels=pixels,
-                    policy=policy, record_entropy=record_entropy, kv_policy=kv_policy, fast=fast)
+    call = _prepare(
+        backbone,
+        prompts,
+        seeds,
+        **settings,
+        top_k=top_k,
+        top_p=top_p,
+        h_div_w=h_div_w,
+        pixels=pixels,
+        policy=policy,
+        record_entropy=record_entropy,
+        kv_policy=kv_policy,
+        fast=fast,
+    )
     device, pruner = backbone.device, call.pruner
     with torch.inference_mode():
         features, lengths = _encode_text(call, prompts)

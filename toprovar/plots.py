@@ -3,6 +3,7 @@
 Files only (matplotlib's Agg backend, no display). The data behind each picture is returned, so
 tests and reports can check it against the trace.
 """
+
 from __future__ import annotations
 
 import re
@@ -38,8 +39,9 @@ def pruned_token_maps(trace, image_index: int = 0) -> dict[int, np.ndarray]:
     return {si: m.numpy() for si, m in maps.items() if int(m.min()) < depth}
 
 
-def plot_pruned_tokens(trace, image: Tensor | np.ndarray, path: str | Path, *, image_index: int = 0,
-                       title: str | None = None) -> dict[int, np.ndarray]:
+def plot_pruned_tokens(
+    trace, image: Tensor | np.ndarray, path: str | Path, *, image_index: int = 0, title: str | None = None
+) -> dict[int, np.ndarray]:
     """The generated image beside one panel per pruned scale, each token coloured by the number of
     layers that ran it (0 = pruned everywhere / scale not run, depth = never pruned).
 
@@ -93,12 +95,12 @@ class GridLayout:
     """What a grid shows, read back from the drawn figure (tests and reports check it)."""
 
     path: Path
-    row_labels: list[str]                 # the y label of each row's first cell
-    column_labels: list[str]              # the title of each column's first cell
-    notes: list[list[str]]                # the text under each cell
-    marks: list[list[str | None]]         # each cell's frame: 'lost', 'won' or None
-    cell_px: int                          # longest side of a cell's image, in pixels
-    size: tuple[int, int]                 # the PNG's (width, height)
+    row_labels: list[str]  # the y label of each row's first cell
+    column_labels: list[str]  # the title of each column's first cell
+    notes: list[list[str]]  # the text under each cell
+    marks: list[list[str | None]]  # each cell's frame: 'lost', 'won' or None
+    cell_px: int  # longest side of a cell's image, in pixels
+    size: tuple[int, int]  # the PNG's (width, height)
 
 
 def thumbnail(image: Tensor | np.ndarray, cell_px: int = CELL_PX) -> np.ndarray:
@@ -113,10 +115,18 @@ def thumbnail(image: Tensor | np.ndarray, cell_px: int = CELL_PX) -> np.ndarray:
     return small[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def draw_grid(cells: Sequence[Sequence[Tensor | np.ndarray]], row_labels: Sequence[str],
-              column_labels: Sequence[str], path: str | Path, *, notes: Sequence[Sequence[str]] | None = None,
-              marks: Sequence[Sequence[str | None]] | None = None, title: str | None = None,
-              cell_px: int = CELL_PX, label_every_cell: bool = False) -> GridLayout:
+def draw_grid(
+    cells: Sequence[Sequence[Tensor | np.ndarray]],
+    row_labels: Sequence[str],
+    column_labels: Sequence[str],
+    path: str | Path,
+    *,
+    notes: Sequence[Sequence[str]] | None = None,
+    marks: Sequence[Sequence[str | None]] | None = None,
+    title: str | None = None,
+    cell_px: int = CELL_PX,
+    label_every_cell: bool = False,
+) -> GridLayout:
     """Images `cells[r][c]` ((H, W, 3) uint8) in a grid: each row labelled on its left, each column
     on top (every cell with `label_every_cell`), `notes[r][c]` under a cell, `marks[r][c]` as a
     coloured frame ('lost' red, 'won' green). Images are shown at most `cell_px` on a side."""
@@ -127,8 +137,9 @@ def draw_grid(cells: Sequence[Sequence[Tensor | np.ndarray]], row_labels: Sequen
     inch = max(side, 96) / dpi  # small images (tiny's 128 px) are drawn at least ~1 inch
     width = n_cols * (inch + 0.15) + 1.4
     title_lines = textwrap.wrap(title, int(width * 14)) if title else []  # ~7 px a character at fontsize 9
-    fig, axes = plt.subplots(n_rows, n_cols, squeeze=False, dpi=dpi,
-                             figsize=(width, n_rows * (inch + 0.65) + 0.2 + 0.2 * len(title_lines)))
+    fig, axes = plt.subplots(
+        n_rows, n_cols, squeeze=False, dpi=dpi, figsize=(width, n_rows * (inch + 0.65) + 0.2 + 0.2 * len(title_lines))
+    )
     wrap = max(12, int(inch * 14))  # characters per label line at fontsize 7
     for r in range(n_rows):
         for c in range(n_cols):
@@ -155,11 +166,14 @@ def draw_grid(cells: Sequence[Sequence[Tensor | np.ndarray]], row_labels: Sequen
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     layout = GridLayout(
-        path, [axes[r][0].get_ylabel().replace("\n", " ") for r in range(n_rows)],
+        path,
+        [axes[r][0].get_ylabel().replace("\n", " ") for r in range(n_rows)],
         [axes[0][c].get_title().replace("\n", " ") for c in range(n_cols)],
         [[axes[r][c].get_xlabel() for c in range(n_cols)] for r in range(n_rows)],
-        [[_frame(axes[r][c]) for c in range(n_cols)] for r in range(n_rows)], cell_px,
-        tuple(int(v) for v in fig.canvas.get_width_height()))
+        [[_frame(axes[r][c]) for c in range(n_cols)] for r in range(n_rows)],
+        cell_px,
+        tuple(int(v) for v in fig.canvas.get_width_height()),
+    )
     plt.close(fig)
     return layout
 
@@ -181,8 +195,13 @@ def _frame(ax) -> str | None:
     return next(name for name, value in MARK_COLOURS.items() if matplotlib.colors.to_hex(value) == colour)
 
 
-def save_labelled_grid(images: Sequence[Tensor], columns: Sequence[str], rows: Sequence[str], path: str | Path,
-                       cell_notes: Sequence[Sequence[str]] | None = None) -> Path:
+def save_labelled_grid(
+    images: Sequence[Tensor],
+    columns: Sequence[str],
+    rows: Sequence[str],
+    path: str | Path,
+    cell_notes: Sequence[Sequence[str]] | None = None,
+) -> Path:
     """A grid with one row per prompt and one column per method: `images[c]` is the (N, H, W, 3)
     uint8 batch of column c; every cell is titled with its column label, noted with
     `cell_notes[c][r]`, every row labelled with its prompt."""

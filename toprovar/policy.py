@@ -25,6 +25,7 @@ oversized and malformed files), then the run (`check_policy_for_backbone`/`check
 the policy's backbone, scale indices within the schedule in use, one layer ratio per block).
 `save_policy` writes a document that loads back equal.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -150,8 +151,10 @@ class Policy:
 
     def check_backbone(self, backbone: str) -> None:
         if self.backbone is not None and self.backbone != backbone:
-            raise UserError(f"policy {self.name or ''} was made for backbone '{self.backbone}', not "
-                            f"'{backbone}'; use a policy of '{backbone}' or recalibrate".replace("policy  ", "policy "))
+            raise UserError(
+                f"policy {self.name or ''} was made for backbone '{self.backbone}', not "
+                f"'{backbone}'; use a policy of '{backbone}' or recalibrate".replace("policy  ", "policy ")
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -165,8 +168,13 @@ class Policy:
 
 def paper_defaults() -> dict[str, float]:
     """The paper's / this project's default knobs of the ToProVAR gate (warm start of the search)."""
-    return {"tau": ScaleStage.tau, "beta": LayerStage.beta, "alpha_min": TokenStage.alpha_min,
-            "alpha_max": TokenStage.alpha_max, "min_keep": TokenStage.min_keep}
+    return {
+        "tau": ScaleStage.tau,
+        "beta": LayerStage.beta,
+        "alpha_min": TokenStage.alpha_min,
+        "alpha_max": TokenStage.alpha_max,
+        "min_keep": TokenStage.min_keep,
+    }
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -205,8 +213,9 @@ def _expected(lo: float | int | None, hi: float | int | None, integer: bool) -> 
     return kind if hi is None else f"{kind} <= {_bound(hi)}"
 
 
-def _number(value: Any, where: str, lo: float | int | None = None, hi: float | int | None = None,
-            integer: bool = False) -> float | int:
+def _number(
+    value: Any, where: str, lo: float | int | None = None, hi: float | int | None = None, integer: bool = False
+) -> float | int:
     """A finite number (or an integer) within [lo, hi]; NaN, ±inf, bools and strings are errors."""
     expected = _expected(lo, hi, integer)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
@@ -241,8 +250,11 @@ def _section(data: Any, where: str, known: tuple[str, ...]) -> dict[str, Any]:
     unknown = [k for k in data if k not in known]
     if unknown:
         key = unknown[0]
-        key = key if isinstance(key, str) and key.isprintable() and key.strip() and len(key) <= _SHOWN_CHARS \
+        key = (
+            key
+            if isinstance(key, str) and key.isprintable() and key.strip() and len(key) <= _SHOWN_CHARS
             else _show(key)
+        )
         raise _fail(f"{where}.{key}" if where else key, f"unknown key (known: {', '.join(known)})")
     return dict(data)
 
@@ -288,8 +300,9 @@ def _token(data: Any, min_scale: int) -> TokenStage:
         alpha_max=_number(d.get("alpha_max", out.alpha_max), "token.alpha_max", 0.0, 1.0),
         min_keep=_number(d.get("min_keep", out.min_keep), "token.min_keep", 0.0, 1.0),
         normalize=_choice(d.get("normalize", out.normalize), "token.normalize", ("mean", "sum", "rank")),
-        protect_layers=_number(d.get("protect_layers", out.protect_layers), "token.protect_layers", 1, None,
-                               integer=True),
+        protect_layers=_number(
+            d.get("protect_layers", out.protect_layers), "token.protect_layers", 1, None, integer=True
+        ),
         restore=_choice(d.get("restore", out.restore), "token.restore", RESTORE_MODES),
         order=_choice(d.get("order", out.order), "token.order", ORDERS),
         cache_scale=_optional_index(d.get("cache_scale"), "token.cache_scale"),
@@ -299,9 +312,13 @@ def _token(data: Any, min_scale: int) -> TokenStage:
     # Restoration reads the cache scale's updates of every layer, so it must run every token:
     # pruning can start at min_scale, and a later cache scale would restore from nothing.
     if stage.cache_scale is not None and stage.cache_scale >= min_scale:
-        raise _bad("token.cache_scale", stage.cache_scale,
-                   f"an integer in [0, scale.min_scale - 1 = {min_scale - 1}] (a scale that runs every token)"
-                   if min_scale > 0 else "null: with scale.min_scale 0 no scale is sure to run every token")
+        raise _bad(
+            "token.cache_scale",
+            stage.cache_scale,
+            f"an integer in [0, scale.min_scale - 1 = {min_scale - 1}] (a scale that runs every token)"
+            if min_scale > 0
+            else "null: with scale.min_scale 0 no scale is sure to run every token",
+        )
     return stage
 
 
@@ -310,8 +327,10 @@ def _scale_key(key: Any) -> int:
     if isinstance(key, str) and re.fullmatch(r"[0-9]+", key.strip()):
         return int(key)
     if isinstance(key, bool) or not isinstance(key, int) or key < 0:
-        raise _fail("fastvar.ratios", f"got key {_show(key)}, expected scale indices (integers >= 0) as keys, "
-                                      "e.g. {9: 0.4, 10: 0.6}")
+        raise _fail(
+            "fastvar.ratios",
+            f"got key {_show(key)}, expected scale indices (integers >= 0) as keys, e.g. {{9: 0.4, 10: 0.6}}",
+        )
     return key
 
 
@@ -338,28 +357,39 @@ def _fastvar(data: Any, method: str) -> FastVARStage:
     # The branch outputs are cached at a scale that runs every token (FastVAR: the one before the first pruned).
     if cache is not None and parsed and cache >= min(parsed):
         first = min(parsed)
-        raise _bad("fastvar.cache_scale", cache, f"an integer in [0, {first - 1}] (before the first pruned scale, "
-                                                 f"{first}, so that it runs every token)" if first > 0 else
-                   "null: scale 0 is pruned, so no earlier scale runs every token")
+        raise _bad(
+            "fastvar.cache_scale",
+            cache,
+            f"an integer in [0, {first - 1}] (before the first pruned scale, {first}, so that it runs every token)"
+            if first > 0
+            else "null: scale 0 is pruned, so no earlier scale runs every token",
+        )
     exit_after = _optional_index(d.get("exit_after_scale"), "fastvar.exit_after_scale")
     # A pruned scale after the exit would never run: the policy would silently prune less than it says.
     if exit_after is not None and parsed and max(parsed) > exit_after:
-        raise _bad("fastvar.exit_after_scale", exit_after, f"an integer >= {max(parsed)}, the last scale "
-                                                           "fastvar.ratios prunes (later scales do not run)")
+        raise _bad(
+            "fastvar.exit_after_scale",
+            exit_after,
+            f"an integer >= {max(parsed)}, the last scale fastvar.ratios prunes (later scales do not run)",
+        )
     plan = _choice(d.get("plan", FastVARStage.plan), "fastvar.plan", FASTVAR_PLANS)
     return FastVARStage(ratios=parsed, layers=(start, end), cache_scale=cache, exit_after_scale=exit_after, plan=plan)
 
 
 def _fixed_exit(data: Any) -> FixedExitStage:
     d = _section(data, "fixed_exit", _keys(FixedExitStage))
-    return FixedExitStage(exit_scale=_number(d.get("exit_scale", FixedExitStage.exit_scale),
-                                             "fixed_exit.exit_scale", 0, None, integer=True))
+    return FixedExitStage(
+        exit_scale=_number(
+            d.get("exit_scale", FixedExitStage.exit_scale), "fixed_exit.exit_scale", 0, None, integer=True
+        )
+    )
 
 
 def _guidance(data: Any) -> GuidanceStage:
     d = _section(data, "guidance", _keys(GuidanceStage))
-    return GuidanceStage(skip_uncond_from_scale=_optional_index(d.get("skip_uncond_from_scale"),
-                                                                "guidance.skip_uncond_from_scale"))
+    return GuidanceStage(
+        skip_uncond_from_scale=_optional_index(d.get("skip_uncond_from_scale"), "guidance.skip_uncond_from_scale")
+    )
 
 
 def policy_from_dict(data: Mapping[str, Any], name: str | None = None) -> Policy:
@@ -404,8 +434,16 @@ def policy_from_dict(data: Mapping[str, Any], name: str | None = None) -> Policy
 
 # -- the backbone in use ---------------------------------------------------------------------------
 
-def check_policy_for_backbone(policy: Policy, *, backbone: str, n_scales: int, depth: int,
-                              allow_other_backbone: bool = False, pixels: str | None = None) -> Policy:
+
+def check_policy_for_backbone(
+    policy: Policy,
+    *,
+    backbone: str,
+    n_scales: int,
+    depth: int,
+    allow_other_backbone: bool = False,
+    pixels: str | None = None,
+) -> Policy:
     """Refuse a policy that does not fit the run: its backbone, the schedule's scales, the depth.
 
     Needs no weights: `n_scales` is the length of the schedule the run will use (it depends on the
@@ -455,8 +493,14 @@ def check_policy_for_backbone(policy: Policy, *, backbone: str, n_scales: int, d
     return policy
 
 
-def check_policy_for_spec(policy: Policy, spec: Any, *, pixels: str | None = None, h_div_w: float | None = None,
-                          allow_other_backbone: bool = False) -> Policy:
+def check_policy_for_spec(
+    policy: Policy,
+    spec: Any,
+    *,
+    pixels: str | None = None,
+    h_div_w: float | None = None,
+    allow_other_backbone: bool = False,
+) -> Policy:
     """`check_policy_for_backbone` for a registered backbone (a name or a BackboneSpec), no weights loaded.
 
     The schedule is the one `toprovar.pipeline.generate` will use: `pixels` (default: the
@@ -467,11 +511,18 @@ def check_policy_for_spec(policy: Policy, spec: Any, *, pixels: str | None = Non
     spec = get_backbone(spec)
     pixels = pixels or spec.pixels
     n_scales = len(spec.schedules.scale_schedule(1.0 if h_div_w is None else h_div_w, pixels))
-    return check_policy_for_backbone(policy, backbone=spec.name, n_scales=n_scales, depth=spec.transformer.depth,
-                                     allow_other_backbone=allow_other_backbone, pixels=pixels)
+    return check_policy_for_backbone(
+        policy,
+        backbone=spec.name,
+        n_scales=n_scales,
+        depth=spec.transformer.depth,
+        allow_other_backbone=allow_other_backbone,
+        pixels=pixels,
+    )
 
 
 # -- files -----------------------------------------------------------------------------------------
+
 
 def shipped_policies() -> list[str]:
     return sorted(p.stem for p in POLICY_DIR.glob("*.yaml"))
@@ -514,8 +565,10 @@ def _resolve(path_or_name: str | Path) -> Path:
         if not path.suffix and not path.exists():
             shipped = POLICY_DIR / f"{path_or_name}.yaml"
             if not shipped.exists():
-                raise UserError(f"unknown policy {_show(str(path_or_name))}: not a file and not a shipped policy "
-                                f"(shipped: {', '.join(shipped_policies()) or 'none'})")
+                raise UserError(
+                    f"unknown policy {_show(str(path_or_name))}: not a file and not a shipped policy "
+                    f"(shipped: {', '.join(shipped_policies()) or 'none'})"
+                )
             path = shipped
         if not path.is_file():
             raise UserError(f"{path}: policy file not found")
@@ -524,8 +577,14 @@ def _resolve(path_or_name: str | Path) -> Path:
     return path
 
 
-def load_policy(path_or_name: str | Path | Policy, backbone: Any = None, *, pixels: str | None = None,
-                h_div_w: float | None = None, allow_other_backbone: bool = False) -> Policy:
+def load_policy(
+    path_or_name: str | Path | Policy,
+    backbone: Any = None,
+    *,
+    pixels: str | None = None,
+    h_div_w: float | None = None,
+    allow_other_backbone: bool = False,
+) -> Policy:
     """A Policy from a YAML path, a shipped name (`toprovar/policies/<name>.yaml`) or 'none'.
 
     The document is checked against the schema (`policy_from_dict`). `backbone` adds the checks
@@ -537,8 +596,10 @@ def load_policy(path_or_name: str | Path | Policy, backbone: Any = None, *, pixe
     if isinstance(path_or_name, Policy):
         policy = path_or_name
     elif not isinstance(path_or_name, (str, Path)):
-        raise UserError(f"policy={_show(path_or_name)} is not a policy: give a shipped name "
-                        f"({', '.join(shipped_policies())}), a YAML path or none")
+        raise UserError(
+            f"policy={_show(path_or_name)} is not a policy: give a shipped name "
+            f"({', '.join(shipped_policies())}), a YAML path or none"
+        )
     elif str(path_or_name) == "none":
         policy = Policy(method="none", name="none")
     else:
@@ -552,8 +613,9 @@ def load_policy(path_or_name: str | Path | Policy, backbone: Any = None, *, pixe
         if not allow_other_backbone:
             policy.check_backbone(backbone)
     elif backbone is not None:
-        check_policy_for_spec(policy, backbone, pixels=pixels, h_div_w=h_div_w,
-                              allow_other_backbone=allow_other_backbone)
+        check_policy_for_spec(
+            policy, backbone, pixels=pixels, h_div_w=h_div_w, allow_other_backbone=allow_other_backbone
+        )
     return policy
 
 

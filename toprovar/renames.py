@@ -6,6 +6,7 @@ threshold (a policy's `scale.tau`), which keeps its name. Whatever reads generat
 lines of `python -m toprovar`, `python -m calibrate` and the tiny trainer — maps the old names here,
 so removing them next release is this module and its few callers' lines.
 """
+
 from __future__ import annotations
 
 import sys
@@ -22,8 +23,9 @@ def deprecation(old: str, new: str) -> str:
     return f"`{old}` is deprecated, use `{new}` (the old name goes in the next release)"
 
 
-def renamed_settings(values: Mapping[str, Any], where: str, warn: Callable[[str], None] | None = None,
-                     stacklevel: int = 2) -> dict[str, Any]:
+def renamed_settings(
+    values: Mapping[str, Any], where: str, warn: Callable[[str], None] | None = None, stacklevel: int = 2
+) -> dict[str, Any]:
     """`values` with every old name under its new one; an old name set to None is dropped.
 
     Each old name in use is reported once through `warn` (default: a FutureWarning, `stacklevel`

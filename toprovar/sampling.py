@@ -13,6 +13,7 @@ Before that, `GuidedSampling` turns a scale's logits into the conditional rows' 
 official loop does: divide by the scale's temperature, then classifier-free guidance on the logits
 (`guidance_scale * conditional + (1 - guidance_scale) * unconditional`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -64,16 +65,20 @@ def draw_bits(probs: Tensor, generators: list[torch.Generator], n: int, *, sync_
     if len(generators) != b:
         raise ValueError(f"{b} rows of probabilities but {len(generators)} generators")
     if sync_free:
-        bits = [torch.argmax(probs[i] / torch.empty_like(probs[i]).exponential_(1, generator=generators[i]),
-                             dim=-1, keepdim=True) for i in range(b)]
+        bits = [
+            torch.argmax(
+                probs[i] / torch.empty_like(probs[i]).exponential_(1, generator=generators[i]), dim=-1, keepdim=True
+            )
+            for i in range(b)
+        ]
     else:
-        bits = [torch.multinomial(probs[i], num_samples=1, replacement=True, generator=generators[i])
-                for i in range(b)]
+        bits = [torch.multinomial(probs[i], num_samples=1, replacement=True, generator=generators[i]) for i in range(b)]
     return torch.stack(bits).view(b, n, -1)
 
 
-def sample_bits(logits: Tensor, generators: list[torch.Generator], *, top_k: int = 0,
-                top_p: float = 0.0, sync_free: bool = False) -> Tensor:
+def sample_bits(
+    logits: Tensor, generators: list[torch.Generator], *, top_k: int = 0, top_p: float = 0.0, sync_free: bool = False
+) -> Tensor:
     """Bitwise logits `(B, n, 2 * d)` -> sampled bits `(B, n, d)` int64 (values 0 or 1).
 
     Row b uses `generators[b]`. `logits` is modified in place (filtered). Runs on the logits'
@@ -90,8 +95,9 @@ def _per_scale(value: float | Sequence[float], n: int, name: str) -> tuple[float
         return (float(value),) * n
     values = [float(v) for v in value]
     if len(values) < n:
-        raise UserError(f"{name} lists {len(values)} values but the schedule has {n} scales; "
-                        f"give one number or at least {n}")
+        raise UserError(
+            f"{name} lists {len(values)} values but the schedule has {n} scales; give one number or at least {n}"
+        )
     return tuple(values[:n])
 
 
@@ -106,11 +112,21 @@ class GuidedSampling:
     top_p: float
 
     @classmethod
-    def per_scale(cls, guidance_scale: float | Sequence[float], temperature: float | Sequence[float], n_scales: int,
-                  top_k: int, top_p: float) -> GuidedSampling:
+    def per_scale(
+        cls,
+        guidance_scale: float | Sequence[float],
+        temperature: float | Sequence[float],
+        n_scales: int,
+        top_k: int,
+        top_p: float,
+    ) -> GuidedSampling:
         """One number for every scale or one per scale (extra values ignored); too few: UserError."""
-        return cls(_per_scale(guidance_scale, n_scales, "guidance_scale"),
-                   _per_scale(temperature, n_scales, "temperature"), top_k, top_p)
+        return cls(
+            _per_scale(guidance_scale, n_scales, "guidance_scale"),
+            _per_scale(temperature, n_scales, "temperature"),
+            top_k,
+            top_p,
+        )
 
     @property
     def guided(self) -> bool:

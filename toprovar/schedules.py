@@ -10,6 +10,7 @@ A backbone names its `ScheduleFamily` (`BackboneSpec.schedules`): `INFINITY_SCHE
 official models, a family of its own for a backbone trained here (e.g. `tiny`). The module-level
 functions are the official family's.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,14 +24,126 @@ Schedule = list[tuple[int, int, int]]
 PIXELS_PER_TOKEN_EDGE = 16
 
 _RATIO_TO_GRIDS: dict[float, list[tuple[int, int]]] = {
-    1.000: [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16), (20, 20), (24, 24), (32, 32), (40, 40), (48, 48), (64, 64)],
-    1.250: [(1, 1), (2, 2), (3, 3), (5, 4), (10, 8), (15, 12), (20, 16), (25, 20), (30, 24), (35, 28), (45, 36), (55, 44), (70, 56)],
-    1.333: [(1, 1), (2, 2), (4, 3), (8, 6), (12, 9), (16, 12), (20, 15), (24, 18), (28, 21), (36, 27), (48, 36), (60, 45), (72, 54)],
-    1.500: [(1, 1), (2, 2), (3, 2), (6, 4), (9, 6), (15, 10), (21, 14), (27, 18), (33, 22), (39, 26), (48, 32), (63, 42), (78, 52)],
-    1.750: [(1, 1), (2, 2), (3, 3), (7, 4), (11, 6), (14, 8), (21, 12), (28, 16), (35, 20), (42, 24), (56, 32), (70, 40), (84, 48)],
-    2.000: [(1, 1), (2, 2), (4, 2), (6, 3), (10, 5), (16, 8), (22, 11), (30, 15), (38, 19), (46, 23), (60, 30), (74, 37), (90, 45)],
-    2.500: [(1, 1), (2, 2), (5, 2), (10, 4), (15, 6), (20, 8), (25, 10), (30, 12), (40, 16), (50, 20), (65, 26), (80, 32), (100, 40)],
-    3.000: [(1, 1), (2, 2), (6, 2), (9, 3), (15, 5), (21, 7), (27, 9), (36, 12), (45, 15), (54, 18), (72, 24), (90, 30), (111, 37)],
+    1.000: [
+        (1, 1),
+        (2, 2),
+        (4, 4),
+        (6, 6),
+        (8, 8),
+        (12, 12),
+        (16, 16),
+        (20, 20),
+        (24, 24),
+        (32, 32),
+        (40, 40),
+        (48, 48),
+        (64, 64),
+    ],
+    1.250: [
+        (1, 1),
+        (2, 2),
+        (3, 3),
+        (5, 4),
+        (10, 8),
+        (15, 12),
+        (20, 16),
+        (25, 20),
+        (30, 24),
+        (35, 28),
+        (45, 36),
+        (55, 44),
+        (70, 56),
+    ],
+    1.333: [
+        (1, 1),
+        (2, 2),
+        (4, 3),
+        (8, 6),
+        (12, 9),
+        (16, 12),
+        (20, 15),
+        (24, 18),
+        (28, 21),
+        (36, 27),
+        (48, 36),
+        (60, 45),
+        (72, 54),
+    ],
+    1.500: [
+        (1, 1),
+        (2, 2),
+        (3, 2),
+        (6, 4),
+        (9, 6),
+        (15, 10),
+        (21, 14),
+        (27, 18),
+        (33, 22),
+        (39, 26),
+        (48, 32),
+        (63, 42),
+        (78, 52),
+    ],
+    1.750: [
+        (1, 1),
+        (2, 2),
+        (3, 3),
+        (7, 4),
+        (11, 6),
+        (14, 8),
+        (21, 12),
+        (28, 16),
+        (35, 20),
+        (42, 24),
+        (56, 32),
+        (70, 40),
+        (84, 48),
+    ],
+    2.000: [
+        (1, 1),
+        (2, 2),
+        (4, 2),
+        (6, 3),
+        (10, 5),
+        (16, 8),
+        (22, 11),
+        (30, 15),
+        (38, 19),
+        (46, 23),
+        (60, 30),
+        (74, 37),
+        (90, 45),
+    ],
+    2.500: [
+        (1, 1),
+        (2, 2),
+        (5, 2),
+        (10, 4),
+        (15, 6),
+        (20, 8),
+        (25, 10),
+        (30, 12),
+        (40, 16),
+        (50, 20),
+        (65, 26),
+        (80, 32),
+        (100, 40),
+    ],
+    3.000: [
+        (1, 1),
+        (2, 2),
+        (6, 2),
+        (9, 3),
+        (15, 5),
+        (21, 7),
+        (27, 9),
+        (36, 12),
+        (45, 15),
+        (54, 18),
+        (72, 24),
+        (90, 30),
+        (111, 37),
+    ],
 }
 
 # Pixel budget name -> number of scales (official: the first 7, 10, 12 or 13 grids).
@@ -84,14 +197,18 @@ class ScheduleFamily:
         lo, hi = self.templates[0], self.templates[-1]
         if not math.isfinite(ratio) or not (lo / _RANGE_SLACK <= ratio <= hi * _RANGE_SLACK):
             listed = ", ".join(str(t) for t in self.templates)
-            raise UserError(f"h_div_w={h_div_w!r} has no aspect-ratio template in the {self.name} schedules; "
-                            f"use a height/width between {lo} and {hi} (templates: {listed})")
+            raise UserError(
+                f"h_div_w={h_div_w!r} has no aspect-ratio template in the {self.name} schedules; "
+                f"use a height/width between {lo} and {hi} (templates: {listed})"
+            )
         return min(self.templates, key=lambda t: abs(t - ratio))
 
     def check_pixels(self, pixels: str) -> str:
         if pixels not in self.budgets:
-            raise UserError(f"pixels={pixels!r} is not a pixel budget of the {self.name} schedules; choose one of "
-                            f"{', '.join(self.budgets)}")
+            raise UserError(
+                f"pixels={pixels!r} is not a pixel budget of the {self.name} schedules; choose one of "
+                f"{', '.join(self.budgets)}"
+            )
         return pixels
 
     def scale_schedule(self, h_div_w: float = 1.0, pixels: str | None = None) -> Schedule:
@@ -109,8 +226,9 @@ class ScheduleFamily:
         return h * self.pixels_per_token, w * self.pixels_per_token
 
 
-INFINITY_SCHEDULES = ScheduleFamily("Infinity", {r: tuple(g) for r, g in TEMPLATES.items()}, PIXEL_BUDGETS,
-                                    PIXELS_PER_TOKEN_EDGE)
+INFINITY_SCHEDULES = ScheduleFamily(
+    "Infinity", {r: tuple(g) for r, g in TEMPLATES.items()}, PIXEL_BUDGETS, PIXELS_PER_TOKEN_EDGE
+)
 
 
 def nearest_template(h_div_w: float) -> float:

@@ -12,6 +12,7 @@ wrapped in `KeptTokenRecorder` (`record_kept_tokens(policy)`) and `trace.kept_in
 index tensor the pruner returned at every pruned (scale, layer); `kept_maps()` turns it into one
 h×w map per scale of how many layers ran each token (the paper's Fig. 9, `toprovar.plots`).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -85,8 +86,10 @@ class Trace:
                     counts += 1
                     continue
                 if self.kept_index is None or (s.scale, li) not in self.kept_index:
-                    raise ValueError(f"the trace has no kept-token indices for scale {s.scale}, layer {li}; "
-                                     "generate with policy=record_kept_tokens(policy)")
+                    raise ValueError(
+                        f"the trace has no kept-token indices for scale {s.scale}, layer {li}; "
+                        "generate with policy=record_kept_tokens(policy)"
+                    )
                 counts[self.kept_index[(s.scale, li)][image].cpu()] += 1
             maps[s.scale] = counts.view(s.h, s.w)
         return maps

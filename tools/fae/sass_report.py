@@ -7,6 +7,7 @@ matter (HGMMA = Hopper wgmma, HMMA = the older mma.sync path, MUFU.EX2, UTMALDG 
 LDGSTS = cp.async, FFMA/FADD/FMUL/FMNMX, local-memory LDL/STL). Uses Triton's bundled cuobjdump.
 The signature mimics what the launcher specializes for B=2, H=16, Lq=4096, Lk=10521, D=128 bf16.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,21 +23,61 @@ from triton.compiler import ASTSource
 
 from kernels.triton_fae import fae_kernel
 
-OPS = ["HGMMA", "HMMA", "MUFU.EX2", "UTMALDG", "LDGSTS", "LDG", "STG", "LDS", "STS", "LDSM", "STSM", "FFMA", "FADD",
-       "FMUL", "FMNMX", "F2FP", "SHFL", "LDL", "STL", "BAR", "SYNCS", "WARPGROUP", "FSETP", "FSEL", "SETMAXNREG"]
+OPS = [
+    "HGMMA",
+    "HMMA",
+    "MUFU.EX2",
+    "UTMALDG",
+    "LDGSTS",
+    "LDG",
+    "STG",
+    "LDS",
+    "STS",
+    "LDSM",
+    "STSM",
+    "FFMA",
+    "FADD",
+    "FMUL",
+    "FMNMX",
+    "F2FP",
+    "SHFL",
+    "LDL",
+    "STL",
+    "BAR",
+    "SYNCS",
+    "WARPGROUP",
+    "FSETP",
+    "FSEL",
+    "SETMAXNREG",
+]
 
 
-def _signature(use_tma: bool, with_entropy: bool, bn: int, D: int = 128, H: int = 16, Lq: int = 4096,
-               Lk: int = 10521, dtype: str = "bf16"):
+def _signature(
+    use_tma: bool,
+    with_entropy: bool,
+    bn: int,
+    D: int = 128,
+    H: int = 16,
+    Lq: int = 4096,
+    Lk: int = 10521,
+    dtype: str = "bf16",
+):
     names = fae_kernel.arg_names
     sig, const, attrs = {}, {}, {}
     desc = f"tensordesc<{dtype}[1, 1, {bn}, {D}]>"
-    vals = {"Q": f"*{dtype}", "K": desc if use_tma else f"*{dtype}", "V": desc if use_tma else f"*{dtype}",
-            "O": f"*{dtype}", "E": "*fp32" if with_entropy else f"*{dtype}", "qk_scale": "fp32"}
+    vals = {
+        "Q": f"*{dtype}",
+        "K": desc if use_tma else f"*{dtype}",
+        "V": desc if use_tma else f"*{dtype}",
+        "O": f"*{dtype}",
+        "E": "*fp32" if with_entropy else f"*{dtype}",
+        "qk_scale": "fp32",
+    }
     ints = {}
     for t, length in (("q", Lq), ("k", Lk), ("v", Lk), ("o", Lq)):
-        ints.update({f"s{t}b": H * length * D, f"s{t}h": length * D, f"s{t}m" if t in "qo" else f"s{t}n": D,
-                     f"s{t}d": 1})
+        ints.update(
+            {f"s{t}b": H * length * D, f"s{t}h": length * D, f"s{t}m" if t in "qo" else f"s{t}n": D, f"s{t}d": 1}
+        )
     ints.update({"seb": H * Lq, "seh": Lq, "sem": 1} if with_entropy else {"seb": 0, "seh": 0, "sem": 0})
     ints.update({"H": H, "Lq": Lq, "Lk": Lk})
     for i, n in enumerate(names):
@@ -60,8 +101,15 @@ def _signature(use_tma: bool, with_entropy: bool, bn: int, D: int = 128, H: int 
 
 def compile_variant(bm, bn, warps, stages, with_entropy=True, use_tma=False, after_pv=False, D=128, dtype="bf16"):
     sig, const, attrs = _signature(use_tma, with_entropy, bn, D=D, dtype=dtype)
-    const.update(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, WITH_ENTROPY=with_entropy,
-                 DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", USE_TMA=use_tma, ENTROPY_AFTER_PV=after_pv)
+    const.update(
+        HEAD_DIM=D,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        WITH_ENTROPY=with_entropy,
+        DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+        USE_TMA=use_tma,
+        ENTROPY_AFTER_PV=after_pv,
+    )
     src = ASTSource(fn=fae_kernel, signature=sig, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
@@ -89,8 +137,12 @@ def report(kernel) -> dict:
                     ops[key] += 1
     reg = re.search(r"REG:(\d+)", res)
     stack = re.search(r"STACK:(\d+)", res)
-    out = {"regs": int(reg.group(1)) if reg else None, "stack": int(stack.group(1)) if stack else None,
-           "smem": kernel.metadata.shared, "sass_lines": sass.count("\n")}
+    out = {
+        "regs": int(reg.group(1)) if reg else None,
+        "stack": int(stack.group(1)) if stack else None,
+        "smem": kernel.metadata.shared,
+        "sass_lines": sass.count("\n"),
+    }
     out.update({k: ops[k] for k in OPS})
     return out, sass
 

@@ -10,6 +10,7 @@ short table last. `--ncu` profiles variants and cuDNN at the main shape with Nsi
 The first two sweeps (tile shapes, pipelining, row-sum placement) ran from this file as of commit
 1f00ccf; kernels/NOTES.md has their results.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,8 +97,12 @@ def _compile_worker(items):
 
 def precompile(nproc: int) -> list:
     # "final" picks its tiles by shape: a small and a large Lq reach both of its configurations.
-    items = [(n, h, lq) for n in _names() for h in ((16, 28) if n.startswith("v0_") else (16,))
-             for lq in ((128, 4096) if n == "final" else (128,))]
+    items = [
+        (n, h, lq)
+        for n in _names()
+        for h in ((16, 28) if n.startswith("v0_") else (16,))
+        for lq in ((128, 4096) if n == "final" else (128,))
+    ]
     chunks = [items[i::nproc] for i in range(nproc)]
     with mp.get_context("spawn").Pool(nproc) as pool:
         return [r for part in pool.map(_compile_worker, chunks) for r in part]
@@ -116,11 +121,18 @@ def sweep(out_dir: str, which: str, rep: int, rounds: int) -> dict:
     def bench(fn):
         return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
-    res = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                    "python": platform.python_version(), "date": date.today().isoformat(),
-                    "command": "python -m tools.fae.tune " + " ".join(sys.argv[1:]),
-                    "times": f"median over {rounds} rounds of do_bench medians (ms, L2 flushed between runs)"},
-           "rows": []}
+    res = {
+        "meta": {
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "python": platform.python_version(),
+            "date": date.today().isoformat(),
+            "command": "python -m tools.fae.tune " + " ".join(sys.argv[1:]),
+            "times": f"median over {rounds} rounds of do_bench medians (ms, L2 flushed between runs)",
+        },
+        "rows": [],
+    }
     t_start = time.time()
     for heads, si, lq, lk in shapes(which):
         q, k, v = _inputs(heads, lq, lk, seed=si + heads)
@@ -139,9 +151,11 @@ def sweep(out_dir: str, which: str, rep: int, rounds: int) -> dict:
                 rec["error"] = f"{type(err).__name__}: {str(err)[:200]}"
         for _ in range(rounds):  # rounds: a transient (clocks, a previous heavy shape) hits one round only
             for name, be in sdpa.items():
+
                 def run(be=be, q=q, k=k, v=v):
                     with sdpa_kernel([be]):
                         return F.scaled_dot_product_attention(q, k, v)
+
                 times[name].append(bench(run))
             for name, rec in row["variants"].items():
                 if "error" not in rec:
@@ -165,28 +179,41 @@ def summarize(res: dict) -> None:
     for row in res["rows"]:
         best_sdpa = min(row["sdpa_flash"], row["sdpa_cudnn"])
         ok = {n: r for n, r in row["variants"].items() if "ent" in r}
-        print(f"\n## heads {row['heads']} scale {row['scale']} Lq {row['Lq']} Lk {row['Lk']}: "
-              f"sdpa_flash {row['sdpa_flash']:.4f} sdpa_cudnn {row['sdpa_cudnn']:.4f} (at {row['elapsed_s']} s)")
+        print(
+            f"\n## heads {row['heads']} scale {row['scale']} Lq {row['Lq']} Lk {row['Lk']}: "
+            f"sdpa_flash {row['sdpa_flash']:.4f} sdpa_cudnn {row['sdpa_cudnn']:.4f} (at {row['elapsed_s']} s)"
+        )
         print("| variant | ent ms | noent ms | ent/best_sdpa | overhead | err_out | err_ent |")
         print("|---|---|---|---|---|---|---|")
         for n, r in sorted(ok.items(), key=lambda kv: kv[1]["ent"]):
-            print(f"| {n} | {r['ent']:.4f} | {r['noent']:.4f} | {r['ent'] / best_sdpa:.3f} | "
-                  f"{r['ent'] / r['noent'] - 1:+.3f} | {r['err_out']:.1e} | {r['err_entropy']:.1e} |")
-        bad = [n for n, r in row["variants"].items() if "error" in r or r.get("err_out", 0) > 1e-2
-               or r.get("err_entropy", 0) > 1e-2 or r.get("same_out") is False]
+            print(
+                f"| {n} | {r['ent']:.4f} | {r['noent']:.4f} | {r['ent'] / best_sdpa:.3f} | "
+                f"{r['ent'] / r['noent'] - 1:+.3f} | {r['err_out']:.1e} | {r['err_entropy']:.1e} |"
+            )
+        bad = [
+            n
+            for n, r in row["variants"].items()
+            if "error" in r
+            or r.get("err_out", 0) > 1e-2
+            or r.get("err_entropy", 0) > 1e-2
+            or r.get("same_out") is False
+        ]
         if bad:
             print("failed or inaccurate:", bad)
 
 
 NCU_METRICS = [
-    "gpu__time_duration.sum", "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+    "gpu__time_duration.sum",
+    "sm__throughput.avg.pct_of_peak_sustained_elapsed",
     "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
     "sm__inst_executed_pipe_tensor_op_gmma.avg.pct_of_peak_sustained_active",
     "sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active",
     "sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active",
     "sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active",
-    "smsp__issue_active.avg.pct_of_peak_sustained_active", "sm__warps_active.avg.pct_of_peak_sustained_active",
-    "lts__t_sectors.avg.pct_of_peak_sustained_elapsed", "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+    "smsp__issue_active.avg.pct_of_peak_sustained_active",
+    "sm__warps_active.avg.pct_of_peak_sustained_active",
+    "lts__t_sectors.avg.pct_of_peak_sustained_elapsed",
+    "dram__throughput.avg.pct_of_peak_sustained_elapsed",
     "smsp__average_warps_issue_stalled_barrier_per_issue_active",
     "smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active",
     "smsp__average_warps_issue_stalled_wait_per_issue_active",
@@ -207,6 +234,7 @@ def ncu_target(names: list[str]) -> None:
     def cudnn():
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             return F.scaled_dot_product_attention(q, k, v)
+
     runs.append(cudnn)
     for fn in runs:  # warm-up: compile outside the profiled range
         fn()
@@ -220,13 +248,30 @@ def ncu_target(names: list[str]) -> None:
 
 def ncu_profile(out_dir: str, names: list[str]) -> None:
     try:  # an unknown metric name fails the whole ncu run: keep those this ncu knows for the chip
-        known = subprocess.run(["ncu", "--query-metrics", "--chip", "gh100"], capture_output=True, text=True,
-                               timeout=60).stdout
+        known = subprocess.run(
+            ["ncu", "--query-metrics", "--chip", "gh100"], capture_output=True, text=True, timeout=60
+        ).stdout
         metrics = [m for m in NCU_METRICS if m.split(".")[0] in known]
         print("ncu metrics unknown here:", [m for m in NCU_METRICS if m not in metrics])
-        cmd = ["ncu", "--clock-control", "none", "--profile-from-start", "off", "--metrics", ",".join(metrics),
-               "--section", "SpeedOfLight", "--section", "Occupancy", "--csv",
-               sys.executable, "-m", "tools.fae.tune", "--ncu-target", *names]
+        cmd = [
+            "ncu",
+            "--clock-control",
+            "none",
+            "--profile-from-start",
+            "off",
+            "--metrics",
+            ",".join(metrics),
+            "--section",
+            "SpeedOfLight",
+            "--section",
+            "Occupancy",
+            "--csv",
+            sys.executable,
+            "-m",
+            "tools.fae.tune",
+            "--ncu-target",
+            *names,
+        ]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
         with open(os.path.join(out_dir, "ncu.csv"), "w") as f:
             f.write(p.stdout + "\n# stderr\n" + p.stderr[-4000:])
@@ -249,17 +294,21 @@ def gpu_check() -> list[str]:
     cases += [(torch.bfloat16, d) for d in (16, 64, 256)]
     for dtype, D in cases:
         q, k, v = [torch.randn(2, 4, L, D, device="cuda", dtype=dtype) for L in (300, 1000, 1000)]
-        for name, (kk, vv) in {"contig": (k, v), "strided": (k.transpose(1, 2).contiguous().transpose(1, 2),
-                                                            v.transpose(1, 2).contiguous().transpose(1, 2))}.items():
+        for name, (kk, vv) in {
+            "contig": (k, v),
+            "strided": (k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2)),
+        }.items():
             out, ent = flash_attn_entropy(q, kk, vv)
-            s = (q.double() @ k.double().transpose(-1, -2)) * D ** -0.5
+            s = (q.double() @ k.double().transpose(-1, -2)) * D**-0.5
             p = torch.softmax(s, -1)
             ref_out, ref_ent = p @ v.double(), -(p * torch.log(p)).sum(-1)
             eo, ee = _rel(out, ref_out), _rel(ent, ref_ent)
             tol = 1e-5 if dtype == torch.float32 else 1e-2
             same = torch.equal(flash_attn(q, kk, vv), out)
-            lines.append(f"gpu_check {dtype} D={D} {name}: out {eo:.1e} entropy {ee:.1e} same_as_no_entropy {same} "
-                         f"{'PASS' if eo <= tol and ee <= tol and same else 'FAIL'}")
+            lines.append(
+                f"gpu_check {dtype} D={D} {name}: out {eo:.1e} entropy {ee:.1e} same_as_no_entropy {same} "
+                f"{'PASS' if eo <= tol and ee <= tol and same else 'FAIL'}"
+            )
     return lines
 
 

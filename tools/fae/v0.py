@@ -1,5 +1,6 @@
 """FROZEN BASELINE: kernels/triton_fae.py as of commit 4a54eaa, kept only so `tools.fae.tune` can time the
 previous kernel beside the new one in the same session. Not used by the package."""
+
 from __future__ import annotations
 
 import torch
@@ -13,14 +14,32 @@ NEG_BIG = tl.constexpr(-1.0e30)  # finite "-inf": keeps 0 · (-big) = 0 in the e
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on CUDA.
 CUDA_CONFIGS = [
-    (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4),
+    (128, 64, 8, 3),
+    (128, 128, 8, 3),
+    (128, 64, 4, 3),
+    (128, 128, 8, 2),
+    (64, 64, 4, 3),
+    (128, 32, 4, 4),
 ]
 
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, e_i, q, k_ptrs, v_ptrs, start_n, Lk, qk_scale,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+def _attend_block(
+    acc,
+    m_i,
+    l_i,
+    e_i,
+    q,
+    k_ptrs,
+    v_ptrs,
+    start_n,
+    Lk,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if MASKED:
         k = tl.load(k_ptrs, mask=offs_n[None, :] < Lk, other=0.0)
@@ -42,12 +61,41 @@ def _attend_block(acc, m_i, l_i, e_i, q, k_ptrs, v_ptrs, start_n, Lk, qk_scale,
 
 
 @triton.jit
-def _fae_fwd(Q, K, V, O, E, qk_scale,
-             sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-             seb, seh, sem,
-             H, Lq, Lk,
-             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             WITH_ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _fae_fwd(
+    Q,
+    K,
+    V,
+    O,
+    E,
+    qk_scale,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sob,
+    soh,
+    som,
+    sod,
+    seb,
+    seh,
+    sem,
+    H,
+    Lq,
+    Lk,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -67,13 +115,15 @@ def _fae_fwd(Q, K, V, O, E, qk_scale,
 
     n_full = (Lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i, e_i = _attend_block(acc, m_i, l_i, e_i, q, k_ptrs, v_ptrs, start_n, Lk, qk_scale,
-                                           BLOCK_N, False, WITH_ENTROPY, DOT_PRECISION)
+        acc, m_i, l_i, e_i = _attend_block(
+            acc, m_i, l_i, e_i, q, k_ptrs, v_ptrs, start_n, Lk, qk_scale, BLOCK_N, False, WITH_ENTROPY, DOT_PRECISION
+        )
         k_ptrs += BLOCK_N * skn
         v_ptrs += BLOCK_N * svn
     if n_full < Lk:
-        acc, m_i, l_i, e_i = _attend_block(acc, m_i, l_i, e_i, q, k_ptrs, v_ptrs, n_full, Lk, qk_scale,
-                                           BLOCK_N, True, WITH_ENTROPY, DOT_PRECISION)
+        acc, m_i, l_i, e_i = _attend_block(
+            acc, m_i, l_i, e_i, q, k_ptrs, v_ptrs, n_full, Lk, qk_scale, BLOCK_N, True, WITH_ENTROPY, DOT_PRECISION
+        )
 
     out = acc / l_i[:, None]
     o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
@@ -89,18 +139,38 @@ _autotuned = triton.autotune(
 )(_fae_fwd)
 
 
-def fae_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, with_entropy: bool,
-                config: tuple[int, int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fae_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None,
+    with_entropy: bool,
+    config: tuple[int, int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the kernel. `config=(BLOCK_M, BLOCK_N, num_warps, num_stages)` pins a configuration
     (used by the interpreter tests); None autotunes over CUDA_CONFIGS per shape."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = D**-0.5 if scale is None else float(scale)
     out = torch.empty_like(q)
     ent = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32) if with_entropy else out
     e_strides = ent.stride()[:3] if with_entropy else (0, 0, 0)
-    args = (q, k, v, out, ent, scale * LOG2E,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *e_strides, H, Lq, Lk)
+    args = (
+        q,
+        k,
+        v,
+        out,
+        ent,
+        scale * LOG2E,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        *e_strides,
+        H,
+        Lq,
+        Lk,
+    )
     # fp32 operands: full-precision dots (Triton's default for fp32 would be tf32, ~3e-4 error).
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     if config is None:
@@ -108,8 +178,16 @@ def fae_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float 
         _autotuned[grid](*args, HEAD_DIM=D, WITH_ENTROPY=with_entropy, DOT_PRECISION=precision)
     else:
         bm, bn, warps, stages = config
-        _fae_fwd[(triton.cdiv(Lq, bm), B * H)](*args, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
-                                               WITH_ENTROPY=with_entropy, DOT_PRECISION=precision, num_warps=warps, num_stages=stages)
+        _fae_fwd[(triton.cdiv(Lq, bm), B * H)](
+            *args,
+            HEAD_DIM=D,
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            WITH_ENTROPY=with_entropy,
+            DOT_PRECISION=precision,
+            num_warps=warps,
+            num_stages=stages,
+        )
     return out, (ent if with_entropy else None)
 
 

@@ -6,6 +6,7 @@ infinity-8b) into DIR and prints the `python -m toprovar generate` overrides tha
 Mistakes (unknown backbone or argument, unwritable folder) are one line on stderr, exit status 2,
 before any tensor is made.
 """
+
 from __future__ import annotations
 
 import sys
@@ -50,10 +51,13 @@ def main(argv: list[str] | None = None) -> None:
         plan = release_plan(args["backbone"], args["preset"])
         start = time.perf_counter()
         weights = synthesize(plan, out, seed=int(args["seed"]))
-    print(f"wrote {size_text(plan.nbytes)} of random weights ({len(plan.parts)} parts, seed {args['seed']}) "
-          f"to {out} in {time.perf_counter() - start:.0f} s; load them with:")
-    overrides = [f"backbone={plan.backbone}"] + [f"backbone.weights.{role}={getattr(weights, role)}"
-                                                 for role in ("transformer", "vae", "text_encoder")]
+    print(
+        f"wrote {size_text(plan.nbytes)} of random weights ({len(plan.parts)} parts, seed {args['seed']}) "
+        f"to {out} in {time.perf_counter() - start:.0f} s; load them with:"
+    )
+    overrides = [f"backbone={plan.backbone}"] + [
+        f"backbone.weights.{role}={getattr(weights, role)}" for role in ("transformer", "vae", "text_encoder")
+    ]
     print(" ".join(overrides))
 
 

@@ -13,6 +13,7 @@ string and lowercase 3-letter strings from `aaa` to `wnr`, each with and without
 mark: English prompts take about as many tokens as with the real vocabulary (1-3 per word) and
 ASCII never hits `<unk>`.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -27,11 +28,26 @@ from toprovar.checkpoints.tensors import TensorSpec
 
 # google/flan-t5-xl config.json (architecture fields).
 FLAN_T5_XL: dict[str, Any] = {
-    "d_model": 2048, "d_kv": 64, "d_ff": 5120, "num_layers": 24, "num_decoder_layers": 24, "num_heads": 32,
-    "vocab_size": 32128, "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new", "is_gated_act": True,
-    "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128, "dropout_rate": 0.1,
-    "layer_norm_epsilon": 1e-6, "initializer_factor": 1.0, "tie_word_embeddings": False, "n_positions": 512,
-    "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1,
+    "d_model": 2048,
+    "d_kv": 64,
+    "d_ff": 5120,
+    "num_layers": 24,
+    "num_decoder_layers": 24,
+    "num_heads": 32,
+    "vocab_size": 32128,
+    "feed_forward_proj": "gated-gelu",
+    "dense_act_fn": "gelu_new",
+    "is_gated_act": True,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "dropout_rate": 0.1,
+    "layer_norm_epsilon": 1e-6,
+    "initializer_factor": 1.0,
+    "tie_word_embeddings": False,
+    "n_positions": 512,
+    "decoder_start_token_id": 0,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
 }
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
 EXTRA_IDS = 100
@@ -44,8 +60,14 @@ def t5_config_values(d_model: int) -> dict[str, Any]:
     """config.json: flan-t5-xl's for T5 features of width 2048, else a 2-layer, 2-head T5 of width `d_model`."""
     values = dict(FLAN_T5_XL)
     if d_model != FLAN_T5_XL["d_model"]:
-        values.update(d_model=d_model, d_kv=max(1, d_model // 2), num_heads=2, d_ff=2 * d_model, num_layers=2,
-                      num_decoder_layers=2)
+        values.update(
+            d_model=d_model,
+            d_kv=max(1, d_model // 2),
+            num_heads=2,
+            d_ff=2 * d_model,
+            num_layers=2,
+            num_decoder_layers=2,
+        )
     # Only the encoder is stored, so the folder names the class that reads all of it.
     return {"architectures": ["T5EncoderModel"], "model_type": "t5", **values}
 
@@ -61,8 +83,8 @@ def _t5_init(name: str, config) -> dict[str, Any]:
     if name.endswith(".o.weight"):
         return {"std": (heads * d_kv) ** -0.5}
     if name.endswith(".wo.weight"):
-        return {"std": config.d_ff ** -0.5}
-    return {"std": d_model ** -0.5}  # k, v, wi_0, wi_1, relative_attention_bias
+        return {"std": config.d_ff**-0.5}
+    return {"std": d_model**-0.5}  # k, v, wi_0, wi_1, relative_attention_bias
 
 
 def t5_tensors(values: dict[str, Any]) -> list[TensorSpec]:
@@ -73,8 +95,11 @@ def t5_tensors(values: dict[str, Any]) -> list[TensorSpec]:
     with torch.device("meta"):
         model = T5EncoderModel(config)
     tied = getattr(model, "_tied_weights_keys", None) or {}
-    return [TensorSpec(name, tuple(t.shape), torch.float32, **_t5_init(name, config))
-            for name, t in model.state_dict().items() if name not in tied]
+    return [
+        TensorSpec(name, tuple(t.shape), torch.float32, **_t5_init(name, config))
+        for name, t in model.state_dict().items()
+        if name not in tied
+    ]
 
 
 def _pieces() -> list[str]:
@@ -93,11 +118,16 @@ def build_tokenizer():
     vocab = [(t, 0.0) for t in SPECIAL_TOKENS] + [(p, -10.0) for p in _pieces()] + [(t, 0.0) for t in extra]
     tok = Tokenizer(models.Unigram(vocab, unk_id=SPECIAL_TOKENS.index("<unk>"), byte_fallback=False))
     # transformers' T5Tokenizer rebuilds exactly this pre-tokenizer and decoder when it loads the file.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(
-        replacement=_SPACE, prepend_scheme="always", split=True)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="always", split=True),
+        ]
+    )
     tok.decoder = decoders.Metaspace(replacement=_SPACE, prepend_scheme="always", split=True)
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", SPECIAL_TOKENS.index("</s>"))])
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", SPECIAL_TOKENS.index("</s>"))]
+    )
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in [*SPECIAL_TOKENS, *extra]])
     tok.enable_padding(pad_id=SPECIAL_TOKENS.index("<pad>"), pad_token="<pad>")
     return tok
@@ -109,8 +139,12 @@ def write_config_and_tokenizer(folder: Path, values: dict[str, Any]) -> None:
     build_tokenizer().save(str(folder / "tokenizer.json"))
     extra = [f"<extra_id_{i}>" for i in range(EXTRA_IDS)]
     special = {"additional_special_tokens": extra, "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-    tokenizer_config = {**special, "extra_ids": EXTRA_IDS, "model_max_length": MODEL_MAX_LENGTH,
-                        "tokenizer_class": "T5Tokenizer"}
+    tokenizer_config = {
+        **special,
+        "extra_ids": EXTRA_IDS,
+        "model_max_length": MODEL_MAX_LENGTH,
+        "tokenizer_class": "T5Tokenizer",
+    }
     files = {"config.json": values, "tokenizer_config.json": tokenizer_config, "special_tokens_map.json": special}
     for name, content in files.items():
         (folder / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")

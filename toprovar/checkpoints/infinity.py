@@ -15,6 +15,7 @@ the residual stream grows from std 1.1 to 3.2 (max |x| 15, far from bf16 limits)
 std 1.9 (per-bit entropy 0.1 to 1.0 bit, mean 0.56), and the per-head attention entropy of the last
 scale spreads from 1.6 nats to uniform (6.3): inputs the pruning policies can rank.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,9 +38,9 @@ def _transformer_init(name: str, shape: tuple[int, ...], config: TransformerConf
     if name.endswith("scale_mul_1H11"):  # log attention temperature per head (official init log 4, cap log 100)
         return {"mean": math.log(16.0), "std": 1.0}
     if name.endswith("ada_gss"):  # official randn / sqrt(C), before special_init's x1e-3
-        return {"std": c ** -0.5}
+        return {"std": c**-0.5}
     if name == "cfg_uncond":
-        return {"std": 1.2 * config.text_channels ** -0.5}
+        return {"std": 1.2 * config.text_channels**-0.5}
     if name in ("pos_start", "lvl_embed.weight") or name.endswith("mat_q"):
         return {"std": (3 * c) ** -0.5}
     if name.endswith("norm.weight"):
@@ -56,13 +57,15 @@ def transformer_tensors(config: TransformerConfig, dtype: torch.dtype) -> list[T
     with torch.device("meta"):
         model = InfinityTransformer(config)
     official = rename_keys(expected_shapes(model), {v: k for k, v in checkpoint_rename(config).items()})
-    return [TensorSpec(name, tuple(shape), dtype, **_transformer_init(name, tuple(shape), config))
-            for name, shape in official.items()]
+    return [
+        TensorSpec(name, tuple(shape), dtype, **_transformer_init(name, tuple(shape), config))
+        for name, shape in official.items()
+    ]
 
 
 def _vae_init(name: str, shape: tuple[int, ...]) -> dict[str, Any]:
     if name.endswith("lfq.mask"):  # the bit weights 2^(d-1) ... 1 (a buffer, the same in every file)
-        return {"values": tuple(2 ** i for i in range(shape[0] - 1, -1, -1))}
+        return {"values": tuple(2**i for i in range(shape[0] - 1, -1, -1))}
     if name.endswith("norm.weight"):
         return _NORM
     if name.endswith("bias"):
@@ -73,5 +76,7 @@ def _vae_init(name: str, shape: tuple[int, ...]) -> dict[str, Any]:
 def vae_tensors(config: VAEConfig | str) -> list[TensorSpec]:
     """The official VAE checkpoint's tensors (float32 weights, int64 bit masks), in its order."""
     model = build_vae(config, device="meta")
-    return [TensorSpec(name, tuple(t.shape), t.dtype, **_vae_init(name, tuple(t.shape)))
-            for name, t in model.state_dict().items()]
+    return [
+        TensorSpec(name, tuple(t.shape), t.dtype, **_vae_init(name, tuple(t.shape)))
+        for name, t in model.state_dict().items()
+    ]

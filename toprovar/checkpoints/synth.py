@@ -17,6 +17,7 @@ the official code):
 `preset=small` writes the same layout with the shapes of a small registered backbone
 (`test-small-t5`, `test-small-patchify-t5`) so tests can run the real loaders on a CPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -99,14 +100,26 @@ def release_plan(backbone: str, preset: str = "full") -> ReleasePlan:
     names = {role: Path(getattr(official.weights, role)).name for role in ("transformer", "vae", "text_encoder")}
     sharded = release.transformer_shards > 1
     parts = [
-        Part("transformer", names["transformer"], tuple(transformer_tensors(spec.transformer, release.transformer_dtype)),
-             "safetensors" if sharded else "torch", shards=release.transformer_shards),
+        Part(
+            "transformer",
+            names["transformer"],
+            tuple(transformer_tensors(spec.transformer, release.transformer_dtype)),
+            "safetensors" if sharded else "torch",
+            shards=release.transformer_shards,
+        ),
         Part("vae", names["vae"], tuple(vae_tensors(spec.vae)), "torch", wrapper="vae"),
     ]
     if spec.text_encoder == "t5":
         config = flan_t5.t5_config_values(spec.transformer.text_channels)
-        parts.append(Part("text_encoder", names["text_encoder"], tuple(flan_t5.t5_tensors(config)), "safetensors",
-                          extras=lambda folder: flan_t5.write_config_and_tokenizer(folder, config)))
+        parts.append(
+            Part(
+                "text_encoder",
+                names["text_encoder"],
+                tuple(flan_t5.t5_tensors(config)),
+                "safetensors",
+                extras=lambda folder: flan_t5.write_config_and_tokenizer(folder, config),
+            )
+        )
     return ReleasePlan(spec.name, tuple(parts))
 
 

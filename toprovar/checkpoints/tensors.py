@@ -9,6 +9,7 @@ Formats: `write_torch_file` (one `torch.save` file, the state dict at the top le
 key) and `write_safetensors_folder` (Hugging Face layout: `model.safetensors`, or shards
 `model-0000k-of-0000n.safetensors` plus `model.safetensors.index.json`; one shard in memory at a time).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,8 +60,9 @@ def draw(spec: TensorSpec, seed: int, part: str) -> Tensor:
     return torch.randn(spec.shape, generator=gen).mul_(spec.std).add_(spec.mean).to(spec.dtype)
 
 
-def draw_all(specs: Sequence[TensorSpec], seed: int, part: str,
-             advance: Callable[[int], object] | None = None) -> dict[str, Tensor]:
+def draw_all(
+    specs: Sequence[TensorSpec], seed: int, part: str, advance: Callable[[int], object] | None = None
+) -> dict[str, Tensor]:
     """Every tensor of `specs`, in order; `advance(nbytes)` is called as each one is ready."""
     out: dict[str, Tensor] = {}
     with ThreadPoolExecutor(_DRAW_THREADS) as pool:
@@ -71,8 +73,15 @@ def draw_all(specs: Sequence[TensorSpec], seed: int, part: str,
     return out
 
 
-def write_torch_file(path: Path, specs: Sequence[TensorSpec], seed: int, part: str, *,
-                     wrapper: str | None = None, advance: Callable[[int], object] | None = None) -> None:
+def write_torch_file(
+    path: Path,
+    specs: Sequence[TensorSpec],
+    seed: int,
+    part: str,
+    *,
+    wrapper: str | None = None,
+    advance: Callable[[int], object] | None = None,
+) -> None:
     """One `torch.save` file holding the state dict (under `wrapper` if given), as `torch.load` reads it."""
     state = draw_all(specs, seed, part, advance)
     torch.save({wrapper: state} if wrapper else state, path)
@@ -91,8 +100,15 @@ def split_evenly(specs: Sequence[TensorSpec], shards: int) -> list[list[TensorSp
     return runs
 
 
-def write_safetensors_folder(folder: Path, specs: Sequence[TensorSpec], seed: int, part: str, *, shards: int = 1,
-                             advance: Callable[[int], object] | None = None) -> None:
+def write_safetensors_folder(
+    folder: Path,
+    specs: Sequence[TensorSpec],
+    seed: int,
+    part: str,
+    *,
+    shards: int = 1,
+    advance: Callable[[int], object] | None = None,
+) -> None:
     """Hugging Face weights layout in `folder`: one `model.safetensors`, or `shards` files and an index."""
     from safetensors.torch import save_file
 

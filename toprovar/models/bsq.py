@@ -11,6 +11,7 @@ to the scale, quantized, and the codes are trilinearly resized back to full size
 The transformer's input for scale s+1 is the running sum trilinearly resized to scale s+1 — the
 same thing the generation loop computes from sampled bits.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,7 +70,7 @@ class BSQ(nn.Module):
         """`(B, d, t, h, w)` latent -> (codes `(B, d, t, h, w)`, bits `(B, t, h, w, d)` int32)."""
         x = F.normalize(z.float().movedim(1, -1), dim=-1)
         sign = torch.where(x > 0, 1.0, -1.0).to(x.dtype)
-        zhat = sign * (1.0 / self.dim ** 0.5)
+        zhat = sign * (1.0 / self.dim**0.5)
         # Straight-through form, as official: identical forward arithmetic, gradients pass through.
         quantized = x + (zhat - x).detach()
         bits = (quantized > 0).to(torch.int32)
@@ -99,8 +100,13 @@ class MultiScaleBSQ(nn.Module):
         """Resize `(B, d, t, h, w)` codes to `size` (t, h, w) with the official 'down' mode."""
         return _resize(codes, size, self.z_interplote_down)
 
-    def forward(self, z: Tensor, schedule: Sequence[Sequence[int]], noise: BitFlipNoise | None = None,
-                generator: torch.Generator | None = None) -> MultiScaleCodes:
+    def forward(
+        self,
+        z: Tensor,
+        schedule: Sequence[Sequence[int]],
+        noise: BitFlipNoise | None = None,
+        generator: torch.Generator | None = None,
+    ) -> MultiScaleCodes:
         """Quantize a `(B, d, H, W)` or `(B, d, 1, H, W)` latent over `schedule` [(t, h, w), ...].
 
         The last schedule entry must equal the latent size. `generator` drives `noise` only.

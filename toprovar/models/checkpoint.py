@@ -10,6 +10,7 @@ Supported inputs:
 `load_into` checks that every key the module expects is present with exactly the expected
 shape and that nothing else is left over; a mismatch names the file and the key.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,10 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
         for key in _WRAPPER_KEYS:
             if key in obj and isinstance(obj[key], Mapping):
                 return _unwrap(obj[key], path)
-    raise UserError(f"{path}: not a state dict (no tensors found at the top level or under "
-                    f"{', '.join(_WRAPPER_KEYS)}, trainer.gpt_fsdp)")
+    raise UserError(
+        f"{path}: not a state dict (no tensors found at the top level or under "
+        f"{', '.join(_WRAPPER_KEYS)}, trainer.gpt_fsdp)"
+    )
 
 
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
@@ -60,8 +63,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file or a folder of shards into one flat state dict (on CPU)."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise UserError(f"{path}: checkpoint not found (set the backbone's weight path override "
-                        "to a local file or folder)")
+        raise UserError(
+            f"{path}: checkpoint not found (set the backbone's weight path override to a local file or folder)"
+        )
     if path.is_file():
         return _read_file(path)
     indexes = sorted(path.glob("*.index.json"))
@@ -92,7 +96,7 @@ def rename_keys(state: Mapping[str, torch.Tensor], rename: Mapping[str, str]) ->
     for key, value in state.items():
         for p in prefixes:
             if key.startswith(p):
-                key = rename[p] + key[len(p):]
+                key = rename[p] + key[len(p) :]
                 break
         out[key] = value
     return out
@@ -103,25 +107,36 @@ def expected_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def check_state_dict(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, torch.Tensor],
-                     source: str | Path, ignore: tuple[str, ...] = ()) -> None:
+def check_state_dict(
+    expected: Mapping[str, tuple[int, ...]],
+    state: Mapping[str, torch.Tensor],
+    source: str | Path,
+    ignore: tuple[str, ...] = (),
+) -> None:
     """Raise a one-line UserError on the first missing, unexpected or mis-shaped key."""
     for key, shape in expected.items():
         if key not in state:
-            raise UserError(f"{source}: missing key '{key}' (expected shape {list(shape)}); "
-                            "is this the right checkpoint for the backbone?")
+            raise UserError(
+                f"{source}: missing key '{key}' (expected shape {list(shape)}); "
+                "is this the right checkpoint for the backbone?"
+            )
         got = tuple(state[key].shape)
         if got != tuple(shape):
-            raise UserError(f"{source}: key '{key}' has shape {list(got)}, expected {list(shape)}; "
-                            "is this the right checkpoint for the backbone?")
+            raise UserError(
+                f"{source}: key '{key}' has shape {list(got)}, expected {list(shape)}; "
+                "is this the right checkpoint for the backbone?"
+            )
     extra = [k for k in state if k not in expected and not k.startswith(ignore)]
     if extra:
-        raise UserError(f"{source}: unexpected key '{extra[0]}' ({len(extra)} unexpected in all); "
-                        "is this the right checkpoint for the backbone?")
+        raise UserError(
+            f"{source}: unexpected key '{extra[0]}' ({len(extra)} unexpected in all); "
+            "is this the right checkpoint for the backbone?"
+        )
 
 
-def load_into(module: nn.Module, path: str | Path, rename: Mapping[str, str] | None = None,
-              ignore: tuple[str, ...] = ()) -> nn.Module:
+def load_into(
+    module: nn.Module, path: str | Path, rename: Mapping[str, str] | None = None, ignore: tuple[str, ...] = ()
+) -> nn.Module:
     """Read `path`, rename prefixes, check every key and shape, then load (assign on meta)."""
     state = read_state_dict(path)
     if rename:

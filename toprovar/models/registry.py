@@ -9,6 +9,7 @@ Weights come from local paths only; the defaults below are where the official fi
 sit (`weights/...`, as in the official scripts) and every one can be overridden. A missing file,
 an unreadable one or a key/shape mismatch is a one-line `UserError` naming the file and the key.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -159,8 +160,9 @@ def _missing(spec: BackboneSpec, part: str) -> UserError:
     return UserError(f"backbone '{spec.name}' has no {part} weights; set backbone.weights.{part}=/local/path")
 
 
-def build_transformer(spec: BackboneSpec, path: str | None, device: torch.device,
-                      dtype: torch.dtype) -> InfinityTransformer:
+def build_transformer(
+    spec: BackboneSpec, path: str | None, device: torch.device, dtype: torch.dtype
+) -> InfinityTransformer:
     """Load the transformer strictly (official checkpoint names, rename map for block chunks).
 
     Blocks take `dtype` (the official inference casts them to bf16); the text, embedding and
@@ -208,12 +210,18 @@ def build_text_encoder(spec: BackboneSpec, path: str | None, device: torch.devic
 
         # dtype left to the encoder: float16 on CUDA as official Infinity, float32 on CPU.
         return T5TextEncoder.from_folder(path, max_length=spec.transformer.text_maxlen, device=device)
-    raise UserError(f"backbone '{spec.name}' names text encoder kind '{spec.text_encoder}', which is not "
-                    f"registered; known kinds: {', '.join(['t5', *sorted(_TEXT_ENCODERS)])}")
+    raise UserError(
+        f"backbone '{spec.name}' names text encoder kind '{spec.text_encoder}', which is not "
+        f"registered; known kinds: {', '.join(['t5', *sorted(_TEXT_ENCODERS)])}"
+    )
 
 
-def build_backbone(spec: str | BackboneSpec, weights: Mapping[str, Any] | WeightPaths | None = None,
-                   device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Backbone:
+def build_backbone(
+    spec: str | BackboneSpec,
+    weights: Mapping[str, Any] | WeightPaths | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Backbone:
     """Load a backbone's transformer, VAE and text encoder from local paths onto `device`."""
     spec = get_backbone(spec)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -223,24 +231,48 @@ def build_backbone(spec: str | BackboneSpec, weights: Mapping[str, Any] | Weight
     vae = build_vae_for(spec, paths.vae, device, dtype)
     token_dim = getattr(vae, "token_dim", spec.transformer.codebook_dim)
     if token_dim != spec.transformer.codebook_dim:
-        raise ValueError(f"backbone '{spec.name}': VAE gives {token_dim} bits per token, transformer "
-                         f"expects {spec.transformer.codebook_dim}")
+        raise ValueError(
+            f"backbone '{spec.name}': VAE gives {token_dim} bits per token, transformer "
+            f"expects {spec.transformer.codebook_dim}"
+        )
     text_encoder = build_text_encoder(spec, paths.text_encoder, device, dtype)
     return Backbone(spec, transformer, vae, text_encoder, device, dtype)
 
 
 # -- the official backbones ------------------------------------------------------------------------
 
-register_backbone(BackboneSpec(
-    name="infinity-2b", transformer=TRANSFORMER_PRESETS["infinity-2b"], vae="d32", text_encoder="t5",
-    weights=WeightPaths(transformer="weights/infinity_2b_reg.pth", vae="weights/infinity_vae_d32_reg.pth",
-                        text_encoder="weights/flan-t5-xl"),
-    pixels="1M", guidance_scale=3.0, temperature=0.5))  # official 2B notebook: cfg 3, tau 0.5
-register_backbone(BackboneSpec(
-    name="infinity-8b", transformer=TRANSFORMER_PRESETS["infinity-8b"], vae="d14_patchify", text_encoder="t5",
-    weights=WeightPaths(transformer="weights/infinity_8b_weights",
-                        vae="weights/infinity_vae_d56_f8_14_patchify.pth", text_encoder="weights/flan-t5-xl"),
-    pixels="1M", guidance_scale=3.0, temperature=1.0))  # official 8B notebook: cfg 3, tau 1
+register_backbone(
+    BackboneSpec(
+        name="infinity-2b",
+        transformer=TRANSFORMER_PRESETS["infinity-2b"],
+        vae="d32",
+        text_encoder="t5",
+        weights=WeightPaths(
+            transformer="weights/infinity_2b_reg.pth",
+            vae="weights/infinity_vae_d32_reg.pth",
+            text_encoder="weights/flan-t5-xl",
+        ),
+        pixels="1M",
+        guidance_scale=3.0,
+        temperature=0.5,
+    )
+)  # official 2B notebook: cfg 3, tau 0.5
+register_backbone(
+    BackboneSpec(
+        name="infinity-8b",
+        transformer=TRANSFORMER_PRESETS["infinity-8b"],
+        vae="d14_patchify",
+        text_encoder="t5",
+        weights=WeightPaths(
+            transformer="weights/infinity_8b_weights",
+            vae="weights/infinity_vae_d56_f8_14_patchify.pth",
+            text_encoder="weights/flan-t5-xl",
+        ),
+        pixels="1M",
+        guidance_scale=3.0,
+        temperature=1.0,
+    )
+)  # official 8B notebook: cfg 3, tau 1
 
 
 # -- small test backbones (random weights, no files) -------------------------------------------------
@@ -270,8 +302,9 @@ class HashedTextEncoder:
 
         words = [p.split() or [""] for p in prompts]
         if any(len(w) > self.max_length for w in words):
-            warnings.warn(f"prompt longer than the text encoder's limit of {self.max_length} words; truncated",
-                          stacklevel=2)
+            warnings.warn(
+                f"prompt longer than the text encoder's limit of {self.max_length} words; truncated", stacklevel=2
+            )
             words = [w[: self.max_length] for w in words]
         lens = torch.tensor([len(w) for w in words], dtype=torch.int32)
         feats = torch.zeros(len(prompts), int(lens.max()), self.channels)
@@ -285,6 +318,7 @@ class HashedTextEncoder:
 def _hashed_text_encoder_factory(channels: int, max_length: int) -> Callable[..., Any]:
     def build(path: str | None, device: torch.device, dtype: torch.dtype) -> HashedTextEncoder:
         return HashedTextEncoder(channels, max_length, device)
+
     return build
 
 
@@ -295,18 +329,43 @@ def _register_test_backbones() -> None:
 
     small = TRANSFORMER_PRESETS["test-small"]
     register_text_encoder("hashed-test", _hashed_text_encoder_factory(small.text_channels, small.text_maxlen))
-    register_backbone(BackboneSpec(name="test-small", transformer=small, vae="test", text_encoder="hashed-test",
-                                   pixels="0.06M", guidance_scale=3.0, temperature=1.0, random_init=True))
-    register_backbone(BackboneSpec(name="test-small-patchify", transformer=TRANSFORMER_PRESETS["test-small-patchify"],
-                                   vae=_replace(VAE_PRESETS["test"], apply_spatial_patchify=True),
-                                   text_encoder="hashed-test", pixels="0.06M", guidance_scale=3.0,
-                                   temperature=1.0, random_init=True))
+    register_backbone(
+        BackboneSpec(
+            name="test-small",
+            transformer=small,
+            vae="test",
+            text_encoder="hashed-test",
+            pixels="0.06M",
+            guidance_scale=3.0,
+            temperature=1.0,
+            random_init=True,
+        )
+    )
+    register_backbone(
+        BackboneSpec(
+            name="test-small-patchify",
+            transformer=TRANSFORMER_PRESETS["test-small-patchify"],
+            vae=_replace(VAE_PRESETS["test"], apply_spatial_patchify=True),
+            text_encoder="hashed-test",
+            pixels="0.06M",
+            guidance_scale=3.0,
+            temperature=1.0,
+            random_init=True,
+        )
+    )
     # The same two read from files (block names in the official `block_chunks.c.module.j.` scheme) with a
     # T5 folder as text encoder: what `python -m toprovar.checkpoints synth preset=small` writes.
     for name in ("test-small", "test-small-patchify"):
         base = _BACKBONES[name]
-        register_backbone(_replace(base, name=f"{name}-t5", transformer=_replace(base.transformer, block_chunks=2),
-                                   text_encoder="t5", random_init=False))
+        register_backbone(
+            _replace(
+                base,
+                name=f"{name}-t5",
+                transformer=_replace(base.transformer, block_chunks=2),
+                text_encoder="t5",
+                random_init=False,
+            )
+        )
 
 
 _register_test_backbones()

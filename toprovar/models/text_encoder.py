@@ -8,6 +8,7 @@ Official Infinity pads every prompt to 512 tokens before the encoder; we pad to 
 of the batch instead. With the attention mask that gives the same features for the real tokens
 (T5 uses relative position biases and masks padded keys), at a fraction of the cost.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -55,8 +56,7 @@ class TextFeatures:
         return self.features.shape[-1]
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextFeatures:
-        return TextFeatures(self.features.to(device=device, dtype=dtype), self.mask.to(device),
-                            self.lens.to(device))
+        return TextFeatures(self.features.to(device=device, dtype=dtype), self.mask.to(device), self.lens.to(device))
 
     def packed(self) -> PackedText:
         """Official packed form. Reads `lens` on the host once (one sync per call)."""
@@ -75,8 +75,12 @@ class TextEncoder(Protocol):
     def encode(self, prompts: Sequence[str]) -> TextFeatures: ...
 
 
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                 "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 
 
@@ -115,8 +119,13 @@ class T5TextEncoder:
         self.hidden_size = int(model.config.d_model)
 
     @classmethod
-    def from_folder(cls, path: str | Path, max_length: int = 512, device: torch.device | str = "cpu",
-                    dtype: torch.dtype | None = None) -> T5TextEncoder:
+    def from_folder(
+        cls,
+        path: str | Path,
+        max_length: int = 512,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> T5TextEncoder:
         """Load tokenizer and encoder from a local folder (never the hub).
 
         `dtype` defaults to float16 on CUDA (as official Infinity) and float32 elsewhere.
@@ -133,16 +142,19 @@ class T5TextEncoder:
         except Exception as err:
             raise UserError(f"{path}: cannot load the tokenizer ({_first_line(err)})") from None
         try:
-            model, info = T5EncoderModel.from_pretrained(str(path), local_files_only=True,
-                                                         output_loading_info=True, **_dtype_kwarg(dtype))
+            model, info = T5EncoderModel.from_pretrained(
+                str(path), local_files_only=True, output_loading_info=True, **_dtype_kwarg(dtype)
+            )
         except Exception as err:
             raise UserError(f"{path}: cannot load the T5 encoder ({_first_line(err)})") from None
         # transformers fills missing weights with random values and only warns: refuse instead.
         missing = sorted(set(info.get("missing_keys", ())) - _tied_keys(model))
         mismatched = list(info.get("mismatched_keys", ()))
         if missing:
-            raise UserError(f"{path}: T5 weights lack '{missing[0]}' ({len(missing)} missing in all); "
-                            "is this a complete Flan-T5 folder?")
+            raise UserError(
+                f"{path}: T5 weights lack '{missing[0]}' ({len(missing)} missing in all); "
+                "is this a complete Flan-T5 folder?"
+            )
         if mismatched:
             key = mismatched[0][0] if isinstance(mismatched[0], tuple) else mismatched[0]
             raise UserError(f"{path}: T5 weight '{key}' has the wrong shape for config.json")
@@ -164,10 +176,14 @@ class T5TextEncoder:
             raise ValueError("encode needs at least one prompt")
         for i, (prompt, n) in enumerate(zip(prompts, self.token_counts(prompts))):
             if n > self.max_length:
-                warnings.warn(f"prompt {i} has {n} tokens, more than the text encoder's limit of "
-                              f"{self.max_length}; truncated: {prompt[:60]!r}", stacklevel=2)
-        tokens = self.tokenizer(prompts, max_length=self.max_length, truncation=True, padding="longest",
-                                return_tensors="pt")
+                warnings.warn(
+                    f"prompt {i} has {n} tokens, more than the text encoder's limit of "
+                    f"{self.max_length}; truncated: {prompt[:60]!r}",
+                    stacklevel=2,
+                )
+        tokens = self.tokenizer(
+            prompts, max_length=self.max_length, truncation=True, padding="longest", return_tensors="pt"
+        )
         device = self.device
         ids = tokens["input_ids"].to(device, non_blocking=True)
         mask = tokens["attention_mask"].to(device, non_blocking=True)

@@ -22,6 +22,7 @@ scale: `encode_condition`, `first_tokens`, `add_level`, `blocks[i](...)`, `logit
 `embed_codes`. Self-attention goes through `toprovar.attention.attention` with keys and values
 from a `KVCache` preallocated for the whole schedule.
 """
+
 from __future__ import annotations
 
 import copy
@@ -101,14 +102,31 @@ class TransformerConfig:
 
 TRANSFORMER_PRESETS: dict[str, TransformerConfig] = {
     "infinity-2b": TransformerConfig(depth=32, embed_dim=2048, num_heads=16, codebook_dim=32),
-    "infinity-8b": TransformerConfig(depth=40, embed_dim=3584, num_heads=28, codebook_dim=56,
-                                     apply_spatial_patchify=True),
+    "infinity-8b": TransformerConfig(
+        depth=40, embed_dim=3584, num_heads=28, codebook_dim=56, apply_spatial_patchify=True
+    ),
     # Small configs for tests: same semantics (cosine attention, RoPE, AdaLN, bitwise head).
-    "test-small": TransformerConfig(depth=2, embed_dim=64, num_heads=2, codebook_dim=6, text_channels=32,
-                                    text_maxlen=16, pool_head_dim=16, block_chunks=1),
-    "test-small-patchify": TransformerConfig(depth=2, embed_dim=64, num_heads=2, codebook_dim=24,
-                                             apply_spatial_patchify=True, text_channels=32, text_maxlen=16,
-                                             pool_head_dim=16, block_chunks=2),
+    "test-small": TransformerConfig(
+        depth=2,
+        embed_dim=64,
+        num_heads=2,
+        codebook_dim=6,
+        text_channels=32,
+        text_maxlen=16,
+        pool_head_dim=16,
+        block_chunks=1,
+    ),
+    "test-small-patchify": TransformerConfig(
+        depth=2,
+        embed_dim=64,
+        num_heads=2,
+        codebook_dim=24,
+        apply_spatial_patchify=True,
+        text_channels=32,
+        text_maxlen=16,
+        pool_head_dim=16,
+        block_chunks=2,
+    ),
 }
 
 
@@ -117,16 +135,25 @@ def checkpoint_rename(config: TransformerConfig) -> dict[str, str]:
     if config.block_chunks == 1:
         return {}
     per_chunk = config.depth // config.block_chunks
-    return {f"block_chunks.{c}.module.{j}.": f"blocks.{c * per_chunk + j}."
-            for c in range(config.block_chunks) for j in range(per_chunk)}
+    return {
+        f"block_chunks.{c}.module.{j}.": f"blocks.{c * per_chunk + j}."
+        for c in range(config.block_chunks)
+        for j in range(per_chunk)
+    }
 
 
 # ----------------------------------------------------------------------------------------------
 # 2D RoPE
 
 
-def rope2d_table(full_schedule: list[tuple[int, int, int]], head_dim: int, *, base: float = 10000.0,
-                 grid: int = 128, normalized_by_hw: int = 2) -> Tensor:
+def rope2d_table(
+    full_schedule: list[tuple[int, int, int]],
+    head_dim: int,
+    *,
+    base: float = 10000.0,
+    grid: int = 128,
+    normalized_by_hw: int = 2,
+) -> Tensor:
     """cos/sin of every token of a template's full (1M) schedule: `(2, L, head_dim // 2)` float32.
 
     Half of the rotated pairs follow the row index, half the column index. With
@@ -154,8 +181,9 @@ def rope2d_table(full_schedule: list[tuple[int, int, int]], head_dim: int, *, ba
                 uph, upw = grid, int(grid / last_h * last_w)
             else:
                 uph, upw = int(grid / last_w * last_h), grid
-            part = F.interpolate(cos_sin[:, :uph, :upw, :].permute(0, 3, 1, 2), size=(ph, pw),
-                                 mode="bilinear", align_corners=True).permute(0, 2, 3, 1)
+            part = F.interpolate(
+                cos_sin[:, :uph, :upw, :].permute(0, 3, 1, 2), size=(ph, pw), mode="bilinear", align_corners=True
+            ).permute(0, 2, 3, 1)
         else:
             part = cos_sin[:, :ph, :pw, :]
         parts.append(part.reshape(2, ph * pw, half))
@@ -212,8 +240,8 @@ class LayerKVCache:
         end = self.fill + k.shape[2]
         if end > self.k.shape[2]:
             raise RuntimeError(f"KV cache overflow: {end} tokens > capacity {self.k.shape[2]}")
-        self.k[:, :, self.fill:end] = k
-        self.v[:, :, self.fill:end] = v
+        self.k[:, :, self.fill : end] = k
+        self.v[:, :, self.fill : end] = v
         self.fill = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
@@ -230,8 +258,16 @@ class LayerKVCache:
 class KVCache:
     """Preallocated self-attention cache of every layer (no concatenation per scale)."""
 
-    def __init__(self, depth: int, batch: int, num_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self,
+        depth: int,
+        batch: int,
+        num_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
         shape = (depth, batch, num_heads, max_len, head_dim)
         self._k = torch.empty(shape, dtype=dtype, device=device)
         self._v = torch.empty(shape, dtype=dtype, device=device)
@@ -322,7 +358,7 @@ class CrossAttention(nn.Module):
         else:
             q = _split_heads(self.mat_q(x), self.num_heads)
         q = q.to(text.k.dtype)
-        out = cross_attention(q, text.k, text.v, text.mask, scale=self.head_dim ** -0.5)
+        out = cross_attention(q, text.k, text.v, text.mask, scale=self.head_dim**-0.5)
         return self.proj(_merge_heads(out))
 
 
@@ -362,8 +398,12 @@ class SelfAttention(nn.Module):
         """`(B, H, n, D)` q (normalized, scaled), k (normalized), v of the tokens in `h`."""
         b, n, c = h.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        q, k, v = F.linear(h, self.mat_qkv.weight, bias).view(b, n, 3, self.num_heads, self.head_dim) \
-            .permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (
+            F.linear(h, self.mat_qkv.weight, bias)
+            .view(b, n, 3, self.num_heads, self.head_dim)
+            .permute(2, 0, 3, 1, 4)
+            .unbind(0)
+        )
         return self._scale_q(q), F.normalize(k, dim=-1, eps=1e-12), v
 
     def q_only(self, h: Tensor) -> Tensor:
@@ -408,7 +448,7 @@ class CrossAttnBlock(nn.Module):
         super().__init__()
         c = config.embed_dim
         self.embed_dim, self.eps = c, config.norm_eps
-        self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, c) / c ** 0.5)
+        self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, c) / c**0.5)
         self.sa = SelfAttention(c, config.num_heads)
         self.ca = CrossAttention(c, c, config.num_heads)
         self.ffn = FFN(c, config.ffn_hidden)
@@ -417,9 +457,18 @@ class CrossAttnBlock(nn.Module):
     def _modulate(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
         return F.layer_norm(x.float(), (self.embed_dim,), eps=self.eps).mul(scale.add(1)).add_(shift)
 
-    def forward(self, x: Tensor, gss: Tensor, text: TextKV, rope: RopeSlice, cache: LayerKVCache, *,
-                keep: Tensor | None = None, entropy: bool = False,
-                kv_policy: str = "kept") -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self,
+        x: Tensor,
+        gss: Tensor,
+        text: TextKV,
+        rope: RopeSlice,
+        cache: LayerKVCache,
+        *,
+        keep: Tensor | None = None,
+        entropy: bool = False,
+        kv_policy: str = "kept",
+    ) -> tuple[Tensor, Tensor | None]:
         """Run the block on the tokens of the current scale.
 
         x: `(B, n, C)` float32 hidden states of this scale; gss: `(B, 1, 6, C)` shared AdaLN;
@@ -458,8 +507,10 @@ class CrossAttnBlock(nn.Module):
         Triton kernel: converting a bf16 one was a kernel per block and call), recomputed only when
         the parameters change."""
         sa = self.sa
-        key = (tuple((p.data_ptr(), p._version) for p in (sa.q_bias, sa.v_bias, sa.scale_mul_1H11)),
-               torch.is_autocast_enabled(sa.q_bias.device.type))
+        key = (
+            tuple((p.data_ptr(), p._version) for p in (sa.q_bias, sa.v_bias, sa.scale_mul_1H11)),
+            torch.is_autocast_enabled(sa.q_bias.device.type),
+        )
         cached = getattr(self, "_fast_cache", None)
         if cached is None or cached[0] != key:
             bias = torch.cat((sa.q_bias, sa.zero_k_bias, sa.v_bias))
@@ -468,9 +519,19 @@ class CrossAttnBlock(nn.Module):
             self._fast_cache = cached
         return cached[1], cached[2], cached[3]
 
-    def forward_fast(self, x: Tensor, ada: Tensor, text: TextKV, rope: RopeSlice, cache: LayerKVCache, *,
-                     keep: Tensor | None = None, entropy: bool = False, gelu_epilogue: bool = False,
-                     index_io: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward_fast(
+        self,
+        x: Tensor,
+        ada: Tensor,
+        text: TextKV,
+        rope: RopeSlice,
+        cache: LayerKVCache,
+        *,
+        keep: Tensor | None = None,
+        entropy: bool = False,
+        gelu_epilogue: bool = False,
+        index_io: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
         """`forward(keep=keep, kv_policy='kept')` through the fused stages of `kernels.fused_block`.
 
         ada: `self.ada(gss)`, computed once per call. Four passes over the hidden states besides
@@ -485,14 +546,29 @@ class CrossAttnBlock(nn.Module):
         would cost a full pass). index_io: that gather and scatter and the RoPE rows of the kept
         tokens go through the first and last fused stages and the q/k kernel (no separate kernels).
         """
-        x, ents = run_fast_blocks([FastStep(self, ada, text, cache, keep, entropy)], x, rope,
-                                  gelu_epilogue=gelu_epilogue, index_io=index_io)
+        x, ents = run_fast_blocks(
+            [FastStep(self, ada, text, cache, keep, entropy)], x, rope, gelu_epilogue=gelu_epilogue, index_io=index_io
+        )
         return x, ents[0]
 
-    def _fast_block(self, x: Tensor, ada: Tensor, text: TextKV, rope: RopeSlice, cache: LayerKVCache, *,
-                    keep: Tensor | None, rows: Tensor | None, h: Tensor | None, entropy: bool, gelu_epilogue: bool,
-                    index_io: bool, next_ln: tuple[Tensor, Tensor, float] | None, scatter: bool,
-                    small: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    def _fast_block(
+        self,
+        x: Tensor,
+        ada: Tensor,
+        text: TextKV,
+        rope: RopeSlice,
+        cache: LayerKVCache,
+        *,
+        keep: Tensor | None,
+        rows: Tensor | None,
+        h: Tensor | None,
+        entropy: bool,
+        gelu_epilogue: bool,
+        index_io: bool,
+        next_ln: tuple[Tensor, Tensor, float] | None,
+        scatter: bool,
+        small: bool = False,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """One block of `run_fast_blocks`. x: the scale's `(B, N, C)` hidden states; keep: the
         tokens that run (None: all); rows: their hidden states when the previous block left them
         compact (else gathered here); h: this block's first LayerNorm when the previous block made
@@ -512,8 +588,9 @@ class CrossAttnBlock(nn.Module):
         else:
             xr = rows
             if xr is None and index_io:  # the gather inside the first stage
-                xr, h = add_ln(x, ln=LN_MODULATE, scale=scale1, shift=shift1, eps=self.eps, out_dtype=cdt,
-                               src_index=keep)
+                xr, h = add_ln(
+                    x, ln=LN_MODULATE, scale=scale1, shift=shift1, eps=self.eps, out_dtype=cdt, src_index=keep
+                )
             elif xr is None:
                 xr = gather_rows(x, keep)
             if index_io:
@@ -522,8 +599,9 @@ class CrossAttnBlock(nn.Module):
                 cos, sin = cos[keep], sin[keep]
         if h is None:
             _, h = add_ln(xr, ln=LN_MODULATE, scale=scale1, shift=shift1, eps=self.eps, out_dtype=cdt)
-        xr, f, ent = self._fast_middle(xr, h, gamma1, scale2, shift2, text, cos, sin, rope_index, cache, cdt,
-                                       entropy, gelu_epilogue)
+        xr, f, ent = self._fast_middle(
+            xr, h, gamma1, scale2, shift2, text, cos, sin, rope_index, cache, cdt, entropy, gelu_epilogue
+        )
         if keep is not None and scatter:
             x = x if x.dtype == torch.float32 else x.to(torch.float32)  # bf16 next-scale input before block 0
             if index_io:  # the scatter inside the last stage
@@ -535,12 +613,14 @@ class CrossAttnBlock(nn.Module):
         if next_ln is None:
             xr, h_next = add_ln(xr, f, gamma2)
         else:
-            xr, h_next = add_ln(xr, f, gamma2, ln=LN_MODULATE, scale=next_ln[0], shift=next_ln[1], eps=next_ln[2],
-                                out_dtype=cdt)
+            xr, h_next = add_ln(
+                xr, f, gamma2, ln=LN_MODULATE, scale=next_ln[0], shift=next_ln[1], eps=next_ln[2], out_dtype=cdt
+            )
         return (xr, None, h_next, ent) if keep is None else (x, xr, h_next, ent)
 
-    def _fast_block_small(self, x: Tensor, ada: Tensor, text: TextKV, rope: RopeSlice, cache: LayerKVCache,
-                          entropy: bool) -> tuple[Tensor, Tensor | None]:
+    def _fast_block_small(
+        self, x: Tensor, ada: Tensor, text: TextKV, rope: RopeSlice, cache: LayerKVCache, entropy: bool
+    ) -> tuple[Tensor, Tensor | None]:
         """The block on every token in 9 launches: each matrix product takes the LayerNorm before
         it and the residual add after it (`ln_linear`), besides q/k norm + RoPE and the two
         attentions. The same op sequence as `_fast_block` (on CPU bit for bit)."""
@@ -549,52 +629,95 @@ class CrossAttnBlock(nn.Module):
         bias, head_scale, head_scale_f32 = self._fast_constants()
         qkv = ln_linear(x, sa.mat_qkv.weight, bias, ln=LN_MODULATE, scale=scale1, shift=shift1, eps=self.eps)
         k_slot, v_slot, k_all, v_all = cache.reserve(n)
-        q = qk_norm_rope(qkv, sa.num_heads, head_scale_f32 if fused_block.triton_available(qkv) else head_scale,
-                         rope.cos, rope.sin, k_slot, v_slot)
+        q = qk_norm_rope(
+            qkv,
+            sa.num_heads,
+            head_scale_f32 if fused_block.triton_available(qkv) else head_scale,
+            rope.cos,
+            rope.sin,
+            k_slot,
+            v_slot,
+        )
         if entropy:  # the entropy kernel takes plain (B, H, n, D) queries
             q = q.contiguous()
         out, ent = attention(q, k_all, v_all, entropy=entropy, scale=1.0)
         x = ln_linear(_merge_heads(out), sa.proj.weight, sa.proj.bias, residual=x, gamma=gamma1, round_yg=True)
-        cq = ln_linear(x, ca.mat_q.weight, ca.mat_q.bias, ln=LN_AFFINE, ln_weight=norm.weight, ln_bias=norm.bias,
-                       eps=norm.eps)
-        c_out = cross_attention(_split_heads(cq, ca.num_heads).to(text.k.dtype), text.k, text.v, text.mask,
-                                scale=ca.head_dim ** -0.5)
+        cq = ln_linear(
+            x, ca.mat_q.weight, ca.mat_q.bias, ln=LN_AFFINE, ln_weight=norm.weight, ln_bias=norm.bias, eps=norm.eps
+        )
+        c_out = cross_attention(
+            _split_heads(cq, ca.num_heads).to(text.k.dtype), text.k, text.v, text.mask, scale=ca.head_dim**-0.5
+        )
         x = ln_linear(_merge_heads(c_out), ca.proj.weight, ca.proj.bias, residual=x)
-        hidden = ln_linear(x, ffn.fc1.weight, ffn.fc1.bias, ln=LN_MODULATE, scale=scale2, shift=shift2, eps=self.eps,
-                           gelu=True)
+        hidden = ln_linear(
+            x, ffn.fc1.weight, ffn.fc1.bias, ln=LN_MODULATE, scale=scale2, shift=shift2, eps=self.eps, gelu=True
+        )
         return ln_linear(hidden, ffn.fc2.weight, ffn.fc2.bias, residual=x, gamma=gamma2), ent
 
-    def _fast_middle(self, x: Tensor, h: Tensor, gamma1: Tensor, scale2: Tensor, shift2: Tensor, text: TextKV,
-                     cos: Tensor, sin: Tensor, rope_index: Tensor | None, cache: LayerKVCache, cdt: torch.dtype,
-                     entropy: bool, gelu_epilogue: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _fast_middle(
+        self,
+        x: Tensor,
+        h: Tensor,
+        gamma1: Tensor,
+        scale2: Tensor,
+        shift2: Tensor,
+        text: TextKV,
+        cos: Tensor,
+        sin: Tensor,
+        rope_index: Tensor | None,
+        cache: LayerKVCache,
+        cdt: torch.dtype,
+        entropy: bool,
+        gelu_epilogue: bool,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Self-attention, cross-attention and the FFN of the rows x, from their first LayerNorm h:
         (x after both attentions, the FFN's output, entropy or None)."""
         sa, n = self.sa, x.shape[1]
         bias, head_scale, head_scale_f32 = self._fast_constants()
         qkv = F.linear(h, sa.mat_qkv.weight, bias)
         k_slot, v_slot, k_all, v_all = cache.reserve(n)
-        q = qk_norm_rope(qkv, sa.num_heads, head_scale_f32 if fused_block.triton_available(qkv) else head_scale,
-                         cos, sin, k_slot, v_slot, rope_index=rope_index)
+        q = qk_norm_rope(
+            qkv,
+            sa.num_heads,
+            head_scale_f32 if fused_block.triton_available(qkv) else head_scale,
+            cos,
+            sin,
+            k_slot,
+            v_slot,
+            rope_index=rope_index,
+        )
         if entropy:  # the entropy kernel takes plain (B, H, n, D) queries
             q = q.contiguous()
         out, ent = attention(q, k_all, v_all, entropy=entropy, scale=1.0)
         norm = self.ca_norm
-        x, ca_in = add_ln(x, sa.proj(_merge_heads(out)), gamma1, round_yg=True, ln=LN_AFFINE,
-                          weight=norm.weight, bias=norm.bias, eps=norm.eps, out_dtype=cdt)
-        x, h = add_ln(x, self.ca(ca_in, text), None, ln=LN_MODULATE, scale=scale2, shift=shift2,
-                      eps=self.eps, out_dtype=cdt)
+        x, ca_in = add_ln(
+            x,
+            sa.proj(_merge_heads(out)),
+            gamma1,
+            round_yg=True,
+            ln=LN_AFFINE,
+            weight=norm.weight,
+            bias=norm.bias,
+            eps=norm.eps,
+            out_dtype=cdt,
+        )
+        x, h = add_ln(
+            x, self.ca(ca_in, text), None, ln=LN_MODULATE, scale=scale2, shift=shift2, eps=self.eps, out_dtype=cdt
+        )
         ffn = self.ffn
         if gelu_epilogue and _gpu_recipe(h):
             b, n_, c = h.shape
-            hidden = torch._addmm_activation(ffn.fc1.bias.to(h.dtype), h.reshape(b * n_, c),
-                                             ffn.fc1.weight.t(), use_gelu=True)
+            hidden = torch._addmm_activation(
+                ffn.fc1.bias.to(h.dtype), h.reshape(b * n_, c), ffn.fc1.weight.t(), use_gelu=True
+            )
             f = ffn.fc2(hidden.view(b, n_, -1))
         else:
             f = ffn(h)
         return x, f, ent
 
-    def _after_attention(self, xr: Tensor, out: Tensor, gamma1: Tensor, gamma2: Tensor, scale2: Tensor,
-                         shift2: Tensor, text: TextKV) -> Tensor:
+    def _after_attention(
+        self, xr: Tensor, out: Tensor, gamma1: Tensor, gamma2: Tensor, scale2: Tensor, shift2: Tensor, text: TextKV
+    ) -> Tensor:
         """Output projection, cross-attention and FFN: the part of a block after self-attention."""
         # In-place gamma on the projection keeps its dtype, as officially (bf16 under autocast).
         xr = xr + self.sa.proj(_merge_heads(out)).mul_(gamma1)
@@ -603,8 +726,9 @@ class CrossAttnBlock(nn.Module):
         xr = xr + self.ca(ca_in, text).float()
         return xr + self.ffn(self._modulate(xr, scale2, shift2)).mul(gamma2)
 
-    def forward_teacher(self, x: Tensor, gss: Tensor, text: TextKV, cos: Tensor, sin: Tensor,
-                        attn_mask: Tensor) -> Tensor:
+    def forward_teacher(
+        self, x: Tensor, gss: Tensor, text: TextKV, cos: Tensor, sin: Tensor, attn_mask: Tensor
+    ) -> Tensor:
         """Training: the tokens of every scale at once under a block-causal `attn_mask` `(L, L)`
         (True = may attend). Same arithmetic as `forward` scale by scale with a KV cache."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada(gss).unbind(2)
@@ -632,13 +756,25 @@ def same_rows(a: Tensor | None, b: Tensor | None) -> bool:
     """Whether two keep lists are the same memory (hence the same tokens), read on the host only."""
     if a is None or b is None:
         return a is b
-    return a is b or (a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
-                      and a.device == b.device and a.data_ptr() == b.data_ptr())
+    return a is b or (
+        a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+        and a.device == b.device
+        and a.data_ptr() == b.data_ptr()
+    )
 
 
-def run_fast_blocks(steps: list[FastStep], x: Tensor, rope: RopeSlice, *, gelu_epilogue: bool = False,
-                    index_io: bool = False, chain: bool = False,
-                    small_m_rows: int = 0) -> tuple[Tensor, list[Tensor | None]]:
+def run_fast_blocks(
+    steps: list[FastStep],
+    x: Tensor,
+    rope: RopeSlice,
+    *,
+    gelu_epilogue: bool = False,
+    index_io: bool = False,
+    chain: bool = False,
+    small_m_rows: int = 0,
+) -> tuple[Tensor, list[Tensor | None]]:
     """The blocks of `steps` in order, each as `CrossAttnBlock.forward_fast`: `(x, entropies)`.
 
     chain: where a block and the next live block run the same rows (both every token, or the
@@ -663,9 +799,21 @@ def run_fast_blocks(steps: list[FastStep], x: Tensor, rope: RopeSlice, *, gelu_e
             _, _, scale1, _, shift1, _ = nxt.ada.unbind(2)
             next_ln = (scale1, shift1, nxt.block.eps)
         x, rows, h, ents[j] = s.block._fast_block(
-            x, s.ada, s.text, rope, s.cache, keep=s.keep, rows=rows, h=h, entropy=s.entropy,
-            gelu_epilogue=gelu_epilogue, index_io=index_io, next_ln=next_ln, scatter=not together,
-            small=small and s.keep is None)
+            x,
+            s.ada,
+            s.text,
+            rope,
+            s.cache,
+            keep=s.keep,
+            rows=rows,
+            h=h,
+            entropy=s.entropy,
+            gelu_epilogue=gelu_epilogue,
+            index_io=index_io,
+            next_ln=next_ln,
+            scatter=not together,
+            small=small and s.keep is None,
+        )
     return x, ents
 
 
@@ -694,8 +842,11 @@ class Condition:
 
     def first_rows(self, rows: int) -> Condition:
         """The condition of the first `rows` rows (views): the conditional ones under CFG."""
-        return Condition(self.cond_BD[:rows], self.gss[:rows],
-                         [TextKV(t.k[:rows], t.v[:rows], None if t.mask is None else t.mask[:rows]) for t in self.text])
+        return Condition(
+            self.cond_BD[:rows],
+            self.gss[:rows],
+            [TextKV(t.k[:rows], t.v[:rows], None if t.mask is None else t.mask[:rows]) for t in self.text],
+        )
 
 
 class InfinityTransformer(nn.Module):
@@ -765,8 +916,9 @@ class InfinityTransformer(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return self.head(self.head_nm(x.float(), cond_BD.float()))
 
-    def forward_teacher(self, cond: Condition, next_inputs: Tensor, schedule: list[tuple[int, int, int]],
-                        rope: Tensor) -> Tensor:
+    def forward_teacher(
+        self, cond: Condition, next_inputs: Tensor, schedule: list[tuple[int, int, int]], rope: Tensor
+    ) -> Tensor:
         """Teacher-forced logits of every scale in one pass (training; the official trainer's form).
 
         next_inputs: `(rows, L - 1, codebook_dim)` the codes' next-scale inputs of scales 1.. (the
@@ -776,8 +928,7 @@ class InfinityTransformer(nn.Module):
         sizes = tokens_per_scale(schedule)
         total = sum(sizes)
         x = torch.cat((self.first_tokens(cond), self.embed_codes(next_inputs)), dim=1)
-        level = torch.repeat_interleave(torch.arange(len(sizes), device=x.device),
-                                        torch.tensor(sizes, device=x.device))
+        level = torch.repeat_interleave(torch.arange(len(sizes), device=x.device), torch.tensor(sizes, device=x.device))
         x = x + self.lvl_embed(level)[None]
         # Token i may attend to token j when j's scale is not later than i's.
         attn_mask = level[:, None] >= level[None, :]
@@ -796,14 +947,19 @@ class InfinityTransformer(nn.Module):
         key = (tuple(full_schedule), str(device))
         if key not in self._rope_tables:
             cfg = self.config
-            self._rope_tables[key] = rope2d_table(full_schedule, cfg.head_dim, base=cfg.rope_base,
-                                                  grid=cfg.rope_grid,
-                                                  normalized_by_hw=cfg.rope_normalized_by_hw).to(device)
+            self._rope_tables[key] = rope2d_table(
+                full_schedule,
+                cfg.head_dim,
+                base=cfg.rope_base,
+                grid=cfg.rope_grid,
+                normalized_by_hw=cfg.rope_normalized_by_hw,
+            ).to(device)
         return self._rope_tables[key]
 
 
-def random_state_dict(config: TransformerConfig, seed: int = 0,
-                      device: torch.device | str | None = None) -> dict[str, Tensor]:
+def random_state_dict(
+    config: TransformerConfig, seed: int = 0, device: torch.device | str | None = None
+) -> dict[str, Tensor]:
     """A reproducible random state dict with the module's keys (tests, fidelity checks).
 
     Weights ~ N(0, 0.02) (AdaLN vectors and norms around their identity), `zero_k_bias` stays 0.
@@ -827,5 +983,5 @@ def random_state_dict(config: TransformerConfig, seed: int = 0,
         elif key.endswith("ada_gss"):
             out[key] = noise / shape[-1] ** 0.5
         else:
-            out[key] = 0.02 * noise if "cfg_uncond" not in key else noise / config.text_channels ** 0.5
+            out[key] = 0.02 * noise if "cfg_uncond" not in key else noise / config.text_channels**0.5
     return out

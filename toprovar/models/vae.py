@@ -10,6 +10,7 @@ spatial patchify (Infinity-8B) a token covers 2x2 VAE latent cells (`token_dim =
 VAE grid of a scale is twice the transformer's; `bits_to_tokens`, `tokens_to_bits` and
 `codes_to_tokens` convert exactly as the official trainer and inference loop do.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,7 @@ from toprovar.errors import UserError
 from toprovar.models.bsq import BitFlipNoise, MultiScaleBSQ, MultiScaleCodes
 from toprovar.models.checkpoint import load_into
 
-__all__ = ["VAEConfig", "VAE_PRESETS", "BSQVAE", "BitFlipNoise", "MultiScaleCodes", "load_vae",
-           "build_vae"]
+__all__ = ["VAEConfig", "VAE_PRESETS", "BSQVAE", "BitFlipNoise", "MultiScaleCodes", "load_vae", "build_vae"]
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,13 @@ class VAEConfig:
         # The official encoder downsamples at levels < log2(patch), the decoder upsamples at
         # 1 <= level <= log2(patch): both need enough levels to reach the patch size.
         if len(self.encoder_ch_mult) < levels or len(self.decoder_ch_mult) < levels + 1:
-            raise ValueError(f"VAE ch_mult too short for patch_size {self.patch_size}: encoder needs "
-                             f">= {int(levels)} levels, decoder >= {int(levels) + 1}")
+            raise ValueError(
+                f"VAE ch_mult too short for patch_size {self.patch_size}: encoder needs "
+                f">= {int(levels)} levels, decoder >= {int(levels) + 1}"
+            )
         for mult in {*self.encoder_ch_mult, *self.decoder_ch_mult}:
             if (self.ch * mult) % self.norm_groups:
-                raise ValueError(f"VAE channels {self.ch * mult} not divisible by norm_groups "
-                                 f"{self.norm_groups}")
+                raise ValueError(f"VAE channels {self.ch * mult} not divisible by norm_groups {self.norm_groups}")
 
     @property
     def z_channels(self) -> int:
@@ -77,14 +78,25 @@ class VAEConfig:
 
 VAE_PRESETS: dict[str, VAEConfig] = {
     # Infinity-2B: infinity_vae_d32reg.pth
-    "d32": VAEConfig(codebook_dim=32, patch_size=16, encoder_ch_mult=(1, 2, 4, 4, 4),
-                     decoder_ch_mult=(1, 2, 4, 4, 4)),
+    "d32": VAEConfig(codebook_dim=32, patch_size=16, encoder_ch_mult=(1, 2, 4, 4, 4), decoder_ch_mult=(1, 2, 4, 4, 4)),
     # Infinity-8B: infinity_vae_d56_f8_14_patchify.pth
-    "d14_patchify": VAEConfig(codebook_dim=14, patch_size=8, encoder_ch_mult=(1, 2, 4, 4),
-                              decoder_ch_mult=(1, 2, 4, 4), apply_spatial_patchify=True),
+    "d14_patchify": VAEConfig(
+        codebook_dim=14,
+        patch_size=8,
+        encoder_ch_mult=(1, 2, 4, 4),
+        decoder_ch_mult=(1, 2, 4, 4),
+        apply_spatial_patchify=True,
+    ),
     # About 0.2M parameters: fast CPU tests (32x32 images -> 8x8 latents).
-    "test": VAEConfig(codebook_dim=6, patch_size=4, ch=16, encoder_ch_mult=(1, 2, 2),
-                      decoder_ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8),
+    "test": VAEConfig(
+        codebook_dim=6,
+        patch_size=4,
+        ch=16,
+        encoder_ch_mult=(1, 2, 2),
+        decoder_ch_mult=(1, 2, 2),
+        num_res_blocks=1,
+        norm_groups=8,
+    ),
 }
 
 
@@ -267,8 +279,9 @@ class BSQVAE(nn.Module):
         self.config = get_vae_config(config)
         self.encoder = Encoder(self.config)
         self.decoder = Decoder(self.config)
-        self.quantizer = MultiScaleBSQ(self.config.codebook_dim, self.config.interpolate_up,
-                                       self.config.interpolate_down)
+        self.quantizer = MultiScaleBSQ(
+            self.config.codebook_dim, self.config.interpolate_up, self.config.interpolate_down
+        )
         self.quantize = self.quantizer  # official alias; checkpoints store both names
 
     @property
@@ -285,12 +298,12 @@ class BSQVAE(nn.Module):
         """`(B, 3, H, W)` image in [-1, 1] -> continuous latent `(B, d, H/p, W/p)` float32."""
         p = self.config.patch_size
         if img.ndim != 4 or img.shape[-2] % p or img.shape[-1] % p:
-            raise ValueError(f"encode expects (B, 3, H, W) with H, W multiples of {p}, "
-                             f"got {tuple(img.shape)}")
+            raise ValueError(f"encode expects (B, 3, H, W) with H, W multiples of {p}, got {tuple(img.shape)}")
         return self.encoder(img.to(self._dtype)).float()
 
-    def decode(self, codes: Tensor, *, channels_last: bool = False, fused_norm: bool = False,
-               cudnn_benchmark: bool = False) -> Tensor:
+    def decode(
+        self, codes: Tensor, *, channels_last: bool = False, fused_norm: bool = False, cudnn_benchmark: bool = False
+    ) -> Tensor:
         """Summed codes `(B, d, H, W)` (or `(B, d, 1, H, W)`) -> image `(B, 3, pH, pW)` in [-1, 1].
 
         Runs in the decoder's dtype. CUDA speed switches (same function, other rounding order):
@@ -305,8 +318,13 @@ class BSQVAE(nn.Module):
             z = z.contiguous(memory_format=torch.channels_last)
         token = _FUSED_NORM.set(fused_norm)
         cudnn = torch.backends.cudnn
-        flags = cudnn.flags(enabled=cudnn.enabled, benchmark=True, deterministic=cudnn.deterministic,
-                            allow_tf32=cudnn.allow_tf32) if cudnn_benchmark else contextlib.nullcontext()
+        flags = (
+            cudnn.flags(
+                enabled=cudnn.enabled, benchmark=True, deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32
+            )
+            if cudnn_benchmark
+            else contextlib.nullcontext()
+        )
         try:
             with flags:
                 return self.decoder(z).clamp(-1.0, 1.0)
@@ -315,9 +333,14 @@ class BSQVAE(nn.Module):
 
     # -- multi-scale codes (VAE grid)
 
-    def quantize_multiscale(self, z: Tensor, vae_scale_schedule: Sequence[Sequence[int]], *,
-                            noise: BitFlipNoise | None = None,
-                            generator: torch.Generator | None = None) -> MultiScaleCodes:
+    def quantize_multiscale(
+        self,
+        z: Tensor,
+        vae_scale_schedule: Sequence[Sequence[int]],
+        *,
+        noise: BitFlipNoise | None = None,
+        generator: torch.Generator | None = None,
+    ) -> MultiScaleCodes:
         """Bits per scale, next-scale inputs and summed codes, as the official trainer builds them."""
         return self.quantizer(z, vae_scale_schedule, noise=noise, generator=generator)
 
@@ -364,16 +387,22 @@ class BSQVAE(nn.Module):
             codes = F.pixel_unshuffle(codes, 2)
         return codes.flatten(2).transpose(1, 2)
 
-    def teacher_forcing(self, img: Tensor, scale_schedule: Sequence[Sequence[int]], *,
-                        noise: BitFlipNoise | None = None,
-                        generator: torch.Generator | None = None) -> tuple[Tensor, list[Tensor]]:
+    def teacher_forcing(
+        self,
+        img: Tensor,
+        scale_schedule: Sequence[Sequence[int]],
+        *,
+        noise: BitFlipNoise | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, list[Tensor]]:
         """Training pair for the transformer from images, as the official trainer builds it.
 
         Returns (`x_BLC_wo_prefix` `(B, sum_{s>=1} L_s, token_dim)` float32 next-scale inputs,
         per-scale bit targets `(B, L_s, token_dim)` int64); `scale_schedule` is the transformer's.
         """
-        ms = self.quantize_multiscale(self.encode(img), self.vae_schedule(scale_schedule),
-                                      noise=noise, generator=generator)
+        ms = self.quantize_multiscale(
+            self.encode(img), self.vae_schedule(scale_schedule), noise=noise, generator=generator
+        )
         inputs = torch.cat([self.codes_to_tokens(x) for x in ms.next_inputs], dim=1)
         targets = [self.bits_to_tokens(b).long() for b in ms.bits]
         return inputs, targets
@@ -383,16 +412,18 @@ class BSQVAE(nn.Module):
         return self.encoder.conv_in.conv.weight.dtype
 
 
-def build_vae(config: VAEConfig | str, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32) -> BSQVAE:
+def build_vae(
+    config: VAEConfig | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> BSQVAE:
     """Construct a VAE; `device="meta"` allocates nothing (for shape checks and later loading)."""
     with torch.device(device):
         vae = BSQVAE(config)
     return vae.to(dtype=dtype) if str(device) != "meta" else vae
 
 
-def load_vae(path: str | Path, config: VAEConfig | str, *, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32) -> BSQVAE:
+def load_vae(
+    path: str | Path, config: VAEConfig | str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> BSQVAE:
     """Load an official (or our own) VAE checkpoint strictly; frozen and in eval mode.
 
     Every key must be present with the exact shape and nothing else may be left over; a mismatch

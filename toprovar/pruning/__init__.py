@@ -6,6 +6,7 @@ generation call; the policy's CFG skip (`guidance.skip_uncond_from_scale`, any m
 it as the attribute `skip_uncond_from_scale`, which the loop reads. Stage math lives in `stages`
 (pure tensor functions, testable alone); each pruner module wires the stages to the hooks.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -28,6 +28,7 @@ once when the plan is made; the scale then follows a plan fixed after its unprun
 (`static_plan`) and runs as the fast path's planned units. A ratio of 1.0 skips the block: every
 token takes its cached update.
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,10 +65,14 @@ class FastVARPruner:
         self.inputs: dict[int, Tensor] = {}
         self.pending: tuple[int, Tensor, Tensor] | None = None  # (layer, kept idx, block input)
         self.plan: tuple[int, Tensor] | None = None  # per_scale: (scale, kept idx of every pruned block)
-        ctx.trace.pruning = {"method": "fastvar", "ratios": {int(k): float(v) for k, v in self.ratios.items()},
-                             "layers": [self.layers.start, self.layers.stop], "cache_scale": self.cache_scale,
-                             "exit_after_scale": self.exit_after,
-                             "plan": "per_scale" if self.per_scale else "per_block"}
+        ctx.trace.pruning = {
+            "method": "fastvar",
+            "ratios": {int(k): float(v) for k, v in self.ratios.items()},
+            "layers": [self.layers.start, self.layers.stop],
+            "cache_scale": self.cache_scale,
+            "exit_after_scale": self.exit_after,
+            "plan": "per_scale" if self.per_scale else "per_block",
+        }
 
     def exit_before_scale(self, si: int) -> bool:
         return self.exit_after is not None and si > self.exit_after
@@ -93,8 +98,9 @@ class FastVARPruner:
         if delta is None:
             return None
         h, w = self._grid(si)
-        return F.interpolate(delta[: x.shape[0]].float(), size=(h, w), mode="area").flatten(2).transpose(1, 2) \
-            .to(x.dtype)
+        return (
+            F.interpolate(delta[: x.shape[0]].float(), size=(h, w), mode="area").flatten(2).transpose(1, 2).to(x.dtype)
+        )
 
     def _pruned(self, x: Tensor, kept: Tensor) -> Tensor:
         return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, kept, False)
@@ -117,7 +123,7 @@ class FastVARPruner:
 
     def _finish_cache_layer(self, si: int, x: Tensor) -> None:
         if self.inputs:
-            (li, before), = self.inputs.items()
+            ((li, before),) = self.inputs.items()
             h, w = self._grid(si)
             self.deltas[li] = (x - before).transpose(1, 2).reshape(x.shape[0], -1, h, w)
             self.inputs = {}

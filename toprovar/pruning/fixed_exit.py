@@ -1,4 +1,5 @@
 """Fixed scale exit (Table 10, "Fix Scale Exit"): run scales 0..exit_scale, decode from their codes."""
+
 from __future__ import annotations
 
 from toprovar.pruning.hooks import NoPruner, PrunerContext

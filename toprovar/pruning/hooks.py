@@ -4,6 +4,7 @@ The loop calls `begin` once per call with a `PrunerContext`, then per scale `exi
 per block `wants_entropy` / `keep_tokens` / `observe`, and `end_scale` (docs/architecture.md).
 `NoPruner` runs every scale, layer and token; a pruner that needs only some hooks subclasses it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -3,6 +3,7 @@
 All inputs are per-token entropies already averaged over heads (and probe layers) for the
 conditional rows: `H` of shape (B, N) for B images and N tokens of one scale.
 """
+
 from __future__ import annotations
 
 import math
@@ -110,4 +111,3 @@ def keep_index_table(order: Tensor, counts: Tensor, repeat: int = 1) -> Tensor:
     out = torch.empty((counts.numel(), b, n + 1), dtype=order.dtype, device=order.device)
     out.scatter_(2, slot, positions.expand(counts.numel(), b, n))
     return out.repeat(1, repeat, 1)
-

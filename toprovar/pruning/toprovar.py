@@ -42,6 +42,7 @@ there is none: the plan has the conditional rows only). With several
 images per call each layer keeps the same count K for every image (the largest of their
 counts), each image its own lowest-entropy tokens.
 """
+
 from __future__ import annotations
 
 import math
@@ -89,8 +90,10 @@ class ToProVARPruner:
             if ratios.numel() != self.depth:
                 from toprovar.errors import UserError
 
-                raise UserError(f"policy layer.ratios has {ratios.numel()} values but the backbone has "
-                                f"{self.depth} layers; recalibrate for this backbone")
+                raise UserError(
+                    f"policy layer.ratios has {ratios.numel()} values but the backbone has "
+                    f"{self.depth} layers; recalibrate for this backbone"
+                )
             self.ratios = ratios.to(ctx.device)
             self.R = stages.layer_score(self.ratios, self.layer_cfg.beta)
             need_online = False
@@ -98,8 +101,14 @@ class ToProVARPruner:
         if rep is None:
             rep = max(self.scale_cfg.min_scale - 1, 0)
         self.representative = min(rep, self.n_scales - 1) if need_online else None
-        self.trace.pruning = {"method": "toprovar", "variant": self.policy.variant, "D": None,
-                              "R": None, "ratios": None, "representative_scale": self.representative}
+        self.trace.pruning = {
+            "method": "toprovar",
+            "variant": self.policy.variant,
+            "D": None,
+            "R": None,
+            "ratios": None,
+            "representative_scale": self.representative,
+        }
         if self.ratios is not None:
             self._record_layer_scores()
         # Restoration state: committed updates of the cache scale, layer -> (rows, C, h, w), and
@@ -262,8 +271,9 @@ class ToProVARPruner:
         n = H.shape[-1]
         after_d = self.D is not None or si >= self.scale_cfg.min_scale
         needs_rho = self.D is None and si >= self.scale_cfg.min_scale  # the crossing test reads ρ_s
-        prune_here = (self.scale_cfg.action == "start_pruning"
-                      and (self.policy.uses_token or self.skip_above is not None))
+        prune_here = self.scale_cfg.action == "start_pruning" and (
+            self.policy.uses_token or self.skip_above is not None
+        )
         rows = self.ctx.rows_at(si) // self.batch  # 1 after a CFG skip (conditional rows only)
         fixed = self._fixed_counts(si, n) if self.host_plan and after_d and prune_here else None
         if fixed is not None:  # counts known on the host: the plan is only device work, no sync
@@ -297,8 +307,11 @@ class ToProVARPruner:
         if self.D is None or plan_counts is None:
             return
         self.plan_scale = si
-        self.plan = {li: table[row_of[plan_counts[li]], :, :plan_counts[li]]
-                     for li in range(self.token_cfg.protect_layers, self.depth) if plan_counts[li] < n}
+        self.plan = {
+            li: table[row_of[plan_counts[li]], :, : plan_counts[li]]
+            for li in range(self.token_cfg.protect_layers, self.depth)
+            if plan_counts[li] < n
+        }
 
     def _fixed_counts(self, si: int, n: int) -> list[int] | None:
         """Every layer's keep count of scale si when the policy fixes it whatever the entropy (no
@@ -313,8 +326,17 @@ class ToProVARPruner:
             R = (1.0,) * self.depth
         else:
             R = self._R_host if self.R is not None else (0.0,) * self.depth
-        return list(fixed_keep_counts(n, self.batch, R, (si + 1) / self.n_scales, tc.alpha_min if self.policy.uses_token
-                                      else None, math.ceil(tc.min_keep * n), self.skip_above if skip else None))
+        return list(
+            fixed_keep_counts(
+                n,
+                self.batch,
+                R,
+                (si + 1) / self.n_scales,
+                tc.alpha_min if self.policy.uses_token else None,
+                math.ceil(tc.min_keep * n),
+                self.skip_above if skip else None,
+            )
+        )
 
     def _plan_order(self, H: Tensor) -> Tensor:
         """Token indices by keep priority (content score, or lowest entropy), as `_plan_counts` orders them."""
@@ -332,8 +354,13 @@ class ToProVARPruner:
         order = self._plan_order(H)
         if self.policy.uses_token:
             phi = (si + 1) / self.n_scales
-            p_keep = stages.keep_probability(stages.normalize_entropy(H, self.token_cfg.normalize), R, phi,
-                                             self.token_cfg.alpha_min, self.token_cfg.alpha_max)
+            p_keep = stages.keep_probability(
+                stages.normalize_entropy(H, self.token_cfg.normalize),
+                R,
+                phi,
+                self.token_cfg.alpha_min,
+                self.token_cfg.alpha_max,
+            )
             counts = stages.keep_counts(p_keep, math.ceil(self.token_cfg.min_keep * n))
         else:
             counts = torch.full((self.depth,), n, dtype=torch.long, device=device)
@@ -343,8 +370,9 @@ class ToProVARPruner:
 
 
 @lru_cache(maxsize=256)
-def fixed_keep_counts(n: int, batch: int, R: tuple[float, ...], phi: float, alpha: float | None, min_keep: int,
-                      skip_above: float | None) -> tuple[int, ...]:
+def fixed_keep_counts(
+    n: int, batch: int, R: tuple[float, ...], phi: float, alpha: float | None, min_keep: int, skip_above: float | None
+) -> tuple[int, ...]:
     """Keep counts of every layer for n tokens when they do not depend on the entropy: the ops of
     `ToProVARPruner._plan_counts` on float32 CPU tensors (alpha: α_min = α_max, or None without
     token gating; R: the layer scores as float32 values). With α_min = α_max, P_keep = 1 − α for

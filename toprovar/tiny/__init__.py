@@ -4,6 +4,7 @@ Importing the package registers the backbone `tiny` (toprovar.tiny.model). Modul
 (captioned procedural scenes, rendering), `evaluate` (geneval-lite), `text` (word-level text
 encoder), `model` (configs, weights, registration), `train` (the training command).
 """
+
 from toprovar.tiny.model import register as _register
 
 _register()

@@ -23,13 +23,21 @@ from scipy.spatial import ConvexHull, QhullError
 
 from .scenes import COLORS, KINDS, PromptSpec, Scene, parse_caption
 
-__all__ = ["Detection", "detect", "checks", "score", "check_share", "geneval_lite", "geneval_lite_scores",
-           "geneval_report"]
+__all__ = [
+    "Detection",
+    "detect",
+    "checks",
+    "score",
+    "check_share",
+    "geneval_lite",
+    "geneval_lite_scores",
+    "geneval_report",
+]
 
-CHROMA_THRESHOLD = 0.25   # objects: >= 0.44 (dark shade) .. 0.81; backgrounds: <= 0.11
+CHROMA_THRESHOLD = 0.25  # objects: >= 0.44 (dark shade) .. 0.81; backgrounds: <= 0.11
 MIN_AREA_FRACTION = 0.003  # components below 0.3% of the image (49 px at 128^2) are specks
-SPLIT_FRACTION = 0.25      # a component whose second colour covers this much is two objects
-POSITION_MARGIN = 0.05     # centres must differ by this much (fraction of the side)
+SPLIT_FRACTION = 0.25  # a component whose second colour covers this much is two objects
+POSITION_MARGIN = 0.05  # centres must differ by this much (fraction of the side)
 
 _NAMES = tuple(COLORS)
 
@@ -99,8 +107,8 @@ def detect(image) -> list[Detection]:
     r, g, b = img[..., 0], img[..., 1], img[..., 2]
     chroma = (np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)).astype(np.float32) / 255
     fg = chroma > CHROMA_THRESHOLD
-    fg = ndimage.binary_opening(fg)           # specks of noise
-    fg = ndimage.binary_fill_holes(fg)        # holes a generated texture may leave
+    fg = ndimage.binary_opening(fg)  # specks of noise
+    fg = ndimage.binary_fill_holes(fg)  # holes a generated texture may leave
     labels, count = ndimage.label(fg)
     if count == 0:
         return []
@@ -129,12 +137,16 @@ def detect(image) -> list[Detection]:
                 continue
             ys, xs = np.nonzero(mask)
             y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-            found.append(Detection(
-                shape=_classify_shape(mask[y0:y1, x0:x1]), color=_NAMES[c],
-                cx=float((xs.mean() + sl[1].start + 0.5) / w), cy=float((ys.mean() + sl[0].start + 0.5) / h),
-                area=area, bbox=(int(x0 + sl[1].start), int(y0 + sl[0].start),
-                                 int(x1 + sl[1].start), int(y1 + sl[0].start)),
-            ))
+            found.append(
+                Detection(
+                    shape=_classify_shape(mask[y0:y1, x0:x1]),
+                    color=_NAMES[c],
+                    cx=float((xs.mean() + sl[1].start + 0.5) / w),
+                    cy=float((ys.mean() + sl[0].start + 0.5) / h),
+                    area=area,
+                    bbox=(int(x0 + sl[1].start), int(y0 + sl[0].start), int(x1 + sl[1].start), int(y1 + sl[0].start)),
+                )
+            )
     return found
 
 
@@ -144,8 +156,12 @@ def _matches(d: Detection, shape: str, color: str | None) -> bool:
 
 def _relation_holds(a: Detection, b: Detection, relation: str) -> bool:
     m = POSITION_MARGIN
-    return {"left_of": b.cx - a.cx > m, "right_of": a.cx - b.cx > m,
-            "above": b.cy - a.cy > m, "below": a.cy - b.cy > m}[relation]
+    return {
+        "left_of": b.cx - a.cx > m,
+        "right_of": a.cx - b.cx > m,
+        "above": b.cy - a.cy > m,
+        "below": a.cy - b.cy > m,
+    }[relation]
 
 
 def checks(detections: Sequence[Detection], spec: PromptSpec) -> dict[str, bool]:
@@ -172,9 +188,13 @@ def checks(detections: Sequence[Detection], spec: PromptSpec) -> dict[str, bool]
             found[f"color:{i}"] = any(_matches(d, o.shape, o.color) for d in detections)
     if cat == "position":
         a, b = objs
-        found["relation"] = any(_relation_holds(da, db, spec.relation)
-                                for da in detections if _matches(da, a.shape, a.color)
-                                for db in detections if _matches(db, b.shape, b.color))
+        found["relation"] = any(
+            _relation_holds(da, db, spec.relation)
+            for da in detections
+            if _matches(da, a.shape, a.color)
+            for db in detections
+            if _matches(db, b.shape, b.color)
+        )
     return found
 
 
@@ -229,8 +249,11 @@ def geneval_report(images, prompts: Sequence[str | Scene | PromptSpec]) -> pd.Da
     """Rows (category, n, score) per category present, then `overall` = mean of category scores."""
     specs = [_spec(p) for p in prompts]
     frame = pd.DataFrame({"category": [s.category for s in specs], "score": geneval_lite(images, specs)})
-    rows = [{"category": c, "n": int((frame.category == c).sum()), "score": float(frame.score[frame.category == c].mean())}
-            for c in KINDS if (frame.category == c).any()]
+    rows = [
+        {"category": c, "n": int((frame.category == c).sum()), "score": float(frame.score[frame.category == c].mean())}
+        for c in KINDS
+        if (frame.category == c).any()
+    ]
     overall = float(np.mean([r["score"] for r in rows])) if rows else float("nan")
     rows.append({"category": "overall", "n": len(frame), "score": overall})
     return pd.DataFrame(rows, columns=["category", "n", "score"])

@@ -25,10 +25,32 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "SHAPES", "PLURALS", "COLORS", "COLOR_NAMES", "SIZES", "TEXTURES", "BACKGROUNDS", "KINDS",
-    "HELDOUT_KINDS", "RELATIONS", "LOCATIONS", "COUNTS", "HELDOUT_PAIRS", "SPLITS", "VOCABULARY",
-    "MAX_CAPTION_WORDS", "SceneObject", "Scene", "ObjectSpec", "PromptSpec", "sample_scenes",
-    "relation_contrast", "scene_caption", "parse_caption", "render", "render_uint8",
+    "SHAPES",
+    "PLURALS",
+    "COLORS",
+    "COLOR_NAMES",
+    "SIZES",
+    "TEXTURES",
+    "BACKGROUNDS",
+    "KINDS",
+    "HELDOUT_KINDS",
+    "RELATIONS",
+    "LOCATIONS",
+    "COUNTS",
+    "HELDOUT_PAIRS",
+    "SPLITS",
+    "VOCABULARY",
+    "MAX_CAPTION_WORDS",
+    "SceneObject",
+    "Scene",
+    "ObjectSpec",
+    "PromptSpec",
+    "sample_scenes",
+    "relation_contrast",
+    "scene_caption",
+    "parse_caption",
+    "render",
+    "render_uint8",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -40,8 +62,14 @@ PLURALS: dict[str, str] = {s: s + "s" for s in SHAPES}
 
 # Saturated palette separated by hue (HSV s=0.85, v=0.95); the evaluator classifies by hue.
 COLOR_HUES: dict[str, float] = {
-    "red": 0.0, "orange": 28.0, "yellow": 55.0, "green": 120.0,
-    "cyan": 185.0, "blue": 225.0, "purple": 275.0, "pink": 325.0,
+    "red": 0.0,
+    "orange": 28.0,
+    "yellow": 55.0,
+    "green": 120.0,
+    "cyan": 185.0,
+    "blue": 225.0,
+    "purple": 275.0,
+    "pink": 325.0,
 }
 OBJECT_SATURATION, OBJECT_VALUE = 0.85, 0.95
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -56,40 +84,61 @@ SHADE = 0.55  # texture colour = SHADE x fill colour: same hue, darker
 SIZES: dict[str, float] = {"small": 0.08, "medium": 0.12, "large": 0.16}
 SIZE_NAMES: tuple[str, ...] = tuple(SIZES)
 SHAPE_EXTENT: dict[str, float] = {"circle": 1.0, "square": 1.2, "triangle": 1.35, "star": 1.35}
-SQUARE_HALF = 0.85   # square half-side / radius (corner at 1.2 radius)
-STAR_INNER = 0.45    # star inner radius / outer radius
+SQUARE_HALF = 0.85  # square half-side / radius (corner at 1.2 radius)
+STAR_INNER = 0.45  # star inner radius / outer radius
 TEXTURES: tuple[str, ...] = ("plain", "striped", "dotted")
 STRIPE_PERIOD, DOT_PERIOD = 6.0, 7.0  # pixels at 128^2, scaled with the image size
 BACKGROUNDS: tuple[str, ...] = ("flat", "gradient", "noise")
 BACKGROUND_WORDS: dict[str, str] = {"flat": "flat", "gradient": "gradient", "noise": "noisy"}
 
 KINDS: tuple[str, ...] = (
-    "single_object", "two_objects", "counting", "colors", "position", "attribute_binding",
+    "single_object",
+    "two_objects",
+    "counting",
+    "colors",
+    "position",
+    "attribute_binding",
 )
 HELDOUT_KINDS: tuple[str, ...] = ("colors", "attribute_binding", "counting", "position")
 RELATIONS: dict[str, tuple[str, ...]] = {
-    "left_of": ("to", "the", "left", "of"), "right_of": ("to", "the", "right", "of"),
-    "above": ("above",), "below": ("below",),
+    "left_of": ("to", "the", "left", "of"),
+    "right_of": ("to", "the", "right", "of"),
+    "above": ("above",),
+    "below": ("below",),
 }
 LOCATIONS: dict[str, tuple[str, ...]] = {
-    "left": ("on", "the", "left"), "right": ("on", "the", "right"), "top": ("at", "the", "top"),
-    "bottom": ("at", "the", "bottom"), "center": ("in", "the", "center"),
+    "left": ("on", "the", "left"),
+    "right": ("on", "the", "right"),
+    "top": ("at", "the", "top"),
+    "bottom": ("at", "the", "bottom"),
+    "center": ("in", "the", "center"),
 }
 COUNTS: dict[int, str] = {2: "two", 3: "three", 4: "four"}
 
 # (colour, shape) pairs never seen in training: one per shape, so every shape and every colour
 # still appears in training, only the combination is new.
 HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (
-    ("purple", "star"), ("green", "triangle"), ("orange", "circle"), ("cyan", "square"),
+    ("purple", "star"),
+    ("green", "triangle"),
+    ("orange", "circle"),
+    ("cyan", "square"),
 )
 SPLITS: tuple[str, ...] = ("train", "heldout", "all")
 
-VOCABULARY: tuple[str, ...] = tuple(sorted(
-    {"a", "an", "and", "on", "background"}
-    | set(SHAPES) | set(PLURALS.values()) | set(COLORS) | set(SIZES) | set(TEXTURES)
-    | set(BACKGROUND_WORDS.values()) | set(COUNTS.values())
-    | {w for ws in RELATIONS.values() for w in ws} | {w for ws in LOCATIONS.values() for w in ws}
-))
+VOCABULARY: tuple[str, ...] = tuple(
+    sorted(
+        {"a", "an", "and", "on", "background"}
+        | set(SHAPES)
+        | set(PLURALS.values())
+        | set(COLORS)
+        | set(SIZES)
+        | set(TEXTURES)
+        | set(BACKGROUND_WORDS.values())
+        | set(COUNTS.values())
+        | {w for ws in RELATIONS.values() for w in ws}
+        | {w for ws in LOCATIONS.values() for w in ws}
+    )
+)
 # Longest caption: "a large red striped circle to the left of a large blue striped square on a
 # gradient background" = 5 + 4 + 5 + 4 words.
 MAX_CAPTION_WORDS = 18
@@ -110,6 +159,7 @@ _TRAIN_COLORS = {s: tuple(c for c in COLOR_NAMES if (c, s) not in _HELDOUT_SET) 
 # ---------------------------------------------------------------------------------------------
 # Scenes
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SceneObject:
@@ -203,8 +253,13 @@ def _place_single(rng: random.Random, ext: float, location: str | None) -> tuple
         return _uniform(rng, lo, hi), _uniform(rng, lo, hi)
     near, mid = (lo, max(lo, 0.3)), (0.38, 0.62)
     far = (min(hi, 0.7), hi)
-    x, y = {"left": (near, mid), "right": (far, mid), "top": (mid, near), "bottom": (mid, far),
-            "center": ((0.43, 0.57), (0.43, 0.57))}[location]
+    x, y = {
+        "left": (near, mid),
+        "right": (far, mid),
+        "top": (mid, near),
+        "bottom": (mid, far),
+        "center": ((0.43, 0.57), (0.43, 0.57)),
+    }[location]
     return _uniform(rng, *x), _uniform(rng, *y)
 
 
@@ -330,19 +385,30 @@ def _sample_scene(rng: random.Random, split: str, cumulative: tuple[float, ...] 
         location = choice(_LOCATION_NAMES) if rnd() < P_LOCATION else None
         pts = [_place_single(rng, _extent(shapes[0], sizes[0]), location)]
     else:
-        while (pts := _place_many(rng, [_extent(s, z) for s, z in zip(shapes, sizes)]) if relation is None
-               else _place_pair(rng, _extent(shapes[0], sizes[0]), _extent(shapes[1], sizes[1]), relation)) is None:
+        while (
+            pts := _place_many(rng, [_extent(s, z) for s, z in zip(shapes, sizes)])
+            if relation is None
+            else _place_pair(rng, _extent(shapes[0], sizes[0]), _extent(shapes[1], sizes[1]), relation)
+        ) is None:
             sizes = [_SMALLER[z] for z in sizes]  # rare: shrink and retry
     objects = tuple(SceneObject(s, c, z, t, x, y) for s, c, z, t, (x, y) in zip(shapes, colors, sizes, textures, pts))
     return Scene(
-        objects=objects, background=choice(BACKGROUNDS), bg_seed=rng.getrandbits(31), kind=kind,
-        relation=relation, mention_color=mention_color, mention_size=mention_size,
-        mention_texture=mention_texture, location=location, mention_background=rnd() < P_BACKGROUND,
+        objects=objects,
+        background=choice(BACKGROUNDS),
+        bg_seed=rng.getrandbits(31),
+        kind=kind,
+        relation=relation,
+        mention_color=mention_color,
+        mention_size=mention_size,
+        mention_texture=mention_texture,
+        location=location,
+        mention_background=rnd() < P_BACKGROUND,
     )
 
 
-def sample_scenes(count: int, seed: int, split: str = "all",
-                  kind_weights: Mapping[str, float] | None = None) -> list[Scene]:
+def sample_scenes(
+    count: int, seed: int, split: str = "all", kind_weights: Mapping[str, float] | None = None
+) -> list[Scene]:
     """`count` scenes; the same (seed, split, kind_weights) always gives the same sequence.
 
     split "train": no object anywhere is a held-out (colour, shape) pair; "heldout": every scene
@@ -387,6 +453,7 @@ def relation_contrast(scene: Scene, swap_order: bool) -> Scene:
 # Caption parser
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ObjectSpec:
     """What a caption asks for about one shape (colour None: any colour)."""
@@ -430,7 +497,7 @@ class _Words:
         return None
 
     def match(self, seq: Sequence[str]) -> bool:
-        if tuple(self.words[self.i:self.i + len(seq)]) == tuple(seq):
+        if tuple(self.words[self.i : self.i + len(seq)]) == tuple(seq):
             self.i += len(seq)
             return True
         return False
@@ -527,7 +594,7 @@ def _backgrounds(scenes: Sequence[Scene], size: int, device: torch.device) -> to
     angle (gradient) or a bicubically upsampled 5x5 grid (noise: smooth, so a VAE can rebuild it).
     Tones are desaturated (HSV saturation <= 0.12) and every number comes from the scene's bg_seed."""
     seeds = torch.tensor([s.bg_seed for s in scenes], dtype=torch.int64, device=device)
-    u = _hash_uniform(seeds, 7 + _NOISE_GRID ** 2)
+    u = _hash_uniform(seeds, 7 + _NOISE_GRID**2)
     v1 = 0.35 + 0.57 * u[:, 0]
     v2 = v1 + torch.where(v1 < 0.6, 1.0, -1.0) * (0.2 + 0.2 * u[:, 1])
     c1 = _hsv_to_rgb(u[:, 2], 0.12 * u[:, 3], v1)
@@ -595,32 +662,44 @@ def _render_nhwc(scenes: Sequence[Scene], size: int, device: torch.device) -> to
     bg = _backgrounds(scenes, size, device)
     per_size = device.type == "cpu"
     rows = sorted(
-        (_SHAPE_ID[o.shape], SIZES[o.size] if per_size else 0.0, i, _TEXTURE_ID[o.texture], o.cx * size,
-         o.cy * size, SIZES[o.size] * size, *_COLORS_01[o.color])
-        for i, s in enumerate(scenes) for o in s.objects)
+        (
+            _SHAPE_ID[o.shape],
+            SIZES[o.size] if per_size else 0.0,
+            i,
+            _TEXTURE_ID[o.texture],
+            o.cx * size,
+            o.cy * size,
+            SIZES[o.size] * size,
+            *_COLORS_01[o.color],
+        )
+        for i, s in enumerate(scenes)
+        for o in s.objects
+    )
     if not rows:
         return bg
     data = torch.tensor(rows, dtype=torch.float64, device=device)  # one host -> device copy
-    rgb_acc = torch.zeros(n * size * size, 3, device=device)   # premultiplied colour
-    cov_acc = torch.zeros(n * size * size, device=device)      # coverage
+    rgb_acc = torch.zeros(n * size * size, 3, device=device)  # premultiplied colour
+    cov_acc = torch.zeros(n * size * size, device=device)  # coverage
     unit = size / 128
     start = 0
     for _, group in itertools.groupby(rows, key=lambda r: r[:2]):
         group = list(group)
-        d, start = data[start:start + len(group)], start + len(group)
+        d, start = data[start : start + len(group)], start + len(group)
         shape = SHAPES[group[0][0]]
         patch = int(math.ceil(2 * max(r[6] for r in group) * SHAPE_EXTENT[shape])) + 4
         offs = torch.arange(patch, device=device) - patch // 2
         scene_id, texture = d[:, 2].long(), d[:, 3].long()
         cx, cy, radius = d[:, 4:5].float(), d[:, 5:6].float(), d[:, 6].float().view(-1, 1, 1)
         gx, gy = cx.floor().long() + offs, cy.floor().long() + offs  # (M, P) image pixel indices
-        x = (gx + 0.5 - cx).view(-1, 1, patch)                         # broadcast to (M, P, P)
+        x = (gx + 0.5 - cx).view(-1, 1, patch)  # broadcast to (M, P, P)
         y = (gy + 0.5 - cy).view(-1, patch, 1)
         inside = ((gx >= 0) & (gx < size)).view(-1, 1, patch) & ((gy >= 0) & (gy < size)).view(-1, patch, 1)
         alpha = (0.5 - _sdf(shape, x, y, radius)).clamp_(0, 1) * inside
         shade = 1 - (1 - SHADE) * _darkening(texture, x + cx.view(-1, 1, 1), y + cy.view(-1, 1, 1), unit)
-        flat = ((scene_id.view(-1, 1, 1) * size + gy.clamp(0, size - 1).view(-1, patch, 1)) * size
-                + gx.clamp(0, size - 1).view(-1, 1, patch)).reshape(-1)
+        flat = (
+            (scene_id.view(-1, 1, 1) * size + gy.clamp(0, size - 1).view(-1, patch, 1)) * size
+            + gx.clamp(0, size - 1).view(-1, 1, patch)
+        ).reshape(-1)
         rgb = d[:, 7:10].float().view(-1, 1, 1, 3)
         rgb_acc.index_add_(0, flat, ((alpha * shade).unsqueeze(-1) * rgb).reshape(-1, 3))
         cov_acc.index_add_(0, flat, alpha.reshape(-1))
@@ -635,7 +714,7 @@ def _render_chunked(scenes: Scene | Sequence[Scene], size: int, device) -> torch
     chunk = _CPU_CHUNK if device.type == "cpu" else max(len(scenes), 1)
     if len(scenes) <= chunk:
         return _render_nhwc(scenes, size, device)
-    return torch.cat([_render_nhwc(scenes[i:i + chunk], size, device) for i in range(0, len(scenes), chunk)])
+    return torch.cat([_render_nhwc(scenes[i : i + chunk], size, device) for i in range(0, len(scenes), chunk)])
 
 
 def render(scenes: Scene | Sequence[Scene], size: int = 128, device="cpu") -> torch.Tensor:

@@ -7,6 +7,7 @@ shape), at a size that ships in the repo. It is trained together with the transf
 self-contained. Words outside it are dropped with a warning; prompts longer than `max_words`
 are truncated with a warning (as the T5 wrapper does).
 """
+
 from __future__ import annotations
 
 import re
@@ -55,8 +56,15 @@ class WordTextEncoder(nn.Module):
         self.index = {word: i for i, word in enumerate(config.vocabulary)}
         self.word = nn.Embedding(len(config.vocabulary), config.width)
         self.position = nn.Embedding(config.max_words, config.width)
-        layer = nn.TransformerEncoderLayer(config.width, config.heads, 2 * config.width, dropout=0.0,
-                                           activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            config.width,
+            config.heads,
+            2 * config.width,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
         self.layers = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
         self.order = None
         if config.order_layers:
@@ -87,11 +95,16 @@ class WordTextEncoder(nn.Module):
                 row, truncated = row[: self.config.max_words], True
             ids.append(row or [0])  # an empty prompt still gets one (padding) token
         if unknown:
-            warnings.warn(f"the tiny text encoder does not know {', '.join(sorted(unknown))}; those words "
-                          f"are ignored (it knows the {len(self.index) - 1} words of the scene captions)", stacklevel=2)
+            warnings.warn(
+                f"the tiny text encoder does not know {', '.join(sorted(unknown))}; those words "
+                f"are ignored (it knows the {len(self.index) - 1} words of the scene captions)",
+                stacklevel=2,
+            )
         if truncated:
-            warnings.warn(f"prompt longer than the tiny text encoder's limit of {self.config.max_words} words; "
-                          "truncated", stacklevel=2)
+            warnings.warn(
+                f"prompt longer than the tiny text encoder's limit of {self.config.max_words} words; truncated",
+                stacklevel=2,
+            )
         lens = torch.tensor([len(r) for r in ids], dtype=torch.int32)
         out = torch.zeros(len(ids), max(int(lens.max()), pad_to or 0), dtype=torch.long)
         for i, row in enumerate(ids):

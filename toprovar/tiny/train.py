@@ -19,6 +19,7 @@ Nothing is lost on interruption: each stage checkpoints to the run folder every
 The exported weights are float16 safetensors (`<out_dir>/weights/`); `export_to=` copies them
 to the shipped folder. `metrics.json` holds what the model card reports.
 """
+
 from __future__ import annotations
 
 import json
@@ -117,8 +118,14 @@ def _lr_at(step: int, steps: int, warmup: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def batch_scenes(seed: int, step: int, count: int, split: str = "train",
-                 kind_weights: dict[str, float] | None = None, contrast: bool = False):
+def batch_scenes(
+    seed: int,
+    step: int,
+    count: int,
+    split: str = "train",
+    kind_weights: dict[str, float] | None = None,
+    contrast: bool = False,
+):
     """The `count` scenes of one training step (deterministic in seed and step)."""
     from toprovar.tiny.scenes import relation_contrast, sample_scenes
 
@@ -140,8 +147,10 @@ def save_half(module: nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
     # Copies: the VAE registers its quantizer twice (quantizer / quantize), safetensors wants no aliases.
-    state = {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu()).clone()
-             for k, v in module.state_dict().items()}
+    state = {
+        k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu()).clone()
+        for k, v in module.state_dict().items()
+    }
     save_file(state, str(path))
 
 
@@ -205,8 +214,10 @@ def vae_loss(vae: BSQVAE, images: Tensor, edge_weight: float) -> tuple[Tensor, T
     rec = vae.decoder(codes.to(z.dtype)).float()
     loss = F.l1_loss(rec, images) + F.mse_loss(rec, images)
     if edge_weight:
+
         def grads(x: Tensor) -> tuple[Tensor, Tensor]:
             return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
+
         (ry, rx), (iy, ix) = grads(rec), grads(images)
         loss = loss + edge_weight * (F.l1_loss(ry, iy) + F.l1_loss(rx, ix))
     return loss, rec
@@ -259,7 +270,7 @@ def vae_psnr(vae: BSQVAE, count: int, device: torch.device, batch: int = 64) -> 
     scenes = sample_scenes(count, seed=987_654, split="heldout")
     values = []
     for i in range(0, count, batch):
-        images = render(scenes[i:i + batch], device=device)
+        images = render(scenes[i : i + batch], device=device)
         codes = vae.quantize_multiscale(vae.encode(images), vae.vae_schedule(SCHEDULE)).summed_codes
         rec = vae.decode(codes)
         to8 = lambda x: ((x.float() + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu()  # noqa: E731
@@ -276,17 +287,27 @@ def token_weights(power: float, device: torch.device) -> Tensor:
     return (w * (len(w) / w.sum())).to(device)
 
 
-def teacher_loss(model: InfinityTransformer, cond: Any, inputs: Tensor, bits: Tensor, weights: Tensor,
-                 rope: Tensor) -> Tensor:
+def teacher_loss(
+    model: InfinityTransformer, cond: Any, inputs: Tensor, bits: Tensor, weights: Tensor, rope: Tensor
+) -> Tensor:
     """Weighted bitwise cross-entropy of the teacher-forced logits (static shapes: compilable)."""
     logits = model.forward_teacher(cond, inputs, SCHEDULE, rope)
     ce = F.cross_entropy(logits.reshape(-1, 2), bits.reshape(-1), reduction="none").view(bits.shape)
     return (ce.mean(-1) * weights[None]).mean()
 
 
-def transformer_loss(model: InfinityTransformer, text_encoder: WordTextEncoder, vae: BSQVAE, images: Tensor,
-                     captions: list[str], c: TransformerTrainConfig, weights: Tensor, rope: Tensor,
-                     generator: torch.Generator, loss_fn: Any = teacher_loss) -> Tensor:
+def transformer_loss(
+    model: InfinityTransformer,
+    text_encoder: WordTextEncoder,
+    vae: BSQVAE,
+    images: Tensor,
+    captions: list[str],
+    c: TransformerTrainConfig,
+    weights: Tensor,
+    rope: Tensor,
+    generator: torch.Generator,
+    loss_fn: Any = teacher_loss,
+) -> Tensor:
     device = images.device
     with torch.no_grad():
         noise = BitFlipNoise(layers=len(SCHEDULE) - 1, strength=c.bitflip_strength) if c.bitflip_strength else None
@@ -328,8 +349,9 @@ def _load_exported(pair: _Pair, folder: Path) -> None:
     # zero-branch initialisation (the encoder computes what the file's did).
     missing, unexpected = pair.text_encoder.load_state_dict(text.state_dict(), strict=False)
     if unexpected or any(not key.startswith("order.") for key in missing):
-        raise UserError(f"{folder}: its text encoder does not fit this one (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
+        raise UserError(
+            f"{folder}: its text encoder does not fit this one (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 def vocabulary() -> tuple[str, ...]:
@@ -370,8 +392,9 @@ def train_transformer(cfg: TrainConfig, out: Path, device: torch.device, vae: BS
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
         images = render(scenes, device=device)
         with _autocast(device):
-            loss = transformer_loss(model, pair.text_encoder, vae, images, [s.caption for s in scenes], c,
-                                    weights, rope, generator, loss_fn)
+            loss = transformer_loss(
+                model, pair.text_encoder, vae, images, [s.caption for s in scenes], c, weights, rope, generator, loss_fn
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(pair.parameters(), 1.0)
@@ -383,11 +406,13 @@ def train_transformer(cfg: TrainConfig, out: Path, device: torch.device, vae: BS
         bar.update(1)
         done = step + 1 == c.steps
         if done or ckpt.due() or ckpt.out_of_time():
-            ckpt.save({"model": pair.state_dict(), "opt": opt.state_dict(), "ema": ema.shadow,
-                       "step": step + 1, "log": log})
+            ckpt.save(
+                {"model": pair.state_dict(), "opt": opt.state_dict(), "ema": ema.shadow, "step": step + 1, "log": log}
+            )
             if not done and ckpt.out_of_time():
-                raise SystemExit(f"stopped at transformer step {step + 1} (max_minutes); re-run with "
-                                 f"out_dir={out} to resume")
+                raise SystemExit(
+                    f"stopped at transformer step {step + 1} (max_minutes); re-run with out_dir={out} to resume"
+                )
     bar.close()
     (out / "transformer_loss.json").write_text(json.dumps(log))
     ema.copy_to(pair)
@@ -404,20 +429,35 @@ def evaluate_generation(weights_dir: Path, cfg: EvalConfig, device: torch.device
     from toprovar.tiny.evaluate import geneval_report
     from toprovar.tiny.scenes import sample_scenes
 
-    backbone = build_backbone("tiny", {"transformer": str(weights_dir / "transformer.safetensors"),
-                                       "vae": str(weights_dir / "vae.safetensors"),
-                                       "text_encoder": str(weights_dir / "text_encoder.safetensors")}, device=device)
+    backbone = build_backbone(
+        "tiny",
+        {
+            "transformer": str(weights_dir / "transformer.safetensors"),
+            "vae": str(weights_dir / "vae.safetensors"),
+            "text_encoder": str(weights_dir / "text_encoder.safetensors"),
+        },
+        device=device,
+    )
     results: dict[str, Any] = {}
     for split, seed in (("heldout", 4242), ("all", 4343)):
         scenes = sample_scenes(cfg.prompts, seed=seed, split=split)
         captions = [s.caption for s in scenes]
         for guidance in cfg.guidance_scales:
-            images = torch.cat([generate(backbone, captions[i:i + cfg.batch], list(range(i, min(i + cfg.batch, len(captions)))),
-                                         guidance_scale=guidance).images
-                                for i in range(0, len(captions), cfg.batch)])
+            images = torch.cat(
+                [
+                    generate(
+                        backbone,
+                        captions[i : i + cfg.batch],
+                        list(range(i, min(i + cfg.batch, len(captions)))),
+                        guidance_scale=guidance,
+                    ).images
+                    for i in range(0, len(captions), cfg.batch)
+                ]
+            )
             report = geneval_report(images, captions)
-            results[f"{split}/guidance_scale{guidance:g}"] = {row["category"]: float(row["score"])
-                                                              for _, row in report.iterrows()}
+            results[f"{split}/guidance_scale{guidance:g}"] = {
+                row["category"]: float(row["score"]) for _, row in report.iterrows()
+            }
             if split == "heldout" and guidance == cfg.guidance_scales[len(cfg.guidance_scales) // 2]:
                 save_grid(images[:32], captions[:32], out / "samples_heldout.png")
     return results
@@ -460,8 +500,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     metrics_path = out / "metrics.json"
     metrics: dict[str, Any] = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     metrics["config"] = asdict(cfg)
-    metrics["versions"] = {"torch": torch.__version__, "device": str(torch.cuda.get_device_name(device))
-                           if device.type == "cuda" else "cpu"}
+    metrics["versions"] = {
+        "torch": torch.__version__,
+        "device": str(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu",
+    }
     t0 = time.time()
     if cfg.stage in ("vae", "all"):
         vae = train_vae(cfg, out, device)
