@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import toprovar.openmp  # noqa: F401  (first: sets OpenMP's spin-wait before torch loads)
 from toprovar.cli import run_hydra_app
 from toprovar.renames import override_renames
 

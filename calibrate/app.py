@@ -67,6 +67,7 @@ from calibrate.workers import (
     NoPool,
     WorkerPool,
     WorkerSpec,
+    cap_torch_threads,
     cpu_threads,
     interrupt_on_signals,
     start_workers,
@@ -389,8 +390,10 @@ class Calibration:
 
     def _use_device(self) -> None:
         """Make the configured GPU the current one: CUDA events (latency) and Triton kernels act on
-        the current device, which is cuda:0 unless set — wrong for worker i on cuda:i."""
+        the current device, which is cuda:0 unless set — wrong for worker i on cuda:i. Caps torch's
+        threads at the CPUs this process may use (a CPU quota is not what torch counts)."""
         _quiet_libraries()
+        cap_torch_threads()
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
 

@@ -60,6 +60,36 @@ def worker_devices(device: torch.device, workers: int) -> list[torch.device]:
     return [torch.device("cuda", first + i) for i in range(workers)]
 
 
+def _read(path: str) -> str:
+    return Path(path).read_text()
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (containers
+    limited to N cores often show every core of the host, and torch sizes its thread pool by
+    those: 2 allowed cores running 16+ spinning threads)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:  # cgroup v2: "<quota> <period>" or "max <period>"
+        quota, period = _read("/sys/fs/cgroup/cpu.max").split()
+    except (OSError, ValueError):
+        try:  # cgroup v1: quota -1 = none
+            quota, period = (_read(f"/sys/fs/cgroup/cpu/cpu.cfs_{name}_us").strip() for name in ("quota", "period"))
+        except OSError:
+            quota, period = "max", "1"
+    if quota not in ("max", "-1"):
+        cpus = min(cpus, max(1, int(quota) // int(period)))
+    return max(1, cpus)
+
+
+def cap_torch_threads() -> int:
+    """torch's intra-op threads at most `usable_cpus()` (the program sets them, not the user)."""
+    cpus = usable_cpus()
+    if torch.get_num_threads() > cpus:
+        log.info("torch threads %d -> %d (the CPUs this process may use)", torch.get_num_threads(), cpus)
+        torch.set_num_threads(cpus)
+    return torch.get_num_threads()
+
+
 def cpu_threads(device: torch.device, workers: int) -> int | None:
     """Threads per worker when N workers share the CPU cores (None: leave torch's default).
 
@@ -67,7 +97,7 @@ def cpu_threads(device: torch.device, workers: int) -> int | None:
     rate on the H200 pair (1.31x with the cap, 1.44x without, 12 trials each; docs/benchmarks.md)."""
     if device.type != "cpu" or workers == 1:
         return None
-    return max(1, (os.cpu_count() or 1) // workers)
+    return max(1, usable_cpus() // workers)
 
 
 @dataclass(frozen=True)

@@ -276,3 +276,34 @@ def test_two_machines_share_a_study_through_postgresql(tmp_path, postgres):
     parent, children = mlflow_runs(tmp_path / "mlflow.db")  # the joiner logged into the main run's parent
     assert parent.info.status == "FINISHED"
     check_children(children, trials)
+
+
+@pytest.mark.parametrize(
+    ("files", "affinity", "expected"),
+    [
+        ({"/sys/fs/cgroup/cpu.max": "200000 100000\n"}, 16, 2),  # cgroup v2 quota of 2 CPUs on a 16-core host
+        ({"/sys/fs/cgroup/cpu.max": "max 100000\n"}, 16, 16),  # no quota
+        ({"/sys/fs/cgroup/cpu/cpu.cfs_quota_us": "150000\n", "/sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000\n"}, 8, 1),
+        ({"/sys/fs/cgroup/cpu/cpu.cfs_quota_us": "-1\n", "/sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000\n"}, 4, 4),
+        ({}, 3, 3),  # no cgroup files: the affinity mask
+    ],
+)
+def test_usable_cpus_follow_the_cgroup_quota_and_torch_is_capped(monkeypatch, files, affinity, expected):
+    import torch
+
+    import calibrate.workers as workers
+
+    def read(path):
+        if path not in files:
+            raise FileNotFoundError(path)
+        return files[path]
+
+    monkeypatch.setattr(workers, "_read", read)
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: set(range(affinity)))
+    assert workers.usable_cpus() == expected
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(expected + 3)
+        assert workers.cap_torch_threads() == expected
+    finally:
+        torch.set_num_threads(before)

@@ -5,9 +5,12 @@ imports between the project's modules form no cycle (lazy imports inside functio
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("toprovar", "calibrate", "kernels", "benchmarks", "tools")
@@ -107,3 +110,20 @@ def test_every_module_imports() -> None:
             [sys.executable, "-c", code, *names], cwd=REPO, capture_output=True, text=True, timeout=600
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("entry", ["calibrate.__main__", "toprovar.__main__"])
+def test_command_lines_set_openmp_spin_wait_before_torch_loads(entry):
+    """libgomp reads GOMP_SPINCOUNT once, when torch loads it: the command lines import
+    toprovar.openmp first (sys.modules keeps import order); a value the user set is kept."""
+    code = (
+        f"import sys, os; import {entry}; import torch; names = list(sys.modules); "
+        "print(names.index('toprovar.openmp') < names.index('torch'), os.environ['GOMP_SPINCOUNT'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["True", "1000"]
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**env, "GOMP_SPINCOUNT": "77"}, check=True
+    )
+    assert out.stdout.split() == ["True", "77"]

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import toprovar.openmp  # noqa: F401  (first: sets OpenMP's spin-wait before torch loads)
 from toprovar.cli import fail, generation_settings, prompts_and_seeds, run_hydra_app
 from toprovar.renames import override_renames
 
