@@ -312,7 +312,10 @@ def test_params_of_studies_before_the_span_still_make_their_policy():
     new_params = {**old_params, "alpha_span": (alpha_max - alpha_min) / (1 - alpha_min)}
     assert policy_values(new_params)["token.alpha_max"] == pytest.approx(alpha_max)  # the span wins over alpha_max
     assert policy_from_dict(document).token == policy_from_dict({**shipped, "provenance": {}}).token
-    assert document["guidance"] == {"skip_uncond_from_scale": None}  # a knob the study did not have: its default
+    assert document["guidance"] == shipped.get("guidance", {"skip_uncond_from_scale": None})
+    older = {k: v for k, v in old_params.items() if k != "skip_uncond_from_scale"}
+    guidance = PolicyFactory(summary, "tiny").document(older)["guidance"]
+    assert guidance == {"skip_uncond_from_scale": None}  # a knob the study did not have: its default
 
 
 def _tradeoff(params):

@@ -92,7 +92,8 @@ def test_prompts_and_seeds() -> None:
             "policy=fastvar-infinity-2b pixels=0.06M",
             "fastvar.ratios: got key 9, expected scale indices in [0, 6]",
         ),
-        ("generate", "policy=tiny allow_other_backbone=true pixels=0.06M", "scale.min_scale: got 8"),
+        # the shipped tiny policy's D floor lies past 2B's 7 scales at 0.06M (checked in test_policy)
+        ("generate", "policy=tiny allow_other_backbone=true pixels=0.06M", "scale.min_scale: got "),
         ("compare", 'prompts=["a",""]', "prompt 1 is empty"),
         ("compare", "methods=[tiny]", "made for backbone 'tiny'"),
         ("compare", "dtype=int8", "dtype='int8'"),
