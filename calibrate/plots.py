@@ -159,14 +159,15 @@ def plot_pareto(
 
 
 def _cell_note(paired: dict[str, np.ndarray], i: int, mark_key: str | None) -> tuple[str, str | None]:
-    """Text under a policy cell (SSIM; the change of every evaluator score) and its mark: 'lost' /
-    'won' by the sign of `paired[mark_key]` (a drop: unpruned − policy), None without one."""
+    """Text under a policy cell (SSIM; the change of every evaluator score), one line each so that
+    columns of 128 px do not run into each other, and its mark: 'lost' / 'won' by the sign of
+    `paired[mark_key]` (a drop: unpruned − policy), None without one."""
     parts = [f"SSIM {paired['ssim'][i]:.3f}"]
     for key in sorted(k for k in paired if k != "ssim"):
         name = "CLIP" if key == "clip_drop" else key.split(".", 1)[-1]
-        parts.append(f"{name} {-float(paired[key][i]):+.2f}")
+        parts.append(f"{name} {0.0 - float(paired[key][i]):+.2f}")  # 0.0 - x: no "-0.00"
     drop = float(paired[mark_key][i]) if mark_key in paired else 0.0
-    return " · ".join(parts), ("lost" if drop > 0 else "won") if drop != 0 else None
+    return "\n".join(parts), ("lost" if drop > 0 else "won") if drop != 0 else None
 
 
 def plot_policy_grid(

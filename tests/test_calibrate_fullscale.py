@@ -159,8 +159,8 @@ def test_policy_grid_labels_rows_columns_and_marks_lost_and_won_prompts(tmp_path
     assert layout.marks[0] == [None] * n
     assert layout.marks[1][:3] == ["lost", "won", None]  # by the sign of each prompt's CLIPScore drop
     for i, note in enumerate(layout.notes[1]):
-        assert f"SSIM {paired['ssim'][i]:.3f}" in note and f"CLIP {-paired['clip_drop'][i]:+.2f}" in note
-        assert f"share {-paired['geneval_drop.share'][i]:+.2f}" in note
+        assert f"SSIM {paired['ssim'][i]:.3f}" in note and f"CLIP {0.0 - paired['clip_drop'][i]:+.2f}" in note
+        assert f"share {0.0 - paired['geneval_drop.share'][i]:+.2f}" in note
     by_share = plot_policy_grid(
         _images(n, 64),
         _images(n, 64),

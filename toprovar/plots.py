@@ -137,9 +137,10 @@ def draw_grid(
     inch = max(side, 96) / dpi  # small images (tiny's 128 px) are drawn at least ~1 inch
     width = n_cols * (inch + 0.15) + 1.4
     title_lines = textwrap.wrap(title, int(width * 14)) if title else []  # ~7 px a character at fontsize 9
-    fig, axes = plt.subplots(
-        n_rows, n_cols, squeeze=False, dpi=dpi, figsize=(width, n_rows * (inch + 0.65) + 0.2 + 0.2 * len(title_lines))
-    )
+    # Notes of several lines (SSIM and each score change) need room under their row: ~0.12 inch a line.
+    note_lines = sum(max((str(n).count("\n") for n in row), default=0) for row in notes) if notes else 0
+    height = n_rows * (inch + 0.65) + 0.12 * note_lines + 0.2 + 0.2 * len(title_lines)
+    fig, axes = plt.subplots(n_rows, n_cols, squeeze=False, dpi=dpi, figsize=(width, height))
     wrap = max(12, int(inch * 14))  # characters per label line at fontsize 7
     for r in range(n_rows):
         for c in range(n_cols):
