@@ -125,6 +125,7 @@ class Calibration:
         self.artifacts: dict[str, list[Path]] = {}
         self.exit_status = 0  # EXIT_NOT_VALIDATED once a policy that did not validate is exported
         self.clip: ClipScorer | None = None
+        self.policies: list[tuple[str, Any]] = []  # the evaluate stage's (name, Policy), checked in run()
         self.pictures: dict[str, tuple[Path, int]] = {}  # MLflow image key -> (file, step)
 
     # -- stages -----------------------------------------------------------------------------------
@@ -403,7 +404,7 @@ class Calibration:
         if cfg.quality.clip is not None:  # a wrong folder is a one-line error before any model loads
             check_clip_folder(cfg.quality.clip)
         if "evaluate" in stages:  # the policies too: their schema and their fit to the backbone, no weights
-            self.check_policies()
+            self.policies = self.check_policies()
         start = self.clock.snapshot()
         # Build first: a missing weight file or prompt file fails in a second, before any tracking.
         with self._stage("setup"):
@@ -697,7 +698,7 @@ class Calibration:
         import pandas as pd
         from tqdm.auto import tqdm
 
-        policies = self.check_policies()
+        policies = self.policies  # checked by `run` before any weights loaded
         evaluator = geneval_scorer(backend.name)
         acceptance = self.cfg.search.acceptance
         scorer = self._scorer(backend, prompts.validate, lambda params: params, evaluator, "evaluate")

@@ -176,7 +176,6 @@ class _ScaleGraphs:
         rope: Tensor,
         dtype: torch.dtype,
         device: torch.device,
-        sampling: GuidedSampling,
         fused: bool,
         gelu_epilogue: bool = False,
         index_io: bool = False,
@@ -184,7 +183,8 @@ class _ScaleGraphs:
         small_m_rows: int = 0,
     ):
         self.model, self.key, self.batch = model, key, batch
-        self.sampling, self.fused = sampling, fused
+        self.fused = fused
+        self.sampling: GuidedSampling | None = None  # the current call's, set by `load`
         self.gelu_epilogue, self.index_io, self.chain, self.small_m_rows = gelu_epilogue, index_io, chain, small_m_rows
         self.tokens = tokens_per_scale(schedule)
         self.offsets = [sum(self.tokens[:i]) for i in range(len(self.tokens))]
@@ -709,7 +709,6 @@ def _condition(call: _Call, features: Tensor, lengths: list[int], seeds: list[in
             rope=call.rope,
             dtype=bb.dtype,
             device=bb.device,
-            sampling=call.sampling,
             fused=call.fused,
             gelu_epilogue=call.opts.gelu_epilogue,
             index_io=call.opts.index_io,
