@@ -263,8 +263,8 @@ def resolve_method(
             "toprovar": backbone,
         }[base]
         method = "fastvar" if base == "fastvar_authors" else base
-        if shipped in shipped_policies() and load_policy(shipped).method == method:
-            policy = load_policy(shipped)
+        policy = load_policy(shipped) if shipped in shipped_policies() else None
+        if policy is not None and policy.method == method:
             source = f"shipped {shipped}, {_provenance(policy)}"
         else:
             policy = default_policies(n_scales, depth)[base]
