@@ -60,8 +60,8 @@ def main() -> None:
     import triton
     from torch.nn.attention import SDPBackend
 
-    from kernels import flash_attn, flash_attn_entropy
-    from kernels.reference import attention_entropy_reference, naive_attention_entropy
+    from toprovar.kernels import flash_attn, flash_attn_entropy
+    from toprovar.kernels.reference import attention_entropy_reference, naive_attention_entropy
 
     variants = {
         "fae": lambda q, k, v: flash_attn_entropy(q, k, v),

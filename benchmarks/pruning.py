@@ -288,7 +288,7 @@ def variants() -> list[tuple[str, Any]]:
 
 
 # Scales of at most 64 rows (2B/8B at 1024², CFG: scales 0-2, 1-16 tokens) run the few-rows fused
-# linears: one row tile reads each weight once (kernels.fused_linear).
+# linears: one row tile reads each weight once (toprovar.kernels.fused_linear).
 SMALL_M_ROWS = 64
 
 

@@ -8,8 +8,8 @@ import sys
 assert os.environ.get("TRITON_INTERPRET") == "1"
 import torch  # noqa: E402
 
-from kernels.reference import attention_entropy_reference  # noqa: E402
-from kernels.triton_fae import fae_forward  # noqa: E402
+from toprovar.kernels.reference import attention_entropy_reference  # noqa: E402
+from toprovar.kernels.triton_fae import fae_forward  # noqa: E402
 
 torch.manual_seed(int(sys.argv[1]))
 CONFIG = (16, 16, 4, 1)  # small blocks so every shape below is ragged against them

@@ -7,8 +7,8 @@ import sys
 assert os.environ.get("TRITON_INTERPRET") == "1"
 import torch  # noqa: E402
 
-from kernels.fused_block import LN_AFFINE, LN_MODULATE, LN_NONE, add_ln, add_ln_reference, qk_norm_rope  # noqa: E402
-from kernels.group_norm import group_norm_silu  # noqa: E402
+from toprovar.kernels.fused_block import LN_AFFINE, LN_MODULATE, LN_NONE, add_ln, add_ln_reference, qk_norm_rope  # noqa: E402
+from toprovar.kernels.group_norm import group_norm_silu  # noqa: E402
 
 torch.manual_seed(int(sys.argv[1]))
 failures = []
@@ -194,8 +194,8 @@ for B, N, K, H, D in [(2, 12, 5, 3, 16), (1, 9, 9, 2, 32), (3, 4, 1, 4, 8)]:
         if not (caches[0][:, :, :2].isnan().all() and caches[0][:, :, 2 + K :].isnan().all()):
             failures.append(tag + ": wrote outside the cache slot")
 
-# A linear layer for few rows with LayerNorm before and GELU / residual after (kernels.fused_linear).
-from kernels.fused_linear import ln_linear, ln_linear_reference  # noqa: E402
+# A linear layer for few rows with LayerNorm before and GELU / residual after (toprovar.kernels.fused_linear).
+from toprovar.kernels.fused_linear import ln_linear, ln_linear_reference  # noqa: E402
 
 for B, n, K, N in [(2, 5, 64, 40), (3, 3, 40, 136)]:  # N past a tile, rows of several images
     for wdt in (torch.float32, torch.bfloat16):

@@ -36,7 +36,7 @@ def test_fused_kernels_in_the_interpreter() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fused_kernels_on_cuda() -> None:
-    from kernels.fused_block import LN_MODULATE, add_ln, qk_norm_rope
+    from toprovar.kernels.fused_block import LN_MODULATE, add_ln, qk_norm_rope
 
     B, n, H, D = 2, 37, 16, 128
     C = H * D
@@ -79,7 +79,7 @@ def _fa_ok(out, ref, truth, atol: float) -> bool:
 def test_fused_rows_through_an_index_on_cuda(xdt: torch.dtype) -> None:
     """The gather (first stage), scatter (last stage) and RoPE rows of a pruned block through the
     kept-token index, at Infinity-2B's width: flash-attention's tolerance rule against float64."""
-    from kernels.fused_block import LN_MODULATE, add_ln, add_ln_reference, qk_norm_rope
+    from toprovar.kernels.fused_block import LN_MODULATE, add_ln, add_ln_reference, qk_norm_rope
 
     B, N, K, H, D = 2, 300, 111, 16, 128
     C = H * D
@@ -139,8 +139,8 @@ def test_fused_rows_through_an_index_on_cuda(xdt: torch.dtype) -> None:
 def test_ln_linear_on_cuda(rows: int) -> None:
     """The few-rows linear with LayerNorm / GELU / residual fused, at Infinity-2B's widths (QKV,
     output projection with its residual, fc1 with GELU): flash-attention's rule against float64."""
-    from kernels.fused_block import LN_MODULATE
-    from kernels.fused_linear import ln_linear, ln_linear_reference
+    from toprovar.kernels.fused_block import LN_MODULATE
+    from toprovar.kernels.fused_linear import ln_linear, ln_linear_reference
 
     C, F = 2048, 8192
     gen = torch.Generator(device="cuda").manual_seed(rows)
@@ -213,7 +213,7 @@ def test_group_norm_launch_fits_the_grid(c: int, side: int) -> None:
     """The VAE decoder's GroupNorm shapes at 1024x1024 (2B: patch 16, 8B: patch 8) fit CUDA's grid
     limits (axis 0 < 2^31, axes 1-2 <= 65535); 256 channels at 1024x1024 once made 65536 blocks
     on axis 1 ("invalid argument")."""
-    from kernels.group_norm import launch_config
+    from toprovar.kernels.group_norm import launch_config
 
     cfg = launch_config(1, c, side * side)
     for grid in (cfg["stats_grid"], cfg["apply_grid"]):
@@ -224,7 +224,7 @@ def test_group_norm_launch_fits_the_grid(c: int, side: int) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_group_norm_silu_on_cuda() -> None:
-    from kernels.group_norm import group_norm_silu
+    from toprovar.kernels.group_norm import group_norm_silu
 
     x = (torch.randn(1, 128, 96, 80, device="cuda") * 2 + 0.5).bfloat16().contiguous(memory_format=torch.channels_last)
     w, b = 1 + 0.1 * torch.randn(128, device="cuda"), 0.1 * torch.randn(128, device="cuda")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("toprovar", "calibrate", "kernels", "benchmarks", "tools")
+PACKAGES = ("toprovar", "calibrate", "benchmarks", "tools")
 
 
 def _modules() -> dict[str, Path]:
@@ -127,3 +127,42 @@ def test_command_lines_set_openmp_spin_wait_before_torch_loads(entry):
         [sys.executable, "-c", code], capture_output=True, text=True, env={**env, "GOMP_SPINCOUNT": "77"}, check=True
     )
     assert out.stdout.split() == ["True", "77"]
+
+
+def _project_top_level_names() -> list[str]:
+    """Every import name this checkout puts on `sys.path` from its root: the packages (a folder with
+    `__init__.py`) and the modules at the top level."""
+    folders = [d.name for d in REPO.iterdir() if (d / "__init__.py").is_file()]
+    modules = [f.stem for f in REPO.glob("*.py")]
+    return sorted(folders + modules)
+
+
+def test_no_top_level_name_is_another_distributions():
+    """A top-level import name that another installed distribution also provides shadows it (or is
+    overwritten by it): our old `kernels` package hid Hugging Face's `kernels`, which transformers needs.
+    `packages_distributions()` maps every installed top-level name to the distributions that ship it."""
+    import importlib.metadata
+
+    names = _project_top_level_names()
+    assert {"toprovar", "calibrate"} <= set(names)  # the check sees the project's packages
+    owners = importlib.metadata.packages_distributions()
+    clashes = {n: sorted(set(owners[n]) - {"toprovar"}) for n in names if set(owners.get(n, ())) - {"toprovar"}}
+    assert clashes == {}, f"top-level names also provided by other distributions: {clashes}"
+
+
+def test_transformers_t5_imports_beside_the_kernels():
+    """From the checkout (where a top-level `kernels` folder used to shadow Hugging Face's), one
+    interpreter imports transformers' T5 encoder and our attention kernels, and both work."""
+    code = (
+        "import torch\n"
+        "from transformers import T5Config, T5EncoderModel\n"
+        "from toprovar.kernels import flash_attn_entropy\n"
+        "m = T5EncoderModel(T5Config(vocab_size=32, d_model=8, d_kv=4, num_heads=2, num_layers=1, d_ff=16))\n"
+        "h = m(input_ids=torch.tensor([[3, 4, 1]])).last_hidden_state\n"
+        "q = torch.randn(1, 2, 3, 4)\n"
+        "out, ent = flash_attn_entropy(q, q, q)\n"
+        "print(tuple(h.shape), tuple(out.shape), tuple(ent.shape))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[0] == "(1, 3, 8) (1, 2, 3, 4) (1, 2, 3)"

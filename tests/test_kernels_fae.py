@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import flash_attn_entropy
-from kernels.reference import attention_entropy_reference, naive_attention_entropy
 from toprovar.attention import attention
+from toprovar.kernels import flash_attn_entropy
+from toprovar.kernels.reference import attention_entropy_reference, naive_attention_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -81,9 +81,9 @@ def counting():
     """Yields the list of launch sites of everything run inside (Triton launches by kernel name)."""
     import triton.runtime.interpreter as interp
 
-    import kernels.fused_block as fb
-    import kernels.fused_linear as fl
     import toprovar.attention as att
+    import toprovar.kernels.fused_block as fb
+    import toprovar.kernels.fused_linear as fl
     import toprovar.models.transformer as tr
 
     counter = _Counter()

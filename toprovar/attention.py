@@ -3,7 +3,7 @@
 `attention(q, k, v, *, entropy, scale)` is what every self-attention call goes through; the model
 never knows which kernel ran. Tensors are `(B, H, L, D)`; the entropy is the natural-log Shannon
 entropy of each query's softmax row, `(B, H, Lq)` float32. Without entropy, PyTorch SDPA runs
-(flash / cuDNN / efficient on CUDA). With entropy, `kernels.flash_attn_entropy` runs: the Triton
+(flash / cuDNN / efficient on CUDA). With entropy, `toprovar.kernels.flash_attn_entropy` runs: the Triton
 Flash Attention Entropy kernel on CUDA, its chunked PyTorch reference (float32) elsewhere.
 
 `cross_attention` serves the text cross-attention (short, padded text keys with a padding mask).
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import flash_attn_entropy
+from toprovar.kernels import flash_attn_entropy
 
 
 def attention(

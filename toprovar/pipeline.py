@@ -106,7 +106,7 @@ class FastOptions:
     sync_free_sampling: bool = True  # draw bits without torch.multinomial's host-side checks
     gelu_epilogue: bool = True  # FFN GELU inside the first FFN matmul (cuBLASLt epilogue, CUDA)
     # VAE decode (CUDA): NHWC activations with split-statistics GroupNorm + SiLU kernels
-    # (kernels.group_norm). At batch 1 PyTorch's GroupNorm runs one thread block per group: the
+    # (toprovar.kernels.group_norm). At batch 1 PyTorch's GroupNorm runs one thread block per group: the
     # 1024x1024 decode took 100 ms, 32 ms with these two switches (H100, docs/benchmarks.md). NHWC
     # alone, with PyTorch's GroupNorm, is slower than NCHW (131 ms): the switches go together.
     vae_channels_last: bool = True  # VAE decode on NHWC activations
@@ -118,7 +118,7 @@ class FastOptions:
     chain_blocks: bool = False  # a block's last stage makes the next one's LayerNorm; equal keeps stay gathered
     host_plan: bool = False  # pruners whose policy fixes the keep counts plan without reading the device
     # Scales of at most this many rows (batch rows x tokens) run each matrix product with its
-    # LayerNorm before and residual add after fused in (kernels.fused_linear): 9 launches a block.
+    # LayerNorm before and residual add after fused in (toprovar.kernels.fused_linear): 9 launches a block.
     small_m_rows: int = 0
 
 

@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.triton_fae import fae_kernel
+from toprovar.kernels.triton_fae import fae_kernel
 
 OPS = [
     "HGMMA",

@@ -8,7 +8,7 @@ Shapes are benchmarks.attention's: B=2, D=128, bf16, the last five scales of the
 heads. Writes DIR/tune.json after every shape (a run cut short still leaves numbers) and prints a
 short table last. `--ncu` profiles variants and cuDNN at the main shape with Nsight Compute.
 The first two sweeps (tile shapes, pipelining, row-sum placement) ran from this file as of commit
-1f00ccf; kernels/NOTES.md has their results.
+1f00ccf; docs/kernels.md has their results.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def _inputs(heads: int, lq: int, lk: int, seed: int = 0):
 
 
 def _run(name: str, q, k, v, ent: bool):
-    from kernels.triton_fae import launch
     from tools.fae import v0
+    from toprovar.kernels.triton_fae import launch
 
     if name.startswith("v0_"):
         return v0.fae_forward(q, k, v, None, ent, config=tuple(int(x) for x in name.split("_")[1:]))
@@ -73,7 +73,7 @@ def _names() -> list[str]:
 def _compile_worker(items):
     """In a spawned process: launch every item once on small tensors with the same specializations
     as the real shapes, so the Triton cache holds the binaries before the timed process asks."""
-    from kernels.triton_fae import launch
+    from toprovar.kernels.triton_fae import launch
 
     done = []
     for name, heads, lq in items:
@@ -116,7 +116,7 @@ def sweep(out_dir: str, which: str, rep: int, rounds: int) -> dict:
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels.reference import attention_entropy_reference
+    from toprovar.kernels.reference import attention_entropy_reference
 
     def bench(fn):
         return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
@@ -287,7 +287,7 @@ def ncu_profile(out_dir: str, names: list[str]) -> None:
 def gpu_check() -> list[str]:
     """What tests/test_kernels_fae.py::test_triton_on_gpu checks, through the public dispatcher
     (default tiles and load path), plus strided (non-contiguous) K/V, fp16/fp32 and other head dims."""
-    from kernels import flash_attn, flash_attn_entropy
+    from toprovar.kernels import flash_attn, flash_attn_entropy
 
     lines = []
     cases = [(dt, 128) for dt in (torch.bfloat16, torch.float16, torch.float32)]

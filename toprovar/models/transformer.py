@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import kernels.fused_block as fused_block
-from kernels.fused_block import LN_AFFINE, LN_MODULATE, add_ln, gather_rows, qk_norm_rope, scatter_rows
-from kernels.fused_linear import ln_linear
+import toprovar.kernels.fused_block as fused_block
 from toprovar.attention import attention, cross_attention
+from toprovar.kernels.fused_block import LN_AFFINE, LN_MODULATE, add_ln, gather_rows, qk_norm_rope, scatter_rows
+from toprovar.kernels.fused_linear import ln_linear
 from toprovar.schedules import tokens_per_scale
 
 # Buffers the official model drops from checkpoints when loading (not weights).
@@ -532,7 +532,7 @@ class CrossAttnBlock(nn.Module):
         gelu_epilogue: bool = False,
         index_io: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        """`forward(keep=keep, kv_policy='kept')` through the fused stages of `kernels.fused_block`.
+        """`forward(keep=keep, kv_policy='kept')` through the fused stages of `toprovar.kernels.fused_block`.
 
         ada: `self.ada(gss)`, computed once per call. Four passes over the hidden states besides
         the matrix products and attention: AdaLN-LayerNorm; q/k normalize + RoPE + KV-cache write;
@@ -575,7 +575,7 @@ class CrossAttnBlock(nn.Module):
         it; next_ln: (scale, shift, eps) of the next block's first LayerNorm, made by the last
         stage (same rows); scatter: write a pruned block's rows back into x (else leave them compact);
         small: every token, few rows: the matrix products with their LayerNorms and residual adds
-        fused (`kernels.fused_linear`). Returns (x, compact rows or None, the next block's
+        fused (`toprovar.kernels.fused_linear`). Returns (x, compact rows or None, the next block's
         LayerNorm or None, entropy or None)."""
         if small:
             x, ent = self._fast_block_small(x, ada, text, rope, cache, entropy)

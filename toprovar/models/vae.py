@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.group_norm import group_norm_silu
 from toprovar.errors import UserError
+from toprovar.kernels.group_norm import group_norm_silu
 from toprovar.models.bsq import BitFlipNoise, MultiScaleBSQ, MultiScaleCodes
 from toprovar.models.checkpoint import load_into
 
@@ -131,7 +131,7 @@ class Normalize(nn.Module):
         return self.norm(x)
 
 
-# Set by `BSQVAE.decode(fused_norm=True)`: GroupNorm + SiLU through kernels.group_norm (Triton for
+# Set by `BSQVAE.decode(fused_norm=True)`: GroupNorm + SiLU through toprovar.kernels.group_norm (Triton for
 # channels-last CUDA activations; the same eager ops otherwise).
 _FUSED_NORM: contextvars.ContextVar[bool] = contextvars.ContextVar("toprovar_vae_fused_norm", default=False)
 
@@ -308,7 +308,7 @@ class BSQVAE(nn.Module):
 
         Runs in the decoder's dtype. CUDA speed switches (same function, other rounding order):
         `channels_last` runs the convolutions on NHWC activations; `fused_norm` runs each
-        GroupNorm + SiLU as the split-statistics Triton kernels of `kernels.group_norm` (NHWC);
+        GroupNorm + SiLU as the split-statistics Triton kernels of `toprovar.kernels.group_norm` (NHWC);
         `cudnn_benchmark` lets cuDNN time its convolution algorithms (first call per shape slow).
         """
         if codes.ndim == 5:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.reference import attention_entropy_reference, naive_attention_entropy
+from toprovar.kernels.reference import attention_entropy_reference, naive_attention_entropy
 
 
 def _triton_ok(q: Tensor) -> bool:
     if not q.is_cuda:
         return False
     try:
-        from kernels import triton_fae
+        from toprovar.kernels import triton_fae
     except ImportError:  # triton missing: fall back to the reference
         return False
     return triton_fae.supported(q)
@@ -34,7 +34,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
 def flash_attn_entropy(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> tuple[Tensor, Tensor]:
     _check(q, k, v)
     if _triton_ok(q):
-        from kernels.triton_fae import fae_forward
+        from toprovar.kernels.triton_fae import fae_forward
 
         return fae_forward(q, k, v, scale, with_entropy=True)
     return attention_entropy_reference(q, k, v, scale)
@@ -43,7 +43,7 @@ def flash_attn_entropy(q: Tensor, k: Tensor, v: Tensor, scale: float | None = No
 def flash_attn(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
     _check(q, k, v)
     if _triton_ok(q):
-        from kernels.triton_fae import fae_forward
+        from toprovar.kernels.triton_fae import fae_forward
 
         return fae_forward(q, k, v, scale, with_entropy=False)[0]
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)

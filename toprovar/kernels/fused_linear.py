@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.fused_block import LN_AFFINE, LN_MODULATE, LN_NONE, add_ln_reference, triton_available
+from toprovar.kernels.fused_block import LN_AFFINE, LN_MODULATE, LN_NONE, add_ln_reference, triton_available
 
 try:  # triton is optional (CPU-only installs)
     import triton
@@ -233,7 +233,7 @@ def ln_linear(
     (affine) or scale/shift `(B, 1, K)` (AdaLN); residual `(B, n, N)`, gamma `(B, 1, N)`.
 
     Returns `(B, n, N)`: y in the weight dtype, or with a residual `residual + y·gamma` in the
-    residual's dtype rule of `kernels.fused_block.add_ln` (bf16 only for a bf16 residual plus a
+    residual's dtype rule of `toprovar.kernels.fused_block.add_ln` (bf16 only for a bf16 residual plus a
     rounded bf16 product, else float32). See the module docstring for the op sequence.
     """
     if use_triton is None:

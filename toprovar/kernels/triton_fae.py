@@ -57,7 +57,7 @@ def _softmax_update(
         e_i = alpha * (e_i + l_i * (m_i - m_new))  # the shifted sum, moved to the new max
     l_i = l_i * alpha + tl.sum(p, 1)
     # Where the entropy row sum sits in source order changes how ptxas schedules the block (the
-    # sweeps in kernels/NOTES.md: 128-row tiles run best with it before the P·V dot, 64-row tiles after).
+    # sweeps in docs/kernels.md: 128-row tiles run best with it before the P·V dot, 64-row tiles after).
     if WITH_ENTROPY and not ENTROPY_AFTER_PV:
         e_i += tl.sum(p * d, 1)  # one FMA per score
     acc = acc * alpha[:, None]
@@ -235,7 +235,7 @@ def _is_hopper_plus(device: int) -> bool:
 
 def pick_config(B: int, H: int, Lq: int, D: int, itemsize: int = 2, n_sm: int = 132) -> tuple:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, ENTROPY_AFTER_PV), from the H100 sweeps in
-    kernels/NOTES.md. 128×128 tiles (8 warps, 3 stages, one block per SM) are fastest per row;
+    docs/kernels.md. 128×128 tiles (8 warps, 3 stages, one block per SM) are fastest per row;
     64×64 tiles (4 warps, two blocks per SM) win where the last wave of 128-row blocks would leave
     most SMs idle (a short grid whose fractional wave is under 0.3). Smaller tiles where the shared
     memory would not hold these; fp32 (exact `ieee` dots on the FMA units, for correctness checks)
