@@ -73,6 +73,7 @@ import torch
 from torch import Tensor
 
 from toprovar.errors import UserError, exit_on_user_error
+from toprovar.pruning.hooks import Pruner
 from toprovar.renames import deprecation
 
 PROG = "python -m benchmarks.pruning"
@@ -181,7 +182,7 @@ def solve_alpha(target_removed: float, ratio_of, hi: float = 0.9) -> tuple[float
     return alpha, ratio_of(alpha)
 
 
-class ReplayPruner:
+class ReplayPruner(Pruner):
     """Replays recorded keep indices and exits: no decisions, no host syncs, and no entropy unless
     `probe_layers` > 0 (then the first layers of every scale request it, as the pruner's probes
     do, and it is thrown away: that run isolates the entropy kernel's cost)."""
@@ -189,8 +190,8 @@ class ReplayPruner:
     def __init__(
         self, kept_index: dict, exit_from: int | None, probe_layers: int = 0, skip_uncond_from_scale: int | None = None
     ):
+        super().__init__(skip_uncond_from_scale)  # the recorded run's CFG skip
         self.kept, self.exit_from, self.probe_layers = kept_index, exit_from, probe_layers
-        self.skip_uncond_from_scale = skip_uncond_from_scale  # the recorded run's CFG skip
 
     def begin(self, ctx) -> None:
         ctx.trace.pruning = {"method": "replay"}

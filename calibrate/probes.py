@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from toprovar.pruning.hooks import NoPruner, PrunerContext
+from toprovar.pruning.hooks import Pruner, PrunerContext
 
 
-class EntropyRecorder(NoPruner):
+class EntropyRecorder(Pruner):
     """Records every block's per-token attention entropy: head mean of the conditional rows.
 
     `maps[(si, li)]` is `(B, h*w)` float32 on the CPU after `collect()`; tensors stay on the

@@ -8,7 +8,7 @@ import torch
 
 from toprovar.models.transformer import TRANSFORMER_PRESETS, InfinityTransformer, RopeSlice, random_state_dict
 from toprovar.pipeline import FastOptions, generate, release_fast_state, resolve_fast
-from toprovar.pruning import NoPruner
+from toprovar.pruning import Pruner
 from toprovar.sampling import draw_bits, make_generators
 from toprovar.schedules import scale_schedule
 
@@ -54,7 +54,7 @@ def test_fast_path_with_guidance_scale_one_and_per_scale_values(small) -> None:
     )
 
 
-class HalfTokens(NoPruner):
+class HalfTokens(Pruner):
     def wants_entropy(self, si: int, li: int) -> bool:
         return li == 1
 
@@ -80,7 +80,7 @@ def test_pruner_runs_eager_with_fused_full_layers(small, kv_policy: str) -> None
     assert a["entropy_mean"].fillna(-1).tolist() == b["entropy_mean"].fillna(-1).tolist()
 
 
-class PlannedRows(NoPruner):
+class PlannedRows(Pruner):
     """Probe layer 0 (entropy), then a fixed plan: from scale 3 each row keeps its own half of the
     tokens (rows differ, so gathered RoPE differs per row); at scale 5 block 1 is skipped outright."""
 

@@ -8,7 +8,7 @@ import torch
 from toprovar.errors import UserError
 from toprovar.models.registry import build_backbone
 from toprovar.pipeline import generate
-from toprovar.pruning import NoPruner, PrunerContext
+from toprovar.pruning import NoPruner, Pruner, PrunerContext
 from toprovar.schedules import scale_schedule
 
 
@@ -63,7 +63,7 @@ def test_guidance_scale_one_drops_unconditional_rows(small) -> None:
     assert seen == [1, 2]
 
 
-class KeepAll(NoPruner):
+class KeepAll(Pruner):
     """Asks for every token explicitly and for entropy everywhere."""
 
     def __init__(self) -> None:
@@ -91,7 +91,7 @@ def test_keep_all_pruner_matches_no_pruner(small) -> None:
     assert pruner.observed[-1] == (len(schedule) - 1, 1, (4, 2, schedule[-1][1] * schedule[-1][2]))
 
 
-class HalfTokensSkipLayer(NoPruner):
+class HalfTokensSkipLayer(Pruner):
     """From scale 3: layer 0 skipped, layer 1 on the first half of the tokens; exit before scale 6."""
 
     def keep_tokens(self, si: int, li: int, x: torch.Tensor) -> torch.Tensor | None:
@@ -145,7 +145,7 @@ def test_long_prompt_is_truncated_with_a_warning(small) -> None:
     assert res.images.shape[0] == 1
 
 
-class EveryOtherToken(NoPruner):
+class EveryOtherToken(Pruner):
     def keep_tokens(self, si: int, li: int, x: torch.Tensor) -> torch.Tensor | None:
         return torch.arange(0, x.shape[1], 2).expand(x.shape[0], -1) if si >= 2 else None
 

@@ -14,6 +14,7 @@ import torch
 
 from toprovar.pipeline import FastOptions, generate, release_fast_state
 from toprovar.pruning import stages
+from toprovar.pruning.hooks import Pruner
 from toprovar.pruning.toprovar import ToProVARPruner, fixed_keep_counts
 
 
@@ -26,7 +27,7 @@ def _fixed_policy(depth: int, min_scale: int, alpha_min: float, alpha_max: float
     return replace(policy, token=replace(policy.token, alpha_max=alpha_max, **token))
 
 
-class HostReads:
+class HostReads(Pruner):
     """Delegates every hook to a ToProVAR pruner and counts, per scale, the device values its hooks
     read on the host."""
 

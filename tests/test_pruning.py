@@ -10,7 +10,7 @@ import torch
 from toprovar.flops import linear_flops_per_token, trace_flops
 from toprovar.pipeline import generate
 from toprovar.policy import policy_from_dict
-from toprovar.pruning import stages
+from toprovar.pruning import Pruner, stages
 from toprovar.pruning.fastvar import frequency_scores, top_tokens
 
 
@@ -179,7 +179,7 @@ def test_flops_of_an_unpruned_run_follow_the_formula(small) -> None:
     assert unpruned == pytest.approx(2 * small.transformer.depth * per_layer)
 
 
-class _EndCapture:
+class _EndCapture(Pruner):
     """Wraps a ToProVAR pruner: keeps x before/after its end_scale at every scale (copies)."""
 
     def __init__(self, policy):
@@ -216,7 +216,7 @@ class _EndCapture:
         self.after[si] = x.clone()
 
 
-class _UpdateRecorder:
+class _UpdateRecorder(Pruner):
     """Unpruned run that records every block's update (output - input) per scale."""
 
     def begin(self, ctx):

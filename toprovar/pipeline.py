@@ -611,7 +611,7 @@ def _prepare(
     pruner = as_pruner(policy)
     guidance = spec.guidance_scale if guidance_scale is None else guidance_scale
     reference = GuidedSampling.per_scale(guidance, 1.0, len(schedule), top_k, top_p)
-    skip = getattr(pruner, "skip_uncond_from_scale", None)
+    skip = pruner.skip_uncond_from_scale
     if skip is not None:  # CFG skip: guidance scale 1 from there on, so those scales need no unconditional rows
         guidance = [g if si < skip else 1.0 for si, g in enumerate(reference.guidance_scale)]
     sampling = GuidedSampling.per_scale(
@@ -624,7 +624,7 @@ def _prepare(
     # Static buffers + CUDA graphs: the whole scale as one graph without a pruner; with a pruner
     # whose scales follow a plan fixed after their probe layers (`static_plan`), the probe layers,
     # the planned layers and the head as three units (graphs once a plan recurs).
-    plans = type(pruner) is not NoPruner and callable(getattr(pruner, "static_plan", None))
+    plans = type(pruner) is not NoPruner and type(pruner).static_plan is not Pruner.static_plan
     static = opts is not None and opts.graphs and not record_entropy and (type(pruner) is NoPruner or plans)
     whole_scale, planned = static and type(pruner) is NoPruner, static and plans
     runtime = {

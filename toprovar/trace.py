@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from toprovar.pruning import as_pruner
+from toprovar.pruning import Pruner, as_pruner
 
 
 @dataclass
@@ -124,11 +124,12 @@ class Trace:
         return frame
 
 
-class KeptTokenRecorder:
+class KeptTokenRecorder(Pruner):
     """A pruner wrapper: delegates every hook and keeps, in `trace.kept_index`, the index tensor
     its `keep_tokens` returned for each (scale, layer). Decisions and numerics are unchanged."""
 
-    def __init__(self, pruner):
+    def __init__(self, pruner: Pruner):
+        super().__init__(pruner.skip_uncond_from_scale)
         self.pruner = pruner
 
     def begin(self, ctx) -> None:
@@ -141,9 +142,8 @@ class KeptTokenRecorder:
     def wants_entropy(self, si: int, li: int) -> bool:
         return self.pruner.wants_entropy(si, li)
 
-    @property
-    def skip_uncond_from_scale(self) -> int | None:
-        return getattr(self.pruner, "skip_uncond_from_scale", None)
+    def acts_at(self, si: int) -> bool:
+        return self.pruner.acts_at(si)
 
     def keep_tokens(self, si: int, li: int, x: Tensor) -> Tensor | None:
         keep = self.pruner.keep_tokens(si, li, x)

@@ -3,8 +3,9 @@
 The hook contract (`Pruner`, `PrunerContext`, `NoPruner`) is in `hooks`. `as_pruner(policy)` turns
 a `toprovar.policy.Policy` (or a path/name of one, None, or a Pruner) into a fresh pruner for one
 generation call; the policy's CFG skip (`guidance.skip_uncond_from_scale`, any method) travels on
-it as the attribute `skip_uncond_from_scale`, which the loop reads. Stage math lives in `stages`
-(pure tensor functions, testable alone); each pruner module wires the stages to the hooks.
+it as the read-only property `skip_uncond_from_scale` (given at construction), which the loop
+reads. Stage math lives in `stages` (pure tensor functions, testable alone); each pruner module
+wires the stages to the hooks.
 """
 
 from __future__ import annotations
@@ -24,14 +25,13 @@ def as_pruner(policy: Any) -> Pruner:
         return policy
     if not isinstance(policy, Policy):
         policy = load_policy(policy)
-    pruner = _method_pruner(policy)
-    pruner.skip_uncond_from_scale = policy.guidance.skip_uncond_from_scale  # read by the generation loop
-    return pruner
+    return _method_pruner(policy)
 
 
 def _method_pruner(policy: Policy) -> Pruner:
+    skip = policy.guidance.skip_uncond_from_scale
     if policy.method == "none":
-        return NoPruner()
+        return NoPruner(skip)
     if policy.method == "toprovar":
         from toprovar.pruning.toprovar import ToProVARPruner
 
@@ -39,10 +39,10 @@ def _method_pruner(policy: Policy) -> Pruner:
     if policy.method == "fastvar":
         from toprovar.pruning.fastvar import FastVARPruner
 
-        return FastVARPruner(policy.fastvar)
+        return FastVARPruner(policy.fastvar, skip)
     from toprovar.pruning.fixed_exit import FixedExitPruner
 
-    return FixedExitPruner(policy.fixed_exit.exit_scale)
+    return FixedExitPruner(policy.fixed_exit.exit_scale, skip)
 
 
 __all__ = ["NoPruner", "Pruner", "PrunerContext", "as_pruner"]

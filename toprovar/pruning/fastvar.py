@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from toprovar.policy import FastVARStage
+from toprovar.pruning.hooks import Pruner
 
 
 def frequency_scores(x: Tensor) -> Tensor:
@@ -50,8 +51,9 @@ def top_tokens(scores: Tensor, k: int) -> Tensor:
     return torch.sort(order[:, :k], dim=-1).values
 
 
-class FastVARPruner:
-    def __init__(self, stage: FastVARStage):
+class FastVARPruner(Pruner):
+    def __init__(self, stage: FastVARStage, skip_uncond_from_scale: int | None = None):
+        super().__init__(skip_uncond_from_scale)
         self.ratios = dict(stage.ratios)
         self.layers = range(*stage.layers)
         first = min(self.ratios) if self.ratios else 0

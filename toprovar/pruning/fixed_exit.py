@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from toprovar.pruning.hooks import NoPruner, PrunerContext
+from toprovar.pruning.hooks import Pruner, PrunerContext
 
 
-class FixedExitPruner(NoPruner):
-    def __init__(self, exit_scale: int):
+class FixedExitPruner(Pruner):
+    def __init__(self, exit_scale: int, skip_uncond_from_scale: int | None = None):
+        super().__init__(skip_uncond_from_scale)
         self.exit_scale = exit_scale
 
     def begin(self, ctx: PrunerContext) -> None:

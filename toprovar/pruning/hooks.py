@@ -2,13 +2,14 @@
 
 The loop calls `begin` once per call with a `PrunerContext`, then per scale `exit_before_scale`,
 per block `wants_entropy` / `keep_tokens` / `observe`, and `end_scale` (docs/architecture.md).
-`NoPruner` runs every scale, layer and token; a pruner that needs only some hooks subclasses it.
+`Pruner` declares every hook with defaults that prune nothing; a pruner overrides the hooks it
+needs. `NoPruner` runs every scale, layer and token (`acts_at` False everywhere).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -36,30 +37,41 @@ class PrunerContext:
         return self.scale_rows[si] if self.scale_rows else self.rows
 
 
-@runtime_checkable
-class Pruner(Protocol):
-    """The hooks of the generation loop. Optional: `static_plan(si)` (the fast path's planned units)
-    and the attribute `skip_uncond_from_scale` (int or None: the CFG skip of the policy the pruner
-    was built from; `as_pruner` sets it; the loop reads it with a default of None)."""
+class Pruner:
+    """Every hook and property the generation loop reads; the defaults prune nothing.
 
-    def begin(self, ctx: PrunerContext) -> None: ...
-    def exit_before_scale(self, si: int) -> bool: ...
-    def wants_entropy(self, si: int, li: int) -> bool: ...
-    def keep_tokens(self, si: int, li: int, x: Tensor) -> Tensor | None: ...
-    def observe(self, si: int, li: int, entropy: Tensor) -> None: ...
-    def end_scale(self, si: int, x: Tensor) -> None: ...
+    A pruner is built for one generation call and receives everything it decides from at
+    construction: the loop never sets an attribute on it.
 
+    - `skip_uncond_from_scale`: the policy's CFG skip (int or None), given to `__init__`.
+    - `acts_at(si)`: False promises that at scale `si` no hook below `exit_before_scale` removes work
+      or reads entropy, so the loop may run the scale exactly as unpruned (its whole-scale graph on
+      the fast path) and skip `wants_entropy` / `keep_tokens` / `observe` there; `end_scale` is
+      still called. True lets the pruner decide block by block (or by `static_plan`).
+    - `static_plan(si)`: the number of probe layers after which the keep indices of every later
+      block of scale `si` are fixed (the fast path's planned units), or None (block by block).
+    """
 
-class NoPruner:
-    """Runs every scale, every layer, every token (with its policy's CFG skip, if any)."""
+    _skip_uncond_from_scale: int | None = None  # a subclass that takes no CFG skip need not call __init__
 
-    skip_uncond_from_scale: int | None = None
+    def __init__(self, skip_uncond_from_scale: int | None = None):
+        self._skip_uncond_from_scale = skip_uncond_from_scale
+
+    @property
+    def skip_uncond_from_scale(self) -> int | None:
+        return self._skip_uncond_from_scale
 
     def begin(self, ctx: PrunerContext) -> None:
-        pass
+        return None
 
     def exit_before_scale(self, si: int) -> bool:
         return False
+
+    def acts_at(self, si: int) -> bool:
+        return True
+
+    def static_plan(self, si: int) -> int | None:
+        return None
 
     def wants_entropy(self, si: int, li: int) -> bool:
         return False
@@ -68,7 +80,14 @@ class NoPruner:
         return None
 
     def observe(self, si: int, li: int, entropy: Tensor) -> None:
-        pass
+        return None
 
     def end_scale(self, si: int, x: Tensor) -> None:
-        pass
+        return None
+
+
+class NoPruner(Pruner):
+    """Runs every scale, every layer, every token (with its policy's CFG skip, if any)."""
+
+    def acts_at(self, si: int) -> bool:
+        return False

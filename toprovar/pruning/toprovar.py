@@ -55,10 +55,12 @@ from torch import Tensor
 from toprovar.policy import Policy
 from toprovar.pruning import stages
 from toprovar.pruning.fastvar import frequency_scores
+from toprovar.pruning.hooks import Pruner
 
 
-class ToProVARPruner:
+class ToProVARPruner(Pruner):
     def __init__(self, policy: Policy):
+        super().__init__(policy.guidance.skip_uncond_from_scale)
         self.policy = policy
         p = policy
         self.scale_cfg, self.layer_cfg, self.token_cfg = p.scale, p.layer, p.token
