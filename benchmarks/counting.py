@@ -1,13 +1,15 @@
 """Counting accuracy of `tiny` per asked count: `python -m benchmarks.counting`.
 
     python -m benchmarks.counting                                   # 100 held-out prompts per count
+    python -m benchmarks.counting --split train --per-count 60       # colour/shape pairs seen in training
     python -m benchmarks.counting --prompt "three red stars" --seeds 16   # one prompt, seeds 0..15
 
 Generates with the shipped weights (or `--weights DIR`), `policy=none` and the backbone's default
 settings (guidance scale, temperature, top-p), through `toprovar.pipeline.generate` in batches of
 `--batch`; image i gets seed i. The prompts are the first `--per-count` counting scenes of each
-count (2, 3, 4: the grammar has no other) of `sample_scenes(.., --seed, "heldout")`
-(`toprovar.tiny.counting.heldout_counting_scenes`). Scoring: `toprovar.tiny.counting.count_table`
+count (2, 3, 4: the grammar has no other) of `sample_scenes(.., --seed, --split)`
+(`toprovar.tiny.counting.counting_scenes`; `heldout` by default: every prompt names a held-out
+colour/shape pair). Scoring: `toprovar.tiny.counting.count_table`
 (geneval-lite's counting score with a Wilson interval, exact-count / fewer / more shares).
 
 Prints a markdown table, with `--prompt` the number of the shape found in each image, and one
@@ -22,6 +24,7 @@ import argparse
 import datetime as _dt
 import json
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -56,7 +59,7 @@ def markdown(table) -> str:
 
 def _prompts(args) -> list[str]:
     """Checked before any weights load: one line and exit status 2 for a wrong argument."""
-    from toprovar.tiny.counting import heldout_counting_scenes
+    from toprovar.tiny.counting import counting_scenes
     from toprovar.tiny.scenes import parse_caption
 
     if args.batch < 1:
@@ -64,7 +67,7 @@ def _prompts(args) -> list[str]:
     if args.prompt is None:
         if args.per_count < 1:
             raise UserError(f"--per-count={args.per_count}: give a positive number of prompts per count")
-        return [s.caption for s in heldout_counting_scenes(args.per_count, args.seed)]
+        return [s.caption for s in counting_scenes(args.per_count, args.seed, args.split)]
     if args.seeds < 1:
         raise UserError(f"--seeds={args.seeds}: give a positive number of seeds")
     try:
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     ap.add_argument("--per-count", type=int, default=100, help="held-out prompts per asked count")
     ap.add_argument("--seed", type=int, default=None, help="scene seed (default: the model card's held-out seed)")
+    ap.add_argument("--split", choices=("heldout", "train"), default="heldout", help="prompts of this split")
     ap.add_argument("--prompt", help="one counting caption instead of the held-out prompts")
     ap.add_argument("--seeds", type=int, default=16, help="with --prompt: images, seeds 0..N-1")
     ap.add_argument("--batch", type=int, default=8)
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     outcomes = count_outcomes(images, captions).assign(prompt=captions, seed=seeds)
     table = count_table(outcomes)
     spec = backbone.spec
-    what = f"'{args.prompt}', seeds 0..{len(seeds) - 1}" if args.prompt else f"held-out (seed {args.seed})"
+    what = f"'{args.prompt}', seeds 0..{len(seeds) - 1}" if args.prompt else f"split {args.split} (seed {args.seed})"
     print(
         f"### tiny counting, {what}, policy none, guidance scale {spec.guidance_scale:g}, "
         f"temperature {spec.temperature:g}\n"
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join([PROG, *sys.argv[1:]] if argv is None else [PROG, *argv]),
+        "command": shlex.join([*PROG.split(), *(sys.argv[1:] if argv is None else argv)]),
         "weights": args.weights or "shipped",
         "table": table.to_dict(orient="records"),
     }

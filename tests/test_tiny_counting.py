@@ -23,7 +23,7 @@ PER_COUNT = 24
 
 @pytest.fixture(scope="module")
 def scenes():
-    return C.heldout_counting_scenes(PER_COUNT, SEED)
+    return C.counting_scenes(PER_COUNT, SEED)
 
 
 def test_heldout_counting_scenes_are_the_first_of_each_count_in_draw_order(scenes):
@@ -38,9 +38,12 @@ def test_heldout_counting_scenes_are_the_first_of_each_count_in_draw_order(scene
             taken[len(s.objects)] += 1
             first.append(s)
     assert min(taken.values()) == PER_COUNT, SEED  # the reference draw was long enough
-    assert scenes == first and C.heldout_counting_scenes(PER_COUNT, SEED) == scenes, SEED
+    assert scenes == first and C.counting_scenes(PER_COUNT, SEED) == scenes, SEED
+    train = C.counting_scenes(4, SEED, "train")
+    assert sorted(len(s.objects) for s in train) == sorted(list(C.COUNT_VALUES) * 4)
+    assert all(s.kind == "counting" and (o.color, o.shape) not in HELDOUT_PAIRS for s in train for o in s.objects)
     with pytest.raises(ValueError, match="per_count"):
-        C.heldout_counting_scenes(0, SEED)
+        C.counting_scenes(0, SEED)
 
 
 def test_ground_truth_renders_count_right_and_the_table_comes_from_the_checks(scenes):

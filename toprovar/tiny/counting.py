@@ -30,7 +30,7 @@ __all__ = [
     "COUNT_VALUES",
     "HELDOUT_SEED",
     "TABLE_COLUMNS",
-    "heldout_counting_scenes",
+    "counting_scenes",
     "count_outcomes",
     "count_table",
     "generate_images",
@@ -41,16 +41,17 @@ HELDOUT_SEED = 4242  # the held-out prompts of the model card's geneval-lite tab
 TABLE_COLUMNS = ("count", "n", "correct", "accuracy", "ci_low", "ci_high", "exact_count", "fewer", "more")
 
 
-def heldout_counting_scenes(per_count: int, seed: int = HELDOUT_SEED) -> list[Scene]:
-    """The first `per_count` counting scenes of each count in `sample_scenes(.., seed, "heldout")`,
-    in the order drawn (counts interleaved, so every batch mixes them)."""
+def counting_scenes(per_count: int, seed: int = HELDOUT_SEED, split: str = "heldout") -> list[Scene]:
+    """The first `per_count` counting scenes of each count in `sample_scenes(.., seed, split)`, in
+    the order drawn (counts interleaved, so every batch mixes them). `heldout`: every scene asks
+    for a held-out (colour, shape) pair by name; `train`: only pairs seen in training."""
     if per_count < 1:
         raise ValueError(f"per_count must be >= 1, got {per_count}")
-    drawn = 16 * per_count  # counting is a quarter of the held-out kinds, each count a third of it
+    drawn = 16 * per_count  # counting is a quarter of the held-out kinds (a sixth of all), each count a third
     while True:
         taken = {c: 0 for c in COUNT_VALUES}
         out = []
-        for scene in sample_scenes(drawn, seed, "heldout"):  # a longer draw extends a shorter one
+        for scene in sample_scenes(drawn, seed, split):  # a longer draw extends a shorter one
             n = len(scene.objects)
             if scene.kind == "counting" and taken[n] < per_count:
                 taken[n] += 1
