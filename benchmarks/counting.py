@@ -81,10 +81,10 @@ def _prompts(args) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    ap.add_argument("--per-count", type=int, default=100, help="held-out prompts per asked count")
+    ap.add_argument("--per-count", type=int, default=100, help="prompts per asked count (2, 3, 4)")
     ap.add_argument("--seed", type=int, default=None, help="scene seed (default: the model card's held-out seed)")
     ap.add_argument("--split", choices=("heldout", "train"), default="heldout", help="prompts of this split")
-    ap.add_argument("--prompt", help="one counting caption instead of the held-out prompts")
+    ap.add_argument("--prompt", help="one counting caption instead of the split's prompts")
     ap.add_argument("--seeds", type=int, default=16, help="with --prompt: images, seeds 0..N-1")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--weights", help="a folder with transformer/vae/text_encoder.safetensors (default: shipped)")
