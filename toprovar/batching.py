@@ -178,9 +178,10 @@ def images_of(batches: Sequence[tuple[Chunk, Any]]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class MemoryModel:
-    """A backbone's GPU memory at 1024² (GiB, reserved): `weights + overhead + per_image * batch`,
-    with per_image scaled by the schedule's tokens against 1M's. `cpu_batch`: the batch `auto` takes
-    on CPU; `max_batch`: the most `auto` takes anywhere. From `memory:` of the backbone group."""
+    """A backbone's GPU memory (GiB, reserved) at its default pixel budget (Infinity: 1024²):
+    `weights + overhead + per_image * batch`, per_image scaled by the run's tokens (`token_share`).
+    `cpu_batch`: the batch `auto` takes on CPU; `max_batch`: the most `auto` takes anywhere. From
+    `memory:` of the backbone group."""
 
     weights_gib: float
     overhead_gib: float  # what does not grow with the batch, beyond the weights (text encoder, context)
@@ -206,7 +207,7 @@ class MemoryModel:
         return model
 
     def need_gib(self, batch: int, token_share: float = 1.0) -> float:
-        """Planned peak for `batch` images whose schedule has `token_share` of 1M's tokens."""
+        """Planned peak for `batch` images whose schedule has `token_share` of the default's tokens."""
         return self.weights_gib + self.overhead_gib + self.per_image_gib * token_share * batch
 
     def largest_batch(self, free_gib: float, token_share: float = 1.0) -> int:
@@ -216,9 +217,10 @@ class MemoryModel:
 
 
 def token_share(spec: Any, pixels: str | None, h_div_w: float | None) -> float:
-    """Tokens of the run's schedule over those of the same family's 1M schedule (square)."""
+    """Tokens of the run's schedule over those of the backbone's default one (square, `spec.pixels`:
+    1M for Infinity), at which its memory model is given."""
     ours = spec.schedules.scale_schedule(h_div_w or 1.0, pixels or spec.pixels)
-    reference = spec.schedules.scale_schedule(1.0, "1M")
+    reference = spec.schedules.scale_schedule(1.0, spec.pixels)
     return sum(h * w for _, h, w in ours) / sum(h * w for _, h, w in reference)
 
 
