@@ -34,7 +34,7 @@ def run_generate(cfg: GenerateConfig, out_dir: Path) -> list[Path]:
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from toprovar.batching import BatchLimit, generate_in_batches, resolve_batch_size
+    from toprovar.batching import BatchLimit, Chunk, generate_in_batches, resolve_batch_size
     from toprovar.models.registry import build_backbone, get_backbone, resolve_device, resolve_dtype
     from toprovar.policy import load_policy
 
@@ -62,30 +62,33 @@ def run_generate(cfg: GenerateConfig, out_dir: Path) -> list[Path]:
 
     backbone = build_backbone(spec, group.get("weights"), device=device, dtype=dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def save(chunk: Chunk, result: Any) -> Any:
+        """The chunk's PNGs written (padding dropped); its trace as a frame kept."""
+        for i, image in zip(chunk.indices, result.images):
+            path = out_dir / f"{i:03d}_seed{seeds[i]}.png"
+            Image.fromarray(image.numpy()).save(path)
+            written.append(path)
+        return result.trace.to_frame().assign(
+            batch=chunk.number,
+            text_encode_ms=result.trace.text_encode_ms,
+            decode_ms=result.trace.decode_ms,
+            total_ms=result.trace.total_ms,
+        )
+
     with tqdm(total=len(prompts), desc="images", unit="image") as bar:
         batches = generate_in_batches(
             backbone,
             prompts,
             seeds,
             BatchLimit(batch, PROG["generate"]),
+            keep=save,
             progress=bar.update,
             policy=policy,
             **settings,
         )
-    written, frames = [], []
-    for chunk, result in batches:
-        for i, image in zip(chunk.indices, result.images):
-            path = out_dir / f"{i:03d}_seed{seeds[i]}.png"
-            Image.fromarray(image.numpy()).save(path)
-            written.append(path)
-        frame = result.trace.to_frame().assign(
-            batch=chunk.number,
-            text_encode_ms=result.trace.text_encode_ms,
-            decode_ms=result.trace.decode_ms,
-            total_ms=result.trace.total_ms,
-        )
-        frames.append(frame)
-    pd.concat(frames).to_csv(out_dir / "trace.csv", index=False)
+    pd.concat([frame for _, frame in batches]).to_csv(out_dir / "trace.csv", index=False)
     (out_dir / "prompts.txt").write_text("".join(f"{p.name}\t{t}\n" for p, t in zip(written, prompts)))
     return written
 

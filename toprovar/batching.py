@@ -150,18 +150,22 @@ def generate_in_batches(
     seeds: Sequence[int],
     limit: BatchLimit,
     *,
+    keep: Callable[[Chunk, Any], Any] | None = None,
     progress: Callable[[int], None] | None = None,
     **generate_kwargs: Any,
 ) -> list[tuple[Chunk, Any]]:
     """`toprovar.pipeline.generate` over `prompts` and `seeds` in equal chunks (`run_in_chunks`); a
     short chunk is padded with copies of its last prompt and seed. Returns each chunk with its
-    `GenerationResult` (of the padded call: `images_of` drops the padding)."""
+    `GenerationResult` (of the padded call: `images_of` drops the padding), or with what
+    `keep(chunk, result)` made of it as soon as the chunk was done (e.g. its images written, its
+    trace kept: memory stays one chunk's; `keep` runs once per chunk, after the call succeeded)."""
     from toprovar.pipeline import generate, release_fast_state
 
     def call(chunk: Chunk) -> Any:
-        return generate(
+        result = generate(
             backbone, [prompts[i] for i in chunk.padded], [seeds[i] for i in chunk.padded], **generate_kwargs
         )
+        return result if keep is None else keep(chunk, result)
 
     return run_in_chunks(
         len(prompts), limit, call, release=lambda: release_fast_state(backbone.transformer), progress=progress
