@@ -106,6 +106,8 @@ def test_config_option_composes_and_validates(app, group, option, tmp_path):
         ("search.sampler=grid", "tpe, nsga2, gp, random"),
         ("~search.n_trials", "search.n_trials has no value"),
         ("~search.latency.warmup", "search.latency.warmup has no value"),
+        ("batch_size=0", "batch_size=0; give a positive integer or auto"),
+        ("backbone.calibration_batch=-2", "batch_size=-2; give a positive integer or auto"),
     ],
 )
 def test_bad_calibrate_values_are_one_line_errors(override, message, tmp_path):
