@@ -329,3 +329,45 @@ def test_backbone_specific_prompts_and_evaluator_come_from_the_spec(tmp_path: Pa
         assert sets.search.texts == ["shape 1-1", "shape 1-2"] and sets.validate.specs == [{"seed": 1, "i": 3}]
     finally:
         registry._BACKBONES.pop("own")
+
+
+def test_compare_after_an_out_of_memory_error_redoes_the_chunk_at_half_the_batch(
+    tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture
+) -> None:
+    """An injected CUDA out-of-memory error on the first call of more than one image: the run goes on
+    at batch 1, every prompt once per method, the warm-up (and the figure's record) at the new size."""
+    import toprovar.pipeline as pipeline
+
+    real, sizes, failed = pipeline.generate, [], []
+
+    def tight(backbone, texts, chunk_seeds, **kw):
+        sizes.append(len(texts))
+        if len(texts) > 1 and not failed:
+            failed.append(len(texts))
+            raise torch.OutOfMemoryError("injected")
+        return real(backbone, texts, chunk_seeds, **kw)
+
+    monkeypatch.setattr(pipeline, "generate", tight)
+    out = tmp_path / "cmp"
+    main(
+        [
+            "compare",
+            "backbone=test-small",
+            "methods=[none,fixed_exit]",
+            'prompts=["a red cube", "two blue balls", "a cat"]',
+            "batch_size=4",
+            "warmup=1",
+            f"out_dir={out}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
+    # 3 prompts at 4: one call of 3 fails (the first warm-up); at 2: calls of 2 (warm-ups, then timed)
+    assert failed == [3] and sizes == [3, 2, 2, 2, 2, 2, 2]
+    err = capsys.readouterr().err
+    assert "toprovar compare: warning: CUDA out of memory at batch 4; batch 2 from now on, redoing prompts 0..2" in err
+    rows = list(csv.DictReader((out / "compare_per_image.csv").open()))
+    assert [(r["method"], r["prompt"]) for r in rows] == [
+        (m, p) for m in ("none", "fixed_exit") for p in ("a red cube", "two blue balls", "a cat")
+    ]
+    assert "batch size 4 then 2 (equal chunks)" in (out / "compare.md").read_text()
+    assert (out / "pruned_tokens_fixed_exit.png").exists()

@@ -475,35 +475,38 @@ def run_compare(cfg: CompareConfig, out_dir: Path, *, progress: bool = True) -> 
     bar = tqdm(total=len(methods) * len(prompts), desc="compare", unit="image", disable=not progress)
     warmed: set[int] = set()  # batch sizes warmed up: each new size captures its own graphs
 
-    def call(method: Method, chunk: Chunk, record: bool):
+    def call(method: Method, chunk: Chunk):
+        """One generate call; a pruning method's first call (a warm-up unless warmup=0) records its
+        kept tokens for the figure, so no timed call carries the recorder."""
+        run = runs[method.label]
         policy = method.policy if method.prunes else None
+        record = method.prunes and run["first"] is None
         texts, chunk_seeds = [prompts[i] for i in chunk.padded], [seeds[i] for i in chunk.padded]
         res = generate(
             backbone, texts, chunk_seeds, policy=record_kept_tokens(policy) if record else policy, **settings
         )
-        run = runs[method.label]
         run["first"] = run["first"] or res
         return res
 
     def chunk_of_every_method(chunk: Chunk) -> dict[str, Any]:
         """Every method on one chunk (methods interleaved: slow drift of the machine hits all alike),
-        after the warm-up calls where the chunk's batch size is new; the first warm-up call of a
-        pruning method records its kept tokens for the figure."""
-        first = not warmed
+        after `warmup` calls each where the chunk's batch size is new (its graphs are captured then)."""
         if chunk.size not in warmed:
             for method in methods:
                 bar.set_postfix_str(f"warm-up {method.label}")
-                for w in range(warmup):
-                    call(method, chunk, record=first and w == 0 and method.prunes)
+                for _ in range(warmup):
+                    call(method, chunk)
             warmed.add(chunk.size)
         results = {}
         for method in methods:
             bar.set_postfix_str(method.label)
-            results[method.label] = call(method, chunk, record=warmup == 0 and first and method.prunes)
+            results[method.label] = call(method, chunk)
         return results
 
+    def release() -> None:  # after an out-of-memory error: the fast path's buffers of the failed size
+        release_fast_state(backbone.transformer)
+
     limit = BatchLimit(batch, "toprovar compare")
-    release = lambda: release_fast_state(backbone.transformer)  # noqa: E731
     for chunk, results in run_in_chunks(len(prompts), limit, chunk_of_every_method, release=release):
         share = len(chunk) / chunk.size  # padded copies of the last prompt are left out
         for label, res in results.items():
