@@ -211,3 +211,4 @@ def test_a_backbone_without_a_memory_model_needs_an_explicit_batch(monkeypatch):
     with pytest.raises(UserError, match="has no memory model"):
         resolve_batch_size("auto", group, get_backbone("test-small"), torch.device("cpu"))
     assert resolve_batch_size(3, group, get_backbone("test-small"), torch.device("cpu")) == 3
+    assert resolve_batch_size(3, group, get_backbone("test-small"), _fake_cuda(monkeypatch, 1.0, 2.0)) == 3

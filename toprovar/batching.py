@@ -242,8 +242,8 @@ def resolve_batch_size(
     batch for the device's free memory, on CPU `memory.cpu_batch`. An explicit batch: itself, or a
     one-line UserError where the model's planned peak exceeds the CUDA device's total memory."""
     setting = batch_setting(setting, key)
-    if setting != AUTO and device.type != "cuda":
-        return setting
+    if setting != AUTO and (device.type != "cuda" or group.get("memory") is None):
+        return setting  # nothing to check it against
     model = MemoryModel.from_group(group)
     if device.type != "cuda":
         return model.cpu_batch
