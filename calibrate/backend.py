@@ -1,7 +1,8 @@
 """Thin adapters between calibration and the library: build the backbone, generate, evaluate, cost.
 
 Calibration only ever calls `toprovar.pipeline.generate` (the one generation loop) through
-`CalibrationBackend.generate`; everything model-specific stays in `toprovar`. The backbone's
+`CalibrationBackend.generate`, in the equal chunks of `toprovar.batching` (whose `chunk_plan` the
+objective reads too); everything model-specific stays in `toprovar`. The backbone's
 config group (toprovar/conf/backbone/) is a plain dict: `name`, `weights` (local paths) and optionally
 the generation settings of `toprovar.cli.GENERATION_KEYS` (the old names `cfg` and `tau` still work
 for one release, with a warning).
@@ -21,6 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from calibrate.timing import Clock
+from toprovar.batching import BatchLimit, Chunk, resolve_batch_size, run_in_chunks
+from toprovar.batching import chunk_plan as chunk_plan  # re-exported: calibrate.objective plans its chunks alike
 from toprovar.cli import generation_settings
 from toprovar.errors import UserError
 
@@ -56,17 +59,6 @@ def weights_fingerprint(path: str | None) -> str:
     return "missing"
 
 
-def chunk_plan(n: int, batch_size: int) -> tuple[int, list[range]]:
-    """`(size, chunks)`: `n` prompts in as few calls of at most `batch_size` as possible, all of one
-    size (the fewest images that still need that many calls); the last chunk may hold fewer prompts
-    and is padded to `size` by the caller. One size means one set of static buffers and CUDA graphs
-    for every call of a prompt set: each new batch size allocates its own KV cache and captures its
-    own graphs (e.g. 12 prompts at batch_size 8: two calls of 6, not 8 + 4)."""
-    calls = -(-n // batch_size)
-    size = -(-n // calls)
-    return size, [range(start, min(start + size, n)) for start in range(0, n, size)]
-
-
 @dataclass
 class Generation:
     """The images and traces of one batched call (traces stay one per chunk).
@@ -95,8 +87,12 @@ class CalibrationBackend:
     backbone: Any  # toprovar.models.registry.Backbone
     settings: dict[str, Any]  # generation keyword arguments
     weights: dict[str, str | None]  # resolved local paths (None: random init)
-    batch_size: int = 8
+    limit: BatchLimit  # the batch size now, halved for the rest of the run after an out-of-memory error
     clock: Clock | None = None  # where generation time is counted (calibrate.timing)
+
+    @property
+    def batch_size(self) -> int:
+        return self.limit.size
 
     @property
     def name(self) -> str:
@@ -122,18 +118,16 @@ class CalibrationBackend:
         retime: int = 0,
         timing_only: bool = False,
     ) -> Generation:
-        """Generate in equal chunks of at most `batch_size` (`chunk_plan`); `pruner_factory` gives a
-        fresh pruner per call. Each chunk's latency is its trace's time (CUDA events: scale loop +
-        decode); a call that captured CUDA graphs (a plan new to the static buffers) has that capture
-        in its time, so the chunk runs again, up to `retime` times, until a call captures nothing,
-        and that call's time counts (images and traces stay the first call's: same seeds).
-        `timing_only`: a run for its time alone (warm-up, more timed passes), counted as such."""
-        images, traces, chunks, pruners, sizes, latency = [], [], [], [], [], []
-        size, plan = chunk_plan(len(prompts), self.batch_size)
-        steps = plan if desc is None else tqdm(plan, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
-        for chunk in steps:
-            pad = [chunk[-1]] * (size - len(chunk))  # copies of the chunk's last prompt
-            texts, chunk_seeds = [prompts[i] for i in [*chunk, *pad]], [seeds[i] for i in [*chunk, *pad]]
+        """Generate in equal chunks of at most `batch_size` (`toprovar.batching.run_in_chunks`: after a
+        CUDA out-of-memory error the batch halves and the chunk is redone, nothing else repeats);
+        `pruner_factory` gives a fresh pruner per call. Each chunk's latency is its trace's time (CUDA
+        events: scale loop + decode); a call that captured CUDA graphs (a plan new to the static
+        buffers) has that capture in its time, so the chunk runs again, up to `retime` times, until a
+        call captures nothing, and that call's time counts (images and traces stay the first call's:
+        same seeds). `timing_only`: a run for its time alone (warm-up, more timed passes), counted as such."""
+
+        def chunk_call(chunk: Chunk) -> tuple[Any, Any, float]:
+            texts, chunk_seeds = [prompts[i] for i in chunk.padded], [seeds[i] for i in chunk.padded]
             pruner = pruner_factory() if pruner_factory is not None else None
             result = self._call(
                 texts,
@@ -148,13 +142,32 @@ class CalibrationBackend:
                     break
                 again = pruner_factory() if pruner_factory is not None else policy
                 steady = self._call(texts, chunk_seeds, again, record_entropy, real=0)
-            images.append(result.images[: len(chunk)])
-            traces.append(result.trace)
-            chunks.append(len(chunk))
-            sizes.append(size)
-            pruners.append(pruner)
-            latency.append(steady.trace.total_ms * len(chunk) / size)
-        return Generation(torch.cat(images), traces, chunks, pruners, sizes, latency)
+            return result, pruner, steady.trace.total_ms * len(chunk) / chunk.size
+
+        from toprovar.pipeline import release_fast_state
+
+        bar = (
+            None if desc is None else tqdm(total=len(prompts), desc=desc, unit="image", leave=False, dynamic_ncols=True)
+        )
+        try:
+            done = run_in_chunks(
+                len(prompts),
+                self.limit,
+                chunk_call,
+                release=lambda: release_fast_state(self.backbone.transformer),
+                progress=None if bar is None else bar.update,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        return Generation(
+            torch.cat([result.images[: len(chunk)] for chunk, (result, _, _) in done]),
+            [result.trace for _, (result, _, _) in done],
+            [len(chunk) for chunk, _ in done],
+            [pruner for _, (_, pruner, _) in done],
+            [chunk.size for chunk, _ in done],
+            [latency for _, (_, _, latency) in done],
+        )
 
     def _call(self, prompts: list[str], seeds: list[int], policy: Any, record_entropy: bool, real: int):
         """One `toprovar.pipeline.generate` call, counted on the clock: `real` of its images are the
@@ -183,10 +196,13 @@ def load_backend(
     backbone_cfg: Mapping[str, Any],
     device: torch.device,
     dtype: torch.dtype | None,
-    batch_size: int,
+    batch_size: int | str,
     clock: Clock | None = None,
 ) -> CalibrationBackend:
-    """Build the backbone named by the config group; one-line errors for unknown names / missing files."""
+    """Build the backbone named by the config group; one-line errors for unknown names / missing files
+    and for a batch that cannot fit the device, all before any weights load. `batch_size`: a number
+    or `auto` (`toprovar.batching.resolve_batch_size`: the backbone's memory model on CUDA, its
+    `memory.cpu_batch` on CPU)."""
     import toprovar.models.registry as registry
 
     name = str(backbone_cfg["name"])
@@ -198,9 +214,12 @@ def load_backend(
                 f"backbone '{name}': {part} weights not found at {path}; set backbone.weights.{part}=/local/path"
             )
     paths = spec.weights.merged(weights)
-    built = registry.build_backbone(spec, weights, device=device, dtype=dtype)
     settings = generation_settings(backbone_cfg)
+    batch = resolve_batch_size(
+        batch_size, backbone_cfg, spec, device, pixels=settings.get("pixels"), h_div_w=settings.get("h_div_w")
+    )
+    built = registry.build_backbone(spec, weights, device=device, dtype=dtype)
     resolved = {"transformer": paths.transformer, "vae": paths.vae, "text_encoder": paths.text_encoder}
     if spec.random_init:
         resolved = {k: (v if v is not None and os.path.exists(v) else None) for k, v in resolved.items()}
-    return CalibrationBackend(built, settings, resolved, batch_size, clock)
+    return CalibrationBackend(built, settings, resolved, BatchLimit(batch, "calibrate"), clock)

@@ -113,7 +113,7 @@ class CalibrationConfig:
     dtype: str
     export_to: str | None
     stages: tuple[str, ...]
-    batch_size: int
+    batch_size: int | str  # a positive integer or auto (toprovar.batching.batch_setting)
     evaluate: tuple[str, ...]  # policies (names or YAML paths) the evaluate stage measures
 
     @property
@@ -167,8 +167,6 @@ def _validate(cfg: CalibrationConfig) -> None:
     unknown = [stage for stage in cfg.stages if stage not in STAGES]
     if unknown:
         raise UserError(f"stages={list(cfg.stages)}: unknown {unknown}; choose from {list(STAGES)}")
-    if cfg.batch_size < 1:
-        raise UserError(f"batch_size={cfg.batch_size} must be at least 1")
     if "evaluate" in cfg.stages and not cfg.evaluate:
         raise UserError("stages=[evaluate] needs policies to measure: evaluate=[tiny,path/to/policy.yaml]")
     if not cfg.study_name:
@@ -208,6 +206,8 @@ def _policy_list(value: Any) -> tuple[str, ...]:
 
 def parse_config(cfg: DictConfig) -> CalibrationConfig:
     """Check and type the composed Hydra config (one-line UserError on any problem)."""
+    from toprovar.batching import batch_setting  # lazy: imports torch
+
     allowed = {f.name for f in fields(CalibrationConfig)}
     extra = sorted(set(cfg.keys()) - allowed)
     if extra:
@@ -237,7 +237,7 @@ def parse_config(cfg: DictConfig) -> CalibrationConfig:
         dtype=str(top["dtype"]),
         export_to=None if top["export_to"] is None else str(top["export_to"]),
         stages=stages,
-        batch_size=_integer(top["batch_size"], "batch_size"),
+        batch_size=batch_setting(top["batch_size"], "batch_size"),
         evaluate=_policy_list(evaluate),
     )
     _validate(result)

@@ -15,7 +15,7 @@ class PromptSet:
     name: str
     texts: list[str]
     seeds: list[int]
-    specs: list[Any]  # what an evaluator needs per prompt (tiny: the scene); texts otherwise
+    specs: list[Any]  # what an evaluator needs per prompt (a built-in source's spec, e.g. a scene); texts otherwise
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -37,24 +37,20 @@ def _read_list(cfg: PromptsConfig) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _tiny_scenes(count: int, seed: int) -> tuple[list[str], list[Any]]:
-    from toprovar.tiny.scenes import sample_scenes  # lazy: only the tiny backbone has scenes
-
-    scenes = sample_scenes(count, seed=seed)
-    return [scene.caption for scene in scenes], list(scenes)
-
-
 def load_prompt_sets(cfg: PromptsConfig) -> PromptSets:
     """Split the configured prompts into the three disjoint sets (seed i of a set: cfg.seed + offset + i)."""
     counts = {"presample": cfg.presample, "search": cfg.search, "validate": cfg.validate}
     total = sum(counts.values())
-    if cfg.source == "tiny_scenes":
-        texts, specs = _tiny_scenes(total, cfg.seed)
-    elif cfg.source == "list":
+    from toprovar.models.registry import prompt_sources  # lazy: loads the models
+
+    sources = prompt_sources()  # a backbone's built-in prompts, e.g. tiny_scenes
+    if cfg.source == "list":
         texts = _read_list(cfg)
         specs = list(texts)
+    elif cfg.source in sources:
+        texts, specs = sources[cfg.source].sample(total, cfg.seed)
     else:
-        raise UserError(f"prompts.source={cfg.source!r}; choose tiny_scenes or list")
+        raise UserError(f"prompts.source={cfg.source!r}; choose list or {' or '.join(sorted(sources))}")
     if len(texts) < total:
         raise UserError(
             f"prompts: {len(texts)} prompts given but presample+search+validate = {total}; "

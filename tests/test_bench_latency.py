@@ -47,8 +47,8 @@ def test_without_cuda_says_so() -> None:
 
 
 def test_batch_benchmark_smoke_writes_one_row_per_batch(tmp_path, monkeypatch) -> None:
-    """`python -m tools.bench_batch --smoke`: the batching benchmark's code path on CPU."""
-    from tools import bench_batch
+    """`python -m benchmarks.batch --smoke`: the batching benchmark's code path on CPU."""
+    from benchmarks import batch as bench_batch
 
     out = tmp_path / "batch.json"
     monkeypatch.setattr(

@@ -227,7 +227,7 @@ def test_pareto_plot_names_the_violated_constraint_and_shows_held_out_results(tm
 # -- CLIPScore ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    from tools.random_clip import write_random_clip
+    from benchmarks.random_clip import write_random_clip
 
     return write_random_clip(tmp_path_factory.mktemp("clip"), "test", seed=random.randrange(1000))
 

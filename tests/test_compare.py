@@ -285,3 +285,89 @@ def test_compare_runs_every_builtin_method_on_cpu(tmp_path: Path, capsys: pytest
     md = (out / "compare.md").read_text()
     assert "skip_uncond_from_scale: 5" in md and "exit_after_scale: 4" in md
     assert "| cfg_skip |" in capsys.readouterr().out
+
+
+def test_backbone_specific_prompts_and_evaluator_come_from_the_spec(tmp_path: Path) -> None:
+    """A backbone of one's own with built-in prompts and an evaluator gets them in compare, the
+    metrics and calibration's prompt sets, by its spec alone (no name is tested in generic code)."""
+    import dataclasses
+
+    from calibrate.config import PromptsConfig
+    from calibrate.prompts import load_prompt_sets
+    from tests.conftest import compose
+    from toprovar.compare import _prompts
+    from toprovar.metrics import geneval_scorer
+    from toprovar.models import registry
+    from toprovar.schemas import CompareConfig
+
+    def sample(count: int, seed: int) -> tuple[list[str], list[dict]]:
+        return [f"shape {seed}-{i}" for i in range(count)], [{"seed": seed, "i": i} for i in range(count)]
+
+    def geneval(images, prompts):
+        n = len(prompts)
+        return np.ones(n), np.full(n, 0.5)
+
+    source = registry.PromptSource("own_shapes", sample)
+    spec = dataclasses.replace(registry.get_backbone("test-small"), name="own", prompt_source=source, geneval=geneval)
+    registry.register_backbone(spec, replace_existing=True)
+    try:
+        from omegaconf import OmegaConf
+
+        cfg = compose("compare", ["backbone=test-small", "backbone.name=own", "n_prompts=3", "prompt_seed=7"], tmp_path)
+        prompts, seeds, specs = _prompts(OmegaConf.to_object(cfg), spec)
+        assert isinstance(OmegaConf.to_object(cfg), CompareConfig)
+        assert (
+            prompts == ["shape 7-0", "shape 7-1", "shape 7-2"]
+            and seeds == [0, 1, 2]
+            and specs[2] == {"seed": 7, "i": 2}
+        )
+        scores = geneval_scorer("own")(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), ["a", "b"])
+        assert scores["binary"].tolist() == [1, 1] and scores["share"].tolist() == [0.5, 0.5]
+        sets = load_prompt_sets(
+            PromptsConfig(source="own_shapes", seed=1, presample=1, search=2, validate=1, file=None, items=[])
+        )
+        assert sets.search.texts == ["shape 1-1", "shape 1-2"] and sets.validate.specs == [{"seed": 1, "i": 3}]
+    finally:
+        registry._BACKBONES.pop("own")
+
+
+def test_compare_after_an_out_of_memory_error_redoes_the_chunk_at_half_the_batch(
+    tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture
+) -> None:
+    """An injected CUDA out-of-memory error on the first call of more than one image: the run goes on
+    at batch 1, every prompt once per method, the warm-up (and the figure's record) at the new size."""
+    import toprovar.pipeline as pipeline
+
+    real, sizes, failed = pipeline.generate, [], []
+
+    def tight(backbone, texts, chunk_seeds, **kw):
+        sizes.append(len(texts))
+        if len(texts) > 1 and not failed:
+            failed.append(len(texts))
+            raise torch.OutOfMemoryError("injected")
+        return real(backbone, texts, chunk_seeds, **kw)
+
+    monkeypatch.setattr(pipeline, "generate", tight)
+    out = tmp_path / "cmp"
+    main(
+        [
+            "compare",
+            "backbone=test-small",
+            "methods=[none,fixed_exit]",
+            'prompts=["a red cube", "two blue balls", "a cat"]',
+            "batch_size=4",
+            "warmup=1",
+            f"out_dir={out}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
+    # 3 prompts at 4: one call of 3 fails (the first warm-up); at 2: calls of 2 (warm-ups, then timed)
+    assert failed == [3] and sizes == [3, 2, 2, 2, 2, 2, 2]
+    err = capsys.readouterr().err
+    assert "toprovar compare: warning: CUDA out of memory at batch 4; batch 2 from now on, redoing prompts 0..2" in err
+    rows = list(csv.DictReader((out / "compare_per_image.csv").open()))
+    assert [(r["method"], r["prompt"]) for r in rows] == [
+        (m, p) for m in ("none", "fixed_exit") for p in ("a red cube", "two blue balls", "a cat")
+    ]
+    assert "batch size 4 then 2 (equal chunks)" in (out / "compare.md").read_text()
+    assert (out / "pruned_tokens_fixed_exit.png").exists()

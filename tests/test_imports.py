@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("toprovar", "calibrate", "benchmarks", "tools")
+PACKAGES = ("toprovar", "calibrate", "benchmarks")
 
 
 def _modules() -> dict[str, Path]:

@@ -71,3 +71,25 @@ def test_unknown_command(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as info:
         main(["paint"])
     assert info.value.code == 2 and "usage" in capsys.readouterr().err
+
+
+def test_generate_in_equal_padded_chunks_writes_each_prompt_once(tmp_path: Path) -> None:
+    """3 prompts at batch_size=2 run as two calls of 2 (the last padded with a copy): three PNGs, the
+    same as one prompt a call, and one trace per call."""
+    import numpy as np
+
+    prompts = 'prompts=["a red cube", "two blue balls", "a green cone"]'
+    runs = {}
+    for batch in ("1", "2"):
+        out = tmp_path / f"batch{batch}"
+        proc = _cli("backbone=test-small", prompts, f"out_dir={out}", f"batch_size={batch}", f"hydra.run.dir={out}/run")
+        assert proc.returncode == 0, proc.stderr
+        runs[batch] = out
+    pngs = sorted(p.name for p in runs["2"].glob("*.png"))
+    assert pngs == ["000_seed0.png", "001_seed1.png", "002_seed2.png"]
+    for name in pngs:
+        assert np.array_equal(np.asarray(Image.open(runs["1"] / name)), np.asarray(Image.open(runs["2"] / name)))
+    import pandas as pd
+
+    assert sorted(pd.read_csv(runs["2"] / "trace.csv").batch.unique()) == [0, 1]
+    assert (runs["2"] / "prompts.txt").read_text().splitlines()[2] == "002_seed2.png\ta green cone"

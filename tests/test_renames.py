@@ -165,11 +165,12 @@ def test_bench_pruning_guidance_scale_flag(capsys: pytest.CaptureFixture) -> Non
     assert "`--cfg` is deprecated, use `--guidance-scale`" in capsys.readouterr().err
 
 
-def test_tiny_eval_config_uses_guidance_scales() -> None:
-    from toprovar.tiny.train import EvalConfig, parse_config
+def test_tiny_eval_config_uses_guidance_scales(tmp_path: Path) -> None:
+    from tests.conftest import compose
+    from toprovar.tiny.train import parse_config
 
-    assert EvalConfig().guidance_scales == [2.0, 3.0, 4.0]
-    assert parse_config({"eval": {"guidance_scales": [3.0]}}).eval.guidance_scales == [3.0]
+    assert parse_config(compose("train_tiny", [], tmp_path)).eval.guidance_scales == [2.0, 3.0, 4.0]
+    assert parse_config(compose("train_tiny", ["eval.guidance_scales=[3.0]"], tmp_path)).eval.guidance_scales == [3.0]
     check_overrides("toprovar.tiny.train", "train_tiny", ["eval.guidance_scales=[3.0]"])
 
 

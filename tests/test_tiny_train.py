@@ -3,6 +3,7 @@ an interrupted stage resumes where it stopped."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -15,6 +16,13 @@ from toprovar.tiny import train as T
 from toprovar.tiny.model import TINY_TRANSFORMER, TINY_VAE, load_text_encoder, save_text_encoder, text_encoder_config
 from toprovar.tiny.scenes import render, sample_scenes
 from toprovar.tiny.text import WordTextEncoder
+
+
+def _config(tmp_path, *overrides: str) -> T.TrainConfig:
+    """The TrainConfig `python -m toprovar.tiny.train *overrides` runs with (defaults: the YAML)."""
+    from tests.conftest import compose
+
+    return T.parse_config(compose("train_tiny", list(overrides), tmp_path))
 
 
 def _seed() -> int:
@@ -52,7 +60,7 @@ def _fit(loss_fn, params, steps: int) -> list[float]:
     return losses
 
 
-def test_vae_and_transformer_losses_learn_a_batch() -> None:
+def test_vae_and_transformer_losses_learn_a_batch(tmp_path) -> None:
     seed = _seed()
     torch.manual_seed(seed)
     scenes = sample_scenes(2, seed=seed, split="train")
@@ -65,7 +73,7 @@ def test_vae_and_transformer_losses_learn_a_batch() -> None:
     model = InfinityTransformer(TINY_TRANSFORMER)
     model.load_state_dict(random_state_dict(TINY_TRANSFORMER, seed=seed % 1000))
     pair = T._Pair(model, WordTextEncoder(text_encoder_config(T.vocabulary()))).train()
-    c = T.TransformerTrainConfig(cfg_drop=0.0, bitflip_strength=0.0)
+    c = dataclasses.replace(_config(tmp_path).transformer, cfg_drop=0.0, bitflip_strength=0.0)
     weights, rope = T.token_weights(c.scale_weight_power, torch.device("cpu")), model.rope_table(T.SCHEDULE, "cpu")
     captions = [s.caption for s in scenes]
 
@@ -86,7 +94,7 @@ def test_token_weights_favour_coarse_scales() -> None:
 
 
 def test_an_interrupted_stage_resumes(tmp_path) -> None:
-    cfg = T.TrainConfig(stage="vae", device="cpu", out_dir=str(tmp_path), max_minutes=0.0)
+    cfg = _config(tmp_path, "stage=vae", "device=cpu", f"out_dir={tmp_path}", "max_minutes=0.0")
     cfg.vae.steps, cfg.vae.batch, cfg.eval.psnr_images = 2, 2, 2
     with pytest.raises(SystemExit, match="resume"):
         T.run(cfg)
@@ -119,9 +127,9 @@ def test_contrast_batches_pair_each_position_scene_with_its_mirror() -> None:
 
 def test_unknown_kind_weight_is_a_user_error(tmp_path) -> None:
     from toprovar.errors import UserError
-    from toprovar.tiny.train import TrainConfig, run
+    from toprovar.tiny.train import run
 
-    cfg = TrainConfig(stage="transformer", out_dir=str(tmp_path))
+    cfg = _config(tmp_path, "stage=transformer", f"out_dir={tmp_path}")
     cfg.transformer.kind_weights = {"colour": 2.0}
     with pytest.raises(UserError, match="unknown kinds"):
         run(cfg)
@@ -129,9 +137,9 @@ def test_unknown_kind_weight_is_a_user_error(tmp_path) -> None:
 
 def test_all_zero_kind_weights_are_a_user_error(tmp_path) -> None:
     from toprovar.errors import UserError
-    from toprovar.tiny.train import TrainConfig, run
+    from toprovar.tiny.train import run
 
-    cfg = TrainConfig(stage="transformer", out_dir=str(tmp_path))
+    cfg = _config(tmp_path, "stage=transformer", f"out_dir={tmp_path}")
     cfg.transformer.kind_weights = {
         "single_object": 0.0,
         "two_objects": 0.0,

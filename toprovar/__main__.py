@@ -12,80 +12,96 @@ on stderr, exit status 2, before any weights load (toprovar.cli).
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import toprovar.openmp  # noqa: F401  (first: sets OpenMP's spin-wait before torch loads)
 from toprovar.cli import fail, generation_settings, prompts_and_seeds, run_hydra_app
 from toprovar.renames import override_renames
+from toprovar.schemas import CompareConfig, GenerateConfig
 
 COMMANDS = ("generate", "compare")
+PROG = {command: f"toprovar {command}" for command in COMMANDS}
 # toprovar/conf/prompts/ is the calibration prompt group, so Hydra would read `prompts=[...]` as a
 # group choice; the generate / compare configs keep their list under `text_prompts`.
 PROMPTS_ALIAS = {"prompts": "text_prompts"}
 
 
-def run_generate(cfg: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Generate every prompt of `cfg` (a plain dict of toprovar/conf/generate.yaml) into `out_dir`."""
+def run_generate(cfg: GenerateConfig, out_dir: Path) -> list[Path]:
+    """Generate every prompt of `cfg` (toprovar/conf/generate.yaml) into `out_dir`."""
     import pandas as pd
     from PIL import Image
     from tqdm.auto import tqdm
 
+    from toprovar.batching import BatchLimit, Chunk, generate_in_batches, resolve_batch_size
     from toprovar.models.registry import build_backbone, get_backbone, resolve_device, resolve_dtype
-    from toprovar.pipeline import generate
     from toprovar.policy import load_policy
 
     # Everything the user gave is checked before any weights load.
-    prompts, seeds = prompts_and_seeds(cfg["text_prompts"], cfg["seeds"])
-    group = cfg["backbone"]
+    prompts, seeds = prompts_and_seeds(cfg.text_prompts, cfg.seeds)
+    group = cfg.backbone
     spec = get_backbone(group["name"])
-    settings = generation_settings(group, cfg, prog="toprovar generate")
+    settings = generation_settings(group, asdict(cfg), prog=PROG["generate"])
     # A policy must fit this run: its backbone (unless allow_other_backbone), the schedule's scales, the depth.
     policy = (
         None
-        if cfg["policy"] in (None, "none")
+        if cfg.policy in (None, "none")
         else load_policy(
-            cfg["policy"],
+            cfg.policy,
             spec,
             pixels=settings.get("pixels"),
             h_div_w=settings.get("h_div_w"),
-            allow_other_backbone=bool(cfg["allow_other_backbone"]),
+            allow_other_backbone=cfg.allow_other_backbone,
         )
     )
-    device, dtype = resolve_device(cfg["device"]), resolve_dtype(cfg["dtype"])
-    batch = max(1, int(cfg["batch_size"]))
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    batch = resolve_batch_size(
+        cfg.batch_size, group, spec, device, pixels=settings.get("pixels"), h_div_w=settings.get("h_div_w")
+    )
 
     backbone = build_backbone(spec, group.get("weights"), device=device, dtype=dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written, frames = [], []
-    for start in tqdm(range(0, len(prompts), batch), desc="batches", unit="batch"):
-        chunk, chunk_seeds = prompts[start : start + batch], seeds[start : start + batch]
-        result = generate(backbone, chunk, chunk_seeds, policy=policy, **settings)
-        for i, (image, seed) in enumerate(zip(result.images, chunk_seeds)):
-            path = out_dir / f"{start + i:03d}_seed{seed}.png"
+    written = []
+
+    def save(chunk: Chunk, result: Any) -> Any:
+        """The chunk's PNGs written (padding dropped); its trace as a frame kept."""
+        for i, image in zip(chunk.indices, result.images):
+            path = out_dir / f"{i:03d}_seed{seeds[i]}.png"
             Image.fromarray(image.numpy()).save(path)
             written.append(path)
-        frame = result.trace.to_frame().assign(
-            batch=start // batch,
+        return result.trace.to_frame().assign(
+            batch=chunk.number,
             text_encode_ms=result.trace.text_encode_ms,
             decode_ms=result.trace.decode_ms,
             total_ms=result.trace.total_ms,
         )
-        frames.append(frame)
-    pd.concat(frames).to_csv(out_dir / "trace.csv", index=False)
+
+    with tqdm(total=len(prompts), desc="images", unit="image") as bar:
+        batches = generate_in_batches(
+            backbone,
+            prompts,
+            seeds,
+            BatchLimit(batch, PROG["generate"]),
+            keep=save,
+            progress=bar.update,
+            policy=policy,
+            **settings,
+        )
+    pd.concat([frame for _, frame in batches]).to_csv(out_dir / "trace.csv", index=False)
     (out_dir / "prompts.txt").write_text("".join(f"{p.name}\t{t}\n" for p, t in zip(written, prompts)))
     return written
 
 
-def _generate(plain: dict[str, Any], out_dir: Path) -> None:
-    written = run_generate(plain, out_dir)
+def _generate(cfg: GenerateConfig, out_dir: Path) -> None:
+    written = run_generate(cfg, out_dir)
     print(f"wrote {len(written)} image(s) to {out_dir}")
 
 
-def _compare(plain: dict[str, Any], out_dir: Path) -> None:
+def _compare(cfg: CompareConfig, out_dir: Path) -> None:
     from toprovar.compare import run_compare
 
-    result = run_compare(plain, out_dir)
+    result = run_compare(cfg, out_dir)
     print(result.markdown)
     for note in result.notes:
         print(f"note: {note}")
@@ -105,12 +121,12 @@ def main(argv: list[str] | None = None) -> None:
         from hydra.core.hydra_config import HydraConfig
         from omegaconf import OmegaConf
 
-        plain = OmegaConf.to_container(cfg, resolve=True)
-        out_dir = Path(plain["out_dir"]) if plain.get("out_dir") else Path(HydraConfig.get().runtime.output_dir)
-        RUNNERS[command](plain, out_dir)
+        typed = OmegaConf.to_object(cfg)  # the command's schema (toprovar.schemas), every key from the YAML
+        out_dir = Path(typed.out_dir) if typed.out_dir else Path(HydraConfig.get().runtime.output_dir)
+        RUNNERS[command](typed, out_dir)
 
     run_hydra_app(
-        f"toprovar {command}", command, app, argv[1:], renames=override_renames("", "backbone."), aliases=PROMPTS_ALIAS
+        PROG[command], command, app, argv[1:], renames=override_renames("", "backbone."), aliases=PROMPTS_ALIAS
     )
 
 

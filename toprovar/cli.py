@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 from toprovar.errors import UserError, exit_on_user_error
 from toprovar.renames import renamed_overrides, renamed_settings
+from toprovar.schemas import register_schemas
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 # Keywords of `toprovar.pipeline.generate` that configs set (the command's value, else the backbone group's).
@@ -35,6 +36,7 @@ def _register_resolvers() -> None:
 
 
 _register_resolvers()
+register_schemas()  # the YAML's defaults lists name them: they must be stored before any composition
 
 
 def fail(prog: str, message: str) -> NoReturn:

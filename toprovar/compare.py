@@ -31,8 +31,8 @@ CFG skip (SkipVAR, StageVAR and LD-Pruning drop the unconditional branch at late
 `+cfg_skip` or `+cfg_skip:<s>` runs that method with the skip (e.g. `toprovar-full+cfg_skip:10`).
 
 Latency: the median over prompts of the milliseconds per image of the call that generated it
-(`Trace.total_ms`: scale loop + VAE decode, text encoding excluded; CUDA events on GPU), after one
-warm-up call per method on the first batch (the warm-up also records the kept tokens for the
+(`Trace.total_ms`: scale loop + VAE decode, text encoding excluded; CUDA events on GPU), after `warmup`
+warm-up calls per method at each batch size (the first also records the kept tokens for the
 figure, so no timed call carries the recorder); timed calls go batch by batch with the methods
 interleaved, so slow drift of the machine hits every method alike. FLOPs: `toprovar.flops.trace_flops`, executed /
 unpruned, summed over the prompts. PSNR: from the mean squared error pooled over the prompts.
@@ -60,6 +60,7 @@ from toprovar.policy import (
     policy_from_dict,
     shipped_policies,
 )
+from toprovar.schemas import CompareConfig
 
 BUILTIN_BASES = ("fastvar", "fastvar_authors", "fixed_exit", "toprovar")
 CFG_SKIP = "cfg_skip"
@@ -374,22 +375,18 @@ class CompareResult:
     notes: list[str]
 
 
-def _prompts(cfg: dict[str, Any], backbone: str) -> tuple[list[str], list[int], list[Any]]:
-    """The prompts, their seeds and what the evaluator reads for each (a tiny scene, else the prompt)."""
-    prompts = cfg.get("text_prompts")
-    specs = None
-    n = int(cfg.get("n_prompts") or 4)
-    if n < 1:
-        raise UserError(f"n_prompts={n}; give at least 1")
+def _prompts(cfg: CompareConfig, spec: Any) -> tuple[list[str], list[int], list[Any]]:
+    """The prompts, their seeds and what the evaluator reads for each (the backbone's built-in
+    prompts' specs, e.g. tiny's scenes; else the prompt)."""
+    if cfg.n_prompts < 1:
+        raise UserError(f"n_prompts={cfg.n_prompts}; give at least 1")
+    prompts, specs = cfg.text_prompts, None
     if prompts is None:
-        if backbone == "tiny":
-            from toprovar.tiny.scenes import sample_scenes  # lazy: only the tiny backbone has scenes
-
-            scenes = sample_scenes(n, seed=int(cfg.get("prompt_seed") or 0))
-            prompts, specs = [s.caption for s in scenes], list(scenes)
+        if spec.prompt_source is not None:  # e.g. tiny: captions of procedural scenes, which geneval-lite reads
+            prompts, specs = spec.prompt_source.sample(cfg.n_prompts, cfg.prompt_seed)
         else:
-            prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(n)]
-    prompts, seeds = prompts_and_seeds(prompts, cfg.get("seeds"))
+            prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(cfg.n_prompts)]
+    prompts, seeds = prompts_and_seeds(prompts, cfg.seeds)
     return prompts, seeds, specs if specs is not None else list(prompts)
 
 
@@ -433,85 +430,92 @@ def markdown_table(frame, columns: dict[str, tuple[str, int]]) -> str:
     return "\n".join(lines)
 
 
-def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) -> CompareResult:
-    """Run every method of `cfg` (a plain dict of toprovar/conf/compare.yaml) and write the report into `out_dir`."""
+def run_compare(cfg: CompareConfig, out_dir: Path, *, progress: bool = True) -> CompareResult:
+    """Run every method of `cfg` (toprovar/conf/compare.yaml) and write the report into `out_dir`."""
     import pandas as pd
     import torch
     import yaml
     from tqdm.auto import tqdm
 
+    from toprovar.batching import BatchLimit, Chunk, resolve_batch_size, run_in_chunks
     from toprovar.flops import trace_flops
     from toprovar.metrics import geneval_scorer, psnr, ssim
     from toprovar.models import registry
-    from toprovar.pipeline import generate
+    from toprovar.pipeline import generate, release_fast_state
     from toprovar.plots import plot_pruned_tokens, save_labelled_grid, slug
     from toprovar.trace import record_kept_tokens
 
-    group = cfg["backbone"]
+    group = cfg.backbone
     name = group["name"]
-    if name not in registry.backbone_names():
-        try:
-            import toprovar.tiny  # noqa: F401  (registers `tiny` where it exists)
-        except ImportError:
-            pass
     spec = registry.get_backbone(name)
-    settings = generation_settings(group, cfg, prog="toprovar compare")
+    settings = generation_settings(group, dataclasses.asdict(cfg), prog="toprovar compare")
     schedule = spec.schedules.scale_schedule(settings.get("h_div_w", 1.0), settings.get("pixels") or spec.pixels)
     n_scales, depth = len(schedule), spec.transformer.depth
     methods = resolve_methods(
-        cfg.get("methods"),
-        name,
-        n_scales,
-        depth,
-        pixels=settings.get("pixels"),
-        allow_other_backbone=bool(cfg.get("allow_other_backbone")),
+        cfg.methods, name, n_scales, depth, pixels=settings.get("pixels"), allow_other_backbone=cfg.allow_other_backbone
     )
     with_cfg = guided(settings.get("guidance_scale", spec.guidance_scale))
     notes = [n for m in methods for n in schedule_notes(m, n_scales, with_cfg)]
     for note in notes:
         warnings.warn(note, stacklevel=2)
-    prompts, seeds, specs = _prompts(cfg, name)
-    batch = int(cfg.get("batch_size") or 1)
-    warmup = int(cfg.get("warmup") if cfg.get("warmup") is not None else 1)
-    if batch < 1 or warmup < 0:
-        raise UserError(f"batch_size={batch} and warmup={warmup}: need batch_size >= 1 and warmup >= 0")
+    prompts, seeds, specs = _prompts(cfg, spec)
+    warmup = cfg.warmup
+    if warmup < 0:
+        raise UserError(f"warmup={warmup}; give 0 or more")
     scorer = geneval_scorer(name)
-    device, dtype = registry.resolve_device(cfg.get("device", "auto")), registry.resolve_dtype(cfg.get("dtype", "auto"))
+    device, dtype = registry.resolve_device(cfg.device), registry.resolve_dtype(cfg.dtype)
+    batch = resolve_batch_size(
+        cfg.batch_size, group, spec, device, pixels=settings.get("pixels"), h_div_w=settings.get("h_div_w")
+    )
 
     backbone = registry.build_backbone(spec, group.get("weights"), device=device, dtype=dtype)
-    chunks = [(s, prompts[s : s + batch], seeds[s : s + batch]) for s in range(0, len(prompts), batch)]
     runs: dict[str, dict[str, Any]] = {
         m.label: {"images": [], "latency": [], "executed": 0.0, "unpruned": 0.0, "first": None} for m in methods
     }
-    bar = tqdm(
-        total=len(methods) * (len(chunks) + (1 if warmup else 0)), desc="compare", unit="batch", disable=not progress
-    )
+    bar = tqdm(total=len(methods) * len(prompts), desc="compare", unit="image", disable=not progress)
+    warmed: set[int] = set()  # batch sizes warmed up: each new size captures its own graphs
 
-    def call(method: Method, chunk: list[str], chunk_seeds: list[int], record: bool):
-        policy = method.policy if method.prunes else None
-        res = generate(
-            backbone, chunk, chunk_seeds, policy=record_kept_tokens(policy) if record else policy, **settings
-        )
+    def call(method: Method, chunk: Chunk):
+        """One generate call; a pruning method's first call (a warm-up unless warmup=0) records its
+        kept tokens for the figure, so no timed call carries the recorder."""
         run = runs[method.label]
+        policy = method.policy if method.prunes else None
+        record = method.prunes and run["first"] is None
+        texts, chunk_seeds = [prompts[i] for i in chunk.padded], [seeds[i] for i in chunk.padded]
+        res = generate(
+            backbone, texts, chunk_seeds, policy=record_kept_tokens(policy) if record else policy, **settings
+        )
         run["first"] = run["first"] or res
         return res
 
-    for method in methods:  # warm-up calls, the first one records the kept tokens for the figure
-        bar.set_postfix_str(f"warm-up {method.label}")
-        for w in range(warmup):
-            call(method, chunks[0][1], chunks[0][2], record=w == 0 and method.prunes)
-        if warmup:
-            bar.update(1)
-    for i, (_, chunk, chunk_seeds) in enumerate(chunks):  # methods interleaved: drift hits all alike
+    def chunk_of_every_method(chunk: Chunk) -> dict[str, Any]:
+        """Every method on one chunk (methods interleaved: slow drift of the machine hits all alike),
+        after `warmup` calls each where the chunk's batch size is new (its graphs are captured then)."""
+        if chunk.size not in warmed:
+            for method in methods:
+                bar.set_postfix_str(f"warm-up {method.label}")
+                for _ in range(warmup):
+                    call(method, chunk)
+            warmed.add(chunk.size)
+        results = {}
         for method in methods:
             bar.set_postfix_str(method.label)
-            res = call(method, chunk, chunk_seeds, record=warmup == 0 and i == 0 and method.prunes)
-            run = runs[method.label]
-            run["images"].append(res.images)
-            run["latency"] += [res.trace.total_ms / len(chunk)] * len(chunk)
+            results[method.label] = call(method, chunk)
+        return results
+
+    def release() -> None:  # after an out-of-memory error: the fast path's buffers of the failed size
+        release_fast_state(backbone.transformer)
+
+    limit = BatchLimit(batch, "toprovar compare")
+    for chunk, results in run_in_chunks(len(prompts), limit, chunk_of_every_method, release=release):
+        share = len(chunk) / chunk.size  # padded copies of the last prompt are left out
+        for label, res in results.items():
+            run = runs[label]
+            run["images"].append(res.images[: len(chunk)])
+            run["latency"] += [res.trace.total_ms / chunk.size] * len(chunk)
             e, u = trace_flops(res.trace)
-            run["executed"], run["unpruned"] = run["executed"] + e, run["unpruned"] + u
-            bar.update(1)
+            run["executed"], run["unpruned"] = run["executed"] + e * share, run["unpruned"] + u * share
+        bar.update(len(methods) * len(chunk))
     bar.close()
     for run in runs.values():
         run["images"] = torch.cat(run["images"])
@@ -615,7 +619,8 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
         f"- generation settings: {settings or 'backbone defaults'} (guidance_scale "
         f"{settings.get('guidance_scale', spec.guidance_scale)}, "
         f"temperature {settings.get('temperature', spec.temperature)})",
-        f"- prompts: {len(prompts)}, batch size {batch}, warm-up calls per method {warmup}",
+        f"- prompts: {len(prompts)}, batch size {' then '.join(map(str, limit.history))} (equal chunks), "
+        f"warm-up calls per method and batch size {warmup}",
         "- latency: median over prompts of ms per image (scale loop + VAE decode, text encoding excluded; "
         "CUDA events on GPU); speedup = baseline latency / latency",
         "- FLOP ratio: executed / unpruned transformer FLOPs (toprovar.flops), summed over prompts; "

@@ -56,17 +56,19 @@ def psnr(images: Tensor, references: Tensor, reduction: str = "none") -> Tensor:
 
 def geneval_scorer(backbone_name: str) -> Evaluator | None:
     """The backbone's automatic evaluator `(images, prompts) -> {score name: (N,) in [0, 1]}` for
-    every name in `GENEVAL_SCORES`, or None where the backbone has none.
+    every name in `GENEVAL_SCORES`, or None where the backbone has none (`BackboneSpec.geneval`).
 
     Only `tiny` has one: geneval-lite (`toprovar.tiny.evaluate.geneval_lite_scores`) — `binary`, 1
     where every check of the prompt's caption holds; `share`, the share of its checks that hold
     (graded; half the paired noise, docs/benchmarks.md). `prompts` are captions or scenes.
     """
-    if backbone_name != "tiny":
+    from toprovar.models.registry import get_backbone  # lazy: the metrics stay importable without the models
+
+    geneval = get_backbone(backbone_name).geneval
+    if geneval is None:
         return None
-    from toprovar.tiny.evaluate import geneval_lite_scores  # lazy: only the tiny backbone has an evaluator
 
     def score(images: Tensor, prompts: Sequence[Any]) -> dict[str, np.ndarray]:
-        return dict(zip(GENEVAL_SCORES, geneval_lite_scores(images, prompts)))
+        return dict(zip(GENEVAL_SCORES, geneval(images, prompts)))
 
     return score

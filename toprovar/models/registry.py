@@ -55,8 +55,25 @@ class WeightPaths:
 
 
 @dataclass(frozen=True)
+class PromptSource:
+    """A backbone's built-in prompts (e.g. tiny's captioned procedural scenes), named as configs name
+    it (`prompts.source` of `python -m calibrate`): `sample(count, seed)` -> (captions, specs), where
+    a spec is what the backbone's evaluator reads for its prompt (the same `count` and `seed` always
+    give the same prompts)."""
+
+    name: str
+    sample: Callable[[int, int], tuple[list[str], list[Any]]]
+
+
+# (images (N, H, W, 3) uint8, prompts or specs) -> one (N,) float array in [0, 1] per name of
+# toprovar.metrics.GENEVAL_SCORES, in that order.
+GenevalFunction = Callable[[torch.Tensor, Any], tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
-    """Everything that names a backbone; plain values, no Hydra."""
+    """Everything that names a backbone and what is particular to it; plain values, no Hydra.
+    Generic code asks the spec (`prompt_source`, `geneval`), never a backbone's name."""
 
     name: str
     transformer: TransformerConfig
@@ -68,6 +85,8 @@ class BackboneSpec:
     temperature: float = 1.0  # default sampling temperature
     random_init: bool = False  # test backbones: seeded random weights when no path is given
     schedules: ScheduleFamily = INFINITY_SCHEDULES  # token grids per aspect ratio and pixel budget
+    prompt_source: PromptSource | None = None  # built-in prompts (compare's, calibration's), if any
+    geneval: GenevalFunction | None = None  # automatic prompt evaluator (toprovar.metrics.geneval_scorer)
 
 
 @dataclass
@@ -112,6 +131,12 @@ def _import_embedded() -> None:
 def backbone_names() -> list[str]:
     _import_embedded()
     return sorted(_BACKBONES)
+
+
+def prompt_sources() -> dict[str, PromptSource]:
+    """Every registered backbone's built-in prompt source, by its name."""
+    _import_embedded()
+    return {spec.prompt_source.name: spec.prompt_source for spec in _BACKBONES.values() if spec.prompt_source}
 
 
 def get_backbone(name: str | BackboneSpec) -> BackboneSpec:

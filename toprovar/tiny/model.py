@@ -19,7 +19,13 @@ import torch
 
 from toprovar.errors import UserError
 from toprovar.models.checkpoint import check_state_dict, expected_shapes
-from toprovar.models.registry import BackboneSpec, WeightPaths, register_backbone, register_text_encoder
+from toprovar.models.registry import (
+    BackboneSpec,
+    PromptSource,
+    WeightPaths,
+    register_backbone,
+    register_text_encoder,
+)
 from toprovar.models.transformer import TransformerConfig
 from toprovar.models.vae import VAEConfig
 from toprovar.schedules import ScheduleFamily
@@ -73,6 +79,22 @@ WEIGHTS = WeightPaths(
 DEFAULT_GUIDANCE_SCALE = 3.0  # best of 2, 3, 4 on held-out and fresh prompts
 DEFAULT_TEMPERATURE = 1.0
 
+
+def scene_prompts(count: int, seed: int) -> tuple[list[str], list]:
+    """`count` captioned procedural scenes of `seed` (toprovar.tiny.scenes): captions, scenes."""
+    from toprovar.tiny.scenes import sample_scenes  # lazy: rendering code, only needed when asked
+
+    scenes = sample_scenes(count, seed=seed)
+    return [scene.caption for scene in scenes], list(scenes)
+
+
+def geneval_lite(images: torch.Tensor, prompts) -> tuple:
+    """geneval-lite (toprovar.tiny.evaluate): binary and share scores per image."""
+    from toprovar.tiny.evaluate import geneval_lite_scores  # lazy: scipy
+
+    return geneval_lite_scores(images, prompts)
+
+
 TINY_SPEC = BackboneSpec(
     name=NAME,
     transformer=TINY_TRANSFORMER,
@@ -83,6 +105,8 @@ TINY_SPEC = BackboneSpec(
     guidance_scale=DEFAULT_GUIDANCE_SCALE,
     temperature=DEFAULT_TEMPERATURE,
     schedules=TINY_SCHEDULES,
+    prompt_source=PromptSource("tiny_scenes", scene_prompts),
+    geneval=geneval_lite,
 )
 
 

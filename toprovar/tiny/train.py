@@ -26,7 +26,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,63 +40,11 @@ from toprovar.models.registry import resolve_device
 from toprovar.models.transformer import InfinityTransformer, random_state_dict
 from toprovar.models.vae import BSQVAE
 from toprovar.schedules import tokens_per_scale
+from toprovar.schemas import EvalConfig, TrainConfig, TransformerTrainConfig
 from toprovar.tiny.model import TINY_SCHEDULES, TINY_TRANSFORMER, TINY_VAE, save_text_encoder, text_encoder_config
 from toprovar.tiny.text import PAD, WordTextEncoder
 
 STAGES = ("vae", "transformer", "all")
-
-
-@dataclass
-class VAETrainConfig:
-    steps: int = 1600
-    batch: int = 64
-    lr: float = 4e-4
-    warmup: int = 200
-    edge_weight: float = 0.5  # L1 of image gradients: keeps shape edges and stripes sharp
-
-
-@dataclass
-class TransformerTrainConfig:
-    steps: int = 11100
-    batch: int = 96
-    lr: float = 1e-3
-    warmup: int = 400
-    weight_decay: float = 0.05
-    cfg_drop: float = 0.1  # share of captions replaced by cfg_uncond
-    bitflip_strength: float = 0.2  # max flip rate of bitwise self-correction
-    scale_weight_power: float = 0.5  # token weight ∝ tokens_of_its_scale^-power (coarse scales count more)
-    ema: float = 0.999
-    compile: bool = False  # torch.compile the teacher-forced forward + loss (CUDA; falls back to eager)
-    # Data recipe. kind_weights: relative frequency of each caption kind (missing: 1; empty: uniform).
-    # relation_contrast: every `position` scene is followed in its batch by its mirror image with the
-    # noun phrases or the relation word swapped (scenes.relation_contrast), so the pair differs only in
-    # what decides the layout.
-    kind_weights: dict[str, float] = field(default_factory=dict)
-    relation_contrast: bool = False
-
-
-@dataclass
-class EvalConfig:
-    prompts: int = 192  # held-out prompts for geneval-lite
-    psnr_images: int = 256
-    guidance_scales: list[float] = field(default_factory=lambda: [2.0, 3.0, 4.0])
-    batch: int = 64
-
-
-@dataclass
-class TrainConfig:
-    stage: str = "all"
-    seed: int = 0
-    device: str = "auto"
-    out_dir: str | None = None
-    vae_weights: str | None = None  # stage=transformer: a trained VAE (default: this run's)
-    init_from: str | None = None  # stage=transformer: start from exported weights (a folder) to train on
-    export_to: str | None = None
-    max_minutes: float | None = None  # checkpoint and stop after this long (re-run to resume)
-    checkpoint_every_s: float = 120.0
-    vae: VAETrainConfig = field(default_factory=VAETrainConfig)
-    transformer: TransformerTrainConfig = field(default_factory=TransformerTrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 SCHEDULE = TINY_SCHEDULES.full_schedule(1.0)
@@ -484,9 +432,32 @@ def save_grid(images: Tensor, captions: list[str], path: Path, columns: int = 8)
 # -- the command -------------------------------------------------------------------------------------
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
+def check_config(cfg: TrainConfig) -> None:
+    """One-line UserErrors for values that have no meaning: an unknown stage, a count below 1, a
+    negative warm-up, a checkpoint interval that is not positive."""
     if cfg.stage not in STAGES:
         raise UserError(f"stage={cfg.stage!r}; choose one of {', '.join(STAGES)}")
+    counts = {
+        "vae.steps": cfg.vae.steps,
+        "vae.batch": cfg.vae.batch,
+        "transformer.steps": cfg.transformer.steps,
+        "transformer.batch": cfg.transformer.batch,
+        "eval.prompts": cfg.eval.prompts,
+        "eval.psnr_images": cfg.eval.psnr_images,
+        "eval.batch": cfg.eval.batch,
+    }
+    for key, value in counts.items():
+        if value < 1:
+            raise UserError(f"{key}={value}; give at least 1")
+    for key, value in {"vae.warmup": cfg.vae.warmup, "transformer.warmup": cfg.transformer.warmup}.items():
+        if value < 0:
+            raise UserError(f"{key}={value}; give 0 or more")
+    if not cfg.checkpoint_every_s > 0:
+        raise UserError(f"checkpoint_every_s={cfg.checkpoint_every_s}; give a positive number of seconds")
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    check_config(cfg)
     from toprovar.tiny.scenes import sample_scenes
 
     try:  # the sampler is the one place that knows valid weights; check them before any training
@@ -540,7 +511,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def parse_config(cfg: Any) -> TrainConfig:
-    """A composed Hydra config -> TrainConfig; unknown keys and wrong types are one-line errors."""
+    """A composed Hydra config (or a dict of every key) -> TrainConfig; unknown keys, missing keys and
+    wrong types are one-line errors. The schema has no defaults: toprovar/conf/train_tiny.yaml does."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 

@@ -3,12 +3,12 @@
 # random-weight files in the official formats, generation with the exported policy, and the
 # batching benchmark.
 #
-#   OUT=/somewhere tools/fullscale.sh STAGE [STAGE ...]        (run from the repository root)
+#   OUT=/somewhere benchmarks/fullscale.sh STAGE [STAGE ...]        (run from the repository root)
 #
 # Stages, each idempotent (a finished one only reports again) and each writing its results to $OUT:
 #   synth2b, synth8b      random weights in the official layout -> $WORK/w2b, $WORK/w8b (~1-3 min each;
 #                         skipped when the files are there; the calib/generate stages run them when needed)
-#   batching              tools/bench_batch.py: 2B at batch $BATCHES2B, 8B at $BATCHES8B (random weights, no files)
+#   batching              python -m benchmarks.batch: 2B at batch $BATCHES2B, 8B at $BATCHES8B (random weights, no files)
 #   calib2b, calib8b      python -m calibrate backbone=infinity-2b|8b backbone.weights.*=<files> tracking=local;
 #                         stopped with SIGINT before DEADLINE_S (trials so far are kept) and resumed by the
 #                         next call of the same stage (the Optuna study lives in $WORK/calib-<backbone>)
@@ -185,21 +185,21 @@ batching() {
   say "batching: infinity-2b at batch $BATCHES2B"
   local smoke=""
   [ "$SMALL" = 1 ] && smoke=--smoke
-  python3 tools/bench_batch.py --backbone infinity-2b --batches "$BATCHES2B" --json-out "$OUT/batching-2b.json" \
+  python3 -m benchmarks.batch --backbone infinity-2b --batches "$BATCHES2B" --json-out "$OUT/batching-2b.json" \
     --md-out "$OUT/batching-2b.md" $smoke
   say "batching: infinity-8b at batch $BATCHES8B"
-  python3 tools/bench_batch.py --backbone infinity-8b --batches "$BATCHES8B" --json-out "$OUT/batching-8b.json" \
+  python3 -m benchmarks.batch --backbone infinity-8b --batches "$BATCHES8B" --json-out "$OUT/batching-8b.json" \
     --md-out "$OUT/batching-8b.md" $smoke
 }
 
 clip_model() {
   [ -f "$WORK/clip/model.safetensors" ] && return 0
   say "clip: a random CLIP of ViT-L/14 shapes -> $WORK/clip"
-  python3 tools/random_clip.py "$WORK/clip" --preset "$([ "$SMALL" = 1 ] && echo test || echo vit-l-14)"
+  python3 benchmarks/random_clip.py "$WORK/clip" --preset "$([ "$SMALL" = 1 ] && echo test || echo vit-l-14)"
 }
 
 preflight
-[ $# -gt 0 ] || { echo "usage: OUT=... tools/fullscale.sh synth2b|synth8b|batching|calib2b|calib8b|generate2b|generate8b|gputests|clip ..."; exit 2; }
+[ $# -gt 0 ] || { echo "usage: OUT=... benchmarks/fullscale.sh synth2b|synth8b|batching|calib2b|calib8b|generate2b|generate8b|gputests|clip ..."; exit 2; }
 for stage in "$@"; do
   case $stage in
     synth2b) synth 2b ;;

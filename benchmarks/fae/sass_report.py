@@ -1,6 +1,6 @@
 """Compile the FAE kernel for sm_90 without a GPU and report what the compiler made of it.
 
-    python -m tools.fae.sass_report [--dump DIR]
+    python -m benchmarks.fae.sass_report [--dump DIR]
 
 For each variant: registers, spills, shared memory, and counts of the SASS instructions that
 matter (HGMMA = Hopper wgmma, HMMA = the older mma.sync path, MUFU.EX2, UTMALDG = TMA loads,

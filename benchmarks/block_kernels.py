@@ -1,7 +1,7 @@
 """Count the kernel launches of one transformer block on the fast path, on a CPU.
 
-    python -m tools.block_kernels              # a table: launches per block / per scale, per variant
-    python -m tools.block_kernels --ops        # also every launch site, in order
+    python -m benchmarks.block_kernels              # a table: launches per block / per scale, per variant
+    python -m benchmarks.block_kernels --ops        # also every launch site, in order
 
 The GPU recipe of the fused stages (bf16 linear inputs, the FFN's GELU in the matmul epilogue,
 the Triton kernels) is taken on CPU tensors: `_gpu_recipe` and `triton_available` are patched to

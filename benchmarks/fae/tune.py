@@ -1,8 +1,8 @@
 """Time the FAE kernel's variants on one GPU in one go: compile all (in parallel), check each
 against float64, time each with and without entropy (alternating the twins over several rounds,
-medians reported) beside PyTorch SDPA and the previous kernel (tools/fae/v0.py).
+medians reported) beside PyTorch SDPA and the previous kernel (benchmarks/fae/v0.py).
 
-    python -m tools.fae.tune [--out DIR] [--shapes main|all] [--rounds 3] [--ncu [VARIANT ...]]
+    python -m benchmarks.fae.tune [--out DIR] [--shapes main|all] [--rounds 3] [--ncu [VARIANT ...]]
 
 Shapes are benchmarks.attention's: B=2, D=128, bf16, the last five scales of the 1M schedule, 16 and 28
 heads. Writes DIR/tune.json after every shape (a run cut short still leaves numbers) and prints a
@@ -57,7 +57,7 @@ def _inputs(heads: int, lq: int, lk: int, seed: int = 0):
 
 
 def _run(name: str, q, k, v, ent: bool):
-    from tools.fae import v0
+    from benchmarks.fae import v0
     from toprovar.kernels.triton_fae import launch
 
     if name.startswith("v0_"):
@@ -128,7 +128,7 @@ def sweep(out_dir: str, which: str, rep: int, rounds: int) -> dict:
             "triton": triton.__version__,
             "python": platform.python_version(),
             "date": date.today().isoformat(),
-            "command": "python -m tools.fae.tune " + " ".join(sys.argv[1:]),
+            "command": "python -m benchmarks.fae.tune " + " ".join(sys.argv[1:]),
             "times": f"median over {rounds} rounds of do_bench medians (ms, L2 flushed between runs)",
         },
         "rows": [],
@@ -268,7 +268,7 @@ def ncu_profile(out_dir: str, names: list[str]) -> None:
             "--csv",
             sys.executable,
             "-m",
-            "tools.fae.tune",
+            "benchmarks.fae.tune",
             "--ncu-target",
             *names,
         ]
@@ -323,7 +323,7 @@ def main() -> None:
     parser.add_argument("--ncu-target", nargs="*", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("tools.fae.tune needs a CUDA GPU")
+        raise SystemExit("benchmarks.fae.tune needs a CUDA GPU")
     if args.ncu_target is not None:
         return ncu_target(args.ncu_target)
     os.makedirs(args.out, exist_ok=True)

@@ -1,5 +1,5 @@
 """A CLIP model folder with random weights, for `quality.clip` without a download:
-`python tools/random_clip.py OUT [--preset test|vit-l-14] [--seed 0]`.
+`python benchmarks/random_clip.py OUT [--preset test|vit-l-14] [--seed 0]`.
 
 What `CLIPModel.from_pretrained` / `CLIPProcessor.from_pretrained` read, written the way
 `save_pretrained` writes it: config.json and model.safetensors (a CLIPModel from a CLIPConfig,

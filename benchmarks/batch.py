@@ -1,4 +1,4 @@
-"""Images per second vs batch size on the fast path: `python tools/bench_batch.py [--backbone infinity-2b]
+"""Images per second vs batch size on the fast path: `python -m benchmarks.batch [--backbone infinity-2b]
 [--batches 1,2,4,8] [--reps 3] [--json-out F] [--md-out F] [--smoke]`.
 
 Random weights of the backbone's shapes (`benchmarks.latency.random_backbone`: no files, no T5;

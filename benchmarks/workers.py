@@ -1,7 +1,7 @@
 """Trials per minute of the calibration search with 1, 2, ... workers (`search.workers=N`).
 
-    python tools/bench_workers.py --smoke                              # CPU, test-small: checks the tool
-    python tools/bench_workers.py --workers 1 2 --n-trials 16 -- backbone=infinity-2b \\
+    python -m benchmarks.workers --smoke                              # CPU, test-small: checks the tool
+    python -m benchmarks.workers --workers 1 2 --n-trials 16 -- backbone=infinity-2b \\
         backbone.weights.transformer=... backbone.weights.vae=... backbone.weights.text_encoder=...
 
 For each N it runs `python -m calibrate stages=[presample,search] search.workers=N tracking=off`

@@ -1,4 +1,4 @@
-"""FROZEN BASELINE: toprovar/kernels/triton_fae.py as of commit 4a54eaa, kept only so `tools.fae.tune` can time the
+"""FROZEN BASELINE: toprovar/kernels/triton_fae.py as of commit 4a54eaa, kept only so `benchmarks.fae.tune` can time the
 previous kernel beside the new one in the same session. Not used by the package."""
 
 from __future__ import annotations
