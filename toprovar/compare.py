@@ -445,7 +445,7 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, *, progress: bool = True) ->
     from toprovar.models import registry
     from toprovar.pipeline import generate
     from toprovar.plots import plot_pruned_tokens, save_labelled_grid, slug
-    from toprovar.trace import record_kept_tokens
+    from toprovar.pruning.recording import record_kept_tokens
 
     group = cfg["backbone"]
     name = group["name"]
