@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
+from toprovar.attention import entropy_kernel
 from toprovar.flops import linear_flops_per_token, trace_flops
 from toprovar.pipeline import generate
 from toprovar.policy import policy_from_dict
-from toprovar.pruning import Pruner, stages
+from toprovar.pruning import Pruner, as_pruner, stages
 from toprovar.pruning.fastvar import frequency_scores, top_tokens
 
 
@@ -385,6 +386,7 @@ class _HookLog(Pruner):
         self.inner, self.skip_idle = inner, skip_idle
         self.acts: dict[int, bool] = {}
         self.did: dict[int, set[str]] = {}
+        self.ends: dict[int, torch.Tensor] = {}  # the hidden states after each scale's last block
 
     @property
     def plans_statically(self) -> bool:
@@ -434,7 +436,7 @@ class _HookLog(Pruner):
         self.inner.observe(si, li, entropy)
 
     def end_scale(self, si: int, x: torch.Tensor) -> None:
-        before = x.clone()
+        before = self.ends[si] = x.clone()
         self.inner.end_scale(si, x)
         if not torch.equal(before, x):
             self._log(si, "changed x")
@@ -513,3 +515,62 @@ def test_acts_at_and_static_plans_of_each_pruner(small) -> None:
     assert KeptTokenRecorder(pruners["fastvar per_block"]).plans_statically is False
     assert KeptTokenRecorder(pruners["fixed exit"]).plans_statically is True
     assert EntropyRecorder().plans_statically and EntropyRecorder().acts_at(0)
+
+
+def test_a_policy_that_prunes_nothing_runs_the_unpruned_numbers(small) -> None:
+    """ToProVAR reading entropy at every scale from 1 on (probe layer, online layer scores at the
+    representative scale, cached updates recorded) but never crossing τ: its attention with entropy
+    is SDPA's own output (`toprovar.attention`, kernel "beside"), so every scale's hidden states,
+    and the bits, are the unpruned ones (with the "fae" kernel they are not)."""
+    never = _toprovar(
+        scale={"tau": 1.0, "crossing": "above", "min_scale": 1},
+        layer={"mode": "online"},
+        token={"alpha_min": 0.2, "alpha_max": 0.8, "restore": "cached"},
+    )
+    seeds = torch.randint(0, 2**31 - 1, (2,)).tolist()
+    plain = _HookLog(as_pruner("none"))
+    ref = generate(small, ["a red cube", "a blue ball"], seeds, policy=plain)
+    log = _HookLog(as_pruner(never))
+    res = generate(small, ["a red cube", "a blue ball"], seeds, policy=log)
+    assert res.trace.pruning["D"] is None and all(r.rho is not None for r in res.trace.scales[1:])
+    assert all("entropy" in log.did.get(si, ()) for si in range(1, len(res.trace.scales)))
+    assert all(torch.equal(plain.ends[si], log.ends[si]) for si in plain.ends)
+    assert all(torch.equal(a, b) for a, b in zip(ref.bits, res.bits)) and torch.equal(ref.images, res.images)
+    fae = _HookLog(as_pruner(never))
+    with entropy_kernel("fae"):
+        generate(small, ["a red cube", "a blue ball"], seeds, policy=fae)
+    assert not all(torch.equal(plain.ends[si], fae.ends[si]) for si in plain.ends)
+
+
+@pytest.mark.parametrize(
+    "doc, where, allowed",
+    [
+        ({"method": "toprovar", "scale": {"min_scale": 7}}, "scale.min_scale: got 7", "[0, 6]"),
+        ({"method": "toprovar", "layer": {"ratios": [1.5, 2.0, 3.0]}}, "layer.ratios: got 3 values", "expected 2"),
+        ({"method": "toprovar", "token": {"protect_layers": 2}}, "token.protect_layers: got 2", "[1, 1]"),
+        (
+            {"method": "fastvar", "fastvar": {"ratios": {7: 0.5}, "layers": [1, 2]}},
+            "fastvar.ratios: got key 7",
+            "[0, 6]",
+        ),
+        ({"method": "fastvar", "fastvar": {"ratios": {5: 0.5}, "layers": [1, 3]}}, "fastvar.layers", "end <= 2"),
+        ({"method": "fixed_exit", "fixed_exit": {"exit_scale": 9}}, "fixed_exit.exit_scale: got 9", "[0, 6]"),
+        ({"method": "none", "guidance": {"skip_uncond_from_scale": 7}}, "skip_uncond_from_scale: got 7", "[0, 6]"),
+    ],
+)
+def test_a_policy_past_the_runs_scales_or_layers_is_refused_by_generate(small, tmp_path, doc, where, allowed) -> None:
+    """Issue 22: the Python API loads a policy path without a backbone; the pruner refuses what the
+    call's schedule (7 scales) and depth (2) do not have, in one line, before any scale runs (it
+    ran unpruned: a scale past the schedule is never reached)."""
+    import yaml
+
+    from toprovar.errors import UserError
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    log = _HookLog(as_pruner(str(path)))
+    with pytest.raises(UserError) as err:
+        generate(small, ["a red cube"], [1], policy=log)
+    message = str(err.value)
+    assert where in message and allowed in message and "'test-small'" in message and "\n" not in message
+    assert log.acts == {} and log.ends == {}  # no scale ran

@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from toprovar.errors import UserError
+from toprovar.policy import Policy, check_policy_for_backbone
+
 if TYPE_CHECKING:
     from toprovar.trace import Trace
 
@@ -35,6 +38,20 @@ class PrunerContext:
     def rows_at(self, si: int) -> int:
         """Rows of the transformer batch at scale si (the unconditional ones dropped after a CFG skip)."""
         return self.scale_rows[si] if self.scale_rows else self.rows
+
+    def check_policy(self, policy: Policy) -> None:
+        """Refuse, in one line, a policy whose scale indices or layers this run does not have
+        (`toprovar.policy.check_policy_for_backbone` against this call's schedule and depth). The
+        commands check it before any weights load; this catches the Python API's
+        `generate(..., policy=path)`, which would otherwise run a scale past the schedule as never
+        reached, unpruned. The backbone's name is the commands' check (they may allow another)."""
+        check_policy_for_backbone(
+            policy,
+            backbone=self.trace.backbone,
+            n_scales=len(self.schedule),
+            depth=self.depth,
+            allow_other_backbone=True,
+        )
 
 
 class Pruner:
@@ -96,6 +113,14 @@ class Pruner:
 
 class NoPruner(Pruner):
     """Runs every scale, every layer, every token (with its policy's CFG skip, if any)."""
+
+    def begin(self, ctx: PrunerContext) -> None:
+        skip, n = self.skip_uncond_from_scale, len(ctx.schedule)
+        if skip is not None and not 0 <= skip < n:
+            raise UserError(
+                f"policy guidance.skip_uncond_from_scale: got {skip}, expected a scale index in [0, {n - 1}] "
+                f"(backbone '{ctx.trace.backbone}': {n} scales)"
+            )
 
     def acts_at(self, si: int) -> bool:
         return False

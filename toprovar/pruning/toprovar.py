@@ -58,7 +58,7 @@ from torch import Tensor
 from toprovar.policy import Policy
 from toprovar.pruning import stages
 from toprovar.pruning.fastvar import frequency_scores
-from toprovar.pruning.hooks import Pruner
+from toprovar.pruning.hooks import Pruner, PrunerContext
 
 
 class ToProVARPruner(Pruner):
@@ -75,7 +75,8 @@ class ToProVARPruner(Pruner):
             self.skip_above = 0.5
 
     # -- hooks -------------------------------------------------------------------------------------
-    def begin(self, ctx) -> None:
+    def begin(self, ctx: PrunerContext) -> None:
+        ctx.check_policy(self.policy)
         self.ctx = ctx
         self.host_plan = bool(getattr(ctx, "host_plan", False))
         self._rho_pending: list[tuple[int, Tensor]] = []  # (scale, ρ_s on the device) read at the end
@@ -93,15 +94,7 @@ class ToProVARPruner(Pruner):
         self.ratios: Tensor | None = None
         need_online = self.policy.uses_layer or self.skip_above is not None
         if self.layer_cfg.mode == "static" and self.layer_cfg.ratios is not None:
-            ratios = torch.tensor(self.layer_cfg.ratios, dtype=torch.float32)
-            if ratios.numel() != self.depth:
-                from toprovar.errors import UserError
-
-                raise UserError(
-                    f"policy layer.ratios has {ratios.numel()} values but the backbone has "
-                    f"{self.depth} layers; recalibrate for this backbone"
-                )
-            self.ratios = ratios.to(ctx.device)
+            self.ratios = torch.tensor(self.layer_cfg.ratios, dtype=torch.float32).to(ctx.device)
             self.R = stages.layer_score(self.ratios, self.layer_cfg.beta)
             need_online = False
         rep = self.layer_cfg.representative_scale
