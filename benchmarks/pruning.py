@@ -24,7 +24,7 @@ excluded), median over `--repeats` interleaved rounds after `--warmup` rounds:
     = unpruned / pruned latency and their ratio (target ≥ 0.85), end to end and for the scale
     loop alone (the part FLOPs describe; the decode is the same in both runs);
   * decision overhead, by replay: the kept-token indices of a pruned run are recorded
-    (`toprovar.trace.KeptTokenRecorder`) and a third run replays them with a pruner that makes no
+    (`toprovar.pruning.recording.KeptTokenRecorder`) and a third run replays them with a pruner that makes no
     decision — it requests no entropy (SDPA instead of the entropy kernel at the probe layers),
     computes no ρ_s, sort or plan and never syncs with the host. Both runs execute the same tokens
     and layers (same FLOPs, same gathers/scatters), so overhead = pruned − replay latency: the
@@ -422,7 +422,7 @@ def measure(
 
     from toprovar.flops import trace_flops
     from toprovar.pipeline import generate
-    from toprovar.trace import record_kept_tokens
+    from toprovar.pruning.recording import record_kept_tokens
 
     prompt, seed, skip = [args.prompt], [args.seed], args.skip_uncond_from
     gen = partial(generate, backbone, prompt, seed, fast=opts, **kw)

@@ -1,5 +1,6 @@
 """Run by tests/test_kernels_fae.py in a subprocess with TRITON_INTERPRET=1 (set before triton
-is imported): the Triton kernel on CPU against the float64 reference. Exits non-zero on failure."""
+is imported): the Triton kernels on CPU against the float64 reference (FAE: out and entropy; the
+entropy-only kernel beside an attention's log-sum-exp). Exits non-zero on failure."""
 
 import math
 import os
@@ -9,7 +10,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1"
 import torch  # noqa: E402
 
 from toprovar.kernels.reference import attention_entropy_reference  # noqa: E402
-from toprovar.kernels.triton_fae import fae_forward  # noqa: E402
+from toprovar.kernels.triton_fae import entropy_forward, fae_forward  # noqa: E402
 
 torch.manual_seed(int(sys.argv[1]))
 CONFIG = (16, 16, 4, 1)  # small blocks so every shape below is ragged against them
@@ -47,5 +48,25 @@ for use_tma, after_pv in [(False, False), (True, False), (False, True), (True, T
         _, sharp_ref = attention_entropy_reference(sharp_q.double(), kn.double(), v.double(), 1.0)
         if sharp_ent.max() > 1e-3 or (sharp_ent.double() - sharp_ref.double()).abs().max() > 1e-5:
             failures.append(f"{tag} {(Lq, Lk)}: sharp rows entropy max {sharp_ent.max():.2e}")
+# The entropy-only kernel, given the log-sum-exp of the rows (exact, or off by a rounding-sized
+# amount, which its summed normalizer cancels); strided (view) queries as the model's blocks give.
+for B, H, Lq, Lk, D in SHAPES:
+    q = torch.randn(B, Lq, H, D).transpose(1, 2)
+    k = torch.randn(B, H, Lk, D)
+    scale = float(torch.rand(()) * 0.5 + 0.05) * (-1 if Lk == 9 else 1)
+    s = scale * q.double() @ k.double().transpose(-1, -2)
+    lse = torch.logsumexp(s, -1)
+    _, ref_ent = attention_entropy_reference(q.double(), k.double(), k.double(), scale)
+    for shift in (0.0, 1e-5):
+        ent = entropy_forward(q, k, (lse + shift).float(), scale, config=CONFIG)
+        if rel(ent, ref_ent) > 1e-5:
+            failures.append(f"entropy_forward {(B, H, Lq, Lk, D)} shift {shift}: {rel(ent, ref_ent):.2e}")
+    kn = torch.nn.functional.normalize(k, dim=-1)
+    sharp_q = kn[:, :, torch.randint(0, Lk, (Lq,))] * 200.0
+    sharp_lse = torch.logsumexp(sharp_q.double() @ kn.double().transpose(-1, -2), -1).float()
+    sharp = entropy_forward(sharp_q, kn, sharp_lse, 1.0, config=CONFIG)
+    flat = entropy_forward(torch.zeros_like(q), k, torch.full(q.shape[:3], math.log(Lk)), scale, config=CONFIG)
+    if sharp.max() > 1e-3 or (flat - math.log(Lk)).abs().max() > 1e-5:
+        failures.append(f"entropy_forward {(Lq, Lk)}: sharp max {sharp.max():.2e}, flat {flat.mean():.6f}")
 print("\n".join(failures) or "ok")
 sys.exit(1 if failures else 0)

@@ -19,7 +19,7 @@ from toprovar.flops import layer_flops, trace_flops
 from toprovar.models.transformer import KVCache
 from toprovar.pipeline import FastOptions, generate, release_fast_state
 from toprovar.policy import GuidanceStage, Policy, check_policy_for_backbone, policy_from_dict
-from toprovar.trace import record_kept_tokens
+from toprovar.pruning.recording import record_kept_tokens
 
 PROMPTS = ["a red cube on the grass", "two dogs", "a green ball left of a blue cube"]  # padded text rows
 N_SCALES = 7  # test-small at its default pixels

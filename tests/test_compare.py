@@ -25,7 +25,7 @@ from toprovar.compare import (
 )
 from toprovar.pipeline import generate
 from toprovar.plots import plot_pruned_tokens, pruned_token_maps
-from toprovar.trace import record_kept_tokens
+from toprovar.pruning.recording import record_kept_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 

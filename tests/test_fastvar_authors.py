@@ -9,7 +9,7 @@ import torch
 from toprovar.errors import UserError
 from toprovar.pipeline import generate, release_fast_state
 from toprovar.policy import check_policy_for_backbone, check_policy_for_spec, load_policy, policy_from_dict
-from toprovar.trace import record_kept_tokens
+from toprovar.pruning.recording import record_kept_tokens
 
 
 def _seeds(n: int) -> list[int]:

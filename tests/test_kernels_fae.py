@@ -1,5 +1,6 @@
 """Flash Attention Entropy: the chunked reference and the Triton kernel (interpreter on CPU)
-against float64 attention; sharp and flat rows; the runtime's attention entry point."""
+against float64 attention; sharp and flat rows; the runtime's attention entry point, whose
+entropy comes beside SDPA's unchanged output (from its log-sum-exp) or from the FAE kernel."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from toprovar.attention import attention
-from toprovar.kernels import flash_attn_entropy
-from toprovar.kernels.reference import attention_entropy_reference, naive_attention_entropy
+from toprovar.attention import ENTROPY_KERNELS, attention, entropy_kernel, prefer_cudnn_attention
+from toprovar.errors import UserError
+from toprovar.kernels import flash_attn_entropy, lse_entropy, sdpa_entropy
+from toprovar.kernels.reference import attention_entropy_reference, entropy_reference, naive_attention_entropy
+from toprovar.kernels.sdpa import sdpa_with_lse
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,19 +74,89 @@ def test_triton_kernel_in_the_interpreter() -> None:
     assert run.returncode == 0, run.stdout + run.stderr
 
 
-def test_runtime_attention_routes_entropy_to_the_kernel_api() -> None:
+@pytest.mark.parametrize("kernel", list(ENTROPY_KERNELS))
+def test_runtime_attention_routes_entropy_to_the_kernel_api(kernel: str) -> None:
     q, k, v = torch.randn(1, 4, 10, 32), torch.randn(1, 4, 25, 32), torch.randn(1, 4, 25, 32)
-    out, ent = attention(q, k, v, entropy=True, scale=0.3)
+    with entropy_kernel(kernel):
+        out, ent = attention(q, k, v, entropy=True, scale=0.3)
     ref_out, ref_ent = _exact(q, k, v, 0.3)
     assert _rel(out, ref_out) <= 1e-5 and _rel(ent, ref_ent) <= 1e-5
     plain, none = attention(q, k, v, entropy=False, scale=0.3)
     assert none is None and _rel(plain, ref_out) <= 1e-5
     torch.testing.assert_close(flash_attn_entropy(q, k, v, 0.3)[1], ent)
+    assert torch.equal(out, plain) == (kernel == "beside")  # FAE's output rounds its own way here
+    with pytest.raises(UserError, match="entropy kernel 'flash'"):
+        with entropy_kernel("flash"):
+            pass
+
+
+# (rows, heads, queries, keys, head dim) as the models call attention: one token, a first scale,
+# a middle scale over its KV-cache prefix, a last one; test-small (D 32) and tiny (3 heads, D 64).
+MODEL_SHAPES = [(4, 2, 1, 1, 32), (4, 2, 4, 5, 32), (16, 3, 36, 91, 64), (16, 3, 64, 155, 64), (8, 3, 256, 411, 64)]
+
+
+@pytest.mark.parametrize("B, H, Lq, Lk, D", MODEL_SHAPES)
+def test_entropy_beside_leaves_sdpas_output_bit_for_bit(B, H, Lq, Lk, D) -> None:
+    """attention(entropy=True) returns the very bits of attention(entropy=False), whatever the
+    query layout (the blocks hand it views of (B, L, H, D) projections), and the exact entropy:
+    on CPU bit for bit the one the FAE path (its chunked reference) gave."""
+    for _ in range(3):
+        q = torch.randn(B, Lq, H, D).transpose(1, 2)  # a view, as the blocks make it
+        k, v = torch.randn(B, H, Lk, D), torch.randn(B, H, Lk, D)
+        scale = float(torch.rand(()) + 0.5) * D**-0.5 * 4
+        out, ent = attention(q, k, v, entropy=True, scale=scale)
+        plain, _ = attention(q, k, v, entropy=False, scale=scale)
+        assert torch.equal(out, plain) and torch.equal(
+            out, attention(q.contiguous(), k, v, entropy=False, scale=scale)[0]
+        )
+        _, exact = _exact(q, k, v, scale)
+        assert torch.equal(ent, flash_attn_entropy(q, k, v, scale)[1])  # on CPU: the reference's bits
+        assert ent.dtype == torch.float32 and ent.shape == (B, H, Lq)
+        assert (ent.double() - exact).abs().max() <= 1e-5 * max(1.0, exact.abs().max().item())
+
+
+def test_sdpa_with_lse_returns_sdpas_output_and_its_log_sum_exp() -> None:
+    q, k, v = torch.randn(2, 3, 17, 32), torch.randn(2, 3, 40, 32), torch.randn(2, 3, 40, 32)
+    out, lse = sdpa_with_lse(q, k, v, 0.7)
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.7))
+    exact = torch.logsumexp(0.7 * q.double() @ k.double().transpose(-1, -2), -1)
+    assert lse.dtype == torch.float32 and (lse.double() - exact).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("chunk", [7, 1024])
+def test_entropy_reference_is_the_references_entropy_bit_for_bit(chunk: int) -> None:
+    """The pass without V computes the entropy with the reference's very operations (so on CPU
+    the decisions read the same numbers as with the FAE path), on flat, sharp and random rows."""
+    q, k, v = torch.randn(2, 3, 11, 32), torch.randn(2, 3, 40, 32), torch.randn(2, 3, 40, 32)
+    kn = torch.nn.functional.normalize(k, dim=-1)
+    for qq, kk, scale in [(q, k, 0.4), (torch.zeros_like(q), k, 0.4), (kn[:, :, [3, 17, 39]] * 300.0, kn, 1.0)]:
+        assert torch.equal(
+            entropy_reference(qq, kk, scale, chunk), attention_entropy_reference(qq, kk, v, scale, chunk)[1]
+        )
 
 
 def test_bad_shapes_are_rejected() -> None:
     with pytest.raises(ValueError, match="expected q"):
         flash_attn_entropy(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: SDPA's GPU backends and the Triton entropy kernel"
+)
+@pytest.mark.parametrize("cudnn", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_entropy_beside_sdpa_on_gpu(dtype, cudnn: bool) -> None:
+    """On the GPU too, the output with entropy is SDPA's bit for bit (cuDNN first as the fast path
+    asks, or SDPA's own order), at Infinity's shapes (16 and 28 heads... here 16, D 128)."""
+    for Lq, Lk in [(1, 1), (4, 5), (256, 341), (1024, 1365), (4096, 10521)]:
+        q = torch.randn(2, Lq, 16, 128, device="cuda", dtype=dtype).transpose(1, 2)
+        k, v = [torch.randn(2, 16, Lk, 128, device="cuda", dtype=dtype) for _ in range(2)]
+        with prefer_cudnn_attention(cudnn):
+            out, ent = sdpa_entropy(q, k, v)
+            plain, _ = attention(q, k, v, entropy=False)
+        assert torch.equal(out, plain), (Lq, Lk)
+        _, ref_ent = _exact(q, k, v, 128**-0.5)
+        assert _rel(ent, ref_ent) <= 1e-2, (Lq, Lk)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the Triton path runs only on GPU tensors")
@@ -94,3 +167,5 @@ def test_triton_on_gpu(dtype) -> None:
     ref_out, ref_ent = _exact(q, k, v, 128**-0.5)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert _rel(out, ref_out) <= tol and _rel(ent, ref_ent) <= tol
+    lse = torch.logsumexp(128**-0.5 * q.float() @ k.float().transpose(-1, -2), -1)
+    assert _rel(lse_entropy(q, k, lse), ref_ent) <= tol  # the entropy-only kernel

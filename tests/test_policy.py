@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -80,11 +82,18 @@ def test_bad_documents_are_one_line_errors(tmp_path, doc, where) -> None:
     assert "\n" not in message and where in message and str(path) in message
 
 
-def test_missing_and_malformed_files(tmp_path) -> None:
+def test_missing_and_malformed_files(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UserError, match="unknown policy 'nope'"):
         load_policy("nope")
     with pytest.raises(UserError, match="not found"):
         load_policy(tmp_path / "absent.yaml")
+    for folder in (tmp_path, tmp_path / "policies.yaml"):  # issue 22: a folder was "not found"
+        folder.mkdir(exist_ok=True)
+        with pytest.raises(UserError, match=f"^{re.escape(str(folder))}: is a folder, not a policy file"):
+            load_policy(folder)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()  # a folder named like a shipped policy: the name is the policy
+    assert load_policy("tiny").backbone == "tiny"
     broken = tmp_path / "broken.yaml"
     broken.write_text("method: [toprovar\n")
     with pytest.raises(UserError, match="not valid YAML"):

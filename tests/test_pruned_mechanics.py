@@ -77,7 +77,8 @@ class HostReads(Pruner):
 def test_host_plan_reads_the_device_only_for_decisions(small, monkeypatch: pytest.MonkeyPatch) -> None:
     """α_min = α_max (counts fixed by the policy), D = min_scale = 3 on any model: with host_plan the
     hooks read the device once at scale 3 (ρ_s for the crossing test) and once after the last
-    scale's blocks (every other ρ_s, for the trace); without it once at every scale. Same images."""
+    scale's blocks (every later ρ_s, for the trace); without it once at every scale from min_scale
+    on (before it no decision reads the entropy, so none is computed). Same images."""
     depth, n_scales = small.transformer.depth, 7
     policy = _fixed_policy(depth, 3, 0.5, 0.5)
     runs = {}
@@ -87,23 +88,23 @@ def test_host_plan_reads_the_device_only_for_decisions(small, monkeypatch: pytes
             generate(small, ["a red cube"], [3], policy=spy, fast=FastOptions(host_plan=host_plan)),
             spy.reads,
         )
-    assert runs[False][1] == {si: 1 for si in range(n_scales)}
+    assert runs[False][1] == {si: 1 for si in range(3, n_scales)}  # no entropy, no ρ_s before min_scale
     assert runs[True][1] == {3: 1, n_scales - 1: 1}
     (a, _), (b, _) = runs[False], runs[True]
     assert all(torch.equal(x, y) for x, y in zip(a.bits, b.bits)) and torch.equal(a.images, b.images)
     assert [s.rho for s in a.trace.scales] == [s.rho for s in b.trace.scales]
-    assert all(s.rho is not None for s in b.trace.scales)
+    assert [s.rho is not None for s in b.trace.scales] == [si >= 3 for si in range(n_scales)]
     assert a.trace.layers_frame()["kept"].tolist() == b.trace.layers_frame()["kept"].tolist()
     release_fast_state(small.transformer)
 
 
 def test_host_plan_keeps_the_sync_where_counts_follow_the_entropy(small, monkeypatch) -> None:
     """α_min < α_max: the counts depend on the entropy, so every pruned scale still reads them
-    (and ρ_s with them); the scales before D read nothing (ρ_s waits for the end)."""
+    (and ρ_s with them); the scales before D = min_scale compute no entropy and read nothing."""
     policy = _fixed_policy(small.transformer.depth, 3, 0.2, 0.7)
     spy = HostReads(ToProVARPruner(policy), monkeypatch)
     res = generate(small, ["a red cube"], [5], policy=spy, fast=FastOptions(host_plan=True))
-    assert spy.reads == {3: 1, 4: 1, 5: 1, 6: 2}  # the last scale: its plan, then the deferred ρ_s
+    assert spy.reads == {3: 1, 4: 1, 5: 1, 6: 1}  # ρ_s with each plan; none deferred
     plain = generate(small, ["a red cube"], [5], policy=policy, fast=False)
     assert [s.rho for s in plain.trace.scales] == [s.rho for s in res.trace.scales]
     assert all(torch.equal(x, y) for x, y in zip(plain.bits, res.bits))
@@ -113,7 +114,7 @@ def test_host_plan_keeps_the_sync_where_counts_follow_the_entropy(small, monkeyp
 def test_plan_shares_one_row_per_count(small) -> None:
     """Layers with the same keep count get the same view (same tokens): the block chain keeps them
     gathered. Checked on the recorded plan of a policy where every gated layer keeps the same count."""
-    from toprovar.trace import KeptTokenRecorder
+    from toprovar.pruning.recording import KeptTokenRecorder
 
     depth = small.transformer.depth
     rec = KeptTokenRecorder(ToProVARPruner(_fixed_policy(depth, 3, 0.5, 0.5)))

@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
+from toprovar.attention import entropy_kernel
 from toprovar.flops import linear_flops_per_token, trace_flops
 from toprovar.pipeline import generate
 from toprovar.policy import policy_from_dict
-from toprovar.pruning import Pruner, stages
+from toprovar.pruning import Pruner, as_pruner, stages
 from toprovar.pruning.fastvar import frequency_scores, top_tokens
 
 
@@ -369,3 +370,207 @@ def test_edge_order_prefers_a_boundary_over_a_smooth_gradient() -> None:
     top_freq = set(top_tokens(frequency_scores(x), 16)[0].tolist())
     assert top_edge == object_ring
     assert not top_freq & {i * w + j for i in range(5, 7) for j in range(5, 7)}
+
+
+# -- the pruner contract: acts_at(si) False means the scale runs exactly as unpruned ---------------
+
+
+class _HookLog(Pruner):
+    """Delegates every hook and property to `inner` and logs, per scale, what the hooks did: entropy
+    wanted, tokens removed (a keep list shorter than the scale), hidden states changed in place
+    (keep_tokens, end_scale). `skip_idle=True` behaves as a loop that trusts `acts_at`: at a scale
+    where it is False only `end_scale` is called (no entropy, every token)."""
+
+    def __init__(self, inner: Pruner, skip_idle: bool = False):
+        super().__init__(inner.skip_uncond_from_scale)
+        self.inner, self.skip_idle = inner, skip_idle
+        self.acts: dict[int, bool] = {}
+        self.did: dict[int, set[str]] = {}
+        self.ends: dict[int, torch.Tensor] = {}  # the hidden states after each scale's last block
+
+    @property
+    def plans_statically(self) -> bool:
+        return self.inner.plans_statically
+
+    def _log(self, si: int, what: str) -> None:
+        self.did.setdefault(si, set()).add(what)
+
+    def _idle(self, si: int) -> bool:
+        return self.skip_idle and not self.acts[si]
+
+    def begin(self, ctx) -> None:
+        self.inner.begin(ctx)
+
+    def exit_before_scale(self, si: int) -> bool:
+        stop = self.inner.exit_before_scale(si)
+        if not stop:
+            self.acts[si] = self.inner.acts_at(si)
+        return stop
+
+    def acts_at(self, si: int) -> bool:
+        return self.inner.acts_at(si)
+
+    def static_plan(self, si: int) -> int | None:
+        return self.inner.static_plan(si)
+
+    def wants_entropy(self, si: int, li: int) -> bool:
+        if self._idle(si):
+            return False
+        want = self.inner.wants_entropy(si, li)
+        if want:
+            self._log(si, "entropy")
+        return want
+
+    def keep_tokens(self, si: int, li: int, x: torch.Tensor) -> torch.Tensor | None:
+        if self._idle(si):
+            return None
+        before = x.clone()
+        keep = self.inner.keep_tokens(si, li, x)
+        if keep is not None and keep.shape[1] < x.shape[1]:
+            self._log(si, "pruned")
+        if not torch.equal(before, x):
+            self._log(si, "changed x")
+        return keep
+
+    def observe(self, si: int, li: int, entropy: torch.Tensor) -> None:
+        self.inner.observe(si, li, entropy)
+
+    def end_scale(self, si: int, x: torch.Tensor) -> None:
+        before = self.ends[si] = x.clone()
+        self.inner.end_scale(si, x)
+        if not torch.equal(before, x):
+            self._log(si, "changed x")
+
+
+def _contract_pruners():
+    from toprovar.pruning import as_pruner
+
+    token = {"alpha_min": 0.2, "alpha_max": 0.8}
+    return {
+        "toprovar online R, cached": lambda: as_pruner(
+            _toprovar(token={**token, "restore": "cached"}, layer={"mode": "online"})
+        ),
+        "toprovar static R, edge": lambda: as_pruner(
+            _toprovar(token={**token, "order": "edge", "restore": "cached"}, layer={"ratios": [3.0, 1.2]})
+        ),
+        "toprovar cache_scale 1, representative 2": lambda: as_pruner(
+            _toprovar(token={**token, "restore": "cached", "cache_scale": 1}, layer={"representative_scale": 2})
+        ),
+        "toprovar exit": lambda: as_pruner(
+            _toprovar(variant="scale", scale={"tau": 0.55, "action": "exit", "min_scale": 4})
+        ),
+        "fastvar per_block": lambda: as_pruner(
+            policy_from_dict({"method": "fastvar", "fastvar": {"ratios": {7: 0.4, 8: 1.0}, "layers": [1, 2]}})
+        ),
+        "fastvar per_scale": lambda: as_pruner(
+            policy_from_dict(
+                {"method": "fastvar", "fastvar": {"ratios": {6: 0.5}, "layers": [1, 2], "plan": "per_scale"}}
+            )
+        ),
+        "fixed exit": lambda: as_pruner(policy_from_dict({"method": "fixed_exit", "fixed_exit": {"exit_scale": 5}})),
+        "none": lambda: as_pruner("none"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_contract_pruners()))
+def test_acts_at_false_means_the_hooks_change_nothing(small, name: str) -> None:
+    """At every scale where `acts_at` is False no hook wanted entropy, removed a token or touched the
+    hidden states; and a loop that skips the hooks there (only `end_scale`) draws the same images."""
+    make = _contract_pruners()[name]
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    log = _HookLog(make())
+    ref = generate(small, ["a red cube", "a blue ball"], [seed, seed + 1], pixels="0.25M", policy=log)
+    idle = [si for si, acts in log.acts.items() if not acts]
+    assert idle, f"{name}: acts everywhere (the check would be vacuous)"
+    assert {si: log.did.get(si) for si in idle} == {si: None for si in idle}
+    if name not in ("fixed exit", "none"):  # they act nowhere; every other one acts somewhere
+        assert any(log.did.get(si) for si in log.acts)
+    skipping = _HookLog(make(), skip_idle=True)
+    run = generate(small, ["a red cube", "a blue ball"], [seed, seed + 1], pixels="0.25M", policy=skipping)
+    assert torch.equal(run.images, ref.images) and run.trace.pruning == ref.trace.pruning
+    assert run.trace.layers_frame().kept.tolist() == ref.trace.layers_frame().kept.tolist()
+
+
+def test_acts_at_and_static_plans_of_each_pruner(small) -> None:
+    """Where each pruner acts, on test-small at 0.25M, and which ones plan statically."""
+    from calibrate.probes import EntropyRecorder
+    from toprovar.pruning.recording import KeptTokenRecorder
+
+    pruners = {name: make() for name, make in _contract_pruners().items()}
+    logs = {name: _HookLog(p) for name, p in pruners.items()}
+    for log in logs.values():
+        generate(small, ["a cube"], [3], pixels="0.25M", policy=log)
+    acting = {name: sorted(si for si, acts in log.acts.items() if acts) for name, log in logs.items()}
+    n = len(logs["none"].acts)
+    # min_scale 4: representative and recording scale 3 (min_scale - 1), then every scale.
+    assert acting["toprovar online R, cached"] == list(range(3, n))
+    assert acting["toprovar static R, edge"] == list(range(3, n))  # static R: records at 3 only
+    assert acting["toprovar cache_scale 1, representative 2"] == [1, 2, *range(4, n)]
+    assert acting["toprovar exit"][0] == 4  # then up to D, where it exits
+    assert acting["fastvar per_block"] == [6, 7, 8]  # cache scale 6 = first pruned - 1
+    assert acting["fastvar per_scale"] == [5, 6]
+    assert acting["fixed exit"] == acting["none"] == []
+    statically = {name: p.plans_statically for name, p in pruners.items()}
+    assert statically == {**dict.fromkeys(statically, True), "fastvar per_block": False, "none": False}
+    assert KeptTokenRecorder(pruners["fastvar per_block"]).plans_statically is False
+    assert KeptTokenRecorder(pruners["fixed exit"]).plans_statically is True
+    assert EntropyRecorder().plans_statically and EntropyRecorder().acts_at(0)
+
+
+def test_a_policy_that_prunes_nothing_runs_the_unpruned_numbers(small) -> None:
+    """ToProVAR reading entropy at every scale from 1 on (probe layer, online layer scores at the
+    representative scale, cached updates recorded) but never crossing τ: its attention with entropy
+    is SDPA's own output (`toprovar.attention`, kernel "beside"), so every scale's hidden states,
+    and the bits, are the unpruned ones (with the "fae" kernel they are not)."""
+    never = _toprovar(
+        scale={"tau": 1.0, "crossing": "above", "min_scale": 1},
+        layer={"mode": "online"},
+        token={"alpha_min": 0.2, "alpha_max": 0.8, "restore": "cached"},
+    )
+    seeds = torch.randint(0, 2**31 - 1, (2,)).tolist()
+    plain = _HookLog(as_pruner("none"))
+    ref = generate(small, ["a red cube", "a blue ball"], seeds, policy=plain)
+    log = _HookLog(as_pruner(never))
+    res = generate(small, ["a red cube", "a blue ball"], seeds, policy=log)
+    assert res.trace.pruning["D"] is None and all(r.rho is not None for r in res.trace.scales[1:])
+    assert all("entropy" in log.did.get(si, ()) for si in range(1, len(res.trace.scales)))
+    assert all(torch.equal(plain.ends[si], log.ends[si]) for si in plain.ends)
+    assert all(torch.equal(a, b) for a, b in zip(ref.bits, res.bits)) and torch.equal(ref.images, res.images)
+    fae = _HookLog(as_pruner(never))
+    with entropy_kernel("fae"):
+        generate(small, ["a red cube", "a blue ball"], seeds, policy=fae)
+    assert not all(torch.equal(plain.ends[si], fae.ends[si]) for si in plain.ends)
+
+
+@pytest.mark.parametrize(
+    "doc, where, allowed",
+    [
+        ({"method": "toprovar", "scale": {"min_scale": 7}}, "scale.min_scale: got 7", "[0, 6]"),
+        ({"method": "toprovar", "layer": {"ratios": [1.5, 2.0, 3.0]}}, "layer.ratios: got 3 values", "expected 2"),
+        ({"method": "toprovar", "token": {"protect_layers": 2}}, "token.protect_layers: got 2", "[1, 1]"),
+        (
+            {"method": "fastvar", "fastvar": {"ratios": {7: 0.5}, "layers": [1, 2]}},
+            "fastvar.ratios: got key 7",
+            "[0, 6]",
+        ),
+        ({"method": "fastvar", "fastvar": {"ratios": {5: 0.5}, "layers": [1, 3]}}, "fastvar.layers", "end <= 2"),
+        ({"method": "fixed_exit", "fixed_exit": {"exit_scale": 9}}, "fixed_exit.exit_scale: got 9", "[0, 6]"),
+        ({"method": "none", "guidance": {"skip_uncond_from_scale": 7}}, "skip_uncond_from_scale: got 7", "[0, 6]"),
+    ],
+)
+def test_a_policy_past_the_runs_scales_or_layers_is_refused_by_generate(small, tmp_path, doc, where, allowed) -> None:
+    """Issue 22: the Python API loads a policy path without a backbone; the pruner refuses what the
+    call's schedule (7 scales) and depth (2) do not have, in one line, before any scale runs (it
+    ran unpruned: a scale past the schedule is never reached)."""
+    import yaml
+
+    from toprovar.errors import UserError
+
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    log = _HookLog(as_pruner(str(path)))
+    with pytest.raises(UserError) as err:
+        generate(small, ["a red cube"], [1], policy=log)
+    message = str(err.value)
+    assert where in message and allowed in message and "'test-small'" in message and "\n" not in message
+    assert log.acts == {} and log.ends == {}  # no scale ran

@@ -3,8 +3,15 @@
 `attention(q, k, v, *, entropy, scale)` is what every self-attention call goes through; the model
 never knows which kernel ran. Tensors are `(B, H, L, D)`; the entropy is the natural-log Shannon
 entropy of each query's softmax row, `(B, H, Lq)` float32. Without entropy, PyTorch SDPA runs
-(flash / cuDNN / efficient on CUDA). With entropy, `toprovar.kernels.flash_attn_entropy` runs: the Triton
-Flash Attention Entropy kernel on CUDA, its chunked PyTorch reference (float32) elsewhere.
+(flash / cuDNN / efficient on CUDA). With entropy, the kernel `entropy_kernel()` names:
+  * "beside" (default): SDPA's own output, bit for bit the same as without entropy (the backend
+    SDPA picks, asked for its log-sum-exp), and the entropy from one more pass over q·kᵀ reading
+    that log-sum-exp (`toprovar.kernels.sdpa_entropy`: a Triton entropy-only kernel on CUDA, a
+    chunked PyTorch pass elsewhere). So a scale whose probe layers read entropy and prune nothing
+    draws the unpruned scale's bits (issue 24), on CPU and GPU alike.
+  * "fae": the Flash Attention Entropy kernel, out and entropy in one pass
+    (`toprovar.kernels.flash_attn_entropy`: Triton on CUDA, the chunked reference elsewhere);
+    its out rounds differently from SDPA's. Kept to time against "beside" on the GPU.
 
 `cross_attention` serves the text cross-attention (short, padded text keys with a padding mask).
 `prefer_cudnn_attention()` makes SDPA try cuDNN first inside its block (the fastest SDPA kernel on
@@ -21,7 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from toprovar.kernels import flash_attn_entropy
+from toprovar.errors import UserError
+from toprovar.kernels import flash_attn_entropy, sdpa_entropy
+
+ENTROPY_KERNELS = {"beside": sdpa_entropy, "fae": flash_attn_entropy}
+_entropy_kernel = ["beside"]  # the one in use (`entropy_kernel()` switches it)
 
 
 def attention(
@@ -29,8 +40,20 @@ def attention(
 ) -> tuple[Tensor, Tensor | None]:
     """Softmax attention of every query over every key (no mask): `(out, entropy_or_None)`."""
     if entropy:
-        return flash_attn_entropy(q, k, v, scale=scale)
+        return ENTROPY_KERNELS[_entropy_kernel[0]](q, k, v, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, scale=scale), None
+
+
+@contextlib.contextmanager
+def entropy_kernel(name: str) -> Iterator[None]:
+    """Within the block, `attention(..., entropy=True)` runs the kernel `name` ("beside", "fae")."""
+    if name not in ENTROPY_KERNELS:
+        raise UserError(f"entropy kernel {name!r}; choose one of {', '.join(ENTROPY_KERNELS)}")
+    previous, _entropy_kernel[0] = _entropy_kernel[0], name
+    try:
+        yield
+    finally:
+        _entropy_kernel[0] = previous
 
 
 def cross_attention(

@@ -443,7 +443,7 @@ def run_compare(cfg: CompareConfig, out_dir: Path, *, progress: bool = True) -> 
     from toprovar.models import registry
     from toprovar.pipeline import generate, release_fast_state
     from toprovar.plots import plot_pruned_tokens, save_labelled_grid, slug
-    from toprovar.trace import record_kept_tokens
+    from toprovar.pruning.recording import record_kept_tokens
 
     group = cfg.backbone
     name = group["name"]

@@ -32,7 +32,7 @@ def pruned_token_maps(trace, image_index: int = 0) -> dict[int, np.ndarray]:
 
     A scale counts as pruned when some token ran fewer than all layers (a scale that did not run
     at all, after an exit, is all zeros). Needs the trace of a call run under
-    `toprovar.trace.KeptTokenRecorder` when layers ran only part of their tokens.
+    `toprovar.pruning.recording.KeptTokenRecorder` when layers ran only part of their tokens.
     """
     depth = trace.depth or max((r.layer for r in trace.layers), default=-1) + 1
     maps = trace.kept_maps(image_index)

@@ -562,14 +562,17 @@ def _resolve(path_or_name: str | Path) -> Path:
         raise UserError("policy name is empty; give a shipped policy name, a YAML path or none")
     try:
         path = Path(path_or_name).expanduser()
-        if not path.suffix and not path.exists():
+        if not path.suffix and not path.is_file():  # a shipped name (before a folder of that name)
             shipped = POLICY_DIR / f"{path_or_name}.yaml"
-            if not shipped.exists():
+            if shipped.is_file():
+                path = shipped
+            elif not path.exists():
                 raise UserError(
                     f"unknown policy {_show(str(path_or_name))}: not a file and not a shipped policy "
                     f"(shipped: {', '.join(shipped_policies()) or 'none'})"
                 )
-            path = shipped
+        if path.is_dir():
+            raise UserError(f"{path}: is a folder, not a policy file (give a policy YAML file or a shipped name)")
         if not path.is_file():
             raise UserError(f"{path}: policy file not found")
     except (OSError, ValueError) as err:  # e.g. a name too long for the file system, a NUL byte

@@ -8,9 +8,10 @@ CUDA come from CUDA events read once at the end (no host sync inside the loop); 
 `time.perf_counter`. Text encoding and VAE decode are timed separately, outside the scale loop.
 
 Which tokens ran (not only how many) is recorded only on request: run the call with the policy
-wrapped in `KeptTokenRecorder` (`record_kept_tokens(policy)`) and `trace.kept_index` holds the
-index tensor the pruner returned at every pruned (scale, layer); `kept_maps()` turns it into one
-h×w map per scale of how many layers ran each token (the paper's Fig. 9, `toprovar.plots`).
+wrapped in `toprovar.pruning.recording.KeptTokenRecorder` (`record_kept_tokens(policy)`) and
+`trace.kept_index` holds the index tensor the pruner returned at every pruned (scale, layer);
+`kept_maps()` turns it into one h×w map per scale of how many layers ran each token (the paper's
+Fig. 9, `toprovar.plots`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from toprovar.pruning import Pruner, as_pruner
-
 
 @dataclass
 class ScaleRecord:
@@ -35,7 +34,7 @@ class ScaleRecord:
     tokens: int
     time_ms: float = float("nan")
     exited: bool = False  # generation stopped before this scale (it did not run)
-    rho: float | None = None  # low-entropy ratio ρ_s, when a pruner measured it
+    rho: float | None = None  # low-entropy ratio ρ_s, where a pruner measured it (ToProVAR: where a decision reads it)
     rows: int = 0  # transformer batch rows this scale runs (0: unknown, read `Trace.rows`)
 
 
@@ -88,7 +87,7 @@ class Trace:
                 if self.kept_index is None or (s.scale, li) not in self.kept_index:
                     raise ValueError(
                         f"the trace has no kept-token indices for scale {s.scale}, layer {li}; "
-                        "generate with policy=record_kept_tokens(policy)"
+                        "generate with policy=toprovar.pruning.recording.record_kept_tokens(policy)"
                     )
                 counts[self.kept_index[(s.scale, li)][image].cpu()] += 1
             maps[s.scale] = counts.view(s.h, s.w)
@@ -122,45 +121,6 @@ class Trace:
         if R is not None:
             frame["R"] = [R[i] for i in frame["layer"]]
         return frame
-
-
-class KeptTokenRecorder(Pruner):
-    """A pruner wrapper: delegates every hook and keeps, in `trace.kept_index`, the index tensor
-    its `keep_tokens` returned for each (scale, layer). Decisions and numerics are unchanged."""
-
-    def __init__(self, pruner: Pruner):
-        super().__init__(pruner.skip_uncond_from_scale)
-        self.pruner = pruner
-
-    def begin(self, ctx) -> None:
-        ctx.trace.kept_index = self.index = {}
-        self.pruner.begin(ctx)
-
-    def exit_before_scale(self, si: int) -> bool:
-        return self.pruner.exit_before_scale(si)
-
-    def wants_entropy(self, si: int, li: int) -> bool:
-        return self.pruner.wants_entropy(si, li)
-
-    def acts_at(self, si: int) -> bool:
-        return self.pruner.acts_at(si)
-
-    def keep_tokens(self, si: int, li: int, x: Tensor) -> Tensor | None:
-        keep = self.pruner.keep_tokens(si, li, x)
-        if keep is not None:
-            self.index[(si, li)] = keep
-        return keep
-
-    def observe(self, si: int, li: int, entropy: Tensor) -> None:
-        self.pruner.observe(si, li, entropy)
-
-    def end_scale(self, si: int, x: Tensor) -> None:
-        self.pruner.end_scale(si, x)
-
-
-def record_kept_tokens(policy) -> KeptTokenRecorder:
-    """`policy` (None/'none', a Policy, a name/path, a Pruner) as a pruner that records kept tokens."""
-    return KeptTokenRecorder(as_pruner(policy))
 
 
 class Timer:

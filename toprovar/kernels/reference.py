@@ -25,17 +25,24 @@ def attention_entropy_reference(
         return _reference(q, k, v, q.shape[-1] ** -0.5 if scale is None else float(scale), chunk)
 
 
-def _reference(q: Tensor, k: Tensor, v: Tensor, scale: float, chunk: int) -> tuple[Tensor, Tensor]:
+def entropy_reference(q: Tensor, k: Tensor, scale: float | None = None, chunk: int = 1024) -> Tensor:
+    """The entropy alone, `(B, H, Lq)` float32: the same streaming pass with no V (no P·V, no
+    output), bit for bit `attention_entropy_reference`'s entropy. Beside an attention that already
+    ran (`toprovar.kernels.sdpa_entropy` on CPU) it costs one q·kᵀ and one exp per score."""
+    with torch.autocast(q.device.type, enabled=False):
+        return _reference(q, k, None, q.shape[-1] ** -0.5 if scale is None else float(scale), chunk)[1]
+
+
+def _reference(q: Tensor, k: Tensor, v: Tensor | None, scale: float, chunk: int) -> tuple[Tensor | None, Tensor]:
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf = q.to(work) * scale
     shape = q.shape[:-1]
     m = torch.full(shape, -torch.inf, dtype=work, device=q.device)
     l = torch.zeros(shape, dtype=work, device=q.device)
     e = torch.zeros(shape, dtype=work, device=q.device)  # Σ p̃ (s - m)
-    acc = torch.zeros(*shape, v.shape[-1], dtype=work, device=q.device)
+    acc = None if v is None else torch.zeros(*shape, v.shape[-1], dtype=work, device=q.device)
     for start in range(0, k.shape[-2], chunk):
         kc = k[..., start : start + chunk, :].to(work)
-        vc = v[..., start : start + chunk, :].to(work)
         s = qf @ kc.transpose(-1, -2)
         m_new = torch.maximum(m, s.amax(-1))
         alpha = torch.exp(m - m_new)
@@ -43,9 +50,10 @@ def _reference(q: Tensor, k: Tensor, v: Tensor, scale: float, chunk: int) -> tup
         p = torch.exp(s - m_new[..., None])
         e = alpha * (e + l * shift) + (p * (s - m_new[..., None])).sum(-1)
         l = alpha * l + p.sum(-1)
-        acc = alpha[..., None] * acc + p @ vc
+        if v is not None:
+            acc = alpha[..., None] * acc + p @ v[..., start : start + chunk, :].to(work)
         m = m_new
-    out = (acc / l[..., None]).to(q.dtype)
+    out = None if v is None else (acc / l[..., None]).to(q.dtype)
     entropy = (torch.log(l) - e / l).to(torch.float32)
     return out, entropy
 

@@ -8,6 +8,10 @@ one FMA per score: d = s - m is computed anyway as the exponent of p̃ = 2^d. `W
 compile-time flag: the same kernel without it is plain attention, so the entropy's cost is
 measured against an otherwise identical kernel.
 
+`entropy_kernel` / `entropy_forward` is the other way to the same entropy: beside an attention
+that already ran (SDPA, whose output stays bit for bit its own), one pass over q·kᵀ reading that
+attention's log-sum-exp, with no V and no running max.
+
 Key blocks that are full run unmasked; only the last, partial key block is masked. Rows past
 Lq are loaded as zeros and never stored. On Hopper, K and V blocks can come through the tensor
 memory accelerator (`USE_TMA`, host-side descriptors over the (B, H, L, D) tensors: rows past
@@ -27,7 +31,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 LOG2E = 1.4426950408889634
 # Globals read inside @triton.jit functions must be constexpr (the interpreter does not check this).
 LN2 = tl.constexpr(0.6931471805599453)
-NEG_BIG = tl.constexpr(-1.0e30)  # finite "-inf": keeps 0 · (-big) = 0 in the entropy sums
+NEG_BIG = tl.constexpr(-1.0e30)
+LOG2E_C = tl.constexpr(LOG2E)  # finite "-inf": keeps 0 · (-big) = 0 in the entropy sums
 
 
 @triton.jit
@@ -328,9 +333,119 @@ def fae_forward(
     return out, ent
 
 
+# -- entropy beside an unchanged attention: q, k and the attention's log-sum-exp -------------------
+
+
+@triton.jit
+def _entropy_block(l_i, e_i, q, k, lse2, offs_n, Lk, qk_scale, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Add Σ p and Σ p·d of one key block: d = s − lse in the log2 domain (≈ ≤ 0), p = 2^d."""
+    d = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale - lse2[:, None]
+    if MASKED:
+        d = tl.where(offs_n[None, :] < Lk, d, NEG_BIG)  # 2^(-big) = 0 and 0 · (-big) = 0
+    p = tl.math.exp2(d)
+    return l_i + tl.sum(p, 1), e_i + tl.sum(p * d, 1)
+
+
+@triton.jit(do_not_specialize=["H", "Lq", "Lk"])
+def entropy_kernel(
+    Q,
+    K,
+    LSE,
+    E,
+    qk_scale,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    slb,
+    slh,
+    slm,
+    seb,
+    seh,
+    sem,
+    H,
+    Lq,
+    Lk,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """H = ln l − ln2 · e / l with l = Σ 2^d, e = Σ 2^d · d, d = scale·log2(e)·q·k − log2(e)·lse:
+    the attention's own row normalizer as the shift (l = 1 up to its rounding, which l cancels),
+    so one pass over q·kᵀ with no running max, no rescaling and no V."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < Lq, other=0.0)
+    lse2 = tl.load(LSE + b * slb + h * slh + offs_m * slm, mask=offs_m < Lq, other=0.0) * LOG2E_C
+    k_ptrs = K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd  # (D, BLOCK_N)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    e_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    n_full = (Lk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):  # full key blocks: no masks
+        k = tl.load(k_ptrs + start_n * skn)
+        l_i, e_i = _entropy_block(l_i, e_i, q, k, lse2, start_n + offs_n, Lk, qk_scale, False, DOT_PRECISION)
+    if n_full < Lk:  # the ragged last key block, masked
+        k = tl.load(k_ptrs + n_full * skn, mask=(n_full + offs_n)[None, :] < Lk, other=0.0)
+        l_i, e_i = _entropy_block(l_i, e_i, q, k, lse2, n_full + offs_n, Lk, qk_scale, True, DOT_PRECISION)
+    tl.store(E + b * seb + h * seh + offs_m * sem, tl.log(l_i) - LN2 * e_i / l_i, mask=offs_m < Lq)
+
+
+def entropy_config(itemsize: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of `entropy_kernel`: FAE's tiles without V (not
+    swept on the GPU yet: `python -m benchmarks.attention` times it against FAE)."""
+    if itemsize == 4:
+        return (32, 32, 4, 2)
+    return (128, 64, 8, 3)
+
+
+def entropy_forward(
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float | None, config: tuple | None = None
+) -> torch.Tensor:
+    """Entropy `(B, H, Lq)` float32 of the rows of softmax(scale·q·kᵀ) whose natural-log
+    log-sum-exp is `lse` (B, H, Lq), e.g. the one SDPA returns beside its output."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    scale = D**-0.5 if scale is None else float(scale)
+    bm, bn, warps, stages = config or entropy_config(q.element_size())
+    ent = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    lse = lse.float()
+    entropy_kernel[(triton.cdiv(Lq, bm), B * H)](
+        q,
+        k,
+        lse,
+        ent,
+        scale * LOG2E,
+        *q.stride(),
+        *k.stride(),
+        *lse.stride(),
+        *ent.stride(),
+        H,
+        Lq,
+        Lk,
+        HEAD_DIM=D,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return ent
+
+
 def supported(q: torch.Tensor) -> bool:
     d = q.shape[-1]
     return d >= 16 and d <= 256 and (d & (d - 1)) == 0 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
-__all__ = ["fae_forward", "fae_kernel", "launch", "supported", "pick_config"]
+__all__ = ["fae_forward", "fae_kernel", "launch", "supported", "pick_config", "entropy_forward", "entropy_kernel"]

@@ -4,7 +4,8 @@ The hook contract (`Pruner`, `PrunerContext`, `NoPruner`) is in `hooks`. `as_pru
 a `toprovar.policy.Policy` (or a path/name of one, None, or a Pruner) into a fresh pruner for one
 generation call; the policy's CFG skip (`guidance.skip_uncond_from_scale`, any method) travels on
 it as the read-only property `skip_uncond_from_scale` (given at construction), which the loop
-reads. Stage math lives in `stages` (pure tensor functions, testable alone); each pruner module
+reads. A pruner made from a policy checks it against the call's schedule and depth at `begin`
+(`PrunerContext.check_policy`). Stage math lives in `stages` (pure tensor functions, testable alone); each pruner module
 wires the stages to the hooks.
 """
 
@@ -39,10 +40,10 @@ def _method_pruner(policy: Policy) -> Pruner:
     if policy.method == "fastvar":
         from toprovar.pruning.fastvar import FastVARPruner
 
-        return FastVARPruner(policy.fastvar, skip)
+        return FastVARPruner(policy)
     from toprovar.pruning.fixed_exit import FixedExitPruner
 
-    return FixedExitPruner(policy.fixed_exit.exit_scale, skip)
+    return FixedExitPruner(policy)
 
 
 __all__ = ["NoPruner", "Pruner", "PrunerContext", "as_pruner"]

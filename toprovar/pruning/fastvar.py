@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from toprovar.policy import FastVARStage
-from toprovar.pruning.hooks import Pruner
+from toprovar.policy import Policy
+from toprovar.pruning.hooks import Pruner, PrunerContext
 
 
 def frequency_scores(x: Tensor) -> Tensor:
@@ -52,8 +52,10 @@ def top_tokens(scores: Tensor, k: int) -> Tensor:
 
 
 class FastVARPruner(Pruner):
-    def __init__(self, stage: FastVARStage, skip_uncond_from_scale: int | None = None):
-        super().__init__(skip_uncond_from_scale)
+    def __init__(self, policy: Policy):
+        super().__init__(policy.guidance.skip_uncond_from_scale)
+        self.policy = policy
+        stage = policy.fastvar
         self.ratios = dict(stage.ratios)
         self.layers = range(*stage.layers)
         first = min(self.ratios) if self.ratios else 0
@@ -61,7 +63,8 @@ class FastVARPruner(Pruner):
         self.exit_after = stage.exit_after_scale
         self.per_scale = stage.plan == "per_scale"
 
-    def begin(self, ctx) -> None:
+    def begin(self, ctx: PrunerContext) -> None:
+        ctx.check_policy(self.policy)
         self.ctx = ctx
         self.deltas: dict[int, Tensor] = {}  # layer -> block update (rows, C, h, w) at the cache scale
         self.inputs: dict[int, Tensor] = {}
@@ -78,6 +81,17 @@ class FastVARPruner(Pruner):
 
     def exit_before_scale(self, si: int) -> bool:
         return self.exit_after is not None and si > self.exit_after
+
+    @property
+    def plans_statically(self) -> bool:
+        return self.per_scale
+
+    def acts_at(self, si: int) -> bool:
+        """The scales it prunes (a configured ratio) and the cache scale, whose blocks' updates it
+        records; none when no block of the model is in `layers`."""
+        if not any(li in self.layers for li in range(self.ctx.depth)):
+            return False
+        return si in self.ratios or si == self.cache_scale
 
     def static_plan(self, si: int) -> int | None:
         """per_scale: the blocks before the first pruned one are the probe layers (every token), the

@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from toprovar.errors import UserError
+from toprovar.policy import Policy, check_policy_for_backbone
+
 if TYPE_CHECKING:
     from toprovar.trace import Trace
 
@@ -36,6 +39,20 @@ class PrunerContext:
         """Rows of the transformer batch at scale si (the unconditional ones dropped after a CFG skip)."""
         return self.scale_rows[si] if self.scale_rows else self.rows
 
+    def check_policy(self, policy: Policy) -> None:
+        """Refuse, in one line, a policy whose scale indices or layers this run does not have
+        (`toprovar.policy.check_policy_for_backbone` against this call's schedule and depth). The
+        commands check it before any weights load; this catches the Python API's
+        `generate(..., policy=path)`, which would otherwise run a scale past the schedule as never
+        reached, unpruned. The backbone's name is the commands' check (they may allow another)."""
+        check_policy_for_backbone(
+            policy,
+            backbone=self.trace.backbone,
+            n_scales=len(self.schedule),
+            depth=self.depth,
+            allow_other_backbone=True,
+        )
+
 
 class Pruner:
     """Every hook and property the generation loop reads; the defaults prune nothing.
@@ -44,13 +61,21 @@ class Pruner:
     construction: the loop never sets an attribute on it.
 
     - `skip_uncond_from_scale`: the policy's CFG skip (int or None), given to `__init__`.
-    - `acts_at(si)`: False promises that at scale `si` no hook below `exit_before_scale` removes work
-      or reads entropy, so the loop may run the scale exactly as unpruned (its whole-scale graph on
-      the fast path) and skip `wants_entropy` / `keep_tokens` / `observe` there; `end_scale` is
-      still called. True lets the pruner decide block by block (or by `static_plan`).
+    - `acts_at(si)`: False promises that at scale `si` no hook below `exit_before_scale` removes
+      work, reads entropy or reads the hidden states (`wants_entropy` False, `keep_tokens` None
+      and leaves x as it is, `end_scale` leaves x as it is), so the loop may run the scale exactly
+      as unpruned (its whole-scale graph on the fast path) and skip `wants_entropy` / `keep_tokens`
+      / `observe` there; `end_scale` is still called. True (the default, always safe) lets the
+      pruner decide block by block (or by `static_plan`). Exits are `exit_before_scale`'s, not
+      `acts_at`'s: a pruner that only exits acts nowhere. Asked after `begin` (it may depend on
+      the schedule and depth).
+    - `plans_statically`: whether `static_plan` is meaningful (a pruner that overrides it says
+      so); False: every acting scale runs block by block and the loop never calls `static_plan`.
     - `static_plan(si)`: the number of probe layers after which the keep indices of every later
       block of scale `si` are fixed (the fast path's planned units), or None (block by block).
     """
+
+    plans_statically: bool = False
 
     _skip_uncond_from_scale: int | None = None  # a subclass that takes no CFG skip need not call __init__
 
@@ -88,6 +113,14 @@ class Pruner:
 
 class NoPruner(Pruner):
     """Runs every scale, every layer, every token (with its policy's CFG skip, if any)."""
+
+    def begin(self, ctx: PrunerContext) -> None:
+        skip, n = self.skip_uncond_from_scale, len(ctx.schedule)
+        if skip is not None and not 0 <= skip < n:
+            raise UserError(
+                f"policy guidance.skip_uncond_from_scale: got {skip}, expected a scale index in [0, {n - 1}] "
+                f"(backbone '{ctx.trace.backbone}': {n} scales)"
+            )
 
     def acts_at(self, si: int) -> bool:
         return False

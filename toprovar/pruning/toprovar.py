@@ -1,9 +1,12 @@
 """ToProVAR pruner: scale-depth localization, Global/Detail layer scores and entropy token gating.
 
 Where each decision's entropy comes from (causal, documented choice; toprovar-method.md gap 7):
-  * The first `token.protect_layers` blocks of every scale always run on all tokens and report
-    their self-attention entropy (through the Flash Attention Entropy kernel on CUDA). Their
-    head-mean entropy of the conditional rows, averaged over those probe layers, is H_i^s.
+  * The first `token.protect_layers` blocks of every scale always run on all tokens; from
+    `scale.min_scale` on (the first scale that can prune or exit) they report their
+    self-attention entropy (`toprovar.attention`, computed beside the unchanged attention output).
+    Their head-mean entropy of the conditional rows, averaged over those probe layers, is H_i^s.
+    Before min_scale no decision reads it, so it is not computed there (`acts_at` False), except
+    at the representative scale of online layer scores.
   * ρ_s and the crossing test use H_i^s of the current scale, so D is known after the probe
     layers of scale D; the remaining blocks of that scale already prune (action start_pruning).
     With action `exit`, generation stops refining after scale D (Table 10 "Scale Depth Loc.").
@@ -55,10 +58,12 @@ from torch import Tensor
 from toprovar.policy import Policy
 from toprovar.pruning import stages
 from toprovar.pruning.fastvar import frequency_scores
-from toprovar.pruning.hooks import Pruner
+from toprovar.pruning.hooks import Pruner, PrunerContext
 
 
 class ToProVARPruner(Pruner):
+    plans_statically = True
+
     def __init__(self, policy: Policy):
         super().__init__(policy.guidance.skip_uncond_from_scale)
         self.policy = policy
@@ -70,7 +75,8 @@ class ToProVARPruner(Pruner):
             self.skip_above = 0.5
 
     # -- hooks -------------------------------------------------------------------------------------
-    def begin(self, ctx) -> None:
+    def begin(self, ctx: PrunerContext) -> None:
+        ctx.check_policy(self.policy)
         self.ctx = ctx
         self.host_plan = bool(getattr(ctx, "host_plan", False))
         self._rho_pending: list[tuple[int, Tensor]] = []  # (scale, ρ_s on the device) read at the end
@@ -88,15 +94,7 @@ class ToProVARPruner(Pruner):
         self.ratios: Tensor | None = None
         need_online = self.policy.uses_layer or self.skip_above is not None
         if self.layer_cfg.mode == "static" and self.layer_cfg.ratios is not None:
-            ratios = torch.tensor(self.layer_cfg.ratios, dtype=torch.float32)
-            if ratios.numel() != self.depth:
-                from toprovar.errors import UserError
-
-                raise UserError(
-                    f"policy layer.ratios has {ratios.numel()} values but the backbone has "
-                    f"{self.depth} layers; recalibrate for this backbone"
-                )
-            self.ratios = ratios.to(ctx.device)
+            self.ratios = torch.tensor(self.layer_cfg.ratios, dtype=torch.float32).to(ctx.device)
             self.R = stages.layer_score(self.ratios, self.layer_cfg.beta)
             need_online = False
         rep = self.layer_cfg.representative_scale
@@ -127,10 +125,20 @@ class ToProVARPruner(Pruner):
     def exit_before_scale(self, si: int) -> bool:
         return self.exit_at is not None and si >= self.exit_at
 
+    def acts_at(self, si: int) -> bool:
+        """From min_scale on (the crossing test reads ρ_s, D ≥ min_scale, pruning and exit follow
+        D); before it only at the representative scale of online layer scores (every layer's
+        entropy) and where the cached updates are recorded (`_records`: the hidden states)."""
+        return si >= self.scale_cfg.min_scale or si == self.representative or self._records(si)
+
     def wants_entropy(self, si: int, li: int) -> bool:
-        if li < self.token_cfg.protect_layers:
+        """The probe layers' entropy where a decision reads it (from min_scale on: the crossing
+        test, then the keep plans), every layer's at the representative scale. ρ_s of the scales
+        before min_scale is not measured (its trace value stays None): no decision reads it, and
+        the entropy made those scales 40–50 % slower on tiny (issue 25)."""
+        if si == self.representative:
             return True
-        return si == self.representative
+        return li < self.token_cfg.protect_layers and si >= self.scale_cfg.min_scale
 
     def static_plan(self, si: int) -> int | None:
         """Probe layers of scale si if the rest of the scale follows a plan fixed after them.
