@@ -117,6 +117,11 @@ class CalibrationConfig:
     evaluate: tuple[str, ...]  # policies (names or YAML paths) the evaluate stage measures
 
     @property
+    def joins_only(self) -> bool:
+        """`stages=[search]`: a worker joining a calibration another process pre-samples and ends."""
+        return set(self.stages) == {"search"}
+
+    @property
     def backbone_name(self) -> str:
         return str(self.backbone.get("name", "unknown"))
 
@@ -164,6 +169,8 @@ def _validate(cfg: CalibrationConfig) -> None:
     p = cfg.prompts
     if min(p.presample, p.search, p.validate) < 1:
         raise UserError("prompts.presample, prompts.search and prompts.validate must each be >= 1")
+    if not cfg.stages:
+        raise UserError(f"stages=[] runs nothing; name at least one of {list(STAGES)}")
     unknown = [stage for stage in cfg.stages if stage not in STAGES]
     if unknown:
         raise UserError(f"stages={list(cfg.stages)}: unknown {unknown}; choose from {list(STAGES)}")

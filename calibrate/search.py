@@ -135,7 +135,8 @@ def journal_path(url: str) -> Path | None:
     return Path(rest[2:] if rest.startswith("//") else rest)
 
 
-def _storage(cfg: StorageConfig):
+def open_storage(cfg: StorageConfig):
+    """The Optuna storage `cfg.url` names (None: in memory); UserError when it cannot be opened."""
     if cfg.url is None:
         return None
     path = journal_path(cfg.url)
@@ -197,7 +198,7 @@ def open_study(
     sampler from `seed` and `worker` alone, so a fresh calibration is reproducible; every other
     (a worker joining from another process or machine, where its index is 0 too, or a second
     calibration started at the same moment on the same study) also mixes in its host and pid."""
-    backend = _storage(storage) or optuna.storages.InMemoryStorage()
+    backend = open_storage(storage) or optuna.storages.InMemoryStorage()
     try:
         optuna.create_study(study_name=name, storage=backend, directions=list(DIRECTIONS))
         salt = 0
