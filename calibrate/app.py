@@ -18,17 +18,20 @@ timings.json says where the wall time went, stage by stage (calibrate.timing).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 
 from calibrate.config import CalibrationConfig
 from calibrate.context import Output, RunContext, RunPaths
 from calibrate.inputs import check_inputs, load, objective
 from calibrate.knobs import PolicyFactory, SearchSpace, paper_defaults
+from calibrate.locks import claim_study
 from calibrate.parent_run import open_parent
 from calibrate.presample import PresampleSummary
 from calibrate.record import RunRecord
@@ -61,10 +64,18 @@ class Outcome:
 
 
 def run_calibration(cfg: CalibrationConfig, paths: RunPaths) -> Outcome:
-    """One `python -m calibrate` process: check, load, open the study and the parent run, run the stages."""
+    """One `python -m calibrate` process: check the input, claim the study (one coordinator per
+    study: another is refused in one line), then `_run`."""
     device = use_device(cfg)
-    stages = set(cfg.stages)
     policies = check_inputs(cfg, paths)
+    coordinates = bool(set(cfg.stages) & STUDY_STAGES) and not cfg.joins_only  # joining workers need no claim
+    with claim_study(cfg.study_name, cfg.storage.url, paths.run_dir) if coordinates else contextlib.nullcontext():
+        return _run(cfg, paths, device, policies)
+
+
+def _run(cfg: CalibrationConfig, paths: RunPaths, device: torch.device, policies: list) -> Outcome:
+    """Load, open the study and the MLflow parent run, run the stages, close the parent run."""
+    stages = set(cfg.stages)
     clock = Clock(device)
     cost = objective(cfg, device)
     record = RunRecord(clock)

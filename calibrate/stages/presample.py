@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import optuna
 
@@ -13,7 +12,8 @@ from calibrate import plots
 from calibrate.config import StorageConfig
 from calibrate.context import Output, RunContext
 from calibrate.presample import PresampleSummary, run_presample, write_tables
-from calibrate.search import POLL_S, journal_path, open_storage
+from calibrate.search import POLL_S, open_storage
+from calibrate.storage_url import storage_file
 from toprovar.errors import UserError
 
 log = logging.getLogger("calibrate")
@@ -78,15 +78,8 @@ def check_summary_stored(name: str, storage: StorageConfig) -> None:
     no file: a journal or SQLite file that does not exist holds no study."""
     if storage.url is None:  # in memory: every process starts with an empty storage
         raise missing_summary_named(name)
-    path = journal_path(storage.url)
-    if path is None and storage.url.startswith("sqlite"):
-        from sqlalchemy.engine import make_url
-
-        database = make_url(storage.url).database
-        path = Path(database) if database and database != ":memory:" else None
-        if database in (None, "", ":memory:"):
-            raise missing_summary_named(name)
-    if path is not None and not path.is_file():
+    path = storage_file(storage.url)
+    if (path is not None and not path.is_file()) or storage.url.startswith("sqlite") and path is None:
         raise missing_summary_named(name)
     try:
         study = optuna.load_study(study_name=name, storage=open_storage(storage))
