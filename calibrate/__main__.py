@@ -61,6 +61,9 @@ def check_run_dir(argv: list[str]) -> None:
 
 
 def main() -> None:
+    from calibrate.config import register_schema
+
+    register_schema()
     check_run_dir(sys.argv[1:])
     run_hydra_app(PROG, "calibrate", calibrate, renames=override_renames("backbone."))
 

@@ -126,6 +126,19 @@ class CalibrationConfig:
         return str(self.backbone.get("name", "unknown"))
 
 
+SCHEMA_NAME = "calibrate_schema"  # CalibrationConfig's name in Hydra's ConfigStore
+
+
+def register_schema() -> str:
+    """Register `CalibrationConfig` (every field typed, none with a default: the YAML gives them) with
+    Hydra's ConfigStore as `SCHEMA_NAME`; returns the name. `parse_config` checks a composed config
+    against the same dataclasses, group by group, with one-line errors."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=CalibrationConfig)
+    return SCHEMA_NAME
+
+
 def _typed(schema: type, node: Any, group: str) -> Any:
     """Merge a config node onto its dataclass schema: unknown keys and wrong types are errors."""
     try:
