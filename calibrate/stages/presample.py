@@ -11,6 +11,7 @@ import optuna
 from calibrate import plots
 from calibrate.config import StorageConfig
 from calibrate.context import Output, RunContext
+from calibrate.knobs import probe_layer_counts
 from calibrate.presample import PresampleSummary, run_presample, write_tables
 from calibrate.search import POLL_S, open_storage
 from calibrate.storage_url import storage_file
@@ -25,7 +26,7 @@ def run(ctx: RunContext) -> tuple[PresampleSummary, Output]:
     """Pre-sample the `presample` prompts: the summary and the files written to presample/."""
     min_ssim = ctx.cfg.search.constraints.min_ssim
     prompts = ctx.prompts.presample
-    result = run_presample(ctx.backend, prompts, min_ssim)
+    result = run_presample(ctx.backend, prompts, min_ssim, other_probe_layers=probe_layer_counts(ctx.cfg.search.space))
     folder = ctx.run_dir / "presample"
     files = write_tables(result, folder)
     with ctx.clock.section("pictures"):
