@@ -7,6 +7,7 @@ are reported in one line on stderr with exit status 2 (toprovar.cli); bugs keep 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +24,47 @@ def calibrate(cfg: Any) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from calibrate.app import Calibration, discard_unused_run_dir
+    from calibrate.app import run_calibration
     from calibrate.config import parse_config
+    from calibrate.context import RunPaths
+    from calibrate.folders import discard_unused_run_dir
 
     hydra_cfg = HydraConfig.get()
     run_dir, launch_dir = Path(hydra_cfg.runtime.output_dir), Path(hydra.utils.get_original_cwd())
     with discard_unused_run_dir(run_dir, launch_dir):
-        calibration = Calibration(parse_config(cfg), run_dir, launch_dir, list(hydra_cfg.overrides.task))
-        path = calibration.run()
-    if path is not None:
-        print(f"policy: {path}")
-    if calibration.exit_status:  # 3: the exported policy is not validated (docs/calibration.md)
-        raise SystemExit(calibration.exit_status)
+        paths = RunPaths(run_dir, launch_dir, tuple(hydra_cfg.overrides.task))
+        outcome = run_calibration(parse_config(cfg), paths)
+    if outcome.policy is not None:
+        print(f"policy: {outcome.policy}")
+    if outcome.exit_status:  # 3: the exported policy is not validated (docs/calibration.md)
+        raise SystemExit(outcome.exit_status)
+
+
+def check_run_dir(argv: list[str]) -> None:
+    """A `hydra.run.dir=` that cannot be a folder (under a file, on /proc) is one line and exit status
+    2, before Hydra tries to make it (a traceback). An interpolated part (`${now:...}`) is left to Hydra:
+    the folder above it is checked."""
+    from calibrate.folders import check_writable_folder
+    from toprovar.cli import fail
+    from toprovar.errors import UserError
+
+    for override in argv:
+        key, sep, value = override.lstrip("+").partition("=")
+        if key != "hydra.run.dir" or not sep or not value.strip():
+            continue
+        fixed = value.split("${", 1)[0]
+        folder = Path(fixed) if "${" not in value or fixed.endswith("/") else Path(fixed).parent
+        try:
+            check_writable_folder(folder, "hydra.run.dir")
+        except UserError as err:
+            fail(PROG, str(err))
 
 
 def main() -> None:
+    from calibrate.config import register_schema
+
+    register_schema()
+    check_run_dir(sys.argv[1:])
     run_hydra_app(PROG, "calibrate", calibrate, renames=override_renames("backbone."))
 
 

@@ -117,8 +117,26 @@ class CalibrationConfig:
     evaluate: tuple[str, ...]  # policies (names or YAML paths) the evaluate stage measures
 
     @property
+    def joins_only(self) -> bool:
+        """`stages=[search]`: a worker joining a calibration another process pre-samples and ends."""
+        return set(self.stages) == {"search"}
+
+    @property
     def backbone_name(self) -> str:
         return str(self.backbone.get("name", "unknown"))
+
+
+SCHEMA_NAME = "calibrate_schema"  # CalibrationConfig's name in Hydra's ConfigStore
+
+
+def register_schema() -> str:
+    """Register `CalibrationConfig` (every field typed, none with a default: the YAML gives them) with
+    Hydra's ConfigStore as `SCHEMA_NAME`; returns the name. `parse_config` checks a composed config
+    against the same dataclasses, group by group, with one-line errors."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=CalibrationConfig)
+    return SCHEMA_NAME
 
 
 def _typed(schema: type, node: Any, group: str) -> Any:
@@ -164,6 +182,8 @@ def _validate(cfg: CalibrationConfig) -> None:
     p = cfg.prompts
     if min(p.presample, p.search, p.validate) < 1:
         raise UserError("prompts.presample, prompts.search and prompts.validate must each be >= 1")
+    if not cfg.stages:
+        raise UserError(f"stages=[] runs nothing; name at least one of {list(STAGES)}")
     unknown = [stage for stage in cfg.stages if stage not in STAGES]
     if unknown:
         raise UserError(f"stages={list(cfg.stages)}: unknown {unknown}; choose from {list(STAGES)}")

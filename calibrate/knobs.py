@@ -187,6 +187,13 @@ def _number(value: Any, kind: str) -> bool:
     return not isinstance(value, bool) and isinstance(value, int if kind == INT else (int, float))
 
 
+def probe_layer_counts(space: Mapping[str, Any]) -> list[int]:
+    """Every `token.protect_layers` the search may pick (its [low, high] in `search.space`, checked by
+    `check_space`): the pre-sampling records ρ_s read from each, where the runtime reads it."""
+    low, high = space["protect_layers"]
+    return list(range(int(low), int(high) + 1))
+
+
 def check_space(space: Mapping[str, Any]) -> None:
     """One-line UserError unless `space` has a valid entry for exactly the knobs of the table."""
     unknown = sorted(set(space) - set(BY_NAME))

@@ -11,13 +11,21 @@ of each early exit (refinement stopped after scale s). From these:
   per-layer medians at the representative scale;
 * the ρ_s crossing direction (the sign of the ρ_s trend over scales) and a τ range: the ρ_s values
   of early exits whose SSIM already meets the quality target (the "high-SSIM band").
+
+ρ_s depends on how many probe layers it is read from, and the search varies that count
+(`token.protect_layers`). The summary's τ range is measured at the policy's default count (the
+one the shipped policies were calibrated with: measuring it at another would move the searched τ
+range and so every calibrated policy); ρ_s at every other count the search may pick is recorded
+beside it (`rho_probe_<k>` columns, `presample_probe_layers.json` with the τ range each count
+gives), so a search that protects more layers is not tuned blind.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -78,6 +86,8 @@ class PresampleResult:
     layers: pd.DataFrame  # one row per (layer, scale) with a map of >= 2×2 tokens
     full_images: torch.Tensor  # (N, H, W, 3) uint8, unpruned
     exit_images: dict[int, torch.Tensor]
+    # Other probe-layer counts the search may pick -> {"tau_range", "crossing"} measured at that count.
+    probe_layers: dict[int, dict] = field(default_factory=dict)
 
 
 def _record(backend: CalibrationBackend, prompts: PromptSet):
@@ -90,12 +100,19 @@ def _record(backend: CalibrationBackend, prompts: PromptSet):
 
 
 def run_presample(
-    backend: CalibrationBackend, prompts: PromptSet, min_ssim: float, probe_layers: int = TokenStage.protect_layers
+    backend: CalibrationBackend,
+    prompts: PromptSet,
+    min_ssim: float,
+    probe_layers: int = TokenStage.protect_layers,
+    other_probe_layers: Sequence[int] = (),
 ) -> PresampleResult:
+    """Pre-sample `prompts`; the summary's ρ_s and τ range at `probe_layers`, and ρ_s with its τ
+    range at each of `other_probe_layers` recorded beside them (counts not below the depth left out)."""
     full, maps = _record(backend, prompts)
     schedule = full.traces[0].schedule
     grids = [(h, w) for _, h, w in schedule]
     n_scales, depth, n = len(grids), backend.depth, len(prompts)
+    others = sorted({k for k in other_probe_layers if k != probe_layers and 1 <= k < depth})
 
     exit_images: dict[int, torch.Tensor] = {}
     exit_ssim = np.ones((n, n_scales))
@@ -107,12 +124,15 @@ def run_presample(
     mean_entropy = np.zeros((n, n_scales))
     rho = np.zeros((n, n_scales))
     rho_all = np.zeros((n, n_scales))
+    rho_other = {k: np.zeros((n, n_scales)) for k in others}
     layer_rows = []
     for si, (h, w) in enumerate(grids):
         stack = entropy_stack(maps, si, depth)  # (N, layers, tokens)
         mean_entropy[:, si] = stack.mean(dim=(1, 2)).numpy()
         rho[:, si] = low_entropy_ratio(stack[:, :probe_layers]).numpy()
         rho_all[:, si] = low_entropy_ratio(stack).numpy()
+        for k, values in rho_other.items():
+            values[:, si] = low_entropy_ratio(stack[:, :k]).numpy()
         if min(h, w) >= 2:
             ratios = principal_component_ratio(stack, h, w).numpy()  # (N, layers)
             for li in range(depth):
@@ -139,6 +159,7 @@ def run_presample(
                 "rho": rho[i, si],
                 "rho_all_layers": rho_all[i, si],
                 "exit_ssim": exit_ssim[i, si],
+                **{f"rho_probe_{k}": values[i, si] for k, values in rho_other.items()},
             }
             for i in range(n)
             for si in range(n_scales)
@@ -158,6 +179,7 @@ def run_presample(
             "rho_all_layers_std": rho_all.std(0),
             "exit_ssim_mean": exit_ssim.mean(0),
             "exit_ssim_std": exit_ssim.std(0),
+            **{f"rho_probe_{k}_{stat}": getattr(v, stat)(0) for k, v in rho_other.items() for stat in ("mean", "std")},
         }
     )
 
@@ -171,6 +193,9 @@ def run_presample(
         tau_range = quantile_range(late, *TAU_QUANTILES, TAU_PAD) or FALLBACK_TAU_RANGE
         log.warning("no early exit reached SSIM %.2f; τ range taken from the last scales' ρ_s: %s", min_ssim, tau_range)
     trend = scales[scales.scale >= 1]
+    by_probe = {k: _measured_at(k, band, trend) for k in others}
+    for k, measured in by_probe.items():
+        log.info("ρ_s at %d probe layers: crossing %s, τ range %s", k, measured["crossing"], measured["tau_range"])
     summary = PresampleSummary(
         crossing=crossing_direction(trend.scale.to_numpy(), trend.rho_mean.to_numpy()),
         tau_range=(round(tau_range[0], 4), round(tau_range[1], 4)),
@@ -181,7 +206,16 @@ def run_presample(
         scales=n_scales,
         guided=full.traces[0].rows > full.traces[0].batch,
     )
-    return PresampleResult(summary, scales, images, layers, full.images, exit_images)
+    return PresampleResult(summary, scales, images, layers, full.images, exit_images, by_probe)
+
+
+def _measured_at(k: int, band: pd.DataFrame, trend: pd.DataFrame) -> dict:
+    """The τ range (None: no point in the high-SSIM band) and crossing of ρ_s read from `k` probe layers."""
+    found = quantile_range(band[f"rho_probe_{k}"].to_numpy(), *TAU_QUANTILES, TAU_PAD)
+    return {
+        "tau_range": None if found is None else [round(v, 4) for v in found],
+        "crossing": crossing_direction(trend.scale.to_numpy(), trend[f"rho_probe_{k}_mean"].to_numpy()),
+    }
 
 
 def write_tables(result: PresampleResult, folder: Path) -> list[Path]:
@@ -196,4 +230,8 @@ def write_tables(result: PresampleResult, folder: Path) -> list[Path]:
     path = folder / "presample_summary.json"
     path.write_text(json.dumps(result.summary.to_json(), indent=2))
     written.append(path)
+    if result.probe_layers:
+        path = folder / "presample_probe_layers.json"
+        path.write_text(json.dumps({str(k): v for k, v in result.probe_layers.items()}, indent=2))
+        written.append(path)
     return written

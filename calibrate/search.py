@@ -57,6 +57,8 @@ from tqdm.auto import tqdm
 
 from calibrate.config import ConstraintsConfig, StorageConfig
 from calibrate.knobs import SearchSpace
+from calibrate.locks import schema_lock
+from calibrate.storage_url import journal_path
 from calibrate.tracking import NullTracker, Tracker
 from toprovar.errors import UserError
 
@@ -64,7 +66,6 @@ log = logging.getLogger(__name__)
 
 DIRECTIONS = ("maximize", "maximize")  # (speedup, quality)
 OBJECTIVE_NAMES = ("speedup", "ssim")
-JOURNAL_SCHEME = "journal:"
 MAX_RETRIES = 2  # a trial whose worker died or was interrupted runs at most this many times more
 POLL_S = 2.0  # how often a worker that waits for other workers' trials looks again
 
@@ -127,15 +128,8 @@ def _sampler(name: str, seed: int, n_trials: int) -> optuna.samplers.BaseSampler
     raise ValueError(f"unknown sampler {name!r}")
 
 
-def journal_path(url: str) -> Path | None:
-    """The file of a `journal:<path>` storage URL (`journal:///abs/path` works too), else None."""
-    if not url.startswith(JOURNAL_SCHEME):
-        return None
-    rest = url[len(JOURNAL_SCHEME) :]
-    return Path(rest[2:] if rest.startswith("//") else rest)
-
-
-def _storage(cfg: StorageConfig):
+def open_storage(cfg: StorageConfig):
+    """The Optuna storage `cfg.url` names (None: in memory); UserError when it cannot be opened."""
     if cfg.url is None:
         return None
     path = journal_path(cfg.url)
@@ -158,11 +152,11 @@ def _rdb_storage(cfg: StorageConfig, attempts: int = 3) -> RDBStorage:
     """Optuna's RDB storage with heartbeats. Workers that open a new PostgreSQL database at the same
     moment race in CREATE TABLE IF NOT EXISTS (PostgreSQL answers one of them with a unique
     violation on its catalog): the loser tries again and finds the tables made."""
-    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     for attempt in range(1, attempts + 1):
         try:
-            with warnings.catch_warnings():  # heartbeats are marked experimental; they are what resume needs
+            with warnings.catch_warnings(), schema_lock(cfg.url):  # a new SQLite file: one process makes its tables
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return RDBStorage(
                     cfg.url,
@@ -170,7 +164,7 @@ def _rdb_storage(cfg: StorageConfig, attempts: int = 3) -> RDBStorage:
                     grace_period=cfg.grace_period_s,
                     heartbeat_stale_trial_callback=requeue,
                 )
-        except IntegrityError:
+        except (IntegrityError, OperationalError, ProgrammingError):  # a schema race on a server database
             if attempt == attempts:
                 raise
             time.sleep(0.5 * attempt)
@@ -197,7 +191,7 @@ def open_study(
     sampler from `seed` and `worker` alone, so a fresh calibration is reproducible; every other
     (a worker joining from another process or machine, where its index is 0 too, or a second
     calibration started at the same moment on the same study) also mixes in its host and pid."""
-    backend = _storage(storage) or optuna.storages.InMemoryStorage()
+    backend = open_storage(storage) or optuna.storages.InMemoryStorage()
     try:
         optuna.create_study(study_name=name, storage=backend, directions=list(DIRECTIONS))
         salt = 0

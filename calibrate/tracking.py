@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from calibrate.config import TrackingConfig
+from calibrate.locks import schema_lock
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +63,14 @@ class Tracker:
 
         self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
         self._mlflow = mlflow
-        self.client = MlflowClient(tracking_uri=uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = (
-            found.experiment_id
-            if found is not None
-            else self.client.create_experiment(experiment, artifact_location=artifact_location)
-        )
+        with schema_lock(uri):  # a new mlflow.db: one process makes its tables and the experiment
+            self.client = MlflowClient(tracking_uri=uri)
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = (
+                found.experiment_id
+                if found is not None
+                else self.client.create_experiment(experiment, artifact_location=artifact_location)
+            )
         self.parent_id: str | None = None
 
     # -- runs -------------------------------------------------------------------------------

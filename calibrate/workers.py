@@ -60,6 +60,40 @@ def worker_devices(device: torch.device, workers: int) -> list[torch.device]:
     return [torch.device("cuda", first + i) for i in range(workers)]
 
 
+def use_device(cfg: CalibrationConfig) -> torch.device:
+    """The configured device, made the current one: CUDA events (latency) and Triton kernels act on
+    the current device, which is cuda:0 unless set — wrong for worker i on cuda:i. Caps torch's
+    threads at the CPUs this process may use (a CPU quota is not what torch counts), and quiets the
+    libraries' INFO logs."""
+    import optuna
+
+    from toprovar.models.registry import resolve_device
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    cap_torch_threads()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
+
+
+def check_shared_storage(url: str | None, workers: int) -> None:
+    """Several workers need a storage other processes can open (UserError), and SQLite is risky."""
+    if workers > 1 and url is None:
+        raise UserError(
+            f"search.workers={workers} share the study through its storage, but storage=memory "
+            f"keeps it inside one process; use the default storage=journal (or a database URL)"
+        )
+    if workers > 1 and url.startswith("sqlite"):
+        logging.getLogger("calibrate").warning(
+            "SQLite with %d workers: concurrent writers can fail with 'database is locked'; "
+            "the default storage=journal (one host) or PostgreSQL are safe",
+            workers,
+        )
+
+
 def _read(path: str) -> str:
     return Path(path).read_text()
 

@@ -36,6 +36,15 @@ def _calibrate(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     )  # a hang guard, not a speed claim
 
 
+# A backbone whose weights are missing: an error checked before loading it must come first.
+_NO_WEIGHTS = [
+    "backbone=infinity-2b",
+    "tracking=off",
+    "storage=memory",
+    "backbone.weights.transformer=/nonexistent/infinity_2b_reg.pth",
+]
+
+
 @pytest.mark.parametrize(
     "overrides, expected",
     [
@@ -65,6 +74,12 @@ def _calibrate(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
             "quality.clip=/nonexistent/clip: no such folder",
         ),
         (["backbone=test-small", "search.constraints.max_clip_drop=0"], "max_clip_drop"),
+        (["backbone=test-small", "stages=[]"], "stages=[] runs nothing"),
+        # The folders are checked before the backbone (2B's missing weights) is looked at, not after the run.
+        ([*_NO_WEIGHTS, "export_to=/etc/passwd"], "export_to=/etc/passwd is a file"),
+        ([*_NO_WEIGHTS, "export_to=/proc/x"], "export_to=/proc/x cannot be written"),
+        (["backbone=test-small", "hydra.run.dir=/proc/x"], "hydra.run.dir=/proc/x cannot be written"),
+        (["backbone=test-small", "hydra.run.dir=/proc/x/${now:%H-%M-%S}"], "hydra.run.dir=/proc/x cannot be written"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(tmp_path, overrides, expected):
@@ -74,6 +89,61 @@ def test_user_mistakes_are_one_line_errors(tmp_path, overrides, expected):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("calibrate: error:") and expected in lines[0]
     assert not (tmp_path / "outputs").exists()  # a run that fails on its arguments leaves no folder
+
+
+def _one_line_error(result: subprocess.CompletedProcess, expected: str) -> None:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("calibrate: error:") and expected in lines[0], lines[0]
+
+
+def test_a_run_folder_under_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    result = _calibrate(tmp_path, "backbone=test-small", f"hydra.run.dir={tmp_path / 'notes.txt' / 'run'}")
+    _one_line_error(result, f"lies under {tmp_path / 'notes.txt'}, which is a file")
+    assert (tmp_path / "notes.txt").read_text() == "a file, not a folder"
+
+
+@pytest.mark.parametrize("tracking", ["local", "off"])
+def test_select_and_export_on_a_fresh_study_leave_nothing_behind(tmp_path, tracking):
+    """stages=[select,export] needs a study that was pre-sampled and searched: on a fresh one it is a
+    one-line error before the backbone loads (2B's weights are missing), with no run folder and no
+    MLflow run (a FAILED one was left before)."""
+    run_dir = tmp_path / "run"
+    result = _calibrate(
+        tmp_path,
+        *_NO_WEIGHTS[:1],
+        *_NO_WEIGHTS[3:],
+        f"tracking={tracking}",
+        "stages=[select,export]",
+        f"hydra.run.dir={run_dir}",
+    )
+    _one_line_error(result, "study 'infinity-2b' has no pre-sampling summary yet")
+    assert not run_dir.exists() and not (tmp_path / "outputs").exists()
+    assert not (tmp_path / "mlflow.db").exists()  # no tracking store opened, so no run in it
+
+
+def test_select_on_a_study_without_summary_is_refused_without_touching_it(tmp_path, calibrate_config):
+    """An existing study that was never pre-sampled (a SQLite file, a journal) is refused too, and a
+    storage file that does not exist is not created by the check."""
+    import dataclasses
+
+    from calibrate.search import open_study
+    from calibrate.stages.presample import check_summary_stored
+    from toprovar.errors import UserError
+
+    cfg = calibrate_config("backbone=test-small", "tracking=off")
+    for url in (f"sqlite:///{tmp_path}/optuna.db", f"journal:{tmp_path}/optuna.journal"):
+        storage = dataclasses.replace(cfg.storage, url=url)
+        with pytest.raises(UserError, match="no pre-sampling summary"):
+            check_summary_stored("s", storage)
+        assert not list(tmp_path.iterdir())  # nothing created
+    storage = dataclasses.replace(cfg.storage, url=f"journal:{tmp_path}/optuna.journal")
+    study = open_study("s", storage, "tpe", 0, 4)
+    with pytest.raises(UserError, match="no pre-sampling summary"):
+        check_summary_stored("s", storage)
+    study.set_user_attr("presample_summary", {"crossing": "below"})
+    check_summary_stored("s", storage)  # stored: the run may go on
 
 
 _RUN_DIR_SCRIPT = """
@@ -109,11 +179,12 @@ def test_exported_policy_that_did_not_validate_exits_3(tmp_path, calibrate_confi
     """A script can tell: exit status 3 when the exported policy is marked NOT validated."""
     import dataclasses
 
-    import calibrate.app as app
-    from calibrate.app import EXIT_NOT_VALIDATED, Calibration
+    import calibrate.stages.validate as stage
+    from calibrate.app import EXIT_NOT_VALIDATED, run_calibration
+    from calibrate.context import RunPaths
 
-    validate = app.select_and_validate
-    monkeypatch.setattr(app, "select_and_validate", lambda *args: dataclasses.replace(validate(*args), passed=False))
+    validate = stage.select_and_validate
+    monkeypatch.setattr(stage, "select_and_validate", lambda *args: dataclasses.replace(validate(*args), passed=False))
     cfg = calibrate_config(
         "backbone=test-small",
         "storage=memory",
@@ -125,9 +196,9 @@ def test_exported_policy_that_did_not_validate_exits_3(tmp_path, calibrate_confi
         "search.validate_candidates=1",
         "search.constraints.min_ssim=0.0",
     )
-    calibration = Calibration(cfg, tmp_path / "run", tmp_path, [])
-    path = calibration.run()
-    assert calibration.exit_status == EXIT_NOT_VALIDATED == 3
+    outcome = run_calibration(cfg, RunPaths(tmp_path / "run", tmp_path, ()))
+    path = outcome.policy
+    assert outcome.exit_status == EXIT_NOT_VALIDATED == 3
     import yaml
 
     assert yaml.safe_load(path.read_text())["provenance"]["validated"] is False
@@ -311,13 +382,12 @@ def test_a_resumed_study_keeps_its_presample_summary_and_says_so_only_when_it_di
     import dataclasses
     import logging
 
-    from calibrate.app import Calibration
     from calibrate.presample import PresampleSummary
     from calibrate.search import open_study
+    from calibrate.stages.presample import shared_summary
 
     cfg = calibrate_config("backbone=test-small", "tracking=off")
     storage = dataclasses.replace(cfg.storage, url=f"journal:{tmp_path}/study.journal")
-    calibration = Calibration(cfg, tmp_path, tmp_path, [])
     summary = PresampleSummary(
         crossing="below",
         tau_range=(random.random(), 1.0),
@@ -327,14 +397,14 @@ def test_a_resumed_study_keeps_its_presample_summary_and_says_so_only_when_it_di
         prompts=4,
         scales=7,
     )
-    assert calibration.shared_summary(open_study("s", storage, "tpe", 0, 4), summary) == summary
+    assert shared_summary(open_study("s", storage, "tpe", 0, 4), summary) == summary
 
     def said():
         return [r.getMessage() for r in caplog.records if r.name == "calibrate"]
 
     with caplog.at_level(logging.INFO, logger="calibrate"):
-        stored = calibration.shared_summary(open_study("s", storage, "tpe", 0, 4), summary)  # read back from the file
+        stored = shared_summary(open_study("s", storage, "tpe", 0, 4), summary)  # read back from the file
         assert stored == summary and not said()
         other = dataclasses.replace(summary, band_points=5)
-        assert calibration.shared_summary(open_study("s", storage, "tpe", 0, 4), other) == summary
+        assert shared_summary(open_study("s", storage, "tpe", 0, 4), other) == summary
     assert said() == ["study 's' keeps the pre-sampling summary it started with"]

@@ -278,6 +278,86 @@ def test_two_machines_share_a_study_through_postgresql(tmp_path, postgres):
     check_children(children, trials)
 
 
+# --- one study, several processes (docs/calibration.md, "One study, several processes") -----------
+def _two_at_once(tmp_path: Path, url: str, study: str) -> None:
+    """Two full calibrations of one study started at the same moment, with a fresh MLflow store: one
+    coordinates (searches, exports; exit 3: one held-out prompt cannot validate), the other is
+    refused in one line naming it, before any weights load, leaving no run folder."""
+    n_trials = random.randint(2, 3)
+    common = [*SMALL, f"search.n_trials={n_trials}", f"storage.url={url}", f"study_name={study}"]
+    runs = [Calibrate(tmp_path, *common, f"hydra.run.dir={tmp_path / f'run-{i}'}") for i in range(2)]
+    codes = [run.wait() for run in runs]
+    assert sorted(codes) == [2, 3], [run.output()[-3000:] for run in runs]
+    winner, loser = (0, 1) if codes[0] == 3 else (1, 0)
+    output = runs[loser].output()
+    errors = [line for line in output.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in output and len(errors) == 1, output
+    assert errors[0].startswith(f"calibrate: error: study '{study}'")
+    assert f"is being calibrated by process {runs[winner].process.pid} on {socket.gethostname()}" in errors[0]
+    assert not (tmp_path / f"run-{loser}").exists()
+    assert (tmp_path / f"run-{winner}" / "policy.yaml").exists()
+
+    trials = study_trials(url, study)
+    check_trials(trials, n_trials, killed=[])
+    parent, children = mlflow_runs(tmp_path / "mlflow.db")  # one parent run: the loser opened none
+    assert parent.info.status == "FINISHED"
+    check_children(children, trials)
+
+
+def test_two_calibrations_at_once_on_a_fresh_sqlite_study(tmp_path):
+    _two_at_once(tmp_path, f"sqlite:///{tmp_path / 'optuna.db'}", "shared")
+
+
+def test_two_calibrations_at_once_on_postgresql(tmp_path, postgres):
+    _two_at_once(tmp_path, postgres, "shared-pg")
+
+
+_OPEN_FRESH_STORES = """
+import os, sys, time
+from pathlib import Path
+import mlflow
+from calibrate.config import StorageConfig
+from calibrate.search import open_study
+from calibrate.tracking import Tracker
+go, folder, url = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+Path(folder, f"ready-{os.getpid()}").touch()
+while not go.exists():
+    time.sleep(0.002)
+Tracker(f"sqlite:///{folder}/mlflow.db", "race")
+open_study("race", StorageConfig(url, 10, 60), "tpe", 0, 4)
+"""
+
+
+@pytest.mark.parametrize("optuna_db", ["sqlite", "postgresql"])
+def test_processes_opening_fresh_databases_at_once_get_no_traceback(tmp_path, request, optuna_db):
+    """Three processes open the same fresh MLflow store and Optuna database at one moment (imports
+    done, then released together): each opens them, none fails in the schema race."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}" if optuna_db == "sqlite" else request.getfixturevalue("postgres")
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    started = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPEN_FRESH_STORES, str(go), str(tmp_path), url],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    deadline = time.monotonic() + HANG_GUARD_S
+    while len(list(tmp_path.glob("ready-*"))) < len(started):  # imports done: all wait for `go`
+        assert time.monotonic() < deadline and all(p.poll() is None for p in started)
+        time.sleep(0.05)
+    go.touch()
+    for process in started:
+        _, err = process.communicate(timeout=HANG_GUARD_S)
+        assert process.returncode == 0, err[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    assert [e.name for e in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()].count("race") == 1
+    assert len(optuna.get_all_study_names(url)) == 1
+
+
 @pytest.mark.parametrize(
     ("files", "affinity", "expected"),
     [

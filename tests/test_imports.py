@@ -96,7 +96,7 @@ def test_the_checks_see_imports_and_cycles() -> None:
     """The analysis is not vacuous: known edges are found, and a cycle would be reported."""
     edges = _edges()
     assert "toprovar.cli" in edges["toprovar.__main__"] and "toprovar.pruning" in edges["toprovar.pipeline"]
-    assert "toprovar.models.registry" in edges["calibrate.app"] and "toprovar.metrics" in edges["benchmarks.latency"]
+    assert "toprovar.models.registry" in edges["calibrate.inputs"] and "toprovar.metrics" in edges["benchmarks.latency"]
     assert _cycle_members({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}) == ["a", "b", "c", "d"]
     assert _cycle_members({"a": {"b"}, "b": {"c"}, "d": {"a"}}) == []
 
