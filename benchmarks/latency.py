@@ -53,7 +53,7 @@ PROG = "python -m benchmarks.latency"
 # fewer-kernels variants, then (with `ablations`) leave-one-out and opt-in variants measured
 # before (`--variants all`).
 def variants(*, ablations: bool = True) -> list[tuple[str, Any]]:
-    from toprovar.pipeline import FastOptions
+    from toprovar.fast import FastOptions
 
     full = FastOptions()
     opts = FastOptions(**{f: False for f in FastOptions.__dataclass_fields__})
@@ -283,8 +283,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def check_numerics(backbone, fast_dtype: torch.dtype, *, prompt: str = "a photo", seed: int = 0) -> dict:
     """Teacher-forced comparison of the bf16 variants with the float32 eager path (in place: the
     backbone ends in `fast_dtype`)."""
+    from toprovar.fast import FastOptions
     from toprovar.metrics import psnr
-    from toprovar.pipeline import FastOptions, generate
+    from toprovar.pipeline import generate
 
     to_dtype(backbone, torch.float32)
     ref, ref_res = _with_recorder(None, lambda: generate(backbone, [prompt], [seed], fast=False))
@@ -582,16 +583,16 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         if args.profile and not over_budget():
-            from toprovar.pipeline import FastOptions
+            from toprovar.fast import FastOptions
 
             try:
                 r["profile"] = profile_call(backbone, FastOptions(graphs=False))
                 print(f"{bb} profile: {json.dumps(r['profile'])}", flush=True)
             except Exception as err:
                 r["profile_error"] = f"{type(err).__name__}: {err}"
-        from toprovar.pipeline import release_fast_state
+        from toprovar.fast import release_fast_runtime
 
-        release_fast_state(backbone.transformer)
+        release_fast_runtime(backbone)
         del backbone
         if device.type == "cuda":
             torch.cuda.empty_cache()

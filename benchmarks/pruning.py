@@ -272,7 +272,7 @@ def gather_scatter_ms(
 
 def variants() -> list[tuple[str, Any]]:
     """(name, FastOptions) of the fast path's pruned-scale mechanics, the defaults first."""
-    from toprovar.pipeline import FastOptions
+    from toprovar.fast import FastOptions
 
     base = FastOptions()
     return [
@@ -359,7 +359,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     backbone = build_backbone(spec, None, device=device, dtype=dtype)
     build_s = time.perf_counter() - t0
     kw = {"guidance_scale": args.guidance_scale, "pixels": pixels, "kv_policy": args.kv_policy}
-    from toprovar.pipeline import release_fast_state
+    from toprovar.fast import release_fast_runtime
 
     measured, failed = {}, {}
     for vname, opts in chosen:  # one variant after the other: each has its own static buffers and graphs
@@ -369,7 +369,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as err:  # a switch that fails on this device: the table says so, the others still run
             failed[vname] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
             print(f"{PROG}: {vname}: FAILED {failed[vname]}", file=sys.stderr, flush=True)
-            release_fast_state(backbone.transformer)
+            release_fast_runtime(backbone)
             continue
         measured[vname]["wall_s"] = time.perf_counter() - t0
         print(
@@ -377,7 +377,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             file=sys.stderr,
             flush=True,
         )
-    release_fast_state(backbone.transformer)
+    release_fast_runtime(backbone)
     if not measured:
         raise RuntimeError(f"every variant failed: {failed}")
     first = next(iter(measured.values()))

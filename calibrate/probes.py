@@ -19,6 +19,8 @@ class EntropyRecorder(Pruner):
     device during generation (no host sync inside the loop).
     """
 
+    plans_statically = True
+
     def begin(self, ctx: PrunerContext) -> None:
         self.batch, self.depth = ctx.batch, ctx.depth
         self.maps: dict[tuple[int, int], Tensor] = {}

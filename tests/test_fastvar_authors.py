@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from toprovar.errors import UserError
-from toprovar.pipeline import generate, release_fast_state
+from toprovar.fast import release_fast_runtime
+from toprovar.pipeline import generate
 from toprovar.policy import check_policy_for_backbone, check_policy_for_spec, load_policy, policy_from_dict
 from toprovar.trace import record_kept_tokens
 
@@ -98,6 +99,8 @@ def test_per_scale_plan_runs_as_planned_units_bit_identical(small, layers) -> No
         plain = generate(small, prompts, seeds, policy=policy, fast=False)
         fast = generate(small, prompts, seeds, policy=policy, fast=True)
         assert all(torch.equal(a, b) for a, b in zip(plain.bits, fast.bits)) and torch.equal(plain.images, fast.images)
-        assert fast.runtime["planned_units"]
-        assert (fast.runtime["units"]["eager"] > 0) == (fields["plan"] == "per_scale")  # per_block: block by block
-    release_fast_state(small.transformer)
+        per_scale = fields["plan"] == "per_scale"  # per_block re-scores after every block: block by block
+        assert fast.runtime["planned_units"] == per_scale
+        paths = fast.runtime["scale_paths"]
+        assert ("planned" in paths) == per_scale and "graph" in paths  # scales before the cache: unpruned
+    release_fast_runtime(small)

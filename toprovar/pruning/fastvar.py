@@ -79,6 +79,17 @@ class FastVARPruner(Pruner):
     def exit_before_scale(self, si: int) -> bool:
         return self.exit_after is not None and si > self.exit_after
 
+    @property
+    def plans_statically(self) -> bool:
+        return self.per_scale
+
+    def acts_at(self, si: int) -> bool:
+        """The scales it prunes (a configured ratio) and the cache scale, whose blocks' updates it
+        records; none when no block of the model is in `layers`."""
+        if not any(li in self.layers for li in range(self.ctx.depth)):
+            return False
+        return si in self.ratios or si == self.cache_scale
+
     def static_plan(self, si: int) -> int | None:
         """per_scale: the blocks before the first pruned one are the probe layers (every token), the
         plan is made from their output; the cache scale records every block's update (no plan)."""

@@ -6,6 +6,8 @@ from toprovar.pruning.hooks import Pruner, PrunerContext
 
 
 class FixedExitPruner(Pruner):
+    plans_statically = True
+
     def __init__(self, exit_scale: int, skip_uncond_from_scale: int | None = None):
         super().__init__(skip_uncond_from_scale)
         self.exit_scale = exit_scale
@@ -15,6 +17,10 @@ class FixedExitPruner(Pruner):
 
     def exit_before_scale(self, si: int) -> bool:
         return si > self.exit_scale
+
+    def acts_at(self, si: int) -> bool:
+        """Every scale that runs is unpruned: the exit is `exit_before_scale`'s."""
+        return False
 
     def static_plan(self, si: int) -> int | None:
         """No probe layers and no keep decisions: every scale that runs is one planned unit."""

@@ -44,13 +44,21 @@ class Pruner:
     construction: the loop never sets an attribute on it.
 
     - `skip_uncond_from_scale`: the policy's CFG skip (int or None), given to `__init__`.
-    - `acts_at(si)`: False promises that at scale `si` no hook below `exit_before_scale` removes work
-      or reads entropy, so the loop may run the scale exactly as unpruned (its whole-scale graph on
-      the fast path) and skip `wants_entropy` / `keep_tokens` / `observe` there; `end_scale` is
-      still called. True lets the pruner decide block by block (or by `static_plan`).
+    - `acts_at(si)`: False promises that at scale `si` no hook below `exit_before_scale` removes
+      work, reads entropy or reads the hidden states (`wants_entropy` False, `keep_tokens` None
+      and leaves x as it is, `end_scale` leaves x as it is), so the loop may run the scale exactly
+      as unpruned (its whole-scale graph on the fast path) and skip `wants_entropy` / `keep_tokens`
+      / `observe` there; `end_scale` is still called. True (the default, always safe) lets the
+      pruner decide block by block (or by `static_plan`). Exits are `exit_before_scale`'s, not
+      `acts_at`'s: a pruner that only exits acts nowhere. Asked after `begin` (it may depend on
+      the schedule and depth).
+    - `plans_statically`: whether `static_plan` is meaningful (a pruner that overrides it says
+      so); False: every acting scale runs block by block and the loop never calls `static_plan`.
     - `static_plan(si)`: the number of probe layers after which the keep indices of every later
       block of scale `si` are fixed (the fast path's planned units), or None (block by block).
     """
+
+    plans_statically: bool = False
 
     _skip_uncond_from_scale: int | None = None  # a subclass that takes no CFG skip need not call __init__
 

@@ -59,6 +59,8 @@ from toprovar.pruning.hooks import Pruner
 
 
 class ToProVARPruner(Pruner):
+    plans_statically = True
+
     def __init__(self, policy: Policy):
         super().__init__(policy.guidance.skip_uncond_from_scale)
         self.policy = policy
