@@ -320,15 +320,16 @@ def test_scorer_pairs_clipscores_and_bounds_their_drop(clip_folder, calibrate_co
 
 # -- text padding for the CUDA graphs' key ---------------------------------------------------------
 def test_padded_text_gives_the_same_condition(small):
-    """`_pad_text` (the CUDA static path): masked padding tokens change neither the pooled text
+    """`pad_text` (the CUDA static path): masked padding tokens change neither the pooled text
     condition nor what cross-attention reads, up to float rounding."""
-    from toprovar.pipeline import _pad_text, encode_prompts
+    from toprovar.fast.text import pad_text
+    from toprovar.pipeline import encode_prompts
 
     model = small.transformer
     prompts = ["a red cube", "two dogs on a mat near a tree"]
     with torch.no_grad():
         features, lengths = encode_prompts(small.text_encoder, prompts, model.config.text_maxlen)
-        padded = _pad_text(features, model.config.text_maxlen, bucket=random.choice([4, 8, 32]))
+        padded = pad_text(features, model.config.text_maxlen, bucket=random.choice([4, 8, 32]))
         assert padded.shape[1] % 4 == 0 or padded.shape[1] == model.config.text_maxlen
         assert padded.shape[1] >= features.shape[1] and torch.equal(padded[:, : features.shape[1]], features)
         a = model.encode_condition(features, lengths, with_uncond=True)

@@ -156,6 +156,22 @@ def test_planned_unit_path_prunes_what_the_plan_says(small) -> None:
     release_fast_runtime(small)
 
 
+def test_fast_state_is_held_by_the_backbone_one_key_at_a_time(small) -> None:
+    """The static buffers live in the backbone's `FastRuntime`, not on the model: a call with the
+    same key reuses them, another batch size replaces them, `release_fast_runtime` frees them."""
+    prompts, s = ["a red cube", "two dogs"], _seeds(2)
+    first = generate(small, prompts, s, fast=True)
+    state = small.fast_runtime.state
+    assert state is not None and state.buffers.cache.fills == [sum(r.tokens for r in first.trace.scales)] * 2
+    assert not any(type(v).__module__.startswith("toprovar.fast") for v in vars(small.transformer).values())
+    generate(small, prompts, s, fast=True)
+    assert small.fast_runtime.state is state
+    generate(small, prompts[:1], s[:1], fast=True)
+    assert small.fast_runtime.state is not state and small.fast_runtime.state.buffers.batch == 1
+    release_fast_runtime(small)
+    assert small.fast_runtime.state is None
+
+
 def test_resolve_fast_defaults() -> None:
     assert resolve_fast(None, torch.device("cpu")) is None
     assert resolve_fast(None, torch.device("cuda")) == FastOptions()

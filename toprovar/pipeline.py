@@ -48,6 +48,8 @@ from torch import Tensor
 from toprovar.attention import prefer_cudnn_attention
 from toprovar.errors import UserError
 from toprovar.fast import FastOptions, FastState, RowInputs, resolve_fast, row_views, run_block
+from toprovar.fast.decode import decode
+from toprovar.fast.text import pad_text
 from toprovar.models.registry import Backbone
 from toprovar.models.transformer import KV_POLICIES, InfinityTransformer, RopeSlice
 from toprovar.models.vae import BSQVAE
@@ -60,9 +62,6 @@ from toprovar.trace import LayerRecord, ScaleRecord, Timer, Trace, entropy_summa
 # Official inference defaults (tools/run_infinity.py).
 DEFAULT_TOP_K = 900
 DEFAULT_TOP_P = 0.97
-# Static path on CUDA: text padded to a multiple of this many tokens (`_pad_text`); T5 prompts of
-# up to 32 tokens (most captions) share one set of graphs.
-TEXT_BUCKET = 32
 
 
 # -- results ---------------------------------------------------------------------------------------
@@ -93,17 +92,6 @@ def encode_prompts(text_encoder: Any, prompts: list[str], max_len: int) -> tuple
         )
         features, lengths = features[:, :max_len], [min(n, max_len) for n in lengths]
     return features[:, : max(lengths)].float(), lengths
-
-
-def _pad_text(features: Tensor, max_len: int, bucket: int = TEXT_BUCKET) -> Tensor:
-    """Text features `(B, L, C)` zero-padded to a multiple of `bucket` tokens (at most `max_len`).
-
-    The static buffers and CUDA graphs are keyed by the text length, so without this every batch
-    whose longest prompt differs re-allocates the KV cache and re-captures every graph. The padded
-    tokens are masked (the prompt lengths are unchanged), so they take no part in attention or
-    pooling; only the rounding of the attention kernels may differ."""
-    length = min(max_len, -(-features.shape[1] // bucket) * bucket)
-    return torch.nn.functional.pad(features, (0, 0, 0, length - features.shape[1]))
 
 
 def _autocast(device: torch.device, dtype: torch.dtype, cache_enabled: bool = True):
@@ -258,7 +246,7 @@ def _encode_text(call: _Call, prompts: list[str]) -> tuple[Tensor, list[int]]:
     features, lengths = encode_prompts(call.backbone.text_encoder, prompts, call.model.config.text_maxlen)
     features = features.to(call.backbone.device)
     if call.static and call.backbone.device.type == "cuda":
-        features = _pad_text(features, call.model.config.text_maxlen)
+        features = pad_text(features, call.model.config.text_maxlen)
     _sync(call.backbone.device)
     call.trace.text_encode_ms = (time.perf_counter() - t0) * 1e3
     return features, lengths
@@ -289,6 +277,7 @@ def _condition(call: _Call, features: Tensor, lengths: list[int], seeds: list[in
         call.units_before = dict(call.fast.unit_cache.counts)
         call.runtime["graphs_captured"] = fresh and bb.device.type == "cuda"
         call.captures_before = call.fast.captures
+    host_plan = call.opts is not None and call.opts.host_plan
     call.pruner.begin(
         PrunerContext(
             call.schedule,
@@ -299,7 +288,7 @@ def _condition(call: _Call, features: Tensor, lengths: list[int], seeds: list[in
             bb.device,
             call.trace,
             call.scale_rows,
-            host_plan=call.opts is not None and call.opts.host_plan,
+            host_plan=host_plan,
         )
     )
     # The eager blocks read the call's own condition (the static buffers hold a copy of it); the
@@ -434,20 +423,14 @@ def _next_input(call: _Call, si: int, bits: Tensor, summed: Tensor | None) -> tu
 
 
 def _decode(call: _Call, summed: Tensor | None) -> Tensor:
-    """The VAE's image of the summed codes (zeros when no scale ran). On the fast CUDA path NHWC
-    fused, `FastOptions.vae_decode_images` images at a time (a bounded peak)."""
+    """The VAE's image of the summed codes (zeros when no scale ran); `toprovar.fast.decode` on the
+    fast CUDA path."""
     vae, device, opts = call.backbone.vae, call.backbone.device, call.opts
     if summed is None:  # stopped before the first scale: nothing was generated
         _, fh, fw = call.vae_schedule[-1]
         summed = torch.zeros(call.batch, vae.codebook_dim, 1, fh, fw, device=device)
     if opts is not None and device.type == "cuda" and isinstance(vae, BSQVAE):
-        step = opts.vae_decode_images if opts.vae_decode_images > 0 else summed.shape[0]
-        kw = {
-            "channels_last": opts.vae_channels_last,
-            "fused_norm": opts.vae_fused_norm,
-            "cudnn_benchmark": opts.vae_cudnn_benchmark,
-        }
-        return torch.cat([vae.decode(chunk, **kw) for chunk in summed.split(step)])
+        return decode(vae, summed, opts)
     return vae.decode(summed)
 
 
