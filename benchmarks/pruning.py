@@ -204,8 +204,15 @@ class ReplayPruner(Pruner):
     def begin(self, ctx) -> None:
         ctx.trace.pruning = {"method": "replay"}
 
+    plans_statically = True
+
     def exit_before_scale(self, si: int) -> bool:
         return self.exit_from is not None and si >= self.exit_from
+
+    def acts_at(self, si: int) -> bool:
+        """Where the recorded run removed tokens (elsewhere the scale runs unpruned, as the recorded
+        run's did or better: what its decisions cost there is decision overhead)."""
+        return any(s == si for s, _ in self.kept)
 
     def static_plan(self, si: int) -> int | None:
         """The recorded indices do not depend on the hidden states: plan after the probe layers

@@ -59,6 +59,13 @@ class HostReads(Pruner):
         self.scale = si
         return self._hook("exit_before_scale", si)
 
+    @property
+    def plans_statically(self) -> bool:
+        return self.pruner.plans_statically
+
+    def acts_at(self, si: int) -> bool:
+        return self._hook("acts_at", si)
+
     def static_plan(self, si: int):
         return self._hook("static_plan", si)
 
