@@ -9,7 +9,7 @@ batch size, after `--warmup` calls (the first captures that size's graphs): the 
 traces' CUDA events the scale loop per image, the last three scales and the VAE decode per image;
 the FLOP floor of the transformer per image at the bf16 matrix rate measured in the same run and the
 achieved fraction floor / time; peak GPU memory allocated and reserved during that batch size, the
-KV cache's share of it, and the memory still allocated after `release_fast_state` (the graphs and
+KV cache's share of it, and the memory still allocated after `release_fast_runtime` (the graphs and
 static buffers of the batch size freed before the next one). A batch size that runs out of memory
 is recorded as such and the next one still runs. `--smoke`: the same code on CPU with `test-small`.
 """
@@ -40,7 +40,8 @@ def kv_cache_gib(backbone, batch: int) -> float:
 
 def measure(backbone, batch: int, warmup: int, reps: int, rate: float) -> dict:
     from benchmarks.latency import floor_flops, sync
-    from toprovar.pipeline import generate, release_fast_state
+    from toprovar.fast import release_fast_runtime
+    from toprovar.pipeline import generate
 
     device = backbone.device
     prompts, seeds = ["a photo"] * batch, list(range(batch))
@@ -67,7 +68,7 @@ def measure(backbone, batch: int, warmup: int, reps: int, rate: float) -> dict:
                 peak_allocated_gib=round(torch.cuda.max_memory_allocated(device) / GIB, 2),
                 peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / GIB, 2),
             )
-        release_fast_state(backbone.transformer)
+        release_fast_runtime(backbone)
         if cuda:
             row["allocated_after_release_gib"] = round(torch.cuda.memory_allocated(device) / GIB, 2)
     wall = statistics.median(walls)

@@ -22,6 +22,15 @@ guidance scale 3, the backbone's temperature. For every backbone:
   measured in the same run (8192³ product), and the achieved fraction floor / time;
 * `--profile`: one profiled call of the fast path without graphs (same kernels): GPU time by
   kernel family and the top kernels.
+* `--profile-scales` (issue 24 item 3, where a scale's fixed cost goes): after one call of the
+  default fast path, the whole-scale graph of the 1-token first scale and of the last scale is
+  replayed alone under torch.profiler (`--reps` times, after a warm-up replay): kernels per
+  replay, GPU busy time, the span from the first kernel's start to the last one's end, the gaps
+  between consecutive kernels (total, median, largest) and the kernels that take the most time.
+  The graph holds the blocks, the head, guidance and top-k/top-p, plus one copy of the scale's
+  input into its static buffer; the trace's per-scale time of the same call (which adds the draw
+  and the next scale's input) is printed beside it. On CPU (`--smoke`) there are no graphs: the
+  rows count the direct call's top-level operators instead of kernels.
 
 Prints a markdown table and one JSON line (device, versions, date, command); `--json-out` and
 `--md-out` also write them to files. `--smoke` runs the same code on CPU with the `test-small`
@@ -53,7 +62,7 @@ PROG = "python -m benchmarks.latency"
 # fewer-kernels variants, then (with `ablations`) leave-one-out and opt-in variants measured
 # before (`--variants all`).
 def variants(*, ablations: bool = True) -> list[tuple[str, Any]]:
-    from toprovar.pipeline import FastOptions
+    from toprovar.fast import FastOptions
 
     full = FastOptions()
     opts = FastOptions(**{f: False for f in FastOptions.__dataclass_fields__})
@@ -68,6 +77,8 @@ def variants(*, ablations: bool = True) -> list[tuple[str, Any]]:
     ]
     for name, flags in steps:
         opts = replace(opts, **{f: True for f in flags})
+        if name == FAST_NAME:  # memory bounds (issue 22) that do not change a batch-1 call's work
+            opts = replace(opts, shared_pool=full.shared_pool, vae_decode_images=full.vae_decode_images)
         ladder.append((name, opts))
     assert opts == full, "the ladder must end at the default fast path"
     mechanics = [
@@ -283,8 +294,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def check_numerics(backbone, fast_dtype: torch.dtype, *, prompt: str = "a photo", seed: int = 0) -> dict:
     """Teacher-forced comparison of the bf16 variants with the float32 eager path (in place: the
     backbone ends in `fast_dtype`)."""
+    from toprovar.fast import FastOptions
     from toprovar.metrics import psnr
-    from toprovar.pipeline import FastOptions, generate
+    from toprovar.pipeline import generate
 
     to_dtype(backbone, torch.float32)
     ref, ref_res = _with_recorder(None, lambda: generate(backbone, [prompt], [seed], fast=False))
@@ -381,7 +393,78 @@ def profile_call(backbone, fast, prompt: str = "a photo", seed: int = 0) -> dict
     }
 
 
+def _replay_trace(run: Callable[[], Any], device: torch.device) -> dict:
+    """Kernels of one `run()` under torch.profiler (top-level operators on CPU): count, busy time,
+    span and the gaps between consecutive kernels, the five longest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        run()
+        sync(device)
+    if on_gpu:
+        events = [e for e in prof.events() if "cuda" in str(getattr(e, "device_type", "")).lower()]
+    else:
+        events = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events)
+    gaps = [max(0.0, b[0] - a[1]) for a, b in zip(spans, spans[1:])]
+    longest = sorted(spans, key=lambda s: s[0] - s[1])[:5]
+    return {
+        "kernels": len(spans),
+        "busy_ms": sum(end - start for start, end, _ in spans) / 1e3,
+        "span_ms": (spans[-1][1] - spans[0][0]) / 1e3 if spans else 0.0,
+        "gaps_ms": sum(gaps) / 1e3,
+        "gap_median_us": statistics.median(gaps) if gaps else 0.0,
+        "gap_max_us": max(gaps, default=0.0),
+        "top": [(name[:80], round((end - start) / 1e3, 4)) for start, end, name in longest],
+    }
+
+
+def profile_scales(backbone, *, reps: int, prompt: str = "a photo", seed: int = 0) -> dict:
+    """`--profile-scales` (module docs): per profiled scale the median of `reps` replays."""
+    from toprovar.pipeline import generate
+
+    device = backbone.device
+    res = generate(backbone, [prompt], [seed], fast=True)  # captures the whole-scale graphs (CUDA)
+    state = backbone.fast_runtime.state
+    buf = state.buffers
+    last = len(buf.tokens) - 1
+    out = {}
+    for si in sorted({0, last}):
+        x = next(x for (s, _), x in buf.x_in.items() if s == si).clone()
+
+        def replay(si: int = si, x: torch.Tensor = x) -> None:
+            buf.cache.set_fill(buf.offsets[si])  # the unpruned call's fills before scale si
+            with torch.inference_mode():  # the static buffers are inference tensors
+                state.whole.run(si, x)
+
+        replay()
+        sync(device)
+        runs = [_replay_trace(replay, device) for _ in range(reps)]
+        mid = sorted(runs, key=lambda r: r["span_ms"])[len(runs) // 2]
+        out[f"scale {si}"] = {"tokens": buf.tokens[si], "trace_scale_ms": res.trace.scales[si].time_ms, **mid}
+    return out
+
+
 # ---------------------------------------------------------------------------------------- reporting
+
+
+def profile_markdown(name: str, scales: dict) -> str:
+    lines = [
+        f"#### {name}: one scale's graph replayed alone (median of the replays)\n",
+        "| scale | tokens | kernels | GPU busy ms | span ms | gaps ms | median / largest gap µs "
+        "| scale in the call's trace ms | longest kernels (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for scale, p in scales.items():
+        top = "; ".join(f"{n} {ms}" for n, ms in p["top"])
+        lines.append(
+            f"| {scale} | {p['tokens']} | {p['kernels']} | {p['busy_ms']:.3f} | {p['span_ms']:.3f} "
+            f"| {p['gaps_ms']:.3f} | {p['gap_median_us']:.1f} / {p['gap_max_us']:.1f} "
+            f"| {p['trace_scale_ms']:.3f} | {top} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def markdown(results: dict, anchors: dict) -> str:
@@ -489,6 +572,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-check", action="store_true", help="skip the float32 teacher-forced comparison")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument(
+        "--profile-scales",
+        action="store_true",
+        help="per-kernel trace of the first and the last scale's graph (kernels, busy time, gaps)",
+    )
     ap.add_argument("--budget-s", type=float, default=0.0, help="skip what would start after this many seconds")
     ap.add_argument("--smoke", action="store_true", help="CPU, test-small backbone, same code path")
     ap.add_argument("--json-out")
@@ -582,16 +670,20 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         if args.profile and not over_budget():
-            from toprovar.pipeline import FastOptions
+            from toprovar.fast import FastOptions
 
             try:
                 r["profile"] = profile_call(backbone, FastOptions(graphs=False))
                 print(f"{bb} profile: {json.dumps(r['profile'])}", flush=True)
             except Exception as err:
                 r["profile_error"] = f"{type(err).__name__}: {err}"
-        from toprovar.pipeline import release_fast_state
+        if args.profile_scales and not over_budget():
+            to_dtype(backbone, fast_dtype)  # the timed variants' dtype (the check may have left float32)
+            r["profile_scales"] = profile_scales(backbone, reps=max(args.reps, 1))
+            print(profile_markdown(bb, r["profile_scales"]), flush=True)
+        from toprovar.fast import release_fast_runtime
 
-        release_fast_state(backbone.transformer)
+        release_fast_runtime(backbone)
         del backbone
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -3,6 +3,7 @@
     python -m benchmarks.pruning            # Infinity-2B, random weights, 1024², batch 1, CFG 3, bf16
     python -m benchmarks.pruning --smoke    # the same path on CPU with the test-small backbone
     python -m benchmarks.pruning --skip-uncond-from 11   # the same policy plus a CFG skip from scale 11
+    python -m benchmarks.pruning --prune-nothing         # the shipped policy where it prunes nothing
 
 Model: Infinity-2B's architecture with seeded random weights (`toprovar.models.transformer.
 random_state_dict`), a random BSQ VAE (d32) and a hashed-word text encoder at T5-XL width, so no
@@ -49,6 +50,13 @@ fused kernels), `chain_blocks` (a block's last stage makes the next one's LayerN
 lists stay gathered), `host_plan` (keep counts fixed by the policy taken from the host: no host
 sync per pruned scale), `small_m_rows` (the matrix products of the small scales with their
 LayerNorm and residual fused: 9 launches a block) and all four. The JSON's top-level numbers are the first variant's.
+
+`--prune-nothing` (issue 24 item 1: a policy that removes no work costs nothing) times instead
+the backbone's shipped ToProVAR policy (`toprovar/policies/<backbone>.yaml`; without one, e.g.
+--smoke, the fixed policy with a crossing that never fires) against unpruned, interleaved, on the
+default fast path. On random weights the shipped infinity-2b policy's crossing never fires, so it
+prunes nothing: the row reports the time ratio (target ≥ 0.99), whether its bits and images are
+the unpruned ones (target: yes), the token-layers it pruned (expect 0) and the path of each scale.
 
 Prints a markdown table (one row per variant: end to end, scale loop, 1-token scale, decision
 overhead and its split, gather/scatter, FLOP-ideal vs measured loop speedup, loop / floor bound,
@@ -196,8 +204,15 @@ class ReplayPruner(Pruner):
     def begin(self, ctx) -> None:
         ctx.trace.pruning = {"method": "replay"}
 
+    plans_statically = True
+
     def exit_before_scale(self, si: int) -> bool:
         return self.exit_from is not None and si >= self.exit_from
+
+    def acts_at(self, si: int) -> bool:
+        """Where the recorded run removed tokens (elsewhere the scale runs unpruned, as the recorded
+        run's did or better: what its decisions cost there is decision overhead)."""
+        return any(s == si for s, _ in self.kept)
 
     def static_plan(self, si: int) -> int | None:
         """The recorded indices do not depend on the hidden states: plan after the probe layers
@@ -272,7 +287,7 @@ def gather_scatter_ms(
 
 def variants() -> list[tuple[str, Any]]:
     """(name, FastOptions) of the fast path's pruned-scale mechanics, the defaults first."""
-    from toprovar.pipeline import FastOptions
+    from toprovar.fast import FastOptions
 
     base = FastOptions()
     return [
@@ -359,7 +374,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     backbone = build_backbone(spec, None, device=device, dtype=dtype)
     build_s = time.perf_counter() - t0
     kw = {"guidance_scale": args.guidance_scale, "pixels": pixels, "kv_policy": args.kv_policy}
-    from toprovar.pipeline import release_fast_state
+    from toprovar.fast import release_fast_runtime
 
     measured, failed = {}, {}
     for vname, opts in chosen:  # one variant after the other: each has its own static buffers and graphs
@@ -369,7 +384,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as err:  # a switch that fails on this device: the table says so, the others still run
             failed[vname] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
             print(f"{PROG}: {vname}: FAILED {failed[vname]}", file=sys.stderr, flush=True)
-            release_fast_state(backbone.transformer)
+            release_fast_runtime(backbone)
             continue
         measured[vname]["wall_s"] = time.perf_counter() - t0
         print(
@@ -377,7 +392,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             file=sys.stderr,
             flush=True,
         )
-    release_fast_state(backbone.transformer)
+    release_fast_runtime(backbone)
     if not measured:
         raise RuntimeError(f"every variant failed: {failed}")
     first = next(iter(measured.values()))
@@ -411,6 +426,74 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "variants": measured,
         "failed_variants": failed,
     }
+
+
+def prune_nothing(args: argparse.Namespace) -> dict[str, Any]:
+    """The `--prune-nothing` row (module docs): shipped policy vs unpruned, median of `--repeats`
+    interleaved rounds after `--warmup`, bits compared on the last round."""
+    from toprovar.models.registry import build_backbone
+    from toprovar.pipeline import generate
+    from toprovar.policy import load_policy
+
+    device = torch.device("cpu") if args.smoke else torch.device("cuda")
+    name = args.backbone or ("test-small" if args.smoke else "infinity-2b")
+    if not args.smoke and not torch.cuda.is_available():
+        raise UserError("needs a CUDA GPU; use --smoke for the CPU path on test-small")
+    spec = random_spec(name)
+    try:
+        policy, source = load_policy(name), f"toprovar/policies/{name}.yaml"
+    except UserError:  # no shipped policy: one whose crossing never fires (ρ_s ≤ 0)
+        fixed = fixed_policy(spec.transformer.depth, len(spec.schedules.scale_schedule(1.0, spec.pixels)) // 2, 0.5)
+        policy = dataclasses.replace(fixed, scale=dataclasses.replace(fixed.scale, crossing="below"))
+        source = "fixed, crossing ρ_s ≤ 0"
+    backbone = build_backbone(spec, None, device=device, dtype=torch.float32 if args.smoke else torch.bfloat16)
+    kw = {
+        "guidance_scale": args.guidance_scale,
+        "pixels": args.pixels or spec.pixels,
+        "kv_policy": args.kv_policy,
+        "fast": True,  # the default on CUDA; on CPU (--smoke) the same paths
+    }
+    times: dict[str, list[float]] = {"unpruned": [], "policy": []}
+    last: dict[str, Any] = {}
+    for round_ in range(args.warmup + args.repeats):
+        for run_name, run_policy in (("unpruned", None), ("policy", policy)):
+            last[run_name] = generate(backbone, [args.prompt], [args.seed], policy=run_policy, **kw)
+            if round_ >= args.warmup:
+                times[run_name].append(last[run_name].trace.total_ms)
+    un, po = last["unpruned"], last["policy"]
+    unpruned_ms, policy_ms = statistics.median(times["unpruned"]), statistics.median(times["policy"])
+    return {
+        "bench": "pruning --prune-nothing",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        **_versions(),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join([PROG, *sys.argv[1:]]),
+        "backbone": spec.name,
+        "policy": source,
+        "unpruned_ms": unpruned_ms,
+        "policy_ms": policy_ms,
+        "speed_ratio": unpruned_ms / policy_ms,
+        "identical": all(torch.equal(a, b) for a, b in zip(un.bits, po.bits)) and torch.equal(un.images, po.images),
+        "pruned_token_layers": sum(r.tokens - r.kept for r in po.trace.layers),
+        "exited": any(s.exited for s in po.trace.scales),
+        "scale_paths": po.runtime["scale_paths"],
+    }
+
+
+def report_prune_nothing(r: dict[str, Any]) -> str:
+    ok = r["speed_ratio"] >= 0.99 and r["identical"]
+    return "\n".join(
+        [
+            f"## A policy that prunes nothing: {r['backbone']}, {r['device']} ({r['date']})",
+            "",
+            "| policy | unpruned ms | policy ms | unpruned / policy (target ≥ 0.99) | images identical "
+            "| token-layers pruned | scale paths |",
+            "|---|---:|---:|---:|---|---:|---|",
+            f"| {r['policy']} | {r['unpruned_ms']:.1f} | {r['policy_ms']:.1f} | {r['speed_ratio']:.3f}"
+            f"{'' if ok else ' ✗'} | {'yes' if r['identical'] else 'no'} | {r['pruned_token_layers']} "
+            f"| {' '.join(r['scale_paths'])} |",
+        ]
+    )
 
 
 def measure(
@@ -622,6 +705,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         + ", ".join(n for n, _ in variants())
         + ")",
     )
+    ap.add_argument(
+        "--prune-nothing",
+        action="store_true",
+        help="time the backbone's shipped policy where it prunes nothing against unpruned (issue 24)",
+    )
     ap.add_argument("--prompt", default="a photo of a corgi wearing sunglasses on a beach")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -640,8 +728,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     with exit_on_user_error(PROG):
-        result = run(args)
-    print(report(result))
+        result = prune_nothing(args) if args.prune_nothing else run(args)
+    print(report_prune_nothing(result) if args.prune_nothing else report(result))
     print(json.dumps(result))
 
 

@@ -59,3 +59,18 @@ def test_batch_benchmark_smoke_writes_one_row_per_batch(tmp_path, monkeypatch) -
     record = json.loads(out.read_text())
     assert [r["batch"] for r in record["rows"]] == [1, 2]
     assert all(r["ms_per_image"] > 0 and 0 < r["floor_fraction"] for r in record["rows"])
+
+
+def test_profile_scales_traces_the_first_and_last_scale(small) -> None:
+    """`--profile-scales` on CPU: the first and the last scale, each a sequence of non-overlapping
+    operators whose busy time and gaps add up to the span."""
+    from benchmarks.latency import profile_markdown, profile_scales
+
+    scales = profile_scales(small, reps=1)
+    n_scales = len(small.fast_runtime.state.buffers.tokens)
+    assert list(scales) == ["scale 0", f"scale {n_scales - 1}"] and scales["scale 0"]["tokens"] == 1
+    for p in scales.values():
+        assert p["kernels"] > 0 and 0 < p["busy_ms"] <= p["span_ms"]
+        assert p["busy_ms"] + p["gaps_ms"] == pytest.approx(p["span_ms"], rel=1e-6, abs=1e-6)
+        assert len(p["top"]) == min(5, p["kernels"]) and p["trace_scale_ms"] > 0
+    assert "| scale 0 | 1 |" in profile_markdown("test-small", scales)

@@ -104,3 +104,15 @@ def test_fixed_policy_removes_the_target_share_of_infinity_2b_flops() -> None:
     assert policy.token.alpha_min == policy.token.alpha_max == alpha and policy.scale.tau == 0.0
     spec = random_spec("infinity-2b")  # no files needed: random weights, hashed text at T5 width
     assert spec.random_init and spec.weights.transformer is None and spec.transformer == cfg
+
+
+def test_prune_nothing_row_on_cpu() -> None:
+    """`--prune-nothing`: a policy whose crossing never fires prunes no token-layer, draws the
+    unpruned images, and every scale takes an unpruned path (a graph, or probe layers then the
+    unpruned kernels)."""
+    proc = _bench("--smoke", "--prune-nothing")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["identical"] is True and result["pruned_token_layers"] == 0 and not result["exited"]
+    assert set(result["scale_paths"]) <= {"graph", "planned_all_kept"}
+    assert "images identical" in proc.stdout and result["unpruned_ms"] > 0 and result["policy_ms"] > 0

@@ -320,15 +320,16 @@ def test_scorer_pairs_clipscores_and_bounds_their_drop(clip_folder, calibrate_co
 
 # -- text padding for the CUDA graphs' key ---------------------------------------------------------
 def test_padded_text_gives_the_same_condition(small):
-    """`_pad_text` (the CUDA static path): masked padding tokens change neither the pooled text
+    """`pad_text` (the CUDA static path): masked padding tokens change neither the pooled text
     condition nor what cross-attention reads, up to float rounding."""
-    from toprovar.pipeline import _pad_text, encode_prompts
+    from toprovar.fast.text import pad_text
+    from toprovar.pipeline import encode_prompts
 
     model = small.transformer
     prompts = ["a red cube", "two dogs on a mat near a tree"]
     with torch.no_grad():
         features, lengths = encode_prompts(small.text_encoder, prompts, model.config.text_maxlen)
-        padded = _pad_text(features, model.config.text_maxlen, bucket=random.choice([4, 8, 32]))
+        padded = pad_text(features, model.config.text_maxlen, bucket=random.choice([4, 8, 32]))
         assert padded.shape[1] % 4 == 0 or padded.shape[1] == model.config.text_maxlen
         assert padded.shape[1] >= features.shape[1] and torch.equal(padded[:, : features.shape[1]], features)
         a = model.encode_condition(features, lengths, with_uncond=True)
@@ -342,35 +343,37 @@ def test_padded_text_gives_the_same_condition(small):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_prompts_of_other_lengths_reuse_the_cuda_graphs():
+    from toprovar.fast import release_fast_runtime
     from toprovar.models.registry import build_backbone
-    from toprovar.pipeline import generate, release_fast_state
+    from toprovar.pipeline import generate
 
     backbone = build_backbone("test-small", device="cuda")
     generate(backbone, ["a cube", "a cat"], [1, 2])
     again = generate(backbone, ["a much longer prompt about a red cube", "a dog"], [3, 4])
     assert again.runtime["graphs_captured"] is False and again.runtime["captures"] == 0
-    release_fast_state(backbone.transformer)
+    release_fast_runtime(backbone)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_captured_units_beyond_the_bound_are_evicted_and_replays_stay_exact():
     from toprovar.bench_pruning import fixed_policy
 
+    from toprovar.fast import FastOptions, release_fast_runtime
     from toprovar.models.registry import build_backbone
-    from toprovar.pipeline import FastOptions, generate, release_fast_state
+    from toprovar.pipeline import generate
 
     backbone = build_backbone("test-small", device="cuda")
     policy = fixed_policy(backbone.transformer.depth, min_scale=3, alpha=0.5, protect_layers=1)
     eager = generate(backbone, ["a red cube"], [7], policy=policy, fast=FastOptions(graphs=False))
     first = generate(backbone, ["a red cube"], [7], policy=policy)
-    state = backbone.transformer.__dict__["_toprovar_scale_graphs"]
-    state.max_units = 4  # far fewer than the call's units: captures evict the least recently used
+    units = backbone.fast_runtime.state.unit_cache
+    units.max_units = 4  # far fewer than the call's units: captures evict the least recently used
     runs = [generate(backbone, ["a red cube"], [7], policy=policy) for _ in range(3)]
-    assert state.unit_counts["evicted"] > 0 and len(state.units) <= 4
+    assert units.counts["evicted"] > 0 and len(units.units) <= 4
     for r in [first, *runs]:
         assert all(torch.equal(a, b) for a, b in zip(eager.bits, r.bits))
-    release_fast_state(backbone.transformer)
-    assert "_toprovar_scale_graphs" not in backbone.transformer.__dict__
+    release_fast_runtime(backbone)
+    assert backbone.fast_runtime.state is None
 
 
 # -- the whole path from files in the official layout ----------------------------------------------

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from toprovar.errors import UserError
+from toprovar.fast import FastOptions, release_fast_runtime
 from toprovar.flops import layer_flops, trace_flops
 from toprovar.models.transformer import KVCache
-from toprovar.pipeline import FastOptions, generate, release_fast_state
+from toprovar.pipeline import generate
 from toprovar.policy import GuidanceStage, Policy, check_policy_for_backbone, policy_from_dict
 from toprovar.pruning.recording import record_kept_tokens
 
@@ -150,13 +151,13 @@ def test_fast_path_with_skip_is_bit_identical_for_every_method(small, kv_policy:
         plain = generate(small, PROMPTS[:2], seeds, policy=policy, kv_policy=kv_policy, fast=False)
         fast = generate(small, PROMPTS[:2], seeds, policy=policy, kv_policy=kv_policy, fast=fast_opts)
         _same(plain, fast)
-        assert fast.runtime["graph_loop"] == (policy.method == "none")
+        assert fast.runtime["graph_loop"] == (policy.method in ("none", "fixed_exit"))  # they act at no scale
         assert [r.rows for r in fast.trace.scales] == [4] * skip + [2] * (N_SCALES - skip)
         a, b = plain.trace.layers_frame(), fast.trace.layers_frame()
         assert a[["scale", "layer", "kept"]].values.tolist() == b[["scale", "layer", "kept"]].values.tolist()
         again = generate(small, PROMPTS[:2], seeds, policy=_skip(policy, None), kv_policy=kv_policy, fast=fast_opts)
         assert [r.rows for r in again.trace.scales] == [4] * N_SCALES  # a new key: all rows again
-    release_fast_state(small.transformer)
+    release_fast_runtime(small)
 
 
 def test_pruners_see_the_rows_of_each_scale(small) -> None:
@@ -223,12 +224,12 @@ def test_calls_with_and_without_a_skip_share_the_static_state(small) -> None:
     (graphs per row count), so neither call re-allocates the KV cache nor re-captures its graphs."""
     seeds = _seeds(2)
     plain = generate(small, PROMPTS[:2], seeds, fast=True)
-    state = small.transformer.__dict__["_toprovar_scale_graphs"]
+    state = small.fast_runtime.state
     skipped = generate(small, PROMPTS[:2], seeds, policy=_skip(_cfg_skip(None), 3), fast=True)
-    assert small.transformer.__dict__["_toprovar_scale_graphs"] is state
+    assert small.fast_runtime.state is state
     again = generate(small, PROMPTS[:2], seeds, fast=True)
-    assert small.transformer.__dict__["_toprovar_scale_graphs"] is state
+    assert small.fast_runtime.state is state
     _same(plain, again)  # the skip's scales did not disturb the full-row inputs
     assert [r.rows for r in skipped.trace.scales] == [4] * 3 + [2] * (N_SCALES - 3)
-    assert sorted({rows for _, rows in state.x_in}) == [2, 4]
-    release_fast_state(small.transformer)
+    assert sorted({rows for _, rows in state.buffers.x_in}) == [2, 4]
+    release_fast_runtime(small)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from toprovar.fast import FastOptions, release_fast_runtime, resolve_fast
 from toprovar.models.transformer import TRANSFORMER_PRESETS, InfinityTransformer, RopeSlice, random_state_dict
-from toprovar.pipeline import FastOptions, generate, release_fast_state, resolve_fast
+from toprovar.pipeline import generate
 from toprovar.pruning import Pruner
 from toprovar.sampling import draw_bits, make_generators
 from toprovar.schedules import scale_schedule
@@ -39,7 +40,7 @@ def test_fast_path_is_bit_identical_on_cpu(name, request) -> None:
     _same(plain, again)
     for opts in (FastOptions(graphs=False), FastOptions(fused=False), FastOptions(sync_free_sampling=False), MECHANICS):
         _same(plain, generate(backbone, prompts, s, fast=opts))
-    release_fast_state(backbone.transformer)
+    release_fast_runtime(backbone)
 
 
 def test_fast_path_with_guidance_scale_one_and_per_scale_values(small) -> None:
@@ -83,6 +84,8 @@ def test_pruner_runs_eager_with_fused_full_layers(small, kv_policy: str) -> None
 class PlannedRows(Pruner):
     """Probe layer 0 (entropy), then a fixed plan: from scale 3 each row keeps its own half of the
     tokens (rows differ, so gathered RoPE differs per row); at scale 5 block 1 is skipped outright."""
+
+    plans_statically = True
 
     def static_plan(self, si: int) -> int | None:
         return 1
@@ -129,15 +132,16 @@ def test_planned_pruners_run_as_units_bit_identical(small, kv_policy: str) -> No
         plain = generate(small, prompts, s, policy=policy, kv_policy=kv_policy, fast=False)
         for opts in (True, MECHANICS):
             fast = generate(small, prompts, s, policy=policy, kv_policy=kv_policy, fast=opts)
-            assert fast.runtime["planned_units"] and not fast.runtime["graph_loop"]
-            assert fast.runtime["units"]["eager"] > 0  # CPU: units are direct calls
+            exits_only = getattr(policy, "method", "") == "fixed_exit"  # acts nowhere: every scale unpruned
+            assert fast.runtime["planned_units"] and fast.runtime["graph_loop"] == exits_only
+            assert (fast.runtime["units"]["eager"] > 0) != exits_only  # CPU: units are direct calls
             _same(plain, fast)
             a, b = plain.trace.layers_frame(), fast.trace.layers_frame()
             assert a[["scale", "layer", "kept"]].values.tolist() == b[["scale", "layer", "kept"]].values.tolist()
             assert plain.trace.pruning == fast.trace.pruning
             assert [r.rho for r in plain.trace.scales] == [r.rho for r in fast.trace.scales]
             assert (b["kept"] < b["tokens"]).any() or getattr(policy, "method", "") == "fixed_exit"
-    release_fast_state(small.transformer)
+    release_fast_runtime(small)
 
 
 def test_planned_unit_path_prunes_what_the_plan_says(small) -> None:
@@ -149,7 +153,23 @@ def test_planned_unit_path_prunes_what_the_plan_says(small) -> None:
     assert (planned[planned["scale"] == 5]["kept"] == 0).all()
     other = planned[planned["scale"] != 5]
     assert len(other) and (other["kept"] * 2 <= other["tokens"]).all() and (other["kept"] > 0).all()
-    release_fast_state(small.transformer)
+    release_fast_runtime(small)
+
+
+def test_fast_state_is_held_by_the_backbone_one_key_at_a_time(small) -> None:
+    """The static buffers live in the backbone's `FastRuntime`, not on the model: a call with the
+    same key reuses them, another batch size replaces them, `release_fast_runtime` frees them."""
+    prompts, s = ["a red cube", "two dogs"], _seeds(2)
+    first = generate(small, prompts, s, fast=True)
+    state = small.fast_runtime.state
+    assert state is not None and state.buffers.cache.fills == [sum(r.tokens for r in first.trace.scales)] * 2
+    assert not any(type(v).__module__.startswith("toprovar.fast") for v in vars(small.transformer).values())
+    generate(small, prompts, s, fast=True)
+    assert small.fast_runtime.state is state
+    generate(small, prompts[:1], s[:1], fast=True)
+    assert small.fast_runtime.state is not state and small.fast_runtime.state.buffers.batch == 1
+    release_fast_runtime(small)
+    assert small.fast_runtime.state is None
 
 
 def test_resolve_fast_defaults() -> None:

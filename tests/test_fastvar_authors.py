@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from toprovar.errors import UserError
-from toprovar.pipeline import generate, release_fast_state
+from toprovar.fast import release_fast_runtime
+from toprovar.pipeline import generate
 from toprovar.policy import check_policy_for_backbone, check_policy_for_spec, load_policy, policy_from_dict
 from toprovar.pruning.recording import record_kept_tokens
 
@@ -98,6 +99,29 @@ def test_per_scale_plan_runs_as_planned_units_bit_identical(small, layers) -> No
         plain = generate(small, prompts, seeds, policy=policy, fast=False)
         fast = generate(small, prompts, seeds, policy=policy, fast=True)
         assert all(torch.equal(a, b) for a, b in zip(plain.bits, fast.bits)) and torch.equal(plain.images, fast.images)
-        assert fast.runtime["planned_units"]
-        assert (fast.runtime["units"]["eager"] > 0) == (fields["plan"] == "per_scale")  # per_block: block by block
-    release_fast_state(small.transformer)
+        per_scale = fields["plan"] == "per_scale"  # per_block re-scores after every block: block by block
+        assert fast.runtime["planned_units"] == per_scale
+        paths = fast.runtime["scale_paths"]
+        assert ("planned" in paths) == per_scale and "graph" in paths  # scales before the cache: unpruned
+    release_fast_runtime(small)
+
+
+def test_table8_fastvar_runs_its_pruned_scales_as_planned_units(small) -> None:
+    """The paper's FastVAR setting (`compare.default_policies`' `fastvar`, the shipped Table 8
+    policies) scores once per scale, so its pruned scales run as planned units, the scales it leaves
+    alone as unpruned graphs and only the cache scale block by block; images as the plain loop's."""
+    from toprovar.compare import default_policies
+
+    assert all(load_policy(f"fastvar-{b}").fastvar.plan == "per_scale" for b in ("infinity-2b", "infinity-8b"))
+    seeds, prompts = _seeds(2), ["a red cube", "two blue balls"]
+    n_scales = len(generate(small, prompts[:1], seeds[:1], fast=False).bits)
+    policy = default_policies(n_scales, small.transformer.depth)["fastvar"]
+    stage = policy.fastvar
+    plain = generate(small, prompts, seeds, policy=policy, fast=False)
+    fast = generate(small, prompts, seeds, policy=policy, fast=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain.bits, fast.bits)) and torch.equal(plain.images, fast.images)
+    expected = [
+        "planned" if si in stage.ratios else "eager" if si == stage.cache_scale else "graph" for si in range(n_scales)
+    ]
+    assert fast.runtime["scale_paths"] == expected
+    release_fast_runtime(small)

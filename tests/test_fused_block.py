@@ -277,8 +277,9 @@ def test_planned_units_replay_the_eager_bits_on_cuda() -> None:
     """A fixed ToProVAR plan on the GPU: the first call runs its units eagerly, the second captures
     them, the third replays: all three draw the bits of the eager fused path (same kernels)."""
     from benchmarks.pruning import fixed_policy
+    from toprovar.fast import FastOptions, release_fast_runtime
     from toprovar.models.registry import build_backbone
-    from toprovar.pipeline import FastOptions, generate, release_fast_state
+    from toprovar.pipeline import generate
 
     backbone = build_backbone("test-small", device="cuda")
     policy = fixed_policy(backbone.transformer.depth, min_scale=3, alpha=0.5, protect_layers=1)
@@ -289,4 +290,4 @@ def test_planned_units_replay_the_eager_bits_on_cuda() -> None:
     for r in runs:
         assert all(torch.equal(a, b) for a, b in zip(eager.bits, r.bits))
         assert r.trace.layers_frame()["kept"].tolist() == eager.trace.layers_frame()["kept"].tolist()
-    release_fast_state(backbone.transformer)
+    release_fast_runtime(backbone)

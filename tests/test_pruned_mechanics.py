@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from toprovar.pipeline import FastOptions, generate, release_fast_state
+from toprovar.fast import FastOptions, release_fast_runtime
+from toprovar.pipeline import generate
 from toprovar.pruning import stages
 from toprovar.pruning.hooks import Pruner
 from toprovar.pruning.toprovar import ToProVARPruner, fixed_keep_counts
@@ -58,6 +59,13 @@ class HostReads(Pruner):
         self.scale = si
         return self._hook("exit_before_scale", si)
 
+    @property
+    def plans_statically(self) -> bool:
+        return self.pruner.plans_statically
+
+    def acts_at(self, si: int) -> bool:
+        return self._hook("acts_at", si)
+
     def static_plan(self, si: int):
         return self._hook("static_plan", si)
 
@@ -95,7 +103,7 @@ def test_host_plan_reads_the_device_only_for_decisions(small, monkeypatch: pytes
     assert [s.rho for s in a.trace.scales] == [s.rho for s in b.trace.scales]
     assert [s.rho is not None for s in b.trace.scales] == [si >= 3 for si in range(n_scales)]
     assert a.trace.layers_frame()["kept"].tolist() == b.trace.layers_frame()["kept"].tolist()
-    release_fast_state(small.transformer)
+    release_fast_runtime(small)
 
 
 def test_host_plan_keeps_the_sync_where_counts_follow_the_entropy(small, monkeypatch) -> None:
@@ -108,7 +116,7 @@ def test_host_plan_keeps_the_sync_where_counts_follow_the_entropy(small, monkeyp
     plain = generate(small, ["a red cube"], [5], policy=policy, fast=False)
     assert [s.rho for s in plain.trace.scales] == [s.rho for s in res.trace.scales]
     assert all(torch.equal(x, y) for x, y in zip(plain.bits, res.bits))
-    release_fast_state(small.transformer)
+    release_fast_runtime(small)
 
 
 def test_plan_shares_one_row_per_count(small) -> None:

@@ -128,7 +128,9 @@ def default_policies(n_scales: int, depth: int) -> dict[str, Policy]:
 
     * fixed_exit: the second-to-last scale is the last that runs.
     * fastvar: the last two scales at the paper's ratios (0.4, 0.6; Table 8), the middle blocks
-      (`fastvar_layers`), branch outputs cached at the scale before.
+      (`fastvar_layers`), branch outputs cached at the scale before, scored once per scale
+      (`plan: per_scale`, so its pruned scales run as the fast path's planned units: re-scoring
+      before every block fixes each block's tokens only after the block before it has run).
     * fastvar_authors: csguoh/FastVAR's Infinity configuration moved to the schedule's end: the
       4th and 3rd scales from the end at 0.4 and 0.5 (Infinity 1M: the 32×32 and 40×40 scales),
       the last two scales skipped (`exit_after_scale`), the middle blocks, the cache before.
@@ -156,6 +158,7 @@ def default_policies(n_scales: int, depth: int) -> dict[str, Policy]:
                 "fastvar": {
                     "ratios": fastvar_ratios,
                     "layers": [start, end],
+                    "plan": "per_scale",
                     "cache_scale": max(min(fastvar_ratios) - 1, 0),
                 },
             },

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from toprovar.errors import UserError
+from toprovar.fast.runtime import FastRuntime
 from toprovar.models.checkpoint import load_into
 from toprovar.models.transformer import (
     CHECKPOINT_IGNORE,
@@ -99,6 +100,8 @@ class Backbone:
     text_encoder: Any
     device: torch.device
     dtype: torch.dtype  # compute dtype (bf16 autocast on CUDA, float32 on CPU)
+    # The fast path's static buffers, CUDA graphs and planned units for this backbone.
+    fast_runtime: FastRuntime = field(default_factory=FastRuntime, repr=False, compare=False)
 
 
 _BACKBONES: dict[str, BackboneSpec] = {}

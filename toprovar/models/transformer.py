@@ -638,8 +638,6 @@ class CrossAttnBlock(nn.Module):
             k_slot,
             v_slot,
         )
-        if entropy:  # the entropy kernel takes plain (B, H, n, D) queries
-            q = q.contiguous()
         out, ent = attention(q, k_all, v_all, entropy=entropy, scale=1.0)
         x = ln_linear(_merge_heads(out), sa.proj.weight, sa.proj.bias, residual=x, gamma=gamma1, round_yg=True)
         cq = ln_linear(
@@ -686,8 +684,6 @@ class CrossAttnBlock(nn.Module):
             v_slot,
             rope_index=rope_index,
         )
-        if entropy:  # the entropy kernel takes plain (B, H, n, D) queries
-            q = q.contiguous()
         out, ent = attention(q, k_all, v_all, entropy=entropy, scale=1.0)
         norm = self.ca_norm
         x, ca_in = add_ln(
