@@ -127,10 +127,9 @@ def per_scale(prof) -> dict[int, dict[str, Any]]:
 
 def release(backbone) -> None:
     """Free the fast path's graphs and buffers, so the next variant starts from the weights alone."""
-    import toprovar.pipeline as pipeline
+    from toprovar.fast import release_fast_runtime
 
-    pipeline.release_fast_state(backbone.transformer)
-    torch.cuda.empty_cache()
+    release_fast_runtime(backbone)
 
 
 def trace_call(backbone, fast, batch: int) -> dict[int, dict[str, Any]]:

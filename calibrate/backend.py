@@ -144,7 +144,7 @@ class CalibrationBackend:
                 steady = self._call(texts, chunk_seeds, again, record_entropy, real=0)
             return result, pruner, steady.trace.total_ms * len(chunk) / chunk.size
 
-        from toprovar.pipeline import release_fast_state
+        from toprovar.fast import release_fast_runtime
 
         bar = (
             None if desc is None else tqdm(total=len(prompts), desc=desc, unit="image", leave=False, dynamic_ncols=True)
@@ -154,7 +154,7 @@ class CalibrationBackend:
                 len(prompts),
                 self.limit,
                 chunk_call,
-                release=lambda: release_fast_state(self.backbone.transformer),
+                release=lambda: release_fast_runtime(self.backbone),
                 progress=None if bar is None else bar.update,
             )
         finally:

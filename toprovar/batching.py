@@ -159,7 +159,8 @@ def generate_in_batches(
     `GenerationResult` (of the padded call: `images_of` drops the padding), or with what
     `keep(chunk, result)` made of it as soon as the chunk was done (e.g. its images written, its
     trace kept: memory stays one chunk's; `keep` runs once per chunk, after the call succeeded)."""
-    from toprovar.pipeline import generate, release_fast_state
+    from toprovar.fast import release_fast_runtime
+    from toprovar.pipeline import generate
 
     def call(chunk: Chunk) -> Any:
         result = generate(
@@ -168,7 +169,7 @@ def generate_in_batches(
         return result if keep is None else keep(chunk, result)
 
     return run_in_chunks(
-        len(prompts), limit, call, release=lambda: release_fast_state(backbone.transformer), progress=progress
+        len(prompts), limit, call, release=lambda: release_fast_runtime(backbone), progress=progress
     )
 
 

@@ -444,7 +444,8 @@ def run_compare(cfg: CompareConfig, out_dir: Path, *, progress: bool = True) -> 
     from toprovar.flops import trace_flops
     from toprovar.metrics import geneval_scorer, psnr, ssim
     from toprovar.models import registry
-    from toprovar.pipeline import generate, release_fast_state
+    from toprovar.fast import release_fast_runtime
+    from toprovar.pipeline import generate
     from toprovar.plots import plot_pruned_tokens, save_labelled_grid, slug
     from toprovar.pruning.recording import record_kept_tokens
 
@@ -507,7 +508,7 @@ def run_compare(cfg: CompareConfig, out_dir: Path, *, progress: bool = True) -> 
         return results
 
     def release() -> None:  # after an out-of-memory error: the fast path's buffers of the failed size
-        release_fast_state(backbone.transformer)
+        release_fast_runtime(backbone)
 
     limit = BatchLimit(batch, "toprovar compare")
     for chunk, results in run_in_chunks(len(prompts), limit, chunk_of_every_method, release=release):
