@@ -168,9 +168,7 @@ def generate_in_batches(
         )
         return result if keep is None else keep(chunk, result)
 
-    return run_in_chunks(
-        len(prompts), limit, call, release=lambda: release_fast_runtime(backbone), progress=progress
-    )
+    return run_in_chunks(len(prompts), limit, call, release=lambda: release_fast_runtime(backbone), progress=progress)
 
 
 def images_of(batches: Sequence[tuple[Chunk, Any]]) -> torch.Tensor:

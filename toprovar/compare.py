@@ -441,10 +441,10 @@ def run_compare(cfg: CompareConfig, out_dir: Path, *, progress: bool = True) -> 
     from tqdm.auto import tqdm
 
     from toprovar.batching import BatchLimit, Chunk, resolve_batch_size, run_in_chunks
+    from toprovar.fast import release_fast_runtime
     from toprovar.flops import trace_flops
     from toprovar.metrics import geneval_scorer, psnr, ssim
     from toprovar.models import registry
-    from toprovar.fast import release_fast_runtime
     from toprovar.pipeline import generate
     from toprovar.plots import plot_pruned_tokens, save_labelled_grid, slug
     from toprovar.pruning.recording import record_kept_tokens
