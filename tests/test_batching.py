@@ -157,8 +157,12 @@ def test_auto_on_cpu_keeps_each_backbones_batch_of_today(name):
     assert resolve_batch_size(5, group, get_backbone(name), torch.device("cpu")) == 5
 
 
-def _fake_cuda(monkeypatch, free_gib: float, total_gib: float) -> torch.device:
+def _fake_cuda(
+    monkeypatch, free_gib: float, total_gib: float, fraction: float = 1.0, reserved_gib: float = 0.0
+) -> torch.device:
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * GIB), int(total_gib * GIB)))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: fraction)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: int(reserved_gib * GIB))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
     return torch.device("cuda")
 
@@ -185,6 +189,19 @@ def test_auto_on_cuda_is_the_largest_batch_the_memory_model_fits(name, free, bat
     if batch < model.max_batch:
         assert model.need_gib(batch + 1) > model.margin * free
     assert batch == 1 or model.need_gib(batch) <= model.margin * free
+
+
+def test_auto_respects_a_per_process_memory_cap(monkeypatch):
+    """A card capped with set_per_process_memory_fraction (how a 24 GB card is emulated on an 80 GB
+    one) plans with the cap, less what this process already holds, not the driver's free memory."""
+    group, spec = _group("infinity-2b"), get_backbone("infinity-2b")
+    uncapped = resolve_batch_size("auto", group, spec, _fake_cuda(monkeypatch, 79.0, 80.0))
+    capped = resolve_batch_size("auto", group, spec, _fake_cuda(monkeypatch, 79.0, 80.0, fraction=0.3))
+    held = resolve_batch_size("auto", group, spec, _fake_cuda(monkeypatch, 79.0, 80.0, fraction=0.6, reserved_gib=10))
+    assert uncapped == resolve_batch_size("auto", group, spec, _fake_cuda(monkeypatch, 79.0, 80.0, fraction=1.0))
+    assert capped == resolve_batch_size("auto", group, spec, _fake_cuda(monkeypatch, 24.0, 24.0))
+    assert held == resolve_batch_size("auto", group, spec, _fake_cuda(monkeypatch, 38.0, 48.0))
+    assert capped < held < uncapped
 
 
 def test_a_smaller_pixel_budget_fits_more_images(monkeypatch):

@@ -227,6 +227,18 @@ def token_share(spec: Any, pixels: str | None, h_div_w: float | None) -> float:
     return sum(h * w for _, h, w in ours) / sum(h * w for _, h, w in reference)
 
 
+def device_memory_gib(device: torch.device) -> tuple[float, float]:
+    """(free, total) GiB this process may use on a CUDA device: the driver's free memory, bounded by
+    `torch.cuda.set_per_process_memory_fraction` when one is set (the driver does not know of it, and
+    it is how a smaller card is emulated on a larger one: benchmarks.capped_calibration)."""
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = torch.cuda.get_per_process_memory_fraction(device)
+    if fraction < 1.0:
+        total = total * fraction
+        free = min(free, total - torch.cuda.memory_reserved(device))
+    return free / GIB, total / GIB
+
+
 def resolve_batch_size(
     setting: Any,
     group: Mapping[str, Any],
@@ -247,7 +259,7 @@ def resolve_batch_size(
     if device.type != "cuda":
         return model.cpu_batch
     share = token_share(spec, pixels, h_div_w)
-    free, total = (value / GIB for value in torch.cuda.mem_get_info(device))
+    free, total = device_memory_gib(device)
     if setting == AUTO:
         return model.largest_batch(free, share)
     need = model.need_gib(setting, share)
