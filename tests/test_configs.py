@@ -198,11 +198,13 @@ def test_the_schema_and_the_yaml_agree(app, tmp_path):
         ("generate", "batch_size=some", "batch_size='some'; give a positive integer or auto"),
         ("compare", "n_prompts=0", "n_prompts=0; give at least 1"),
         ("compare", "warmup=-1", "warmup=-1; give 0 or more"),
+        ("compare", "+bogus=1", "bad config: Key 'bogus' not in 'CompareConfig'"),
+        ("generate", "+backbone_name=x", "bad config: Key 'backbone_name' not in 'GenerateConfig'"),
     ],
 )
 def test_zero_or_negative_counts_are_one_line_errors(app, override, message, tmp_path, capsys):
-    """Counts the old commands turned into 4 or 1 silently (n_prompts=0, batch_size=0) are refused,
-    before any weights load (infinity-2b has none here)."""
+    """Counts the old commands turned into 4 or 1 silently (n_prompts=0, batch_size=0), and keys the
+    schema lacks, are refused before any weights load (infinity-2b has none here)."""
     from toprovar.__main__ import main
 
     with pytest.raises(SystemExit) as stop:
@@ -218,11 +220,12 @@ def test_zero_or_negative_counts_are_one_line_errors(app, override, message, tmp
         ("transformer.batch=-4", "transformer.batch=-4; give at least 1"),
         ("eval.prompts=0", "eval.prompts=0; give at least 1"),
         ("transformer.warmup=-1", "transformer.warmup=-1; give 0 or more"),
+        ("+vae.bogus=1", "bad config: Key 'bogus' not in 'VAETrainConfig'"),
     ],
 )
 def test_train_tiny_counts_are_checked(override, message, tmp_path):
     from toprovar.tiny.train import check_config, parse_config
 
     with pytest.raises(UserError) as caught:
-        check_config(parse_config(compose("train_tiny", [override], tmp_path)))
+        check_config(parse_config(compose("train_tiny", [override], tmp_path)))  # parse_config refuses the key
     assert str(caught.value) == message

@@ -19,7 +19,7 @@ from typing import Any
 import toprovar.openmp  # noqa: F401  (first: sets OpenMP's spin-wait before torch loads)
 from toprovar.cli import fail, generation_settings, prompts_and_seeds, run_hydra_app
 from toprovar.renames import override_renames
-from toprovar.schemas import CompareConfig, GenerateConfig
+from toprovar.schemas import SCHEMAS, CompareConfig, GenerateConfig, typed_config
 
 COMMANDS = ("generate", "compare")
 PROG = {command: f"toprovar {command}" for command in COMMANDS}
@@ -119,9 +119,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def app(cfg: Any) -> None:
         from hydra.core.hydra_config import HydraConfig
-        from omegaconf import OmegaConf
 
-        typed = OmegaConf.to_object(cfg)  # the command's schema (toprovar.schemas), every key from the YAML
+        typed = typed_config(cfg, SCHEMAS[command])  # every key from the YAML, none the schema lacks
         out_dir = Path(typed.out_dir) if typed.out_dir else Path(HydraConfig.get().runtime.output_dir)
         RUNNERS[command](typed, out_dir)
 

@@ -110,6 +110,23 @@ class TrainConfig:
     eval: EvalConfig
 
 
+def typed_config(cfg: Any, schema: type) -> Any:
+    """A composed config (or a dict of every key) as an instance of `schema`: a key the schema lacks
+    (e.g. added with `+key=...`), a missing one or a wrong type is a one-line UserError."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from toprovar.errors import UserError
+
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+        # merged as plain values: a composed config carries its schema already, and OmegaConf's
+        # to_object would keep a key added with `+key=` as an extra attribute
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), plain))
+    except OmegaConfBaseException as err:
+        raise UserError("bad config: " + " ".join(str(err).split("\n")[0].split())) from None
+
+
 # command config name -> its schema; the YAML's defaults list names `<config name>_schema`
 SCHEMAS: dict[str, type] = {"generate": GenerateConfig, "compare": CompareConfig, "train_tiny": TrainConfig}
 

@@ -40,7 +40,7 @@ from toprovar.models.registry import resolve_device
 from toprovar.models.transformer import InfinityTransformer, random_state_dict
 from toprovar.models.vae import BSQVAE
 from toprovar.schedules import tokens_per_scale
-from toprovar.schemas import EvalConfig, TrainConfig, TransformerTrainConfig
+from toprovar.schemas import EvalConfig, TrainConfig, TransformerTrainConfig, typed_config
 from toprovar.tiny.model import TINY_SCHEDULES, TINY_TRANSFORMER, TINY_VAE, save_text_encoder, text_encoder_config
 from toprovar.tiny.text import PAD, WordTextEncoder
 
@@ -513,14 +513,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 def parse_config(cfg: Any) -> TrainConfig:
     """A composed Hydra config (or a dict of every key) -> TrainConfig; unknown keys, missing keys and
     wrong types are one-line errors. The schema has no defaults: toprovar/conf/train_tiny.yaml does."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        typed = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
-        return OmegaConf.to_object(typed)
-    except OmegaConfBaseException as err:
-        raise UserError("bad config: " + " ".join(str(err).split("\n")[0].split())) from None
+    return typed_config(cfg, TrainConfig)
 
 
 def train(cfg: Any) -> None:
