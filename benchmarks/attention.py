@@ -1,9 +1,13 @@
-"""Benchmark: Flash Attention Entropy vs PyTorch SDPA (flash, cuDNN) vs naive attention + entropy.
+"""Benchmark: Flash Attention Entropy vs SDPA + entropy beside it vs PyTorch SDPA (flash, cuDNN) vs naive.
 
     python -m benchmarks.attention [--json out.json] [--repeats 100] [--rounds 3]
 
 Infinity shapes at 1024² (1M schedule, CFG batch 2, head dim 128, bf16): queries of one of the
 last five scales against the KV cache of every scale so far; 16 heads (2B) and 28 heads (8B).
+`beside` is the runtime's default entropy path (`toprovar.attention`, kernel "beside"): SDPA with
+cuDNN first, as the fast path runs it, asked for its log-sum-exp, then the Triton entropy-only
+kernel (`entropy_only`, timed alone too); its output must equal plain SDPA's bit for bit
+(`beside_out_identical`). `fae` is the one-pass kernel whose output rounds its own way.
 Prints medians (ms) and ratios, and checks accuracy against a float64 reference (relative
 error of output and entropy). Each time is the median over `--rounds` rounds (the variants of a
 shape alternate, so a transient such as clocks settling after the previous shape's heavy naive
@@ -60,12 +64,19 @@ def main() -> None:
     import triton
     from torch.nn.attention import SDPBackend
 
-    from toprovar.kernels import flash_attn, flash_attn_entropy
+    from toprovar.attention import prefer_cudnn_attention
+    from toprovar.kernels import flash_attn, flash_attn_entropy, lse_entropy, sdpa_entropy
     from toprovar.kernels.reference import attention_entropy_reference, naive_attention_entropy
+    from toprovar.kernels.sdpa import sdpa_with_lse
+
+    def beside(q, k, v):
+        with prefer_cudnn_attention():
+            return sdpa_entropy(q, k, v)
 
     variants = {
         "fae": lambda q, k, v: flash_attn_entropy(q, k, v),
         "fae_no_entropy": lambda q, k, v: flash_attn(q, k, v),
+        "beside": beside,
         "sdpa_flash": _sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa_cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
         "naive_entropy": lambda q, k, v: naive_attention_entropy(q, k, v),
@@ -84,9 +95,12 @@ def main() -> None:
             v = torch.randn(2, heads, lk, 128, device="cuda", dtype=torch.bfloat16)
             q = (F.normalize(q.float(), dim=-1) * 8.0).to(torch.bfloat16)  # cosine attention, scale ~ exp(2)
             row = {"heads": heads, "scale": si, "Lq": lq, "Lk": lk}
-            times = {name: [] for name in variants}
+            with prefer_cudnn_attention():
+                lse = sdpa_with_lse(q, k, v)[1]
+            shape_variants = {**variants, "entropy_only": lambda q, k, v, lse=lse: lse_entropy(q, k, lse)}
+            times = {name: [] for name in shape_variants}
             for r in range(args.rounds):
-                for name, fn in variants.items():
+                for name, fn in shape_variants.items():
                     if name in row or (r > 0 and name == "naive_entropy"):
                         continue  # failed before, or the slow baseline already timed
                     try:
@@ -105,6 +119,12 @@ def main() -> None:
             out, ent = flash_attn_entropy(q, k, v)
             ref_out, ref_ent = attention_entropy_reference(q.double(), k.double(), v.double(), chunk=2048)
             row["err_out"], row["err_entropy"] = _rel(out, ref_out), _rel(ent, ref_ent)
+            beside_out, beside_ent = beside(q, k, v)
+            with prefer_cudnn_attention():
+                plain = F.scaled_dot_product_attention(q, k, v)
+            row["beside_out_identical"] = bool(torch.equal(beside_out, plain))
+            row["err_entropy_beside"] = _rel(beside_ent, ref_ent)
+            row["beside_overhead"] = row["beside"] / row["sdpa_cudnn"] - 1
             fastest_sdpa = min(row["sdpa_flash"], row["sdpa_cudnn"])
             row["fae_vs_best_sdpa"] = row["fae"] / fastest_sdpa
             row["entropy_overhead"] = row["fae"] / row["fae_no_entropy"] - 1
@@ -119,14 +139,19 @@ def main() -> None:
         "Lk",
         "fae",
         "fae_no_entropy",
+        "beside",
+        "entropy_only",
         "sdpa_flash",
         "sdpa_cudnn",
         "naive_entropy",
         "fae_vs_best_sdpa",
         "entropy_overhead",
+        "beside_overhead",
+        "beside_out_identical",
         "naive_vs_fae",
         "err_out",
         "err_entropy",
+        "err_entropy_beside",
     ]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

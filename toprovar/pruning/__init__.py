@@ -43,7 +43,7 @@ def _method_pruner(policy: Policy) -> Pruner:
         return FastVARPruner(policy)
     from toprovar.pruning.fixed_exit import FixedExitPruner
 
-    return FixedExitPruner(policy)
+    return FixedExitPruner(policy.fixed_exit.exit_scale, skip)
 
 
 __all__ = ["NoPruner", "Pruner", "PrunerContext", "as_pruner"]

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from toprovar.policy import Policy
+from toprovar.policy import FixedExitStage, GuidanceStage, Policy
 from toprovar.pruning.hooks import Pruner, PrunerContext
 
 
 class FixedExitPruner(Pruner):
     plans_statically = True
 
-    def __init__(self, policy: Policy):
-        super().__init__(policy.guidance.skip_uncond_from_scale)
-        self.policy = policy
-        self.exit_scale = policy.fixed_exit.exit_scale
+    def __init__(self, exit_scale: int, skip_uncond_from_scale: int | None = None):
+        super().__init__(skip_uncond_from_scale)
+        self.exit_scale = exit_scale
 
     def begin(self, ctx: PrunerContext) -> None:
-        ctx.check_policy(self.policy)
+        skip = GuidanceStage(self.skip_uncond_from_scale)
+        ctx.check_policy(Policy(method="fixed_exit", fixed_exit=FixedExitStage(self.exit_scale), guidance=skip))
         ctx.trace.pruning = {"method": "fixed_exit", "exit_scale": self.exit_scale}
 
     def exit_before_scale(self, si: int) -> bool:

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from toprovar.errors import UserError
-from toprovar.policy import Policy, check_policy_for_backbone
+from toprovar.policy import GuidanceStage, Policy, check_policy_for_backbone
 
 if TYPE_CHECKING:
     from toprovar.trace import Trace
@@ -115,12 +114,7 @@ class NoPruner(Pruner):
     """Runs every scale, every layer, every token (with its policy's CFG skip, if any)."""
 
     def begin(self, ctx: PrunerContext) -> None:
-        skip, n = self.skip_uncond_from_scale, len(ctx.schedule)
-        if skip is not None and not 0 <= skip < n:
-            raise UserError(
-                f"policy guidance.skip_uncond_from_scale: got {skip}, expected a scale index in [0, {n - 1}] "
-                f"(backbone '{ctx.trace.backbone}': {n} scales)"
-            )
+        ctx.check_policy(Policy(method="none", guidance=GuidanceStage(self.skip_uncond_from_scale)))
 
     def acts_at(self, si: int) -> bool:
         return False
