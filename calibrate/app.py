@@ -6,6 +6,8 @@ Everything lands in the Hydra run folder (tables, plots, image grids, the Optuna
 policy.yaml, timings.json) and, as artifacts, in one MLflow parent run with a child run per trial.
 Pre-sampling, selection and export run once, in this process; the search runs here and, with
 `search.workers=N`, in N-1 child processes too (calibrate.workers), all adding trials to one study.
+A study has one such coordinating process: another that asks for the same study is refused in one
+line naming it (calibrate.locks; `stages=[search]` joins as a search worker instead).
 
 Crash safety: the study, its pre-sampling summary and the MLflow parent run's id live in the
 Optuna storage, so running the same command again (same run folder, or the same storage URL and
