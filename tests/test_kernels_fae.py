@@ -156,7 +156,8 @@ def test_entropy_beside_sdpa_on_gpu(dtype, cudnn: bool) -> None:
             plain, _ = attention(q, k, v, entropy=False)
         assert torch.equal(out, plain), (Lq, Lk)
         _, ref_ent = _exact(q, k, v, 128**-0.5)
-        assert _rel(ent, ref_ent) <= 1e-2, (Lq, Lk)
+        # one key: the exact entropy is 0, so the error is measured against 1 nat, not relatively
+        assert (ent.double() - ref_ent).norm() <= 1e-2 * max(ref_ent.norm().item(), 1.0), (Lq, Lk)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the Triton path runs only on GPU tensors")

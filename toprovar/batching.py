@@ -232,7 +232,8 @@ def device_memory_gib(device: torch.device) -> tuple[float, float]:
     `torch.cuda.set_per_process_memory_fraction` when one is set (the driver does not know of it, and
     it is how a smaller card is emulated on a larger one: benchmarks.capped_calibration)."""
     free, total = torch.cuda.mem_get_info(device)
-    fraction = torch.cuda.get_per_process_memory_fraction(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fraction = torch.cuda.get_per_process_memory_fraction(index)
     if fraction < 1.0:
         total = total * fraction
         free = min(free, total - torch.cuda.memory_reserved(device))

@@ -145,11 +145,16 @@ class ToProVARPruner(Pruner):
 
         After the first `protect_layers` blocks (all tokens, entropy observed) the keep indices
         of every later block of the scale are decided at once and no later hook reads the hidden
-        states; the pipeline may then run those blocks as one captured unit (CUDA graph). None at
-        the representative scale of online layer scores (every layer's entropy is observed).
+        states; the pipeline may then run those blocks as one captured unit (CUDA graph). At the
+        representative scale of online layer scores every layer's entropy is observed and nothing
+        is pruned before min_scale: all `depth` blocks are probe layers, one unit like a plan's
+        (block by block it cost 28 ms of host launches at Infinity-2B's scale 5 on the H100, against
+        4.6 ms as a graph: docs/benchmarks.md); at or after min_scale it stays None (block by block).
         """
-        if si == self.representative or self.restore == "cached_layer" or self._records(si):
+        if self.restore == "cached_layer" or self._records(si):
             return None
+        if si == self.representative:
+            return self.depth if si < self.scale_cfg.min_scale else None
         return min(self.token_cfg.protect_layers, self.depth)
 
     def keep_tokens(self, si: int, li: int, x: Tensor) -> Tensor | None:
