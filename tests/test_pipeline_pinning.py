@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import toprovar.pipeline as pipeline
+import toprovar.scale_paths as scale_paths
 from toprovar.models.registry import build_backbone
 
 PINNED = {
@@ -47,13 +48,13 @@ PINNED = {
 def record_logits(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
     """Make the pipeline keep a copy of the logits of every scale it samples (the returned list)."""
     seen: list[torch.Tensor] = []
-    sample = pipeline.sample_bits
+    sample = scale_paths.sample_bits
 
     def recording(logits, generators, top_k=0, top_p=0.0):
         seen.append(logits.clone())
         return sample(logits, generators, top_k=top_k, top_p=top_p)
 
-    monkeypatch.setattr(pipeline, "sample_bits", recording)
+    monkeypatch.setattr(scale_paths, "sample_bits", recording)  # the eager path samples there
     return seen
 
 

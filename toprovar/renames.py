@@ -65,3 +65,12 @@ def renamed_overrides(overrides: list[str], renames: Mapping[str, str], prog: st
             override = f"{renames[key]}={value}"
         out.append(override)
     return out
+
+
+def renamed_keywords(renamed: Mapping[str, Any], where: str, **settings: Any) -> dict[str, Any]:
+    """A function's keywords under their current names (`renamed`: its `**kwargs`, `where`: its
+    name as in `generate()`); old names warn at the function's caller, unknown ones are a TypeError."""
+    unknown = sorted(set(renamed) - set(RENAMED))
+    if unknown:
+        raise TypeError(f"{where} got an unexpected keyword argument '{unknown[0]}'")
+    return renamed_settings({**settings, **renamed}, where, stacklevel=3)
