@@ -186,7 +186,7 @@ def _presampled(ctx: RunContext, record: RunRecord, pool: WorkerPool | NoPool) -
     summary = presample.shared_summary(study, summary)
     pool.go()
     if stored is None:  # a resumed parent run has it already
-        ctx.tracker.log_params(ctx.parent, {"presample": summary.to_json()})
+        ctx.tracker.log.params(ctx.parent, {"presample": summary.to_json()})
     return summary, space
 
 

@@ -63,8 +63,8 @@ class RunRecord:
             self._log_files(tracker, parent, ctx.cfg.tracking.log_images)
         self.timings["total"] = self.clock.record(self._start)
         path = self.write_timings(ctx)
-        tracker.log_artifacts(parent, [path])
-        tracker.log_metrics(
+        tracker.log.artifacts(parent, [path])
+        tracker.log.metrics(
             parent,
             {
                 f"time.{stage}.{k}": v
@@ -81,11 +81,11 @@ class RunRecord:
         for folder, files in self.files.items():
             if folder == "grids" and not log_images:
                 continue
-            tracker.log_artifacts(parent, files, folder)
+            tracker.log.artifacts(parent, files, folder)
         if log_images:
             for key, (path, step) in self.pictures.items():
                 if path.exists():
-                    tracker.log_image(parent, path, key, step)
+                    tracker.log.image(parent, path, key, step)
 
     def write_timings(self, ctx: RunContext) -> Path:
         """timings.json: each stage's record, the run's total, the device and the batch size."""

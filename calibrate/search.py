@@ -476,7 +476,7 @@ def run_search(
             trial.set_constraint(name, value)
         trial.set_user_attr("metrics", scores.metrics())
         feasible = all(v <= 0 for v in limits_values.values())
-        tracker.log_metrics(run_id, {**scores.metrics(), "feasible": float(feasible)})
+        tracker.log.metrics(run_id, {**scores.metrics(), "feasible": float(feasible)})
         tracker.end(run_id)
         bar.refresh(speedup=f"{scores.speedup:.2f}", ssim=f"{scores.ssim:.3f}", ok=feasible)
         log.info(
@@ -497,7 +497,7 @@ def run_search(
         ran += 1
         front = feasible_front(_study)
         if front and tracker.parent_id:  # the search's progress, one point per trial
-            tracker.log_metrics(tracker.parent_id, {"best_feasible_speedup": front[0].values[0]}, step=trial.number)
+            tracker.log.metrics(tracker.parent_id, {"best_feasible_speedup": front[0].values[0]}, step=trial.number)
 
     started, waiting = time.monotonic(), False
     bar = _StudyProgress(study, n_trials, progress)

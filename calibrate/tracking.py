@@ -28,7 +28,7 @@ from typing import Any
 from calibrate.config import TrackingConfig
 from calibrate.locks import schema_lock
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value is 6000 characters
 
@@ -48,8 +48,57 @@ def server_answers(uri: str, timeout_s: float) -> bool:
         return False
 
 
+class RunLog:
+    """What a run records, into MLflow runs named by id: params (flattened, cut to MLflow's length
+    limit), finite metrics, tags, pictures and files. A `Tracker`'s `log`; it starts and ends no run."""
+
+    def __init__(self, client: Any):
+        self.client = client
+
+    def params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(str(k), str(v)[:_MAX_PARAM_CHARS]) for k, v in _flatten(params).items()]
+        for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(str(k), float(v), now, step)
+            for k, v in _flatten(metrics).items()
+            if isinstance(v, (int, float)) and math.isfinite(float(v))
+        ]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[start : start + 1000])
+
+    def tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, str(value))
+
+    def image(self, run_id: str, path: Path, key: str, step: int = 0) -> None:
+        """A picture file as an MLflow image under `key` at `step` (the UI shows its steps on a slider)."""
+        from PIL import Image
+
+        with Image.open(path) as image:
+            self.client.log_image(run_id, image.convert("RGB"), key=key, step=step)
+
+    def artifacts(self, run_id: str, paths: Iterable[Path], artifact_path: str | None = None) -> None:
+        for path in paths:
+            path = Path(path)
+            if path.is_dir():
+                self.client.log_artifacts(run_id, str(path), artifact_path)
+            elif path.exists():
+                self.client.log_artifact(run_id, str(path), artifact_path)
+
+
 class Tracker:
-    """Parent/child MLflow runs behind plain methods; every call names its run id."""
+    """Parent/child MLflow runs behind plain methods, every call naming its run id: the runs'
+    lifecycle here, what they record through `log` (a `RunLog`)."""
 
     def __init__(self, uri: str, experiment: str, artifact_location: str | None = None):
         # MLflow prints a "View run" line per finished run against a server; it would break the
@@ -65,6 +114,7 @@ class Tracker:
         self._mlflow = mlflow
         with schema_lock(uri):  # a new mlflow.db: one process makes its tables and the experiment
             self.client = MlflowClient(tracking_uri=uri)
+            self.log = RunLog(self.client)
             found = self.client.get_experiment_by_name(experiment)
             self.experiment_id = (
                 found.experiment_id
@@ -86,8 +136,8 @@ class Tracker:
 
     def start_parent(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> str:
         self.parent_id = self._create_run(name, tags or {})
-        self.log_params(self.parent_id, params)
-        log.info("MLflow: run %s in experiment %s at %s", self.parent_id, self.experiment_id, self.uri)
+        self.log.params(self.parent_id, params)
+        logger.info("MLflow: run %s in experiment %s at %s", self.parent_id, self.experiment_id, self.uri)
         return self.parent_id
 
     def resume_parent(self, run_id: str, params: Mapping[str, Any]) -> bool:
@@ -105,11 +155,11 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
         old = run.data.params
         new = {k: str(v)[:_MAX_PARAM_CHARS] for k, v in _flatten(params).items()}
-        self.log_params(run_id, {k: v for k, v in new.items() if k not in old})
-        self.set_tags(run_id, {f"resumed.{k}": v for k, v in new.items() if k in old and old[k] != v})
-        self.set_tags(run_id, {"resumed": int(run.data.tags.get("resumed", "0")) + 1})
+        self.log.params(run_id, {k: v for k, v in new.items() if k not in old})
+        self.log.tags(run_id, {f"resumed.{k}": v for k, v in new.items() if k in old and old[k] != v})
+        self.log.tags(run_id, {"resumed": int(run.data.tags.get("resumed", "0")) + 1})
         self.parent_id = run_id
-        log.info("MLflow: continuing run %s in experiment %s at %s", run_id, self.experiment_id, self.uri)
+        logger.info("MLflow: continuing run %s in experiment %s at %s", run_id, self.experiment_id, self.uri)
         return True
 
     def attach(self, parent_id: str) -> None:
@@ -121,7 +171,7 @@ class Tracker:
 
     def start_child(self, name: str, params: Mapping[str, Any]) -> str:
         run_id = self._create_run(name, {"mlflow.parentRunId": self.parent_id} if self.parent_id else {})
-        self.log_params(run_id, params)
+        self.log.params(run_id, params)
         return run_id
 
     def close_children(self, parent_id: str, running_trials: Callable[[], Iterable[int]]) -> int:
@@ -145,47 +195,6 @@ class Tracker:
         """End a run: FINISHED, FAILED (an error) or KILLED (interrupted, or its process died)."""
         self.client.set_terminated(run_id, status=status)
 
-    # -- data -------------------------------------------------------------------------------
-    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(str(k), str(v)[:_MAX_PARAM_CHARS]) for k, v in _flatten(params).items()]
-        for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-            self.client.log_batch(run_id, params=items[start : start + 100])
-
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [
-            Metric(str(k), float(v), now, step)
-            for k, v in _flatten(metrics).items()
-            if isinstance(v, (int, float)) and math.isfinite(float(v))
-        ]
-        for start in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[start : start + 1000])
-
-    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(run_id, key, str(value))
-
-    def log_image(self, run_id: str, path: Path, key: str, step: int = 0) -> None:
-        """A picture file as an MLflow image under `key` at `step` (the UI shows its steps on a slider)."""
-        from PIL import Image
-
-        with Image.open(path) as image:
-            self.client.log_image(run_id, image.convert("RGB"), key=key, step=step)
-
-    def log_artifacts(self, run_id: str, paths: Iterable[Path], artifact_path: str | None = None) -> None:
-        for path in paths:
-            path = Path(path)
-            if path.is_dir():
-                self.client.log_artifacts(run_id, str(path), artifact_path)
-            elif path.exists():
-                self.client.log_artifact(run_id, str(path), artifact_path)
-
 
 @dataclass(frozen=True)
 class TrackerAddress:
@@ -204,11 +213,22 @@ class TrackerAddress:
         return tracker
 
 
+class NullRunLog:
+    """A `NullTracker`'s `log`: same methods as `RunLog`, nothing recorded."""
+
+    def params(self, run_id: str, params: Mapping[str, Any]) -> None: ...
+    def metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None: ...
+    def tags(self, run_id: str, tags: Mapping[str, Any]) -> None: ...
+    def image(self, run_id: str, path: Path, key: str, step: int = 0) -> None: ...
+    def artifacts(self, run_id: str, paths: Iterable[Path], artifact_path: str | None = None) -> None: ...
+
+
 class NullTracker:
     """`tracking.enabled=false`: same methods, nothing recorded."""
 
     uri = None
     parent_id = None
+    log = NullRunLog()
 
     def start_parent(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> str:
         return ""
@@ -228,11 +248,6 @@ class NullTracker:
         return 0
 
     def end(self, run_id: str, status: str = "FINISHED") -> None: ...
-    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None: ...
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None: ...
-    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None: ...
-    def log_image(self, run_id: str, path: Path, key: str, step: int = 0) -> None: ...
-    def log_artifacts(self, run_id: str, paths: Iterable[Path], artifact_path: str | None = None) -> None: ...
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -255,7 +270,7 @@ def open_tracker(cfg: TrackingConfig, run_dir: Path, launch_dir: Path | None = N
         return Tracker(uri, cfg.experiment, artifacts)
     if cfg.uri.startswith(("http://", "https://")) and not server_answers(cfg.uri, cfg.probe_timeout_s):
         uri, artifacts = _local_store(run_dir)
-        log.warning(
+        logger.warning(
             "MLflow server %s did not answer within %.1f s; tracking locally in %s instead",
             cfg.uri,
             cfg.probe_timeout_s,

@@ -145,8 +145,8 @@ def test_calibration_runs_reach_the_server(mlflow_server, scorer, config, tmp_pa
     run_search(study, space, scorer, n_trials=n_trials, limits=config.search.constraints, tracker=tracker)
     policy = tmp_path / "policy.yaml"
     policy.write_text(f"tau: {random.random()}\n")
-    tracker.log_artifacts(parent, [policy], "policy")
-    tracker.log_metrics(parent, {"validation.speedup": 2.5})
+    tracker.log.artifacts(parent, [policy], "policy")
+    tracker.log.metrics(parent, {"validation.speedup": 2.5})
     tracker.end(parent)
 
     runs = _post(uri, "runs/search", {"experiment_ids": [tracker.experiment_id], "max_results": 100})["runs"]
@@ -198,7 +198,7 @@ def test_unreachable_server_falls_back_to_local_tracking(tmp_path, caplog, confi
     assert tracker.uri == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
     value = random.random()
     run = tracker.start_parent("fallback", {"x": value})
-    tracker.log_metrics(run, {"m": value})
+    tracker.log.metrics(run, {"m": value})
     tracker.end(run)
     stored = tracker.client.get_run(run)
     assert stored.data.params["x"] == str(value) and stored.data.metrics["m"] == pytest.approx(value)

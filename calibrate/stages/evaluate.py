@@ -62,7 +62,7 @@ def run(ctx: RunContext, policies: list[tuple[str, Any]]) -> Output:
         metrics = {**result.scores.metrics(), **{f"acceptance.{k}": v for k, v in result.verdict.metrics().items()}}
         rows.append({"policy": name, **metrics, "decision": result.verdict.decision})
         images.append((str(name), result.scores.images))
-        ctx.tracker.log_metrics(ctx.parent, {f"evaluate.{len(rows) - 1}.{k}": v for k, v in metrics.items()})
+        ctx.tracker.log.metrics(ctx.parent, {f"evaluate.{len(rows) - 1}.{k}": v for k, v in metrics.items()})
     frame = pd.DataFrame(rows)
     folder = ctx.run_dir / "evaluate"
     folder.mkdir(parents=True, exist_ok=True)

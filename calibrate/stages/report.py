@@ -28,10 +28,10 @@ def run(ctx: RunContext, validated: Validated, factory: PolicyFactory, search: P
         "validation": Output([paired_table(ctx, selection, validated.validator)]),
     }
     tracker, parent, verdict = ctx.tracker, ctx.parent, selection.validation.verdict
-    tracker.log_metrics(parent, {f"validation.{k}": v for k, v in selection.validation.scores.metrics().items()})
-    tracker.log_metrics(parent, {f"acceptance.{k}": v for k, v in verdict.metrics().items()})
-    tracker.log_metrics(parent, {f"search.{k}": v for k, v in selection.trial.user_attrs.get("metrics", {}).items()})
-    tracker.set_tags(
+    tracker.log.metrics(parent, {f"validation.{k}": v for k, v in selection.validation.scores.metrics().items()})
+    tracker.log.metrics(parent, {f"acceptance.{k}": v for k, v in verdict.metrics().items()})
+    tracker.log.metrics(parent, {f"search.{k}": v for k, v in selection.trial.user_attrs.get("metrics", {}).items()})
+    tracker.log.tags(
         parent,
         {"selected_trial": selection.trial.number, "validated": selection.passed, "acceptance": verdict.decision},
     )
