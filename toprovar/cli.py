@@ -47,6 +47,15 @@ def fail(prog: str, message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def extra_searchpath(prog: str) -> list[str]:
+    """`toprovar.extras.searchpath_overrides()`; a module there that cannot be found ends the program
+    with one line on stderr and exit status 2."""
+    try:
+        return searchpath_overrides()
+    except UserError as err:
+        fail(prog, str(err))
+
+
 def check_overrides(prog: str, config_name: str, overrides: Sequence[str]) -> None:
     """Compose `CONF_DIR/<config_name>.yaml` with `overrides` and resolve it, without running anything:
     a bad override (unknown key, wrong type, broken syntax, an interpolation that does not resolve)
@@ -60,7 +69,7 @@ def check_overrides(prog: str, config_name: str, overrides: Sequence[str]) -> No
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name=config_name):
             cfg = compose(
-                config_name=config_name, overrides=[*overrides, *searchpath_overrides()], return_hydra_config=True
+                config_name=config_name, overrides=[*overrides, *extra_searchpath(prog)], return_hydra_config=True
             )
         with open_dict(cfg):  # resolve as the app will: `${hydra:runtime.output_dir}` is some run folder
             cfg.hydra.runtime.output_dir = str(Path.cwd())
@@ -96,6 +105,7 @@ def run_hydra_app(
         key, sep, value = override.partition("=")
         overrides.append(f"{aliases[key]}={value}" if sep and aliases and key in aliases else override)
     overrides = renamed_overrides(overrides, renames or {}, prog)
+    searchpath = extra_searchpath(prog)  # before Hydra makes a run folder
     if not (CONF_DIR / f"{config_name}.yaml").is_file():
         fail(prog, f"{CONF_DIR / config_name}.yaml is missing: this toprovar install is incomplete; reinstall it")
     if not any(arg.startswith("-") for arg in overrides):
@@ -106,11 +116,7 @@ def run_hydra_app(
         with exit_on_user_error(prog):
             app(cfg)
 
-    sys.argv = [
-        sys.argv[0],
-        *overrides,
-        *searchpath_overrides(),
-    ]  # argv[0] stays the entry script (MLflow's source tag reads it)
+    sys.argv = [sys.argv[0], *overrides, *searchpath]  # argv[0] stays the entry script (MLflow's source tag reads it)
     main()
 
 

@@ -10,6 +10,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from toprovar.errors import UserError
+
 EXTRA_BACKBONES_ENV = "TOPROVAR_EXTRA_BACKBONES"
 
 
@@ -18,21 +20,28 @@ def extra_backbone_modules() -> list[str]:
     return [name.strip() for name in os.environ.get(EXTRA_BACKBONES_ENV, "").split(",") if name.strip()]
 
 
+def missing_module(name: str) -> UserError:
+    return UserError(f"{EXTRA_BACKBONES_ENV} names module '{name}', which cannot be imported (is it on PYTHONPATH?)")
+
+
 def extra_conf_dirs() -> list[Path]:
-    """The `conf/` folders beside those modules, found without importing them (one that cannot be
-    found is left out here; the registry reports it when it imports the module)."""
+    """The `conf/` folders beside those modules, found without importing them (the apps call this
+    before Hydra makes a run folder, so a module that cannot be found is a one-line UserError here)."""
     folders = []
     for name in extra_backbone_modules():
         try:
             spec = importlib.util.find_spec(name)
         except (ImportError, ValueError):
-            continue
-        if spec is not None and spec.origin is not None and (Path(spec.origin).parent / "conf").is_dir():
+            spec = None
+        if spec is None or spec.origin is None:
+            raise missing_module(name)
+        if (Path(spec.origin).parent / "conf").is_dir():
             folders.append(Path(spec.origin).parent / "conf")
     return folders
 
 
 def searchpath_overrides() -> list[str]:
-    """The Hydra override that adds `extra_conf_dirs()` to the config search path (none without any)."""
+    """The Hydra override that adds `extra_conf_dirs()` to the config search path (none without any);
+    UserError as `extra_conf_dirs`."""
     folders = extra_conf_dirs()
     return [f"hydra.searchpath=[{','.join(f'file://{folder}' for folder in folders)}]"] if folders else []

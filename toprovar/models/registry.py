@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from toprovar.errors import UserError
-from toprovar.extras import EXTRA_BACKBONES_ENV, extra_backbone_modules
+from toprovar.extras import extra_backbone_modules, missing_module
 from toprovar.fast.runtime import FastRuntime
 from toprovar.models.checkpoint import load_into
 from toprovar.models.transformer import (
@@ -134,7 +134,7 @@ def _import_embedded() -> None:
         except ModuleNotFoundError as err:
             if err.name is None or not (package == err.name or package.startswith(f"{err.name}.")):
                 raise  # the module exists and one of its own imports is missing: a real bug
-            raise UserError(f"{EXTRA_BACKBONES_ENV} names module '{package}', which cannot be imported") from None
+            raise missing_module(package) from None
 
 
 def backbone_names() -> list[str]:
