@@ -128,6 +128,10 @@ def main() -> None:
     parser.add_argument("--md-out")
     parser.add_argument("--smoke", action="store_true", help="CPU, test-small")
     args = parser.parse_args()
+    if args.smoke:
+        from tests.backbones import use_test_backbones  # test-small is registered from the checkout only
+
+        use_test_backbones()
     device = torch.device("cpu" if args.smoke else "cuda")
     name = "test-small" if args.smoke else args.backbone
     dtype = torch.float32 if args.smoke else torch.bfloat16

@@ -45,7 +45,8 @@ BATCHES2B=${BATCHES2B:-1,2,4,8}
 BATCHES8B=${BATCHES8B:-1,2,4}
 CLIP=${CLIP:-0}
 SMALL=${SMALL:-0}
-if [ "$SMALL" = 1 ]; then WORK=${WORK}-small; fi
+# The small backbones are registered from the checkout (tests/backbones.py, on PYTHONPATH above).
+if [ "$SMALL" = 1 ]; then WORK=${WORK}-small; export TOPROVAR_EXTRA_BACKBONES=tests.backbones; fi
 mkdir -p "$OUT" "$WORK"
 
 say() { echo "== fullscale $(date +%T) $*"; }

@@ -585,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
 
     if args.smoke:
+        from tests.backbones import use_test_backbones  # test-small is registered from the checkout only
+
+        use_test_backbones()
         device, backbones, fast_dtype = torch.device("cpu"), ["test-small"], torch.float32
         args.reps, args.warmup = 1, 0
     else:

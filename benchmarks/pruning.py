@@ -92,6 +92,7 @@ PROG = "python -m benchmarks.pruning"
 
 def random_spec(name: str):
     """The registry spec of `name` with seeded random weights and a hashed text encoder (no files)."""
+    from tests.backbones import HashedTextEncoder  # the test backbones' encoder, from the checkout
     from toprovar.models import registry
 
     spec = registry.get_backbone(name)
@@ -101,7 +102,7 @@ def random_spec(name: str):
     kind = f"bench-hashed-{cfg.text_channels}x{cfg.text_maxlen}"
 
     def factory(path: str | None, device: torch.device, dtype: torch.dtype):
-        return registry.HashedTextEncoder(cfg.text_channels, cfg.text_maxlen, device)
+        return HashedTextEncoder(cfg.text_channels, cfg.text_maxlen, device)
 
     registry.register_text_encoder(kind, factory)
     return dataclasses.replace(
@@ -718,6 +719,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.guidance_scale = args.cfg
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 2)
     args.repeats = args.repeats if args.repeats is not None else (1 if args.smoke else 5)
+    if args.smoke:
+        from tests.backbones import use_test_backbones  # test-small is registered from the checkout only
+
+        use_test_backbones()
     if not 0 < args.target < 1 or args.repeats < 1 or args.warmup < 0:
         ap.error("need 0 < --target < 1, --repeats >= 1, --warmup >= 0")
     if args.alpha is not None and not 0 <= args.alpha <= 1:

@@ -93,6 +93,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="test-small on the CPU (prompts 1/2/1, 8 trials)")
     parser.add_argument("overrides", nargs="*", help="python -m calibrate overrides (after --)")
     args = parser.parse_args()
+    if args.smoke:
+        from tests.backbones import use_test_backbones  # test-small is registered from the checkout only
+
+        use_test_backbones()  # the calibrate subprocesses inherit it
     overrides = [*SMOKE, *args.overrides] if args.smoke else args.overrides
     n_trials = 8 if args.smoke else args.n_trials
     rows = [(n, rates(run(n, n_trials, overrides, args.out))) for n in args.workers]

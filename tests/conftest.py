@@ -1,5 +1,6 @@
-"""Shared fixtures: the small random-weight test backbones (no files needed) and the Hydra configs
-of toprovar/conf/ composed as the apps compose them (the YAML is the one source of default values)."""
+"""Shared fixtures: the small random-weight test backbones (no files needed; registered by
+tests/backbones.py, for this process and the subprocesses it starts) and the Hydra configs of
+toprovar/conf/ composed as the apps compose them (the YAML is the one source of default values)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig, open_dict
 
+from tests.backbones import use_test_backbones
 from toprovar.cli import CONF_DIR
+from toprovar.extras import searchpath_overrides
 from toprovar.models.registry import build_backbone
+
+use_test_backbones()
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +36,7 @@ def compose(app: str, overrides: Sequence[str], run_dir: Path) -> DictConfig:
     from hydra.core.hydra_config import HydraConfig
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name=app):
-        cfg = hydra_compose(config_name=app, overrides=list(overrides), return_hydra_config=True)
+        cfg = hydra_compose(config_name=app, overrides=[*overrides, *searchpath_overrides()], return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(run_dir)
         HydraConfig.instance().set_config(cfg)

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from tests.conftest import CONF_DIR, compose
 from toprovar.errors import UserError
+from toprovar.extras import extra_conf_dirs
 
 APPS = sorted(path.stem for path in CONF_DIR.glob("*.yaml"))
 
@@ -23,8 +24,12 @@ def _groups(app: str) -> list[str]:
     return [next(iter(entry)) for entry in defaults if isinstance(entry, dict)]
 
 
+# The package's groups and those of the test backbones (tests/conf/, searched as the apps search it).
+CONF_DIRS = [CONF_DIR, *extra_conf_dirs()]
+
+
 def _options(group: str) -> list[str]:
-    return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
+    return sorted(path.stem for folder in CONF_DIRS for path in (folder / group).glob("*.yaml"))
 
 
 CASES = [(app, None, None) for app in APPS] + [

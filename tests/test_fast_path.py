@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.backbones import SMALL
 from toprovar.fast import FastOptions, release_fast_runtime, resolve_fast
-from toprovar.models.transformer import TRANSFORMER_PRESETS, InfinityTransformer, RopeSlice, random_state_dict
+from toprovar.models.transformer import InfinityTransformer, RopeSlice, random_state_dict
 from toprovar.pipeline import generate
 from toprovar.pruning import Pruner
 from toprovar.sampling import draw_bits, make_generators
@@ -190,7 +191,7 @@ def test_sync_free_draw_equals_multinomial() -> None:
 
 
 def test_forward_fast_equals_forward_block() -> None:
-    cfg = TRANSFORMER_PRESETS["test-small"]
+    cfg = SMALL
     model = InfinityTransformer(cfg).eval()
     model.load_state_dict(random_state_dict(cfg, seed=int(torch.randint(0, 1000, ()).item())))
     schedule = scale_schedule(1.0, "0.06M")

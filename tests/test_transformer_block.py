@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.backbones import SMALL
 from toprovar.attention import attention
 from toprovar.models.transformer import (
-    TRANSFORMER_PRESETS,
     InfinityTransformer,
     KVCache,
     RopeSlice,
@@ -19,7 +19,7 @@ from toprovar.models.transformer import (
 )
 from toprovar.schedules import full_schedule
 
-CFG = TRANSFORMER_PRESETS["test-small"]
+CFG = SMALL
 
 
 def _seed() -> int:

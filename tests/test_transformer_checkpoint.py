@@ -8,10 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.backbones import SMALL_PATCHIFY
 from toprovar.errors import UserError
 from toprovar.models.checkpoint import check_state_dict, expected_shapes, rename_keys
 from toprovar.models.registry import build_transformer, get_backbone
-from toprovar.models.transformer import TRANSFORMER_PRESETS, InfinityTransformer, checkpoint_rename, random_state_dict
+from toprovar.models.transformer import (
+    TRANSFORMER_PRESETS,
+    InfinityTransformer,
+    TransformerConfig,
+    checkpoint_rename,
+    random_state_dict,
+)
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 MANIFESTS = {"infinity-2b": "infinity_2b.keys.json", "infinity-8b": "infinity_8b.keys.json"}
@@ -44,18 +51,18 @@ def test_rename_map_flattens_block_chunks() -> None:
     assert sorted(rename.values(), key=lambda p: int(p.split(".")[1])) == [f"blocks.{i}." for i in range(32)]
 
 
-def _official_layout(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+def _official_layout(state: dict[str, torch.Tensor], config: TransformerConfig) -> dict[str, torch.Tensor]:
     """Our state dict written under the official block_chunks names."""
-    inverse = {v: k for k, v in checkpoint_rename(TRANSFORMER_PRESETS[name]).items()}
+    inverse = {v: k for k, v in checkpoint_rename(config).items()}
     return rename_keys(state, inverse)
 
 
 @pytest.fixture
 def small_checkpoint(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    state = random_state_dict(TRANSFORMER_PRESETS["test-small-patchify"], seed=seed)
+    state = random_state_dict(SMALL_PATCHIFY, seed=seed)
     path = tmp_path / "small.pth"
-    torch.save(_official_layout(state, "test-small-patchify"), path)
+    torch.save(_official_layout(state, SMALL_PATCHIFY), path)
     return path, state
 
 
@@ -69,9 +76,7 @@ def test_loads_official_layout_file(small_checkpoint) -> None:
 
 
 def test_loads_sharded_folder(tmp_path: Path) -> None:
-    state = _official_layout(
-        random_state_dict(TRANSFORMER_PRESETS["test-small-patchify"], seed=3), "test-small-patchify"
-    )
+    state = _official_layout(random_state_dict(SMALL_PATCHIFY, seed=3), SMALL_PATCHIFY)
     keys = sorted(state)
     shards = {"part-1.bin": keys[: len(keys) // 2], "part-2.bin": keys[len(keys) // 2 :]}
     for fname, ks in shards.items():
@@ -92,7 +97,7 @@ def _one_line_error(path: Path, match: str) -> str:
 
 def test_wrong_shape_names_file_and_key(small_checkpoint) -> None:
     path, state = small_checkpoint
-    bad = _official_layout(state, "test-small-patchify")
+    bad = _official_layout(state, SMALL_PATCHIFY)
     bad["head.weight"] = torch.randn(7, 64)
     torch.save(bad, path)
     _one_line_error(path, "'head.weight'")
@@ -100,7 +105,7 @@ def test_wrong_shape_names_file_and_key(small_checkpoint) -> None:
 
 def test_missing_key_names_file_and_key(small_checkpoint) -> None:
     path, state = small_checkpoint
-    bad = _official_layout(state, "test-small-patchify")
+    bad = _official_layout(state, SMALL_PATCHIFY)
     del bad["block_chunks.1.module.0.ffn.fc1.bias"]
     torch.save(bad, path)
     _one_line_error(path, "'blocks.1.ffn.fc1.bias'")
@@ -108,7 +113,7 @@ def test_missing_key_names_file_and_key(small_checkpoint) -> None:
 
 def test_unexpected_key_is_an_error(small_checkpoint) -> None:
     path, state = small_checkpoint
-    bad = _official_layout(state, "test-small-patchify")
+    bad = _official_layout(state, SMALL_PATCHIFY)
     bad["extra.weight"] = torch.randn(3)
     torch.save(bad, path)
     _one_line_error(path, "'extra.weight'")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from toprovar.models.transformer import TRANSFORMER_PRESETS, InfinityTransformer, RopeSlice, random_state_dict
+from tests.backbones import SMALL
+from toprovar.models.transformer import InfinityTransformer, RopeSlice, random_state_dict
 from toprovar.schedules import scale_schedule
 
-CFG = TRANSFORMER_PRESETS["test-small"]
+CFG = SMALL
 
 
 def test_teacher_forcing_matches_the_cached_loop() -> None:

@@ -6,6 +6,7 @@ wheel runs from any folder; run folders stay relative to the folder one launches
 through `run_hydra_app`: deprecated keys are renamed with a warning (toprovar.renames), the config
 is composed and resolved once without running, so a bad override is one line on stderr and exit
 status 2, then Hydra runs the app, where a `UserError` is one line and exit status 2 as well.
+Config groups of backbones added from outside the package are searched too (toprovar.extras).
 Importing this module does not import torch, which keeps the override check fast.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from toprovar.errors import UserError, exit_on_user_error
+from toprovar.extras import searchpath_overrides
 from toprovar.renames import renamed_overrides, renamed_settings
 from toprovar.schemas import register_schemas
 
@@ -45,6 +47,15 @@ def fail(prog: str, message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def extra_searchpath(prog: str) -> list[str]:
+    """`toprovar.extras.searchpath_overrides()`; a module there that cannot be found ends the program
+    with one line on stderr and exit status 2."""
+    try:
+        return searchpath_overrides()
+    except UserError as err:
+        fail(prog, str(err))
+
+
 def check_overrides(prog: str, config_name: str, overrides: Sequence[str]) -> None:
     """Compose `CONF_DIR/<config_name>.yaml` with `overrides` and resolve it, without running anything:
     a bad override (unknown key, wrong type, broken syntax, an interpolation that does not resolve)
@@ -57,7 +68,9 @@ def check_overrides(prog: str, config_name: str, overrides: Sequence[str]) -> No
 
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None, job_name=config_name):
-            cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+            cfg = compose(
+                config_name=config_name, overrides=[*overrides, *extra_searchpath(prog)], return_hydra_config=True
+            )
         with open_dict(cfg):  # resolve as the app will: `${hydra:runtime.output_dir}` is some run folder
             cfg.hydra.runtime.output_dir = str(Path.cwd())
             HydraConfig.instance().set_config(cfg)
@@ -92,6 +105,7 @@ def run_hydra_app(
         key, sep, value = override.partition("=")
         overrides.append(f"{aliases[key]}={value}" if sep and aliases and key in aliases else override)
     overrides = renamed_overrides(overrides, renames or {}, prog)
+    searchpath = extra_searchpath(prog)  # before Hydra makes a run folder
     if not (CONF_DIR / f"{config_name}.yaml").is_file():
         fail(prog, f"{CONF_DIR / config_name}.yaml is missing: this toprovar install is incomplete; reinstall it")
     if not any(arg.startswith("-") for arg in overrides):
@@ -102,7 +116,7 @@ def run_hydra_app(
         with exit_on_user_error(prog):
             app(cfg)
 
-    sys.argv = [sys.argv[0], *overrides]  # argv[0] stays the entry script (MLflow's source tag reads it)
+    sys.argv = [sys.argv[0], *overrides, *searchpath]  # argv[0] stays the entry script (MLflow's source tag reads it)
     main()
 
 

@@ -14,8 +14,8 @@ the official code):
     (assumed: 4 shards of at most 5 GB as huggingface_hub writes them; not confirmed by a manifest);
   * VAE `.pth`: `{"vae": state_dict}` (official `vae_model` reads `state_dict["vae"]`), float32;
   * `flan-t5-xl/`: a Hugging Face folder (see `toprovar.checkpoints.flan_t5`).
-`preset=small` writes the same layout with the shapes of a small registered backbone
-(`test-small-t5`, `test-small-patchify-t5`) so tests can run the real loaders on a CPU.
+`preset=small` writes the same layout with small shapes (`Release.small`) so tests can run the real
+loaders on a CPU; a checkout's `tests/backbones.py` registers the backbone that reads them.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,9 +35,36 @@ from toprovar.checkpoints.infinity import transformer_tensors, vae_tensors
 from toprovar.checkpoints.tensors import TensorSpec, write_safetensors_folder, write_torch_file
 from toprovar.errors import UserError
 from toprovar.models.registry import WeightPaths, get_backbone
+from toprovar.models.transformer import TransformerConfig
+from toprovar.models.vae import VAE_PRESETS
 
 PRESETS = ("full", "small")
 STAGING = ".synth-partial"  # unfinished parts are written here, then moved into place
+
+
+@dataclass(frozen=True)
+class SmallShapes:
+    """The shapes `preset=small` writes a release at, and the name of the backbone that reads them
+    (registered only from a checkout, by tests/backbones.py, which builds it from these shapes)."""
+
+    backbone: str
+    transformer: TransformerConfig  # two blocks, in the official `block_chunks.c.module.j.` naming
+    vae: Any  # a VAEConfig
+
+
+def _small_transformer(codebook_dim: int, patchify: bool) -> TransformerConfig:
+    # Same semantics as the official configs (cosine attention, RoPE, AdaLN, bitwise head), tiny widths.
+    return TransformerConfig(
+        depth=2,
+        embed_dim=64,
+        num_heads=2,
+        codebook_dim=codebook_dim,
+        apply_spatial_patchify=patchify,
+        text_channels=32,
+        text_maxlen=16,
+        pool_head_dim=16,
+        block_chunks=2,
+    )
 
 
 @dataclass(frozen=True)
@@ -45,12 +73,22 @@ class Release:
 
     transformer_dtype: torch.dtype
     transformer_shards: int  # 1: one torch .pth file; n > 1: a folder of n safetensors shards + index
-    small: str  # a registered backbone with small shapes, loaded from files in this layout
+    small: SmallShapes  # what preset=small writes in this layout
 
 
 RELEASES = {
-    "infinity-2b": Release(torch.float32, 1, small="test-small-t5"),
-    "infinity-8b": Release(torch.bfloat16, 4, small="test-small-patchify-t5"),
+    "infinity-2b": Release(
+        torch.float32, 1, small=SmallShapes("test-small-t5", _small_transformer(6, False), VAE_PRESETS["test"])
+    ),
+    "infinity-8b": Release(
+        torch.bfloat16,
+        4,
+        small=SmallShapes(
+            "test-small-patchify-t5",
+            _small_transformer(24, True),
+            replace(VAE_PRESETS["test"], apply_spatial_patchify=True),
+        ),
+    ),
 }
 
 
@@ -96,7 +134,11 @@ def release_plan(backbone: str, preset: str = "full") -> ReleasePlan:
     """The files of `backbone`'s official release; `preset=small`: the same files at test size."""
     check_release(backbone, preset)
     release, official = RELEASES[backbone], get_backbone(backbone)
-    spec = get_backbone(release.small) if preset == "small" else official
+    if preset == "small":
+        small = release.small
+        spec = replace(official, name=small.backbone, transformer=small.transformer, vae=small.vae)
+    else:
+        spec = official
     names = {role: Path(getattr(official.weights, role)).name for role in ("transformer", "vae", "text_encoder")}
     sharded = release.transformer_shards > 1
     parts = [

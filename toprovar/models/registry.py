@@ -3,7 +3,8 @@
 `get_backbone(name)` returns a `BackboneSpec`; `build_backbone(spec, weights, device, dtype)` loads
 it into a `Backbone` ready for `toprovar.pipeline.generate`. Other packages add backbones with
 `register_backbone(spec)` (e.g. the embedded `tiny` one) and text encoder kinds with
-`register_text_encoder(kind, factory)`.
+`register_text_encoder(kind, factory)`; modules named in $TOPROVAR_EXTRA_BACKBONES are imported
+with the embedded ones (how a checkout's tests add their small random-weight backbones).
 
 Weights come from local paths only; the defaults below are where the official files usually
 sit (`weights/...`, as in the official scripts) and every one can be overridden. A missing file,
@@ -13,6 +14,7 @@ an unreadable one or a key/shape mismatch is a one-line `UserError` naming the f
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from toprovar.errors import UserError
+from toprovar.extras import extra_backbone_modules, missing_module
 from toprovar.fast.runtime import FastRuntime
 from toprovar.models.checkpoint import load_into
 from toprovar.models.transformer import (
@@ -125,10 +128,13 @@ _EMBEDDED_PACKAGES = ("toprovar.tiny",)
 
 
 def _import_embedded() -> None:
-    import importlib
-
-    for package in _EMBEDDED_PACKAGES:
-        importlib.import_module(package)
+    for package in (*_EMBEDDED_PACKAGES, *extra_backbone_modules()):
+        try:
+            importlib.import_module(package)
+        except ModuleNotFoundError as err:
+            if err.name is None or not (package == err.name or package.startswith(f"{err.name}.")):
+                raise  # the module exists and one of its own imports is missing: a real bug
+            raise missing_module(package) from None
 
 
 def backbone_names() -> list[str]:
@@ -301,99 +307,3 @@ register_backbone(
         temperature=1.0,
     )
 )  # official 8B notebook: cfg 3, tau 1
-
-
-# -- small test backbones (random weights, no files) -------------------------------------------------
-
-
-class HashedTextEncoder:
-    """Test text encoder: each word maps to a fixed random vector (seeded by its CRC32).
-
-    Gives prompt-dependent, reproducible features without any model files; only for the
-    `test-*` backbones and smoke tests.
-    """
-
-    def __init__(self, channels: int, max_length: int, device: torch.device | str = "cpu"):
-        self.channels, self.max_length, self.device = channels, max_length, torch.device(device)
-        self.hidden_size = channels
-
-    def _word(self, word: str) -> torch.Tensor:
-        import zlib
-
-        gen = torch.Generator().manual_seed(zlib.crc32(word.encode("utf-8")))
-        return torch.randn(self.channels, generator=gen)
-
-    def encode(self, prompts: list[str]):
-        import warnings
-
-        from toprovar.models.text_encoder import TextFeatures
-
-        words = [p.split() or [""] for p in prompts]
-        if any(len(w) > self.max_length for w in words):
-            warnings.warn(
-                f"prompt longer than the text encoder's limit of {self.max_length} words; truncated", stacklevel=2
-            )
-            words = [w[: self.max_length] for w in words]
-        lens = torch.tensor([len(w) for w in words], dtype=torch.int32)
-        feats = torch.zeros(len(prompts), int(lens.max()), self.channels)
-        for i, ws in enumerate(words):
-            for j, word in enumerate(ws):
-                feats[i, j] = self._word(word)
-        mask = torch.arange(feats.shape[1])[None, :] < lens[:, None]
-        return TextFeatures(feats, mask, lens).to(self.device)
-
-
-def _hashed_text_encoder_factory(channels: int, max_length: int) -> Callable[..., Any]:
-    def build(path: str | None, device: torch.device, dtype: torch.dtype) -> HashedTextEncoder:
-        return HashedTextEncoder(channels, max_length, device)
-
-    return build
-
-
-def _register_test_backbones() -> None:
-    from dataclasses import replace as _replace
-
-    from toprovar.models.vae import VAE_PRESETS
-
-    small = TRANSFORMER_PRESETS["test-small"]
-    register_text_encoder("hashed-test", _hashed_text_encoder_factory(small.text_channels, small.text_maxlen))
-    register_backbone(
-        BackboneSpec(
-            name="test-small",
-            transformer=small,
-            vae="test",
-            text_encoder="hashed-test",
-            pixels="0.06M",
-            guidance_scale=3.0,
-            temperature=1.0,
-            random_init=True,
-        )
-    )
-    register_backbone(
-        BackboneSpec(
-            name="test-small-patchify",
-            transformer=TRANSFORMER_PRESETS["test-small-patchify"],
-            vae=_replace(VAE_PRESETS["test"], apply_spatial_patchify=True),
-            text_encoder="hashed-test",
-            pixels="0.06M",
-            guidance_scale=3.0,
-            temperature=1.0,
-            random_init=True,
-        )
-    )
-    # The same two read from files (block names in the official `block_chunks.c.module.j.` scheme) with a
-    # T5 folder as text encoder: what `python -m toprovar.checkpoints synth preset=small` writes.
-    for name in ("test-small", "test-small-patchify"):
-        base = _BACKBONES[name]
-        register_backbone(
-            _replace(
-                base,
-                name=f"{name}-t5",
-                transformer=_replace(base.transformer, block_chunks=2),
-                text_encoder="t5",
-                random_init=False,
-            )
-        )
-
-
-_register_test_backbones()

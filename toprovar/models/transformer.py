@@ -105,28 +105,6 @@ TRANSFORMER_PRESETS: dict[str, TransformerConfig] = {
     "infinity-8b": TransformerConfig(
         depth=40, embed_dim=3584, num_heads=28, codebook_dim=56, apply_spatial_patchify=True
     ),
-    # Small configs for tests: same semantics (cosine attention, RoPE, AdaLN, bitwise head).
-    "test-small": TransformerConfig(
-        depth=2,
-        embed_dim=64,
-        num_heads=2,
-        codebook_dim=6,
-        text_channels=32,
-        text_maxlen=16,
-        pool_head_dim=16,
-        block_chunks=1,
-    ),
-    "test-small-patchify": TransformerConfig(
-        depth=2,
-        embed_dim=64,
-        num_heads=2,
-        codebook_dim=24,
-        apply_spatial_patchify=True,
-        text_channels=32,
-        text_maxlen=16,
-        pool_head_dim=16,
-        block_chunks=2,
-    ),
 }
 
 
