@@ -240,7 +240,7 @@ def time_variant(backbone, fast, *, warmup: int, reps: int, prompt: str = "a pho
 
 
 class _Recorder:
-    """Patches the pipeline's sampling functions: records each scale's logits (or probabilities)
+    """Patches the generation loop's sampling functions: records each scale's logits (or probabilities)
     and own bits, and returns the forced bits (teacher forcing) when given."""
 
     def __init__(self, forced: list[torch.Tensor] | None, record_logits: bool = True):
@@ -253,7 +253,7 @@ class _Recorder:
         return self.forced[len(self.bits) - 1].to(bits.device)
 
     def install(self, monkey: list):
-        import toprovar.pipeline as pl
+        import toprovar.scale_paths as pl  # where the loop samples its bits
 
         orig_sample, orig_probs, orig_draw = pl.sample_bits, pl.bit_probs, pl.draw_bits
 
