@@ -4,6 +4,7 @@ retry at half the batch after a CUDA out-of-memory error (injected here: no GPU 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,12 +26,16 @@ GIB = 1 << 30
 
 
 def _group(name: str) -> dict:
-    """The backbone config group toprovar/conf/backbone/<name>.yaml as the commands read it."""
+    """The backbone config group <conf>/backbone/<name>.yaml as the commands read it: the package's,
+    or for the test-only backbones the checkout's tests/conf/."""
     import yaml
 
     from toprovar.cli import CONF_DIR
 
-    return yaml.safe_load((CONF_DIR / "backbone" / f"{name}.yaml").read_text())
+    path = CONF_DIR / "backbone" / f"{name}.yaml"
+    if not path.is_file():
+        path = Path(__file__).parent / "conf" / "backbone" / f"{name}.yaml"
+    return yaml.safe_load(path.read_text())
 
 
 class OutOfMemoryAbove:
