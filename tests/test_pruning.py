@@ -284,9 +284,12 @@ def test_cached_restore_adds_the_skipped_layers_updates_of_the_cache_scale(small
     # Static plans: the scales that may still be the cache scale record (None); later pruned scales
     # follow a fixed plan after the probe layer.
     assert cap.static[D] is None and all(cap.static[s] == 1 for s in range(D + 1, len(schedule)))
-    rep = res.trace.pruning["representative_scale"]  # online layer scores: every layer observed there
-    assert all(cap.static[s] == (None if s == rep else 1) for s in range(0, policy.scale.min_scale - 1))
-    assert plain.static == {s: (None if s == rep else 1) for s in range(len(schedule))}
+    # online layer scores: every layer observed at the representative scale, all of them probe
+    # layers of one unit (it lies before min_scale here)
+    rep, depth = res.trace.pruning["representative_scale"], small.transformer.depth
+    assert rep < policy.scale.min_scale
+    assert all(cap.static[s] == (depth if s == rep else 1) for s in range(0, policy.scale.min_scale - 1))
+    assert plain.static == {s: (depth if s == rep else 1) for s in range(len(schedule))}
     # Deterministic, and it changes the image.
     again = generate(small, ["a red cube"], [seed], pixels="0.25M", policy=policy)
     assert torch.equal(again.images, res.images) and not torch.equal(res.images, ref.images)
