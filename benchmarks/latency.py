@@ -354,7 +354,9 @@ FAMILIES = (
 )
 
 
-def _family(name: str) -> str:
+def kernel_family(name: str) -> str:
+    """The family of a GPU kernel by its name (FAMILIES, first match; attention before matmul: flash
+    kernels name cutlass types)."""
     low = name.lower()
     for fam, keys in FAMILIES:
         if any(k in low for k in keys):
@@ -382,7 +384,7 @@ def profile_call(backbone, fast, prompt: str = "a photo", seed: int = 0) -> dict
         k[1] += 1
     fam: dict[str, float] = {}
     for name, (us, _) in kernels.items():
-        fam[_family(name)] = fam.get(_family(name), 0.0) + us / 1e3
+        fam[kernel_family(name)] = fam.get(kernel_family(name), 0.0) + us / 1e3
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]
     return {
         "wall_ms": wall * 1e3,

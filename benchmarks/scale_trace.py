@@ -68,13 +68,10 @@ FAMILIES = ("gemm", "attention", "other")
 
 
 def _family(name: str) -> str:
-    """Matrix products (cuBLAS nvjet / cutlass / gemm), attention (flash, cuDNN SDPA, our FAE), the rest."""
-    low = name.lower()
-    if any(k in low for k in ("nvjet", "gemm", "cublas", "cutlass", "xmma", "splitk")):
-        return "gemm"
-    if any(k in low for k in ("flash", "sdpa", "fae", "attention")):
-        return "attention"
-    return "other"
+    """benchmarks.latency's kernel families folded into matrix products, attention and the rest."""
+    from benchmarks.latency import kernel_family
+
+    return {"matmul": "gemm", "attention": "attention"}.get(kernel_family(name), "other")
 
 
 def _union_us(intervals: list[tuple[float, float]]) -> float:
