@@ -18,7 +18,8 @@ from toprovar.errors import UserError
 
 STAGES = ("presample", "search", "select", "export", "evaluate")
 SAMPLERS = ("tpe", "nsga2", "gp", "random")  # calibrate.search builds each
-OBJECTIVES = ("auto", "flops", "latency")
+OBJECTIVES = ("auto", "model", "flops", "latency")
+COST_MODEL_SOURCES = ("auto", "fit")  # calibrate.cost_model: the backbone's stored coefficients, or fitted
 
 # No field has a default: toprovar/conf/ (the YAML) is the one source of default values, and a key it
 # lacks is an error naming the key.
@@ -49,6 +50,14 @@ class LatencyConfig:
 
 
 @dataclass
+class CostModelConfig:
+    """search.cost_model: the predicted wall clock the CPU search maximizes (calibrate.cost_model)."""
+
+    source: str  # auto: the backbone's stored coefficients (backbone.cost_model) if any, else fit | fit
+    probes: int  # random policies of the space the pre-sampling times to fit the model
+
+
+@dataclass
 class AcceptanceConfig:
     """search.acceptance: held-out validation as a one-sided bound per metric, decided sequentially
     (calibrate.acceptance). The budget is `prompts.validate`. No defaults: toprovar/conf/search/default.yaml."""
@@ -71,6 +80,7 @@ class SearchConfig:
     constraints: ConstraintsConfig
     space: dict[str, Any]  # knob name -> range or choices; calibrate.knobs checks it
     latency: LatencyConfig
+    cost_model: CostModelConfig
     validate_candidates: int
     acceptance: AcceptanceConfig
     workers: int  # search processes sharing the study: one per GPU, or sharing the CPU
@@ -169,6 +179,12 @@ def _validate(cfg: CalibrationConfig) -> None:
         raise UserError(f"search.workers={s.workers} must be at least 1")
     if s.validate_candidates < 1:
         raise UserError(f"search.validate_candidates={s.validate_candidates} must be at least 1")
+    if s.cost_model.source not in COST_MODEL_SOURCES:
+        raise UserError(
+            f"search.cost_model.source={s.cost_model.source!r} is not one of {', '.join(COST_MODEL_SOURCES)}"
+        )
+    if s.cost_model.probes < 0:
+        raise UserError(f"search.cost_model.probes={s.cost_model.probes} must be at least 0")
     if s.latency.repeats < 1 or s.latency.warmup < 0:
         raise UserError("search.latency needs repeats >= 1 and warmup >= 0")
     if not 0.0 <= s.constraints.min_ssim <= 1.0:

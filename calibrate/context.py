@@ -18,6 +18,7 @@ import torch
 
 from calibrate.backend import CalibrationBackend
 from calibrate.config import CalibrationConfig
+from calibrate.cost_model import CostModel
 from calibrate.objective import PolicyScorer
 from calibrate.prompts import PromptSet, PromptSets
 from calibrate.quality import ClipScorer
@@ -60,7 +61,7 @@ class RunContext:
     cfg: CalibrationConfig
     paths: RunPaths
     device: torch.device
-    cost: str  # flops | latency (calibrate.objective.resolve_cost)
+    cost: str  # model | flops | latency (calibrate.objective.resolve_cost)
     clock: Clock
     backend: CalibrationBackend
     prompts: PromptSets
@@ -73,14 +74,31 @@ class RunContext:
     def run_dir(self) -> Path:
         return self.paths.run_dir
 
-    def scorer(self, prompt_set: PromptSet, build_policy: Callable[[Any], Any] | None, evaluator, desc: str):
-        """A `PolicyScorer` of `prompt_set` with this run's cost, latency settings and CLIP scorer."""
+    def cost_model(self, summary: Any = None) -> CostModel | None:
+        """The study's cost model (its pre-sampling summary's), else the backbone config's stored
+        one (`cost_model:`), else None."""
+        found = getattr(summary, "cost_model", None) or self.cfg.backbone.get("cost_model")
+        return None if not found else CostModel.from_json(found)
+
+    def scorer(
+        self,
+        prompt_set: PromptSet,
+        build_policy: Callable[[Any], Any] | None,
+        evaluator,
+        desc: str,
+        summary: Any = None,
+    ):
+        """A `PolicyScorer` of `prompt_set` with this run's cost, latency settings, CLIP scorer and
+        cost model (`cost_model(summary)`; without one the `model` cost falls back to FLOPs, which
+        only a measurement without a study, the evaluate stage, meets)."""
         search = self.cfg.search
+        model = self.cost_model(summary)
         return PolicyScorer(
             self.backend,
             prompt_set,
             build_policy,
-            cost=self.cost,
+            cost="flops" if self.cost == "model" and model is None else self.cost,
+            cost_model=model,
             latency=search.latency,
             evaluator=evaluator,
             geneval_score=search.acceptance.score,

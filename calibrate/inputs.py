@@ -43,8 +43,12 @@ def load(cfg: CalibrationConfig, device: torch.device, clock: Clock) -> tuple:
 
 
 def objective(cfg: CalibrationConfig, device: torch.device) -> str:
-    """The cost the search measures (flops | latency), with a warning for latency off a GPU."""
+    """The cost the search ranks trials by (model | flops | latency), with a warning for latency off a GPU."""
     cost = resolve_cost(cfg.search.objective, device)
     if cost == "latency" and device.type != "cuda":
-        log.warning("search.objective=latency on %s: wall-clock timings are noisy; flops is the CPU default", device)
+        log.warning(
+            "search.objective=latency on %s: wall-clock timings of a trial are noisy; model (the predicted "
+            "wall clock) is the CPU default",
+            device,
+        )
     return cost

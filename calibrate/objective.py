@@ -1,13 +1,18 @@
 """Scores of a policy on a prompt set: real generations compared with the unpruned ones, prompt by prompt.
 
-speedup: on CPU (and `search.objective=flops`) the FLOP ratio unpruned / executed from the traces
-(deterministic, independent of machine load); on CUDA (`latency`) the ratio of generation times
-read off the scoring generation itself: each chunk's trace time (CUDA events around the scale
+speedup, the search objective: on CPU (`model`) the wall clock predicted by the study's cost model
+(calibrate.cost_model) from the traces, unpruned / policy (deterministic, independent of machine
+load); with `flops` the FLOP ratio; on CUDA (`latency`) the ratio of generation times read off the
+scoring generation itself: each chunk's trace time (CUDA events around the scale
 loop and the VAE decode, text encoding excluded). A chunk whose call captured CUDA graphs (a
 plan new to the static buffers) runs again, up to `search.latency.warmup` times, until a call
 captures nothing, so capture never counts; before the first policy a scorer times, one untimed
 batch of it compiles the pruned path's kernels; `search.latency.repeats` > 1 adds whole timed
 passes (the median counts). The unpruned reference is timed once per prompt set, with its images.
+Every score also carries the three side by side: `wall_speedup` (measured, the traces' times: CUDA
+events on GPU, the host clock on CPU), `flop_speedup` (the FLOP ratio, named as such) and, with a
+cost model, `predicted_speedup` and its `prediction_error` against the measured one. What a report
+states as a policy's speedup is `wall_speedup` on the validating device.
 quality, per prompt: SSIM against the unpruned image of the same prompt and seed (on the
 generation's device), and where available the geneval-lite scores (`tiny`) and the CLIPScore
 (`quality.clip`) of both images — the paired values that acceptance bounds (calibrate.acceptance).
@@ -30,6 +35,7 @@ import torch
 from calibrate.acceptance import SequentialTest, Verdict
 from calibrate.backend import CalibrationBackend, Generation, chunk_plan
 from calibrate.config import LatencyConfig
+from calibrate.cost_model import CostModel, prediction_error
 from calibrate.costs import flop_totals, trace_summary
 from calibrate.prompts import PromptSet
 from calibrate.quality import ClipScorer, Evaluator, ssim_per_image
@@ -40,7 +46,7 @@ PolicyBuilder = Callable[[dict[str, float]], Any]
 
 def resolve_cost(objective: str, device: torch.device) -> str:
     if objective == "auto":
-        return "latency" if device.type == "cuda" else "flops"
+        return "latency" if device.type == "cuda" else "model"
     return objective
 
 
@@ -60,18 +66,21 @@ class Run:
     flops: float  # executed, summed
     latency_ms: float | None  # generation time of the prompts, summed over chunks
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # evaluator scores per prompt, by name
+    predicted_ms: float | None = None  # the cost model's time of the prompts (None: no model)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
     def extended(self, more: Run) -> Run:
         latency = None if self.latency_ms is None else self.latency_ms + more.latency_ms
+        predicted = None if self.predicted_ms is None else self.predicted_ms + more.predicted_ms
         return Run(
             torch.cat([self.images, more.images]),
             self.traces + more.traces,
             self.flops + more.flops,
             latency,
             {k: np.concatenate([v, more.scores[k]]) for k, v in self.scores.items()},
+            predicted,
         )
 
 
@@ -89,7 +98,8 @@ class PolicyScorer:
 
     `geneval_score` names the evaluator score (quality.GENEVAL_SCORES) whose drop is
     `Scores.geneval_drop` — the one the search constraint and acceptance use. `clip`: the
-    CLIPScore evaluator (`quality.clip`), whose paired drop is `clip_drop`.
+    CLIPScore evaluator (`quality.clip`), whose paired drop is `clip_drop`. `cost_model`: the
+    study's (calibrate.cost_model), required by the `model` cost.
     """
 
     def __init__(
@@ -104,7 +114,11 @@ class PolicyScorer:
         geneval_score: str = "binary",
         desc: str = "search",
         clip: ClipScorer | None = None,
+        cost_model: CostModel | None = None,
     ):
+        if cost == "model" and cost_model is None:
+            raise ValueError("the model cost needs a cost model (calibrate.cost_model)")
+        self.cost_model = cost_model
         self.backend, self.prompts, self.build_policy = backend, prompts, build_policy
         self.cost, self.latency, self.evaluator, self.desc = cost, latency, evaluator, desc
         self.geneval_score, self.clip = geneval_score, clip
@@ -139,7 +153,11 @@ class PolicyScorer:
                 scores.update(self.evaluator(gen.images, self.prompts.specs[start:stop]))
             if self.clip is not None:
                 scores.update(self.clip(gen.images, texts))
-        return Run(gen.images, gen.traces, executed_flops(gen, self.backend), latency, scores)
+        predicted = None
+        if self.cost_model is not None:
+            shares = [real / size for real, size in zip(gen.chunks, gen.sizes)]
+            predicted = self.cost_model.predict_total_ms(gen.traces, self.backend.backbone.spec, shares)
+        return Run(gen.images, gen.traces, executed_flops(gen, self.backend), latency, scores, predicted)
 
     def reference(self, n: int | None = None) -> Run:
         """The unpruned run of the first `n` prompts (all by default), generated as far as needed."""
@@ -154,7 +172,8 @@ class PolicyScorer:
         # Unpruned, every prompt costs the same FLOPs; its latency share is taken as proportional.
         part = n / len(ref)
         latency = None if ref.latency_ms is None else ref.latency_ms * part
-        return Run(ref.images[:n], [], ref.flops * part, latency, {k: v[:n] for k, v in ref.scores.items()})
+        predicted = None if ref.predicted_ms is None else ref.predicted_ms * part
+        return Run(ref.images[:n], [], ref.flops * part, latency, {k: v[:n] for k, v in ref.scores.items()}, predicted)
 
     # -- scoring ------------------------------------------------------------------------------
     def __call__(self, params: dict[str, float]) -> Scores:
@@ -184,7 +203,11 @@ class PolicyScorer:
     def compare(self, run: Run, ref: Run, paired: dict[str, np.ndarray] | None = None) -> Scores:
         """The policy's Scores against the reference of the same prompts (means of the paired values)."""
         flop_speedup = ref.flops / max(run.flops, 1.0)
-        speedup = flop_speedup if self.cost == "flops" else ref.latency_ms / max(run.latency_ms, 1e-9)
+        measured = (
+            None if run.latency_ms is None or ref.latency_ms is None else ref.latency_ms / max(run.latency_ms, 1e-9)
+        )
+        predicted = None if run.predicted_ms is None else ref.predicted_ms / max(run.predicted_ms, 1e-9)
+        speedup = {"flops": flop_speedup, "latency": measured, "model": predicted}[self.cost]
         paired = self.paired(run, ref) if paired is None else paired
         extra = {
             "flop_speedup": flop_speedup,
@@ -198,8 +221,14 @@ class PolicyScorer:
             extra.update(
                 latency_ms=run.latency_ms,
                 latency_unpruned_ms=ref.latency_ms,
-                latency_speedup=ref.latency_ms / max(run.latency_ms, 1e-9),
+                wall_speedup=measured,
             )
+        if predicted is not None:
+            extra.update(
+                predicted_ms=run.predicted_ms, predicted_unpruned_ms=ref.predicted_ms, predicted_speedup=predicted
+            )
+            if measured is not None:
+                extra["prediction_error"] = prediction_error(predicted, measured)
         for name in run.scores:
             if name == ClipScorer.name:
                 diff = paired["clip_drop"]

@@ -67,6 +67,7 @@ class PresampleSummary:
     prompts: int
     scales: int
     guided: bool = True  # the backbone runs classifier-free guidance (2B transformer rows)
+    cost_model: dict | None = None  # the search's CPU cost model (calibrate.cost_model), None: not used
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -88,6 +89,7 @@ class PresampleResult:
     exit_images: dict[int, torch.Tensor]
     # Other probe-layer counts the search may pick -> {"tau_range", "crossing"} measured at that count.
     probe_layers: dict[int, dict] = field(default_factory=dict)
+    traces: list = field(default_factory=list)  # every timed call (cost-model fitting data)
 
 
 def _record(backend: CalibrationBackend, prompts: PromptSet):
@@ -116,8 +118,10 @@ def run_presample(
 
     exit_images: dict[int, torch.Tensor] = {}
     exit_ssim = np.ones((n, n_scales))
+    traces = list(full.traces)
     for stop in tqdm(range(1, n_scales), desc="presample: early exits", unit="scale", dynamic_ncols=True):
         gen = backend.generate(prompts.texts, prompts.seeds, pruner_factory=partial(FixedExitPruner, stop - 1))
+        traces.extend(gen.traces)
         exit_images[stop - 1] = gen.images
         exit_ssim[:, stop - 1] = ssim_per_image(gen.images, full.images, backend.device).numpy()
 
@@ -206,7 +210,7 @@ def run_presample(
         scales=n_scales,
         guided=full.traces[0].rows > full.traces[0].batch,
     )
-    return PresampleResult(summary, scales, images, layers, full.images, exit_images, by_probe)
+    return PresampleResult(summary, scales, images, layers, full.images, exit_images, by_probe, traces)
 
 
 def _measured_at(k: int, band: pd.DataFrame, trend: pd.DataFrame) -> dict:

@@ -74,11 +74,24 @@ POLL_S = 2.0  # how often a worker that waits for other workers' trials looks ag
 class Scores:
     """What one policy measured on a prompt set against the unpruned run of the same prompts."""
 
-    speedup: float  # unpruned cost / executed cost (FLOPs or latency)
+    speedup: float  # the search objective: unpruned cost / policy cost (predicted time, FLOPs or latency)
     ssim: float  # mean SSIM against the unpruned images
     geneval_drop: float | None = None  # unpruned score - policy score (None: no evaluator)
     extra: dict[str, float] = field(default_factory=dict)
     images: Any = field(default=None, repr=False, compare=False)  # the policy's images (N, H, W, 3) uint8
+
+    @property
+    def wall_speedup(self) -> float | None:
+        """Measured: unpruned generation time / the policy's on the same prompts (None: not timed)."""
+        return self.extra.get("wall_speedup")
+
+    def speedups(self) -> str:
+        """The three speedups side by side, for a log line: measured wall clock first."""
+        parts = [] if self.wall_speedup is None else [f"wall clock {self.wall_speedup:.2f}×"]
+        if "predicted_speedup" in self.extra:
+            parts.append(f"predicted {self.extra['predicted_speedup']:.2f}×")
+        parts.append(f"FLOPs {self.extra.get('flop_speedup', float('nan')):.2f}×")
+        return ", ".join(parts)
 
     def metrics(self) -> dict[str, float]:
         out = {"speedup": self.speedup, "ssim": self.ssim, **self.extra}

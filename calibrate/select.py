@@ -86,11 +86,11 @@ def select_and_validate(study: optuna.Study, validate: Validate, candidates: int
             f"{name} [{b.lower:.3f}, {b.upper:.3f}] vs {b.margin:g}" for name, b in verdict.bounds.items()
         )
         log.info(
-            "trial %d: %s after %d held-out prompts (speedup %.2f; %d%% bounds: %s)",
+            "trial %d: %s after %d held-out prompts (speedup: %s; %d%% bounds: %s)",
             trial.number,
             verdict.decision,
             verdict.prompts,
-            scores.speedup,
+            scores.speedups(),
             round(100 * verdict.confidence),
             bounds,
         )

@@ -48,7 +48,8 @@ def layer_flops(trace: Any, spec: Any | None = None) -> list[dict]:
                 fill_exec[li] += kept if trace.kv_policy == "kept" else n
             fill_full[li] += n
             ran_rows = getattr(s, "rows", 0) or rows
-            executed = ran_rows * (per_token * kept + (4.0 * c * kept * fill_exec[li] if kept else 0.0))
+            linear = ran_rows * per_token * kept
+            attention = ran_rows * 4.0 * c * kept * fill_exec[li] if kept else 0.0
             unpruned = rows * (per_token * n + 4.0 * c * n * fill_full[li])
             out.append(
                 {
@@ -56,7 +57,11 @@ def layer_flops(trace: Any, spec: Any | None = None) -> list[dict]:
                     "layer": li,
                     "tokens": n,
                     "kept": kept,
-                    "flops_executed": executed,
+                    "rows": ran_rows,
+                    "kv_length": fill_exec[li] if kept else 0,  # keys this layer's attention read
+                    "linear_flops": linear,
+                    "attention_flops": attention,
+                    "flops_executed": linear + attention,
                     "flops_unpruned": unpruned,
                 }
             )

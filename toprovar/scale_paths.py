@@ -68,8 +68,8 @@ def _scale_planned(call: GenerationCall, si: int, x: Tensor, probe: int) -> Tens
     ents: list[Tensor | None] = []
     if len(probes):
         x, ents = units.run_layers(si, x, probes, [None] * len(probes), wants, call.kv_policy)
-    for li, ent in zip(probes, ents):
-        trace.layers.append(LayerRecord(si, li, n, n))
+    for li, ent, want in zip(probes, ents, wants):
+        trace.layers.append(LayerRecord(si, li, n, n, entropy=want))
         if ent is not None:
             pruner.observe(si, li, ent)
     planned = range(len(probes), depth)
@@ -98,6 +98,7 @@ def _scale_eager(call: GenerationCall, si: int, x: Tensor, *, acting: bool) -> T
         if record.kept == 0:
             continue
         want = call.record_entropy or (acting and pruner.wants_entropy(si, li))
+        record.entropy = bool(want)
         x, ent = run_block(
             block,
             x,

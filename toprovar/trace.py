@@ -45,6 +45,7 @@ class LayerRecord:
     tokens: int  # tokens of the scale
     kept: int  # tokens that ran the block (0: block skipped)
     entropy_mean: float | None = None
+    entropy: bool = False  # the block computed its attention entropy (a probe, or `record_entropy`)
 
 
 @dataclass

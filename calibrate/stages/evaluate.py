@@ -18,7 +18,9 @@ log = logging.getLogger("calibrate")
 
 SHOWN = (  # the table's columns in the log, where present
     "policy",
-    "speedup",
+    "wall_speedup",
+    "flop_speedup",
+    "predicted_speedup",
     "ssim",
     "acceptance.ssim.lower",
     "geneval_drop",

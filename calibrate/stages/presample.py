@@ -3,15 +3,19 @@ and pictures; its summary goes into the study, where every worker and every resu
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 
+import numpy as np
 import optuna
 
 from calibrate import plots
 from calibrate.config import StorageConfig
 from calibrate.context import Output, RunContext
-from calibrate.knobs import probe_layer_counts
+from calibrate.cost_model import CostModel, fit_cost_model
+from calibrate.knobs import PolicyFactory, SearchSpace, probe_layer_counts
 from calibrate.presample import PresampleSummary, run_presample, write_tables
 from calibrate.search import POLL_S, open_storage
 from calibrate.storage_url import storage_file
@@ -60,7 +64,52 @@ def run(ctx: RunContext) -> tuple[PresampleSummary, Output]:
         result.summary.band_points,
     )
     pictures = {"early_exits": (files[-1], 0), "fig8_entropy_rho": (folder / "fig8_entropy_rho.png", 0)}
-    return result.summary, Output(files, pictures)
+    summary = result.summary
+    if ctx.cost == "model":
+        model, record = cost_model(ctx, result)
+        summary = dataclasses.replace(summary, cost_model=model.to_json())
+        path = folder / "cost_model.json"
+        path.write_text(json.dumps(record, indent=2))
+        files.append(path)
+    return summary, Output(files, pictures)
+
+
+def cost_model(ctx: RunContext, result) -> tuple[CostModel, dict]:
+    """The CPU search's cost model (calibrate.cost_model) and what to record of it: the backbone's
+    stored coefficients (`search.cost_model.source=auto` and the backbone config has `cost_model:`;
+    their error on this machine's pre-sampling calls is logged), else a fit on the pre-sampling's
+    timed calls plus `search.cost_model.probes` random policies of the search space on its prompts."""
+    cfg, backend = ctx.cfg, ctx.backend
+    spec = backend.backbone.spec
+    stored = ctx.cfg.backbone.get("cost_model")
+    traces = list(result.traces)
+    if cfg.search.cost_model.source == "fit" or not stored:
+        space = SearchSpace.from_config(cfg.search.space, result.summary)
+        factory = PolicyFactory(result.summary, backend.name)
+        rng = np.random.default_rng(cfg.seed)
+        prompts = ctx.prompts.presample
+        for _ in range(cfg.search.cost_model.probes):
+            policy = factory(space.sample(rng))
+            traces.extend(backend.generate(prompts.texts, prompts.seeds, policy=policy).traces)
+    fit = fit_cost_model(traces, spec, fitted_on=f"{len(traces)} pre-sampling calls on {ctx.device}")
+    record = {"fitted": fit.model.to_json(), "fit_calls": fit.calls, "fit_mean_abs_error": fit.mean_abs_error}
+    if cfg.search.cost_model.source == "auto" and stored:
+        model = CostModel.from_json({**stored, "fitted_on": "backbone config (cost_model)"})
+        errors = [model.predict_ms(t, spec) / t.total_ms - 1.0 for t in traces if t.total_ms > 0]
+        record.update(used="backbone", stored_mean_abs_error=float(np.mean(np.abs(errors))))
+        log.info(
+            "cost model: the backbone's (mean error %.1f %% on this machine's %d pre-sampling calls; "
+            "refitted here: %.1f %%; search.cost_model.source=fit uses the refit)",
+            100 * record["stored_mean_abs_error"],
+            len(errors),
+            100 * fit.mean_abs_error,
+        )
+    else:
+        model = fit.model
+        record["used"] = "fitted"
+        log.info("cost model fitted on %d timed calls: mean error %.1f %%", fit.calls, 100 * fit.mean_abs_error)
+    record["model"] = model.to_json()
+    return model, record
 
 
 def stored_summary(study: optuna.Study) -> PresampleSummary | None:

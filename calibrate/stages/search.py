@@ -18,7 +18,8 @@ from calibrate.workers import cpu_threads
 def scorer(ctx: RunContext, factory: PolicyFactory | None) -> PolicyScorer:
     """The search prompts' scorer; `factory` may be set later (a worker measures the unpruned
     reference before the study has its pre-sampling summary)."""
-    return ctx.scorer(ctx.prompts.search, factory, geneval_scorer(ctx.backend.name), "search")
+    summary = None if factory is None else factory.summary
+    return ctx.scorer(ctx.prompts.search, factory, geneval_scorer(ctx.backend.name), "search", summary)
 
 
 def run(

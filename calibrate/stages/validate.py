@@ -26,7 +26,7 @@ class Validated:
 def run(ctx: RunContext, factory: PolicyFactory) -> Validated:
     hold_for_crash_test("validate")
     evaluator = geneval_scorer(ctx.backend.name)
-    validator = ctx.scorer(ctx.prompts.validate, factory, evaluator, "validate")
+    validator = ctx.scorer(ctx.prompts.validate, factory, evaluator, "validate", factory.summary)
     test = sequential_test(
         ctx.cfg.search.acceptance, len(ctx.prompts.validate), evaluator is not None, clip=ctx.clip is not None
     )
