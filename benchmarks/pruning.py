@@ -254,7 +254,7 @@ def gather_scatter_ms(
     shapes, as the variant runs them: none with `index_io` (they are reads and writes through the
     index inside the fused kernels); with `chain` one gather and one scatter per run of
     consecutive blocks on the same kept tokens (RoPE select per block), else per block."""
-    from toprovar.models.transformer import same_rows
+    from toprovar.fast.blocks import same_rows
     from toprovar.trace import median_latency_ms
 
     if not trace.kept_index or index_io:

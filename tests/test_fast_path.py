@@ -217,7 +217,8 @@ def test_block_chain_equals_blocks_one_by_one() -> None:
     """`run_fast_blocks` with the chain and rows through the index (on CPU the same op sequence)
     against `forward` block by block: every token, the same kept tokens in a run of blocks (kept
     gathered between them), other kept tokens per block, a skipped block, entropy where asked."""
-    from toprovar.models.transformer import FastStep, TransformerConfig, run_fast_blocks
+    from toprovar.fast.blocks import FastStep, run_fast_blocks
+    from toprovar.models.transformer import TransformerConfig
 
     cfg = TransformerConfig(
         depth=6,

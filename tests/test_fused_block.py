@@ -170,17 +170,10 @@ def test_ln_linear_on_cuda(rows: int) -> None:
         assert out.dtype == ref.dtype == res.dtype and _fa_ok(out, ref, truth, 1e-3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_small_block_matches_forward_on_cuda() -> None:
-    """A bf16 block on 2 rows of one token under autocast, the few-rows fused path vs the reference block."""
-    from toprovar.models.transformer import (
-        FastStep,
-        InfinityTransformer,
-        RopeSlice,
-        TransformerConfig,
-        random_state_dict,
-        run_fast_blocks,
-    )
+def _one_bf16_block_on_cuda(schedule: list[tuple[int, int, int]]):
+    """A one-block model of width 256 (2 heads, text width 64) with random weights (seed 3) on CUDA,
+    its blocks in bf16 as on the GPU recipe, and its RoPE table over `schedule`: (model, rope)."""
+    from toprovar.models.transformer import InfinityTransformer, TransformerConfig, random_state_dict
 
     cfg = TransformerConfig(
         depth=1,
@@ -196,7 +189,16 @@ def test_small_block_matches_forward_on_cuda() -> None:
     model.load_state_dict(random_state_dict(cfg, seed=3))
     model = model.cuda().eval()
     model.blocks.bfloat16()
-    rope = model.rope_table([(1, 1, 1), (1, 4, 4)], "cuda")
+    return model, model.rope_table(schedule, "cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_small_block_matches_forward_on_cuda() -> None:
+    """A bf16 block on 2 rows of one token under autocast, the few-rows fused path vs the reference block."""
+    from toprovar.fast.blocks import FastStep, run_fast_blocks
+    from toprovar.models.transformer import RopeSlice
+
+    model, rope = _one_bf16_block_on_cuda([(1, 1, 1), (1, 4, 4)])
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         cond = model.encode_condition(torch.randn(1, 6, 64, device="cuda"), [6], with_uncond=True)
         caches = [model.new_cache(2, 17, torch.bfloat16, "cuda") for _ in range(2)]
@@ -238,23 +240,9 @@ def test_group_norm_silu_on_cuda() -> None:
 @pytest.mark.parametrize("gelu_epilogue", [False, True])
 def test_forward_fast_matches_forward_on_cuda(gelu_epilogue: bool) -> None:
     """One bf16 block under autocast: fused stages (+ GELU epilogue) vs the reference block."""
-    from toprovar.models.transformer import InfinityTransformer, RopeSlice, TransformerConfig, random_state_dict
+    from toprovar.models.transformer import RopeSlice
 
-    cfg = TransformerConfig(
-        depth=1,
-        embed_dim=256,
-        num_heads=2,
-        codebook_dim=8,
-        text_channels=64,
-        text_maxlen=8,
-        pool_head_dim=32,
-        block_chunks=1,
-    )
-    model = InfinityTransformer(cfg)
-    model.load_state_dict(random_state_dict(cfg, seed=3))
-    model = model.cuda().eval()
-    model.blocks.bfloat16()
-    rope = model.rope_table([(1, 1, 1), (1, 4, 4), (1, 8, 8)], "cuda")
+    model, rope = _one_bf16_block_on_cuda([(1, 1, 1), (1, 4, 4), (1, 8, 8)])
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         cond = model.encode_condition(torch.randn(1, 6, 64, device="cuda"), [6], with_uncond=True)
         caches = [model.new_cache(2, 81, torch.bfloat16, "cuda") for _ in range(2)]
