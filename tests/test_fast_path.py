@@ -260,12 +260,17 @@ def test_block_chain_equals_blocks_one_by_one() -> None:
                 if keep is None or keep.shape[1]:
                     ref, ent = block(ref, cond.gss, cond.text[li], rs, caches[0][li], keep=keep, entropy=entropy[li])
                 ref_ents.append(ent)
-            for c, (index_io, chain, small) in zip(caches[1:], ((True, True, 0), (False, True, 0), (True, True, 64))):
+            chained = [  # rows through the index or not, then the few-rows fusion (small_m_rows)
+                FastOptions(gelu_epilogue=False, index_io=True, chain_blocks=True),
+                FastOptions(gelu_epilogue=False, index_io=False, chain_blocks=True),
+                FastOptions(gelu_epilogue=False, index_io=True, chain_blocks=True, small_m_rows=64),
+            ]
+            for c, switches in zip(caches[1:], chained):
                 steps = [
                     FastStep(b, b.ada(cond.gss), cond.text[li], c[li], keeps[li], entropy[li])
                     for li, b in enumerate(model.blocks)
                 ]
-                out, ents = run_fast_blocks(steps, x0.clone(), rs, index_io=index_io, chain=chain, small_m_rows=small)
+                out, ents = run_fast_blocks(steps, x0.clone(), rs, switches)
                 assert torch.equal(out, ref)
                 assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(ents, ref_ents))
                 assert c.fills == caches[0].fills

@@ -1,6 +1,6 @@
 """Blocks on the fast path: `run_fast_blocks`, a chain of blocks on their fused stages (`FastStep`
-each), `run_fast_chain` (the same with a `FastOptions`' switches), and `run_block`, one block of a
-scale on the fused stages where they apply, the reference elsewhere."""
+each) under a `FastOptions`' switches, and `run_block`, one block of a scale on the fused stages
+where they apply, the reference elsewhere."""
 
 from __future__ import annotations
 
@@ -43,30 +43,28 @@ def run_fast_blocks(
     steps: list[FastStep],
     x: Tensor,
     rope: RopeSlice,
-    *,
-    gelu_epilogue: bool = False,
-    index_io: bool = False,
-    chain: bool = False,
-    small_m_rows: int = 0,
+    opts: FastOptions,
 ) -> tuple[Tensor, list[Tensor | None]]:
     """The blocks of `steps` in order, each as `CrossAttnBlock.forward_fast`: `(x, entropies)`.
 
-    chain: where a block and the next live block run the same rows (both every token, or the
+    Of `opts` the switches of the blocks count (the caller reads the others): `gelu_epilogue` (see
+    `forward_fast`), `index_io` (likewise), `chain_blocks` and `small_m_rows`.
+    chain_blocks: where a block and the next live block run the same rows (both every token, or the
     same keep list by `same_rows`), the block's last stage (its residual add) also makes the
     next block's AdaLN-LayerNorm, one kernel for two, and pruned rows stay gathered between
     such blocks: one gather and one scatter for a run of blocks on the same kept tokens. The
     arithmetic is the same op sequence, so CPU results stay bit-identical to `forward_fast`
-    block by block. index_io: see `forward_fast`. small_m_rows: blocks on every token of at most
+    block by block. small_m_rows: blocks on every token of at most
     that many rows (batch rows × tokens) run their matrix products with the LayerNorms and
     residual adds fused in (`CrossAttnBlock._fast_block_small`; 0: never).
     """
     ents: list[Tensor | None] = [None] * len(steps)
     live = [j for j, s in enumerate(steps) if s.keep is None or s.keep.shape[1] > 0]
     rows = h = None  # the running gathered rows and the next block's first LayerNorm, when made
-    small = 0 < x.shape[0] * x.shape[1] <= small_m_rows  # all rows of the scale; pruned blocks never
+    small = 0 < x.shape[0] * x.shape[1] <= opts.small_m_rows  # all rows of the scale; pruned blocks never
     for pos, j in enumerate(live):
         s = steps[j]
-        nxt = steps[live[pos + 1]] if chain and pos + 1 < len(live) and not small else None
+        nxt = steps[live[pos + 1]] if opts.chain_blocks and pos + 1 < len(live) and not small else None
         together = nxt is not None and same_rows(s.keep, nxt.keep)
         next_ln = None
         if together:
@@ -82,28 +80,13 @@ def run_fast_blocks(
             rows=rows,
             h=h,
             entropy=s.entropy,
-            gelu_epilogue=gelu_epilogue,
-            index_io=index_io,
+            gelu_epilogue=opts.gelu_epilogue,
+            index_io=opts.index_io,
             next_ln=next_ln,
             scatter=not together,
             small=small and s.keep is None,
         )
     return x, ents
-
-
-def run_fast_chain(
-    steps: list[FastStep], x: Tensor, rope: RopeSlice, opts: FastOptions
-) -> tuple[Tensor, list[Tensor | None]]:
-    """`run_fast_blocks` with the switches of `opts` (GELU epilogue, index I/O, chaining, few-rows fusion)."""
-    return run_fast_blocks(
-        steps,
-        x,
-        rope,
-        gelu_epilogue=opts.gelu_epilogue,
-        index_io=opts.index_io,
-        chain=opts.chain_blocks,
-        small_m_rows=opts.small_m_rows,
-    )
 
 
 def run_block(

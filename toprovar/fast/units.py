@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from toprovar.fast.blocks import FastStep, run_block, run_fast_chain
+from toprovar.fast.blocks import FastStep, run_block, run_fast_blocks
 from toprovar.fast.buffers import StaticBuffers
 from toprovar.fast.capture import UnitCache
 from toprovar.fast.options import FastOptions
@@ -80,7 +80,7 @@ class PlannedUnits:
                     )
                     for j in live
                 ]
-                x, live_ents = run_fast_chain(steps, x, rope_si, opts)
+                x, live_ents = run_fast_blocks(steps, x, rope_si, opts)
                 ents = [None] * len(layers)
                 for j, ent in zip(live, live_ents):
                     ents[j] = ent

@@ -527,19 +527,7 @@ class CrossAttnBlock(nn.Module):
         if keep is not None and keep.shape[1] == 0:  # nothing kept: the block is skipped
             return x, None
         x, _, _, ent = self.fast_block(
-            x,
-            ada,
-            text,
-            rope,
-            cache,
-            keep=keep,
-            rows=None,
-            h=None,
-            entropy=entropy,
-            gelu_epilogue=gelu_epilogue,
-            index_io=index_io,
-            next_ln=None,
-            scatter=True,
+            x, ada, text, rope, cache, keep=keep, entropy=entropy, gelu_epilogue=gelu_epilogue, index_io=index_io
         )
         return x, ent
 
@@ -552,13 +540,13 @@ class CrossAttnBlock(nn.Module):
         cache: LayerKVCache,
         *,
         keep: Tensor | None,
-        rows: Tensor | None,
-        h: Tensor | None,
         entropy: bool,
         gelu_epilogue: bool,
         index_io: bool,
-        next_ln: tuple[Tensor, Tensor, float] | None,
-        scatter: bool,
+        rows: Tensor | None = None,
+        h: Tensor | None = None,
+        next_ln: tuple[Tensor, Tensor, float] | None = None,
+        scatter: bool = True,
         small: bool = False,
     ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """One block of `toprovar.fast.blocks.run_fast_blocks` (or of `forward_fast`). x: the
@@ -568,7 +556,8 @@ class CrossAttnBlock(nn.Module):
         block's first LayerNorm, made by the last stage (same rows); scatter: write a pruned block's
         rows back into x (else leave them compact); small: every token, few rows: the matrix
         products with their LayerNorms and residual adds fused (`toprovar.kernels.fused_linear`).
-        Returns (x, compact rows or None, the next block's LayerNorm or None, entropy or None)."""
+        Returns (x, compact rows or None, the next block's LayerNorm or None, entropy or None).
+        The chain's keywords default to a block alone, as `forward_fast` runs it."""
         if small:
             x, ent = self._fast_block_small(x, ada, text, rope, cache, entropy)
             return x, None, None, ent
