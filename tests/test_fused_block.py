@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
+from tests.commands import run_interpreter_check
 
 INTERPRETER_ON_GPU = (
     "the Triton interpreter is the CPU stand-in for the GPU; with a GPU the compiled kernels are "
@@ -22,15 +16,7 @@ INTERPRETER_ON_GPU = (
 @pytest.mark.skipif(torch.cuda.is_available(), reason=INTERPRETER_ON_GPU)
 def test_fused_kernels_in_the_interpreter() -> None:
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    seed = str(int(torch.randint(0, 2**31 - 1, ()).item()))
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_fused_interpreter_check.py"), seed],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = run_interpreter_check("_fused_interpreter_check.py")
     assert run.returncode == 0, run.stdout + run.stderr
 
 
