@@ -217,19 +217,11 @@ def test_block_chain_equals_blocks_one_by_one() -> None:
     """`run_fast_blocks` with the chain and rows through the index (on CPU the same op sequence)
     against `forward` block by block: every token, the same kept tokens in a run of blocks (kept
     gathered between them), other kept tokens per block, a skipped block, entropy where asked."""
-    from toprovar.fast.blocks import FastStep, run_fast_blocks
-    from toprovar.models.transformer import TransformerConfig
+    from dataclasses import replace
 
-    cfg = TransformerConfig(
-        depth=6,
-        embed_dim=64,
-        num_heads=2,
-        codebook_dim=6,
-        text_channels=32,
-        text_maxlen=16,
-        pool_head_dim=16,
-        block_chunks=1,
-    )
+    from toprovar.fast.blocks import FastStep, run_fast_blocks
+
+    cfg = replace(SMALL, depth=6)  # test-small's widths, six blocks
     model = InfinityTransformer(cfg).eval()
     model.load_state_dict(random_state_dict(cfg, seed=int(torch.randint(0, 1000, ()).item())))
     rope = model.rope_table(scale_schedule(1.0, "0.06M"), "cpu")
