@@ -191,7 +191,8 @@ def scenarios(env: dict, index_io: bool = False, chain: bool = False, small_m_ro
     pruned to half the tokens) and chains of every block of `env` (unpruned; pruned, each block
     the same kept tokens; pruned, each block other kept tokens), as the planned units run them.
     small_m_rows counts for the unpruned cases only (a scale of few rows is an early, unpruned one)."""
-    from toprovar.models.transformer import FastStep, run_fast_blocks
+    from toprovar.fast import FastOptions
+    from toprovar.fast.blocks import FastStep, run_fast_blocks
 
     model, x, n, rows = env["model"], env["x"], env["n"], env["rows"]
     depth = len(model.blocks)
@@ -210,7 +211,7 @@ def scenarios(env: dict, index_io: bool = False, chain: bool = False, small_m_ro
                 for j, li in enumerate(blocks)
             ]
             return lambda: run_fast_blocks(
-                steps, xs, env["rope"], gelu_epilogue=True, index_io=index_io, chain=chain, small_m_rows=small
+                steps, xs, env["rope"], FastOptions(index_io=index_io, chain_blocks=chain, small_m_rows=small)
             )
 
         return prepare

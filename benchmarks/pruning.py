@@ -254,7 +254,7 @@ def gather_scatter_ms(
     shapes, as the variant runs them: none with `index_io` (they are reads and writes through the
     index inside the fused kernels); with `chain` one gather and one scatter per run of
     consecutive blocks on the same kept tokens (RoPE select per block), else per block."""
-    from toprovar.models.transformer import same_rows
+    from toprovar.fast.blocks import same_rows
     from toprovar.trace import median_latency_ms
 
     if not trace.kept_index or index_io:
@@ -317,6 +317,17 @@ def _versions() -> dict[str, Any]:
     except ImportError:
         triton_version = None
     return {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda}
+
+
+def _result_header(bench: str, device: torch.device) -> dict[str, Any]:
+    """The first keys of a result row: which bench, on what device and versions, when, by which command."""
+    return {
+        "bench": bench,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        **_versions(),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join([PROG, *sys.argv[1:]]),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -397,13 +408,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not measured:
         raise RuntimeError(f"every variant failed: {failed}")
     first = next(iter(measured.values()))
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return {
-        "bench": "pruning",
-        "device": device_name,
-        **_versions(),
-        "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join([PROG, *sys.argv[1:]]),
+        **_result_header("pruning", device),
         "backbone": spec.name,
         "pixels": pixels,
         "scales": n_scales,
@@ -464,11 +470,7 @@ def prune_nothing(args: argparse.Namespace) -> dict[str, Any]:
     un, po = last["unpruned"], last["policy"]
     unpruned_ms, policy_ms = statistics.median(times["unpruned"]), statistics.median(times["policy"])
     return {
-        "bench": "pruning --prune-nothing",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-        **_versions(),
-        "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join([PROG, *sys.argv[1:]]),
+        **_result_header("pruning --prune-nothing", device),
         "backbone": spec.name,
         "policy": source,
         "unpruned_ms": unpruned_ms,

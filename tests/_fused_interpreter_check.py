@@ -18,13 +18,21 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def check(name, a, b, tol):
+def comparable(name, a, b):
+    """Whether a and b are tensors of one dtype and shape; a failure where they are not, unless
+    both are None (an output neither side makes)."""
     if a is None or b is None:
         if not (a is None and b is None):
             failures.append(f"{name}: one output is None")
-        return
+        return False
     if a.dtype != b.dtype or a.shape != b.shape:
         failures.append(f"{name}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}")
+        return False
+    return True
+
+
+def check(name, a, b, tol):
+    if not comparable(name, a, b):
         return
     e = rel(a, b)
     if not e <= tol:
@@ -89,12 +97,10 @@ def fa_check(name, out, ref, truth, atol=1e-6, bf16=False):
     zero (up to one ulp per rounding, all of one sign, where the GPU rounds to nearest), so there
     the check is the relative L2 error against the same-dtype reference (1e-2, as above) and the
     2x rule runs on the GPU (tests/test_fused_block.py::test_fused_rows_through_an_index_on_cuda)."""
-    if out is None or ref is None or truth is None:
-        if not (out is None and ref is None):
-            failures.append(f"{name}: one output is None")
+    if not comparable(name, out, ref):
         return
-    if out.dtype != ref.dtype or out.shape != ref.shape:
-        failures.append(f"{name}: {out.dtype}{tuple(out.shape)} vs {ref.dtype}{tuple(ref.shape)}")
+    if truth is None:
+        failures.append(f"{name}: one output is None")
         return
     if out.numel() == 0:
         return

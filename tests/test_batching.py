@@ -101,45 +101,43 @@ def test_out_of_memory_at_batch_one_propagates():
     assert limit.history == [4, 2, 1]
 
 
-def test_generate_in_batches_after_an_out_of_memory_error_gives_the_same_images(small, monkeypatch):
+def _generate_out_of_memory_above(most: int, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Patch `toprovar.pipeline.generate` to raise CUDA's out-of-memory error for more than `most`
+    prompts a call (else generate as before); returns the list it records each call's size in."""
     import toprovar.pipeline as pipeline
 
-    prompts = ["a red cube", "two blue balls", "a green cone", "a cat", "a dog"]
-    seeds = [3, 1, 4, 1, 5]
-    reference = images_of(generate_in_batches(small, prompts, seeds, BatchLimit(2)))
     real, sizes = pipeline.generate, []
 
     def tight(backbone, texts, chunk_seeds, **kw):
         sizes.append(len(texts))
-        if len(texts) > 2:
+        if len(texts) > most:
             raise torch.OutOfMemoryError("injected")
         return real(backbone, texts, chunk_seeds, **kw)
 
     monkeypatch.setattr(pipeline, "generate", tight)
+    return sizes
+
+
+def test_generate_in_batches_after_an_out_of_memory_error_gives_the_same_images(small, monkeypatch):
+    prompts = ["a red cube", "two blue balls", "a green cone", "a cat", "a dog"]
+    seeds = [3, 1, 4, 1, 5]
+    reference = images_of(generate_in_batches(small, prompts, seeds, BatchLimit(2)))
+    sizes = _generate_out_of_memory_above(2, monkeypatch)
     batches = generate_in_batches(small, prompts, seeds, BatchLimit(4))
     assert sizes == [3, 2, 2, 2]  # 5 at 4: calls of 3 (fails), then 5 at 2: three calls of 2
     assert torch.equal(images_of(batches), reference)
 
 
 def test_calibration_backend_retries_at_half_the_batch(monkeypatch):
-    import toprovar.pipeline as pipeline
     from calibrate.backend import load_backend
     from calibrate.timing import Clock
 
     prompts, seeds = [f"prompt {i}" for i in range(6)], list(range(6))
     reference = load_backend({"name": "test-small"}, torch.device("cpu"), None, batch_size=3)
     expected = reference.generate(prompts, seeds)
-    real, calls = pipeline.generate, []
-
-    def tight(backbone, texts, chunk_seeds, **kw):
-        calls.append(len(texts))
-        if len(texts) > 3:
-            raise torch.OutOfMemoryError("injected")
-        return real(backbone, texts, chunk_seeds, **kw)
-
     clock = Clock(torch.device("cpu"))
     backend = load_backend({"name": "test-small"}, torch.device("cpu"), None, batch_size=6, clock=clock)
-    monkeypatch.setattr(pipeline, "generate", tight)
+    calls = _generate_out_of_memory_above(3, monkeypatch)
     got = backend.generate(prompts, seeds)
     assert calls == [6, 3, 3] and backend.batch_size == 3 and backend.limit.history == [6, 3]
     assert got.chunks == [3, 3] and got.sizes == [3, 3] and torch.equal(got.images, expected.images)

@@ -20,6 +20,7 @@ from calibrate.stats import (
     quantile_range,
     representative_scale,
 )
+from toprovar.schedules import full_schedule
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -237,21 +238,8 @@ def test_layer_score_crossing_and_ranges():
     lo, hi = quantile_range(values, 0.1, 0.9, 0.05)
     assert 0.25 <= lo < hi <= 0.55
     assert quantile_range(np.array([np.nan]), 0.1, 0.9, 0.05) is None
-    grids = [
-        (1, 1),
-        (2, 2),
-        (4, 4),
-        (6, 6),
-        (8, 8),
-        (12, 12),
-        (16, 16),
-        (20, 20),
-        (24, 24),
-        (32, 32),
-        (40, 40),
-        (48, 48),
-        (64, 64),
-    ]
+    grids = [(h, w) for _, h, w in full_schedule(1.0)]  # the official square 1M schedule: 13 grids
+    assert len(grids) == 13 and grids[-1] == (64, 64)
     assert representative_scale(grids) == 6  # the paper's scale 6 of 13
     assert min(grids[representative_scale(grids[:3])]) >= 2
 

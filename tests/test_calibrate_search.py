@@ -77,12 +77,10 @@ def backend():
     return load_backend({"name": "test-small"}, torch.device("cpu"), None, batch_size=4)
 
 
-@pytest.fixture(scope="module")
-def scorer(backend, config):
-    rng = random.Random()
-    words = ["red", "blue", "cube", "ball", "two", "left", "tree", "cat"]
-    texts = [" ".join(rng.sample(words, 3)) for _ in range(2)]
-    seeds = [rng.randrange(10**6) for _ in texts]
+def flops_scorer(backend, config, texts: list[str]) -> PolicyScorer:
+    """A scorer of `build_test_policy`'s policies on `texts` (a random seed each, the texts their
+    own geneval specs), by FLOPs, with no evaluator."""
+    seeds = [random.randrange(10**6) for _ in texts]
     return PolicyScorer(
         backend,
         PromptSet("search", texts, seeds, texts),
@@ -91,6 +89,12 @@ def scorer(backend, config):
         latency=config.search.latency,
         evaluator=None,
     )
+
+
+@pytest.fixture(scope="module")
+def scorer(backend, config):
+    words = ["red", "blue", "cube", "ball", "two", "left", "tree", "cat"]
+    return flops_scorer(backend, config, [" ".join(random.sample(words, 3)) for _ in range(2)])
 
 
 @pytest.fixture(scope="module")

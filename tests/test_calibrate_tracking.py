@@ -19,11 +19,9 @@ import torch
 
 from calibrate.backend import load_backend
 from calibrate.knobs import SearchSpace
-from calibrate.objective import PolicyScorer
-from calibrate.prompts import PromptSet
 from calibrate.search import open_study, run_search
 from calibrate.tracking import Tracker, open_tracker, server_answers
-from tests.test_calibrate_search import SUMMARY, build_test_policy
+from tests.test_calibrate_search import SUMMARY, flops_scorer
 
 MLFLOW = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
 
@@ -114,16 +112,7 @@ def config(calibrate_config):
 @pytest.fixture(scope="module")
 def scorer(config):
     backend = load_backend({"name": "test-small"}, torch.device("cpu"), None, batch_size=4)
-    texts = [f"{random.choice(['red', 'blue'])} cube {i}" for i in range(2)]
-    seeds = [random.randrange(10**6) for _ in texts]
-    return PolicyScorer(
-        backend,
-        PromptSet("search", texts, seeds, texts),
-        build_test_policy,
-        cost="flops",
-        latency=config.search.latency,
-        evaluator=None,
-    )
+    return flops_scorer(backend, config, [f"{random.choice(['red', 'blue'])} cube {i}" for i in range(2)])
 
 
 def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -8,14 +8,13 @@ import hashlib
 import json
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from tests.commands import run_module
 from toprovar.checkpoints import tensors as tensors_lib
 from toprovar.checkpoints.__main__ import main
 from toprovar.checkpoints.flan_t5 import EXTRA_IDS, FLAN_T5_XL
@@ -169,23 +168,13 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
 
 def test_cli_writes_the_8b_layout_and_generate_reads_it(tmp_path: Path) -> None:
     out = tmp_path / "weights"
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    synth = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "toprovar.checkpoints",
-            "synth",
-            "backbone=infinity-8b",
-            f"out={out}",
-            "preset=small",
-            f"seed={random.randrange(2**31)}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    synth = run_module(
+        "toprovar.checkpoints",
+        "synth",
+        "backbone=infinity-8b",
+        f"out={out}",
+        "preset=small",
+        f"seed={random.randrange(2**31)}",
     )
     assert synth.returncode == 0, synth.stderr
     overrides = synth.stdout.strip().splitlines()[-1].split()
@@ -196,23 +185,14 @@ def test_cli_writes_the_8b_layout_and_generate_reads_it(tmp_path: Path) -> None:
     assert sorted(p.name for p in (out / "infinity_8b_weights").iterdir()) == [*shards, "model.safetensors.index.json"]
     assert index["metadata"]["total_size"] == release_plan("infinity-8b", "small").parts[0].nbytes
     pngs = tmp_path / "pngs"
-    gen = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "toprovar",
-            "generate",
-            *overrides,
-            'prompts=["a red cube"]',
-            "device=cpu",
-            f"out_dir={pngs}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    gen = run_module(
+        "toprovar",
+        "generate",
+        *overrides,
+        'prompts=["a red cube"]',
+        "device=cpu",
+        f"out_dir={pngs}",
+        f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert gen.returncode == 0, gen.stderr
     assert Image.open(pngs / "000_seed0.png").mode == "RGB"

@@ -4,9 +4,6 @@ and the pruned-token map (Fig. 9) against the trace."""
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.commands import run_module
 from toprovar.__main__ import main
 from toprovar.compare import (
     CFG_SKIP,
@@ -26,8 +24,6 @@ from toprovar.compare import (
 from toprovar.pipeline import generate
 from toprovar.plots import plot_pruned_tokens, pruned_token_maps
 from toprovar.pruning.recording import record_kept_tokens
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _write_policy(path: Path) -> Path:
@@ -51,27 +47,17 @@ def test_compare_command_end_to_end(tmp_path: Path) -> None:
         f"'{policy}@scale_layer'",
         "toprovar-full",
     ]
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "toprovar",
-            "compare",
-            "backbone=test-small",
-            f"methods=[{','.join(methods)}]",
-            'prompts=["a red cube", "two blue balls"]',
-            "seeds=[3, 8]",
-            "batch_size=2",
-            "warmup=0",
-            f"out_dir={out}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_module(
+        "toprovar",
+        "compare",
+        "backbone=test-small",
+        f"methods=[{','.join(methods)}]",
+        'prompts=["a red cube", "two blue balls"]',
+        "seeds=[3, 8]",
+        "batch_size=2",
+        "warmup=0",
+        f"out_dir={out}",
+        f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert proc.returncode == 0, proc.stderr
     with open(out / "compare.csv") as handle:

@@ -217,18 +217,11 @@ def test_block_chain_equals_blocks_one_by_one() -> None:
     """`run_fast_blocks` with the chain and rows through the index (on CPU the same op sequence)
     against `forward` block by block: every token, the same kept tokens in a run of blocks (kept
     gathered between them), other kept tokens per block, a skipped block, entropy where asked."""
-    from toprovar.models.transformer import FastStep, TransformerConfig, run_fast_blocks
+    from dataclasses import replace
 
-    cfg = TransformerConfig(
-        depth=6,
-        embed_dim=64,
-        num_heads=2,
-        codebook_dim=6,
-        text_channels=32,
-        text_maxlen=16,
-        pool_head_dim=16,
-        block_chunks=1,
-    )
+    from toprovar.fast.blocks import FastStep, run_fast_blocks
+
+    cfg = replace(SMALL, depth=6)  # test-small's widths, six blocks
     model = InfinityTransformer(cfg).eval()
     model.load_state_dict(random_state_dict(cfg, seed=int(torch.randint(0, 1000, ()).item())))
     rope = model.rope_table(scale_schedule(1.0, "0.06M"), "cpu")
@@ -259,12 +252,17 @@ def test_block_chain_equals_blocks_one_by_one() -> None:
                 if keep is None or keep.shape[1]:
                     ref, ent = block(ref, cond.gss, cond.text[li], rs, caches[0][li], keep=keep, entropy=entropy[li])
                 ref_ents.append(ent)
-            for c, (index_io, chain, small) in zip(caches[1:], ((True, True, 0), (False, True, 0), (True, True, 64))):
+            chained = [  # rows through the index or not, then the few-rows fusion (small_m_rows)
+                FastOptions(gelu_epilogue=False, index_io=True, chain_blocks=True),
+                FastOptions(gelu_epilogue=False, index_io=False, chain_blocks=True),
+                FastOptions(gelu_epilogue=False, index_io=True, chain_blocks=True, small_m_rows=64),
+            ]
+            for c, switches in zip(caches[1:], chained):
                 steps = [
                     FastStep(b, b.ada(cond.gss), cond.text[li], c[li], keeps[li], entropy[li])
                     for li, b in enumerate(model.blocks)
                 ]
-                out, ents = run_fast_blocks(steps, x0.clone(), rs, index_io=index_io, chain=chain, small_m_rows=small)
+                out, ents = run_fast_blocks(steps, x0.clone(), rs, switches)
                 assert torch.equal(out, ref)
                 assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(ents, ref_ents))
                 assert c.fills == caches[0].fills

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
+from tests.commands import run_interpreter_check
 
 INTERPRETER_ON_GPU = (
     "the Triton interpreter is the CPU stand-in for the GPU; with a GPU the compiled kernels are "
@@ -22,15 +16,7 @@ INTERPRETER_ON_GPU = (
 @pytest.mark.skipif(torch.cuda.is_available(), reason=INTERPRETER_ON_GPU)
 def test_fused_kernels_in_the_interpreter() -> None:
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    seed = str(int(torch.randint(0, 2**31 - 1, ()).item()))
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_fused_interpreter_check.py"), seed],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = run_interpreter_check("_fused_interpreter_check.py")
     assert run.returncode == 0, run.stdout + run.stderr
 
 
@@ -170,17 +156,10 @@ def test_ln_linear_on_cuda(rows: int) -> None:
         assert out.dtype == ref.dtype == res.dtype and _fa_ok(out, ref, truth, 1e-3)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_small_block_matches_forward_on_cuda() -> None:
-    """A bf16 block on 2 rows of one token under autocast, the few-rows fused path vs the reference block."""
-    from toprovar.models.transformer import (
-        FastStep,
-        InfinityTransformer,
-        RopeSlice,
-        TransformerConfig,
-        random_state_dict,
-        run_fast_blocks,
-    )
+def _one_bf16_block_on_cuda(schedule: list[tuple[int, int, int]]):
+    """A one-block model of width 256 (2 heads, text width 64) with random weights (seed 3) on CUDA,
+    its blocks in bf16 as on the GPU recipe, and its RoPE table over `schedule`: (model, rope)."""
+    from toprovar.models.transformer import InfinityTransformer, TransformerConfig, random_state_dict
 
     cfg = TransformerConfig(
         depth=1,
@@ -196,15 +175,24 @@ def test_small_block_matches_forward_on_cuda() -> None:
     model.load_state_dict(random_state_dict(cfg, seed=3))
     model = model.cuda().eval()
     model.blocks.bfloat16()
-    rope = model.rope_table([(1, 1, 1), (1, 4, 4)], "cuda")
+    return model, model.rope_table(schedule, "cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_small_block_matches_forward_on_cuda() -> None:
+    """A bf16 block on 2 rows of one token under autocast, the few-rows fused path vs the reference block."""
+    from toprovar.fast import FastOptions
+    from toprovar.fast.blocks import FastStep, run_fast_blocks
+    from toprovar.models.transformer import RopeSlice
+
+    model, rope = _one_bf16_block_on_cuda([(1, 1, 1), (1, 4, 4)])
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         cond = model.encode_condition(torch.randn(1, 6, 64, device="cuda"), [6], with_uncond=True)
         caches = [model.new_cache(2, 17, torch.bfloat16, "cuda") for _ in range(2)]
         block, x, rs = model.blocks[0], torch.randn(2, 1, 256, device="cuda"), RopeSlice(rope[0, :1], rope[1, :1])
         ref, _ = block(x, cond.gss, cond.text[0], rs, caches[0][0])
-        out, _ = run_fast_blocks(
-            [FastStep(block, block.ada(cond.gss), cond.text[0], caches[1][0])], x, rs, small_m_rows=64
-        )
+        step = FastStep(block, block.ada(cond.gss), cond.text[0], caches[1][0])
+        out, _ = run_fast_blocks([step], x, rs, FastOptions(gelu_epilogue=False, small_m_rows=64))
     assert ((out - ref).norm() / ref.norm()).item() < 1e-2
 
 
@@ -238,23 +226,9 @@ def test_group_norm_silu_on_cuda() -> None:
 @pytest.mark.parametrize("gelu_epilogue", [False, True])
 def test_forward_fast_matches_forward_on_cuda(gelu_epilogue: bool) -> None:
     """One bf16 block under autocast: fused stages (+ GELU epilogue) vs the reference block."""
-    from toprovar.models.transformer import InfinityTransformer, RopeSlice, TransformerConfig, random_state_dict
+    from toprovar.models.transformer import RopeSlice
 
-    cfg = TransformerConfig(
-        depth=1,
-        embed_dim=256,
-        num_heads=2,
-        codebook_dim=8,
-        text_channels=64,
-        text_maxlen=8,
-        pool_head_dim=32,
-        block_chunks=1,
-    )
-    model = InfinityTransformer(cfg)
-    model.load_state_dict(random_state_dict(cfg, seed=3))
-    model = model.cuda().eval()
-    model.blocks.bfloat16()
-    rope = model.rope_table([(1, 1, 1), (1, 4, 4), (1, 8, 8)], "cuda")
+    model, rope = _one_bf16_block_on_cuda([(1, 1, 1), (1, 4, 4), (1, 8, 8)])
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         cond = model.encode_condition(torch.randn(1, 6, 64, device="cuda"), [6], with_uncond=True)
         caches = [model.new_cache(2, 81, torch.bfloat16, "cuda") for _ in range(2)]

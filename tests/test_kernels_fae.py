@@ -5,21 +5,16 @@ entropy comes beside SDPA's unchanged output (from its log-sum-exp) or from the 
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.commands import run_interpreter_check
 from toprovar.attention import ENTROPY_KERNELS, attention, entropy_kernel, prefer_cudnn_attention
 from toprovar.errors import UserError
 from toprovar.kernels import flash_attn_entropy, lse_entropy, sdpa_entropy
 from toprovar.kernels.reference import attention_entropy_reference, entropy_reference, naive_attention_entropy
 from toprovar.kernels.sdpa import sdpa_with_lse
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -62,15 +57,7 @@ def test_reference_flat_and_sharp_rows() -> None:
 )
 def test_triton_kernel_in_the_interpreter() -> None:
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    seed = str(int(torch.randint(0, 2**31 - 1, ()).item()))
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_fae_interpreter_check.py"), seed],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = run_interpreter_check("_fae_interpreter_check.py")
     assert run.returncode == 0, run.stdout + run.stderr
 
 

@@ -3,10 +3,7 @@ old names `cfg` / `tau` still work for one release, each use reported with the n
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -15,12 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.commands import run_module
 from toprovar.cli import GENERATION_KEYS, check_overrides, generation_settings
 from toprovar.errors import UserError
 from toprovar.pipeline import generate
 from toprovar.renames import RENAMED, override_renames, renamed_overrides, renamed_settings
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _seed() -> int:
@@ -179,26 +175,16 @@ def test_tiny_eval_config_uses_guidance_scales(tmp_path: Path) -> None:
 
 def test_generate_command_with_old_keys_matches_new_keys(small, tmp_path: Path) -> None:
     seed = _seed()
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "toprovar",
-            "generate",
-            "backbone=test-small",
-            "cfg=1",
-            "backbone.tau=0.5",
-            'prompts=["a red cube"]',
-            f"seeds=[{seed}]",
-            f"out_dir={tmp_path}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_module(
+        "toprovar",
+        "generate",
+        "backbone=test-small",
+        "cfg=1",
+        "backbone.tau=0.5",
+        'prompts=["a red cube"]',
+        f"seeds=[{seed}]",
+        f"out_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert proc.returncode == 0, proc.stderr
     warned = [line for line in proc.stderr.splitlines() if "deprecated" in line]

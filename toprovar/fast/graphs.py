@@ -7,10 +7,10 @@ from typing import Any
 
 from torch import Tensor
 
+from toprovar.fast.blocks import FastStep, run_fast_blocks
 from toprovar.fast.buffers import StaticBuffers
 from toprovar.fast.capture import GraphCapture
 from toprovar.fast.options import FastOptions
-from toprovar.models.transformer import FastStep, run_fast_blocks
 
 
 class WholeScales:
@@ -31,14 +31,7 @@ class WholeScales:
         rope_si = buf.rope_at(si)
         if opts.fused:
             steps = [FastStep(block, r.ada[li], r.cond.text[li], r.cache[li]) for li, block in enumerate(model.blocks)]
-            x, _ = run_fast_blocks(
-                steps,
-                x,
-                rope_si,
-                gelu_epilogue=opts.gelu_epilogue,
-                chain=opts.chain_blocks,
-                small_m_rows=opts.small_m_rows,
-            )
+            x, _ = run_fast_blocks(steps, x, rope_si, opts)  # every token: index_io does not apply
         else:
             for li, block in enumerate(model.blocks):
                 x, _ = block(x, r.cond.gss, r.cond.text[li], rope_si, r.cache[li])

@@ -12,38 +12,21 @@ import gc
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from toprovar.fast.buffers import StaticBuffers
 from toprovar.fast.capture import GraphCapture, UnitCache
 from toprovar.fast.graphs import WholeScales
 from toprovar.fast.options import FastOptions
 from toprovar.fast.units import PlannedUnits
-from toprovar.models.transformer import Condition, InfinityTransformer
+from toprovar.models.transformer import InfinityTransformer
 
 
 class FastState:
-    """Static buffers of one key with its whole-scale graphs and planned units."""
+    """Static buffers of one key with its whole-scale graphs and planned units; capture: None on CPU
+    (every unit a direct call)."""
 
-    def __init__(
-        self,
-        model: InfinityTransformer,
-        key: tuple,
-        opts: FastOptions,
-        *,
-        schedule,
-        batch: int,
-        cond: Condition,
-        rope: Tensor,
-        dtype: torch.dtype,
-        device: torch.device,
-        pool: Any,
-    ):
-        self.key = key
-        self.buffers = StaticBuffers(
-            model, schedule=schedule, batch=batch, cond=cond, rope=rope, dtype=dtype, device=device
-        )
-        self.capture = GraphCapture(pool) if device.type == "cuda" else None  # CPU: direct calls
+    def __init__(self, key: tuple, opts: FastOptions, buffers: StaticBuffers, capture: GraphCapture | None):
+        self.key, self.buffers, self.capture = key, buffers, capture
         self.whole = WholeScales(self.buffers, opts, self.capture)
         self.unit_cache = UnitCache(self.capture, len(self.buffers.tokens))
         self.planned = PlannedUnits(self.buffers, opts, self.unit_cache)
@@ -65,7 +48,8 @@ class FastRuntime:
         self._pool: Any = None  # CUDA graph pool shared by the states of every key (`FastOptions.shared_pool`)
 
     def state_for(self, model: InfinityTransformer, key: tuple, opts: FastOptions, **kw) -> tuple[FastState, bool]:
-        """The state of `key`, and whether it was made now (a new key frees the previous state)."""
+        """The state of `key`, and whether it was made now (a new key frees the previous state).
+        kw: the keywords of `StaticBuffers` (schedule, batch, cond, rope, dtype, device)."""
         if self.state is not None and self.state.key == key:
             return self.state, False
         self._drop_state()
@@ -78,7 +62,9 @@ class FastRuntime:
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
                 pool = self._pool
-        self.state = FastState(model, key, opts, pool=pool, **kw)
+        buffers = StaticBuffers(model, **kw)
+        capture = GraphCapture(pool) if device.type == "cuda" else None  # CPU: direct calls
+        self.state = FastState(key, opts, buffers, capture)
         return self.state, True
 
     def _drop_state(self) -> None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from toprovar.fast.blocks import run_block
+from toprovar.fast.blocks import FastStep, run_block, run_fast_blocks
 from toprovar.fast.buffers import StaticBuffers
 from toprovar.fast.capture import UnitCache
 from toprovar.fast.options import FastOptions
-from toprovar.models.transformer import FastStep, run_fast_blocks
 
 
 class PlannedUnits:
@@ -81,15 +80,7 @@ class PlannedUnits:
                     )
                     for j in live
                 ]
-                x, live_ents = run_fast_blocks(
-                    steps,
-                    x,
-                    rope_si,
-                    gelu_epilogue=opts.gelu_epilogue,
-                    index_io=opts.index_io,
-                    chain=opts.chain_blocks,
-                    small_m_rows=opts.small_m_rows,
-                )
+                x, live_ents = run_fast_blocks(steps, x, rope_si, opts)
                 ents = [None] * len(layers)
                 for j, ent in zip(live, live_ents):
                     ents[j] = ent

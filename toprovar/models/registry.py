@@ -275,35 +275,26 @@ def build_backbone(
 
 # -- the official backbones ------------------------------------------------------------------------
 
-register_backbone(
-    BackboneSpec(
-        name="infinity-2b",
-        transformer=TRANSFORMER_PRESETS["infinity-2b"],
-        vae="d32",
+
+def _official_backbone(name: str, vae: str, transformer_file: str, vae_file: str, temperature: float) -> BackboneSpec:
+    """An official release: its transformer preset, Flan-T5-XL text, 1M pixels, guidance 3 (the
+    official notebooks), files under `weights/` by their release names."""
+    return BackboneSpec(
+        name=name,
+        transformer=TRANSFORMER_PRESETS[name],
+        vae=vae,
         text_encoder="t5",
         weights=WeightPaths(
-            transformer="weights/infinity_2b_reg.pth",
-            vae="weights/infinity_vae_d32_reg.pth",
-            text_encoder="weights/flan-t5-xl",
+            transformer=f"weights/{transformer_file}", vae=f"weights/{vae_file}", text_encoder="weights/flan-t5-xl"
         ),
         pixels="1M",
         guidance_scale=3.0,
-        temperature=0.5,
+        temperature=temperature,
     )
-)  # official 2B notebook: cfg 3, tau 0.5
+
+
+# The official notebooks: 2B at cfg 3, tau 0.5; 8B at cfg 3, tau 1.
+register_backbone(_official_backbone("infinity-2b", "d32", "infinity_2b_reg.pth", "infinity_vae_d32_reg.pth", 0.5))
 register_backbone(
-    BackboneSpec(
-        name="infinity-8b",
-        transformer=TRANSFORMER_PRESETS["infinity-8b"],
-        vae="d14_patchify",
-        text_encoder="t5",
-        weights=WeightPaths(
-            transformer="weights/infinity_8b_weights",
-            vae="weights/infinity_vae_d56_f8_14_patchify.pth",
-            text_encoder="weights/flan-t5-xl",
-        ),
-        pixels="1M",
-        guidance_scale=3.0,
-        temperature=1.0,
-    )
-)  # official 8B notebook: cfg 3, tau 1
+    _official_backbone("infinity-8b", "d14_patchify", "infinity_8b_weights", "infinity_vae_d56_f8_14_patchify.pth", 1.0)
+)

@@ -524,12 +524,14 @@ class CrossAttnBlock(nn.Module):
         would cost a full pass). index_io: that gather and scatter and the RoPE rows of the kept
         tokens go through the first and last fused stages and the q/k kernel (no separate kernels).
         """
-        x, ents = run_fast_blocks(
-            [FastStep(self, ada, text, cache, keep, entropy)], x, rope, gelu_epilogue=gelu_epilogue, index_io=index_io
+        if keep is not None and keep.shape[1] == 0:  # nothing kept: the block is skipped
+            return x, None
+        x, _, _, ent = self.fast_block(
+            x, ada, text, rope, cache, keep=keep, entropy=entropy, gelu_epilogue=gelu_epilogue, index_io=index_io
         )
-        return x, ents[0]
+        return x, ent
 
-    def _fast_block(
+    def fast_block(
         self,
         x: Tensor,
         ada: Tensor,
@@ -538,23 +540,24 @@ class CrossAttnBlock(nn.Module):
         cache: LayerKVCache,
         *,
         keep: Tensor | None,
-        rows: Tensor | None,
-        h: Tensor | None,
         entropy: bool,
         gelu_epilogue: bool,
         index_io: bool,
-        next_ln: tuple[Tensor, Tensor, float] | None,
-        scatter: bool,
+        rows: Tensor | None = None,
+        h: Tensor | None = None,
+        next_ln: tuple[Tensor, Tensor, float] | None = None,
+        scatter: bool = True,
         small: bool = False,
     ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-        """One block of `run_fast_blocks`. x: the scale's `(B, N, C)` hidden states; keep: the
-        tokens that run (None: all); rows: their hidden states when the previous block left them
-        compact (else gathered here); h: this block's first LayerNorm when the previous block made
-        it; next_ln: (scale, shift, eps) of the next block's first LayerNorm, made by the last
-        stage (same rows); scatter: write a pruned block's rows back into x (else leave them compact);
-        small: every token, few rows: the matrix products with their LayerNorms and residual adds
-        fused (`toprovar.kernels.fused_linear`). Returns (x, compact rows or None, the next block's
-        LayerNorm or None, entropy or None)."""
+        """One block of `toprovar.fast.blocks.run_fast_blocks` (or of `forward_fast`). x: the
+        scale's `(B, N, C)` hidden states; keep: the tokens that run (None: all); rows: their hidden
+        states when the previous block left them compact (else gathered here); h: this block's
+        first LayerNorm when the previous block made it; next_ln: (scale, shift, eps) of the next
+        block's first LayerNorm, made by the last stage (same rows); scatter: write a pruned block's
+        rows back into x (else leave them compact); small: every token, few rows: the matrix
+        products with their LayerNorms and residual adds fused (`toprovar.kernels.fused_linear`).
+        Returns (x, compact rows or None, the next block's LayerNorm or None, entropy or None).
+        The chain's keywords default to a block alone, as `forward_fast` runs it."""
         if small:
             x, ent = self._fast_block_small(x, ada, text, rope, cache, entropy)
             return x, None, None, ent
@@ -601,7 +604,7 @@ class CrossAttnBlock(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """The block on every token in 9 launches: each matrix product takes the LayerNorm before
         it and the residual add after it (`ln_linear`), besides q/k norm + RoPE and the two
-        attentions. The same op sequence as `_fast_block` (on CPU bit for bit)."""
+        attentions. The same op sequence as `fast_block` (on CPU bit for bit)."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
         sa, ca, ffn, norm, n = self.sa, self.ca, self.ffn, self.ca_norm, x.shape[1]
         bias, head_scale, head_scale_f32 = self._fast_constants()
@@ -710,85 +713,6 @@ class CrossAttnBlock(nn.Module):
         q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
         return self._after_attention(x, out, gamma1, gamma2, scale2, shift2, text)
-
-
-@dataclass
-class FastStep:
-    """One block of a `run_fast_blocks` chain: the block, its AdaLN vectors (`block.ada(gss)`),
-    text K/V, KV cache, the tokens it runs (None: all; `(B, K)` indices, K = 0: skipped) and
-    whether its self-attention entropy is wanted."""
-
-    block: CrossAttnBlock
-    ada: Tensor
-    text: TextKV
-    cache: LayerKVCache
-    keep: Tensor | None = None
-    entropy: bool = False
-
-
-def same_rows(a: Tensor | None, b: Tensor | None) -> bool:
-    """Whether two keep lists are the same memory (hence the same tokens), read on the host only."""
-    if a is None or b is None:
-        return a is b
-    return a is b or (
-        a.shape == b.shape
-        and a.stride() == b.stride()
-        and a.dtype == b.dtype
-        and a.device == b.device
-        and a.data_ptr() == b.data_ptr()
-    )
-
-
-def run_fast_blocks(
-    steps: list[FastStep],
-    x: Tensor,
-    rope: RopeSlice,
-    *,
-    gelu_epilogue: bool = False,
-    index_io: bool = False,
-    chain: bool = False,
-    small_m_rows: int = 0,
-) -> tuple[Tensor, list[Tensor | None]]:
-    """The blocks of `steps` in order, each as `CrossAttnBlock.forward_fast`: `(x, entropies)`.
-
-    chain: where a block and the next live block run the same rows (both every token, or the
-    same keep list by `same_rows`), the block's last stage (its residual add) also makes the
-    next block's AdaLN-LayerNorm, one kernel for two, and pruned rows stay gathered between
-    such blocks: one gather and one scatter for a run of blocks on the same kept tokens. The
-    arithmetic is the same op sequence, so CPU results stay bit-identical to `forward_fast`
-    block by block. index_io: see `forward_fast`. small_m_rows: blocks on every token of at most
-    that many rows (batch rows × tokens) run their matrix products with the LayerNorms and
-    residual adds fused in (`CrossAttnBlock._fast_block_small`; 0: never).
-    """
-    ents: list[Tensor | None] = [None] * len(steps)
-    live = [j for j, s in enumerate(steps) if s.keep is None or s.keep.shape[1] > 0]
-    rows = h = None  # the running gathered rows and the next block's first LayerNorm, when made
-    small = 0 < x.shape[0] * x.shape[1] <= small_m_rows  # all rows of the scale; pruned blocks never
-    for pos, j in enumerate(live):
-        s = steps[j]
-        nxt = steps[live[pos + 1]] if chain and pos + 1 < len(live) and not small else None
-        together = nxt is not None and same_rows(s.keep, nxt.keep)
-        next_ln = None
-        if together:
-            _, _, scale1, _, shift1, _ = nxt.ada.unbind(2)
-            next_ln = (scale1, shift1, nxt.block.eps)
-        x, rows, h, ents[j] = s.block._fast_block(
-            x,
-            s.ada,
-            s.text,
-            rope,
-            s.cache,
-            keep=s.keep,
-            rows=rows,
-            h=h,
-            entropy=s.entropy,
-            gelu_epilogue=gelu_epilogue,
-            index_io=index_io,
-            next_ln=next_ln,
-            scatter=not together,
-            small=small and s.keep is None,
-        )
-    return x, ents
 
 
 class AdaLNBeforeHead(nn.Module):

@@ -201,15 +201,14 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+def _mentioned_attributes(obj: SceneObject, scene: Scene) -> list[str]:
+    """The words of obj's size, color and texture that the scene's caption mentions, in that order."""
+    mentioned = ((scene.mention_size, obj.size), (scene.mention_color, obj.color), (scene.mention_texture, obj.texture))
+    return [word for mention, word in mentioned if mention]
+
+
 def _noun_phrase(obj: SceneObject, scene: Scene) -> list[str]:
-    words = []
-    if scene.mention_size:
-        words.append(obj.size)
-    if scene.mention_color:
-        words.append(obj.color)
-    if scene.mention_texture:
-        words.append(obj.texture)
-    words.append(obj.shape)
+    words = [*_mentioned_attributes(obj, scene), obj.shape]
     return [_article(words[0])] + words
 
 
@@ -218,14 +217,7 @@ def scene_caption(scene: Scene) -> str:
     objs = scene.objects
     if scene.kind == "counting":
         first = objs[0]
-        words = [COUNTS[len(objs)]]
-        if scene.mention_size:
-            words.append(first.size)
-        if scene.mention_color:
-            words.append(first.color)
-        if scene.mention_texture:
-            words.append(first.texture)
-        words.append(PLURALS[first.shape])
+        words = [COUNTS[len(objs)], *_mentioned_attributes(first, scene), PLURALS[first.shape]]
     elif scene.kind in ("single_object", "colors"):
         words = _noun_phrase(objs[0], scene)
         if scene.location is not None:

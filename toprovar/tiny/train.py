@@ -145,6 +145,35 @@ class _Checkpoint:
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
+    def after_step(
+        self, stage: str, step: int, steps: int, model: nn.Module, opt: torch.optim.Optimizer, log: list, **extra: Any
+    ) -> None:
+        """After step `step` of `steps`: at the last step, when a save is due or when the time is up,
+        save the state dicts of model and opt, `extra`, the step count and the loss log; time up
+        before the last step stops the run (SystemExit) with how to resume."""
+        done = step + 1 == steps
+        if done or self.due() or self.out_of_time():
+            self.save({"model": model.state_dict(), "opt": opt.state_dict(), **extra, "step": step + 1, "log": log})
+            if not done and self.out_of_time():
+                resume = f"re-run with out_dir={self.path.parent} to resume"  # the run folder
+                raise SystemExit(f"stopped at {stage} step {step + 1} (max_minutes); {resume}")
+
+
+def _optimizer_step(opt: torch.optim.Optimizer, loss: Tensor, params) -> None:
+    """Backward from `loss`, the gradients of `params` clipped to norm 1, one step of `opt`."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
+def _log_loss(log: list[dict[str, float]], bar, step: int, loss: Tensor) -> None:
+    """Every 50 steps the loss into `log` and onto the progress bar; the bar advances a step."""
+    if step % 50 == 0:
+        log.append({"step": step, "loss": float(loss.detach())})
+        bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
+    bar.update(1)
+
 
 def _progress(total: int, initial: int, desc: str):
     from tqdm.auto import tqdm
@@ -191,19 +220,9 @@ def train_vae(cfg: TrainConfig, out: Path, device: torch.device) -> BSQVAE:
         images = render(batch_scenes(cfg.seed, step, c.batch), device=device)
         with _autocast(device):
             loss, _ = vae_loss(vae, images, c.edge_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0:
-            log.append({"step": step, "loss": float(loss.detach())})
-            bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
-        bar.update(1)
-        done = step + 1 == c.steps
-        if done or ckpt.due() or ckpt.out_of_time():
-            ckpt.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1, "log": log})
-            if not done and ckpt.out_of_time():
-                raise SystemExit(f"stopped at vae step {step + 1} (max_minutes); re-run with out_dir={out} to resume")
+        _optimizer_step(opt, loss, vae.parameters())
+        _log_loss(log, bar, step, loss)
+        ckpt.after_step("vae", step, c.steps, vae, opt, log)
     bar.close()
     (out / "vae_loss.json").write_text(json.dumps(log))
     return vae.eval()
@@ -343,24 +362,10 @@ def train_transformer(cfg: TrainConfig, out: Path, device: torch.device, vae: BS
             loss = transformer_loss(
                 model, pair.text_encoder, vae, images, [s.caption for s in scenes], c, weights, rope, generator, loss_fn
             )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(pair.parameters(), 1.0)
-        opt.step()
+        _optimizer_step(opt, loss, pair.parameters())
         ema.update(pair, step)
-        if step % 50 == 0:
-            log.append({"step": step, "loss": float(loss.detach())})
-            bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
-        bar.update(1)
-        done = step + 1 == c.steps
-        if done or ckpt.due() or ckpt.out_of_time():
-            ckpt.save(
-                {"model": pair.state_dict(), "opt": opt.state_dict(), "ema": ema.shadow, "step": step + 1, "log": log}
-            )
-            if not done and ckpt.out_of_time():
-                raise SystemExit(
-                    f"stopped at transformer step {step + 1} (max_minutes); re-run with out_dir={out} to resume"
-                )
+        _log_loss(log, bar, step, loss)
+        ckpt.after_step("transformer", step, c.steps, pair, opt, log, ema=ema.shadow)
     bar.close()
     (out / "transformer_loss.json").write_text(json.dumps(log))
     ema.copy_to(pair)
