@@ -11,7 +11,15 @@ the mean SSIM at least a floor (SSIM is handled as the drop 1 − SSIM against t
   margin (for SSIM: the lower bound of the mean SSIM is ≥ the floor);
 * **rejected** when some criterion's lower bound of the mean drop is > its margin;
 * otherwise looked at again with the next batch of prompts; still open when the prompt budget is
-  spent, it is **undecided**, which counts as not validated.
+  spent, it is **undecided**, which counts as not validated;
+* with `futility`, stopped early as **futile** (not validated either) once the bound cannot be met
+  within the budget unless the mean improves by more than one standard error: at look k < K, the
+  bound of the last look (α_K, the whole budget) computed with the mean lowered by its standard
+  error se_k and the spread seen so far (`projected_upper`) is past the margin for some criterion
+  (for a floor, the mirror image). It only ever
+  stops a validation without accepting, so the promise below is untouched (non-binding futility);
+  it saves the prompts a policy near the margin would spend to end undecided (issue 25: the default
+  run spent 2 × 384 held-out prompts on two such policies).
 
 Repeated looks — alpha spending. The looks are planned: K = ceil(budget / batch), after n_k =
 min(k · batch, budget) prompts. Look k spends α_k = A(n_k / budget) − A(n_{k−1} / budget) of the
@@ -54,7 +62,7 @@ from scipy import stats
 
 from calibrate.config import AcceptanceConfig
 
-ACCEPT, REJECT, CONTINUE, UNDECIDED = "accept", "reject", "continue", "undecided"
+ACCEPT, REJECT, CONTINUE, UNDECIDED, FUTILE = "accept", "reject", "continue", "undecided", "futile"
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,7 @@ class MetricBound:
     upper: float
     margin: float
     floor: bool
-    decision: str  # accept | reject | continue (this metric alone)
+    decision: str  # accept | reject | continue | futile (this metric alone)
     lost: int = 0  # prompts whose value got worse / better than unpruned
     won: int = 0
 
@@ -100,7 +108,7 @@ class MetricBound:
 class Verdict:
     """The decision after one look and the bounds it rests on."""
 
-    decision: str  # accept | reject | continue; undecided once the budget is spent
+    decision: str  # accept | reject | continue | futile; undecided once the budget is spent
     look: int  # 1-based
     looks: int  # planned looks K
     prompts: int  # prompts used so far
@@ -168,12 +176,31 @@ def mean_bounds(values: np.ndarray, alpha: float, whole_prompts: bool = False) -
     half = stats.t.ppf(1.0 - alpha, n - 1) * values.std(axis=-1, ddof=1) / math.sqrt(n)
     lower, upper = mean - half, mean + half
     if whole_prompts:
-        share = np.clip(mean, 0.0, 1.0)
-        z = stats.norm.ppf(1.0 - alpha)
-        centre = (share + z * z / (2 * n)) / (1 + z * z / n)
-        spread = z * np.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        lower, upper = np.minimum(lower, centre - spread), np.maximum(upper, centre + spread)
+        wilson_low, wilson_high = _wilson(mean, n, alpha)
+        lower, upper = np.minimum(lower, wilson_low), np.maximum(upper, wilson_high)
     return lower[()], upper[()]
+
+
+def _wilson(mean: np.ndarray, n: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """One-sided Wilson score bounds at confidence 1 − alpha of a share observed as `mean` (clipped to [0, 1]) in n."""
+    share = np.clip(mean, 0.0, 1.0)
+    z = stats.norm.ppf(1.0 - alpha)
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    spread = z * np.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - spread, centre + spread
+
+
+def projected_upper(drops: np.ndarray, alpha: float, budget: int, whole_prompts: bool = False) -> np.ndarray:
+    """The upper bound the last look (α `alpha`, `budget` values) would give if the mean were one
+    standard error lower than the `drops` seen so far and their spread stayed: the futility test."""
+    drops = np.asarray(drops, dtype=np.float64)
+    n = drops.shape[-1]
+    sd = drops.std(axis=-1, ddof=1)
+    hoped = drops.mean(axis=-1) - sd / math.sqrt(n)
+    upper = hoped + stats.t.ppf(1.0 - alpha, budget - 1) * sd / math.sqrt(budget)
+    if whole_prompts:
+        upper = np.maximum(upper, _wilson(hoped, budget, alpha)[1])
+    return upper
 
 
 @dataclass(frozen=True)
@@ -184,6 +211,7 @@ class SequentialTest:
     confidence: float
     batch: int
     budget: int
+    futility: bool = False  # stop a validation that cannot accept within the budget (module docstring)
 
     def __post_init__(self) -> None:
         if not 0.5 < self.confidence < 1.0:
@@ -219,9 +247,10 @@ class SequentialTest:
         sizes = {v.size for v in values.values()}
         if len(sizes) != 1:
             raise ValueError(f"criteria saw different prompt counts {sorted(sizes)}")
-        alpha_k = self.look_alpha(look)
-        bounds = {c.metric: _bound(c, values[c.metric], alpha_k) for c in self.criteria}
-        decision = _combine([b.decision for b in bounds.values()], last=look == self.looks)
+        alpha_k, last = self.look_alpha(look), look == self.looks
+        futile_at = None if last or not self.futility else (self.look_alpha(self.looks), self.budget)
+        bounds = {c.metric: _bound(c, values[c.metric], alpha_k, futile_at) for c in self.criteria}
+        decision = _combine([b.decision for b in bounds.values()], last=last)
         return Verdict(
             str(decision),
             look,
@@ -242,42 +271,53 @@ class SequentialTest:
         used = np.zeros(rows, dtype=np.int64)
         for look, size in enumerate(self.sizes(), start=1):
             open_rows = decision == CONTINUE
-            alpha_k = self.look_alpha(look)
+            alpha_k, last = self.look_alpha(look), look == self.looks
+            futile_at = None if last or not self.futility else (self.look_alpha(self.looks), self.budget)
             per_metric = [
-                _decisions(c, np.asarray(drops[c.metric], dtype=np.float64)[open_rows, :size], alpha_k)[0]
+                _decisions(c, np.asarray(drops[c.metric], dtype=np.float64)[open_rows, :size], alpha_k, futile_at)[0]
                 for c in self.criteria
             ]
-            decision[open_rows] = _combine(per_metric, last=look == self.looks)
+            decision[open_rows] = _combine(per_metric, last=last)
             used[open_rows] = size
         return decision.astype(str), used
 
 
-def _decisions(criterion: Criterion, values: np.ndarray, alpha: float):
-    """(decision per row, lower, upper) of one criterion; bounds in the metric's own units."""
-    if criterion.floor:  # value >= floor  <=>  drop (1 - value) <= 1 - floor
-        low, high = mean_bounds(1.0 - values, alpha, criterion.whole_prompts)
-        low, high = 1.0 - high, 1.0 - low
-        accept, reject = low >= criterion.margin, high < criterion.margin
-    else:
-        low, high = mean_bounds(values, alpha, criterion.whole_prompts)
-        accept, reject = high <= criterion.margin, low > criterion.margin
+def _decisions(criterion: Criterion, values: np.ndarray, alpha: float, futile_at: tuple[float, int] | None = None):
+    """(decision per row, lower, upper) of one criterion; bounds in the metric's own units.
+    `futile_at` = (α of the last look, budget): also decide futility (module docstring)."""
+    drops = 1.0 - values if criterion.floor else values  # value >= floor  <=>  drop (1 - value) <= 1 - floor
+    margin = 1.0 - criterion.margin if criterion.floor else criterion.margin
+    low, high = mean_bounds(drops, alpha, criterion.whole_prompts)
+    accept, reject = high <= margin, low > margin
     decision = np.where(accept, ACCEPT, np.where(reject, REJECT, CONTINUE))
+    if futile_at is not None and drops.shape[-1] >= 2:
+        projected = projected_upper(drops, *futile_at, criterion.whole_prompts)
+        decision = np.where((decision == CONTINUE) & (projected > margin), FUTILE, decision)
+    if criterion.floor:
+        low, high = 1.0 - high, 1.0 - low
     return decision, low, high
 
 
 def _combine(per_metric: list, last: bool):
-    """Reject if any metric rejects, accept if all accept, else continue (undecided at the last look)."""
+    """Reject if any metric rejects, accept if all accept, futile if any is futile, else continue
+    (undecided at the last look)."""
     stacked = np.asarray(per_metric, dtype=object).reshape(len(per_metric), -1)
     out = np.where(
         (stacked == REJECT).any(0),
         REJECT,
-        np.where((stacked == ACCEPT).all(0), ACCEPT, UNDECIDED if last else CONTINUE),
+        np.where(
+            (stacked == ACCEPT).all(0),
+            ACCEPT,
+            np.where((stacked == FUTILE).any(0), FUTILE, UNDECIDED if last else CONTINUE),
+        ),
     )
     return out if np.ndim(per_metric[0]) else out[0]
 
 
-def _bound(criterion: Criterion, values: np.ndarray, alpha: float) -> MetricBound:
-    decision, low, high = _decisions(criterion, values, alpha)
+def _bound(
+    criterion: Criterion, values: np.ndarray, alpha: float, futile_at: tuple[float, int] | None = None
+) -> MetricBound:
+    decision, low, high = _decisions(criterion, values, alpha, futile_at)
     lost = won = 0
     if not criterion.floor:
         lost, won = int((values > 0).sum()), int((values < 0).sum())
@@ -305,4 +345,4 @@ def sequential_test(cfg: AcceptanceConfig, budget: int, geneval: bool, clip: boo
         criteria.insert(0, Criterion("geneval_drop", cfg.max_geneval_drop, whole_prompts=True))
     if clip:
         criteria.append(Criterion("clip_drop", cfg.max_clip_drop))
-    return SequentialTest(tuple(criteria), cfg.confidence, cfg.batch, budget)
+    return SequentialTest(tuple(criteria), cfg.confidence, cfg.batch, budget, cfg.futility)

@@ -68,6 +68,7 @@ class AcceptanceConfig:
     min_ssim: float  # floor on the mean SSIM against the unpruned images
     max_clip_drop: float  # margin on the mean paired CLIPScore drop (with quality.clip)
     batch: int  # held-out prompts per look
+    futility: bool  # stop a validation early once its bound cannot be met within the budget
 
 
 @dataclass
@@ -82,6 +83,7 @@ class SearchConfig:
     latency: LatencyConfig
     cost_model: CostModelConfig
     validate_candidates: int
+    target_speedup: float | None  # the first validated trial: the slowest of the front reaching it
     acceptance: AcceptanceConfig
     workers: int  # search processes sharing the study: one per GPU, or sharing the CPU
 
@@ -177,6 +179,8 @@ def _validate(cfg: CalibrationConfig) -> None:
         raise UserError(f"search.n_trials={s.n_trials} must be at least 1")
     if s.workers < 1:
         raise UserError(f"search.workers={s.workers} must be at least 1")
+    if s.target_speedup is not None and s.target_speedup <= 1.0:
+        raise UserError(f"search.target_speedup={s.target_speedup} must be above 1 (or null)")
     if s.validate_candidates < 1:
         raise UserError(f"search.validate_candidates={s.validate_candidates} must be at least 1")
     if s.cost_model.source not in COST_MODEL_SOURCES:

@@ -28,6 +28,13 @@ class Selection:
     tried: list[tuple[int, Validation]] = field(default_factory=list)
 
 
+def first_probe(front: list[FrozenTrial], target: float | None) -> int | None:
+    """The front trial to validate first: the slowest whose speedup reaches `target` (the trial
+    most likely to hold among those fast enough); None without a target or when none reaches it."""
+    reaching = [i for i, t in enumerate(front) if t.values[0] >= target] if target is not None else []
+    return reaching[-1] if reaching else None
+
+
 def next_probe(front: list[FrozenTrial], failed: int, passed: int) -> int | None:
     """Index of the next front trial to validate, strictly between the fastest known failure
     (`failed`, -1: none) and the fastest known pass (`passed`, len(front): none): the trial whose
@@ -40,14 +47,18 @@ def next_probe(front: list[FrozenTrial], failed: int, passed: int) -> int | None
     return min(range(failed + 1, passed), key=lambda i: (abs(front[i].values[0] - middle), i))
 
 
-def select_and_validate(study: optuna.Study, validate: Validate, candidates: int) -> Selection:
+def select_and_validate(
+    study: optuna.Study, validate: Validate, candidates: int, target: float | None = None
+) -> Selection:
     """Validate up to `candidates` trials of the feasible Pareto front; return the fastest accepted.
 
     Along the front (fastest first) SSIM rises as speedup falls, so the chance to hold on held-out
     prompts rises too: the probes bisect the front by speedup — after an acceptance the next probe
     is faster; after a rejection or an undecided validation (the prompt budget ran out before the
     bounds decided: not validated) slower — instead of validating the fastest few, which on `tiny`
-    are often all too aggressive. Each validation is sequential (calibrate.acceptance): clear
+    are often all too aggressive. With a `target` speedup the first probe is the slowest trial that
+    reaches it (`first_probe`), so the first held-out prompts go to the policy most likely to ship
+    at the target. Each validation is sequential (calibrate.acceptance): clear
     cases stop after one batch of prompts. When none is accepted, the probe that was not rejected
     (else any) with the best held-out SSIM is returned with `passed=False` (and a warning), so the
     calibration is never lost. Only trials faster than the unpruned model are candidates: a policy
@@ -74,7 +85,8 @@ def select_and_validate(study: optuna.Study, validate: Validate, candidates: int
     failed, passed = -1, len(front)
     bar = tqdm(total=min(candidates, len(front)), desc="validate", unit="candidate", dynamic_ncols=True)
     while len(tried) < candidates:
-        probe = next_probe(front, failed, passed)
+        probe = first_probe(front, target) if not tried else None
+        probe = next_probe(front, failed, passed) if probe is None else probe
         if probe is None:
             break
         trial = front[probe]

@@ -196,7 +196,8 @@ def test_exported_policy_that_did_not_validate_exits_3(tmp_path, calibrate_confi
         "prompts.validate=1",
         "search.validate_candidates=1",
         "search.constraints.min_ssim=0.0",
-        "search.objective=flops",  # the mechanics of exit 3; test-small's predicted wall clock can rank every trial below 1×
+        # the mechanics of exit 3; test-small's predicted wall clock can rank every trial below 1×
+        "search.objective=flops",
     )
     outcome = run_calibration(cfg, RunPaths(tmp_path / "run", tmp_path, ()))
     path = outcome.policy

@@ -110,3 +110,21 @@ def test_front_trials_slower_than_unpruned_are_never_candidates():
     assert not chosen.passed and set(held.calls) <= set(range(len(fast)))
     with pytest.raises(UserError, match="faster than the unpruned model"):
         select_and_validate(_study(slow), HeldOut(slow, limit=9.0), candidates=3)
+
+
+@pytest.mark.parametrize("n", [3, 7, 12])
+def test_a_target_speedup_is_validated_first_and_bisection_goes_on_from_it(n):
+    rows = _front_rows(n)
+    target = random.uniform(1.2, 2.4)
+    reaching = [i for i, (speedup, _, _) in enumerate(rows) if speedup >= target]
+    held = HeldOut(rows, limit=random.uniform(1.1, 2.9))
+    chosen = select_and_validate(_study(rows), held, candidates=n, target=target)
+    assert held.calls[0] == reaching[-1]  # the slowest trial at or above the target
+    fastest_ok = min((i for i, (s, _, _) in enumerate(rows) if s <= held.limit), default=None)
+    if fastest_ok is not None:
+        assert chosen.passed and chosen.trial.params["row"] == fastest_ok
+    # No front trial reaches the target: the plain bisection from the middle.
+    plain, aimed = HeldOut(rows, held.limit), HeldOut(rows, held.limit)
+    select_and_validate(_study(rows), plain, candidates=2)
+    select_and_validate(_study(rows), aimed, candidates=2, target=10.0)
+    assert aimed.calls == plain.calls

@@ -34,5 +34,6 @@ def run(ctx: RunContext, factory: PolicyFactory) -> Validated:
         ctx.study,
         lambda params: validator.validate(factory(params), test, "validate"),
         ctx.cfg.search.validate_candidates,
+        ctx.cfg.search.target_speedup,
     )
     return Validated(selection, validator)
