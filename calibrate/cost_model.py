@@ -11,7 +11,8 @@ rows, `n` tokens; sums over the scale's blocks):
 
     ms = c_scale · 1 + c_token_rows · rows·n/10³ + c_block · blocks that ran
        + c_linear · linear GFLOP + c_attention · attention GFLOP
-       + c_entropy · entropy GFLOP + c_pruned · pruned blocks' rows·n·C/10⁶
+       + c_entropy · entropy GFLOP + c_entropy_pass · entropy passes
+       + c_pruned · pruned blocks' rows·n·C/10⁶ + c_pruned_block · pruned blocks
 
 and per chunk `c_decode · images` for the VAE decode (text encoding is left out everywhere, as the
 latency objective leaves it out). Entropy GFLOP are those of the scores QKᵀ that an entropy pass
@@ -35,7 +36,17 @@ import numpy as np
 
 from toprovar.flops import layer_flops
 
-SCALE_TERMS = ("scale", "token_rows", "block", "linear", "attention", "entropy", "pruned")
+SCALE_TERMS = (
+    "scale",
+    "token_rows",
+    "block",
+    "linear",
+    "attention",
+    "entropy",
+    "entropy_pass",
+    "pruned",
+    "pruned_block",
+)
 TERMS = (*SCALE_TERMS, "decode")
 
 
@@ -54,9 +65,8 @@ def scale_features(trace: Any, spec: Any | None = None) -> tuple[list[int], np.n
         rows = record.rows or trace.rows or 2 * trace.batch
         n = record.tokens
         ran = [r for r in layers if r["kept"]]
-        entropy_flops = sum(
-            rows * 2.0 * width * n * max(r["kv_length"], n) for r in layers if (record.scale, r["layer"]) in entropy
-        )
+        probes = [r for r in layers if (record.scale, r["layer"]) in entropy]
+        entropy_flops = sum(rows * 2.0 * width * n * max(r["kv_length"], n) for r in probes)
         pruned = sum(1 for r in ran if r["kept"] < n)
         rows_out.append(
             [
@@ -66,7 +76,9 @@ def scale_features(trace: Any, spec: Any | None = None) -> tuple[list[int], np.n
                 sum(r["linear_flops"] for r in ran) / 1e9,
                 sum(r["attention_flops"] for r in ran) / 1e9,
                 entropy_flops / 1e9,
+                float(len(probes)),
                 pruned * rows * n * width / 1e6,
+                float(pruned),
             ]
         )
         scales.append(record.scale)
@@ -83,7 +95,9 @@ class CostModel:
     linear: float
     attention: float
     entropy: float
+    entropy_pass: float
     pruned: float
+    pruned_block: float
     decode: float  # per image
     fitted_on: str = ""
 

@@ -83,7 +83,7 @@ def test_more_work_never_predicts_less_time(traces):
     model = CostModel(*[random.uniform(0.0, 5.0) for _ in SCALE_TERMS], decode=random.uniform(0.0, 50.0))
     unpruned, pruned = model.predict_ms(runs["unpruned"], spec), model.predict_ms(runs["pruned"], spec)
     # A pruned block's gather costs time, so only the work terms can be compared directly.
-    work = CostModel(**{**model.to_json(), "pruned": 0.0, "entropy": 0.0})
+    work = CostModel(**{**model.to_json(), "pruned": 0.0, "pruned_block": 0.0, "entropy": 0.0, "entropy_pass": 0.0})
     assert work.predict_ms(runs["pruned"], spec) <= work.predict_ms(runs["unpruned"], spec)
     assert model.predict_ms(runs["entropy"], spec) >= unpruned and pruned > 0
 
