@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -276,6 +277,11 @@ def test_mini_calibration_end_to_end_and_resume(tmp_path):
     provenance = document["provenance"]
     assert provenance["backbone"]["name"] == "test-small" and provenance["search"]["trials_complete"] == 4
     assert provenance["measured"]["validation"]["speedup"] >= 1.0
+    # The stated speedup is the measured wall clock; the FLOP ratio and the cost model's prediction beside it.
+    speed = provenance["speedup"]
+    assert speed["wall_clock"] > 0 and speed["flop_ratio"] >= 1.0 and speed["search_objective"] == "model"
+    assert speed["prediction_error"] == pytest.approx(speed["predicted"] / speed["wall_clock"] - 1)
+    assert json.loads((run_dir / "presample" / "cost_model.json").read_text())["used"] == "fitted"
     acceptance = provenance["acceptance"]  # the promise: decision, confidence, prompts, bounds vs margins
     assert acceptance["decision"] in ("accept", "reject", "undecided") and acceptance["confidence"] == 0.95
     assert provenance["validated"] == (acceptance["decision"] == "accept")

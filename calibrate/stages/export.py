@@ -123,9 +123,7 @@ def speedup_record(ctx: RunContext, selection: Selection) -> dict[str, Any]:
     return {
         "wall_clock": extra.get("wall_speedup"),
         "device": str(ctx.device),
-        "device_name": torch.cuda.get_device_name(ctx.device)
-        if ctx.device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(),
         "prompts": int(extra.get("prompts", 0)),
         "flop_ratio": extra.get("flop_speedup"),
@@ -133,6 +131,17 @@ def speedup_record(ctx: RunContext, selection: Selection) -> dict[str, Any]:
         "prediction_error": extra.get("prediction_error"),
         "search_objective": ctx.cost,
     }
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _sets(prompts: PromptSets) -> dict[str, Any]:
