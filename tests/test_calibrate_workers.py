@@ -30,6 +30,8 @@ HANG_GUARD_S = 600  # a guard against a hung process, not a speed claim
 
 # A small calibration of the random-weight test backbone; min_ssim 0 so every trial is feasible. One
 # held-out prompt cannot decide the acceptance bound, so the export is marked not validated (exit 3).
+# FLOPs rank the trials: on test-small's few tiny tensors the predicted wall clock can put every
+# pruned trial below the unpruned model, and these tests are about processes, not the objective.
 SMALL = [
     "backbone=test-small",
     "prompts.presample=1",
@@ -37,6 +39,7 @@ SMALL = [
     "prompts.validate=1",
     "search.validate_candidates=1",
     "search.constraints.min_ssim=0.0",
+    "search.objective=flops",
     "tracking=local",
 ]
 

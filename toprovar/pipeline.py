@@ -182,9 +182,11 @@ def _decode(call: GenerationCall, summed: Tensor | None) -> Tensor:
     if opts is not None and device.type == "cuda" and isinstance(vae, BSQVAE):
         return decode(vae, summed, opts)
     if device.type == "cpu" and isinstance(vae, BSQVAE):
-        # oneDNN's NHWC convolutions: tiny's decode of 8 images 690 -> 480 ms on 2 cores (the
-        # decode is a fifth of an unpruned generation there; same function, other rounding order)
-        return vae.decode(summed, channels_last=True)
+        # oneDNN's NHWC convolutions: tiny's decode of 8 images 690 -> 480 ms on 2 cores (the decode
+        # is a fifth of an unpruned generation there). One image a call: oneDNN's NHWC blocking
+        # depends on the batch, and an image must not depend on its batch (tests/test_pipeline_cli.py);
+        # one at a time measured as fast as eight (477-565 vs 522 ms).
+        return torch.cat([vae.decode(one, channels_last=True) for one in summed.split(1)])
     return vae.decode(summed)
 
 
