@@ -160,15 +160,20 @@ def fit_cost_model(traces: Iterable[Any], spec: Any | None = None, fitted_on: st
     coef = coef / scale
     decode = float(np.sum(decode_ms) / max(np.sum(decode_images), 1)) if decode_ms else 0.0
     model = CostModel(*(float(c) for c in coef), decode=decode, fitted_on=fitted_on)
-    errors = [
-        model.predict_ms(t, spec) / t.total_ms - 1.0 for t in traces if math.isfinite(t.total_ms) and t.total_ms > 0
-    ]
+    errors = call_errors(model, traces, spec)
     return Fit(
         model,
         len(errors),
         float(np.mean(np.abs(errors))) if errors else math.nan,
         float(np.max(np.abs(errors))) if errors else math.nan,
     )
+
+
+def call_errors(model: CostModel, traces: Iterable[Any], spec: Any | None = None) -> list[float]:
+    """predicted / measured − 1 of each timed call's whole time (scale loop + decode)."""
+    return [
+        model.predict_ms(t, spec) / t.total_ms - 1.0 for t in traces if math.isfinite(t.total_ms) and t.total_ms > 0
+    ]
 
 
 def prediction_error(predicted_speedup: float, measured_speedup: float) -> float:

@@ -14,7 +14,7 @@ import optuna
 from calibrate import plots
 from calibrate.config import StorageConfig
 from calibrate.context import Output, RunContext
-from calibrate.cost_model import CostModel, fit_cost_model
+from calibrate.cost_model import CostModel, call_errors, fit_cost_model
 from calibrate.knobs import PolicyFactory, SearchSpace, probe_layer_counts
 from calibrate.presample import PresampleSummary, run_presample, write_tables
 from calibrate.search import POLL_S, open_storage
@@ -95,7 +95,7 @@ def cost_model(ctx: RunContext, result) -> tuple[CostModel, dict]:
     record = {"fitted": fit.model.to_json(), "fit_calls": fit.calls, "fit_mean_abs_error": fit.mean_abs_error}
     if cfg.search.cost_model.source == "auto" and stored:
         model = CostModel.from_json({**stored, "fitted_on": "backbone config (cost_model)"})
-        errors = [model.predict_ms(t, spec) / t.total_ms - 1.0 for t in traces if t.total_ms > 0]
+        errors = call_errors(model, traces, spec)
         record.update(used="backbone", stored_mean_abs_error=float(np.mean(np.abs(errors))))
         log.info(
             "cost model: the backbone's (mean error %.1f %% on this machine's %d pre-sampling calls; "
