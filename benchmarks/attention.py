@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-from datetime import date
 from functools import partial
 from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
+
+from toprovar.environment import run_record
 
 SCHEDULE_1M = [1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64]
 
@@ -159,12 +159,7 @@ def main() -> None:
         cells = [f"{r[h]:.3g}" if isinstance(r[h], float) else str(r[h]) for h in header]
         print("| " + " | ".join(cells) + " |")
     meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "date": date.today().isoformat(),
-        "command": "python -m benchmarks.attention",
+        **run_record("python -m benchmarks.attention", device="cuda"),
         "rounds": args.rounds,
         "times": "median ms (triton.testing.do_bench, L2 flushed), median over rounds",
     }

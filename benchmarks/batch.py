@@ -17,13 +17,13 @@ is recorded as such and the next one still runs. `--smoke`: the same code on CPU
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import statistics
 import time
 
 import torch
+
+from toprovar.environment import run_record
 
 GIB = float(1 << 30)
 
@@ -143,11 +143,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     record = {
         "backbone": name,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **run_record("python -m benchmarks.batch", device=device),
         "matmul_tflops": round(rate / 1e12, 1),
-        "date": dt.date.today().isoformat(),
         "rows": rows,
     }
     table = markdown(f"{name}: batch size vs time per image (random weights, fast path, unpruned)", rows)

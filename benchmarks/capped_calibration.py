@@ -11,9 +11,7 @@ batch × peak × stage times (docs/benchmarks.md) comes from one command per row
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import platform
 import runpy
 import sys
 import time
@@ -21,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from toprovar.environment import run_record
 from toprovar.errors import UserError, exit_on_user_error
 
 PROG = "python -m benchmarks.capped_calibration"
@@ -64,10 +63,7 @@ def main(argv: list[str]) -> int:
         "wall_s": round(wall, 1),
         "run_dir": str(run_dir) if run_dir else None,
         "timings": timings,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": _dt.date.today().isoformat(),
-        "command": " ".join([PROG, *argv]),
+        **run_record(PROG, argv, device="cuda"),
     }
     print(json.dumps(row))
     if args.json_out:

@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import sys
-from datetime import date
 from pathlib import Path
 
 import toprovar.openmp  # noqa: F401  (first: OpenMP's spin-wait as the command lines set it)
+from toprovar.environment import run_record
 
 
 def main() -> None:
@@ -35,7 +32,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import numpy as np
-    import torch
     import yaml
     from omegaconf import OmegaConf
 
@@ -94,14 +90,7 @@ def main() -> None:
     print("# fitted on every call (toprovar/conf/backbone/tiny.yaml, cost_model:)")
     print(yaml.safe_dump({"cost_model": stored}, sort_keys=False))
     result = {
-        "meta": {
-            "command": "python -m benchmarks.cost_model " + " ".join(sys.argv[1:]),
-            "date": date.today().isoformat(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
+        "meta": run_record("python -m benchmarks.cost_model", device="cpu"),
         "fit_on_fit_calls": {**model.to_json(), "mean_abs_error": fit.mean_abs_error},
         "unseen_policies": rows,
         "fit_on_every_call": {**every.model.to_json(), "mean_abs_error": every.mean_abs_error},

@@ -13,38 +13,23 @@ colour/shape pair). Scoring: `toprovar.tiny.counting.count_table`
 (geneval-lite's counting score with a Wilson interval, exact-count / fewer / more shares).
 
 Prints a markdown table, with `--prompt` the number of the shape found in each image, and one
-JSON line (machine, threads, torch, date, command, table); `--json-out` and `--csv-out` (one row
-per image) also write them to files. Measured numbers: toprovar/assets/tiny/MODEL_CARD.md,
-"Counting".
+JSON line (command, date, device, versions and threads: toprovar.environment.run_record; the
+table); `--json-out` and `--csv-out` (one row per image) also write them to files. Measured
+numbers: toprovar/assets/tiny/MODEL_CARD.md, "Counting".
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import platform
-import shlex
 import sys
 from pathlib import Path
 
 import toprovar.openmp  # noqa: F401  (first: sets OpenMP's spin-wait before torch loads)
+from toprovar.environment import run_record
 from toprovar.errors import UserError, exit_on_user_error
 
 PROG = "python -m benchmarks.counting"
-
-
-def machine(device) -> str:
-    """The GPU's name, or the CPU model (from /proc/cpuinfo where platform.processor() is empty)."""
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if not name and cpuinfo.exists():
-        name = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if "model name" in ln), "")
-    return f"{name or platform.machine()} CPU"
 
 
 def markdown(table) -> str:
@@ -135,12 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.prompt:
         print(f"\nobjects of the shape found per image (seeds 0..{len(seeds) - 1}): {outcomes.detected.tolist()}")
     meta = {
-        "machine": machine(device),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": shlex.join([*PROG.split(), *(sys.argv[1:] if argv is None else argv)]),
+        **run_record(PROG, argv, device=device),
         "weights": args.weights or "shipped",
         "table": table.to_dict(orient="records"),
     }

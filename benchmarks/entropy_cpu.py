@@ -18,16 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import toprovar.openmp  # noqa: F401  (first: OpenMP's spin-wait as the command lines set it, before torch loads)
+from toprovar.environment import run_record
 
 
 def _prompts(n: int) -> list[str]:
@@ -125,17 +124,11 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the result here")
     parser.add_argument("--skip-command", action="store_true", help="only the in-process loop timings")
     args = parser.parse_args()
-    import torch
 
     prompts = _prompts(args.prompts)
     result = {
         "meta": {
-            "command": "python -m benchmarks.entropy_cpu " + " ".join(sys.argv[1:]),
-            "date": date.today().isoformat(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
+            **run_record("python -m benchmarks.entropy_cpu", device="cpu"),
             "prompts": args.prompts,
             "batch": args.batch,
             "rounds": args.rounds,

@@ -40,11 +40,8 @@ backbone (its 0.06M schedule; on CPU every variant is the float32 eager arithmet
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -53,6 +50,7 @@ from typing import Any
 
 import torch
 
+from toprovar.environment import run_record
 from toprovar.errors import UserError, exit_on_user_error
 
 PROG = "python -m benchmarks.latency"
@@ -695,20 +693,7 @@ def main(argv: list[str] | None = None) -> int:
             r["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             torch.cuda.reset_peak_memory_stats()
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    meta = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])]),
-    }
-    results.update(meta)
+    results.update(run_record(PROG, argv, device=device))
     md = markdown(results, {} if args.smoke else ANCHORS_S)
     print(md)
     line = json.dumps(results, default=str)

@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as _dt
 import json
 import math
 import statistics
@@ -80,6 +79,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from toprovar.environment import run_record
 from toprovar.errors import UserError, exit_on_user_error
 from toprovar.pruning.hooks import Pruner
 from toprovar.renames import deprecation
@@ -309,25 +309,9 @@ def variants() -> list[tuple[str, Any]]:
 SMALL_M_ROWS = 64
 
 
-def _versions() -> dict[str, Any]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda}
-
-
 def _result_header(bench: str, device: torch.device) -> dict[str, Any]:
     """The first keys of a result row: which bench, on what device and versions, when, by which command."""
-    return {
-        "bench": bench,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-        **_versions(),
-        "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join([PROG, *sys.argv[1:]]),
-    }
+    return {"bench": bench, **run_record(PROG, device=device)}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

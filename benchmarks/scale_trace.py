@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
 import json
-import platform
-import sys
 from typing import Any
 
 import torch
 
+from toprovar.environment import run_record
 from toprovar.errors import UserError, exit_on_user_error
 
 PROG = "python -m benchmarks.scale_trace"
@@ -194,13 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = trace_call(backbone, opts, args.batch)
         print(markdown({name: results[name]}, schedule, args.top), flush=True)
         release(backbone)
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": _dt.date.today().isoformat(),
-        "command": " ".join([PROG, *sys.argv[1:]]),
-    }
+    meta = run_record(PROG, device="cuda")
     payload = {"meta": meta, "results": {k: {str(s): v for s, v in r.items()} for k, r in results.items()}}
     print(json.dumps(meta))
     if args.json_out:

@@ -46,14 +46,14 @@ class RunRecord:
         finally:
             record = {**self.clock.record(start), **self.clock.peak_memory_gib()}
             self.timings[name] = record
-            log.info(
-                "%s took %.1f s (%.0f%% generating, %d images, %s images/s while generating)",
-                name,
-                record["wall_s"],
-                100 * (record["generation_share"] or 0),
-                record["images"],
-                record["images_per_s_generating"],
+            rate = record["images_per_s_generating"]
+            generating = (
+                f"{100 * (record['generation_share'] or 0):.0f}% generating, {record['images']} images, "
+                f"{rate:.1f} images/s while generating"
+                if record["images"] and rate is not None
+                else "no generation"
             )
+            log.info("%s took %.1f s (%s)", name, record["wall_s"], generating)
 
     def close(self, ctx: RunContext, status: str) -> None:
         """The end of the process that owns the parent run: every file and picture, timings.json and

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from calibrate.cost_model import TERMS
 from calibrate.stats import (
     crossing_direction,
     layer_score,
@@ -197,8 +199,6 @@ def test_exported_policy_that_did_not_validate_exits_3(tmp_path, calibrate_confi
         "prompts.validate=1",
         "search.validate_candidates=1",
         "search.constraints.min_ssim=0.0",
-        # the mechanics of exit 3; test-small's predicted wall clock can rank every trial below 1×
-        "search.objective=flops",
     )
     outcome = run_calibration(cfg, RunPaths(tmp_path / "run", tmp_path, ()))
     path = outcome.policy
@@ -281,7 +281,8 @@ def test_mini_calibration_end_to_end_and_resume(tmp_path):
     speed = provenance["speedup"]
     assert speed["wall_clock"] > 0 and speed["flop_ratio"] >= 1.0 and speed["search_objective"] == "model"
     assert speed["prediction_error"] == pytest.approx(speed["predicted"] / speed["wall_clock"] - 1)
-    assert json.loads((run_dir / "presample" / "cost_model.json").read_text())["used"] == "fitted"
+    # test-small's stored cost model (FLOP-proportional: the same ranking on every machine)
+    assert json.loads((run_dir / "presample" / "cost_model.json").read_text())["used"] == "backbone"
     acceptance = provenance["acceptance"]  # the promise: decision, confidence, prompts, bounds vs margins
     assert acceptance["decision"] in ("accept", "reject", "undecided") and acceptance["confidence"] == 0.95
     assert provenance["validated"] == (acceptance["decision"] == "accept")
@@ -328,6 +329,32 @@ def test_mini_calibration_end_to_end_and_resume(tmp_path):
         1.0
     )
     assert (eval_dir / "evaluate" / "unpruned_vs_policies.png").exists()
+
+
+def test_cost_model_source_fit_fits_on_the_presample_calls_and_random_policies(tmp_path):
+    """`search.cost_model.source=fit`: the pre-sampling times its own calls plus `probes` random
+    policies of the search space, fits non-negative coefficients and stores them with the study's
+    summary (what the search then ranks by), whatever the backbone config stores."""
+    probes = random.randint(1, 2)
+    run_dir = tmp_path / "run"
+    result = _calibrate(
+        tmp_path,
+        "backbone=test-small",
+        "tracking=off",
+        "stages=[presample]",
+        "search.cost_model.source=fit",
+        f"search.cost_model.probes={probes}",
+        f"hydra.run.dir={run_dir}",
+        f"seed={random.randrange(1000)}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((run_dir / "presample" / "cost_model.json").read_text())
+    assert record["used"] == "fitted" and record["model"] == record["fitted"]
+    coefficients = [record["model"][term] for term in TERMS]
+    assert all(math.isfinite(c) and c >= 0 for c in coefficients) and any(c > 0 for c in coefficients)
+    assert record["fit_calls"] >= probes + 2  # the unpruned call, the entropy call(s), the probes
+    assert math.isfinite(record["fit_mean_abs_error"]) and record["fit_mean_abs_error"] >= 0
+    assert record["model"]["fitted_on"].startswith(f"{record['fit_calls']} pre-sampling calls on cpu")
 
 
 def _check_tracked_run(store: Path, trials: int) -> None:

@@ -4,7 +4,6 @@ checked to load, and copied to `export_to` when asked."""
 from __future__ import annotations
 
 import logging
-import platform
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from calibrate.presample import PresampleSummary
 from calibrate.prompts import PromptSets
 from calibrate.search import completed, hold_for_crash_test
 from calibrate.select import Selection
+from toprovar.environment import device_name
 
 log = logging.getLogger("calibrate")
 
@@ -123,7 +123,7 @@ def speedup_record(ctx: RunContext, selection: Selection) -> dict[str, Any]:
     return {
         "wall_clock": extra.get("wall_speedup"),
         "device": str(ctx.device),
-        "device_name": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else _cpu_name(),
+        "device_name": device_name(ctx.device),
         "threads": torch.get_num_threads(),
         "prompts": int(extra.get("prompts", 0)),
         "flop_ratio": extra.get("flop_speedup"),
@@ -131,17 +131,6 @@ def speedup_record(ctx: RunContext, selection: Selection) -> dict[str, Any]:
         "prediction_error": extra.get("prediction_error"),
         "search_objective": ctx.cost,
     }
-
-
-def _cpu_name() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _sets(prompts: PromptSets) -> dict[str, Any]:
