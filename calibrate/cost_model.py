@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from toprovar.flops import layer_flops
+from toprovar.flops import layer_flops, model_dims, scale_rows
 
 SCALE_TERMS = (
     "scale",
@@ -56,13 +56,13 @@ def scale_features(trace: Any, spec: Any | None = None) -> tuple[list[int], np.n
     entropy = {(r.scale, r.layer) for r in trace.layers if getattr(r, "entropy", False)}
     for row in layer_flops(trace, spec):
         by_scale.setdefault(row["scale"], []).append(row)
-    width = trace.embed_dim or spec.transformer.embed_dim
+    width, _ = model_dims(trace, spec)
     scales, rows_out = [], []
     for record in trace.scales:
         if record.exited:
             continue
         layers = by_scale.get(record.scale, [])
-        rows = record.rows or trace.rows or 2 * trace.batch
+        rows = scale_rows(trace, record)
         n = record.tokens
         ran = [r for r in layers if r["kept"]]
         probes = [r for r in layers if (record.scale, r["layer"]) in entropy]

@@ -23,18 +23,29 @@ def linear_flops_per_token(embed_dim: int, ffn_hidden: int) -> float:
     return 12.0 * c * c + 4.0 * c * ffn_hidden
 
 
-def _dims(trace: Any, spec: Any | None) -> tuple[int, int]:
+def model_dims(trace: Any, spec: Any | None) -> tuple[int, int]:
+    """(width C, FFN hidden F) of the traced model: the trace's own, else the backbone spec's."""
     if getattr(trace, "embed_dim", 0):
         return trace.embed_dim, trace.ffn_hidden
     cfg = spec.transformer
     return cfg.embed_dim, cfg.ffn_hidden
 
 
+def call_rows(trace: Any) -> int:
+    """Transformer rows of the call: 2B under guidance (the unpruned reference's rows at every scale)."""
+    return trace.rows or 2 * trace.batch
+
+
+def scale_rows(trace: Any, record: Any) -> int:
+    """Rows a scale ran: `ScaleRecord.rows` (B instead of 2B from a CFG skip's scale on), else the call's."""
+    return getattr(record, "rows", 0) or call_rows(trace)
+
+
 def layer_flops(trace: Any, spec: Any | None = None) -> list[dict]:
     """One row per (scale, layer) that the schedule has: executed and unpruned FLOPs."""
-    c, f = _dims(trace, spec)
+    c, f = model_dims(trace, spec)
     per_token = linear_flops_per_token(c, f)
-    rows = trace.rows or 2 * trace.batch
+    rows = call_rows(trace)
     ran = {(r.scale, r.layer): r.kept for r in trace.layers}
     depth = getattr(trace, "depth", 0) or max((r.layer for r in trace.layers), default=-1) + 1
     fill_exec: dict[int, int] = defaultdict(int)
@@ -47,7 +58,7 @@ def layer_flops(trace: Any, spec: Any | None = None) -> list[dict]:
             if kept:
                 fill_exec[li] += kept if trace.kv_policy == "kept" else n
             fill_full[li] += n
-            ran_rows = getattr(s, "rows", 0) or rows
+            ran_rows = scale_rows(trace, s)
             linear = ran_rows * per_token * kept
             attention = ran_rows * 4.0 * c * kept * fill_exec[li] if kept else 0.0
             unpruned = rows * (per_token * n + 4.0 * c * n * fill_full[li])
