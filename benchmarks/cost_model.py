@@ -5,7 +5,7 @@ policies it was not fitted on; prints the coefficients for `toprovar/conf/backbo
 
 Generations of batch 8 on the scene captions: for the fit, the unpruned model, the unpruned model
 with entropy at every block, and `--fit-policies` random policies of the default search space
-(calibrate.knobs.SearchSpace.sample, around the shipped policy's pre-sampling summary); for the
+(calibrate.knobs.SearchSpace.random_params, around the shipped policy's pre-sampling summary); for the
 check, `--test-policies` other random policies, each against the unpruned runs of the same prompts
 (measured before and after them). Prints a table of measured vs predicted speedups, the mean and
 largest error, then the model fitted on every call (what the backbone config stores). One JSON
@@ -48,7 +48,7 @@ def main() -> None:
     summary = PresampleSummary.from_json(shipped["provenance"]["presample"])
     space_cfg = OmegaConf.to_container(OmegaConf.load(root / "toprovar/conf/search/default.yaml").space)
     space, factory = SearchSpace.from_config(space_cfg, summary), PolicyFactory(summary, "tiny")
-    rng = np.random.default_rng(args.seed)
+    draws = space.random_params(args.seed)
     backbone = build_backbone("tiny", device="cpu")
     spec = backbone.spec
     n = 8 * args.batches
@@ -63,11 +63,11 @@ def main() -> None:
     run()  # warm-up: first-call allocations
     fit_calls = run() + run(record_entropy=True)
     for _ in range(args.fit_policies):
-        fit_calls += run(factory(space.sample(rng)))
+        fit_calls += run(factory(next(draws)))
     fit = fit_cost_model(fit_calls, spec, fitted_on="benchmarks.cost_model")
     model = fit.model
     before = run(part=1)
-    tested = [run(factory(space.sample(rng)), part=1) for _ in range(args.test_policies)]
+    tested = [run(factory(next(draws)), part=1) for _ in range(args.test_policies)]
     after = run(part=1)
     unpruned_ms = np.mean([t.total_ms for t in before + after])
     predicted_unpruned = np.mean([model.predict_ms(t, spec) for t in before + after])

@@ -22,8 +22,7 @@ the scale count means no CFG skip, the policy default, which the warm start clip
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -268,21 +267,13 @@ class SearchSpace:
                 params[knob.name] = trial.suggest_float(knob.name, *found, log=knob.log)
         return params
 
-    def sample(self, rng: Any) -> dict[str, Any]:
-        """Every knob drawn uniformly from its range (log-uniform where the knob is log scale) by
-        `rng` (a numpy Generator): the cost model's probe policies (calibrate.stages.presample)."""
-        params: dict[str, Any] = {}
-        for knob in KNOBS:
-            found = self.ranges[knob.name]
-            if knob.kind == CATEGORICAL:
-                params[knob.name] = found[int(rng.integers(len(found)))]
-            elif knob.kind == INT:
-                params[knob.name] = int(rng.integers(found[0], found[1] + 1))
-            elif knob.log:
-                params[knob.name] = float(math.exp(rng.uniform(math.log(found[0]), math.log(found[1]))))
-            else:
-                params[knob.name] = float(rng.uniform(*found))
-        return params
+    def random_params(self, seed: int) -> Iterator[dict[str, Any]]:
+        """Endless policies of the space drawn at random, seeded: Optuna's `RandomSampler` through
+        `suggest` (uniform, log-uniform where the knob is log scale); the cost model's probe policies
+        (calibrate.stages.presample)."""
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+        while True:
+            yield self.suggest(study.ask())
 
     def clip(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """`params` moved into the space (warm-starting with defaults outside a range); a choice the

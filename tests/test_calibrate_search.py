@@ -208,6 +208,18 @@ def test_feasible_front_is_fastest_first_without_dominated_or_infeasible_trials(
     assert order == [(2.1, 0.90), (2.0, 0.93), (1.8, 0.96), (1.2, 0.99)]  # slower only for better SSIM
 
 
+def test_random_params_are_seeded_policies_of_the_space(space):
+    """The cost model's probe policies: the same seed draws the same policies, each inside the space."""
+    from itertools import islice
+
+    seed = random.randrange(10**6)
+    drawn = list(islice(space.random_params(seed), 5))
+    assert drawn == list(islice(space.random_params(seed), 5))
+    assert drawn != list(islice(space.random_params(seed + 1), 5))
+    for params in drawn:
+        assert set(params) == {knob.name for knob in KNOBS} and space.clip(params) == params
+
+
 def test_space_keeps_alpha_order_fixed_distributions_and_clips(calibrate_config):
     cfg = calibrate_config(
         "backbone=test-small",

@@ -86,10 +86,10 @@ def cost_model(ctx: RunContext, result) -> tuple[CostModel, dict]:
     if cfg.search.cost_model.source == "fit" or not stored:
         space = SearchSpace.from_config(cfg.search.space, result.summary)
         factory = PolicyFactory(result.summary, backend.name)
-        rng = np.random.default_rng(cfg.seed)
+        draws = space.random_params(cfg.seed)
         prompts = ctx.prompts.presample
         for _ in range(cfg.search.cost_model.probes):
-            policy = factory(space.sample(rng))
+            policy = factory(next(draws))
             traces.extend(backend.generate(prompts.texts, prompts.seeds, policy=policy).traces)
     fit = fit_cost_model(traces, spec, fitted_on=f"{len(traces)} pre-sampling calls on {ctx.device}")
     record = {"fitted": fit.model.to_json(), "fit_calls": fit.calls, "fit_mean_abs_error": fit.mean_abs_error}
