@@ -233,6 +233,11 @@ class SequentialTest:
         """Prompts used after each look: batch, 2·batch, ..., budget."""
         return [min(k * self.batch, self.budget) for k in range(1, self.looks + 1)]
 
+    def futility_at(self, look: int) -> tuple[float, int] | None:
+        """(α of the last look, budget) against which look `look` tests futility; None where it does
+        not (futility off, or the last look, which decides undecided instead)."""
+        return None if look == self.looks or not self.futility else (self.look_alpha(self.looks), self.budget)
+
     def look_alpha(self, look: int) -> float:
         """α_k spent at look `look` (1-based)."""
         sizes = [0, *self.sizes()]
@@ -248,7 +253,7 @@ class SequentialTest:
         if len(sizes) != 1:
             raise ValueError(f"criteria saw different prompt counts {sorted(sizes)}")
         alpha_k, last = self.look_alpha(look), look == self.looks
-        futile_at = None if last or not self.futility else (self.look_alpha(self.looks), self.budget)
+        futile_at = self.futility_at(look)
         bounds = {c.metric: _bound(c, values[c.metric], alpha_k, futile_at) for c in self.criteria}
         decision = _combine([b.decision for b in bounds.values()], last=last)
         return Verdict(
@@ -272,7 +277,7 @@ class SequentialTest:
         for look, size in enumerate(self.sizes(), start=1):
             open_rows = decision == CONTINUE
             alpha_k, last = self.look_alpha(look), look == self.looks
-            futile_at = None if last or not self.futility else (self.look_alpha(self.looks), self.budget)
+            futile_at = self.futility_at(look)
             per_metric = [
                 _decisions(c, np.asarray(drops[c.metric], dtype=np.float64)[open_rows, :size], alpha_k, futile_at)[0]
                 for c in self.criteria
